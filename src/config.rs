@@ -1,0 +1,202 @@
+//! Configuration: `config/mlxd.toml` (every knob, documented there), overlaid by CLI flags in
+//! `main.rs`, validated once.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// HTTP side.
+    pub server: ServerConfig,
+    /// Model and memory.
+    pub engine: EngineSection,
+    /// Batching limits.
+    pub scheduler: SchedulerSection,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (0 = any free port).
+    pub port: u16,
+    /// Name the API reports for the model (default: the model folder's name).
+    pub served_model_name: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            served_model_name: None,
+        }
+    }
+}
+
+/// `[engine]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSection {
+    /// Model folder.
+    pub model: Option<PathBuf>,
+    /// Compute dtype: f32, f16 or bf16.
+    pub dtype: String,
+    /// KV budget: "auto" or a size such as "512MiB", "2GiB", "1000000".
+    pub kv_memory: String,
+    /// Reuse KV of identical prompt prefixes.
+    pub prefix_cache: bool,
+    /// Cap on prompt + output tokens (0 = the model's context length).
+    pub max_model_len: usize,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        Self {
+            model: None,
+            dtype: "f32".into(),
+            kv_memory: "auto".into(),
+            prefix_cache: true,
+            max_model_len: 0,
+        }
+    }
+}
+
+/// `[scheduler]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSection {
+    /// Most sequences running at once.
+    pub max_seqs: usize,
+    /// Most tokens in one forward pass.
+    pub max_batch_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        Self {
+            max_seqs: 64,
+            max_batch_tokens: 2048,
+            block_size: 16,
+        }
+    }
+}
+
+/// A configuration value that is out of range or unparsable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks every value once, after overlays.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.engine.model.is_none() {
+            return Err(ConfigError(
+                "no model given (--model PATH or [engine] model)".into(),
+            ));
+        }
+        if crate::models::parse_dtype(&self.engine.dtype).is_none() {
+            return Err(ConfigError(format!(
+                "dtype `{}` (use f32, f16 or bf16)",
+                self.engine.dtype
+            )));
+        }
+        parse_kv_memory(&self.engine.kv_memory)?;
+        let s = &self.scheduler;
+        if s.max_seqs == 0 || s.max_batch_tokens == 0 || s.block_size == 0 {
+            return Err(ConfigError(
+                "max_seqs, max_batch_tokens and block_size must be positive".into(),
+            ));
+        }
+        if s.max_batch_tokens < s.max_seqs {
+            return Err(ConfigError(
+                "max_batch_tokens must be at least max_seqs (one decode token each)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Share of available memory the KV pool takes with `kv_memory = "auto"`.
+const AUTO_KV_FRACTION: f64 = 0.2;
+
+/// Resolves a KV budget: `auto` (a fraction of available RAM) or an explicit size.
+pub fn parse_kv_memory(spec: &str) -> Result<u64, ConfigError> {
+    if spec.eq_ignore_ascii_case("auto") {
+        let available = available_memory_bytes().unwrap_or(4 << 30);
+        return Ok((available as f64 * AUTO_KV_FRACTION) as u64);
+    }
+    parse_size(spec).ok_or_else(|| {
+        ConfigError(format!(
+            "kv_memory `{spec}` (use auto, or a size like 512MiB or 2GiB)"
+        ))
+    })
+}
+
+/// Parses `123`, `64K`, `512MiB`, `2GB`, `1.5GiB` (K/M/G are powers of 1024 either way).
+pub fn parse_size(spec: &str) -> Option<u64> {
+    let s = spec.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return None,
+    };
+    (value >= 0.0).then_some((value * mult as f64) as u64)
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux); None elsewhere.
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("512MiB"), Some(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Some(3 << 29));
+        assert_eq!(parse_size("12 parsecs"), None);
+    }
+
+    #[test]
+    fn the_shipped_config_file_parses_and_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/mlxd.toml");
+        let cfg = Config::from_file(&path).expect("config/mlxd.toml parses");
+        let defaults = Config::default();
+        assert_eq!(cfg.server.port, defaults.server.port);
+        assert_eq!(cfg.scheduler.max_seqs, defaults.scheduler.max_seqs);
+        assert_eq!(
+            cfg.scheduler.max_batch_tokens,
+            defaults.scheduler.max_batch_tokens
+        );
+        assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);
+    }
+}

@@ -1,0 +1,287 @@
+//! The engine: one OS thread that owns device, weights and KV memory, reached only through
+//! channels. `EngineHandle` is the cheap, cloneable async-side face of it.
+//!
+//! Requests go in over an unbounded command channel (synchronous `send` from handlers); each
+//! request gets its own unbounded event channel back, so the engine never blocks on a slow
+//! client. Dropping a `GenerationStream` closes that channel and the engine frees the sequence
+//! at its next step.
+
+mod batch;
+mod core;
+pub mod error;
+pub mod output;
+pub mod request;
+pub mod sampler;
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+use candle_core::{DType, Device};
+use tokio::sync::mpsc;
+
+pub use error::EngineError;
+pub use output::{FinishReason, Logprobs, TokenEvent, TokenLogprob, Usage};
+pub use request::{GenerateRequest, RequestId, SamplingParams};
+
+use crate::models::{self, KvLayout, LoadProgress, PagedKvCache};
+use crate::scheduler::kv::BlockManager;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+
+/// Everything the engine needs to start.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Hugging Face model folder.
+    pub model_path: PathBuf,
+    /// Compute (and KV) dtype.
+    pub dtype: DType,
+    /// KV memory budget in bytes.
+    pub kv_memory_bytes: u64,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Most sequences running at once.
+    pub max_num_seqs: usize,
+    /// Most tokens per forward pass.
+    pub max_num_batched_tokens: usize,
+    /// Cap on the context length (None = the model's own).
+    pub max_model_len: Option<usize>,
+    /// Reuse KV blocks of identical prompt prefixes.
+    pub enable_prefix_cache: bool,
+    /// Draw a progress bar while loading (only on a terminal).
+    pub show_progress: bool,
+}
+
+/// What the server needs to know about the loaded model and the KV pool.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// Architecture from config.json.
+    pub architecture: String,
+    /// Parameters in the weight files.
+    pub num_params: usize,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Longest prompt + output the engine accepts.
+    pub max_model_len: usize,
+    /// Vocabulary size (valid token ids are below it).
+    pub num_vocab: usize,
+    /// EOS ids from config.json.
+    pub eos_token_ids: Vec<u32>,
+    /// Usable KV blocks.
+    pub num_kv_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Bytes of KV memory allocated.
+    pub kv_memory_bytes: u64,
+}
+
+/// Live counters the engine publishes after every step (metrics, health, tests).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Sequences running.
+    pub num_running: AtomicUsize,
+    /// Sequences waiting.
+    pub num_waiting: AtomicUsize,
+    /// Free KV blocks (usable ones, cached-but-free included).
+    pub kv_blocks_free: AtomicUsize,
+    /// Usable KV blocks.
+    pub kv_blocks_total: AtomicUsize,
+    /// Preemptions since start.
+    pub num_preemptions: AtomicU64,
+    /// False once the engine thread stopped.
+    pub healthy: AtomicBool,
+}
+
+pub(crate) enum EngineCommand {
+    Add {
+        id: RequestId,
+        request: Box<GenerateRequest>,
+        reply: mpsc::UnboundedSender<TokenEvent>,
+    },
+    Abort(RequestId),
+    Shutdown,
+}
+
+/// Cloneable handle to the engine thread.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<EngineCommand>,
+    info: Arc<ModelInfo>,
+    stats: Arc<EngineStats>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for EngineCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineCommand::Add { id, .. } => write!(f, "Add({id})"),
+            EngineCommand::Abort(id) => write!(f, "Abort({id})"),
+            EngineCommand::Shutdown => write!(f, "Shutdown"),
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread, loads the model and sizes the KV pool on it, and returns
+    /// once it is ready (or failed to load).
+    pub fn spawn(cfg: EngineConfig) -> Result<(Self, JoinHandle<()>), EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let stats = Arc::new(EngineStats::default());
+        let thread_stats = stats.clone();
+        let join = std::thread::Builder::new()
+            .name("mlxd-engine".into())
+            .spawn(move || match load_core(&cfg, thread_stats) {
+                Ok((core, info)) => {
+                    let _ = ready_tx.send(Ok(info));
+                    core.run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| EngineError::Load(format!("cannot start engine thread: {e}")))?;
+        let info = ready_rx.recv().map_err(|_| EngineError::Unavailable)??;
+        stats.healthy.store(true, Ordering::Relaxed);
+        Ok((
+            Self {
+                tx,
+                info: Arc::new(info),
+                stats,
+                next_id: Arc::new(AtomicU64::new(1)),
+            },
+            join,
+        ))
+    }
+
+    /// Queues a request; its tokens arrive on the returned stream.
+    pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream, EngineError> {
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (reply, rx) = mpsc::unbounded_channel();
+        self.tx
+            .send(EngineCommand::Add {
+                id,
+                request: Box::new(request),
+                reply,
+            })
+            .map_err(|_| EngineError::Unavailable)?;
+        Ok(GenerationStream { id, rx })
+    }
+
+    /// Cancels a request (the same as dropping its stream, but immediate).
+    pub fn abort(&self, id: RequestId) {
+        let _ = self.tx.send(EngineCommand::Abort(id));
+    }
+
+    /// Asks the engine thread to stop after failing in-flight requests.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(EngineCommand::Shutdown);
+    }
+
+    /// Facts about the loaded model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// True while the engine thread is running.
+    pub fn is_healthy(&self) -> bool {
+        self.stats.healthy.load(Ordering::Relaxed) && !self.tx.is_closed()
+    }
+}
+
+/// The token events of one request. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct GenerationStream {
+    id: RequestId,
+    rx: mpsc::UnboundedReceiver<TokenEvent>,
+}
+
+impl GenerationStream {
+    /// The request's id.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The next event, or None once the engine dropped the request.
+    pub async fn recv(&mut self) -> Option<TokenEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl futures::Stream for GenerationStream {
+    type Item = TokenEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TokenEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+fn load_core(
+    cfg: &EngineConfig,
+    stats: Arc<EngineStats>,
+) -> Result<(core::EngineCore, ModelInfo), EngineError> {
+    let device = Device::Cpu;
+    let progress = if cfg.show_progress {
+        LoadProgress::stderr()
+    } else {
+        LoadProgress::hidden()
+    };
+    let model = models::load(&cfg.model_path, &device, cfg.dtype, &progress)
+        .map_err(|e| EngineError::Load(e.to_string()))?;
+    let mc = model.config().clone();
+    let max_model_len = cfg.max_model_len.map_or(mc.max_position_embeddings, |m| {
+        m.min(mc.max_position_embeddings)
+    });
+    let layout = KvLayout {
+        num_layers: mc.num_layers,
+        kv_width: mc.num_kv_heads * mc.head_dim,
+        block_size: cfg.block_size,
+        dtype: cfg.dtype,
+    };
+    // +1: block 0 is the null block. Never more than every sequence at full length needs.
+    let by_budget = (cfg.kv_memory_bytes / layout.bytes_per_block() as u64) as usize;
+    let by_need = cfg.max_num_seqs * max_model_len.div_ceil(cfg.block_size) + 1;
+    let num_blocks = by_budget.min(by_need);
+    if num_blocks < 2 {
+        return Err(EngineError::Load(format!(
+            "KV memory of {} bytes holds no block of {} bytes; raise --kv-memory",
+            cfg.kv_memory_bytes,
+            layout.bytes_per_block()
+        )));
+    }
+    let kv = PagedKvCache::new(layout, num_blocks, &device)?;
+    let blocks = BlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_cache);
+    let scheduler = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            max_model_len,
+        },
+        blocks,
+    );
+    stats
+        .kv_blocks_total
+        .store(num_blocks - 1, Ordering::Relaxed);
+    let info = ModelInfo {
+        architecture: mc.architecture.clone(),
+        num_params: mc.num_params,
+        dtype: cfg.dtype,
+        max_model_len,
+        num_vocab: mc.vocab_size,
+        eos_token_ids: mc.eos_token_ids.clone(),
+        num_kv_blocks: num_blocks - 1,
+        block_size: cfg.block_size,
+        kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
+    };
+    Ok((
+        core::EngineCore::new(model, kv, scheduler, device, stats),
+        info,
+    ))
+}

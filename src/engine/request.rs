@@ -1,0 +1,78 @@
+//! What the server hands the engine: an already-validated, tokenized generation request.
+//!
+//! Owner: built on a tokio worker by `server`, moved into the engine thread by value.
+//! Nothing here knows about HTTP or wire formats.
+
+use std::fmt;
+
+/// Engine-wide unique id of one generation request (one sequence).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// How the next token is chosen from the logits; every field is already range-checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax); otherwise logits are divided by it before softmax.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (None or 0 = all).
+    pub top_k: Option<u32>,
+    /// Nucleus sampling: keep the smallest set whose probability mass reaches top_p (1 = off).
+    pub top_p: f32,
+    /// Drop tokens whose probability is below min_p times the top token's (0 = off).
+    pub min_p: f32,
+    /// Multiplicative penalty for tokens already in prompt or output (1 = off; HF/llama.cpp style).
+    pub repetition_penalty: f32,
+    /// Additive penalty for tokens present in the output (OpenAI semantics, 0 = off).
+    pub presence_penalty: f32,
+    /// Additive penalty times the count of a token in the output (OpenAI semantics, 0 = off).
+    pub frequency_penalty: f32,
+    /// Seed of this request's private RNG: same seed, same output, whatever else is batched.
+    pub seed: Option<u64>,
+    /// Number of top alternatives to report with each token; None = no logprobs at all.
+    pub logprobs: Option<u8>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: None,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            logprobs: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding with no penalties: the configuration of every golden test.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+}
+
+/// One tokenized request, ready to schedule.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    /// Prompt token ids (template already applied, BOS included when the model wants it).
+    pub prompt: Vec<u32>,
+    /// Sampling configuration.
+    pub params: SamplingParams,
+    /// Upper bound on generated tokens.
+    pub max_tokens: u32,
+    /// Token ids that end generation with reason `stop` (EOS ids unless ignored).
+    pub stop_tokens: Vec<u32>,
+}

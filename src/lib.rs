@@ -1,0 +1,11 @@
+//! mlxd: a local LLM server speaking the OpenAI and Ollama HTTP APIs.
+//!
+//! `server` (async HTTP) → channels → `engine` (one OS thread owning the model, the KV memory
+//! and the `scheduler`). `models` hold the model families, `text` the tokenizer side.
+
+pub mod config;
+pub mod engine;
+pub mod models;
+pub mod scheduler;
+pub mod server;
+pub mod text;

@@ -1,0 +1,299 @@
+//! `mlxd`: command line, configuration overlay, logging, engine start and HTTP serving.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use mlxd::config::{parse_kv_memory, Config};
+use mlxd::engine::{EngineConfig, EngineHandle, GenerateRequest, SamplingParams};
+use mlxd::server::stream::{StreamItem, TextStream};
+use mlxd::server::{router, AppState};
+use mlxd::text::TextCodec;
+
+/// A local LLM server speaking the OpenAI HTTP API.
+#[derive(Parser, Debug)]
+#[command(name = "mlxd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a model over HTTP (OpenAI-compatible routes under /v1).
+    Serve(ServeArgs),
+    /// Generate one completion of PROMPT and stream it to the terminal.
+    Run(RunArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Debug)]
+struct ModelArgs {
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...).
+    #[arg(long, short = 'm')]
+    model: Option<PathBuf>,
+    /// TOML configuration file (see config/mlxd.toml); flags override it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Compute dtype: f32, f16 or bf16 [default: f32].
+    #[arg(long)]
+    dtype: Option<String>,
+    /// KV cache budget: "auto" (20% of available RAM) or a size such as 512MiB or 2GiB.
+    #[arg(long)]
+    kv_memory: Option<String>,
+    /// Most sequences decoded together [default: 64].
+    #[arg(long)]
+    max_seqs: Option<usize>,
+    /// Most tokens (prompt chunks + decode tokens) per forward pass [default: 2048].
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
+    /// Cap on prompt + output tokens per request [default: the model's context length].
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Do not reuse the KV of identical prompt prefixes.
+    #[arg(long)]
+    no_prefix_cache: bool,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on [default: 127.0.0.1].
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 8080].
+    #[arg(long, short = 'p')]
+    port: Option<u16>,
+    /// Name the API reports for the model [default: the model folder's name].
+    #[arg(long)]
+    served_model_name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to continue.
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Run(args) => runtime.block_on(run(args)),
+    }
+}
+
+/// Config file (if any) overlaid with the flags, validated.
+fn load_config(args: &ModelArgs) -> Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    let e = &mut cfg.engine;
+    if let Some(m) = &args.model {
+        e.model = Some(m.clone());
+    }
+    if let Some(d) = &args.dtype {
+        e.dtype = d.clone();
+    }
+    if let Some(k) = &args.kv_memory {
+        e.kv_memory = k.clone();
+    }
+    if let Some(n) = args.max_model_len {
+        e.max_model_len = n;
+    }
+    if args.no_prefix_cache {
+        e.prefix_cache = false;
+    }
+    let s = &mut cfg.scheduler;
+    if let Some(n) = args.max_seqs {
+        s.max_seqs = n;
+    }
+    if let Some(n) = args.max_batch_tokens {
+        s.max_batch_tokens = n;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Starts the engine thread (loading the model) and loads the tokenizer side.
+fn start_engine(
+    cfg: &Config,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
+    let model_path = cfg.engine.model.clone().context("no model given")?;
+    if !model_path.is_dir() {
+        bail!(
+            "{}: not a model folder (expected a directory with config.json)",
+            model_path.display()
+        );
+    }
+    let engine_cfg = EngineConfig {
+        model_path: model_path.clone(),
+        dtype: mlxd::models::parse_dtype(&cfg.engine.dtype).context("dtype")?,
+        kv_memory_bytes: parse_kv_memory(&cfg.engine.kv_memory)?,
+        block_size: cfg.scheduler.block_size,
+        max_num_seqs: cfg.scheduler.max_seqs,
+        max_num_batched_tokens: cfg.scheduler.max_batch_tokens,
+        max_model_len: (cfg.engine.max_model_len > 0).then_some(cfg.engine.max_model_len),
+        enable_prefix_cache: cfg.engine.prefix_cache,
+        show_progress: true,
+    };
+    let (engine, join) = EngineHandle::spawn(engine_cfg)?;
+    let codec = TextCodec::load(&model_path, &engine.info().eos_token_ids)?;
+    Ok((engine, join, Arc::new(codec)))
+}
+
+fn model_name(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .ok()
+        .as_deref()
+        .unwrap_or(path)
+        .file_name()
+        .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// "260K", "1.2B": parameter counts as model cards write them.
+fn human_count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.1}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{}K", n / 1000),
+        n => n.to_string(),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut cfg = load_config(&args.model)?;
+    if let Some(h) = args.host {
+        cfg.server.host = h;
+    }
+    if let Some(p) = args.port {
+        cfg.server.port = p;
+    }
+    if let Some(n) = args.served_model_name {
+        cfg.server.served_model_name = Some(n);
+    }
+    let (engine, join, codec) = start_engine(&cfg)?;
+    let model_path = cfg.engine.model.clone().unwrap_or_default();
+    let name = cfg
+        .server
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| model_name(&model_path));
+    let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
+        .parse()
+        .with_context(|| {
+            format!(
+                "invalid listen address {}:{}",
+                cfg.server.host, cfg.server.port
+            )
+        })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    let info = engine.info().clone();
+    tracing::info!(
+        model = %name,
+        architecture = %info.architecture,
+        dtype = ?info.dtype,
+        params = %human_count(info.num_params),
+        kv_blocks = info.num_kv_blocks,
+        kv_memory_mib = info.kv_memory_bytes / (1 << 20),
+        max_model_len = info.max_model_len,
+        "ready: listening on http://{local}"
+    );
+    let app = router(AppState::new(engine.clone(), codec, name));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server error")?;
+    engine.shutdown();
+    let _ = join.join();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let cfg = load_config(&args.model)?;
+    let (engine, join, codec) = start_engine(&cfg)?;
+    let prompt = codec
+        .encode(&args.prompt, true)
+        .map_err(|e| anyhow::anyhow!(e.0))?;
+    let max_len = engine.info().max_model_len;
+    if prompt.len() >= max_len {
+        bail!(
+            "the prompt has {} tokens; the model's context is {max_len}",
+            prompt.len()
+        );
+    }
+    let params = SamplingParams {
+        temperature: args.temperature,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    let generation = engine.submit(GenerateRequest {
+        max_tokens: args.max_tokens.min((max_len - prompt.len()) as u32),
+        prompt: prompt.clone(),
+        params,
+        stop_tokens: codec.eos_ids().to_vec(),
+    })?;
+    let mut stream = TextStream::new(generation, codec, &prompt, Vec::new());
+    let mut out = std::io::stdout().lock();
+    write!(out, "{}", args.prompt)?;
+    while let Some(item) = stream.next().await {
+        match item {
+            StreamItem::Delta { text, .. } => {
+                write!(out, "{text}")?;
+                out.flush()?;
+            }
+            StreamItem::Done { .. } => writeln!(out)?,
+            StreamItem::Error(e) => bail!(e),
+        }
+    }
+    engine.shutdown();
+    let _ = join.join();
+    Ok(())
+}

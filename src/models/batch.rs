@@ -1,0 +1,37 @@
+//! The packed input of one forward pass: every scheduled token of every sequence, flattened.
+
+use candle_core::Tensor;
+
+/// One step's tokens and their KV addressing, already on the model's device.
+///
+/// ```text
+///  seq A: prefill 3 tokens, seq B: decode 1 token
+///  token_ids:     [a0 a1 a2 | b7]          positions:   [0 1 2 | 7]
+///  slot_mapping:  where each new K/V row is written (block_id * block_size + offset)
+///  context_slots: [slots of A's positions 0..3 | slots of B's positions 0..8]
+///  q_lens = [3, 1], kv_lens = [3, 8], logits_rows = [2, 3]
+/// ```
+#[derive(Debug, Clone)]
+pub struct BatchInput {
+    /// `[T]` u32: token ids of all sequences concatenated.
+    pub token_ids: Tensor,
+    /// `[T]` u32: absolute position of each token in its sequence.
+    pub positions: Tensor,
+    /// `[T]` u32: KV slot each new token's K/V is written to.
+    pub slot_mapping: Tensor,
+    /// `[sum kv_lens]` u32: KV slots of every sequence's whole context, in position order.
+    pub context_slots: Tensor,
+    /// Tokens fed per sequence this step.
+    pub q_lens: Vec<usize>,
+    /// Context length per sequence after this step (cached + new).
+    pub kv_lens: Vec<usize>,
+    /// `[S]` u32: row of the last token of each sequence that samples.
+    pub logits_rows: Tensor,
+}
+
+impl BatchInput {
+    /// Total tokens in the batch.
+    pub fn num_tokens(&self) -> usize {
+        self.q_lens.iter().sum()
+    }
+}

@@ -1,0 +1,194 @@
+//! Model families on candle tensors, weight loading and the forward contract the engine uses.
+//!
+//! Owner: the engine thread. Models are stateless (`&self`): KV lives in `PagedKvCache` and
+//! positions come from `BatchInput`, so one model serves any mix of sequences.
+
+pub mod attention;
+pub mod batch;
+pub mod config;
+pub mod layers;
+pub mod llama;
+pub mod paged_kv;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use batch::BatchInput;
+pub use paged_kv::{KvLayout, PagedKvCache};
+
+/// Why a model folder could not be loaded; every variant names the file or feature involved.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A required file is absent.
+    #[error("{path}: file not found ({what})")]
+    Missing {
+        /// The path looked for.
+        path: PathBuf,
+        /// What the file is for.
+        what: String,
+    },
+    /// A file exists but cannot be parsed or is inconsistent.
+    #[error("{file}: {reason}")]
+    Malformed {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model uses something mlxd does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// Reading a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Architecture facts the engine and server need, independent of the family.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// `architectures[0]` from config.json, e.g. `LlamaForCausalLM`.
+    pub architecture: String,
+    /// Decoder layers (each keeps KV).
+    pub num_layers: usize,
+    /// KV heads per layer.
+    pub num_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Vocabulary size (logit width).
+    pub vocab_size: usize,
+    /// Context length.
+    pub max_position_embeddings: usize,
+    /// Parameters in the weight files.
+    pub num_params: usize,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// EOS ids from config.json.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// The forward contract: one packed pass over every scheduled token.
+pub trait Model: Send {
+    /// Architecture facts.
+    fn config(&self) -> &ModelConfig;
+    /// Runs all tokens of `batch`, writing their K/V into `kv`; returns `[S, vocab]` f32
+    /// logits for the rows in `batch.logits_rows`.
+    fn forward(&self, batch: &BatchInput, kv: &mut PagedKvCache) -> candle_core::Result<Tensor>;
+}
+
+/// Reports load progress (a terminal bar when stderr is a TTY, nothing otherwise).
+pub struct LoadProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl LoadProgress {
+    /// A progress reporter drawing to stderr only when it is a terminal.
+    pub fn stderr() -> Self {
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("loading layers {bar:30} {pos}/{len}")
+        {
+            bar.set_style(style);
+        }
+        Self { bar }
+    }
+
+    /// A reporter that draws nothing (tests).
+    pub fn hidden() -> Self {
+        Self {
+            bar: indicatif::ProgressBar::hidden(),
+        }
+    }
+
+    fn set_length(&self, n: u64) {
+        self.bar.set_length(n);
+    }
+
+    fn inc(&self) {
+        self.bar.inc(1);
+    }
+
+    /// Removes the bar once loading is done.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Loads the model in the Hugging Face folder `dir` onto `device`, computing in `dtype`.
+pub fn load(
+    dir: &Path,
+    device: &Device,
+    dtype: DType,
+    progress: &LoadProgress,
+) -> Result<Box<dyn Model>, LoadError> {
+    let config_path = dir.join("config.json");
+    let text = read_text(&config_path, "model configuration")?;
+    let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
+    let arch = cfg
+        .architectures
+        .first()
+        .cloned()
+        .or_else(|| cfg.model_type.clone())
+        .unwrap_or_default();
+    let weights = weights::WeightFiles::open(dir)?;
+    let model_config = ModelConfig {
+        architecture: arch.clone(),
+        num_layers: cfg.num_hidden_layers,
+        num_kv_heads: cfg.num_kv_heads(),
+        head_dim: cfg.head_dim(),
+        vocab_size: cfg.vocab_size,
+        max_position_embeddings: cfg.max_position_embeddings,
+        num_params: weights.num_params(),
+        dtype,
+        eos_token_ids: config::token_ids(cfg.eos_token_id.as_ref()),
+    };
+    let vb = weights.var_builder(dtype, device)?;
+    let wrap = |e: candle_core::Error| LoadError::Malformed {
+        file: weights.describe(),
+        reason: e.to_string(),
+    };
+    let model: Box<dyn Model> = match arch.as_str() {
+        "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral" => {
+            Box::new(llama::Llama::load(vb, &cfg, model_config, progress).map_err(wrap)?)
+        }
+        other => {
+            return Err(LoadError::Unsupported(format!(
+                "architecture `{other}` (supported: LlamaForCausalLM, MistralForCausalLM)"
+            )))
+        }
+    };
+    progress.finish();
+    Ok(model)
+}
+
+/// Reads a UTF-8 file, naming it and its role on failure.
+pub fn read_text(path: &Path, what: &str) -> Result<String, LoadError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LoadError::Missing {
+            path: path.to_path_buf(),
+            what: what.to_string(),
+        }),
+        Err(source) => Err(LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Parses a dtype name as used on the command line and in config files.
+pub fn parse_dtype(name: &str) -> Option<DType> {
+    match name {
+        "f32" | "float32" => Some(DType::F32),
+        "f16" | "float16" => Some(DType::F16),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        _ => None,
+    }
+}

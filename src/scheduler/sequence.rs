@@ -1,0 +1,87 @@
+//! Engine-side state of one request: its tokens and how many of them have KV computed.
+
+use std::time::Instant;
+
+use super::kv::block_hash::{extend_block_hashes, BlockHash};
+use crate::engine::{FinishReason, RequestId};
+
+/// One sequence as the scheduler sees it.
+///
+/// ```text
+///  tokens:  [ prompt ........ | generated ... ]
+///            └ num_computed ┘└ still to feed to the model (prefill chunks or the last token)
+/// ```
+#[derive(Debug, Clone)]
+pub struct Sequence {
+    /// Request this sequence belongs to.
+    pub id: RequestId,
+    /// Prompt followed by generated tokens.
+    pub tokens: Vec<u32>,
+    /// Length of the prompt part of `tokens`.
+    pub num_prompt_tokens: usize,
+    /// Tokens whose KV is in the cache (reset to 0 by preemption).
+    pub num_computed: usize,
+    /// Prompt tokens served by the prefix cache at first admission (for usage reporting).
+    pub num_cached_prompt_tokens: Option<usize>,
+    /// Generation budget.
+    pub max_tokens: usize,
+    /// Sampled ids that end the sequence with `stop`.
+    pub stop_tokens: Vec<u32>,
+    /// Chained hashes of every full block of `tokens`.
+    pub block_hashes: Vec<BlockHash>,
+    /// When the request arrived.
+    pub arrived_at: Instant,
+}
+
+impl Sequence {
+    /// A fresh sequence with nothing computed.
+    pub fn new(
+        id: RequestId,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        stop_tokens: Vec<u32>,
+        block_size: usize,
+    ) -> Self {
+        let mut block_hashes = Vec::new();
+        extend_block_hashes(&mut block_hashes, &prompt, block_size, 0);
+        Self {
+            id,
+            num_prompt_tokens: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            num_cached_prompt_tokens: None,
+            max_tokens,
+            stop_tokens,
+            block_hashes,
+            arrived_at: Instant::now(),
+        }
+    }
+
+    /// Tokens generated so far.
+    pub fn num_generated(&self) -> usize {
+        self.tokens.len() - self.num_prompt_tokens
+    }
+
+    /// The generated tokens.
+    pub fn output_tokens(&self) -> &[u32] {
+        &self.tokens[self.num_prompt_tokens..]
+    }
+
+    /// Appends a sampled token and hashes any block it completes.
+    pub fn append(&mut self, token: u32, block_size: usize) {
+        self.tokens.push(token);
+        extend_block_hashes(&mut self.block_hashes, &self.tokens, block_size, 0);
+    }
+
+    /// Token-level stop check after a token was appended.
+    pub fn check_stop(&self, max_model_len: usize) -> Option<FinishReason> {
+        let last = *self.tokens.last()?;
+        if self.num_generated() > 0 && self.stop_tokens.contains(&last) {
+            Some(FinishReason::Stop)
+        } else if self.num_generated() >= self.max_tokens || self.tokens.len() >= max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! HTTP edge: axum routes for the OpenAI API plus health. Handlers parse and validate, render
+//! the chat template, tokenize, submit to the engine and encode its events; nothing here
+//! touches a tensor.
+
+pub mod error;
+pub mod openai;
+pub mod stream;
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::cors::CorsLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::engine::EngineHandle;
+use crate::text::TextCodec;
+use error::ApiError;
+
+/// Shared, read-only state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// The engine.
+    pub engine: EngineHandle,
+    /// Tokenizer and chat template of the served model.
+    pub codec: Arc<TextCodec>,
+    /// Name clients use for the model.
+    pub model_name: String,
+    /// Server start (Unix seconds), reported as the model's creation time.
+    pub created: i64,
+    /// `system_fingerprint` of responses: identifies the backend and dtype.
+    pub fingerprint: String,
+}
+
+impl AppState {
+    /// State for a loaded engine and codec serving `model_name`.
+    pub fn new(engine: EngineHandle, codec: Arc<TextCodec>, model_name: String) -> Self {
+        let fingerprint = format!(
+            "mlxd-{}-{:?}",
+            env!("CARGO_PKG_VERSION"),
+            engine.info().dtype
+        )
+        .to_lowercase();
+        Self {
+            engine,
+            codec,
+            model_name,
+            created: openai::unix_now(),
+            fingerprint,
+        }
+    }
+
+    /// Accepts the served name, with or without an Ollama-style `:latest` tag; an absent or
+    /// empty name means the served model.
+    pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
+        match requested {
+            None | Some("") => Ok(()),
+            Some(name)
+                if name == self.model_name
+                    || name.strip_suffix(":latest") == Some(&self.model_name) =>
+            {
+                Ok(())
+            }
+            Some(name) => Err(ApiError::ModelNotFound(name.to_string())),
+        }
+    }
+
+    /// Token ids that end generation: the model's EOS ids unless `ignore_eos`.
+    pub fn stop_tokens(&self, ignore_eos: bool) -> Vec<u32> {
+        if ignore_eos {
+            Vec::new()
+        } else {
+            self.codec.eos_ids().to_vec()
+        }
+    }
+}
+
+/// All routes with tracing and permissive CORS (browser UIs call a local server directly).
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat::chat_completions))
+        .route("/v1/completions", post(openai::completions::completions))
+        .route("/v1/models", get(openai::models::list_models))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(TraceLayer::new_for_http())
+        .layer(CorsLayer::permissive())
+        .with_state(state)
+}
+
+/// 200 while the engine thread runs, 503 otherwise.
+async fn health(State(state): State<AppState>) -> impl IntoResponse {
+    if state.engine.is_healthy() {
+        (StatusCode::OK, Json(json!({"status": "ok"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "engine unavailable"})),
+        )
+    }
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}

@@ -1,0 +1,127 @@
+//! Hugging Face chat templates rendered with minijinja, configured like transformers'
+//! sandboxed Jinja environment (`trim_blocks`, `lstrip_blocks`, loop controls, Python-style
+//! string/dict methods, `raise_exception`, `strftime_now`).
+
+use minijinja::syntax::SyntaxConfig;
+use minijinja::{Environment, Error, ErrorKind, Value};
+use serde::{Deserialize, Serialize};
+
+/// One chat turn as the template sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant` (or whatever roles the template accepts).
+    pub role: String,
+    /// Plain text content.
+    pub content: String,
+}
+
+/// A template that could not be compiled or rendered.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TemplateError(pub String);
+
+const TEMPLATE_NAME: &str = "chat";
+
+/// A compiled chat template plus the special-token strings it may reference.
+#[derive(Debug)]
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; a syntax error is reported with its line.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        let syntax = SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| TemplateError(e.to_string()))?;
+        env.set_syntax(syntax);
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+            .map_err(|e| TemplateError(format!("chat template does not compile: {e}")))?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
+        })
+    }
+
+    /// Renders `messages`, ending with the assistant prefix when `add_generation_prompt`.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| TemplateError(e.to_string()))?;
+        let ctx = minijinja::context! {
+            messages => Value::from(minijinja::value::Serde(messages)),
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.as_str(),
+            eos_token => self.eos_token.as_str(),
+        };
+        template.render(ctx).map_err(|e| match e.kind() {
+            ErrorKind::InvalidOperation => {
+                TemplateError(e.detail().unwrap_or("invalid operation").to_string())
+            }
+            _ => TemplateError(e.to_string()),
+        })
+    }
+}
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+fn strftime_now(format: String) -> Result<String, Error> {
+    let now = jiff::Zoned::now();
+    jiff::fmt::strtime::format(format.as_bytes(), &now)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn renders_with_trim_and_lstrip_blocks() {
+        let src = "{% for m in messages %}\n  {{ m.role }}: {{ m.content | trim }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}";
+        let t = ChatTemplate::new(src, "<s>", "</s>").expect("compiles");
+        let out = t.render(&[msg("user", " hi ")], true).expect("renders");
+        assert_eq!(out, "  user: hi\nA:");
+    }
+
+    #[test]
+    fn raise_exception_surfaces_its_message() {
+        let src = "{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('Unsupported role: ' + m.role) }}{% endif %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").expect("compiles");
+        let err = t.render(&[msg("tool", "x")], false).expect_err("raises");
+        assert_eq!(err.0, "Unsupported role: tool");
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}", "", "")
+            .expect("compiles");
+        assert_eq!(
+            t.render(&[msg("user", "  ab ")], false).expect("renders"),
+            "AB"
+        );
+    }
+}

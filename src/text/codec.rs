@@ -1,0 +1,170 @@
+//! The served model's tokenizer, chat template and special tokens, loaded from its folder.
+
+use std::path::Path;
+
+use serde_json::Value as Json;
+use tokenizers::Tokenizer;
+
+use super::chat_template::{ChatMessage, ChatTemplate, TemplateError};
+use crate::models::{config::token_ids, read_text, LoadError};
+
+/// Encoding, decoding and chat rendering for one model.
+#[derive(Debug)]
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    template: Option<ChatTemplate>,
+    bos_id: Option<u32>,
+    add_bos_token: bool,
+    eos_ids: Vec<u32>,
+}
+
+impl TextCodec {
+    /// Loads `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` and
+    /// `generation_config.json` from `dir`; `config_eos` are config.json's EOS ids.
+    pub fn load(dir: &Path, config_eos: &[u32]) -> Result<Self, LoadError> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(LoadError::Missing {
+                path: tok_path,
+                what: "tokenizer".into(),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| LoadError::Malformed {
+            file: tok_path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let tok_cfg = read_optional_json(&dir.join("tokenizer_config.json"))?;
+        let gen_cfg = read_optional_json(&dir.join("generation_config.json"))?;
+        let token_str = |key: &str| -> Option<String> {
+            match tok_cfg.get(key)? {
+                Json::String(s) => Some(s.clone()),
+                obj => obj.get("content")?.as_str().map(str::to_string),
+            }
+        };
+        let bos_token = token_str("bos_token");
+        let eos_token = token_str("eos_token");
+        let bos_id = bos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+        let mut eos_ids = token_ids(gen_cfg.get("eos_token_id"));
+        for id in config_eos
+            .iter()
+            .copied()
+            .chain(eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)))
+        {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        let template = load_template(dir, &tok_cfg, bos_token.as_deref(), eos_token.as_deref())?;
+        Ok(Self {
+            tokenizer,
+            template,
+            bos_id,
+            add_bos_token: tok_cfg
+                .get("add_bos_token")
+                .and_then(Json::as_bool)
+                .unwrap_or(false),
+            eos_ids,
+        })
+    }
+
+    /// The underlying tokenizer (for detokenizers).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Every id that ends generation by default.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// True when the model folder provides a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// Tokenizes plain text; with `add_special`, BOS and the like are added as the model wants.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TemplateError> {
+        let enc = self
+            .tokenizer
+            .encode(text, add_special)
+            .map_err(|e| TemplateError(format!("tokenization failed: {e}")))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special && self.add_bos_token {
+            if let Some(bos) = self.bos_id {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Renders the chat template and tokenizes the result without adding special tokens
+    /// (templates emit BOS themselves, as transformers' `apply_chat_template` assumes).
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TemplateError> {
+        let text = self.render_chat(messages)?;
+        self.encode(&text, false)
+    }
+
+    /// Renders the chat template with the generation prompt.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+        let template = self.template.as_ref().ok_or_else(|| {
+            TemplateError("this model has no chat template; use /v1/completions".into())
+        })?;
+        template.render(messages, true)
+    }
+
+    /// Decodes ids to text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+}
+
+fn read_optional_json(path: &Path) -> Result<Json, LoadError> {
+    if !path.exists() {
+        return Ok(Json::Null);
+    }
+    let text = read_text(path, "json")?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Malformed {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// `chat_template.jinja` wins over `tokenizer_config.json`'s `chat_template` (as in
+/// transformers); a list of named templates uses the one named `default`.
+fn load_template(
+    dir: &Path,
+    tok_cfg: &Json,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<Option<ChatTemplate>, LoadError> {
+    let file = dir.join("chat_template.jinja");
+    let (source, origin) = if file.exists() {
+        (
+            Some(read_text(&file, "chat template")?),
+            file.display().to_string(),
+        )
+    } else {
+        let origin = dir.join("tokenizer_config.json").display().to_string();
+        let source = match tok_cfg.get("chat_template") {
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(Json::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        (source, origin)
+    };
+    source
+        .map(|s| {
+            ChatTemplate::new(&s, bos.unwrap_or_default(), eos.unwrap_or_default()).map_err(|e| {
+                LoadError::Malformed {
+                    file: origin.clone(),
+                    reason: e.0,
+                }
+            })
+        })
+        .transpose()
+}
