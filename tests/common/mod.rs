@@ -1,0 +1,142 @@
+//! Shared test helpers: paths into ../shared, a direct model runner, an in-process server.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use mlxd::models::{self, BatchInput, KvLayout, LoadProgress, Model, PagedKvCache};
+
+/// `../shared/<rel>` from the crate root.
+pub fn shared(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel)
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// JSON array of integers → ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// JSON array of numbers → f32s.
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array of numbers")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
+}
+
+/// Largest absolute difference of two equal-length vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Drives a model directly (no engine): every sequence gets its own contiguous run of blocks.
+pub struct ModelRunner {
+    pub model: Box<dyn Model>,
+    kv: PagedKvCache,
+    block_size: usize,
+    blocks_per_seq: usize,
+}
+
+/// Per-step logits and greedy tokens of each sequence.
+pub struct GreedyRun {
+    /// `steps[seq][i]` = the logits token `i` was chosen from.
+    pub step_logits: Vec<Vec<Vec<f32>>>,
+    /// Greedy tokens per sequence.
+    pub tokens: Vec<Vec<u32>>,
+}
+
+impl ModelRunner {
+    pub fn load(dir: &std::path::Path, dtype: DType, max_seqs: usize, max_len: usize) -> Self {
+        let model = models::load(dir, &Device::Cpu, dtype, &LoadProgress::hidden()).expect("model loads");
+        let c = model.config().clone();
+        let block_size = 16;
+        let blocks_per_seq = max_len.div_ceil(block_size);
+        let layout = KvLayout {
+            num_layers: c.num_layers,
+            kv_width: c.num_kv_heads * c.head_dim,
+            block_size,
+            dtype,
+        };
+        let kv = PagedKvCache::new(layout, 1 + max_seqs * blocks_per_seq, &Device::Cpu).expect("kv");
+        Self {
+            model,
+            kv,
+            block_size,
+            blocks_per_seq,
+        }
+    }
+
+    fn slot(&self, seq: usize, pos: usize) -> u32 {
+        ((1 + seq * self.blocks_per_seq) * self.block_size + pos) as u32
+    }
+
+    /// One forward: `chunks[i] = (seq index, first position, tokens)`; returns the last-token
+    /// logits of each chunk.
+    pub fn forward(&mut self, chunks: &[(usize, usize, Vec<u32>)]) -> Vec<Vec<f32>> {
+        let (mut toks, mut pos, mut slots, mut ctx, mut q_lens, mut kv_lens, mut rows) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (seq, start, tokens) in chunks {
+            for (i, &t) in tokens.iter().enumerate() {
+                toks.push(t);
+                pos.push((start + i) as u32);
+                slots.push(self.slot(*seq, start + i));
+            }
+            let kv_len = start + tokens.len();
+            ctx.extend((0..kv_len).map(|p| self.slot(*seq, p)));
+            q_lens.push(tokens.len());
+            kv_lens.push(kv_len);
+            rows.push((toks.len() - 1) as u32);
+        }
+        let dev = Device::Cpu;
+        let t = |v: Vec<u32>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, &dev).expect("tensor")
+        };
+        let batch = BatchInput {
+            token_ids: t(toks),
+            positions: t(pos),
+            slot_mapping: t(slots),
+            context_slots: t(ctx),
+            q_lens,
+            kv_lens,
+            logits_rows: t(rows),
+        };
+        self.model
+            .forward(&batch, &mut self.kv)
+            .expect("forward")
+            .to_vec2::<f32>()
+            .expect("logits")
+    }
+
+    /// Greedy decoding of all `prompts` together in one batch per step.
+    pub fn greedy(&mut self, prompts: &[Vec<u32>], steps: usize) -> GreedyRun {
+        let mut run = GreedyRun {
+            step_logits: vec![Vec::new(); prompts.len()],
+            tokens: vec![Vec::new(); prompts.len()],
+        };
+        let mut chunks: Vec<(usize, usize, Vec<u32>)> =
+            prompts.iter().enumerate().map(|(i, p)| (i, 0, p.clone())).collect();
+        for _ in 0..steps {
+            let logits = self.forward(&chunks);
+            for (i, row) in logits.into_iter().enumerate() {
+                let next = mlxd::engine::sampler::argmax(&row);
+                run.step_logits[i].push(row);
+                run.tokens[i].push(next);
+                chunks[i] = (i, prompts[i].len() + run.tokens[i].len() - 1, vec![next]);
+            }
+        }
+        run
+    }
+}

@@ -1,0 +1,109 @@
+//! Numerical correctness against references computed by llama2.c and transformers.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{floats, ids, max_abs_diff, read_json, shared, ModelRunner};
+
+/// The float32 bound the fixtures README recommends (two f32 implementations agree to ~1e-5).
+const F32_TOL: f32 = 2e-4;
+
+fn check_stories(folder: &str, dtype: DType, logit_tol: f32, exact_tokens: bool) {
+    let dir = shared(&format!("models/{folder}"));
+    let reference = read_json(&dir.join("reference.json"));
+    let gens = reference["generations"].as_array().expect("generations");
+    let prompts: Vec<Vec<u32>> = gens.iter().map(|g| ids(&g["prompt_ids"])).collect();
+    let mut runner = ModelRunner::load(&dir, dtype, prompts.len(), 512);
+    // All three prompts decoded together in one batch per step.
+    let run = runner.greedy(&prompts, 64);
+    for (i, g) in gens.iter().enumerate() {
+        let want_logits = floats(&g["last_position_logits"]);
+        let diff = max_abs_diff(&run.step_logits[i][0], &want_logits);
+        assert!(diff < logit_tol, "{folder} prompt {i}: last-position logits differ by {diff}");
+        if exact_tokens {
+            assert_eq!(run.tokens[i], ids(&g["generated_ids"]), "{folder} prompt {i}: greedy tokens");
+        }
+    }
+}
+
+#[test]
+fn stories260k_reproduces_llama2c_greedy_generations_and_logits() {
+    check_stories("stories260k", DType::F32, 1e-4, true);
+}
+
+#[test]
+fn stories260k_untied_lm_head_matches_the_same_reference() {
+    check_stories("stories260k-untied", DType::F32, 1e-4, true);
+}
+
+#[test]
+fn stories260k_bf16_weights_computed_in_f32_stay_close() {
+    // bf16-rounded weights: logits move by rounding, not by bugs (README: compare loosely).
+    check_stories("stories260k-bf16", DType::F32, 0.5, false);
+}
+
+/// Checks every greedy step of `names` (run together in one batch) against a reference set.
+fn check_fixture(arch: &str, folder: &str, set: &str, names: &[&str]) {
+    let dir = shared(&format!("fixtures/{arch}/{folder}"));
+    let refs = shared(&format!("fixtures/{arch}/refs"));
+    let json = read_json(&refs.join(format!("{set}.json")));
+    let tensors = candle_core::safetensors::load(refs.join(format!("{set}.safetensors")), &Device::Cpu)
+        .expect("reference tensors");
+    let all: Vec<&serde_json::Value> = json["sequences"]
+        .as_array()
+        .expect("sequences")
+        .iter()
+        .chain(json["batch"]["members"].as_array().expect("batch members"))
+        .collect();
+    let seqs: Vec<&serde_json::Value> = names
+        .iter()
+        .map(|n| *all.iter().find(|s| s["name"] == *n).expect("named sequence"))
+        .collect();
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
+    let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
+    let mut runner = ModelRunner::load(&dir, DType::F32, prompts.len(), 128);
+    let run = runner.greedy(&prompts, steps);
+    for (i, s) in seqs.iter().enumerate() {
+        let name = names[i];
+        assert_eq!(run.tokens[i], ids(&s["greedy_ids"]), "{arch}/{set} {name}: greedy tokens");
+        let want = tensors[&format!("{name}.step_logits")]
+            .to_vec2::<f32>()
+            .expect("step logits");
+        for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
+            let diff = max_abs_diff(got, want);
+            assert!(diff < F32_TOL, "{arch}/{set} {name} step {step}: logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn llama_fixture_matches_transformers_f32_alone() {
+    for name in ["p1", "p7", "p33"] {
+        check_fixture("llama", "f32", "transformers-f32", &[name]);
+    }
+}
+
+#[test]
+fn llama_fixture_matches_transformers_f32_batched() {
+    check_fixture("llama", "f32", "transformers-f32", &["p1", "p7", "p33", "b0", "b1"]);
+}
+
+#[test]
+fn mistral_fixture_matches_transformers_f32_batched() {
+    check_fixture("mistral", "f32", "transformers-f32", &["p1", "p7", "p33", "b0", "b1"]);
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot_prefill() {
+    let dir = shared("fixtures/llama/f32");
+    let prompts = read_json(&shared("fixtures/llama/refs/prompts.json"));
+    let p33 = ids(&prompts["sequences"][2]["ids"]);
+    let mut one_shot = ModelRunner::load(&dir, DType::F32, 1, 64);
+    let want = one_shot.forward(&[(0, 0, p33.clone())]);
+    let mut chunked = ModelRunner::load(&dir, DType::F32, 1, 64);
+    chunked.forward(&[(0, 0, p33[..10].to_vec())]);
+    chunked.forward(&[(0, 10, p33[10..27].to_vec())]);
+    let got = chunked.forward(&[(0, 27, p33[27..].to_vec())]);
+    let diff = max_abs_diff(&got[0], &want[0]);
+    assert!(diff < 1e-5, "chunked prefill differs by {diff}");
+}
