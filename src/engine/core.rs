@@ -154,6 +154,7 @@ impl EngineCore {
 
     fn abort(&mut self, id: RequestId) {
         if self.scheduler.abort(id).is_some() {
+            self.stats.num_aborted.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(request_id = %id, "aborted; blocks freed");
         }
         self.requests.remove(&id);
@@ -177,6 +178,9 @@ impl EngineCore {
         if out.seqs.is_empty() {
             return Ok(());
         }
+        self.stats
+            .peak_batch_seqs
+            .fetch_max(out.seqs.len(), Ordering::Relaxed);
         let now = Instant::now();
         for s in &out.seqs {
             if let Some(r) = self.requests.get_mut(&s.id) {

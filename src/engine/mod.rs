@@ -90,6 +90,10 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     /// Preemptions since start.
     pub num_preemptions: AtomicU64,
+    /// Requests cancelled before they finished (client gone, stop string, abort).
+    pub num_aborted: AtomicU64,
+    /// Most sequences ever scheduled together in one step.
+    pub peak_batch_seqs: AtomicUsize,
     /// False once the engine thread stopped.
     pub healthy: AtomicBool,
 }

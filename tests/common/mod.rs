@@ -140,3 +140,69 @@ impl ModelRunner {
         run
     }
 }
+
+/// Engine settings for tests: the repository's tiny model, small KV pool.
+pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
+    mlxd::engine::EngineConfig {
+        model_path: model.to_path_buf(),
+        dtype: DType::F32,
+        kv_memory_bytes: 64 << 20,
+        block_size: 16,
+        max_num_seqs: 16,
+        max_num_batched_tokens: 2048,
+        max_model_len: None,
+        enable_prefix_cache: true,
+        show_progress: false,
+    }
+}
+
+/// The model folder shipped in the repository.
+pub fn repo_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/stories260k")
+}
+
+/// A server running in this process on a loopback port.
+pub struct TestServer {
+    pub base: String,
+    pub engine: mlxd::engine::EngineHandle,
+}
+
+impl TestServer {
+    /// Starts the engine and serves the router on 127.0.0.1 with an OS-chosen port.
+    pub async fn start(cfg: mlxd::engine::EngineConfig) -> Self {
+        let model = cfg.model_path.clone();
+        let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg).expect("engine starts");
+        let codec = mlxd::text::TextCodec::load(&model, &engine.info().eos_token_ids).expect("codec");
+        let state = mlxd::server::AppState::new(engine.clone(), std::sync::Arc::new(codec), "stories260k".into());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            axum::serve(listener, mlxd::server::router(state)).await.expect("serve");
+        });
+        Self {
+            base: format!("http://{addr}"),
+            engine,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Waits (bounded) until every KV block is free again; returns the free count seen last.
+    pub async fn wait_pool_all_free(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        let stats = self.engine.stats();
+        let total = stats.kv_blocks_total.load(Ordering::Relaxed);
+        let mut free = 0;
+        for _ in 0..200 {
+            free = stats.kv_blocks_free.load(Ordering::Relaxed);
+            let busy = stats.num_running.load(Ordering::Relaxed) + stats.num_waiting.load(Ordering::Relaxed);
+            if free == total && busy == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        (free, total)
+    }
+}

@@ -1,0 +1,70 @@
+//! Tokenizer, chat template and incremental detokenizer on real tokenizers.
+
+mod common;
+
+use common::{ids, read_json, shared};
+use mlxd::text::{ChatMessage, IncrementalDetokenizer, TextCodec};
+
+#[test]
+fn stories_tokenizer_matches_reference_encodings() {
+    let dir = shared("models/stories260k");
+    let codec = TextCodec::load(&dir, &[]).expect("codec");
+    let reference = read_json(&dir.join("reference.json"));
+    for case in reference["tokenizer"].as_array().expect("cases") {
+        let text = case["text"].as_str().expect("text");
+        let got = codec.encode(text, true).expect("encodes");
+        assert_eq!(got, ids(&case["ids_with_bos"]), "{text:?}");
+        assert_eq!(codec.decode(&got), case["decoded"].as_str().expect("decoded"));
+    }
+}
+
+#[test]
+fn stories_chat_template_renders_the_reference_byte_for_byte() {
+    let dir = shared("models/stories260k");
+    let codec = TextCodec::load(&dir, &[2, 1]).expect("codec");
+    let example = &read_json(&dir.join("reference.json"))["chat_template_example"];
+    let messages: Vec<ChatMessage> = serde_json::from_value(example["messages"].clone()).expect("messages");
+    assert_eq!(codec.render_chat(&messages).expect("renders"), example["rendered"].as_str().expect("rendered"));
+    assert_eq!(codec.encode_chat(&messages).expect("encodes"), ids(&example["ids_no_extra_special_tokens"]));
+}
+
+#[test]
+fn stories_eos_ids_come_from_generation_config() {
+    let codec = TextCodec::load(&shared("models/stories260k"), &[2]).expect("codec");
+    assert_eq!(codec.eos_ids(), &[2, 1]);
+}
+
+#[test]
+fn unknown_roles_fail_with_the_templates_own_message() {
+    let codec = TextCodec::load(&shared("models/stories260k"), &[]).expect("codec");
+    let msgs = [ChatMessage {
+        role: "tool".into(),
+        content: "x".into(),
+    }];
+    let err = codec.render_chat(&msgs).expect_err("template raises");
+    assert!(err.0.contains("Unsupported role: tool"), "{}", err.0);
+}
+
+/// Streams `text` through the detokenizer token by token with a byte-level BPE tokenizer whose
+/// tokens split multi-byte characters.
+#[test]
+fn incremental_detokenizer_never_splits_multibyte_characters() {
+    let tokenizer = tokenizers::Tokenizer::from_file(shared("tokenizers/llama3.2/tokenizer.json")).expect("tokenizer");
+    let text = "Grüße aus Köln 😀🎉 — 東京タワー, naïve café. 🇺🇳 done";
+    let ids = tokenizer.encode(text, false).expect("encodes").get_ids().to_vec();
+    let prompt = tokenizer.encode("Say:", false).expect("encodes").get_ids().to_vec();
+    let mut detok = IncrementalDetokenizer::new(&prompt);
+    let mut out = String::new();
+    let mut held_back = 0;
+    for &id in &ids {
+        let delta = detok.push(&tokenizer, id);
+        assert!(!delta.contains('\u{FFFD}'), "split character in {delta:?}");
+        if delta.is_empty() {
+            held_back += 1;
+        }
+        out.push_str(&delta);
+    }
+    out.push_str(&detok.flush(&tokenizer));
+    assert_eq!(out.trim_start(), text);
+    assert!(held_back > 0, "this text has tokens that end mid-character");
+}
