@@ -1,0 +1,99 @@
+//! The `mlxd` binary: `run` output, `--help`, and load failures that name the file.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{read_json, repo_model, shared};
+
+fn mlxd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_mlxd"))
+}
+
+/// A copy of the repository model in a temp folder, for corrupting.
+fn model_copy(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mlxd-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for entry in std::fs::read_dir(repo_model()).expect("model dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    dir
+}
+
+fn run_fails_with(model: &Path, needles: &[&str]) {
+    let out = mlxd()
+        .args(["run", "--model"])
+        .arg(model)
+        .arg("hi")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "must exit non-zero");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(stderr.contains(n), "stderr should mention {n:?}:\n{stderr}");
+    }
+}
+
+#[test]
+fn run_streams_the_reference_continuation() {
+    let reference = read_json(&shared("models/stories260k/reference.json"));
+    let g = &reference["generations"][1];
+    let out = mlxd()
+        .args(["run", "--model"])
+        .arg(repo_model())
+        .args(["--max-tokens", "64", "Once upon a time"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).expect("utf8");
+    let want = format!("Once upon a time{}\n", g["generated_text"].as_str().expect("text"));
+    assert_eq!(stdout, want);
+}
+
+#[test]
+fn serve_help_explains_every_flag() {
+    let out = mlxd().args(["serve", "--help"]).output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--model", "--host", "--port", "--config", "--max-seqs", "--kv-memory"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn missing_model_folder_is_a_clear_error() {
+    run_fails_with(Path::new("/nonexistent/model"), &["/nonexistent/model"]);
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let dir = model_copy("notok");
+    std::fs::remove_file(dir.join("tokenizer.json")).expect("rm");
+    run_fails_with(&dir, &["tokenizer.json", "not found"]);
+}
+
+#[test]
+fn malformed_config_is_named() {
+    let dir = model_copy("badcfg");
+    std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,").expect("write");
+    run_fails_with(&dir, &["config.json"]);
+}
+
+#[test]
+fn truncated_weights_are_named() {
+    let dir = model_copy("trunc");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
+    run_fails_with(&dir, &["model.safetensors"]);
+}
+
+#[test]
+fn unsupported_architecture_lists_the_supported_ones() {
+    let dir = model_copy("arch");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).expect("read");
+    std::fs::write(dir.join("config.json"), cfg.replace("LlamaForCausalLM", "MambaForCausalLM")).expect("write");
+    run_fails_with(&dir, &["MambaForCausalLM", "LlamaForCausalLM"]);
+}

@@ -1,0 +1,51 @@
+"""Starts one `mlxd serve` process on a free loopback port for the Python client tests."""
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    binary = os.environ.get("MLXD_BIN", str(ROOT / "target" / "debug" / "mlxd"))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "serve", "--model", str(ROOT / "models" / "stories260k"), "--port", str(port),
+         "--kv-memory", "64MiB"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlxd exited early: {proc.stderr.read().decode()}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("mlxd did not become healthy within 60 s")
+        time.sleep(0.1)
+    yield base
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
