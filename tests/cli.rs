@@ -47,9 +47,16 @@ fn run_streams_the_reference_continuation() {
         .args(["--max-tokens", "64", "Once upon a time"])
         .output()
         .expect("runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).expect("utf8");
-    let want = format!("Once upon a time{}\n", g["generated_text"].as_str().expect("text"));
+    let want = format!(
+        "Once upon a time{}\n",
+        g["generated_text"].as_str().expect("text")
+    );
     assert_eq!(stdout, want);
 }
 
@@ -57,7 +64,14 @@ fn run_streams_the_reference_continuation() {
 fn serve_help_explains_every_flag() {
     let out = mlxd().args(["serve", "--help"]).output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--model", "--host", "--port", "--config", "--max-seqs", "--kv-memory"] {
+    for flag in [
+        "--model",
+        "--host",
+        "--port",
+        "--config",
+        "--max-seqs",
+        "--kv-memory",
+    ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }
@@ -94,6 +108,10 @@ fn truncated_weights_are_named() {
 fn unsupported_architecture_lists_the_supported_ones() {
     let dir = model_copy("arch");
     let cfg = std::fs::read_to_string(dir.join("config.json")).expect("read");
-    std::fs::write(dir.join("config.json"), cfg.replace("LlamaForCausalLM", "MambaForCausalLM")).expect("write");
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("LlamaForCausalLM", "MambaForCausalLM"),
+    )
+    .expect("write");
     run_fails_with(&dir, &["MambaForCausalLM", "LlamaForCausalLM"]);
 }

@@ -50,12 +50,18 @@ async fn greedy_tokens_are_identical_alone_and_in_a_batch_of_8() {
     let prompts = prompts();
     let mut solo = Vec::new();
     for p in &prompts {
-        let s = engine.submit(request(p.clone(), SamplingParams::greedy(), 48)).expect("submit");
+        let s = engine
+            .submit(request(p.clone(), SamplingParams::greedy(), 48))
+            .expect("submit");
         solo.push(tokens_of(s).await);
     }
     let streams: Vec<_> = prompts
         .iter()
-        .map(|p| engine.submit(request(p.clone(), SamplingParams::greedy(), 48)).expect("submit"))
+        .map(|p| {
+            engine
+                .submit(request(p.clone(), SamplingParams::greedy(), 48))
+                .expect("submit")
+        })
         .collect();
     let batched = futures::future::join_all(streams.into_iter().map(tokens_of)).await;
     assert_eq!(batched, solo);
@@ -86,7 +92,12 @@ async fn same_seed_gives_same_tokens_whatever_else_is_batched() {
         seed: Some(1234),
         ..SamplingParams::default()
     };
-    let alone = tokens_of(engine.submit(request(prompts[0].clone(), seeded.clone(), 40)).expect("submit")).await;
+    let alone = tokens_of(
+        engine
+            .submit(request(prompts[0].clone(), seeded.clone(), 40))
+            .expect("submit"),
+    )
+    .await;
     let noise: Vec<_> = prompts[1..]
         .iter()
         .map(|p| {
@@ -94,11 +105,18 @@ async fn same_seed_gives_same_tokens_whatever_else_is_batched() {
                 temperature: 0.8,
                 ..SamplingParams::default()
             };
-            engine.submit(request(p.clone(), params, 40)).expect("submit")
+            engine
+                .submit(request(p.clone(), params, 40))
+                .expect("submit")
         })
         .collect();
-    let again = engine.submit(request(prompts[0].clone(), seeded, 40)).expect("submit");
-    let (again, _) = futures::join!(tokens_of(again), futures::future::join_all(noise.into_iter().map(tokens_of)));
+    let again = engine
+        .submit(request(prompts[0].clone(), seeded, 40))
+        .expect("submit");
+    let (again, _) = futures::join!(
+        tokens_of(again),
+        futures::future::join_all(noise.into_iter().map(tokens_of))
+    );
     assert_eq!(again, alone);
 }
 

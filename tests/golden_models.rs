@@ -19,9 +19,16 @@ fn check_stories(folder: &str, dtype: DType, logit_tol: f32, exact_tokens: bool)
     for (i, g) in gens.iter().enumerate() {
         let want_logits = floats(&g["last_position_logits"]);
         let diff = max_abs_diff(&run.step_logits[i][0], &want_logits);
-        assert!(diff < logit_tol, "{folder} prompt {i}: last-position logits differ by {diff}");
+        assert!(
+            diff < logit_tol,
+            "{folder} prompt {i}: last-position logits differ by {diff}"
+        );
         if exact_tokens {
-            assert_eq!(run.tokens[i], ids(&g["generated_ids"]), "{folder} prompt {i}: greedy tokens");
+            assert_eq!(
+                run.tokens[i],
+                ids(&g["generated_ids"]),
+                "{folder} prompt {i}: greedy tokens"
+            );
         }
     }
 }
@@ -47,8 +54,9 @@ fn check_fixture(arch: &str, folder: &str, set: &str, names: &[&str]) {
     let dir = shared(&format!("fixtures/{arch}/{folder}"));
     let refs = shared(&format!("fixtures/{arch}/refs"));
     let json = read_json(&refs.join(format!("{set}.json")));
-    let tensors = candle_core::safetensors::load(refs.join(format!("{set}.safetensors")), &Device::Cpu)
-        .expect("reference tensors");
+    let tensors =
+        candle_core::safetensors::load(refs.join(format!("{set}.safetensors")), &Device::Cpu)
+            .expect("reference tensors");
     let all: Vec<&serde_json::Value> = json["sequences"]
         .as_array()
         .expect("sequences")
@@ -57,7 +65,11 @@ fn check_fixture(arch: &str, folder: &str, set: &str, names: &[&str]) {
         .collect();
     let seqs: Vec<&serde_json::Value> = names
         .iter()
-        .map(|n| *all.iter().find(|s| s["name"] == *n).expect("named sequence"))
+        .map(|n| {
+            *all.iter()
+                .find(|s| s["name"] == *n)
+                .expect("named sequence")
+        })
         .collect();
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
     let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
@@ -65,13 +77,20 @@ fn check_fixture(arch: &str, folder: &str, set: &str, names: &[&str]) {
     let run = runner.greedy(&prompts, steps);
     for (i, s) in seqs.iter().enumerate() {
         let name = names[i];
-        assert_eq!(run.tokens[i], ids(&s["greedy_ids"]), "{arch}/{set} {name}: greedy tokens");
+        assert_eq!(
+            run.tokens[i],
+            ids(&s["greedy_ids"]),
+            "{arch}/{set} {name}: greedy tokens"
+        );
         let want = tensors[&format!("{name}.step_logits")]
             .to_vec2::<f32>()
             .expect("step logits");
         for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
             let diff = max_abs_diff(got, want);
-            assert!(diff < F32_TOL, "{arch}/{set} {name} step {step}: logits differ by {diff}");
+            assert!(
+                diff < F32_TOL,
+                "{arch}/{set} {name} step {step}: logits differ by {diff}"
+            );
         }
     }
 }
@@ -85,12 +104,22 @@ fn llama_fixture_matches_transformers_f32_alone() {
 
 #[test]
 fn llama_fixture_matches_transformers_f32_batched() {
-    check_fixture("llama", "f32", "transformers-f32", &["p1", "p7", "p33", "b0", "b1"]);
+    check_fixture(
+        "llama",
+        "f32",
+        "transformers-f32",
+        &["p1", "p7", "p33", "b0", "b1"],
+    );
 }
 
 #[test]
 fn mistral_fixture_matches_transformers_f32_batched() {
-    check_fixture("mistral", "f32", "transformers-f32", &["p1", "p7", "p33", "b0", "b1"]);
+    check_fixture(
+        "mistral",
+        "f32",
+        "transformers-f32",
+        &["p1", "p7", "p33", "b0", "b1"],
+    );
 }
 
 #[test]

@@ -45,15 +45,23 @@ fn chat_body(extra: Value) -> Value {
         "max_tokens": 40,
         "temperature": 0
     });
-    body.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+    body.as_object_mut()
+        .expect("object")
+        .extend(extra.as_object().expect("object").clone());
     body
 }
 
 fn assert_openai_error(body: &Value, param: Option<&str>) {
     let err = &body["error"];
-    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert!(err["type"].is_string(), "{body}");
-    assert!(err.get("code").is_some() && err.get("param").is_some(), "{body}");
+    assert!(
+        err.get("code").is_some() && err.get("param").is_some(),
+        "{body}"
+    );
     if let Some(p) = param {
         assert_eq!(err["param"], p, "{body}");
     }
@@ -85,10 +93,20 @@ async fn completion_of_reference_prompt_matches_llama2c_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completion_accepts_token_id_prompts() {
     let s = server().await;
-    let (_, by_text) = post(&s, "/v1/completions", json!({"prompt": "Lily and Ben", "max_tokens": 20, "temperature": 0})).await;
+    let (_, by_text) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "Lily and Ben", "max_tokens": 20, "temperature": 0}),
+    )
+    .await;
     let codec = mlxd::text::TextCodec::load(&repo_model(), &[]).expect("codec");
     let ids = codec.encode("Lily and Ben", true).expect("encode");
-    let (status, by_ids) = post(&s, "/v1/completions", json!({"prompt": ids, "max_tokens": 20, "temperature": 0})).await;
+    let (status, by_ids) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": ids, "max_tokens": 20, "temperature": 0}),
+    )
+    .await;
     assert_eq!(status, 200, "{by_ids}");
     assert_eq!(by_ids["choices"][0]["text"], by_text["choices"][0]["text"]);
 }
@@ -103,7 +121,10 @@ async fn chat_completion_has_openai_shape() {
     assert!(body["created"].as_i64().expect("created") > 1_600_000_000);
     let choice = &body["choices"][0];
     assert_eq!(choice["message"]["role"], "assistant");
-    assert!(!choice["message"]["content"].as_str().expect("content").is_empty());
+    assert!(!choice["message"]["content"]
+        .as_str()
+        .expect("content")
+        .is_empty());
     assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().expect("finish")));
     let u = &body["usage"];
     assert_eq!(
@@ -128,15 +149,25 @@ async fn streamed_chat_equals_non_streamed_and_ends_with_done() {
         .map(|e| serde_json::from_str(e).expect("json chunk"))
         .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
     let text: String = chunks
         .iter()
         .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
         .collect();
-    assert_eq!(text, full["choices"][0]["message"]["content"].as_str().expect("content"));
+    assert_eq!(
+        text,
+        full["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content")
+    );
     let usage_chunk = chunks.last().expect("usage chunk");
     assert_eq!(usage_chunk["choices"], json!([]));
-    assert_eq!(usage_chunk["usage"]["completion_tokens"], full["usage"]["completion_tokens"]);
+    assert_eq!(
+        usage_chunk["usage"]["completion_tokens"],
+        full["usage"]["completion_tokens"]
+    );
     let finish = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
     assert_eq!(finish, &full["choices"][0]["finish_reason"]);
 }
@@ -163,7 +194,10 @@ async fn stop_strings_are_never_emitted_streamed_or_not() {
     let s = server().await;
     let base = json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "stop": ["Lily", "zzz"]});
     let (_, full) = post(&s, "/v1/completions", base.clone()).await;
-    assert_eq!(full["choices"][0]["text"], ", there was a little girl named ");
+    assert_eq!(
+        full["choices"][0]["text"],
+        ", there was a little girl named "
+    );
     assert_eq!(full["choices"][0]["finish_reason"], "stop");
     let mut streamed = base;
     streamed["stream"] = json!(true);
@@ -198,7 +232,9 @@ async fn logprobs_are_reported_on_both_endpoints() {
         chat_body(json!({"max_tokens": 4, "logprobs": true, "top_logprobs": 3})),
     )
     .await;
-    let content = chat["choices"][0]["logprobs"]["content"].as_array().expect("content");
+    let content = chat["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("content");
     assert_eq!(content.len(), 4);
     let top = content[0]["top_logprobs"].as_array().expect("top");
     assert_eq!(top.len(), 3);
@@ -218,7 +254,12 @@ async fn same_seed_same_text_over_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_and_health_respond() {
     let s = server().await;
-    let models: Value = reqwest::get(s.url("/v1/models")).await.expect("models").json().await.expect("json");
+    let models: Value = reqwest::get(s.url("/v1/models"))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "stories260k");
     assert_eq!(models["data"][0]["object"], "model");
@@ -244,7 +285,11 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
         (chat_body(json!({"temperature": -0.5})), 400, "temperature"),
         (chat_body(json!({"top_p": 0})), 400, "top_p"),
         (chat_body(json!({"n": 2})), 400, "n"),
-        (chat_body(json!({"messages": [{"role": "wizard", "content": "hi"}]})), 400, "messages[0].role"),
+        (
+            chat_body(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
+            400,
+            "messages[0].role",
+        ),
         (chat_body(json!({"model": "gpt-17"})), 404, "model"),
     ];
     for (body, status, param) in cases {
@@ -252,14 +297,24 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
         assert_eq!(got, status, "{err}");
         assert_openai_error(&err, Some(param));
     }
-    let (status, err) = post(&s, "/v1/completions", json!({"prompt": [99999], "max_tokens": 2})).await;
+    let (status, err) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": [99999], "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(status, 400);
     assert_openai_error(&err, Some("prompt"));
     let unknown = reqwest::get(s.url("/v1/nothing")).await.expect("request");
     assert_eq!(unknown.status(), 404);
     assert_openai_error(&unknown.json().await.expect("json"), None);
     // Still serving.
-    let (status, _) = post(&s, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 2})).await;
+    let (status, _) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "Hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -275,7 +330,10 @@ async fn context_overflow_names_the_token_counts() {
     assert_eq!(status, 400);
     assert_eq!(err["error"]["code"], "context_length_exceeded");
     let msg = err["error"]["message"].as_str().expect("message");
-    assert!(msg.contains("512") && msg.contains("605") && msg.contains("600"), "{msg}");
+    assert!(
+        msg.contains("512") && msg.contains("605") && msg.contains("600"),
+        "{msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,9 +353,15 @@ async fn disconnecting_mid_stream_frees_every_kv_block() {
         drop(resp);
     }
     let (free, total) = s.wait_pool_all_free().await;
-    assert_eq!(free, total, "all KV blocks return to the pool after disconnects");
+    assert_eq!(
+        free, total,
+        "all KV blocks return to the pool after disconnects"
+    );
     let stats = s.engine.stats();
-    assert_eq!(stats.num_running.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        stats.num_running.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     assert_eq!(
         stats.num_aborted.load(std::sync::atomic::Ordering::Relaxed),
         4,

@@ -14,7 +14,10 @@ fn stories_tokenizer_matches_reference_encodings() {
         let text = case["text"].as_str().expect("text");
         let got = codec.encode(text, true).expect("encodes");
         assert_eq!(got, ids(&case["ids_with_bos"]), "{text:?}");
-        assert_eq!(codec.decode(&got), case["decoded"].as_str().expect("decoded"));
+        assert_eq!(
+            codec.decode(&got),
+            case["decoded"].as_str().expect("decoded")
+        );
     }
 }
 
@@ -23,9 +26,16 @@ fn stories_chat_template_renders_the_reference_byte_for_byte() {
     let dir = shared("models/stories260k");
     let codec = TextCodec::load(&dir, &[2, 1]).expect("codec");
     let example = &read_json(&dir.join("reference.json"))["chat_template_example"];
-    let messages: Vec<ChatMessage> = serde_json::from_value(example["messages"].clone()).expect("messages");
-    assert_eq!(codec.render_chat(&messages).expect("renders"), example["rendered"].as_str().expect("rendered"));
-    assert_eq!(codec.encode_chat(&messages).expect("encodes"), ids(&example["ids_no_extra_special_tokens"]));
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(example["messages"].clone()).expect("messages");
+    assert_eq!(
+        codec.render_chat(&messages).expect("renders"),
+        example["rendered"].as_str().expect("rendered")
+    );
+    assert_eq!(
+        codec.encode_chat(&messages).expect("encodes"),
+        ids(&example["ids_no_extra_special_tokens"])
+    );
 }
 
 #[test]
@@ -49,10 +59,19 @@ fn unknown_roles_fail_with_the_templates_own_message() {
 /// tokens split multi-byte characters.
 #[test]
 fn incremental_detokenizer_never_splits_multibyte_characters() {
-    let tokenizer = tokenizers::Tokenizer::from_file(shared("tokenizers/llama3.2/tokenizer.json")).expect("tokenizer");
+    let tokenizer = tokenizers::Tokenizer::from_file(shared("tokenizers/llama3.2/tokenizer.json"))
+        .expect("tokenizer");
     let text = "Grüße aus Köln 😀🎉 — 東京タワー, naïve café. 🇺🇳 done";
-    let ids = tokenizer.encode(text, false).expect("encodes").get_ids().to_vec();
-    let prompt = tokenizer.encode("Say:", false).expect("encodes").get_ids().to_vec();
+    let ids = tokenizer
+        .encode(text, false)
+        .expect("encodes")
+        .get_ids()
+        .to_vec();
+    let prompt = tokenizer
+        .encode("Say:", false)
+        .expect("encodes")
+        .get_ids()
+        .to_vec();
     let mut detok = IncrementalDetokenizer::new(&prompt);
     let mut out = String::new();
     let mut held_back = 0;

@@ -121,7 +121,10 @@ impl BlockManager {
             .min(hashes.len())
             .min(table.blocks.len());
         let newly_full = table.num_registered..num_full.max(table.num_registered);
-        for (block, hash) in table.blocks[newly_full.clone()].iter().zip(&hashes[newly_full]) {
+        for (block, hash) in table.blocks[newly_full.clone()]
+            .iter()
+            .zip(&hashes[newly_full])
+        {
             self.pool.register_full(*block, *hash);
         }
         table.num_registered = table.num_registered.max(num_full);

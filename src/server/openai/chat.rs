@@ -114,26 +114,27 @@ fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, 
                     ),
                 ));
             }
-            let content =
-                match &m.content {
-                    None => String::new(),
-                    Some(MessageContent::Text(t)) => t.clone(),
-                    Some(MessageContent::Parts(parts)) => {
-                        let mut text = String::new();
-                        for p in parts {
-                            match (p.kind.as_str(), &p.text) {
-                                ("text", Some(t)) => text.push_str(t),
-                                (kind, _) => return Err(ApiError::invalid(
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for p in parts {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
                                     &format!("messages[{i}].content"),
                                     format!(
                                         "content part type '{kind}' is not supported (only text)"
                                     ),
-                                )),
+                                ))
                             }
                         }
-                        text
                     }
-                };
+                    text
+                }
+            };
             let role = if m.role == "developer" {
                 "system"
             } else {
