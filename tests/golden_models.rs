@@ -136,3 +136,50 @@ fn chunked_prefill_equals_one_shot_prefill() {
     let diff = max_abs_diff(&got[0], &want[0]);
     assert!(diff < 1e-5, "chunked prefill differs by {diff}");
 }
+
+#[test]
+fn f16_compute_stays_close_to_the_f32_reference() {
+    check_stories("stories260k", DType::F16, 0.1, false);
+}
+
+#[test]
+fn sharded_safetensors_load_like_a_single_file() {
+    let src = shared("models/stories260k");
+    let dir = std::env::temp_dir().join(format!("mlxd-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).expect("copy");
+    }
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("load");
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let shard: std::collections::HashMap<String, candle_core::Tensor> = part
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        candle_core::safetensors::save(&shard, dir.join(file)).expect("save shard");
+        for n in part {
+            weight_map.insert((*n).clone(), serde_json::json!(file));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
+    let reference = read_json(&src.join("reference.json"));
+    let g = &reference["generations"][2];
+    let mut runner = ModelRunner::load(&dir, DType::F32, 1, 128);
+    let run = runner.greedy(&[ids(&g["prompt_ids"])], 64);
+    assert_eq!(run.tokens[0], ids(&g["generated_ids"]));
+}

@@ -368,3 +368,54 @@ async fn disconnecting_mid_stream_frees_every_kv_block() {
         "each stream was cancelled, not run to completion"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_larger_than_the_kv_pool_are_rejected_up_front() {
+    let mut cfg = engine_config(&repo_model());
+    cfg.kv_memory_bytes = 5 * 16 * 1280; // 4 usable blocks of 16 tokens
+    let s = TestServer::start(cfg).await;
+    let (status, err) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 100}),
+    )
+    .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["code"], "kv_capacity_exceeded");
+    let (status, _) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 40}),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_failure_mid_stream_is_one_sse_error_event() {
+    let s = server().await;
+    let mut resp = reqwest::Client::new()
+        .post(s.url("/v1/chat/completions"))
+        .json(&chat_body(
+            json!({"stream": true, "max_tokens": 400, "ignore_eos": true}),
+        ))
+        .send()
+        .await
+        .expect("request");
+    let first = resp.chunk().await.expect("chunk").expect("first event");
+    assert!(String::from_utf8_lossy(&first).contains("\"role\":\"assistant\""));
+    s.engine.shutdown();
+    let mut rest = String::new();
+    while let Some(chunk) = resp.chunk().await.expect("chunk") {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let events: Vec<&str> = rest
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .collect();
+    let last: Value = serde_json::from_str(events.last().expect("an event")).expect("json");
+    assert_eq!(last["error"]["code"], "engine_unavailable", "{rest}");
+    assert!(!rest.contains("[DONE]"));
+    let health = reqwest::get(s.url("/health")).await.expect("health");
+    assert_eq!(health.status(), 503);
+}

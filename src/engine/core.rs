@@ -30,11 +30,11 @@ struct ActiveRequest {
 
 /// Everything the engine thread owns.
 pub(crate) struct EngineCore {
-    pub(crate) model: Box<dyn Model>,
-    pub(crate) kv: PagedKvCache,
-    pub(crate) scheduler: Scheduler,
-    pub(crate) device: Device,
-    pub(crate) stats: Arc<EngineStats>,
+    model: Box<dyn Model>,
+    kv: PagedKvCache,
+    scheduler: Scheduler,
+    device: Device,
+    stats: Arc<EngineStats>,
     requests: HashMap<RequestId, ActiveRequest>,
 }
 
@@ -114,8 +114,7 @@ impl EngineCore {
     }
 
     fn add(&mut self, id: RequestId, req: GenerateRequest, reply: UnboundedSender<TokenEvent>) {
-        let max_len = self.model.config().max_position_embeddings;
-        let max_total = (req.prompt.len() + req.max_tokens as usize).min(max_len);
+        let max_total = (req.prompt.len() + req.max_tokens as usize).min(self.scheduler.max_model_len());
         let needed = self.scheduler.blocks().blocks_for(max_total);
         let total = self.scheduler.blocks().pool().num_total();
         if needed > total {

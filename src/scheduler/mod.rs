@@ -122,6 +122,11 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// Longest sequence (prompt + output) allowed.
+    pub fn max_model_len(&self) -> usize {
+        self.cfg.max_model_len
+    }
+
     /// Preemptions since start.
     pub fn num_preemptions(&self) -> u64 {
         self.num_preemptions

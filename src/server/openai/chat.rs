@@ -49,7 +49,7 @@ pub async fn chat_completions(
     let max_tokens = resolve_max_tokens(
         prompt.len(),
         req.max_completion_tokens.or(req.max_tokens),
-        state.engine.info().max_model_len,
+        state.engine.info(),
     )?;
     let generation = state.engine.submit(GenerateRequest {
         prompt: prompt.clone(),

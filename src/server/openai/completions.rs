@@ -48,7 +48,7 @@ pub async fn completions(
     let max_tokens = resolve_max_tokens(
         prompt.len(),
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-        state.engine.info().max_model_len,
+        state.engine.info(),
     )?;
     let generation = state.engine.submit(GenerateRequest {
         prompt: prompt.clone(),

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 
 use super::error::ApiError;
-use crate::engine::SamplingParams;
+use crate::engine::{EngineError, ModelInfo, SamplingParams};
 use types::SamplingFields;
 
 /// Validates the sampling fields shared by both endpoints; returns the engine parameters and
@@ -96,29 +96,42 @@ pub fn sampling_params(
     ))
 }
 
-/// Checks `prompt + max_tokens` against the context; `max_tokens = None` takes what is left.
+/// Checks `prompt + max_tokens` against the context and the KV pool. Without `max_tokens` the
+/// request may use whatever is left of both.
 pub fn resolve_max_tokens(
     prompt_len: usize,
     max_tokens: Option<u32>,
-    ctx: usize,
+    info: &ModelInfo,
 ) -> Result<u32, ApiError> {
-    if let Some(0) = max_tokens {
+    if prompt_len == 0 {
+        return Err(ApiError::invalid("prompt", "the prompt is empty"));
+    }
+    if max_tokens == Some(0) {
         return Err(ApiError::invalid(
             "max_tokens",
             "max_tokens must be at least 1",
         ));
     }
-    let max = max_tokens.map_or(ctx.saturating_sub(prompt_len), |m| m as usize);
-    if prompt_len == 0 {
-        return Err(ApiError::invalid("prompt", "the prompt is empty"));
-    }
-    if prompt_len + max.max(1) > ctx {
+    let ctx = info.max_model_len;
+    let pool_tokens = info.num_kv_blocks * info.block_size;
+    let max = max_tokens.map_or(
+        ctx.min(pool_tokens).saturating_sub(prompt_len).max(1),
+        |m| m as usize,
+    );
+    if prompt_len + max > ctx {
         return Err(ApiError::ContextLength {
             prompt: prompt_len,
-            max: max.max(1),
-            total: prompt_len + max.max(1),
+            max,
+            total: prompt_len + max,
             ctx,
         });
+    }
+    let needed = (prompt_len + max).div_ceil(info.block_size);
+    if needed > info.num_kv_blocks {
+        return Err(ApiError::Engine(EngineError::TooLargeForKvPool {
+            needed,
+            total: info.num_kv_blocks,
+        }));
     }
     Ok(max as u32)
 }
