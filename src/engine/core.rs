@@ -14,9 +14,14 @@ use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender}
 use super::batch::build_batch;
 use super::output::{TokenEvent, Usage};
 use super::sampler::SamplerState;
-use super::{EngineCommand, EngineError, EngineStats, GenerateRequest, RequestId};
+use super::{
+    EngineCommand, EngineConfig, EngineError, EngineStats, GenerateRequest, ModelInfo, RequestId,
+};
+use crate::models::{self, KvLayout, LoadProgress};
 use crate::models::{Model, PagedKvCache};
-use crate::scheduler::{Scheduler, Sequence, StepResult};
+use crate::scheduler::kv::BlockManager;
+use crate::scheduler::SchedulerConfig;
+use crate::scheduler::{Scheduler, SchedulerOutput, Sequence, SequenceSpec, StepResult};
 
 /// A request the engine is serving.
 struct ActiveRequest {
@@ -35,25 +40,81 @@ pub(crate) struct EngineCore {
     scheduler: Scheduler,
     device: Device,
     stats: Arc<EngineStats>,
+    cache_salt: u64,
     requests: HashMap<RequestId, ActiveRequest>,
 }
 
 impl EngineCore {
-    pub(crate) fn new(
-        model: Box<dyn Model>,
-        kv: PagedKvCache,
-        scheduler: Scheduler,
-        device: Device,
+    /// Loads the model, sizes and allocates the KV pool, and builds the scheduler.
+    pub(crate) fn load(
+        cfg: &EngineConfig,
         stats: Arc<EngineStats>,
-    ) -> Self {
-        Self {
+    ) -> Result<(Self, ModelInfo), EngineError> {
+        let device = Device::Cpu;
+        let progress = if cfg.show_progress {
+            LoadProgress::stderr()
+        } else {
+            LoadProgress::hidden()
+        };
+        let model = models::load(&cfg.model_path, &device, cfg.dtype, &progress)
+            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let mc = model.config().clone();
+        let max_model_len = cfg.max_model_len.map_or(mc.max_position_embeddings, |m| {
+            m.min(mc.max_position_embeddings)
+        });
+        let layout = KvLayout {
+            num_layers: mc.num_layers,
+            kv_width: mc.num_kv_heads * mc.head_dim,
+            block_size: cfg.block_size,
+            dtype: cfg.dtype,
+        };
+        // +1: block 0 is the null block. Never more than every sequence at full length needs.
+        let by_budget = (cfg.kv_memory_bytes / layout.bytes_per_block() as u64) as usize;
+        let by_need = cfg.max_num_seqs * max_model_len.div_ceil(cfg.block_size) + 1;
+        let num_blocks = by_budget.min(by_need);
+        if num_blocks < 2 {
+            return Err(EngineError::Load(format!(
+                "KV memory of {} bytes holds no block of {} bytes; raise --kv-memory",
+                cfg.kv_memory_bytes,
+                layout.bytes_per_block()
+            )));
+        }
+        let kv = PagedKvCache::new(layout, num_blocks, &device)?;
+        let blocks = BlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_cache);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                max_model_len,
+            },
+            blocks,
+        );
+        stats
+            .kv_blocks_total
+            .store(num_blocks - 1, Ordering::Relaxed);
+        let info = ModelInfo {
+            architecture: mc.architecture.clone(),
+            num_params: mc.num_params,
+            dtype: cfg.dtype,
+            max_model_len,
+            num_vocab: mc.vocab_size,
+            eos_token_ids: mc.eos_token_ids.clone(),
+            num_kv_blocks: num_blocks - 1,
+            block_size: cfg.block_size,
+            kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
+        };
+        // Prefix-cache entries are only valid for the same weights computed the same way.
+        let salt_source = format!("{}|{:?}", cfg.model_path.display(), cfg.dtype);
+        let core = Self {
             model,
             kv,
             scheduler,
             device,
             stats,
+            cache_salt: xxhash_rust::xxh3::xxh3_64(salt_source.as_bytes()),
             requests: HashMap::new(),
-        }
+        };
+        Ok((core, info))
     }
 
     /// Serves commands until shutdown or until every handle is dropped.
@@ -114,7 +175,8 @@ impl EngineCore {
     }
 
     fn add(&mut self, id: RequestId, req: GenerateRequest, reply: UnboundedSender<TokenEvent>) {
-        let max_total = (req.prompt.len() + req.max_tokens as usize).min(self.scheduler.max_model_len());
+        let max_total =
+            (req.prompt.len() + req.max_tokens as usize).min(self.scheduler.max_model_len());
         let needed = self.scheduler.blocks().blocks_for(max_total);
         let total = self.scheduler.blocks().pool().num_total();
         if needed > total {
@@ -129,13 +191,13 @@ impl EngineCore {
             prompt_tokens: req.prompt.len() as u32,
             ..Usage::default()
         };
-        let seq = Sequence::new(
-            id,
-            req.prompt,
-            req.max_tokens as usize,
-            req.stop_tokens,
-            block_size,
-        );
+        let spec = SequenceSpec {
+            prompt: req.prompt,
+            max_tokens: req.max_tokens as usize,
+            stop_tokens: req.stop_tokens,
+            cache_salt: self.cache_salt,
+        };
+        let seq = Sequence::new(id, spec, block_size);
         tracing::debug!(request_id = %id, prompt_tokens = usage.prompt_tokens, "admitted to queue");
         self.requests.insert(
             id,
@@ -180,12 +242,7 @@ impl EngineCore {
         self.stats
             .peak_batch_seqs
             .fetch_max(out.seqs.len(), Ordering::Relaxed);
-        let now = Instant::now();
-        for s in &out.seqs {
-            if let Some(r) = self.requests.get_mut(&s.id) {
-                r.first_scheduled_at.get_or_insert(now);
-            }
-        }
+        self.announce_scheduled(&out);
         let batch = build_batch(&out, &self.scheduler, &self.device)?;
         let logits = self.model.forward(&batch, &mut self.kv)?.to_vec2::<f32>()?;
         let mut sampled = Vec::with_capacity(logits.len());
@@ -210,16 +267,36 @@ impl EngineCore {
         Ok(())
     }
 
+    /// Tells each newly scheduled request how much of its prompt the prefix cache served.
+    fn announce_scheduled(&mut self, out: &SchedulerOutput) {
+        let now = Instant::now();
+        for s in &out.seqs {
+            let Some(req) = self.requests.get_mut(&s.id) else {
+                continue;
+            };
+            if req.first_scheduled_at.is_some() {
+                continue;
+            }
+            req.first_scheduled_at = Some(now);
+            let cached = self
+                .scheduler
+                .seq(s.id)
+                .and_then(|q| q.num_cached_prompt_tokens)
+                .unwrap_or(0) as u32;
+            req.usage.cached_tokens = cached;
+            let _ = req.reply.send(TokenEvent::Scheduled {
+                cached_tokens: cached,
+            });
+        }
+    }
+
     fn emit(&mut self, results: Vec<StepResult>, logprobs: Vec<Option<super::output::Logprobs>>) {
         let now = Instant::now();
         for (r, logprobs) in results.into_iter().zip(logprobs) {
             let Some(req) = self.requests.get_mut(&r.id) else {
                 continue;
             };
-            if req.first_token_at.is_none() {
-                req.first_token_at = Some(now);
-                req.usage.cached_tokens = r.num_cached_prompt_tokens as u32;
-            }
+            req.first_token_at.get_or_insert(now);
             req.usage.completion_tokens += 1;
             let _ = req.reply.send(TokenEvent::Token {
                 id: r.token,

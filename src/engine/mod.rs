@@ -20,16 +20,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use tokio::sync::mpsc;
 
 pub use error::EngineError;
 pub use output::{FinishReason, Logprobs, TokenEvent, TokenLogprob, Usage};
 pub use request::{GenerateRequest, RequestId, SamplingParams};
-
-use crate::models::{self, KvLayout, LoadProgress, PagedKvCache};
-use crate::scheduler::kv::BlockManager;
-use crate::scheduler::{Scheduler, SchedulerConfig};
 
 /// Everything the engine needs to start.
 #[derive(Clone, Debug)]
@@ -137,7 +133,7 @@ impl EngineHandle {
         let thread_stats = stats.clone();
         let join = std::thread::Builder::new()
             .name("mlxd-engine".into())
-            .spawn(move || match load_core(&cfg, thread_stats) {
+            .spawn(move || match core::EngineCore::load(&cfg, thread_stats) {
                 Ok((core, info)) => {
                     let _ = ready_tx.send(Ok(info));
                     core.run(rx);
@@ -225,67 +221,4 @@ impl futures::Stream for GenerationStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TokenEvent>> {
         self.rx.poll_recv(cx)
     }
-}
-
-fn load_core(
-    cfg: &EngineConfig,
-    stats: Arc<EngineStats>,
-) -> Result<(core::EngineCore, ModelInfo), EngineError> {
-    let device = Device::Cpu;
-    let progress = if cfg.show_progress {
-        LoadProgress::stderr()
-    } else {
-        LoadProgress::hidden()
-    };
-    let model = models::load(&cfg.model_path, &device, cfg.dtype, &progress)
-        .map_err(|e| EngineError::Load(e.to_string()))?;
-    let mc = model.config().clone();
-    let max_model_len = cfg.max_model_len.map_or(mc.max_position_embeddings, |m| {
-        m.min(mc.max_position_embeddings)
-    });
-    let layout = KvLayout {
-        num_layers: mc.num_layers,
-        kv_width: mc.num_kv_heads * mc.head_dim,
-        block_size: cfg.block_size,
-        dtype: cfg.dtype,
-    };
-    // +1: block 0 is the null block. Never more than every sequence at full length needs.
-    let by_budget = (cfg.kv_memory_bytes / layout.bytes_per_block() as u64) as usize;
-    let by_need = cfg.max_num_seqs * max_model_len.div_ceil(cfg.block_size) + 1;
-    let num_blocks = by_budget.min(by_need);
-    if num_blocks < 2 {
-        return Err(EngineError::Load(format!(
-            "KV memory of {} bytes holds no block of {} bytes; raise --kv-memory",
-            cfg.kv_memory_bytes,
-            layout.bytes_per_block()
-        )));
-    }
-    let kv = PagedKvCache::new(layout, num_blocks, &device)?;
-    let blocks = BlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_cache);
-    let scheduler = Scheduler::new(
-        SchedulerConfig {
-            max_num_seqs: cfg.max_num_seqs,
-            max_num_batched_tokens: cfg.max_num_batched_tokens,
-            max_model_len,
-        },
-        blocks,
-    );
-    stats
-        .kv_blocks_total
-        .store(num_blocks - 1, Ordering::Relaxed);
-    let info = ModelInfo {
-        architecture: mc.architecture.clone(),
-        num_params: mc.num_params,
-        dtype: cfg.dtype,
-        max_model_len,
-        num_vocab: mc.vocab_size,
-        eos_token_ids: mc.eos_token_ids.clone(),
-        num_kv_blocks: num_blocks - 1,
-        block_size: cfg.block_size,
-        kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
-    };
-    Ok((
-        core::EngineCore::new(model, kv, scheduler, device, stats),
-        info,
-    ))
 }

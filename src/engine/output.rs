@@ -61,6 +61,11 @@ pub struct Usage {
 /// One event on a request's reply channel.
 #[derive(Clone, Debug)]
 pub enum TokenEvent {
+    /// The sequence was scheduled for the first time; sent once, before any token.
+    Scheduled {
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_tokens: u32,
+    },
     /// A newly sampled token.
     Token {
         /// Token id.

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::engine::{FinishReason, RequestId};
 use kv::{BlockId, BlockManager};
-pub use sequence::Sequence;
+pub use sequence::{Sequence, SequenceSpec};
 
 /// Scheduling limits.
 #[derive(Clone, Debug)]
@@ -64,8 +64,6 @@ pub struct StepResult {
     pub token: u32,
     /// Set when the sequence finished with this token (it has been freed).
     pub finished: Option<FinishReason>,
-    /// Prompt tokens served by the prefix cache at the sequence's first admission.
-    pub num_cached_prompt_tokens: usize,
 }
 
 /// Waiting queue, running set and KV block tables.
@@ -266,7 +264,6 @@ impl Scheduler {
                 id: s.id,
                 token,
                 finished,
-                num_cached_prompt_tokens: seq.num_cached_prompt_tokens.unwrap_or(0),
             });
             if finished.is_some() {
                 self.abort(s.id);

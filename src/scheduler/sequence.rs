@@ -29,30 +29,40 @@ pub struct Sequence {
     pub stop_tokens: Vec<u32>,
     /// Chained hashes of every full block of `tokens`.
     pub block_hashes: Vec<BlockHash>,
+    /// Salt folded into the first block hash (isolates caches of different models/tenants).
+    pub cache_salt: u64,
     /// When the request arrived.
     pub arrived_at: Instant,
 }
 
+/// What a new sequence is made of.
+#[derive(Debug, Clone)]
+pub struct SequenceSpec {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Generation budget.
+    pub max_tokens: usize,
+    /// Sampled ids that end the sequence with `stop`.
+    pub stop_tokens: Vec<u32>,
+    /// Salt of the first block hash.
+    pub cache_salt: u64,
+}
+
 impl Sequence {
     /// A fresh sequence with nothing computed.
-    pub fn new(
-        id: RequestId,
-        prompt: Vec<u32>,
-        max_tokens: usize,
-        stop_tokens: Vec<u32>,
-        block_size: usize,
-    ) -> Self {
+    pub fn new(id: RequestId, spec: SequenceSpec, block_size: usize) -> Self {
         let mut block_hashes = Vec::new();
-        extend_block_hashes(&mut block_hashes, &prompt, block_size, 0);
+        extend_block_hashes(&mut block_hashes, &spec.prompt, block_size, spec.cache_salt);
         Self {
             id,
-            num_prompt_tokens: prompt.len(),
-            tokens: prompt,
+            num_prompt_tokens: spec.prompt.len(),
+            tokens: spec.prompt,
             num_computed: 0,
             num_cached_prompt_tokens: None,
-            max_tokens,
-            stop_tokens,
+            max_tokens: spec.max_tokens,
+            stop_tokens: spec.stop_tokens,
             block_hashes,
+            cache_salt: spec.cache_salt,
             arrived_at: Instant::now(),
         }
     }
@@ -70,7 +80,12 @@ impl Sequence {
     /// Appends a sampled token and hashes any block it completes.
     pub fn append(&mut self, token: u32, block_size: usize) {
         self.tokens.push(token);
-        extend_block_hashes(&mut self.block_hashes, &self.tokens, block_size, 0);
+        extend_block_hashes(
+            &mut self.block_hashes,
+            &self.tokens,
+            block_size,
+            self.cache_salt,
+        );
     }
 
     /// Token-level stop check after a token was appended.

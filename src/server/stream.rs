@@ -86,6 +86,9 @@ impl TextStream {
                 None => return None,
             };
             match event {
+                Some(TokenEvent::Scheduled { cached_tokens }) => {
+                    self.usage.cached_tokens = cached_tokens
+                }
                 Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
                 Some(TokenEvent::Finished { reason, usage }) => self.finish(reason, Some(usage)),
                 Some(TokenEvent::Error(e)) => self.fail(e),
