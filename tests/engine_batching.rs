@@ -135,3 +135,80 @@ async fn a_request_larger_than_the_pool_fails_cleanly() {
     }
     assert!(engine.is_healthy());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_long_requests_in_a_tiny_pool_all_finish_exactly_as_alone() {
+    let prompts = prompts();
+    let requests: Vec<Vec<u32>> = (0..16).map(|i| prompts[i % prompts.len()].clone()).collect();
+    let solo_engine = EngineHandle::spawn(engine_config(&repo_model())).expect("engine").0;
+    let mut solo = Vec::new();
+    for p in &prompts {
+        solo.push(tokens_of(solo_engine.submit(request(p.clone(), SamplingParams::greedy(), 160)).expect("submit")).await);
+    }
+    let mut cfg = engine_config(&repo_model());
+    cfg.kv_memory_bytes = 40 * 16 * 1280; // 40 blocks of 16 tokens; each request needs up to 12
+    let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|p| engine.submit(request(p.clone(), SamplingParams::greedy(), 160)).expect("submit"))
+        .collect();
+    let outputs = futures::future::join_all(streams.into_iter().map(tokens_of)).await;
+    for (i, out) in outputs.iter().enumerate() {
+        assert_eq!(out, &solo[i % prompts.len()], "request {i}");
+    }
+    let stats = engine.stats();
+    assert!(stats.num_preemptions.load(Ordering::Relaxed) > 0, "the pool was too small for all");
+    wait_until_idle(&engine).await;
+    assert_eq!(
+        stats.kv_blocks_free.load(Ordering::Relaxed),
+        stats.kv_blocks_total.load(Ordering::Relaxed)
+    );
+}
+
+async fn wait_until_idle(engine: &EngineHandle) {
+    let s = engine.stats();
+    for _ in 0..200 {
+        if s.num_running.load(Ordering::Relaxed) + s.num_waiting.load(Ordering::Relaxed) == 0
+            && s.kv_blocks_free.load(Ordering::Relaxed) == s.kv_blocks_total.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_streams_keep_receiving_tokens_while_a_long_prompt_is_prefilled() {
+    let mut cfg = engine_config(&repo_model());
+    cfg.max_num_batched_tokens = 32;
+    let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
+    let mut running = engine
+        .submit(GenerateRequest {
+            stop_tokens: Vec::new(),
+            ..request(vec![1, 403], SamplingParams::greedy(), 500)
+        })
+        .expect("submit");
+    // Wait until the first stream is decoding.
+    loop {
+        if let Some(TokenEvent::Token { .. }) = running.recv().await {
+            break;
+        }
+    }
+    // Drop tokens already buffered so only those produced during the prefill are counted.
+    while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::ZERO, running.recv()).await {}
+    let long_prompt: Vec<u32> = (0..400).map(|i| 3 + (i * 7) % 500).collect();
+    let mut long = engine.submit(request(long_prompt, SamplingParams::greedy(), 4)).expect("submit");
+    let mut tokens_during_prefill = 0;
+    loop {
+        tokio::select! {
+            biased;
+            ev = long.recv() => if let Some(TokenEvent::Token { .. }) = ev { break },
+            ev = running.recv() => if let Some(TokenEvent::Token { .. }) = ev { tokens_during_prefill += 1 },
+        }
+    }
+    // 400 prompt tokens in chunks of at most 31 (one budget slot is the decode token): 13 steps.
+    assert!(
+        tokens_during_prefill >= 10,
+        "the running stream got {tokens_during_prefill} tokens while the long prompt was prefilled"
+    );
+}
