@@ -77,6 +77,10 @@ pub struct SchedulerSection {
     pub max_batch_tokens: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Most requests queued beyond the running ones; more get 429 at once.
+    pub max_queue: usize,
+    /// Seconds a request may wait in the queue before it fails (0 = forever).
+    pub queue_timeout: f64,
 }
 
 impl Default for SchedulerSection {
@@ -85,6 +89,8 @@ impl Default for SchedulerSection {
             max_seqs: 64,
             max_batch_tokens: 2048,
             block_size: 16,
+            max_queue: 256,
+            queue_timeout: 300.0,
         }
     }
 }
@@ -120,6 +126,11 @@ impl Config {
         if s.max_seqs == 0 || s.max_batch_tokens == 0 || s.block_size == 0 {
             return Err(ConfigError(
                 "max_seqs, max_batch_tokens and block_size must be positive".into(),
+            ));
+        }
+        if !(s.queue_timeout >= 0.0 && s.queue_timeout.is_finite()) {
+            return Err(ConfigError(
+                "queue_timeout must be a non-negative number of seconds".into(),
             ));
         }
         if s.max_batch_tokens < s.max_seqs {
@@ -198,5 +209,10 @@ mod tests {
             defaults.scheduler.max_batch_tokens
         );
         assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);
+        assert_eq!(cfg.scheduler.max_queue, defaults.scheduler.max_queue);
+        assert_eq!(
+            cfg.scheduler.queue_timeout,
+            defaults.scheduler.queue_timeout
+        );
     }
 }

@@ -56,6 +56,12 @@ struct ModelArgs {
     /// Do not reuse the KV of identical prompt prefixes.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Most requests waiting beyond the running ones; more get HTTP 429 [default: 256].
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Seconds a request may wait before being scheduled; 0 = forever [default: 300].
+    #[arg(long)]
+    queue_timeout: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -135,6 +141,12 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if let Some(n) = args.max_batch_tokens {
         s.max_batch_tokens = n;
     }
+    if let Some(n) = args.max_queue {
+        s.max_queue = n;
+    }
+    if let Some(t) = args.queue_timeout {
+        s.queue_timeout = t;
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -160,6 +172,8 @@ fn start_engine(
         max_model_len: (cfg.engine.max_model_len > 0).then_some(cfg.engine.max_model_len),
         enable_prefix_cache: cfg.engine.prefix_cache,
         show_progress: true,
+        queue_timeout: (cfg.scheduler.queue_timeout > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(cfg.scheduler.queue_timeout)),
     };
     let (engine, join) = EngineHandle::spawn(engine_cfg)?;
     let codec = TextCodec::load(&model_path, &engine.info().eos_token_ids)?;
@@ -226,7 +240,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         max_model_len = info.max_model_len,
         "ready: listening on http://{local}"
     );
-    let app = router(AppState::new(engine.clone(), codec, name));
+    let admission_limit = cfg.scheduler.max_seqs + cfg.scheduler.max_queue;
+    let app = router(AppState::new(engine.clone(), codec, name, admission_limit));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await

@@ -20,7 +20,10 @@ fn check_invariants(s: &Scheduler) {
     let mut owners: HashMap<BlockId, Vec<RequestId>> = HashMap::new();
     for (id, table) in m.tables() {
         let seq = s.seq(id).expect("a table belongs to a live sequence");
-        assert!(table.len() * BLOCK >= seq.num_computed, "table covers the computed tokens");
+        assert!(
+            table.len() * BLOCK >= seq.num_computed,
+            "table covers the computed tokens"
+        );
         for b in table {
             assert_ne!(*b, BlockId(0), "the null block is never handed out");
             *refs.entry(*b).or_default() += 1;
@@ -29,18 +32,33 @@ fn check_invariants(s: &Scheduler) {
     }
     let free: Vec<BlockId> = pool.free_order();
     let free_set: HashSet<BlockId> = free.iter().copied().collect();
-    assert_eq!(free.len(), free_set.len(), "no block twice in the free queue");
+    assert_eq!(
+        free.len(),
+        free_set.len(),
+        "no block twice in the free queue"
+    );
     assert_eq!(free.len(), pool.num_free());
     for i in 1..NUM_BLOCKS as u32 {
         let b = BlockId(i);
         let r = refs.get(&b).copied().unwrap_or(0);
-        assert_eq!(pool.ref_count(b), r, "ref count of {b:?} equals its table references");
-        assert_eq!(free_set.contains(&b), r == 0, "free ∪ used = all, disjoint ({b:?})");
+        assert_eq!(
+            pool.ref_count(b),
+            r,
+            "ref count of {b:?} equals its table references"
+        );
+        assert_eq!(
+            free_set.contains(&b),
+            r == 0,
+            "free ∪ used = all, disjoint ({b:?})"
+        );
         if let Some(h) = pool.block_hash(b) {
             assert_eq!(pool.lookup(h), Some(b), "a hashed block maps to itself");
         }
         if owners.get(&b).is_some_and(|o| o.len() > 1) {
-            assert!(pool.block_hash(b).is_some(), "only cached prefix blocks are shared");
+            assert!(
+                pool.block_hash(b).is_some(),
+                "only cached prefix blocks are shared"
+            );
         }
     }
 }
@@ -97,7 +115,10 @@ fn hundred_thousand_random_operations_keep_every_invariant() {
                 for r in s.update(&out, &sampled) {
                     *emitted.entry(r.id).or_default() += 1;
                     if r.finished.is_some() {
-                        assert_eq!(emitted[&r.id], max_tokens[&r.id], "exactly max_tokens tokens, none lost");
+                        assert_eq!(
+                            emitted[&r.id], max_tokens[&r.id],
+                            "exactly max_tokens tokens, none lost"
+                        );
                         live.retain(|x| *x != r.id);
                         finished += 1;
                     }
@@ -110,8 +131,19 @@ fn hundred_thousand_random_operations_keep_every_invariant() {
         s.abort(id);
     }
     check_invariants(&s);
-    assert_eq!(s.blocks().pool().num_free(), NUM_BLOCKS - 1, "nothing leaks");
-    assert!(finished > 1000 && aborted > 1000, "finished {finished}, aborted {aborted}");
-    assert!(s.num_preemptions() > 100, "preemptions {}", s.num_preemptions());
+    assert_eq!(
+        s.blocks().pool().num_free(),
+        NUM_BLOCKS - 1,
+        "nothing leaks"
+    );
+    assert!(
+        finished > 1000 && aborted > 1000,
+        "finished {finished}, aborted {aborted}"
+    );
+    assert!(
+        s.num_preemptions() > 100,
+        "preemptions {}",
+        s.num_preemptions()
+    );
     assert!(prefix_hits > 100, "prefix hits {prefix_hits}");
 }

@@ -139,25 +139,43 @@ async fn a_request_larger_than_the_pool_fails_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_long_requests_in_a_tiny_pool_all_finish_exactly_as_alone() {
     let prompts = prompts();
-    let requests: Vec<Vec<u32>> = (0..16).map(|i| prompts[i % prompts.len()].clone()).collect();
-    let solo_engine = EngineHandle::spawn(engine_config(&repo_model())).expect("engine").0;
+    let requests: Vec<Vec<u32>> = (0..16)
+        .map(|i| prompts[i % prompts.len()].clone())
+        .collect();
+    let solo_engine = EngineHandle::spawn(engine_config(&repo_model()))
+        .expect("engine")
+        .0;
     let mut solo = Vec::new();
     for p in &prompts {
-        solo.push(tokens_of(solo_engine.submit(request(p.clone(), SamplingParams::greedy(), 160)).expect("submit")).await);
+        solo.push(
+            tokens_of(
+                solo_engine
+                    .submit(request(p.clone(), SamplingParams::greedy(), 160))
+                    .expect("submit"),
+            )
+            .await,
+        );
     }
     let mut cfg = engine_config(&repo_model());
     cfg.kv_memory_bytes = 40 * 16 * 1280; // 40 blocks of 16 tokens; each request needs up to 12
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
     let streams: Vec<_> = requests
         .iter()
-        .map(|p| engine.submit(request(p.clone(), SamplingParams::greedy(), 160)).expect("submit"))
+        .map(|p| {
+            engine
+                .submit(request(p.clone(), SamplingParams::greedy(), 160))
+                .expect("submit")
+        })
         .collect();
     let outputs = futures::future::join_all(streams.into_iter().map(tokens_of)).await;
     for (i, out) in outputs.iter().enumerate() {
         assert_eq!(out, &solo[i % prompts.len()], "request {i}");
     }
     let stats = engine.stats();
-    assert!(stats.num_preemptions.load(Ordering::Relaxed) > 0, "the pool was too small for all");
+    assert!(
+        stats.num_preemptions.load(Ordering::Relaxed) > 0,
+        "the pool was too small for all"
+    );
     wait_until_idle(&engine).await;
     assert_eq!(
         stats.kv_blocks_free.load(Ordering::Relaxed),
@@ -197,7 +215,9 @@ async fn running_streams_keep_receiving_tokens_while_a_long_prompt_is_prefilled(
     // Drop tokens already buffered so only those produced during the prefill are counted.
     while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::ZERO, running.recv()).await {}
     let long_prompt: Vec<u32> = (0..400).map(|i| 3 + (i * 7) % 500).collect();
-    let mut long = engine.submit(request(long_prompt, SamplingParams::greedy(), 4)).expect("submit");
+    let mut long = engine
+        .submit(request(long_prompt, SamplingParams::greedy(), 4))
+        .expect("submit");
     let mut tokens_during_prefill = 0;
     loop {
         tokio::select! {

@@ -339,19 +339,22 @@ async fn context_overflow_names_the_token_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnecting_mid_stream_frees_every_kv_block() {
     let s = server().await;
-    for _ in 0..4 {
-        let mut resp = reqwest::Client::new()
+    let clients = (0..4).map(|_| {
+        let req = reqwest::Client::new()
             .post(s.url("/v1/completions"))
-            .json(&json!({"prompt": "Once upon a time", "max_tokens": 450, "temperature": 0.7, "ignore_eos": true, "stream": true}))
-            .send()
-            .await
-            .expect("request");
-        // Read a few events, then hang up.
-        for _ in 0..3 {
-            resp.chunk().await.expect("chunk");
+            .json(&json!({
+                "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0.7,
+                "ignore_eos": true, "stream": true
+            }));
+        async move {
+            let mut resp = req.send().await.expect("request");
+            // Read a few events, then hang up.
+            for _ in 0..3 {
+                resp.chunk().await.expect("chunk");
+            }
         }
-        drop(resp);
-    }
+    });
+    futures::future::join_all(clients).await;
     let (free, total) = s.wait_pool_all_free().await;
     assert_eq!(
         free, total,

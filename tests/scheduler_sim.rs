@@ -2,7 +2,9 @@
 
 use mlxd::engine::{FinishReason, RequestId};
 use mlxd::scheduler::kv::BlockManager;
-use mlxd::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec};
+use mlxd::scheduler::{
+    ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec,
+};
 
 const BLOCK: usize = 16;
 
@@ -38,7 +40,14 @@ fn step(s: &mut Scheduler, token: u32) -> (SchedulerOutput, Vec<mlxd::scheduler:
 fn planned(out: &SchedulerOutput) -> Vec<(u64, usize, usize, bool)> {
     out.seqs
         .iter()
-        .map(|ScheduledSeq { id, num_computed, num_new, sample }| (id.0, *num_computed, *num_new, *sample))
+        .map(
+            |ScheduledSeq {
+                 id,
+                 num_computed,
+                 num_new,
+                 sample,
+             }| (id.0, *num_computed, *num_new, *sample),
+        )
         .collect()
 }
 
@@ -70,8 +79,16 @@ fn running_sequences_keep_decoding_while_a_long_prompt_is_chunked() {
     for i in 0..4 {
         let (out, results) = step(&mut s, 7);
         let plan = planned(&out);
-        assert_eq!(plan[0], (1, 10 + i, 1, true), "A decodes one token every step");
-        assert_eq!(plan[1].2, if i < 3 { 31 } else { 100 - 93 }, "B gets the rest of the budget");
+        assert_eq!(
+            plan[0],
+            (1, 10 + i, 1, true),
+            "A decodes one token every step"
+        );
+        assert_eq!(
+            plan[1].2,
+            if i < 3 { 31 } else { 100 - 93 },
+            "B gets the rest of the budget"
+        );
         assert!(out.num_tokens() <= 32);
         assert_eq!(results[0].id, RequestId(1));
     }
@@ -147,5 +164,9 @@ fn eos_and_length_stop_sequences() {
     assert_eq!(r[0].finished, Some(FinishReason::Stop), "EOS id 2 stops");
     assert_eq!(r[1].finished, None);
     let (_, r) = step(&mut s, 9);
-    assert_eq!(r[0].finished, Some(FinishReason::Length), "third token hits max_tokens");
+    assert_eq!(
+        r[0].finished,
+        Some(FinishReason::Length),
+        "third token hits max_tokens"
+    );
 }

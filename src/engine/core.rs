@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender};
 
 use super::batch::build_batch;
+use super::metrics::EngineMetrics;
 use super::output::{TokenEvent, Usage};
 use super::sampler::SamplerState;
 use super::{
@@ -31,6 +32,7 @@ struct ActiveRequest {
     arrived_at: Instant,
     first_scheduled_at: Option<Instant>,
     first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
 }
 
 /// Everything the engine thread owns.
@@ -40,6 +42,8 @@ pub(crate) struct EngineCore {
     scheduler: Scheduler,
     device: Device,
     stats: Arc<EngineStats>,
+    metrics: Arc<EngineMetrics>,
+    queue_timeout: Option<Duration>,
     cache_salt: u64,
     requests: HashMap<RequestId, ActiveRequest>,
 }
@@ -49,6 +53,7 @@ impl EngineCore {
     pub(crate) fn load(
         cfg: &EngineConfig,
         stats: Arc<EngineStats>,
+        metrics: Arc<EngineMetrics>,
     ) -> Result<(Self, ModelInfo), EngineError> {
         let device = Device::Cpu;
         let progress = if cfg.show_progress {
@@ -111,6 +116,8 @@ impl EngineCore {
             scheduler,
             device,
             stats,
+            metrics,
+            queue_timeout: cfg.queue_timeout,
             cache_salt: xxhash_rust::xxh3::xxh3_64(salt_source.as_bytes()),
             requests: HashMap::new(),
         };
@@ -151,6 +158,7 @@ impl EngineCore {
                 break;
             }
             self.abort_disconnected();
+            self.expire_queued();
             if self.scheduler.has_work() {
                 if let Err(e) = self.step() {
                     tracing::error!(error = %e, "engine step failed; failing in-flight requests");
@@ -208,6 +216,7 @@ impl EngineCore {
                 arrived_at: seq.arrived_at,
                 first_scheduled_at: None,
                 first_token_at: None,
+                last_token_at: None,
             },
         );
         self.scheduler.add(seq);
@@ -216,6 +225,7 @@ impl EngineCore {
     fn abort(&mut self, id: RequestId) {
         if self.scheduler.abort(id).is_some() {
             self.stats.num_aborted.fetch_add(1, Ordering::Relaxed);
+            self.metrics.finished("abort");
             tracing::debug!(request_id = %id, "aborted; blocks freed");
         }
         self.requests.remove(&id);
@@ -231,6 +241,30 @@ impl EngineCore {
             .collect();
         for id in gone {
             self.abort(id);
+        }
+    }
+
+    /// Fails requests that waited longer than the queue timeout without being scheduled.
+    fn expire_queued(&mut self) {
+        let Some(limit) = self.queue_timeout else {
+            return;
+        };
+        let expired: Vec<(RequestId, Duration)> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.first_scheduled_at.is_none())
+            .map(|(id, r)| (*id, r.arrived_at.elapsed()))
+            .filter(|(_, waited)| *waited > limit)
+            .collect();
+        for (id, waited) in expired {
+            self.scheduler.abort(id);
+            if let Some(req) = self.requests.remove(&id) {
+                self.metrics.finished("error");
+                let _ = req.reply.send(TokenEvent::Error(EngineError::QueueTimeout {
+                    waited_ms: waited.as_millis() as u64,
+                    limit_ms: limit.as_millis() as u64,
+                }));
+            }
         }
     }
 
@@ -284,6 +318,10 @@ impl EngineCore {
                 .and_then(|q| q.num_cached_prompt_tokens)
                 .unwrap_or(0) as u32;
             req.usage.cached_tokens = cached;
+            let prompt = u64::from(req.usage.prompt_tokens);
+            self.metrics.prompt_tokens.inc_by(prompt);
+            self.metrics.prefix_cache_queries.inc_by(prompt);
+            self.metrics.prefix_cache_hits.inc_by(u64::from(cached));
             let _ = req.reply.send(TokenEvent::Scheduled {
                 cached_tokens: cached,
             });
@@ -296,7 +334,16 @@ impl EngineCore {
             let Some(req) = self.requests.get_mut(&r.id) else {
                 continue;
             };
+            let m = &self.metrics;
+            match req.last_token_at {
+                None => m
+                    .time_to_first_token
+                    .observe((now - req.arrived_at).as_secs_f64()),
+                Some(last) => m.inter_token_latency.observe((now - last).as_secs_f64()),
+            }
+            m.generation_tokens.inc();
             req.first_token_at.get_or_insert(now);
+            req.last_token_at = Some(now);
             req.usage.completion_tokens += 1;
             let _ = req.reply.send(TokenEvent::Token {
                 id: r.token,
@@ -315,6 +362,10 @@ impl EngineCore {
             usage.queue_time = scheduled - req.arrived_at;
             usage.prefill_time = first - scheduled;
             usage.decode_time = now - first;
+            self.metrics
+                .request_duration
+                .observe((now - req.arrived_at).as_secs_f64());
+            self.metrics.finished(reason.as_str());
             tracing::info!(
                 request_id = %r.id,
                 reason = reason.as_str(),
@@ -329,6 +380,7 @@ impl EngineCore {
     fn fail_all(&mut self, err: EngineError) {
         for (id, req) in self.requests.drain() {
             self.scheduler.abort(id);
+            self.metrics.finished("error");
             let _ = req.reply.send(TokenEvent::Error(err.clone()));
         }
     }

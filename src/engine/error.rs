@@ -17,6 +17,14 @@ pub enum EngineError {
         /// Blocks in the whole pool.
         total: usize,
     },
+    /// The request waited in the queue longer than allowed.
+    #[error("request waited {waited_ms} ms in the queue without being scheduled (queue timeout {limit_ms} ms); the server is overloaded, retry later")]
+    QueueTimeout {
+        /// How long it waited.
+        waited_ms: u64,
+        /// The configured limit.
+        limit_ms: u64,
+    },
     /// The engine thread is gone (shut down or crashed).
     #[error("engine unavailable")]
     Unavailable,

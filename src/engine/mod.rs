@@ -9,6 +9,7 @@
 mod batch;
 mod core;
 pub mod error;
+pub mod metrics;
 pub mod output;
 pub mod request;
 pub mod sampler;
@@ -48,6 +49,8 @@ pub struct EngineConfig {
     pub enable_prefix_cache: bool,
     /// Draw a progress bar while loading (only on a terminal).
     pub show_progress: bool,
+    /// Fail requests that wait longer than this before being scheduled (None = never).
+    pub queue_timeout: Option<std::time::Duration>,
 }
 
 /// What the server needs to know about the loaded model and the KV pool.
@@ -110,6 +113,7 @@ pub struct EngineHandle {
     tx: mpsc::UnboundedSender<EngineCommand>,
     info: Arc<ModelInfo>,
     stats: Arc<EngineStats>,
+    metrics: Arc<metrics::EngineMetrics>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -131,17 +135,21 @@ impl EngineHandle {
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let stats = Arc::new(EngineStats::default());
         let thread_stats = stats.clone();
+        let metrics = Arc::new(metrics::EngineMetrics::new());
+        let thread_metrics = metrics.clone();
         let join = std::thread::Builder::new()
             .name("mlxd-engine".into())
-            .spawn(move || match core::EngineCore::load(&cfg, thread_stats) {
-                Ok((core, info)) => {
-                    let _ = ready_tx.send(Ok(info));
-                    core.run(rx);
-                }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
+            .spawn(
+                move || match core::EngineCore::load(&cfg, thread_stats, thread_metrics) {
+                    Ok((core, info)) => {
+                        let _ = ready_tx.send(Ok(info));
+                        core.run(rx);
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                },
+            )
             .map_err(|e| EngineError::Load(format!("cannot start engine thread: {e}")))?;
         let info = ready_rx.recv().map_err(|_| EngineError::Unavailable)??;
         stats.healthy.store(true, Ordering::Relaxed);
@@ -150,6 +158,7 @@ impl EngineHandle {
                 tx,
                 info: Arc::new(info),
                 stats,
+                metrics,
                 next_id: Arc::new(AtomicU64::new(1)),
             },
             join,
@@ -188,6 +197,11 @@ impl EngineHandle {
     /// Live counters.
     pub fn stats(&self) -> &EngineStats {
         &self.stats
+    }
+
+    /// Prometheus metrics.
+    pub fn metrics(&self) -> &metrics::EngineMetrics {
+        &self.metrics
     }
 
     /// True while the engine thread is running.

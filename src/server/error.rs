@@ -2,7 +2,7 @@
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -43,6 +43,9 @@ pub enum ApiError {
         /// Path.
         path: String,
     },
+    /// Every running and queue slot is taken; retry shortly.
+    #[error("the server is at capacity (all running and queue slots are taken); retry shortly")]
+    Overloaded,
     /// The engine is not running.
     #[error("the engine is unavailable")]
     Unavailable,
@@ -65,7 +68,9 @@ impl ApiError {
         match self {
             Self::InvalidRequest { .. } | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Engine(EngineError::QueueTimeout { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(EngineError::TooLargeForKvPool { .. }) => StatusCode::BAD_REQUEST,
             Self::Engine(EngineError::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,8 +92,12 @@ impl ApiError {
                 Some("model".to_string()),
             ),
             Self::NotFound { .. } => ("invalid_request_error", Some("unknown_url"), None),
+            Self::Overloaded => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             Self::Unavailable | Self::Engine(EngineError::Unavailable) => {
                 ("server_error", Some("engine_unavailable"), None)
+            }
+            Self::Engine(EngineError::QueueTimeout { .. }) => {
+                ("server_error", Some("queue_timeout"), None)
             }
             Self::Engine(EngineError::TooLargeForKvPool { .. }) => {
                 ("invalid_request_error", Some("kv_capacity_exceeded"), None)
@@ -113,7 +122,16 @@ impl IntoResponse for ApiError {
         if self.status().is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (self.status(), Json(self.openai_body())).into_response()
+        let mut response = (self.status(), Json(self.openai_body())).into_response();
+        if matches!(
+            self,
+            Self::Overloaded | Self::Engine(EngineError::QueueTimeout { .. })
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

@@ -9,7 +9,7 @@ pub mod stream;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,9 +17,12 @@ use serde_json::json;
 use tower_http::cors::CorsLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::engine::EngineHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::engine::{EngineHandle, GenerateRequest};
 use crate::text::TextCodec;
 use error::ApiError;
+use stream::TextStream;
 
 /// Shared, read-only state of every handler.
 #[derive(Clone)]
@@ -34,11 +37,19 @@ pub struct AppState {
     pub created: i64,
     /// `system_fingerprint` of responses: identifies the backend and dtype.
     pub fingerprint: String,
+    /// One permit per request running or queued; none left means 429.
+    admission: Arc<Semaphore>,
 }
 
 impl AppState {
-    /// State for a loaded engine and codec serving `model_name`.
-    pub fn new(engine: EngineHandle, codec: Arc<TextCodec>, model_name: String) -> Self {
+    /// State for a loaded engine and codec serving `model_name`, admitting at most
+    /// `admission_limit` requests at once (running plus queued).
+    pub fn new(
+        engine: EngineHandle,
+        codec: Arc<TextCodec>,
+        model_name: String,
+        admission_limit: usize,
+    ) -> Self {
         let fingerprint = format!(
             "mlxd-{}-{:?}",
             env!("CARGO_PKG_VERSION"),
@@ -51,7 +62,29 @@ impl AppState {
             model_name,
             created: openai::unix_now(),
             fingerprint,
+            admission: Arc::new(Semaphore::new(admission_limit)),
         }
+    }
+
+    /// Takes an admission slot for the lifetime of a generation, or fails at once when the
+    /// server already holds as many requests as it may run and queue.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded)
+    }
+
+    /// Admits, submits and wraps a request: the one path from a handler to a `TextStream`.
+    pub fn generate(
+        &self,
+        request: GenerateRequest,
+        stop_strings: Vec<String>,
+    ) -> Result<TextStream, ApiError> {
+        let permit = self.admit()?;
+        let prompt = request.prompt.clone();
+        let generation = self.engine.submit(request)?;
+        Ok(TextStream::new(generation, self.codec.clone(), &prompt, stop_strings).holding(permit))
     }
 
     /// Accepts the served name, with or without an Ollama-style `:latest` tag; an absent or
@@ -86,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions::completions))
         .route("/v1/models", get(openai::models::list_models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(TraceLayer::new_for_http())
         .layer(CorsLayer::permissive())
@@ -102,6 +136,18 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
             Json(json!({"status": "engine unavailable"})),
         )
     }
+}
+
+/// Prometheus text exposition of the engine's metrics.
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let body = state.engine.metrics().render(state.engine.stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {

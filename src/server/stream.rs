@@ -4,6 +4,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use tokio::sync::OwnedSemaphorePermit;
+
 use crate::engine::{EngineError, FinishReason, GenerationStream, Logprobs, TokenEvent, Usage};
 use crate::text::{IncrementalDetokenizer, StopMatcher, StopOutcome, TextCodec};
 
@@ -47,6 +49,7 @@ pub struct TextStream {
     queue: VecDeque<StreamItem>,
     usage: Usage,
     done: bool,
+    _admission: Option<OwnedSemaphorePermit>,
 }
 
 impl TextStream {
@@ -69,7 +72,14 @@ impl TextStream {
                 ..Usage::default()
             },
             done: false,
+            _admission: None,
         }
+    }
+
+    /// Keeps an admission permit until the stream is dropped (the request's server-side life).
+    pub fn holding(mut self, permit: OwnedSemaphorePermit) -> Self {
+        self._admission = Some(permit);
+        self
     }
 
     /// The next item; None after `Done` or `Error`.

@@ -163,6 +163,7 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
         max_model_len: None,
         enable_prefix_cache: true,
         show_progress: false,
+        queue_timeout: None,
     }
 }
 
@@ -180,6 +181,14 @@ pub struct TestServer {
 impl TestServer {
     /// Starts the engine and serves the router on 127.0.0.1 with an OS-chosen port.
     pub async fn start(cfg: mlxd::engine::EngineConfig) -> Self {
+        Self::start_with_admission(cfg, 1024).await
+    }
+
+    /// Like `start`, admitting at most `admission_limit` concurrent requests.
+    pub async fn start_with_admission(
+        cfg: mlxd::engine::EngineConfig,
+        admission_limit: usize,
+    ) -> Self {
         let model = cfg.model_path.clone();
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg).expect("engine starts");
         let codec =
@@ -188,6 +197,7 @@ impl TestServer {
             engine.clone(),
             std::sync::Arc::new(codec),
             "stories260k".into(),
+            admission_limit,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

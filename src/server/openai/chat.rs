@@ -51,13 +51,13 @@ pub async fn chat_completions(
         req.max_completion_tokens.or(req.max_tokens),
         state.engine.info(),
     )?;
-    let generation = state.engine.submit(GenerateRequest {
-        prompt: prompt.clone(),
+    let request = GenerateRequest {
+        prompt,
         params,
         max_tokens,
         stop_tokens: state.stop_tokens(req.sampling.ignore_eos),
-    })?;
-    let text = TextStream::new(generation, codec.clone(), &prompt, stops);
+    };
+    let text = state.generate(request, stops)?;
     let meta = ChatMeta {
         id: new_id("chatcmpl-"),
         created: unix_now(),

@@ -50,13 +50,13 @@ pub async fn completions(
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
         state.engine.info(),
     )?;
-    let generation = state.engine.submit(GenerateRequest {
-        prompt: prompt.clone(),
+    let request = GenerateRequest {
+        prompt,
         params,
         max_tokens,
         stop_tokens: state.stop_tokens(req.sampling.ignore_eos),
-    })?;
-    let text = TextStream::new(generation, state.codec.clone(), &prompt, stops);
+    };
+    let text = state.generate(request, stops)?;
     let meta = CompletionMeta {
         id: new_id("cmpl-"),
         created: unix_now(),

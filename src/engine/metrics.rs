@@ -1,0 +1,192 @@
+//! Prometheus metrics of the engine, named in the spirit of vLLM's (`mlxd_` prefix).
+//!
+//! Counters and histograms are recorded by the engine thread as events happen; gauges are read
+//! from `EngineStats` when scraped. The metric handles are atomics shared with the scraper.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use super::EngineStats;
+use std::sync::atomic::AtomicU64;
+
+/// Label of `request_success_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishedLabel {
+    /// stop, length, abort or error.
+    pub finished_reason: &'static str,
+}
+
+/// Latency buckets (seconds) shared by the latency histograms: 1 ms … ~65 s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17)
+}
+
+/// Every metric mlxd exports.
+#[derive(Debug)]
+pub struct EngineMetrics {
+    registry: Registry,
+    num_requests_running: Gauge,
+    num_requests_waiting: Gauge,
+    kv_blocks_used: Gauge,
+    kv_blocks_total: Gauge,
+    kv_usage: Gauge<f64, AtomicU64>,
+    num_preemptions: Counter,
+    /// Prompt tokens looked up in the prefix cache.
+    pub prefix_cache_queries: Counter,
+    /// Prompt tokens found in the prefix cache.
+    pub prefix_cache_hits: Counter,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: Counter,
+    /// Tokens generated.
+    pub generation_tokens: Counter,
+    /// Arrival → first token, seconds.
+    pub time_to_first_token: Histogram,
+    /// Gap between consecutive tokens of a request, seconds.
+    pub inter_token_latency: Histogram,
+    /// Arrival → end, seconds.
+    pub request_duration: Histogram,
+    /// Requests that ended, by reason.
+    pub requests_finished: Family<FinishedLabel, Counter>,
+}
+
+impl Default for EngineMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EngineMetrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mlxd");
+        let m = Self {
+            num_requests_running: Gauge::default(),
+            num_requests_waiting: Gauge::default(),
+            kv_blocks_used: Gauge::default(),
+            kv_blocks_total: Gauge::default(),
+            kv_usage: Gauge::default(),
+            num_preemptions: Counter::default(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            time_to_first_token: Histogram::new(latency_buckets()),
+            inter_token_latency: Histogram::new(latency_buckets()),
+            request_duration: Histogram::new(latency_buckets()),
+            requests_finished: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "num_requests_running",
+            "Requests being decoded",
+            m.num_requests_running.clone(),
+        );
+        r.register(
+            "num_requests_waiting",
+            "Requests queued for admission",
+            m.num_requests_waiting.clone(),
+        );
+        r.register(
+            "kv_cache_blocks_used",
+            "KV blocks held by sequences",
+            m.kv_blocks_used.clone(),
+        );
+        r.register(
+            "kv_cache_blocks_total",
+            "Usable KV blocks",
+            m.kv_blocks_total.clone(),
+        );
+        r.register(
+            "kv_cache_usage_ratio",
+            "Fraction of KV blocks in use (0-1)",
+            m.kv_usage.clone(),
+        );
+        r.register(
+            "num_preemptions",
+            "Sequences preempted for lack of KV blocks",
+            m.num_preemptions.clone(),
+        );
+        r.register(
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache",
+            m.prefix_cache_queries.clone(),
+        );
+        r.register(
+            "prefix_cache_hits",
+            "Prompt tokens served from the prefix cache",
+            m.prefix_cache_hits.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens of admitted requests",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "generation_tokens",
+            "Generated tokens",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            m.time_to_first_token.clone(),
+        );
+        r.register(
+            "inter_token_latency_seconds",
+            "Time between consecutive tokens of a request",
+            m.inter_token_latency.clone(),
+        );
+        r.register(
+            "e2e_request_latency_seconds",
+            "Time from arrival to the end of a request",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "request_success",
+            "Requests that ended, by finish reason",
+            m.requests_finished.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts one ended request.
+    pub fn finished(&self, reason: &'static str) {
+        self.requests_finished
+            .get_or_create(&FinishedLabel {
+                finished_reason: reason,
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition, gauges read from `stats` now.
+    pub fn render(&self, stats: &EngineStats) -> String {
+        let total = stats.kv_blocks_total.load(Ordering::Relaxed);
+        let used = total.saturating_sub(stats.kv_blocks_free.load(Ordering::Relaxed));
+        self.num_requests_running
+            .set(stats.num_running.load(Ordering::Relaxed) as i64);
+        self.num_requests_waiting
+            .set(stats.num_waiting.load(Ordering::Relaxed) as i64);
+        self.kv_blocks_used.set(used as i64);
+        self.kv_blocks_total.set(total as i64);
+        self.kv_usage.set(if total == 0 {
+            0.0
+        } else {
+            used as f64 / total as f64
+        });
+        let preemptions = stats.num_preemptions.load(Ordering::Relaxed);
+        self.num_preemptions
+            .inc_by(preemptions.saturating_sub(self.num_preemptions.get()));
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
