@@ -3,6 +3,7 @@
 //! `server` (async HTTP) → channels → `engine` (one OS thread owning the model, the KV memory
 //! and the `scheduler`). `models` hold the model families, `text` the tokenizer side.
 
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod models;

@@ -204,9 +204,13 @@ impl TestServer {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
-            axum::serve(listener, mlxd::server::router(state))
-                .await
-                .expect("serve");
+            mlxd::server::serve(
+                listener,
+                mlxd::server::router(state),
+                std::future::pending(),
+            )
+            .await
+            .expect("serve");
         });
         Self {
             base: format!("http://{addr}"),
