@@ -216,7 +216,7 @@ fn start_engine(
             .then(|| std::time::Duration::from_secs_f64(cfg.scheduler.queue_timeout)),
     };
     let (engine, join) = EngineHandle::spawn(engine_cfg)?;
-    let codec = TextCodec::load(&model_path, &engine.info().eos_token_ids)?;
+    let codec = TextCodec::load(&model_path, &engine.info().model.eos_token_ids)?;
     Ok((engine, join, Arc::new(codec)))
 }
 
@@ -227,16 +227,6 @@ fn model_name(path: &Path) -> String {
         .unwrap_or(path)
         .file_name()
         .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
-}
-
-/// "260K", "1.2B": parameter counts as model cards write them.
-fn human_count(n: usize) -> String {
-    match n {
-        n if n >= 1_000_000_000 => format!("{:.1}B", n as f64 / 1e9),
-        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
-        n if n >= 1_000 => format!("{}K", n / 1000),
-        n => n.to_string(),
-    }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -272,9 +262,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let info = engine.info().clone();
     tracing::info!(
         model = %name,
-        architecture = %info.architecture,
-        dtype = ?info.dtype,
-        params = %human_count(info.num_params),
+        architecture = %info.model.architecture,
+        dtype = ?info.model.dtype,
+        params = %mlxd::models::parameter_size(info.model.num_params),
         kv_blocks = info.num_kv_blocks,
         kv_memory_mib = info.kv_memory_bytes / (1 << 20),
         max_model_len = info.max_model_len,

@@ -98,12 +98,8 @@ impl EngineCore {
             .kv_blocks_total
             .store(num_blocks - 1, Ordering::Relaxed);
         let info = ModelInfo {
-            architecture: mc.architecture.clone(),
-            num_params: mc.num_params,
-            dtype: cfg.dtype,
+            model: mc,
             max_model_len,
-            num_vocab: mc.vocab_size,
-            eos_token_ids: mc.eos_token_ids.clone(),
             num_kv_blocks: num_blocks - 1,
             block_size: cfg.block_size,
             kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,

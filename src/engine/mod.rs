@@ -56,18 +56,10 @@ pub struct EngineConfig {
 /// What the server needs to know about the loaded model and the KV pool.
 #[derive(Clone, Debug)]
 pub struct ModelInfo {
-    /// Architecture from config.json.
-    pub architecture: String,
-    /// Parameters in the weight files.
-    pub num_params: usize,
-    /// Compute dtype.
-    pub dtype: DType,
+    /// The model's architecture facts (family, sizes, dtype, weights summary).
+    pub model: crate::models::ModelConfig,
     /// Longest prompt + output the engine accepts.
     pub max_model_len: usize,
-    /// Vocabulary size (valid token ids are below it).
-    pub num_vocab: usize,
-    /// EOS ids from config.json.
-    pub eos_token_ids: Vec<u32>,
     /// Usable KV blocks.
     pub num_kv_blocks: usize,
     /// Tokens per block.

@@ -28,6 +28,8 @@ pub struct SamplingParams {
     pub min_p: f32,
     /// Multiplicative penalty for tokens already in prompt or output (1 = off; HF/llama.cpp style).
     pub repetition_penalty: f32,
+    /// Most recent tokens the repetition penalty looks at (None = the whole sequence).
+    pub repeat_last_n: Option<usize>,
     /// Additive penalty for tokens present in the output (OpenAI semantics, 0 = off).
     pub presence_penalty: f32,
     /// Additive penalty times the count of a token in the output (OpenAI semantics, 0 = off).
@@ -46,6 +48,7 @@ impl Default for SamplingParams {
             top_p: 1.0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            repeat_last_n: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: None,

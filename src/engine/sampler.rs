@@ -138,7 +138,10 @@ pub fn argmax(logits: &[f32]) -> u32 {
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, tokens: &[u32], num_prompt: usize) {
     if p.repetition_penalty != 1.0 {
         let mut seen = vec![false; logits.len()];
-        for &t in tokens {
+        let window = p
+            .repeat_last_n
+            .map_or(0, |n| tokens.len().saturating_sub(n));
+        for &t in &tokens[window..] {
             let t = t as usize;
             if t < logits.len() && !seen[t] {
                 seen[t] = true;
@@ -286,6 +289,18 @@ mod tests {
         // prompt [0], output [1, 1]
         apply_penalties(&mut logits, &p, &[0, 1, 1], 1);
         assert_eq!(logits, [0.5, -2.0 - 0.5 - 0.5, 3.0, 0.5]);
+    }
+
+    #[test]
+    fn repetition_window_only_sees_recent_tokens() {
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            repeat_last_n: Some(1),
+            ..SamplingParams::greedy()
+        };
+        let mut logits = [1.0, 1.0, 1.0];
+        apply_penalties(&mut logits, &p, &[0, 1], 1);
+        assert_eq!(logits, [1.0, 0.5, 1.0]);
     }
 
     #[test]

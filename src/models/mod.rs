@@ -71,6 +71,12 @@ pub struct ModelConfig {
     pub dtype: DType,
     /// EOS ids from config.json.
     pub eos_token_ids: Vec<u32>,
+    /// `model_type` from config.json (the family, e.g. `llama`).
+    pub model_type: String,
+    /// What the weight files are (format, dtype, size, digest).
+    pub weights: weights::WeightsSummary,
+    /// config.json as loaded, for APIs that report architecture details.
+    pub hf_config: serde_json::Value,
 }
 
 /// The forward contract: one packed pass over every scheduled token.
@@ -148,6 +154,9 @@ pub fn load(
         num_params: weights.num_params(),
         dtype,
         eos_token_ids: config::token_ids(cfg.eos_token_id.as_ref()),
+        model_type: cfg.model_type.clone().unwrap_or_else(|| "llama".into()),
+        weights: weights.summary(&text)?,
+        hf_config: serde_json::from_str(&text).unwrap_or_default(),
     };
     let vb = weights.var_builder(dtype, device)?;
     let wrap = |e: candle_core::Error| LoadError::Malformed {
@@ -180,6 +189,16 @@ pub fn read_text(path: &Path, what: &str) -> Result<String, LoadError> {
             path: path.to_path_buf(),
             source,
         }),
+    }
+}
+
+/// "260K", "494.0M", "1.2B": parameter counts as model cards and Ollama write them.
+pub fn parameter_size(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.1}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{}K", n / 1000),
+        n => n.to_string(),
     }
 }
 

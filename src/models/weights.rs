@@ -2,6 +2,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use sha2::{Digest, Sha256};
 
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
@@ -14,6 +17,24 @@ use super::{read_text, LoadError};
 pub struct WeightFiles {
     paths: Vec<PathBuf>,
     num_params: usize,
+    /// Parameters per safetensors dtype name (`F32`, `BF16`, ...).
+    params_by_dtype: Vec<(String, usize)>,
+}
+
+/// What the weights are, as model listings report it.
+#[derive(Clone, Debug)]
+pub struct WeightsSummary {
+    /// Container format, e.g. `safetensors`.
+    pub format: &'static str,
+    /// Dtype holding most parameters, e.g. `F32`, `BF16`.
+    pub dtype: String,
+    /// Bytes of all weight files.
+    pub num_bytes: u64,
+    /// Newest modification time of the weight files.
+    pub modified: Option<SystemTime>,
+    /// sha256 (hex) of config.json and every weight file's header: identifies the model
+    /// without reading gigabytes of weights at start.
+    pub digest: String,
 }
 
 impl WeightFiles {
@@ -33,24 +54,62 @@ impl WeightFiles {
             });
         };
         let mut num_params = 0;
+        let mut params_by_dtype: Vec<(String, usize)> = Vec::new();
         for path in &paths {
             // SAFETY: the file is only read; mlxd never writes model files while serving them.
             let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| LoadError::Malformed {
                 file: path.display().to_string(),
                 reason: format!("not a valid safetensors file ({e})"),
             })?;
-            num_params += st
-                .tensors()
-                .iter()
-                .map(|(_, view)| view.shape().iter().product::<usize>())
-                .sum::<usize>();
+            for (_, view) in st.tensors() {
+                let n = view.shape().iter().product::<usize>();
+                num_params += n;
+                let dtype = format!("{:?}", view.dtype());
+                match params_by_dtype.iter_mut().find(|(d, _)| *d == dtype) {
+                    Some((_, count)) => *count += n,
+                    None => params_by_dtype.push((dtype, n)),
+                }
+            }
         }
-        Ok(Self { paths, num_params })
+        Ok(Self {
+            paths,
+            num_params,
+            params_by_dtype,
+        })
     }
 
     /// Parameters over all files.
     pub fn num_params(&self) -> usize {
         self.num_params
+    }
+
+    /// Format, dominant dtype, size, modification time and digest of the weights.
+    pub fn summary(&self, config_json: &str) -> Result<WeightsSummary, LoadError> {
+        let mut hasher = Sha256::new();
+        hasher.update(config_json.as_bytes());
+        let (mut num_bytes, mut modified) = (0, None);
+        for path in &self.paths {
+            let io = |source| LoadError::Io {
+                path: path.clone(),
+                source,
+            };
+            let meta = std::fs::metadata(path).map_err(io)?;
+            num_bytes += meta.len();
+            modified = modified.max(meta.modified().ok());
+            hasher.update(safetensors_header(path).map_err(io)?);
+        }
+        let dtype = self
+            .params_by_dtype
+            .iter()
+            .max_by_key(|(_, n)| *n)
+            .map_or_else(String::new, |(d, _)| d.clone());
+        Ok(WeightsSummary {
+            format: "safetensors",
+            dtype,
+            num_bytes,
+            modified,
+            digest: format!("{:x}", hasher.finalize()),
+        })
     }
 
     /// The file names, for error messages.
@@ -76,6 +135,18 @@ impl WeightFiles {
             }
         })
     }
+}
+
+/// The 8-byte length prefix and JSON header of a safetensors file.
+fn safetensors_header(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len).min(100 << 20);
+    let mut header = len.to_vec();
+    file.take(n).read_to_end(&mut header)?;
+    Ok(header)
 }
 
 fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, LoadError> {

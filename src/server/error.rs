@@ -1,6 +1,6 @@
 //! API errors: the only place that maps failures to HTTP status codes and error bodies.
 
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -135,23 +135,36 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections become `ApiError::InvalidRequest` in OpenAI shape.
+/// Reads a request body as JSON whatever its `Content-Type` (curl's `-d`, Ollama clients and
+/// many scripts send none or a form type); the error text says what is wrong and where.
+pub async fn read_json_body<T, S>(req: Request, state: &S) -> Result<T, String>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    let bytes = Bytes::from_request(req, state)
+        .await
+        .map_err(|e| e.body_text())?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON body: {e}"))
+}
+
+/// A JSON body whose parse failures become `ApiError::InvalidRequest` in OpenAI shape.
 pub struct AppJson<T>(pub T);
 
 impl<S, T> FromRequest<S> for AppJson<T>
 where
-    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Self(v)),
-            Err(rejection) => Err(ApiError::InvalidRequest {
-                message: rejection.body_text(),
+        read_json_body(req, state)
+            .await
+            .map(Self)
+            .map_err(|message| ApiError::InvalidRequest {
+                message,
                 param: None,
-            }),
-        }
+            })
     }
 }

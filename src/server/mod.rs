@@ -3,6 +3,7 @@
 //! touches a tensor.
 
 pub mod error;
+pub mod ollama;
 pub mod openai;
 pub mod stream;
 
@@ -53,7 +54,7 @@ impl AppState {
         let fingerprint = format!(
             "mlxd-{}-{:?}",
             env!("CARGO_PKG_VERSION"),
-            engine.info().dtype
+            engine.info().model.dtype
         )
         .to_lowercase();
         Self {
@@ -118,6 +119,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat::chat_completions))
         .route("/v1/completions", post(openai::completions::completions))
         .route("/v1/models", get(openai::models::list_models))
+        .route("/api/generate", post(ollama::generate::generate))
+        .route("/api/chat", post(ollama::chat::chat))
+        .route("/api/tags", get(ollama::models::tags))
+        .route("/api/show", post(ollama::models::show))
+        .route("/api/ps", get(ollama::models::ps))
+        .route("/api/version", get(ollama::models::version))
+        .route("/", get(ollama::models::root).head(ollama::models::root))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -168,9 +176,15 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError::NotFound {
+/// Unknown routes: Ollama's error shape under `/api/`, OpenAI's elsewhere.
+async fn not_found(method: Method, uri: Uri) -> axum::response::Response {
+    let err = ApiError::NotFound {
         method: method.to_string(),
         path: uri.path().to_string(),
+    };
+    if uri.path().starts_with("/api/") {
+        ollama::OllamaError(err).into_response()
+    } else {
+        err.into_response()
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -48,6 +49,7 @@ pub struct TextStream {
     pending_tokens: Vec<GeneratedToken>,
     queue: VecDeque<StreamItem>,
     usage: Usage,
+    timing: LocalTiming,
     done: bool,
     _admission: Option<OwnedSemaphorePermit>,
 }
@@ -71,6 +73,7 @@ impl TextStream {
                 prompt_tokens: prompt.len() as u32,
                 ..Usage::default()
             },
+            timing: LocalTiming::new(),
             done: false,
             _admission: None,
         }
@@ -97,7 +100,8 @@ impl TextStream {
             };
             match event {
                 Some(TokenEvent::Scheduled { cached_tokens }) => {
-                    self.usage.cached_tokens = cached_tokens
+                    self.usage.cached_tokens = cached_tokens;
+                    self.timing.scheduled = Some(Instant::now());
                 }
                 Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
                 Some(TokenEvent::Finished { reason, usage }) => self.finish(reason, Some(usage)),
@@ -109,6 +113,7 @@ impl TextStream {
 
     fn on_token(&mut self, id: u32, logprobs: Option<Logprobs>) {
         self.usage.completion_tokens += 1;
+        self.timing.first_token.get_or_insert_with(Instant::now);
         self.pending_tokens.push(GeneratedToken { id, logprobs });
         let text = self.detokenizer.push(self.codec.tokenizer(), id);
         match self.stop.push(&text) {
@@ -121,7 +126,8 @@ impl TextStream {
                 self.push_delta(text);
                 // Dropping the stream tells the engine to free the sequence at its next step.
                 self.generation = None;
-                self.finish_with(FinishReason::Stop, self.usage);
+                let usage = self.timing.apply(self.usage);
+                self.finish_with(FinishReason::Stop, usage);
             }
         }
     }
@@ -135,7 +141,8 @@ impl TextStream {
         if !text.is_empty() || !self.pending_tokens.is_empty() {
             self.push_delta(text);
         }
-        self.finish_with(reason, usage.unwrap_or(self.usage));
+        let usage = usage.unwrap_or_else(|| self.timing.apply(self.usage));
+        self.finish_with(reason, usage);
     }
 
     fn finish_with(&mut self, reason: FinishReason, usage: Usage) {
@@ -151,6 +158,34 @@ impl TextStream {
     fn push_delta(&mut self, text: String) {
         let tokens = std::mem::take(&mut self.pending_tokens);
         self.queue.push_back(StreamItem::Delta { text, tokens });
+    }
+}
+
+/// Timestamps seen by the server, for usage when the engine sends no final accounting (the
+/// server ended the request itself on a stop string).
+struct LocalTiming {
+    submitted: Instant,
+    scheduled: Option<Instant>,
+    first_token: Option<Instant>,
+}
+
+impl LocalTiming {
+    fn new() -> Self {
+        Self {
+            submitted: Instant::now(),
+            scheduled: None,
+            first_token: None,
+        }
+    }
+
+    fn apply(&self, mut usage: Usage) -> Usage {
+        let now = Instant::now();
+        let scheduled = self.scheduled.unwrap_or(self.submitted);
+        let first = self.first_token.unwrap_or(now);
+        usage.queue_time = scheduled - self.submitted;
+        usage.prefill_time = first.saturating_duration_since(scheduled);
+        usage.decode_time = now - first;
+        usage
     }
 }
 

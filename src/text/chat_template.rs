@@ -26,6 +26,7 @@ const TEMPLATE_NAME: &str = "chat";
 #[derive(Debug)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos_token: String,
     eos_token: String,
 }
@@ -48,9 +49,15 @@ impl ChatTemplate {
             .map_err(|e| TemplateError(format!("chat template does not compile: {e}")))?;
         Ok(Self {
             env,
+            source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
         })
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Renders `messages`, ending with the assistant prefix when `add_generation_prompt`.

@@ -77,9 +77,14 @@ impl TextCodec {
         &self.eos_ids
     }
 
-    /// True when the model folder provides a chat template.
-    pub fn has_chat_template(&self) -> bool {
-        self.template.is_some()
+    /// The chat template's source, when the model folder provides one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template.as_ref().map(ChatTemplate::source)
+    }
+
+    /// The BOS id, when the tokenizer config names one.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
     }
 
     /// Tokenizes plain text; with `add_special`, BOS and the like are added as the model wants.

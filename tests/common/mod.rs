@@ -192,7 +192,7 @@ impl TestServer {
         let model = cfg.model_path.clone();
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg).expect("engine starts");
         let codec =
-            mlxd::text::TextCodec::load(&model, &engine.info().eos_token_ids).expect("codec");
+            mlxd::text::TextCodec::load(&model, &engine.info().model.eos_token_ids).expect("codec");
         let state = mlxd::server::AppState::new(
             engine.clone(),
             std::sync::Arc::new(codec),

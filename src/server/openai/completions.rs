@@ -44,7 +44,11 @@ pub async fn completions(
         ));
     }
     let (params, stops) = sampling_params(&req.sampling, req.logprobs)?;
-    let prompt = prompt_ids(&state.codec, req.prompt, state.engine.info().num_vocab)?;
+    let prompt = prompt_ids(
+        &state.codec,
+        req.prompt,
+        state.engine.info().model.vocab_size,
+    )?;
     let max_tokens = resolve_max_tokens(
         prompt.len(),
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),

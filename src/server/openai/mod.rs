@@ -87,6 +87,7 @@ pub fn sampling_params(
             top_p,
             min_p,
             repetition_penalty,
+            repeat_last_n: None,
             presence_penalty,
             frequency_penalty,
             seed: f.seed,

@@ -1,0 +1,387 @@
+//! The Ollama routes over real HTTP: NDJSON wire format, errors, listings.
+
+mod common;
+
+use common::{engine_config, repo_model, TestServer};
+use serde_json::{json, Value};
+
+async fn server() -> TestServer {
+    TestServer::start(engine_config(&repo_model())).await
+}
+
+/// Greedy options without Ollama's default repetition penalty.
+fn greedy(num_predict: u32) -> Value {
+    json!({"temperature": 0, "repeat_penalty": 1.0, "num_predict": num_predict})
+}
+
+async fn post(s: &TestServer, path: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(s.url(path))
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+async fn ndjson(s: &TestServer, path: &str, body: Value) -> Vec<Value> {
+    let resp = post(s, path, body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let text = resp.text().await.expect("body");
+    assert!(text.ends_with('\n'));
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+fn assert_final_fields(last: &Value) {
+    assert_eq!(last["done"], true);
+    for key in [
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    ] {
+        assert!(last[key].is_u64(), "{key} missing in {last}");
+    }
+    assert!(last["total_duration"].as_u64() > Some(0));
+    let created = last["created_at"].as_str().expect("created_at");
+    assert!(
+        created.parse::<jiff::Timestamp>().is_ok(),
+        "RFC 3339: {created}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_streams_ndjson_and_folds_to_the_same_text() {
+    let s = server().await;
+    let body = json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true, "options": greedy(20)});
+    let lines = ndjson(&s, "/api/generate", body.clone()).await;
+    let (last, chunks) = lines.split_last().expect("lines");
+    assert!(chunks
+        .iter()
+        .all(|c| c["done"] == false && c["model"] == "stories260k"));
+    assert_final_fields(last);
+    assert_eq!(last["done_reason"], "length");
+    assert_eq!(last["eval_count"], 20);
+    assert_eq!(last["prompt_eval_count"], 5);
+    let streamed: String = chunks
+        .iter()
+        .map(|c| c["response"].as_str().expect("response"))
+        .collect();
+    let mut whole = body;
+    whole["stream"] = json!(false);
+    let folded: Value = post(&s, "/api/generate", whole)
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(folded["response"].as_str(), Some(streamed.as_str()));
+    assert_eq!(folded["context"], last["context"]);
+    assert_eq!(folded["context"].as_array().expect("context").len(), 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_equals_openai_completion_for_the_same_prompt_and_options() {
+    let s = server().await;
+    let body = json!({"model": "stories260k", "prompt": "Lily and Ben went to the park", "raw": true,
+                      "stream": false, "options": greedy(40)});
+    let ollama: Value = post(&s, "/api/generate", body)
+        .await
+        .json()
+        .await
+        .expect("json");
+    let openai: Value = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "stories260k:latest", "prompt": "Lily and Ben went to the park", "max_tokens": 40, "temperature": 0}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(ollama["response"], openai["choices"][0]["text"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_round_trip_continues_the_generation() {
+    let s = server().await;
+    let first: Value = post(
+        &s,
+        "/api/generate",
+        json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true, "stream": false, "options": greedy(12)}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let second: Value = post(
+        &s,
+        "/api/generate",
+        json!({"model": "stories260k", "prompt": "", "raw": true, "stream": false, "context": first["context"],
+               "options": greedy(12)}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let whole: Value = post(
+        &s,
+        "/api/generate",
+        json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true, "stream": false, "options": greedy(24)}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    let joined = format!(
+        "{}{}",
+        first["response"].as_str().expect("r"),
+        second["response"].as_str().expect("r")
+    );
+    assert_eq!(joined, whole["response"].as_str().expect("r"));
+    assert_eq!(second["context"], whole["context"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_streams_messages_and_matches_openai_chat() {
+    let s = server().await;
+    let messages = json!([{"role": "system", "content": "You tell short stories."},
+                          {"role": "user", "content": "Tell me about a cat."}]);
+    let lines = ndjson(
+        &s,
+        "/api/chat",
+        json!({"model": "stories260k", "messages": messages, "options": greedy(30)}),
+    )
+    .await;
+    let (last, chunks) = lines.split_last().expect("lines");
+    assert_final_fields(last);
+    assert_eq!(last["message"]["role"], "assistant");
+    assert!(last.get("context").is_none());
+    let streamed: String = chunks
+        .iter()
+        .map(|c| c["message"]["content"].as_str().expect("content"))
+        .collect();
+    let openai: Value = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "stories260k", "messages": messages, "max_tokens": 30, "temperature": 0}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(
+        openai["choices"][0]["message"]["content"].as_str(),
+        Some(streamed.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_prompt_or_messages_just_load_the_model() {
+    let s = server().await;
+    let g: Value = post(&s, "/api/generate", json!({"model": "stories260k"}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        (
+            g["done"].clone(),
+            g["done_reason"].clone(),
+            g["response"].clone()
+        ),
+        (json!(true), json!("load"), json!(""))
+    );
+    let c: Value = post(
+        &s,
+        "/api/chat",
+        json!({"model": "stories260k", "messages": []}),
+    )
+    .await
+    .json()
+    .await
+    .expect("json");
+    assert_eq!(c["done_reason"], "load");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_use_ollamas_shape_and_status() {
+    let s = server().await;
+    let cases = [
+        (
+            "/api/generate",
+            json!({"model": "nope", "prompt": "hi"}),
+            404,
+            Some("model 'nope' not found"),
+        ),
+        (
+            "/api/chat",
+            json!({"model": "nope:7b", "messages": [{"role": "user", "content": "hi"}]}),
+            404,
+            None,
+        ),
+        (
+            "/api/generate",
+            json!({"prompt": "hi"}),
+            400,
+            Some("model is required"),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "stories260k", "prompt": "hi", "format": "json"}),
+            400,
+            None,
+        ),
+        (
+            "/api/generate",
+            json!({"model": "stories260k", "prompt": "hi", "images": ["aGk="]}),
+            400,
+            None,
+        ),
+        (
+            "/api/generate",
+            json!({"model": "stories260k", "prompt": "hi", "suffix": "end"}),
+            400,
+            None,
+        ),
+        (
+            "/api/generate",
+            json!({"model": "stories260k", "prompt": "hi", "options": {"temperature": "hot"}}),
+            400,
+            None,
+        ),
+        (
+            "/api/chat",
+            json!({"model": "stories260k", "messages": [{"role": "wizard", "content": "hi"}]}),
+            400,
+            None,
+        ),
+        ("/api/show", json!({"model": "nope"}), 404, None),
+    ];
+    for (path, body, status, message) in cases {
+        let resp = post(&s, path, body.clone()).await;
+        assert_eq!(resp.status().as_u16(), status, "{path} {body}");
+        let err: Value = resp.json().await.expect("json");
+        let text = err["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{{\"error\": string}} expected, got {err}"));
+        if let Some(m) = message {
+            assert_eq!(text, m);
+        }
+    }
+    let malformed = reqwest::Client::new()
+        .post(s.url("/api/chat"))
+        .body("{oops")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(malformed.status(), 400);
+    assert!(malformed.json::<Value>().await.expect("json")["error"].is_string());
+    let unknown = reqwest::get(s.url("/api/nothing")).await.expect("request");
+    assert_eq!(unknown.status(), 404);
+    assert!(unknown.json::<Value>().await.expect("json")["error"].is_string());
+    // Unknown options are ignored, as Ollama does; `keep_alive` and `think` are accepted.
+    let ok = post(
+        &s,
+        "/api/generate",
+        json!({"model": "stories260k", "prompt": "hi", "stream": false, "keep_alive": "5m", "think": false,
+               "options": {"num_predict": 2, "mirostat": 2, "num_gpu": 99}}),
+    )
+    .await;
+    assert_eq!(ok.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_describe_the_served_model() {
+    let s = server().await;
+    let tags: Value = reqwest::get(s.url("/api/tags"))
+        .await
+        .expect("tags")
+        .json()
+        .await
+        .expect("json");
+    let m = &tags["models"][0];
+    assert_eq!(m["name"], "stories260k:latest");
+    assert_eq!(m["model"], "stories260k:latest");
+    assert_eq!(
+        m["size"],
+        std::fs::metadata(repo_model().join("model.safetensors"))
+            .expect("meta")
+            .len()
+    );
+    assert_eq!(m["digest"].as_str().expect("digest").len(), 64);
+    assert_eq!(m["details"]["family"], "llama");
+    assert_eq!(m["details"]["parameter_size"], "260K");
+    assert_eq!(m["details"]["quantization_level"], "F32");
+    assert_eq!(m["details"]["format"], "safetensors");
+    let show: Value = post(&s, "/api/show", json!({"model": "stories260k:latest"}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let info = &show["model_info"];
+    assert_eq!(info["general.architecture"], "llama");
+    assert_eq!(info["llama.context_length"], 512);
+    assert_eq!(info["llama.embedding_length"], 64);
+    assert_eq!(info["llama.block_count"], 5);
+    assert_eq!(info["llama.attention.head_count_kv"], 4);
+    assert!(show["template"]
+        .as_str()
+        .expect("template")
+        .contains("Assistant:"));
+    assert!(show["capabilities"]
+        .as_array()
+        .expect("caps")
+        .contains(&json!("completion")));
+    let ps: Value = reqwest::get(s.url("/api/ps"))
+        .await
+        .expect("ps")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ps["models"][0]["name"], "stories260k:latest");
+    assert!(ps["models"][0]["expires_at"]
+        .as_str()
+        .expect("expires")
+        .parse::<jiff::Timestamp>()
+        .is_ok());
+    let version: Value = reqwest::get(s.url("/api/version"))
+        .await
+        .expect("v")
+        .json()
+        .await
+        .expect("json");
+    assert!(version["version"].is_string());
+    let root = reqwest::get(s.url("/")).await.expect("root");
+    assert_eq!(root.status(), 200);
+    assert_eq!(root.text().await.expect("text"), "Ollama is running");
+    let head = reqwest::Client::new()
+        .head(s.url("/"))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(head.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_mid_stream_is_one_error_line() {
+    let s = server().await;
+    let mut resp = post(
+        &s,
+        "/api/generate",
+        json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true,
+               "options": {"num_predict": 400, "temperature": 0}}),
+    )
+    .await;
+    resp.chunk().await.expect("chunk").expect("a first line");
+    s.engine.shutdown();
+    let mut rest = String::new();
+    while let Some(chunk) = resp.chunk().await.expect("chunk") {
+        rest.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let last: Value = serde_json::from_str(rest.lines().last().expect("a line")).expect("json");
+    assert_eq!(last, json!({"error": "the engine is unavailable"}));
+}
