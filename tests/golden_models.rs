@@ -183,3 +183,58 @@ fn sharded_safetensors_load_like_a_single_file() {
     let run = runner.greedy(&[ids(&g["prompt_ids"])], 64);
     assert_eq!(run.tokens[0], ids(&g["generated_ids"]));
 }
+
+const ALL: [&str; 5] = ["p1", "p7", "p33", "b0", "b1"];
+
+#[test]
+fn qwen2_fixture_matches_transformers_f32_batched() {
+    check_fixture("qwen2", "f32", "transformers-f32", &ALL);
+}
+
+#[test]
+fn qwen3_fixture_matches_transformers_f32_batched() {
+    check_fixture("qwen3", "f32", "transformers-f32", &ALL);
+}
+
+#[test]
+fn gemma3_fixture_matches_transformers_f32_batched() {
+    check_fixture("gemma3", "f32", "transformers-f32", &ALL);
+}
+
+#[test]
+fn phi3_fixture_matches_transformers_f32_batched() {
+    check_fixture("phi3", "f32", "transformers-f32", &ALL);
+}
+
+#[test]
+fn phi3_longrope_fixture_matches_transformers_f32_batched() {
+    check_fixture("phi3-longrope", "f32", "transformers-f32", &ALL);
+}
+
+#[test]
+fn gemma3_inside_a_multimodal_checkpoint_loads_its_language_model() {
+    let src = shared("fixtures/gemma3/f32");
+    let dir = std::env::temp_dir().join(format!("mlxd-gemma3-mm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let text_config = read_json(&src.join("config.json"));
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "model_type": "gemma3",
+        "text_config": text_config,
+        "vision_config": {"model_type": "siglip_vision_model"},
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("load");
+    let renamed: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| (k.replacen("model.", "model.language_model.", 1), v))
+        .collect();
+    candle_core::safetensors::save(&renamed, dir.join("model.safetensors")).expect("save");
+    let refs = read_json(&shared("fixtures/gemma3/refs/transformers-f32.json"));
+    let p33 = &refs["sequences"][2];
+    let mut runner = ModelRunner::load(&dir, DType::F32, 1, 128);
+    let run = runner.greedy(&[ids(&p33["prompt_ids"])], 32);
+    assert_eq!(run.tokens[0], ids(&p33["greedy_ids"]));
+}

@@ -2,33 +2,16 @@
 //!
 //! 1. scatter this step's K/V rows into the layer's slots (`slot_mapping`);
 //! 2. gather each sequence's whole context by `context_slots`;
-//! 3. causal attention per sequence (grouped-query: query heads share their KV head).
+//! 3. causal attention per sequence (grouped-query: query heads share their KV head),
+//!    optionally limited to a sliding window and with tanh soft-capping of the scores.
 //!
 //! Per-sequence loops keep this portable across candle devices; a fused varlen kernel can
 //! replace step 3 without touching the models.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::batch::BatchInput;
 use super::paged_kv::LayerKv;
-
-/// Per-forward attention bookkeeping, shared by all layers.
-#[derive(Debug)]
-pub struct AttentionMeta {
-    scatter_index: Tensor,
-    context_slots: Tensor,
-    spans: Vec<SeqSpan>,
-}
-
-#[derive(Debug)]
-struct SeqSpan {
-    q_start: usize,
-    q_len: usize,
-    kv_start: usize,
-    kv_len: usize,
-    /// Additive causal mask `[q_len * n_rep, kv_len]`, only when `q_len > 1`.
-    mask: Option<Tensor>,
-}
 
 /// Head layout of one attention layer.
 #[derive(Clone, Copy, Debug)]
@@ -41,31 +24,104 @@ pub struct HeadDims {
     pub head_dim: usize,
 }
 
+/// How one layer attends.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionOpts {
+    /// Multiplier of q·k (usually `head_dim^-0.5`).
+    pub scale: f64,
+    /// Attend only to the last `window` positions (query included).
+    pub window: Option<usize>,
+    /// `cap · tanh(score / cap)` before masking.
+    pub softcap: Option<f64>,
+}
+
+/// This step's projected queries, keys and values, `[T, heads, head_dim]` each.
+pub struct Qkv {
+    /// Queries (already rotated).
+    pub q: Tensor,
+    /// Keys (already rotated).
+    pub k: Tensor,
+    /// Values.
+    pub v: Tensor,
+}
+
+/// What one sequence sees under one window setting.
+#[derive(Debug)]
+struct WindowView {
+    window: Option<usize>,
+    /// First visible key position of any query in the span.
+    kv_lo: usize,
+    /// Additive mask `[q_len * n_rep, kv_len - kv_lo]`, only when `q_len > 1`.
+    mask: Option<Tensor>,
+}
+
+#[derive(Debug)]
+struct SeqSpan {
+    q_start: usize,
+    q_len: usize,
+    kv_start: usize,
+    kv_len: usize,
+    views: Vec<WindowView>,
+}
+
+/// Per-forward attention bookkeeping, shared by all layers.
+#[derive(Debug)]
+pub struct AttentionMeta {
+    scatter_index: Tensor,
+    context_slots: Tensor,
+    spans: Vec<SeqSpan>,
+}
+
 impl AttentionMeta {
-    /// Builds masks and scatter indices once per forward.
-    pub fn new(batch: &BatchInput, dims: HeadDims, dtype: DType, device: &Device) -> Result<Self> {
+    /// Builds scatter indices and the masks of every window setting the model uses, once per
+    /// forward.
+    pub fn new(
+        batch: &BatchInput,
+        dims: HeadDims,
+        windows: &[Option<usize>],
+        dtype: DType,
+    ) -> Result<Self> {
+        let device = batch.slot_mapping.device();
         let kv_width = dims.num_kv_heads * dims.head_dim;
         let n_rep = dims.num_heads / dims.num_kv_heads;
-        let num_tokens = batch.num_tokens();
         let scatter_index = batch
             .slot_mapping
             .unsqueeze(1)?
-            .broadcast_as((num_tokens, kv_width))?
+            .broadcast_as((batch.num_tokens(), kv_width))?
             .contiguous()?;
         let mut spans = Vec::with_capacity(batch.q_lens.len());
         let (mut q_start, mut kv_start) = (0, 0);
         for (&q_len, &kv_len) in batch.q_lens.iter().zip(&batch.kv_lens) {
-            let mask = if q_len > 1 {
-                Some(causal_mask(q_len, kv_len, n_rep, dtype, device)?)
-            } else {
-                None
-            };
+            let views = windows
+                .iter()
+                .map(|&window| {
+                    let first_query = kv_len - q_len;
+                    let kv_lo = window.map_or(0, |w| (first_query + 1).saturating_sub(w));
+                    let shape = MaskShape {
+                        q_len,
+                        kv_len,
+                        kv_lo,
+                        window,
+                        n_rep,
+                    };
+                    let mask = if q_len > 1 {
+                        Some(shape.build(dtype, device)?)
+                    } else {
+                        None
+                    };
+                    Ok(WindowView {
+                        window,
+                        kv_lo,
+                        mask,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
             spans.push(SeqSpan {
                 q_start,
                 q_len,
                 kv_start,
                 kv_len,
-                mask,
+                views,
             });
             q_start += q_len;
             kv_start += kv_len;
@@ -78,87 +134,99 @@ impl AttentionMeta {
     }
 }
 
-/// `[q_len * n_rep, kv_len]` additive mask: row `t * n_rep + r` is query position
-/// `kv_len - q_len + t`, which may see keys `0..=` that position.
-fn causal_mask(
+/// Geometry of one sequence's additive attention mask.
+struct MaskShape {
     q_len: usize,
     kv_len: usize,
+    kv_lo: usize,
+    window: Option<usize>,
     n_rep: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
-    let offset = kv_len - q_len;
-    let mut data = Vec::with_capacity(q_len * n_rep * kv_len);
-    for t in 0..q_len {
-        let row: Vec<f32> = (0..kv_len)
-            .map(|j| {
-                if j > offset + t {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        for _ in 0..n_rep {
-            data.extend_from_slice(&row);
-        }
-    }
-    Tensor::from_vec(data, (q_len * n_rep, kv_len), device)?.to_dtype(dtype)
 }
 
-/// Writes this step's `k`/`v` (`[T, kv_heads, head_dim]`) into `kv` and attends `q`
-/// (`[T, heads, head_dim]`) over each sequence's context. Returns `[T, heads * head_dim]`.
+impl MaskShape {
+    /// Mask over keys `kv_lo..kv_len`: row `t * n_rep + r` is query position
+    /// `p = kv_len - q_len + t`, which sees key `j` iff `j <= p` and (with a window) `p - j < w`.
+    fn build(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        let Self {
+            q_len,
+            kv_len,
+            kv_lo,
+            window,
+            n_rep,
+        } = *self;
+        let width = kv_len - kv_lo;
+        let mut data = Vec::with_capacity(q_len * n_rep * width);
+        for t in 0..q_len {
+            let p = kv_len - q_len + t;
+            let row: Vec<f32> = (kv_lo..kv_len)
+                .map(|j| {
+                    let visible = j <= p && window.is_none_or(|w| p - j < w);
+                    if visible {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+                .collect();
+            for _ in 0..n_rep {
+                data.extend_from_slice(&row);
+            }
+        }
+        Tensor::from_vec(data, (q_len * n_rep, width), device)?.to_dtype(dtype)
+    }
+}
+
+/// Writes this step's K/V into `kv` and attends every sequence's queries over its context.
+/// Returns `[T, heads * head_dim]`.
 pub fn paged_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: &Qkv,
     kv: &mut LayerKv,
     meta: &AttentionMeta,
-    scale: f64,
+    opts: AttentionOpts,
 ) -> Result<Tensor> {
-    let (num_tokens, num_heads, head_dim) = q.dims3()?;
-    let num_kv_heads = k.dim(1)?;
+    let (num_tokens, num_heads, head_dim) = qkv.q.dims3()?;
+    let num_kv_heads = qkv.k.dim(1)?;
     let n_rep = num_heads / num_kv_heads;
     let kv_width = num_kv_heads * head_dim;
     // 1) write new K/V into their slots.
-    kv.k.scatter_set(
-        &meta.scatter_index,
-        &k.reshape((num_tokens, kv_width))?.contiguous()?,
-        0,
-    )?;
-    kv.v.scatter_set(
-        &meta.scatter_index,
-        &v.reshape((num_tokens, kv_width))?.contiguous()?,
-        0,
-    )?;
+    let k_rows = qkv.k.reshape((num_tokens, kv_width))?.contiguous()?;
+    let v_rows = qkv.v.reshape((num_tokens, kv_width))?.contiguous()?;
+    kv.k.scatter_set(&meta.scatter_index, &k_rows, 0)?;
+    kv.v.scatter_set(&meta.scatter_index, &v_rows, 0)?;
     // 2) gather every sequence's context.
     let k_ctx = kv.k.index_select(&meta.context_slots, 0)?;
     let v_ctx = kv.v.index_select(&meta.context_slots, 0)?;
     // 3) attention per sequence.
     let mut outputs = Vec::with_capacity(meta.spans.len());
     for span in &meta.spans {
-        let q_i = q
+        let view = span
+            .views
+            .iter()
+            .find(|v| v.window == opts.window)
+            .expect("invariant: AttentionMeta was built with every window the model uses");
+        let visible = span.kv_len - view.kv_lo;
+        let heads_of = |ctx: &Tensor| -> Result<Tensor> {
+            ctx.narrow(0, span.kv_start + view.kv_lo, visible)?
+                .reshape((visible, num_kv_heads, head_dim))?
+                .transpose(0, 1)?
+                .contiguous()
+        };
+        let (k_i, v_i) = (heads_of(&k_ctx)?, heads_of(&v_ctx)?);
+        let q_i = qkv
+            .q
             .narrow(0, span.q_start, span.q_len)?
             .reshape((span.q_len, num_kv_heads, n_rep, head_dim))?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((num_kv_heads, span.q_len * n_rep, head_dim))?;
-        let k_i = k_ctx
-            .narrow(0, span.kv_start, span.kv_len)?
-            .reshape((span.kv_len, num_kv_heads, head_dim))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v_i = v_ctx
-            .narrow(0, span.kv_start, span.kv_len)?
-            .reshape((span.kv_len, num_kv_heads, head_dim))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let mut scores = (q_i.matmul(&k_i.t()?)? * scale)?;
-        if let Some(mask) = &span.mask {
-            scores = scores.broadcast_add(mask)?;
+        let mut scores = (q_i.matmul(&k_i.t()?)? * opts.scale)?.to_dtype(DType::F32)?;
+        if let Some(cap) = opts.softcap {
+            scores = ((scores / cap)?.tanh()? * cap)?;
         }
-        let probs =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(q.dtype())?;
+        if let Some(mask) = &view.mask {
+            scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(qkv.q.dtype())?;
         let o = probs
             .matmul(&v_i)?
             .reshape((num_kv_heads, span.q_len, n_rep, head_dim))?
@@ -166,7 +234,5 @@ pub fn paged_attention(
             .reshape((span.q_len, num_heads * head_dim))?;
         outputs.push(o);
     }
-    let out = Tensor::cat(&outputs, 0)?;
-    debug_assert_eq!(out.dim(D::Minus1)?, num_heads * head_dim);
-    Ok(out)
+    Tensor::cat(&outputs, 0)
 }

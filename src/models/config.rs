@@ -1,16 +1,20 @@
-//! `config.json` of a Hugging Face model folder, as far as the decoder families need it.
+//! `config.json` of a Hugging Face model folder: the fields every supported decoder family
+//! reads (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3), classic and transformers-5 spellings.
 
 use serde::Deserialize;
+use serde_json::Value;
 
 use super::LoadError;
 
-/// Rotary embedding frequencies, including the scaling schemes real checkpoints use.
+/// Rotary embedding of one attention layer type.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeConfig {
     /// Base θ of the frequencies.
     pub theta: f32,
     /// Frequency scaling.
     pub scaling: RopeScaling,
+    /// Leading dimensions of each head that are rotated (the rest pass through).
+    pub rotary_dim: usize,
 }
 
 /// Supported `rope_scaling` / `rope_parameters` types.
@@ -34,47 +38,105 @@ pub enum RopeScaling {
         /// Context length the model was pretrained at.
         original_max_position_embeddings: f32,
     },
+    /// Phi-3 LongRoPE: per-frequency divisors, short below the original context and long
+    /// beyond it, and cos/sin scaled by an attention factor.
+    LongRope {
+        /// Divisors used for positions below `original_max_position_embeddings`.
+        short_factor: Vec<f32>,
+        /// Divisors used from `original_max_position_embeddings` on.
+        long_factor: Vec<f32>,
+        /// Context length the model was pretrained at.
+        original_max_position_embeddings: usize,
+        /// Multiplier of cos and sin.
+        attention_factor: f32,
+    },
+}
+
+/// Cos/sin tables `[max_positions, rotary_dim / 2]`, row-major.
+#[derive(Clone, Debug)]
+pub struct RopeTables {
+    /// cos(position · inv_freq) per row.
+    pub cos: Vec<f32>,
+    /// sin(position · inv_freq) per row.
+    pub sin: Vec<f32>,
+    /// Columns per row (`rotary_dim / 2`).
+    pub half_dim: usize,
 }
 
 impl RopeConfig {
-    /// `inv_freq[i] = 1 / θ^(2i/d)`, then scaled; computed in f32 as transformers does.
-    pub fn inv_freq(&self, head_dim: usize) -> Vec<f32> {
-        let base: Vec<f32> = (0..head_dim / 2)
-            .map(|i| 1.0 / self.theta.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
+    /// `inv_freq[i] = 1 / (divisor_i · θ^(2i/d))` for `d = rotary_dim`, in f32 as transformers.
+    fn inv_freq(&self, divisors: Option<&[f32]>) -> Vec<f32> {
+        let d = self.rotary_dim;
+        (0..d / 2)
+            .map(|i| {
+                let base = self.theta.powf((2 * i) as f32 / d as f32);
+                1.0 / (divisors.map_or(1.0, |f| f[i]) * base)
+            })
+            .map(|f| self.scale_frequency(f))
+            .collect()
+    }
+
+    fn scale_frequency(&self, f: f32) -> f32 {
         match self.scaling {
-            RopeScaling::None => base,
-            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::None | RopeScaling::LongRope { .. } => f,
+            RopeScaling::Linear { factor } => f / factor,
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings: old_len,
             } => {
-                let low_freq_wavelen = old_len / low_freq_factor;
-                let high_freq_wavelen = old_len / high_freq_factor;
-                base.iter()
-                    .map(|&f| {
-                        let wavelen = 2.0 * std::f32::consts::PI / f;
-                        if wavelen < high_freq_wavelen {
-                            f
-                        } else if wavelen > low_freq_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old_len / wavelen - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        }
-                    })
-                    .collect()
+                let wavelen = 2.0 * std::f32::consts::PI / f;
+                if wavelen < old_len / high_freq_factor {
+                    f
+                } else if wavelen > old_len / low_freq_factor {
+                    f / factor
+                } else {
+                    let smooth = (old_len / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * f / factor + smooth * f
+                }
             }
         }
+    }
+
+    /// The tables for positions `0..max_positions` (angles rounded once in f32).
+    pub fn tables(&self, max_positions: usize) -> RopeTables {
+        let (short, long, switch_at, factor) = match &self.scaling {
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => (
+                self.inv_freq(Some(short_factor)),
+                self.inv_freq(Some(long_factor)),
+                *original_max_position_embeddings,
+                *attention_factor,
+            ),
+            _ => {
+                let f = self.inv_freq(None);
+                (f.clone(), f, usize::MAX, 1.0)
+            }
+        };
+        let half_dim = self.rotary_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * half_dim);
+        let mut sin = Vec::with_capacity(max_positions * half_dim);
+        for pos in 0..max_positions {
+            let freqs = if pos < switch_at { &short } else { &long };
+            for &f in freqs {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos() * factor);
+                sin.push(angle.sin() * factor);
+            }
+        }
+        RopeTables { cos, sin, half_dim }
     }
 }
 
 /// Raw `rope_scaling` (classic) or `rope_parameters` (transformers 5) object.
-#[derive(Clone, Debug, Deserialize)]
-struct RawRope {
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct RawRope {
     #[serde(alias = "type")]
     rope_type: Option<String>,
     rope_theta: Option<f32>,
@@ -82,9 +144,13 @@ struct RawRope {
     low_freq_factor: Option<f32>,
     high_freq_factor: Option<f32>,
     original_max_position_embeddings: Option<f32>,
+    short_factor: Option<Vec<f32>>,
+    long_factor: Option<Vec<f32>>,
+    attention_factor: Option<f32>,
+    partial_rotary_factor: Option<f32>,
 }
 
-/// The fields of a Llama-style `config.json`.
+/// The fields of a decoder-only `config.json` (unknown keys ignored).
 #[derive(Clone, Debug, Deserialize)]
 pub struct HfConfig {
     /// e.g. `["LlamaForCausalLM"]`.
@@ -110,33 +176,51 @@ pub struct HfConfig {
     /// Context length.
     #[serde(default = "default_max_position")]
     pub max_position_embeddings: usize,
+    /// Pretraining context (Phi-3 LongRoPE).
+    pub original_max_position_embeddings: Option<usize>,
     /// RMSNorm epsilon.
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
     /// RoPE θ (classic key).
     pub rope_theta: Option<f32>,
+    /// RoPE θ of sliding-window layers (Gemma 3).
+    pub rope_local_base_freq: Option<f32>,
+    /// Share of each head that is rotated (Phi-3.5/4).
+    pub partial_rotary_factor: Option<f32>,
     #[serde(default)]
     rope_scaling: Option<RawRope>,
     #[serde(default)]
-    rope_parameters: Option<RawRope>,
+    rope_parameters: Option<Value>,
     /// lm_head shares the embedding matrix.
     #[serde(default)]
-    pub tie_word_embeddings: bool,
-    /// q/k/v/o carry biases.
+    pub tie_word_embeddings: Option<bool>,
+    /// q/k/v/o carry biases (Llama family key).
     #[serde(default)]
     pub attention_bias: bool,
     /// MLP projections carry biases.
     #[serde(default)]
     pub mlp_bias: bool,
-    /// Activation; only `silu` is supported by the Llama family.
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
+    /// Activation (`silu`, `gelu_pytorch_tanh`).
+    pub hidden_act: Option<String>,
+    /// Activation, Gemma's key.
+    pub hidden_activation: Option<String>,
+    /// Per-layer attention type (`sliding_attention` / `full_attention`).
+    pub layer_types: Option<Vec<String>>,
+    /// Sliding window size in tokens.
+    pub sliding_window: Option<usize>,
+    /// Every n-th layer is global (older Gemma 3 configs).
+    pub sliding_window_pattern: Option<usize>,
+    /// Qwen2's switch for its (unused) sliding window.
+    pub use_sliding_window: Option<bool>,
+    /// Gemma 3: attention scale is `query_pre_attn_scalar^-0.5`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// tanh soft-capping of attention scores.
+    pub attn_logit_softcapping: Option<f64>,
+    /// tanh soft-capping of the final logits.
+    pub final_logit_softcapping: Option<f64>,
     /// EOS id(s) as in config.json (an int or a list).
     #[serde(default)]
-    pub eos_token_id: Option<serde_json::Value>,
-    /// BOS id.
-    #[serde(default)]
-    pub bos_token_id: Option<serde_json::Value>,
+    pub eos_token_id: Option<Value>,
 }
 
 fn default_max_position() -> usize {
@@ -145,17 +229,36 @@ fn default_max_position() -> usize {
 fn default_eps() -> f64 {
     1e-6
 }
-fn default_act() -> String {
-    "silu".to_string()
+
+/// The attention type of a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerType {
+    /// Attends to every earlier position.
+    Full,
+    /// Attends to the last `sliding_window` positions.
+    Sliding,
 }
 
 impl HfConfig {
-    /// Parses `config.json` text; `file` names it in errors.
+    /// Parses `config.json` text; `file` names it in errors. A multimodal Gemma 3 config is
+    /// read through its `text_config`.
     pub fn parse(text: &str, file: &str) -> Result<Self, LoadError> {
-        serde_json::from_str(text).map_err(|e| LoadError::Malformed {
+        let malformed = |e: serde_json::Error| LoadError::Malformed {
             file: file.to_string(),
             reason: e.to_string(),
-        })
+        };
+        let mut json: Value = serde_json::from_str(text).map_err(malformed)?;
+        if let Some(mut text_cfg) = json.get("text_config").cloned().filter(Value::is_object) {
+            for key in ["architectures", "eos_token_id", "tie_word_embeddings"] {
+                if text_cfg.get(key).is_none() {
+                    if let Some(v) = json.get(key) {
+                        text_cfg[key] = v.clone();
+                    }
+                }
+            }
+            json = text_cfg;
+        }
+        serde_json::from_value(json).map_err(malformed)
     }
 
     /// KV heads.
@@ -169,23 +272,99 @@ impl HfConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// Rotary configuration from either the classic or the transformers-5 keys.
-    pub fn rope(&self) -> Result<RopeConfig, LoadError> {
-        let raw = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
-        let theta = self
-            .rope_theta
-            .or_else(|| raw.and_then(|r| r.rope_theta))
-            .unwrap_or(10_000.0);
+    /// The activation name, from either spelling (`silu` when absent).
+    pub fn activation(&self) -> &str {
+        self.hidden_activation
+            .as_deref()
+            .or(self.hidden_act.as_deref())
+            .unwrap_or("silu")
+    }
+
+    /// Attention type of every layer: `layer_types`, else Gemma's `sliding_window_pattern`,
+    /// else all full.
+    pub fn layer_types(&self) -> Result<Vec<LayerType>, LoadError> {
+        if let Some(types) = &self.layer_types {
+            return types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(LayerType::Full),
+                    "sliding_attention" => Ok(LayerType::Sliding),
+                    other => Err(LoadError::Unsupported(format!(
+                        "layer type `{other}` (supported: full_attention, sliding_attention)"
+                    ))),
+                })
+                .collect();
+        }
+        let pattern = self.sliding_window_pattern.unwrap_or(0);
+        Ok((0..self.num_hidden_layers)
+            .map(|i| {
+                if pattern > 0 && (i + 1) % pattern != 0 {
+                    LayerType::Sliding
+                } else {
+                    LayerType::Full
+                }
+            })
+            .collect())
+    }
+
+    /// The rope object for a layer type: transformers 5 may key `rope_parameters` by type.
+    fn raw_rope(&self, layer: LayerType) -> Option<RawRope> {
+        if let Some(params) = &self.rope_parameters {
+            let key = match layer {
+                LayerType::Full => "full_attention",
+                LayerType::Sliding => "sliding_attention",
+            };
+            let chosen = params.get(key).unwrap_or(params);
+            return serde_json::from_value(chosen.clone()).ok();
+        }
+        self.rope_scaling.clone()
+    }
+
+    /// Rotary configuration of a layer type. Gemma 3's sliding layers use
+    /// `rope_local_base_freq` without scaling (classic keys).
+    pub fn rope(&self, layer: LayerType) -> Result<RopeConfig, LoadError> {
+        let local_classic = layer == LayerType::Sliding && self.rope_parameters.is_none();
+        let raw = if local_classic {
+            None
+        } else {
+            self.raw_rope(layer)
+        };
+        let theta = match (local_classic, self.rope_local_base_freq) {
+            (true, Some(local)) => local,
+            _ => raw
+                .as_ref()
+                .and_then(|r| r.rope_theta)
+                .or(self.rope_theta)
+                .unwrap_or(10_000.0),
+        };
+        let partial = raw
+            .as_ref()
+            .and_then(|r| r.partial_rotary_factor)
+            .or(self.partial_rotary_factor)
+            .unwrap_or(1.0);
+        let rotary_dim = (self.head_dim() as f32 * partial) as usize;
+        let scaling = self.rope_scaling_of(raw.as_ref())?;
+        Ok(RopeConfig {
+            theta,
+            scaling,
+            rotary_dim,
+        })
+    }
+
+    fn rope_scaling_of(&self, raw: Option<&RawRope>) -> Result<RopeScaling, LoadError> {
         let bad = |what: &str| LoadError::Malformed {
             file: "config.json".into(),
             reason: format!("rope scaling is missing `{what}`"),
         };
-        let scaling = match raw.and_then(|r| r.rope_type.as_deref().map(|t| (r, t))) {
-            None | Some((_, "default")) => RopeScaling::None,
-            Some((r, "linear")) => RopeScaling::Linear {
+        let Some((r, kind)) = raw.and_then(|r| r.rope_type.as_deref().map(|t| (r, t))) else {
+            return Ok(RopeScaling::None);
+        };
+        Ok(match kind {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
                 factor: r.factor.ok_or_else(|| bad("factor"))?,
             },
-            Some((r, "llama3")) => RopeScaling::Llama3 {
+            "llama3" => RopeScaling::Llama3 {
                 factor: r.factor.ok_or_else(|| bad("factor"))?,
                 low_freq_factor: r.low_freq_factor.ok_or_else(|| bad("low_freq_factor"))?,
                 high_freq_factor: r.high_freq_factor.ok_or_else(|| bad("high_freq_factor"))?,
@@ -193,25 +372,40 @@ impl HfConfig {
                     .original_max_position_embeddings
                     .ok_or_else(|| bad("original_max_position_embeddings"))?,
             },
-            Some((_, other)) => {
+            "longrope" | "su" => {
+                let original = self
+                    .original_max_position_embeddings
+                    .or(r.original_max_position_embeddings.map(|v| v as usize))
+                    .unwrap_or(self.max_position_embeddings);
+                let factor = self.max_position_embeddings as f32 / original as f32;
+                let attention_factor = r.attention_factor.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (original as f32).ln()).sqrt()
+                });
+                RopeScaling::LongRope {
+                    short_factor: r.short_factor.clone().ok_or_else(|| bad("short_factor"))?,
+                    long_factor: r.long_factor.clone().ok_or_else(|| bad("long_factor"))?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                }
+            }
+            other => {
                 return Err(LoadError::Unsupported(format!(
-                    "rope scaling type `{other}` (supported: default, linear, llama3)"
+                    "rope scaling type `{other}` (supported: default, linear, llama3, longrope)"
                 )))
             }
-        };
-        Ok(RopeConfig { theta, scaling })
+        })
     }
 }
 
 /// Reads a token id or list of ids from a JSON value (`eos_token_id` may be either).
-pub fn token_ids(value: Option<&serde_json::Value>) -> Vec<u32> {
+pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
     match value {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
+        Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
             .iter()
-            .filter_map(|v| v.as_u64())
+            .filter_map(Value::as_u64)
             .map(|v| v as u32)
             .collect(),
         _ => Vec::new(),

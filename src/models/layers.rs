@@ -1,7 +1,7 @@
 //! Building blocks shared by every model family: linear layers, RMSNorm, rotary embeddings,
 //! the gated MLP.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::RopeConfig;
@@ -31,6 +31,25 @@ impl Linear {
         Self::Dense(candle_nn::Linear::new(weight, None))
     }
 
+    /// Splits a fused projection by output rows (`qkv_proj`, `gate_up_proj`) into one layer
+    /// per part, in order.
+    pub fn split_rows(&self, sizes: &[usize]) -> Result<Vec<Linear>> {
+        let Self::Dense(l) = self;
+        let mut start = 0;
+        sizes
+            .iter()
+            .map(|&n| {
+                let w = l.weight().narrow(0, start, n)?.contiguous()?;
+                let b = l
+                    .bias()
+                    .map(|b| b.narrow(0, start, n).and_then(|b| b.contiguous()))
+                    .transpose()?;
+                start += n;
+                Ok(Self::Dense(candle_nn::Linear::new(w, b)))
+            })
+            .collect()
+    }
+
     /// Applies the layer to `[T, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -39,7 +58,7 @@ impl Linear {
     }
 }
 
-/// Root-mean-square layer norm.
+/// Root-mean-square layer norm; Gemma stores `w` and scales by `1 + w` (`unit_offset`).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -48,9 +67,13 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// Loads `<prefix>.weight` of size `dim`.
-    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64, unit_offset: bool) -> Result<Self> {
+        let mut weight = vb.get(dim, "weight")?;
+        if unit_offset {
+            weight = (weight + 1.0)?;
+        }
         Ok(Self {
-            weight: vb.get(dim, "weight")?,
+            weight,
             eps: eps as f32,
         })
     }
@@ -66,6 +89,7 @@ impl RmsNorm {
 pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
+    rotary_dim: usize,
 }
 
 /// Cos/sin rows gathered for one batch's positions, applied to q and k of every layer.
@@ -73,32 +97,23 @@ pub struct Rotary {
 pub struct RotaryAtPositions {
     cos: Tensor,
     sin: Tensor,
+    rotary_dim: usize,
 }
 
 impl Rotary {
-    /// Tables `[max_positions, head_dim / 2]` from the model's rope configuration.
+    /// Tables `[max_positions, rotary_dim / 2]` from a rope configuration.
     pub fn new(
         rope: &RopeConfig,
-        head_dim: usize,
         max_positions: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let inv_freq = rope.inv_freq(head_dim);
-        let half = inv_freq.len();
-        // f32 like transformers: angle = position * inv_freq, rounded once.
-        let mut cos = Vec::with_capacity(max_positions * half);
-        let mut sin = Vec::with_capacity(max_positions * half);
-        for pos in 0..max_positions {
-            for &f in &inv_freq {
-                let angle = pos as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
+        let t = rope.tables(max_positions);
+        let shape = (max_positions, t.half_dim);
         Ok(Self {
-            cos: Tensor::from_vec(cos, (max_positions, half), device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(sin, (max_positions, half), device)?.to_dtype(dtype)?,
+            cos: Tensor::from_vec(t.cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(t.sin, shape, device)?.to_dtype(dtype)?,
+            rotary_dim: rope.rotary_dim,
         })
     }
 
@@ -107,39 +122,106 @@ impl Rotary {
         Ok(RotaryAtPositions {
             cos: self.cos.index_select(positions, 0)?,
             sin: self.sin.index_select(positions, 0)?,
+            rotary_dim: self.rotary_dim,
         })
     }
 }
 
 impl RotaryAtPositions {
-    /// Rotates `[T, heads, head_dim]` (half-split "neox" layout, as transformers' Llama).
+    /// Rotates the first `rotary_dim` dims of `[T, heads, head_dim]` (half-split "neox"
+    /// layout, as transformers); the remaining dims pass through.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &self.cos, &self.sin)?
-            .squeeze(0)
+        let head_dim = x.dim(D::Minus1)?;
+        let rotate = |x: &Tensor| {
+            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &self.cos, &self.sin)?
+                .squeeze(0)
+        };
+        if self.rotary_dim == head_dim {
+            return rotate(x);
+        }
+        let rotated = rotate(&x.narrow(D::Minus1, 0, self.rotary_dim)?)?;
+        let pass = x.narrow(D::Minus1, self.rotary_dim, head_dim - self.rotary_dim)?;
+        Tensor::cat(&[rotated, pass], D::Minus1)
     }
 }
 
-/// Gated MLP `down(act(gate(x)) * up(x))` with SiLU.
+/// The MLP's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// x · sigmoid(x).
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    /// From a config.json activation name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu_pytorch_tanh" | "gelu_tanh" | "gelu_new" => Some(Self::GeluTanh),
+            _ => None,
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => candle_nn::ops::silu(x),
+            Self::GeluTanh => x.gelu(),
+        }
+    }
+}
+
+/// Gated MLP `down(act(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
     gate: Linear,
     up: Linear,
     down: Linear,
+    activation: Activation,
+}
+
+/// Shape and naming of a gated MLP.
+#[derive(Clone, Copy, Debug)]
+pub struct MlpSpec {
+    /// Residual width.
+    pub hidden: usize,
+    /// Inner width.
+    pub intermediate: usize,
+    /// Projections carry biases.
+    pub bias: bool,
+    /// One `gate_up_proj` (rows: gate, then up) instead of two projections.
+    pub fused_gate_up: bool,
+    /// Gate activation.
+    pub activation: Activation,
 }
 
 impl GatedMlp {
-    /// Loads `gate_proj`, `up_proj`, `down_proj` under `vb`.
-    pub fn load(vb: VarBuilder, hidden: usize, intermediate: usize, bias: bool) -> Result<Self> {
+    /// Loads `gate_proj` + `up_proj` (or `gate_up_proj`) and `down_proj` under `vb`.
+    pub fn load(vb: VarBuilder, spec: MlpSpec) -> Result<Self> {
+        let (h, i) = (spec.hidden, spec.intermediate);
+        let (gate, up) = if spec.fused_gate_up {
+            let fused = Linear::load(vb.pp("gate_up_proj"), h, 2 * i, spec.bias)?;
+            let mut parts = fused.split_rows(&[i, i])?.into_iter();
+            let gate = parts.next().expect("two parts");
+            (gate, parts.next().expect("two parts"))
+        } else {
+            (
+                Linear::load(vb.pp("gate_proj"), h, i, spec.bias)?,
+                Linear::load(vb.pp("up_proj"), h, i, spec.bias)?,
+            )
+        };
         Ok(Self {
-            gate: Linear::load(vb.pp("gate_proj"), hidden, intermediate, bias)?,
-            up: Linear::load(vb.pp("up_proj"), hidden, intermediate, bias)?,
-            down: Linear::load(vb.pp("down_proj"), intermediate, hidden, bias)?,
+            gate,
+            up,
+            down: Linear::load(vb.pp("down_proj"), i, h, spec.bias)?,
+            activation: spec.activation,
         })
     }
 
     /// Applies the MLP to `[T, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        let gate = self.activation.apply(&self.gate.forward(x)?)?;
         self.down.forward(&(gate * self.up.forward(x)?)?)
     }
 }

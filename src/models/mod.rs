@@ -6,9 +6,12 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+pub mod decoder;
+pub mod gemma3;
 pub mod layers;
 pub mod llama;
 pub mod paged_kv;
+pub mod phi3;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -127,6 +130,17 @@ impl LoadProgress {
     }
 }
 
+/// `architectures[0]` values mlxd can load.
+pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "Phi3ForCausalLM",
+];
+
 /// Loads the model in the Hugging Face folder `dir` onto `device`, computing in `dtype`.
 pub fn load(
     dir: &Path,
@@ -163,16 +177,22 @@ pub fn load(
         file: weights.describe(),
         reason: e.to_string(),
     };
-    let model: Box<dyn Model> = match arch.as_str() {
-        "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral" => {
-            Box::new(llama::Llama::load(vb, &cfg, model_config, progress).map_err(wrap)?)
+    let spec = match arch.as_str() {
+        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" => {
+            let model_type = cfg.model_type.as_deref().unwrap_or("llama");
+            llama::spec(&cfg, model_type)?
         }
+        "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => gemma3::spec(&cfg, &vb)?,
+        "Phi3ForCausalLM" => phi3::spec(&cfg)?,
         other => {
             return Err(LoadError::Unsupported(format!(
-                "architecture `{other}` (supported: LlamaForCausalLM, MistralForCausalLM)"
+                "architecture `{other}` (supported: {})",
+                SUPPORTED_ARCHITECTURES.join(", ")
             )))
         }
     };
+    let model: Box<dyn Model> =
+        Box::new(decoder::Decoder::load(vb, &spec, model_config, progress).map_err(wrap)?);
     progress.finish();
     Ok(model)
 }

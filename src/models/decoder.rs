@@ -1,0 +1,398 @@
+//! The decoder-only transformer every supported family is an instance of. Families differ
+//! only in their `DecoderSpec` (built from config.json by `llama.rs`, `gemma3.rs`, `phi3.rs`):
+//! biases, fused projections, q/k norms, norm placement, activation, rope per layer type,
+//! sliding windows, scales and soft-capping. Stateless: KV lives in the `PagedKvCache`,
+//! positions come from the `BatchInput`.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+
+use super::attention::{paged_attention, AttentionMeta, AttentionOpts, HeadDims, Qkv};
+use super::batch::BatchInput;
+use super::config::{HfConfig, LayerType, RopeConfig};
+use super::layers::{Activation, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
+use super::paged_kv::{LayerKv, PagedKvCache};
+use super::{LoadError, LoadProgress, Model, ModelConfig};
+
+/// Where a layer's norms sit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// `x + attn(norm(x))`, `x + mlp(norm(x))` (Llama, Qwen, Phi-3).
+    Pre,
+    /// Gemma: also a norm on each block's output (`post_attention_layernorm`,
+    /// `pre_feedforward_layernorm`, `post_feedforward_layernorm`).
+    Sandwich,
+}
+
+/// Everything that distinguishes one family's decoder from another's.
+#[derive(Clone, Debug)]
+pub struct DecoderSpec {
+    /// Residual width.
+    pub hidden: usize,
+    /// Head layout.
+    pub dims: HeadDims,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f64,
+    /// RMSNorm scales by `1 + w` (Gemma).
+    pub norm_unit_offset: bool,
+    /// Norm arrangement.
+    pub norm_placement: NormPlacement,
+    /// q/k/v projections carry biases.
+    pub qkv_bias: bool,
+    /// o_proj carries a bias.
+    pub o_bias: bool,
+    /// One `qkv_proj` (rows: q, k, v) instead of three projections.
+    pub fused_qkv: bool,
+    /// RMSNorm over each head of q and k before rope (`q_norm`, `k_norm`).
+    pub qk_norm: bool,
+    /// The MLP.
+    pub mlp: MlpSpec,
+    /// Embeddings are multiplied by this (Gemma: √hidden).
+    pub embed_scale: Option<f64>,
+    /// Attention score multiplier.
+    pub attn_scale: f64,
+    /// Attention score soft-capping.
+    pub attn_softcap: Option<f64>,
+    /// Final logit soft-capping.
+    pub final_softcap: Option<f64>,
+    /// Attention type of every layer.
+    pub layer_types: Vec<LayerType>,
+    /// Rope of full-attention layers.
+    pub rope_full: RopeConfig,
+    /// Rope of sliding-window layers when it differs from `rope_full` (Gemma 3).
+    pub rope_sliding: Option<RopeConfig>,
+    /// Window of sliding layers.
+    pub sliding_window: Option<usize>,
+    /// lm_head is the embedding matrix.
+    pub tie_embeddings: bool,
+    /// Rows of the rope tables.
+    pub max_positions: usize,
+    /// Tensor name prefix of the decoder (`model`, or `model.language_model` …).
+    pub prefix: String,
+}
+
+impl DecoderSpec {
+    /// The Llama-style spec every family starts from: pre-norm, separate projections,
+    /// `head_dim^-0.5` scaling, one rope, full attention everywhere.
+    pub fn base(cfg: &HfConfig, tie_by_default: bool) -> std::result::Result<Self, LoadError> {
+        let dims = HeadDims {
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_kv_heads(),
+            head_dim: cfg.head_dim(),
+        };
+        let activation = Activation::from_name(cfg.activation()).ok_or_else(|| {
+            LoadError::Unsupported(format!(
+                "activation `{}` (supported: silu, gelu_pytorch_tanh)",
+                cfg.activation()
+            ))
+        })?;
+        Ok(Self {
+            hidden: cfg.hidden_size,
+            dims,
+            num_layers: cfg.num_hidden_layers,
+            vocab: cfg.vocab_size,
+            rms_eps: cfg.rms_norm_eps,
+            norm_unit_offset: false,
+            norm_placement: NormPlacement::Pre,
+            qkv_bias: cfg.attention_bias,
+            o_bias: cfg.attention_bias,
+            fused_qkv: false,
+            qk_norm: false,
+            mlp: MlpSpec {
+                hidden: cfg.hidden_size,
+                intermediate: cfg.intermediate_size,
+                bias: cfg.mlp_bias,
+                fused_gate_up: false,
+                activation,
+            },
+            embed_scale: None,
+            attn_scale: 1.0 / (dims.head_dim as f64).sqrt(),
+            attn_softcap: cfg.attn_logit_softcapping,
+            final_softcap: cfg.final_logit_softcapping,
+            layer_types: vec![LayerType::Full; cfg.num_hidden_layers],
+            rope_full: cfg.rope(LayerType::Full)?,
+            rope_sliding: None,
+            sliding_window: None,
+            tie_embeddings: cfg.tie_word_embeddings.unwrap_or(tie_by_default),
+            max_positions: cfg.max_position_embeddings,
+            prefix: "model".into(),
+        })
+    }
+
+    /// Makes every layer attend through `cfg.sliding_window` when the config sets one.
+    pub fn with_uniform_sliding_window(mut self, cfg: &HfConfig) -> Self {
+        if let Some(w) = cfg.sliding_window {
+            self.layer_types = vec![LayerType::Sliding; self.num_layers];
+            self.sliding_window = Some(w);
+        }
+        self
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    dims: HeadDims,
+    opts: AttentionOpts,
+    sliding: bool,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
+        let d = spec.dims;
+        let (q_out, kv_out) = (d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim);
+        let h = spec.hidden;
+        let (q_proj, k_proj, v_proj) = if spec.fused_qkv {
+            let fused = Linear::load(vb.pp("qkv_proj"), h, q_out + 2 * kv_out, spec.qkv_bias)?;
+            let mut p = fused.split_rows(&[q_out, kv_out, kv_out])?.into_iter();
+            let mut next = || p.next().expect("three parts");
+            (next(), next(), next())
+        } else {
+            (
+                Linear::load(vb.pp("q_proj"), h, q_out, spec.qkv_bias)?,
+                Linear::load(vb.pp("k_proj"), h, kv_out, spec.qkv_bias)?,
+                Linear::load(vb.pp("v_proj"), h, kv_out, spec.qkv_bias)?,
+            )
+        };
+        let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            spec.qk_norm
+                .then(|| {
+                    RmsNorm::load(vb.pp(name), d.head_dim, spec.rms_eps, spec.norm_unit_offset)
+                })
+                .transpose()
+        };
+        let sliding = layer == LayerType::Sliding;
+        Ok(Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj: Linear::load(vb.pp("o_proj"), q_out, h, spec.o_bias)?,
+            q_norm: head_norm("q_norm")?,
+            k_norm: head_norm("k_norm")?,
+            dims: d,
+            opts: AttentionOpts {
+                scale: spec.attn_scale,
+                window: if sliding { spec.sliding_window } else { None },
+                softcap: spec.attn_softcap,
+            },
+            sliding,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryAtPositions,
+        kv: &mut LayerKv,
+        meta: &AttentionMeta,
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let HeadDims {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        } = self.dims;
+        // 1) project, 2) per-head norms, 3) rotate q and k, 4) paged attention, 5) output.
+        let mut q = self.q_proj.forward(x)?.reshape((t, num_heads, head_dim))?;
+        let mut k = self
+            .k_proj
+            .forward(x)?
+            .reshape((t, num_kv_heads, head_dim))?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((t, num_kv_heads, head_dim))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let qkv = Qkv {
+            q: rope.apply(&q)?,
+            k: rope.apply(&k)?,
+            v,
+        };
+        let o = paged_attention(&qkv, kv, meta, self.opts)?;
+        self.o_proj.forward(&o)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    attn_out_norm: Option<RmsNorm>,
+    mlp_norm: RmsNorm,
+    mlp: GatedMlp,
+    mlp_out_norm: Option<RmsNorm>,
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
+        let norm = |name: &str| {
+            RmsNorm::load(
+                vb.pp(name),
+                spec.hidden,
+                spec.rms_eps,
+                spec.norm_unit_offset,
+            )
+        };
+        let sandwich = spec.norm_placement == NormPlacement::Sandwich;
+        Ok(Self {
+            attn_norm: norm("input_layernorm")?,
+            attn: Attention::load(vb.pp("self_attn"), spec, layer)?,
+            attn_out_norm: sandwich
+                .then(|| norm("post_attention_layernorm"))
+                .transpose()?,
+            mlp_norm: norm(if sandwich {
+                "pre_feedforward_layernorm"
+            } else {
+                "post_attention_layernorm"
+            })?,
+            mlp: GatedMlp::load(vb.pp("mlp"), spec.mlp)?,
+            mlp_out_norm: sandwich
+                .then(|| norm("post_feedforward_layernorm"))
+                .transpose()?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryAtPositions,
+        kv: &mut LayerKv,
+        meta: &AttentionMeta,
+    ) -> Result<Tensor> {
+        let mut h = self
+            .attn
+            .forward(&self.attn_norm.forward(x)?, rope, kv, meta)?;
+        if let Some(n) = &self.attn_out_norm {
+            h = n.forward(&h)?;
+        }
+        let x = (x + h)?;
+        let mut h = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        if let Some(n) = &self.mlp_out_norm {
+            h = n.forward(&h)?;
+        }
+        x + h
+    }
+}
+
+/// A loaded decoder-only model of any supported family.
+#[derive(Debug)]
+pub struct Decoder {
+    embed_tokens: Embedding,
+    embed_scale: Option<f64>,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    final_softcap: Option<f64>,
+    rope_full: Rotary,
+    rope_sliding: Option<Rotary>,
+    windows: Vec<Option<usize>>,
+    dims: HeadDims,
+    config: ModelConfig,
+}
+
+impl Decoder {
+    /// Builds the model from a family's spec and weights under `vb` (HF tensor names).
+    pub fn load(
+        vb: VarBuilder,
+        spec: &DecoderSpec,
+        config: ModelConfig,
+        progress: &LoadProgress,
+    ) -> Result<Self> {
+        let device = vb.device().clone();
+        let dtype = vb.dtype();
+        let m = vb.pp(&spec.prefix);
+        let embed_weight = m
+            .pp("embed_tokens")
+            .get((spec.vocab, spec.hidden), "weight")?;
+        progress.set_length(spec.num_layers as u64);
+        let layers = spec
+            .layer_types
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| {
+                let layer = DecoderLayer::load(m.pp(format!("layers.{i}")), spec, kind);
+                progress.inc();
+                layer
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if spec.tie_embeddings || !vb.contains_tensor("lm_head.weight") {
+            Linear::from_weight(embed_weight.clone())
+        } else {
+            Linear::load(vb.pp("lm_head"), spec.hidden, spec.vocab, false)?
+        };
+        let mut windows: Vec<Option<usize>> = layers.iter().map(|l| l.attn.opts.window).collect();
+        windows.sort_unstable();
+        windows.dedup();
+        Ok(Self {
+            embed_tokens: Embedding::new(embed_weight, spec.hidden),
+            embed_scale: spec.embed_scale,
+            layers,
+            norm: RmsNorm::load(
+                m.pp("norm"),
+                spec.hidden,
+                spec.rms_eps,
+                spec.norm_unit_offset,
+            )?,
+            lm_head,
+            final_softcap: spec.final_softcap,
+            rope_full: Rotary::new(&spec.rope_full, spec.max_positions, dtype, &device)?,
+            rope_sliding: spec
+                .rope_sliding
+                .as_ref()
+                .map(|r| Rotary::new(r, spec.max_positions, dtype, &device))
+                .transpose()?,
+            windows,
+            dims: spec.dims,
+            config,
+        })
+    }
+}
+
+impl Model for Decoder {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&self, batch: &BatchInput, kv: &mut PagedKvCache) -> Result<Tensor> {
+        // 1) embed every scheduled token, 2) per-forward rope rows and attention metadata,
+        // 3) decoder layers, 4) final norm and lm_head on the sampling rows only.
+        let mut x = self.embed_tokens.forward(&batch.token_ids)?;
+        if let Some(scale) = self.embed_scale {
+            x = (x * scale)?;
+        }
+        let dtype = x.dtype();
+        let rope_full = self.rope_full.at(&batch.positions)?;
+        let rope_sliding = self
+            .rope_sliding
+            .as_ref()
+            .map(|r| r.at(&batch.positions))
+            .transpose()?;
+        let meta = AttentionMeta::new(batch, self.dims, &self.windows, dtype)?;
+        for (layer, layer_kv) in self.layers.iter().zip(kv.layers_mut()) {
+            let rope = match &rope_sliding {
+                Some(sliding) if layer.attn.sliding => sliding,
+                _ => &rope_full,
+            };
+            x = layer.forward(&x, rope, layer_kv, &meta)?;
+        }
+        let x = x.index_select(&batch.logits_rows, 0)?;
+        let x = self.norm.forward(&x)?;
+        let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if let Some(cap) = self.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+}

@@ -1,0 +1,38 @@
+//! Gemma 3 text (`Gemma3ForCausalLM`, and the language model inside
+//! `Gemma3ForConditionalGeneration`): (1 + w) RMSNorm, four norms per layer, √hidden
+//! embedding scale, `query_pre_attn_scalar`, q/k norms, interleaved sliding-window and global
+//! layers with their own rope bases, GELU (tanh), optional soft-capping.
+
+use candle_nn::VarBuilder;
+
+use super::config::{HfConfig, LayerType};
+use super::decoder::{DecoderSpec, NormPlacement};
+use super::LoadError;
+
+/// Where the decoder's tensors live in the checkpoints that exist in the wild.
+const PREFIXES: [&str; 3] = ["model", "model.language_model", "language_model.model"];
+
+/// The decoder spec of a Gemma 3 config; `vb` tells which tensor prefix the file uses.
+pub fn spec(cfg: &HfConfig, vb: &VarBuilder) -> Result<DecoderSpec, LoadError> {
+    let base = DecoderSpec::base(cfg, true)?;
+    let prefix = PREFIXES
+        .iter()
+        .find(|p| vb.contains_tensor(&format!("{p}.embed_tokens.weight")))
+        .ok_or_else(|| LoadError::Malformed {
+            file: "model weights".into(),
+            reason: format!("no Gemma 3 embedding under any of {PREFIXES:?}"),
+        })?;
+    let query_scalar = cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim() as f64);
+    Ok(DecoderSpec {
+        norm_unit_offset: true,
+        norm_placement: NormPlacement::Sandwich,
+        qk_norm: true,
+        embed_scale: Some((cfg.hidden_size as f64).sqrt()),
+        attn_scale: query_scalar.powf(-0.5),
+        layer_types: cfg.layer_types()?,
+        rope_sliding: Some(cfg.rope(LayerType::Sliding)?),
+        sliding_window: cfg.sliding_window,
+        prefix: prefix.to_string(),
+        ..base
+    })
+}
