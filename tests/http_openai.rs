@@ -422,3 +422,80 @@ async fn an_engine_failure_mid_stream_is_one_sse_error_event() {
     let health = reqwest::get(s.url("/health")).await.expect("health");
     assert_eq!(health.status(), 503);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn return_token_ids_and_ignore_eos_expose_raw_ids() {
+    let s = server().await;
+    let reference = read_json(&shared("models/stories260k/reference.json"));
+    let g = &reference["generations"][1];
+    let (status, body) = post(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "return_token_ids": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["prompt_token_ids"], g["prompt_ids"]);
+    assert_eq!(body["choices"][0]["token_ids"], g["generated_ids"]);
+    // A prompt whose greedy continuation ends the story: with ignore_eos it runs to max_tokens.
+    let stops_early = json!({"prompt": "They were happy", "max_tokens": 300, "temperature": 0});
+    let (_, natural) = post(&s, "/v1/completions", stops_early.clone()).await;
+    let mut ignoring = stops_early;
+    ignoring["ignore_eos"] = json!(true);
+    let (_, forced) = post(&s, "/v1/completions", ignoring).await;
+    assert_eq!(natural["choices"][0]["finish_reason"], "stop");
+    assert!(natural["usage"]["completion_tokens"].as_u64() < Some(300));
+    assert_eq!(forced["usage"]["completion_tokens"], 300);
+    assert_eq!(forced["choices"][0]["finish_reason"], "length");
+    // Streamed: ids per chunk add up to the same sequence.
+    let events = post_sse(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "return_token_ids": true, "stream": true}),
+    )
+    .await;
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("json"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["prompt_token_ids"], g["prompt_ids"]);
+    let ids: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["token_ids"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(Value::Array(ids), g["generated_ids"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_and_detokenize_use_the_served_tokenizer() {
+    let s = server().await;
+    let reference = read_json(&shared("models/stories260k/reference.json"));
+    let case = &reference["tokenizer"][2];
+    let (status, t) = post(&s, "/tokenize", json!({"prompt": case["text"]})).await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["tokens"], case["ids_with_bos"]);
+    assert_eq!(
+        t["count"],
+        case["ids_with_bos"].as_array().expect("ids").len()
+    );
+    assert_eq!(t["max_model_len"], 512);
+    let (_, d) = post(&s, "/detokenize", json!({"tokens": case["ids_with_bos"]})).await;
+    assert_eq!(d["prompt"], case["decoded"]);
+    let example = &reference["chat_template_example"];
+    let (_, chat) = post(&s, "/tokenize", json!({"messages": example["messages"]})).await;
+    assert_eq!(chat["tokens"], example["ids_no_extra_special_tokens"]);
+    let (status, err) = post(&s, "/detokenize", json!({"tokens": [100000]})).await;
+    assert_eq!(status, 400);
+    assert_openai_error(&err, Some("tokens"));
+    let models: Value = reqwest::get(s.url("/v1/models"))
+        .await
+        .expect("models")
+        .json()
+        .await
+        .expect("json");
+    let details = &models["data"][0]["details"];
+    assert_eq!(details["family"], "llama");
+    assert_eq!(details["parameter_size"], "260K");
+    assert_eq!(details["quantization"], "F32");
+}

@@ -119,6 +119,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat::chat_completions))
         .route("/v1/completions", post(openai::completions::completions))
         .route("/v1/models", get(openai::models::list_models))
+        .route("/tokenize", post(openai::tokenize::tokenize))
+        .route("/detokenize", post(openai::tokenize::detokenize))
         .route("/api/generate", post(ollama::generate::generate))
         .route("/api/chat", post(ollama::chat::chat))
         .route("/api/tags", get(ollama::models::tags))

@@ -93,7 +93,7 @@ pub async fn chat_completions(
 }
 
 /// Validates roles and flattens content parts into the template's plain messages.
-fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",

@@ -54,6 +54,7 @@ pub async fn completions(
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
         state.engine.info(),
     )?;
+    let prompt_for_reply = req.return_token_ids.then(|| prompt.clone());
     let request = GenerateRequest {
         prompt,
         params,
@@ -67,20 +68,15 @@ pub async fn completions(
         model: state.model_name.clone(),
         fingerprint: state.fingerprint.clone(),
         codec: state.codec.clone(),
+        with_logprobs: req.logprobs.is_some(),
+        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+        prompt_token_ids: prompt_for_reply,
     };
-    let with_logprobs = req.logprobs.is_some();
     if req.stream {
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream_completion(text, meta, include_usage, with_logprobs));
+        return Ok(stream_completion(text, meta));
     }
     let c = collect(text).await?;
-    let logprobs = with_logprobs.then(|| logprobs_json(&meta.codec, &c.tokens, 0));
-    let choice = CompletionChoice {
-        index: 0,
-        text: c.text,
-        logprobs,
-        finish_reason: c.reason.map(FinishReason::as_str),
-    };
+    let choice = meta.choice(c.text, &c.tokens, 0, c.reason);
     Ok(Json(meta.object(vec![choice], Some(c.usage.into()))).into_response())
 }
 
@@ -128,6 +124,10 @@ struct CompletionMeta {
     model: String,
     fingerprint: String,
     codec: Arc<TextCodec>,
+    with_logprobs: bool,
+    include_usage: bool,
+    /// Set with `return_token_ids`; sent with the response or the first chunk.
+    prompt_token_ids: Option<Vec<u32>>,
 }
 
 impl CompletionMeta {
@@ -143,16 +143,32 @@ impl CompletionMeta {
         }
     }
 
-    fn chunk(&self, text: String, logprobs: Option<Value>, finish: Option<FinishReason>) -> Event {
-        json_event(&self.object(
-            vec![CompletionChoice {
-                index: 0,
-                text,
-                logprobs,
-                finish_reason: finish.map(FinishReason::as_str),
-            }],
-            None,
-        ))
+    /// A choice carrying `text` made of `tokens`; `text_offset` is where it starts in the
+    /// whole completion (for legacy logprobs).
+    fn choice(
+        &self,
+        text: String,
+        tokens: &[GeneratedToken],
+        text_offset: usize,
+        finish: Option<FinishReason>,
+    ) -> CompletionChoice {
+        let with_ids = self.prompt_token_ids.is_some();
+        CompletionChoice {
+            index: 0,
+            text,
+            logprobs: self
+                .with_logprobs
+                .then(|| logprobs_json(&self.codec, tokens, text_offset)),
+            finish_reason: finish.map(FinishReason::as_str),
+            prompt_token_ids: (text_offset == 0)
+                .then(|| self.prompt_token_ids.clone())
+                .flatten(),
+            token_ids: with_ids.then(|| tokens.iter().map(|t| t.id).collect()),
+        }
+    }
+
+    fn chunk(&self, choice: CompletionChoice) -> Event {
+        json_event(&self.object(vec![choice], None))
     }
 }
 
@@ -163,31 +179,26 @@ enum Phase {
     End,
 }
 
-fn stream_completion(
-    text: TextStream,
-    meta: CompletionMeta,
-    include_usage: bool,
-    with_logprobs: bool,
-) -> Response {
+fn stream_completion(text: TextStream, meta: CompletionMeta) -> Response {
     let start = (text, meta, Phase::Body { text_offset: 0 });
     let events = futures::stream::unfold(start, move |(mut text, meta, phase)| async move {
         let (event, next) = match phase {
             Phase::Body { text_offset } => match text.next().await {
                 Some(StreamItem::Delta { text: t, tokens }) => {
-                    let logprobs =
-                        with_logprobs.then(|| logprobs_json(&meta.codec, &tokens, text_offset));
                     let next = Phase::Body {
                         text_offset: text_offset + t.len(),
                     };
-                    (meta.chunk(t, logprobs, None), next)
+                    (meta.chunk(meta.choice(t, &tokens, text_offset, None)), next)
                 }
                 Some(StreamItem::Done { reason, usage }) => {
-                    let next = if include_usage {
+                    let next = if meta.include_usage {
                         Phase::Usage(usage.into())
                     } else {
                         Phase::Done
                     };
-                    (meta.chunk(String::new(), None, Some(reason)), next)
+                    let mut last = meta.choice(String::new(), &[], usize::MAX, Some(reason));
+                    last.logprobs = None;
+                    (meta.chunk(last), next)
                 }
                 Some(StreamItem::Error(e)) => {
                     (json_event(&ApiError::from(e).openai_body()), Phase::End)

@@ -150,6 +150,9 @@ pub struct CompletionRequest {
     pub echo: bool,
     /// Text after the completion (unsupported).
     pub suffix: Option<String>,
+    /// vLLM extension: add `prompt_token_ids` and `token_ids` to each choice.
+    #[serde(default)]
+    pub return_token_ids: bool,
     /// Sampling.
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -284,6 +287,12 @@ pub struct CompletionChoice {
     pub logprobs: Option<Value>,
     /// `stop`, `length`, or null mid-stream.
     pub finish_reason: Option<&'static str>,
+    /// With `return_token_ids`: the prompt's ids (first chunk / response only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_token_ids: Option<Vec<u32>>,
+    /// With `return_token_ids`: ids generated in this choice (or chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 /// `text_completion` object (response and stream chunks).

@@ -1,0 +1,81 @@
+//! vLLM's `POST /tokenize` and `POST /detokenize`: the served model's tokenizer over HTTP.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::chat::to_template_messages;
+use super::types::ChatMessageIn;
+use crate::server::error::{ApiError, AppJson};
+use crate::server::AppState;
+
+/// `/tokenize` body: a text `prompt`, or chat `messages` rendered with the template.
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    /// Model name.
+    pub model: Option<String>,
+    /// Text to tokenize.
+    pub prompt: Option<String>,
+    /// Conversation to render and tokenize.
+    pub messages: Option<Vec<ChatMessageIn>>,
+    /// Add BOS and the like (text prompts; default true).
+    pub add_special_tokens: Option<bool>,
+}
+
+/// `/detokenize` body.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    /// Model name.
+    pub model: Option<String>,
+    /// Ids to decode.
+    pub tokens: Vec<u32>,
+}
+
+/// Tokenizes a prompt or a templated conversation.
+pub async fn tokenize(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<TokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    state.check_model(req.model.as_deref())?;
+    let codec = &state.codec;
+    let tokens = match (req.prompt, req.messages) {
+        (Some(prompt), None) => codec
+            .encode(&prompt, req.add_special_tokens.unwrap_or(true))
+            .map_err(|e| ApiError::invalid("prompt", e.0))?,
+        (None, Some(messages)) => {
+            let messages = to_template_messages(&messages)?;
+            codec
+                .encode_chat(&messages)
+                .map_err(|e| ApiError::invalid("messages", e.0))?
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "give exactly one of `prompt` or `messages`",
+            ))
+        }
+    };
+    Ok(Json(json!({
+        "count": tokens.len(),
+        "max_model_len": state.engine.info().max_model_len,
+        "tokens": tokens,
+        "token_strs": null,
+    })))
+}
+
+/// Decodes ids back to text (special tokens skipped).
+pub async fn detokenize(
+    State(state): State<AppState>,
+    AppJson(req): AppJson<DetokenizeRequest>,
+) -> Result<Json<Value>, ApiError> {
+    state.check_model(req.model.as_deref())?;
+    let vocab = state.engine.info().model.vocab_size;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is out of range (vocabulary size {vocab})"),
+        ));
+    }
+    Ok(Json(json!({"prompt": state.codec.decode(&req.tokens)})))
+}
