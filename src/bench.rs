@@ -65,18 +65,13 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<LevelReport>> {
         // A fresh seed per level: nothing of an earlier level can be cached.
         let mut rng = StdRng::seed_from_u64(cfg.seed ^ ((level as u64 + 1) << 32));
         let shared_len = (cfg.prompt_tokens as f64 * cfg.shared_prefix).round() as usize;
-        let shared: Vec<u32> = (0..shared_len)
-            .map(|_| rng.random_range(PROMPT_ID_RANGE))
-            .collect();
+        let shared: Vec<u32> = (0..shared_len).map(|_| rng.random_range(PROMPT_ID_RANGE)).collect();
         let prompts: Vec<Vec<Vec<u32>>> = (0..concurrency)
             .map(|_| {
                 (0..cfg.requests_per_client)
                     .map(|_| {
                         let mut p = shared.clone();
-                        p.extend(
-                            (shared_len..cfg.prompt_tokens)
-                                .map(|_| rng.random_range(PROMPT_ID_RANGE)),
-                        );
+                        p.extend((shared_len..cfg.prompt_tokens).map(|_| rng.random_range(PROMPT_ID_RANGE)));
                         p
                     })
                     .collect()
@@ -103,11 +98,7 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<LevelReport>> {
     Ok(reports)
 }
 
-async fn one_request(
-    client: &reqwest::Client,
-    cfg: &BenchConfig,
-    prompt: Vec<u32>,
-) -> anyhow::Result<RequestResult> {
+async fn one_request(client: &reqwest::Client, cfg: &BenchConfig, prompt: Vec<u32>) -> anyhow::Result<RequestResult> {
     let body = json!({
         "prompt": prompt, "max_tokens": cfg.output_tokens, "ignore_eos": true, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}
@@ -160,9 +151,7 @@ async fn one_request(
         gaps,
         completion_tokens: count("completion_tokens"),
         prompt_tokens: count("prompt_tokens"),
-        cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0),
+        cached_tokens: usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0),
     })
 }
 

@@ -103,17 +103,14 @@ pub struct ConfigError(pub String);
 impl Config {
     /// Reads and parses a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
         toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
     }
 
     /// Checks every value once, after overlays.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.engine.model.is_none() {
-            return Err(ConfigError(
-                "no model given (--model PATH or [engine] model)".into(),
-            ));
+            return Err(ConfigError("no model given (--model PATH or [engine] model)".into()));
         }
         if crate::models::parse_dtype(&self.engine.dtype).is_none() {
             return Err(ConfigError(format!(
@@ -151,19 +148,13 @@ pub fn parse_kv_memory(spec: &str) -> Result<u64, ConfigError> {
         let available = available_memory_bytes().unwrap_or(4 << 30);
         return Ok((available as f64 * AUTO_KV_FRACTION) as u64);
     }
-    parse_size(spec).ok_or_else(|| {
-        ConfigError(format!(
-            "kv_memory `{spec}` (use auto, or a size like 512MiB or 2GiB)"
-        ))
-    })
+    parse_size(spec).ok_or_else(|| ConfigError(format!("kv_memory `{spec}` (use auto, or a size like 512MiB or 2GiB)")))
 }
 
 /// Parses `123`, `64K`, `512MiB`, `2GB`, `1.5GiB` (K/M/G are powers of 1024 either way).
 pub fn parse_size(spec: &str) -> Option<u64> {
     let s = spec.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num.parse().ok()?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -204,15 +195,9 @@ mod tests {
         let defaults = Config::default();
         assert_eq!(cfg.server.port, defaults.server.port);
         assert_eq!(cfg.scheduler.max_seqs, defaults.scheduler.max_seqs);
-        assert_eq!(
-            cfg.scheduler.max_batch_tokens,
-            defaults.scheduler.max_batch_tokens
-        );
+        assert_eq!(cfg.scheduler.max_batch_tokens, defaults.scheduler.max_batch_tokens);
         assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);
         assert_eq!(cfg.scheduler.max_queue, defaults.scheduler.max_queue);
-        assert_eq!(
-            cfg.scheduler.queue_timeout,
-            defaults.scheduler.queue_timeout
-        );
+        assert_eq!(cfg.scheduler.queue_timeout, defaults.scheduler.queue_timeout);
     }
 }

@@ -127,8 +127,7 @@ fn main() -> Result<()> {
     pin_compute_threads();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,tower_http=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -192,9 +191,7 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
 }
 
 /// Starts the engine thread (loading the model) and loads the tokenizer side.
-fn start_engine(
-    cfg: &Config,
-) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
+fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
     let model_path = cfg.engine.model.clone().context("no model given")?;
     if !model_path.is_dir() {
         bail!(
@@ -249,12 +246,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .unwrap_or_else(|| model_name(&model_path));
     let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
         .parse()
-        .with_context(|| {
-            format!(
-                "invalid listen address {}:{}",
-                cfg.server.host, cfg.server.port
-            )
-        })?;
+        .with_context(|| format!("invalid listen address {}:{}", cfg.server.host, cfg.server.port))?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
@@ -286,8 +278,7 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             s.recv().await;
         }
     };
@@ -321,9 +312,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
 async fn run(args: RunArgs) -> Result<()> {
     let cfg = load_config(&args.model)?;
     let (engine, join, codec) = start_engine(&cfg)?;
-    let prompt = codec
-        .encode(&args.prompt, true)
-        .map_err(|e| anyhow::anyhow!(e.0))?;
+    let prompt = codec.encode(&args.prompt, true).map_err(|e| anyhow::anyhow!(e.0))?;
     let max_len = engine.info().max_model_len;
     if prompt.len() >= max_len {
         bail!(

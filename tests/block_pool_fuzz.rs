@@ -32,33 +32,18 @@ fn check_invariants(s: &Scheduler) {
     }
     let free: Vec<BlockId> = pool.free_order();
     let free_set: HashSet<BlockId> = free.iter().copied().collect();
-    assert_eq!(
-        free.len(),
-        free_set.len(),
-        "no block twice in the free queue"
-    );
+    assert_eq!(free.len(), free_set.len(), "no block twice in the free queue");
     assert_eq!(free.len(), pool.num_free());
     for i in 1..NUM_BLOCKS as u32 {
         let b = BlockId(i);
         let r = refs.get(&b).copied().unwrap_or(0);
-        assert_eq!(
-            pool.ref_count(b),
-            r,
-            "ref count of {b:?} equals its table references"
-        );
-        assert_eq!(
-            free_set.contains(&b),
-            r == 0,
-            "free ∪ used = all, disjoint ({b:?})"
-        );
+        assert_eq!(pool.ref_count(b), r, "ref count of {b:?} equals its table references");
+        assert_eq!(free_set.contains(&b), r == 0, "free ∪ used = all, disjoint ({b:?})");
         if let Some(h) = pool.block_hash(b) {
             assert_eq!(pool.lookup(h), Some(b), "a hashed block maps to itself");
         }
         if owners.get(&b).is_some_and(|o| o.len() > 1) {
-            assert!(
-                pool.block_hash(b).is_some(),
-                "only cached prefix blocks are shared"
-            );
+            assert!(pool.block_hash(b).is_some(), "only cached prefix blocks are shared");
         }
     }
 }
@@ -131,19 +116,11 @@ fn hundred_thousand_random_operations_keep_every_invariant() {
         s.abort(id);
     }
     check_invariants(&s);
-    assert_eq!(
-        s.blocks().pool().num_free(),
-        NUM_BLOCKS - 1,
-        "nothing leaks"
-    );
+    assert_eq!(s.blocks().pool().num_free(), NUM_BLOCKS - 1, "nothing leaks");
     assert!(
         finished > 1000 && aborted > 1000,
         "finished {finished}, aborted {aborted}"
     );
-    assert!(
-        s.num_preemptions() > 100,
-        "preemptions {}",
-        s.num_preemptions()
-    );
+    assert!(s.num_preemptions() > 100, "preemptions {}", s.num_preemptions());
     assert!(prefix_hits > 100, "prefix hits {prefix_hits}");
 }

@@ -47,16 +47,9 @@ fn run_streams_the_reference_continuation() {
         .args(["--max-tokens", "64", "Once upon a time"])
         .output()
         .expect("runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).expect("utf8");
-    let want = format!(
-        "Once upon a time{}\n",
-        g["generated_text"].as_str().expect("text")
-    );
+    let want = format!("Once upon a time{}\n", g["generated_text"].as_str().expect("text"));
     assert_eq!(stdout, want);
 }
 
@@ -64,14 +57,7 @@ fn run_streams_the_reference_continuation() {
 fn serve_help_explains_every_flag() {
     let out = mlxd().args(["serve", "--help"]).output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--model",
-        "--host",
-        "--port",
-        "--config",
-        "--max-seqs",
-        "--kv-memory",
-    ] {
+    for flag in ["--model", "--host", "--port", "--config", "--max-seqs", "--kv-memory"] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }

@@ -106,14 +106,10 @@ async fn same_seed_gives_same_tokens_whatever_else_is_batched() {
                 temperature: 0.8,
                 ..SamplingParams::default()
             };
-            engine
-                .submit(request(p.clone(), params, 40))
-                .expect("submit")
+            engine.submit(request(p.clone(), params, 40)).expect("submit")
         })
         .collect();
-    let again = engine
-        .submit(request(prompts[0].clone(), seeded, 40))
-        .expect("submit");
+    let again = engine.submit(request(prompts[0].clone(), seeded, 40)).expect("submit");
     let (again, _) = futures::join!(
         tokens_of(again),
         futures::future::join_all(noise.into_iter().map(tokens_of))
@@ -139,12 +135,8 @@ async fn a_request_larger_than_the_pool_fails_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_long_requests_in_a_tiny_pool_all_finish_exactly_as_alone() {
     let prompts = prompts();
-    let requests: Vec<Vec<u32>> = (0..16)
-        .map(|i| prompts[i % prompts.len()].clone())
-        .collect();
-    let solo_engine = EngineHandle::spawn(engine_config(&repo_model()))
-        .expect("engine")
-        .0;
+    let requests: Vec<Vec<u32>> = (0..16).map(|i| prompts[i % prompts.len()].clone()).collect();
+    let solo_engine = EngineHandle::spawn(engine_config(&repo_model())).expect("engine").0;
     let mut solo = Vec::new();
     for p in &prompts {
         solo.push(

@@ -34,9 +34,7 @@ async fn check_family(arch: &str) {
     cfg.block_size = 4;
     cfg.max_model_len = Some(256);
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
-    let refs = read_json(&shared(&format!(
-        "fixtures/{arch}/refs/transformers-f32.json"
-    )));
+    let refs = read_json(&shared(&format!("fixtures/{arch}/refs/transformers-f32.json")));
     let seqs: Vec<serde_json::Value> = refs["sequences"]
         .as_array()
         .expect("sequences")
@@ -45,32 +43,17 @@ async fn check_family(arch: &str) {
         .cloned()
         .collect();
     for round in 0..2 {
-        let runs = seqs
-            .iter()
-            .map(|s| greedy_tokens(&engine, ids(&s["prompt_ids"]), 32));
+        let runs = seqs.iter().map(|s| greedy_tokens(&engine, ids(&s["prompt_ids"]), 32));
         let outputs = futures::future::join_all(runs).await;
         for (s, out) in seqs.iter().zip(outputs) {
-            assert_eq!(
-                out,
-                ids(&s["greedy_ids"]),
-                "{arch} {} round {round}",
-                s["name"]
-            );
+            assert_eq!(out, ids(&s["greedy_ids"]), "{arch} {} round {round}", s["name"]);
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_family_reproduces_transformers_through_the_engine() {
-    for arch in [
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma3",
-        "phi3",
-        "phi3-longrope",
-    ] {
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "phi3-longrope"] {
         check_family(arch).await;
     }
 }

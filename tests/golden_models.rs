@@ -54,9 +54,8 @@ fn check_fixture(arch: &str, folder: &str, set: &str, names: &[&str]) {
     let dir = shared(&format!("fixtures/{arch}/{folder}"));
     let refs = shared(&format!("fixtures/{arch}/refs"));
     let json = read_json(&refs.join(format!("{set}.json")));
-    let tensors =
-        candle_core::safetensors::load(refs.join(format!("{set}.safetensors")), &Device::Cpu)
-            .expect("reference tensors");
+    let tensors = candle_core::safetensors::load(refs.join(format!("{set}.safetensors")), &Device::Cpu)
+        .expect("reference tensors");
     let all: Vec<&serde_json::Value> = json["sequences"]
         .as_array()
         .expect("sequences")
@@ -65,11 +64,7 @@ fn check_fixture(arch: &str, folder: &str, set: &str, names: &[&str]) {
         .collect();
     let seqs: Vec<&serde_json::Value> = names
         .iter()
-        .map(|n| {
-            *all.iter()
-                .find(|s| s["name"] == *n)
-                .expect("named sequence")
-        })
+        .map(|n| *all.iter().find(|s| s["name"] == *n).expect("named sequence"))
         .collect();
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
     let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
@@ -104,22 +99,12 @@ fn llama_fixture_matches_transformers_f32_alone() {
 
 #[test]
 fn llama_fixture_matches_transformers_f32_batched() {
-    check_fixture(
-        "llama",
-        "f32",
-        "transformers-f32",
-        &["p1", "p7", "p33", "b0", "b1"],
-    );
+    check_fixture("llama", "f32", "transformers-f32", &["p1", "p7", "p33", "b0", "b1"]);
 }
 
 #[test]
 fn mistral_fixture_matches_transformers_f32_batched() {
-    check_fixture(
-        "mistral",
-        "f32",
-        "transformers-f32",
-        &["p1", "p7", "p33", "b0", "b1"],
-    );
+    check_fixture("mistral", "f32", "transformers-f32", &["p1", "p7", "p33", "b0", "b1"]);
 }
 
 #[test]
@@ -156,8 +141,7 @@ fn sharded_safetensors_load_like_a_single_file() {
     ] {
         std::fs::copy(src.join(f), dir.join(f)).expect("copy");
     }
-    let tensors =
-        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("load");
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("load");
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let (first, second) = names.split_at(names.len() / 2);
@@ -166,10 +150,8 @@ fn sharded_safetensors_load_like_a_single_file() {
         ("model-00001-of-00002.safetensors", first),
         ("model-00002-of-00002.safetensors", second),
     ] {
-        let shard: std::collections::HashMap<String, candle_core::Tensor> = part
-            .iter()
-            .map(|n| ((*n).clone(), tensors[*n].clone()))
-            .collect();
+        let shard: std::collections::HashMap<String, candle_core::Tensor> =
+            part.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
         candle_core::safetensors::save(&shard, dir.join(file)).expect("save shard");
         for n in part {
             weight_map.insert((*n).clone(), serde_json::json!(file));
@@ -225,8 +207,7 @@ fn gemma3_inside_a_multimodal_checkpoint_loads_its_language_model() {
         "vision_config": {"model_type": "siglip_vision_model"},
     });
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
-    let tensors =
-        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("load");
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("load");
     let renamed: std::collections::HashMap<String, candle_core::Tensor> = tensors
         .into_iter()
         .map(|(k, v)| (k.replacen("model.", "model.language_model.", 1), v))

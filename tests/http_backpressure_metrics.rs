@@ -61,13 +61,7 @@ async fn beyond_running_plus_queue_requests_get_429_at_once() {
         "with 2 slots most of 12 simultaneous requests are rejected: {rejected}"
     );
     assert!(results.len() - rejected >= 2);
-    assert_eq!(
-        reqwest::get(s.url("/health"))
-            .await
-            .expect("health")
-            .status(),
-        200
-    );
+    assert_eq!(reqwest::get(s.url("/health")).await.expect("health").status(), 200);
     let resp = client
         .post(s.url("/v1/completions"))
         .json(&json!({"prompt": "Hi", "max_tokens": 3}))
@@ -93,10 +87,7 @@ async fn a_request_queued_past_the_timeout_gets_a_clear_error() {
     assert_eq!(resp.status(), 503);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "queue_timeout");
-    assert!(body["error"]["message"]
-        .as_str()
-        .expect("message")
-        .contains("queue"));
+    assert!(body["error"]["message"].as_str().expect("message").contains("queue"));
 }
 
 /// Value of the first sample line starting with `name` (`name{labels} value` or `name value`).
@@ -150,17 +141,11 @@ async fn metrics_count_a_known_workload() {
     );
     assert!(sample(&text, "mlxd_generation_tokens_total") >= 38.0);
     assert_eq!(
-        sample(
-            &text,
-            "mlxd_request_success_total{finished_reason=\"length\"}"
-        ),
+        sample(&text, "mlxd_request_success_total{finished_reason=\"length\"}"),
         3.0
     );
     assert_eq!(
-        sample(
-            &text,
-            "mlxd_request_success_total{finished_reason=\"abort\"}"
-        ),
+        sample(&text, "mlxd_request_success_total{finished_reason=\"abort\"}"),
         1.0
     );
     assert_eq!(sample(&text, "mlxd_time_to_first_token_seconds_count"), 4.0);

@@ -48,10 +48,7 @@ fn assert_final_fields(last: &Value) {
     }
     assert!(last["total_duration"].as_u64() > Some(0));
     let created = last["created_at"].as_str().expect("created_at");
-    assert!(
-        created.parse::<jiff::Timestamp>().is_ok(),
-        "RFC 3339: {created}"
-    );
+    assert!(created.parse::<jiff::Timestamp>().is_ok(), "RFC 3339: {created}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,9 +57,7 @@ async fn generate_streams_ndjson_and_folds_to_the_same_text() {
     let body = json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true, "options": greedy(20)});
     let lines = ndjson(&s, "/api/generate", body.clone()).await;
     let (last, chunks) = lines.split_last().expect("lines");
-    assert!(chunks
-        .iter()
-        .all(|c| c["done"] == false && c["model"] == "stories260k"));
+    assert!(chunks.iter().all(|c| c["done"] == false && c["model"] == "stories260k"));
     assert_final_fields(last);
     assert_eq!(last["done_reason"], "length");
     assert_eq!(last["eval_count"], 20);
@@ -73,11 +68,7 @@ async fn generate_streams_ndjson_and_folds_to_the_same_text() {
         .collect();
     let mut whole = body;
     whole["stream"] = json!(false);
-    let folded: Value = post(&s, "/api/generate", whole)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let folded: Value = post(&s, "/api/generate", whole).await.json().await.expect("json");
     assert_eq!(folded["response"].as_str(), Some(streamed.as_str()));
     assert_eq!(folded["context"], last["context"]);
     assert_eq!(folded["context"].as_array().expect("context").len(), 25);
@@ -88,11 +79,7 @@ async fn generate_equals_openai_completion_for_the_same_prompt_and_options() {
     let s = server().await;
     let body = json!({"model": "stories260k", "prompt": "Lily and Ben went to the park", "raw": true,
                       "stream": false, "options": greedy(40)});
-    let ollama: Value = post(&s, "/api/generate", body)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let ollama: Value = post(&s, "/api/generate", body).await.json().await.expect("json");
     let openai: Value = post(
         &s,
         "/v1/completions",
@@ -188,22 +175,14 @@ async fn empty_prompt_or_messages_just_load_the_model() {
         .await
         .expect("json");
     assert_eq!(
-        (
-            g["done"].clone(),
-            g["done_reason"].clone(),
-            g["response"].clone()
-        ),
+        (g["done"].clone(), g["done_reason"].clone(), g["response"].clone()),
         (json!(true), json!("load"), json!(""))
     );
-    let c: Value = post(
-        &s,
-        "/api/chat",
-        json!({"model": "stories260k", "messages": []}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let c: Value = post(&s, "/api/chat", json!({"model": "stories260k", "messages": []}))
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(c["done_reason"], "load");
 }
 
@@ -223,12 +202,7 @@ async fn errors_use_ollamas_shape_and_status() {
             404,
             None,
         ),
-        (
-            "/api/generate",
-            json!({"prompt": "hi"}),
-            400,
-            Some("model is required"),
-        ),
+        ("/api/generate", json!({"prompt": "hi"}), 400, Some("model is required")),
         (
             "/api/generate",
             json!({"model": "stories260k", "prompt": "hi", "format": "json"}),
@@ -328,10 +302,7 @@ async fn listings_describe_the_served_model() {
     assert_eq!(info["llama.embedding_length"], 64);
     assert_eq!(info["llama.block_count"], 5);
     assert_eq!(info["llama.attention.head_count_kv"], 4);
-    assert!(show["template"]
-        .as_str()
-        .expect("template")
-        .contains("Assistant:"));
+    assert!(show["template"].as_str().expect("template").contains("Assistant:"));
     assert!(show["capabilities"]
         .as_array()
         .expect("caps")
@@ -358,11 +329,7 @@ async fn listings_describe_the_served_model() {
     let root = reqwest::get(s.url("/")).await.expect("root");
     assert_eq!(root.status(), 200);
     assert_eq!(root.text().await.expect("text"), "Ollama is running");
-    let head = reqwest::Client::new()
-        .head(s.url("/"))
-        .send()
-        .await
-        .expect("head");
+    let head = reqwest::Client::new().head(s.url("/")).send().await.expect("head");
     assert_eq!(head.status(), 200);
 }
 

@@ -53,15 +53,9 @@ fn chat_body(extra: Value) -> Value {
 
 fn assert_openai_error(body: &Value, param: Option<&str>) {
     let err = &body["error"];
-    assert!(
-        err["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
+    assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
     assert!(err["type"].is_string(), "{body}");
-    assert!(
-        err.get("code").is_some() && err.get("param").is_some(),
-        "{body}"
-    );
+    assert!(err.get("code").is_some() && err.get("param").is_some(), "{body}");
     if let Some(p) = param {
         assert_eq!(err["param"], p, "{body}");
     }
@@ -121,10 +115,7 @@ async fn chat_completion_has_openai_shape() {
     assert!(body["created"].as_i64().expect("created") > 1_600_000_000);
     let choice = &body["choices"][0];
     assert_eq!(choice["message"]["role"], "assistant");
-    assert!(!choice["message"]["content"]
-        .as_str()
-        .expect("content")
-        .is_empty());
+    assert!(!choice["message"]["content"].as_str().expect("content").is_empty());
     assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().expect("finish")));
     let u = &body["usage"];
     assert_eq!(
@@ -158,9 +149,7 @@ async fn streamed_chat_equals_non_streamed_and_ends_with_done() {
         .collect();
     assert_eq!(
         text,
-        full["choices"][0]["message"]["content"]
-            .as_str()
-            .expect("content")
+        full["choices"][0]["message"]["content"].as_str().expect("content")
     );
     let usage_chunk = chunks.last().expect("usage chunk");
     assert_eq!(usage_chunk["choices"], json!([]));
@@ -194,10 +183,7 @@ async fn stop_strings_are_never_emitted_streamed_or_not() {
     let s = server().await;
     let base = json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "stop": ["Lily", "zzz"]});
     let (_, full) = post(&s, "/v1/completions", base.clone()).await;
-    assert_eq!(
-        full["choices"][0]["text"],
-        ", there was a little girl named "
-    );
+    assert_eq!(full["choices"][0]["text"], ", there was a little girl named ");
     assert_eq!(full["choices"][0]["finish_reason"], "stop");
     let mut streamed = base;
     streamed["stream"] = json!(true);
@@ -232,9 +218,7 @@ async fn logprobs_are_reported_on_both_endpoints() {
         chat_body(json!({"max_tokens": 4, "logprobs": true, "top_logprobs": 3})),
     )
     .await;
-    let content = chat["choices"][0]["logprobs"]["content"]
-        .as_array()
-        .expect("content");
+    let content = chat["choices"][0]["logprobs"]["content"].as_array().expect("content");
     assert_eq!(content.len(), 4);
     let top = content[0]["top_logprobs"].as_array().expect("top");
     assert_eq!(top.len(), 3);
@@ -297,24 +281,14 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
         assert_eq!(got, status, "{err}");
         assert_openai_error(&err, Some(param));
     }
-    let (status, err) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": [99999], "max_tokens": 2}),
-    )
-    .await;
+    let (status, err) = post(&s, "/v1/completions", json!({"prompt": [99999], "max_tokens": 2})).await;
     assert_eq!(status, 400);
     assert_openai_error(&err, Some("prompt"));
     let unknown = reqwest::get(s.url("/v1/nothing")).await.expect("request");
     assert_eq!(unknown.status(), 404);
     assert_openai_error(&unknown.json().await.expect("json"), None);
     // Still serving.
-    let (status, _) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Hi", "max_tokens": 2}),
-    )
-    .await;
+    let (status, _) = post(&s, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 2})).await;
     assert_eq!(status, 200);
 }
 
@@ -340,12 +314,10 @@ async fn context_overflow_names_the_token_counts() {
 async fn disconnecting_mid_stream_frees_every_kv_block() {
     let s = server().await;
     let clients = (0..4).map(|_| {
-        let req = reqwest::Client::new()
-            .post(s.url("/v1/completions"))
-            .json(&json!({
-                "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0.7,
-                "ignore_eos": true, "stream": true
-            }));
+        let req = reqwest::Client::new().post(s.url("/v1/completions")).json(&json!({
+            "prompt": "Once upon a time", "max_tokens": 500, "temperature": 0.7,
+            "ignore_eos": true, "stream": true
+        }));
         async move {
             let mut resp = req.send().await.expect("request");
             // Read a few events, then hang up.
@@ -356,15 +328,9 @@ async fn disconnecting_mid_stream_frees_every_kv_block() {
     });
     futures::future::join_all(clients).await;
     let (free, total) = s.wait_pool_all_free().await;
-    assert_eq!(
-        free, total,
-        "all KV blocks return to the pool after disconnects"
-    );
+    assert_eq!(free, total, "all KV blocks return to the pool after disconnects");
     let stats = s.engine.stats();
-    assert_eq!(
-        stats.num_running.load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(stats.num_running.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(
         stats.num_aborted.load(std::sync::atomic::Ordering::Relaxed),
         4,
@@ -475,10 +441,7 @@ async fn tokenize_and_detokenize_use_the_served_tokenizer() {
     let (status, t) = post(&s, "/tokenize", json!({"prompt": case["text"]})).await;
     assert_eq!(status, 200, "{t}");
     assert_eq!(t["tokens"], case["ids_with_bos"]);
-    assert_eq!(
-        t["count"],
-        case["ids_with_bos"].as_array().expect("ids").len()
-    );
+    assert_eq!(t["count"], case["ids_with_bos"].as_array().expect("ids").len());
     assert_eq!(t["max_model_len"], 512);
     let (_, d) = post(&s, "/detokenize", json!({"tokens": case["ids_with_bos"]})).await;
     assert_eq!(d["prompt"], case["decoded"]);

@@ -37,13 +37,8 @@ async fn a_shared_system_prompt_is_served_from_the_cache_with_identical_output()
     let cold = TestServer::start(cold_cfg).await;
 
     let first = chat(&warm, "Tell me about a dog.").await;
-    let prompt_tokens = first["usage"]["prompt_tokens"]
-        .as_u64()
-        .expect("prompt tokens");
-    assert!(
-        prompt_tokens >= 300,
-        "system prompt is long: {prompt_tokens} tokens"
-    );
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert!(prompt_tokens >= 300, "system prompt is long: {prompt_tokens} tokens");
     assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 
     for user in ["Tell me about a cat.", "What did Lily do next?"] {
@@ -51,15 +46,9 @@ async fn a_shared_system_prompt_is_served_from_the_cache_with_identical_output()
         let cached = hit["usage"]["prompt_tokens_details"]["cached_tokens"]
             .as_u64()
             .expect("cached");
-        assert!(
-            cached >= 288,
-            "most of the shared system prompt is cached: {cached}"
-        );
+        assert!(cached >= 288, "most of the shared system prompt is cached: {cached}");
         let reference = chat(&cold, user).await;
-        assert_eq!(
-            reference["usage"]["prompt_tokens_details"]["cached_tokens"],
-            0
-        );
+        assert_eq!(reference["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
         assert_eq!(
             hit["choices"][0]["message"], reference["choices"][0]["message"],
             "{user}"
@@ -78,7 +67,12 @@ async fn fifty_streams_cancelled_at_random_points_leave_the_pool_all_free() {
         tasks.push(tokio::spawn(async move {
             let body = json!({"prompt": format!("Story {i}: once"), "max_tokens": 300, "ignore_eos": true,
                               "temperature": 0.9, "seed": i, "stream": true});
-            let mut resp = reqwest::Client::new().post(url).json(&body).send().await.expect("request");
+            let mut resp = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("request");
             for _ in 0..after_chunks {
                 if resp.chunk().await.expect("chunk").is_none() {
                     break;
@@ -91,13 +85,6 @@ async fn fifty_streams_cancelled_at_random_points_leave_the_pool_all_free() {
     }
     let (free, total) = s.wait_pool_all_free().await;
     assert_eq!(free, total);
-    let aborted = s
-        .engine
-        .stats()
-        .num_aborted
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        aborted >= 40,
-        "most streams were cancelled mid-way: {aborted}"
-    );
+    let aborted = s.engine.stats().num_aborted.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(aborted >= 40, "most streams were cancelled mid-way: {aborted}");
 }

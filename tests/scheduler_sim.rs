@@ -2,9 +2,7 @@
 
 use mlxd::engine::{FinishReason, RequestId};
 use mlxd::scheduler::kv::BlockManager;
-use mlxd::scheduler::{
-    ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec,
-};
+use mlxd::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec};
 
 const BLOCK: usize = 16;
 
@@ -79,11 +77,7 @@ fn running_sequences_keep_decoding_while_a_long_prompt_is_chunked() {
     for i in 0..4 {
         let (out, results) = step(&mut s, 7);
         let plan = planned(&out);
-        assert_eq!(
-            plan[0],
-            (1, 10 + i, 1, true),
-            "A decodes one token every step"
-        );
+        assert_eq!(plan[0], (1, 10 + i, 1, true), "A decodes one token every step");
         assert_eq!(
             plan[1].2,
             if i < 3 { 31 } else { 100 - 93 },
@@ -164,9 +158,5 @@ fn eos_and_length_stop_sequences() {
     assert_eq!(r[0].finished, Some(FinishReason::Stop), "EOS id 2 stops");
     assert_eq!(r[1].finished, None);
     let (_, r) = step(&mut s, 9);
-    assert_eq!(
-        r[0].finished,
-        Some(FinishReason::Length),
-        "third token hits max_tokens"
-    );
+    assert_eq!(r[0].finished, Some(FinishReason::Length), "third token hits max_tokens");
 }

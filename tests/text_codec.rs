@@ -14,10 +14,7 @@ fn stories_tokenizer_matches_reference_encodings() {
         let text = case["text"].as_str().expect("text");
         let got = codec.encode(text, true).expect("encodes");
         assert_eq!(got, ids(&case["ids_with_bos"]), "{text:?}");
-        assert_eq!(
-            codec.decode(&got),
-            case["decoded"].as_str().expect("decoded")
-        );
+        assert_eq!(codec.decode(&got), case["decoded"].as_str().expect("decoded"));
     }
 }
 
@@ -26,8 +23,7 @@ fn stories_chat_template_renders_the_reference_byte_for_byte() {
     let dir = shared("models/stories260k");
     let codec = TextCodec::load(&dir, &[2, 1]).expect("codec");
     let example = &read_json(&dir.join("reference.json"))["chat_template_example"];
-    let messages: Vec<ChatMessage> =
-        serde_json::from_value(example["messages"].clone()).expect("messages");
+    let messages: Vec<ChatMessage> = serde_json::from_value(example["messages"].clone()).expect("messages");
     assert_eq!(
         codec.render_chat(&messages).expect("renders"),
         example["rendered"].as_str().expect("rendered")
@@ -59,19 +55,10 @@ fn unknown_roles_fail_with_the_templates_own_message() {
 /// tokens split multi-byte characters.
 #[test]
 fn incremental_detokenizer_never_splits_multibyte_characters() {
-    let tokenizer = tokenizers::Tokenizer::from_file(shared("tokenizers/llama3.2/tokenizer.json"))
-        .expect("tokenizer");
+    let tokenizer = tokenizers::Tokenizer::from_file(shared("tokenizers/llama3.2/tokenizer.json")).expect("tokenizer");
     let text = "Grüße aus Köln 😀🎉 — 東京タワー, naïve café. 🇺🇳 done";
-    let ids = tokenizer
-        .encode(text, false)
-        .expect("encodes")
-        .get_ids()
-        .to_vec();
-    let prompt = tokenizer
-        .encode("Say:", false)
-        .expect("encodes")
-        .get_ids()
-        .to_vec();
+    let ids = tokenizer.encode(text, false).expect("encodes").get_ids().to_vec();
+    let prompt = tokenizer.encode("Say:", false).expect("encodes").get_ids().to_vec();
     let mut detok = IncrementalDetokenizer::new(&prompt);
     let mut out = String::new();
     let mut held_back = 0;
@@ -86,4 +73,47 @@ fn incremental_detokenizer_never_splits_multibyte_characters() {
     out.push_str(&detok.flush(&tokenizer));
     assert_eq!(out.trim_start(), text);
     assert!(held_back > 0, "this text has tokens that end mid-character");
+}
+
+/// llama.cpp's tokenizer vectors: `.inp` strings separated by `__ggml_vocab_test__` lines,
+/// `.out` expected ids per line, encoded without special tokens.
+fn vector_cases(name: &str) -> Vec<(String, Vec<u32>)> {
+    let dir = shared("tokenizers/test_vectors");
+    let inp = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.inp"))).expect("inp");
+    let out = std::fs::read_to_string(dir.join(format!("ggml-vocab-{name}.gguf.out"))).expect("out");
+    let mut texts: Vec<String> = inp.split("\n__ggml_vocab_test__\n").map(str::to_string).collect();
+    if texts.last().is_some_and(|t| t.is_empty()) {
+        texts.pop();
+    }
+    let expected: Vec<Vec<u32>> = out
+        .split('\n')
+        .take(texts.len())
+        .map(|l| l.split_whitespace().map(|x| x.parse().expect("id")).collect())
+        .collect();
+    assert_eq!(expected.len(), texts.len());
+    texts.into_iter().zip(expected).collect()
+}
+
+#[test]
+fn served_family_tokenizers_pass_llama_cpp_test_vectors() {
+    let pairs = [
+        ("llama-bpe", "llama3.2"),
+        ("qwen2", "qwen2.5"),
+        ("qwen2", "qwen3"),
+        ("gemma-4", "gemma3"),
+        ("phi-3", "phi3-reconstructed"),
+        ("llama-spm", "llama2-reconstructed"),
+    ];
+    for (vectors, folder) in pairs {
+        let codec = TextCodec::load(&shared(&format!("tokenizers/{folder}")), &[]).expect("codec");
+        let cases = vector_cases(vectors);
+        assert!(cases.len() >= 40, "{vectors}: {} cases", cases.len());
+        for (text, want) in cases {
+            assert_eq!(
+                codec.encode(&text, false).expect("encodes"),
+                want,
+                "{folder} on {text:?}"
+            );
+        }
+    }
 }

@@ -6,11 +6,7 @@ use crate::models::BatchInput;
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
 /// Flattens every scheduled sequence's new tokens, positions and KV slots.
-pub fn build_batch(
-    out: &SchedulerOutput,
-    scheduler: &Scheduler,
-    device: &Device,
-) -> Result<BatchInput> {
+pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler, device: &Device) -> Result<BatchInput> {
     let block_size = scheduler.blocks().block_size();
     let num_tokens = out.num_tokens();
     let mut token_ids = Vec::with_capacity(num_tokens);
@@ -21,9 +17,7 @@ pub fn build_batch(
     let mut kv_lens = Vec::with_capacity(out.seqs.len());
     let mut logits_rows = Vec::new();
     for s in &out.seqs {
-        let seq = scheduler
-            .seq(s.id)
-            .expect("invariant: scheduled sequences are live");
+        let seq = scheduler.seq(s.id).expect("invariant: scheduled sequences are live");
         let table = scheduler.block_table(s.id);
         let slot = |p: usize| table[p / block_size].0 * block_size as u32 + (p % block_size) as u32;
         let kv_len = s.num_computed + s.num_new;

@@ -15,9 +15,7 @@ use super::batch::build_batch;
 use super::metrics::EngineMetrics;
 use super::output::{TokenEvent, Usage};
 use super::sampler::SamplerState;
-use super::{
-    EngineCommand, EngineConfig, EngineError, EngineStats, GenerateRequest, ModelInfo, RequestId,
-};
+use super::{EngineCommand, EngineConfig, EngineError, EngineStats, GenerateRequest, ModelInfo, RequestId};
 use crate::models::{self, KvLayout, LoadProgress};
 use crate::models::{Model, PagedKvCache};
 use crate::scheduler::kv::BlockManager;
@@ -64,9 +62,9 @@ impl EngineCore {
         let model = models::load(&cfg.model_path, &device, cfg.dtype, &progress)
             .map_err(|e| EngineError::Load(e.to_string()))?;
         let mc = model.config().clone();
-        let max_model_len = cfg.max_model_len.map_or(mc.max_position_embeddings, |m| {
-            m.min(mc.max_position_embeddings)
-        });
+        let max_model_len = cfg
+            .max_model_len
+            .map_or(mc.max_position_embeddings, |m| m.min(mc.max_position_embeddings));
         let layout = KvLayout {
             num_layers: mc.num_layers,
             kv_width: mc.num_kv_heads * mc.head_dim,
@@ -94,9 +92,7 @@ impl EngineCore {
             },
             blocks,
         );
-        stats
-            .kv_blocks_total
-            .store(num_blocks - 1, Ordering::Relaxed);
+        stats.kv_blocks_total.store(num_blocks - 1, Ordering::Relaxed);
         let info = ModelInfo {
             model: mc,
             max_model_len,
@@ -179,15 +175,11 @@ impl EngineCore {
     }
 
     fn add(&mut self, id: RequestId, req: GenerateRequest, reply: UnboundedSender<TokenEvent>) {
-        let max_total =
-            (req.prompt.len() + req.max_tokens as usize).min(self.scheduler.max_model_len());
+        let max_total = (req.prompt.len() + req.max_tokens as usize).min(self.scheduler.max_model_len());
         let needed = self.scheduler.blocks().blocks_for(max_total);
         let total = self.scheduler.blocks().pool().num_total();
         if needed > total {
-            let _ = reply.send(TokenEvent::Error(EngineError::TooLargeForKvPool {
-                needed,
-                total,
-            }));
+            let _ = reply.send(TokenEvent::Error(EngineError::TooLargeForKvPool { needed, total }));
             return;
         }
         let block_size = self.scheduler.blocks().block_size();
@@ -269,9 +261,7 @@ impl EngineCore {
         if out.seqs.is_empty() {
             return Ok(());
         }
-        self.stats
-            .peak_batch_seqs
-            .fetch_max(out.seqs.len(), Ordering::Relaxed);
+        self.stats.peak_batch_seqs.fetch_max(out.seqs.len(), Ordering::Relaxed);
         self.announce_scheduled(&out);
         let batch = build_batch(&out, &self.scheduler, &self.device)?;
         let logits = self.model.forward(&batch, &mut self.kv)?.to_vec2::<f32>()?;
@@ -286,9 +276,7 @@ impl EngineCore {
                 .requests
                 .get_mut(&s.id)
                 .expect("invariant: every sequence has a request");
-            let t = req
-                .sampler
-                .sample(&mut row, &seq.tokens, seq.num_prompt_tokens);
+            let t = req.sampler.sample(&mut row, &seq.tokens, seq.num_prompt_tokens);
             sampled.push(t.id);
             logprobs.push(t.logprobs);
         }
@@ -318,9 +306,7 @@ impl EngineCore {
             self.metrics.prompt_tokens.inc_by(prompt);
             self.metrics.prefix_cache_queries.inc_by(prompt);
             self.metrics.prefix_cache_hits.inc_by(u64::from(cached));
-            let _ = req.reply.send(TokenEvent::Scheduled {
-                cached_tokens: cached,
-            });
+            let _ = req.reply.send(TokenEvent::Scheduled { cached_tokens: cached });
         }
     }
 
@@ -332,26 +318,18 @@ impl EngineCore {
             };
             let m = &self.metrics;
             match req.last_token_at {
-                None => m
-                    .time_to_first_token
-                    .observe((now - req.arrived_at).as_secs_f64()),
+                None => m.time_to_first_token.observe((now - req.arrived_at).as_secs_f64()),
                 Some(last) => m.inter_token_latency.observe((now - last).as_secs_f64()),
             }
             m.generation_tokens.inc();
             req.first_token_at.get_or_insert(now);
             req.last_token_at = Some(now);
             req.usage.completion_tokens += 1;
-            let _ = req.reply.send(TokenEvent::Token {
-                id: r.token,
-                logprobs,
-            });
+            let _ = req.reply.send(TokenEvent::Token { id: r.token, logprobs });
             let Some(reason) = r.finished else {
                 continue;
             };
-            let req = self
-                .requests
-                .remove(&r.id)
-                .expect("invariant: looked up above");
+            let req = self.requests.remove(&r.id).expect("invariant: looked up above");
             let mut usage = req.usage;
             let scheduled = req.first_scheduled_at.unwrap_or(now);
             let first = req.first_token_at.unwrap_or(now);
@@ -383,10 +361,8 @@ impl EngineCore {
 
     fn publish_stats(&self) {
         let s = &self.stats;
-        s.num_running
-            .store(self.scheduler.num_running(), Ordering::Relaxed);
-        s.num_waiting
-            .store(self.scheduler.num_waiting(), Ordering::Relaxed);
+        s.num_running.store(self.scheduler.num_running(), Ordering::Relaxed);
+        s.num_waiting.store(self.scheduler.num_waiting(), Ordering::Relaxed);
         s.kv_blocks_free
             .store(self.scheduler.blocks().pool().num_free(), Ordering::Relaxed);
         s.num_preemptions

@@ -10,7 +10,9 @@ pub enum EngineError {
     #[error("device error: {0}")]
     Device(String),
     /// The request can never fit into the KV memory, even alone.
-    #[error("request needs {needed} KV blocks but the pool only has {total}; raise --kv-memory or shorten the request")]
+    #[error(
+        "request needs {needed} KV blocks but the pool only has {total}; raise --kv-memory or shorten the request"
+    )]
     TooLargeForKvPool {
         /// Blocks the request needs at its maximum length.
         needed: usize,

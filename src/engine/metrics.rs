@@ -98,11 +98,7 @@ impl EngineMetrics {
             "KV blocks held by sequences",
             m.kv_blocks_used.clone(),
         );
-        r.register(
-            "kv_cache_blocks_total",
-            "Usable KV blocks",
-            m.kv_blocks_total.clone(),
-        );
+        r.register("kv_cache_blocks_total", "Usable KV blocks", m.kv_blocks_total.clone());
         r.register(
             "kv_cache_usage_ratio",
             "Fraction of KV blocks in use (0-1)",
@@ -128,11 +124,7 @@ impl EngineMetrics {
             "Prompt tokens of admitted requests",
             m.prompt_tokens.clone(),
         );
-        r.register(
-            "generation_tokens",
-            "Generated tokens",
-            m.generation_tokens.clone(),
-        );
+        r.register("generation_tokens", "Generated tokens", m.generation_tokens.clone());
         r.register(
             "time_to_first_token_seconds",
             "Time from arrival to the first generated token",
@@ -175,11 +167,8 @@ impl EngineMetrics {
             .set(stats.num_waiting.load(Ordering::Relaxed) as i64);
         self.kv_blocks_used.set(used as i64);
         self.kv_blocks_total.set(total as i64);
-        self.kv_usage.set(if total == 0 {
-            0.0
-        } else {
-            used as f64 / total as f64
-        });
+        self.kv_usage
+            .set(if total == 0 { 0.0 } else { used as f64 / total as f64 });
         let preemptions = stats.num_preemptions.load(Ordering::Relaxed);
         self.num_preemptions
             .inc_by(preemptions.saturating_sub(self.num_preemptions.get()));

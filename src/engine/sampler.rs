@@ -45,16 +45,8 @@ impl SamplerState {
 
     /// Chooses the next token from `logits` (modified in place) given the sequence so far
     /// (`tokens`, whose first `num_prompt` are the prompt).
-    pub fn sample(
-        &mut self,
-        logits: &mut [f32],
-        tokens: &[u32],
-        num_prompt: usize,
-    ) -> SampledToken {
-        let logprobs = self
-            .params
-            .logprobs
-            .map(|n| (log_softmax(logits), n as usize));
+    pub fn sample(&mut self, logits: &mut [f32], tokens: &[u32], num_prompt: usize) -> SampledToken {
+        let logprobs = self.params.logprobs.map(|n| (log_softmax(logits), n as usize));
         apply_penalties(logits, &self.params, tokens, num_prompt);
         let id = if self.params.temperature <= 0.0 {
             argmax(logits)
@@ -102,13 +94,7 @@ impl SamplerState {
         }
         if p.min_p > 0.0 {
             let threshold = probs[0] * p.min_p;
-            keep = keep.min(
-                probs
-                    .iter()
-                    .take_while(|&&pr| pr >= threshold)
-                    .count()
-                    .max(1),
-            );
+            keep = keep.min(probs.iter().take_while(|&&pr| pr >= threshold).count().max(1));
         }
         let total: f32 = probs[..keep].iter().sum();
         let mut r = self.rng.random::<f32>() * total;
@@ -138,9 +124,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, tokens: &[u32], num_prompt: usize) {
     if p.repetition_penalty != 1.0 {
         let mut seen = vec![false; logits.len()];
-        let window = p
-            .repeat_last_n
-            .map_or(0, |n| tokens.len().saturating_sub(n));
+        let window = p.repeat_last_n.map_or(0, |n| tokens.len().saturating_sub(n));
         for &t in &tokens[window..] {
             let t = t as usize;
             if t < logits.len() && !seen[t] {
@@ -180,11 +164,7 @@ fn top_n(logprobs: &[f32], n: usize) -> Vec<TokenLogprob> {
     }
     let mut idx: Vec<u32> = (0..logprobs.len() as u32).collect();
     let n = n.min(idx.len());
-    let cmp = |a: &u32, b: &u32| {
-        logprobs[*b as usize]
-            .total_cmp(&logprobs[*a as usize])
-            .then(a.cmp(b))
-    };
+    let cmp = |a: &u32, b: &u32| logprobs[*b as usize].total_cmp(&logprobs[*a as usize]).then(a.cmp(b));
     idx.select_nth_unstable_by(n - 1, cmp);
     idx.truncate(n);
     idx.sort_unstable_by(cmp);
@@ -241,10 +221,7 @@ mod tests {
         };
         let a = draw(&params);
         assert_eq!(a, draw(&params));
-        assert!(
-            a.iter().any(|&t| t != a[0]),
-            "a fair draw over 5 tokens varies: {a:?}"
-        );
+        assert!(a.iter().any(|&t| t != a[0]), "a fair draw over 5 tokens varies: {a:?}");
     }
 
     #[test]

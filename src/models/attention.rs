@@ -75,12 +75,7 @@ pub struct AttentionMeta {
 impl AttentionMeta {
     /// Builds scatter indices and the masks of every window setting the model uses, once per
     /// forward.
-    pub fn new(
-        batch: &BatchInput,
-        dims: HeadDims,
-        windows: &[Option<usize>],
-        dtype: DType,
-    ) -> Result<Self> {
+    pub fn new(batch: &BatchInput, dims: HeadDims, windows: &[Option<usize>], dtype: DType) -> Result<Self> {
         let device = batch.slot_mapping.device();
         let kv_width = dims.num_kv_heads * dims.head_dim;
         let n_rep = dims.num_heads / dims.num_kv_heads;
@@ -109,11 +104,7 @@ impl AttentionMeta {
                     } else {
                         None
                     };
-                    Ok(WindowView {
-                        window,
-                        kv_lo,
-                        mask,
-                    })
+                    Ok(WindowView { window, kv_lo, mask })
                 })
                 .collect::<Result<Vec<_>>>()?;
             spans.push(SeqSpan {
@@ -178,12 +169,7 @@ impl MaskShape {
 
 /// Writes this step's K/V into `kv` and attends every sequence's queries over its context.
 /// Returns `[T, heads * head_dim]`.
-pub fn paged_attention(
-    qkv: &Qkv,
-    kv: &mut LayerKv,
-    meta: &AttentionMeta,
-    opts: AttentionOpts,
-) -> Result<Tensor> {
+pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: AttentionOpts) -> Result<Tensor> {
     let (num_tokens, num_heads, head_dim) = qkv.q.dims3()?;
     let num_kv_heads = qkv.k.dim(1)?;
     let n_rep = num_heads / num_kv_heads;

@@ -92,8 +92,7 @@ impl RopeConfig {
                 } else if wavelen > old_len / low_freq_factor {
                     f / factor
                 } else {
-                    let smooth = (old_len / wavelen - low_freq_factor)
-                        / (high_freq_factor - low_freq_factor);
+                    let smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                     (1.0 - smooth) * f / factor + smooth * f
                 }
             }
@@ -268,8 +267,7 @@ impl HfConfig {
 
     /// Head dimension.
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// The activation name, from either spelling (`silu` when absent).
@@ -324,11 +322,7 @@ impl HfConfig {
     /// `rope_local_base_freq` without scaling (classic keys).
     pub fn rope(&self, layer: LayerType) -> Result<RopeConfig, LoadError> {
         let local_classic = layer == LayerType::Sliding && self.rope_parameters.is_none();
-        let raw = if local_classic {
-            None
-        } else {
-            self.raw_rope(layer)
-        };
+        let raw = if local_classic { None } else { self.raw_rope(layer) };
         let theta = match (local_classic, self.rope_local_base_freq) {
             (true, Some(local)) => local,
             _ => raw
@@ -403,11 +397,7 @@ impl HfConfig {
 pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
     match value {
         Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|v| v as u32)
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
         _ => Vec::new(),
     }
 }

@@ -165,9 +165,7 @@ impl Attention {
         };
         let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
             spec.qk_norm
-                .then(|| {
-                    RmsNorm::load(vb.pp(name), d.head_dim, spec.rms_eps, spec.norm_unit_offset)
-                })
+                .then(|| RmsNorm::load(vb.pp(name), d.head_dim, spec.rms_eps, spec.norm_unit_offset))
                 .transpose()
         };
         let sliding = layer == LayerType::Sliding;
@@ -188,13 +186,7 @@ impl Attention {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RotaryAtPositions,
-        kv: &mut LayerKv,
-        meta: &AttentionMeta,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &RotaryAtPositions, kv: &mut LayerKv, meta: &AttentionMeta) -> Result<Tensor> {
         let t = x.dim(0)?;
         let HeadDims {
             num_heads,
@@ -203,14 +195,8 @@ impl Attention {
         } = self.dims;
         // 1) project, 2) per-head norms, 3) rotate q and k, 4) paged attention, 5) output.
         let mut q = self.q_proj.forward(x)?.reshape((t, num_heads, head_dim))?;
-        let mut k = self
-            .k_proj
-            .forward(x)?
-            .reshape((t, num_kv_heads, head_dim))?;
-        let v = self
-            .v_proj
-            .forward(x)?
-            .reshape((t, num_kv_heads, head_dim))?;
+        let mut k = self.k_proj.forward(x)?.reshape((t, num_kv_heads, head_dim))?;
+        let v = self.v_proj.forward(x)?.reshape((t, num_kv_heads, head_dim))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -237,43 +223,24 @@ struct DecoderLayer {
 
 impl DecoderLayer {
     fn load(vb: VarBuilder, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
-        let norm = |name: &str| {
-            RmsNorm::load(
-                vb.pp(name),
-                spec.hidden,
-                spec.rms_eps,
-                spec.norm_unit_offset,
-            )
-        };
+        let norm = |name: &str| RmsNorm::load(vb.pp(name), spec.hidden, spec.rms_eps, spec.norm_unit_offset);
         let sandwich = spec.norm_placement == NormPlacement::Sandwich;
         Ok(Self {
             attn_norm: norm("input_layernorm")?,
             attn: Attention::load(vb.pp("self_attn"), spec, layer)?,
-            attn_out_norm: sandwich
-                .then(|| norm("post_attention_layernorm"))
-                .transpose()?,
+            attn_out_norm: sandwich.then(|| norm("post_attention_layernorm")).transpose()?,
             mlp_norm: norm(if sandwich {
                 "pre_feedforward_layernorm"
             } else {
                 "post_attention_layernorm"
             })?,
             mlp: GatedMlp::load(vb.pp("mlp"), spec.mlp)?,
-            mlp_out_norm: sandwich
-                .then(|| norm("post_feedforward_layernorm"))
-                .transpose()?,
+            mlp_out_norm: sandwich.then(|| norm("post_feedforward_layernorm")).transpose()?,
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RotaryAtPositions,
-        kv: &mut LayerKv,
-        meta: &AttentionMeta,
-    ) -> Result<Tensor> {
-        let mut h = self
-            .attn
-            .forward(&self.attn_norm.forward(x)?, rope, kv, meta)?;
+    fn forward(&self, x: &Tensor, rope: &RotaryAtPositions, kv: &mut LayerKv, meta: &AttentionMeta) -> Result<Tensor> {
+        let mut h = self.attn.forward(&self.attn_norm.forward(x)?, rope, kv, meta)?;
         if let Some(n) = &self.attn_out_norm {
             h = n.forward(&h)?;
         }
@@ -304,18 +271,11 @@ pub struct Decoder {
 
 impl Decoder {
     /// Builds the model from a family's spec and weights under `vb` (HF tensor names).
-    pub fn load(
-        vb: VarBuilder,
-        spec: &DecoderSpec,
-        config: ModelConfig,
-        progress: &LoadProgress,
-    ) -> Result<Self> {
+    pub fn load(vb: VarBuilder, spec: &DecoderSpec, config: ModelConfig, progress: &LoadProgress) -> Result<Self> {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let m = vb.pp(&spec.prefix);
-        let embed_weight = m
-            .pp("embed_tokens")
-            .get((spec.vocab, spec.hidden), "weight")?;
+        let embed_weight = m.pp("embed_tokens").get((spec.vocab, spec.hidden), "weight")?;
         progress.set_length(spec.num_layers as u64);
         let layers = spec
             .layer_types
@@ -339,12 +299,7 @@ impl Decoder {
             embed_tokens: Embedding::new(embed_weight, spec.hidden),
             embed_scale: spec.embed_scale,
             layers,
-            norm: RmsNorm::load(
-                m.pp("norm"),
-                spec.hidden,
-                spec.rms_eps,
-                spec.norm_unit_offset,
-            )?,
+            norm: RmsNorm::load(m.pp("norm"), spec.hidden, spec.rms_eps, spec.norm_unit_offset)?,
             lm_head,
             final_softcap: spec.final_softcap,
             rope_full: Rotary::new(&spec.rope_full, spec.max_positions, dtype, &device)?,
@@ -374,11 +329,7 @@ impl Model for Decoder {
         }
         let dtype = x.dtype();
         let rope_full = self.rope_full.at(&batch.positions)?;
-        let rope_sliding = self
-            .rope_sliding
-            .as_ref()
-            .map(|r| r.at(&batch.positions))
-            .transpose()?;
+        let rope_sliding = self.rope_sliding.as_ref().map(|r| r.at(&batch.positions)).transpose()?;
         let meta = AttentionMeta::new(batch, self.dims, &self.windows, dtype)?;
         for (layer, layer_kv) in self.layers.iter().zip(kv.layers_mut()) {
             let rope = match &rope_sliding {

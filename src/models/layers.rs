@@ -18,11 +18,7 @@ impl Linear {
     /// Loads `<prefix>.weight` (`[out, in]`) and, if `bias`, `<prefix>.bias`.
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
     }
 
@@ -102,12 +98,7 @@ pub struct RotaryAtPositions {
 
 impl Rotary {
     /// Tables `[max_positions, rotary_dim / 2]` from a rope configuration.
-    pub fn new(
-        rope: &RopeConfig,
-        max_positions: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    pub fn new(rope: &RopeConfig, max_positions: usize, dtype: DType, device: &Device) -> Result<Self> {
         let t = rope.tables(max_positions);
         let shape = (max_positions, t.half_dim);
         Ok(Self {
@@ -133,8 +124,7 @@ impl RotaryAtPositions {
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(D::Minus1)?;
         let rotate = |x: &Tensor| {
-            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &self.cos, &self.sin)?
-                .squeeze(0)
+            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &self.cos, &self.sin)?.squeeze(0)
         };
         if self.rotary_dim == head_dim {
             return rotate(x);

@@ -99,11 +99,8 @@ pub struct LoadProgress {
 impl LoadProgress {
     /// A progress reporter drawing to stderr only when it is a terminal.
     pub fn stderr() -> Self {
-        let bar =
-            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) =
-            indicatif::ProgressStyle::with_template("loading layers {bar:30} {pos}/{len}")
-        {
+        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("loading layers {bar:30} {pos}/{len}") {
             bar.set_style(style);
         }
         Self { bar }
@@ -142,12 +139,7 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
 ];
 
 /// Loads the model in the Hugging Face folder `dir` onto `device`, computing in `dtype`.
-pub fn load(
-    dir: &Path,
-    device: &Device,
-    dtype: DType,
-    progress: &LoadProgress,
-) -> Result<Box<dyn Model>, LoadError> {
+pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
     let config_path = dir.join("config.json");
     let text = read_text(&config_path, "model configuration")?;
     let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
@@ -191,8 +183,7 @@ pub fn load(
             )))
         }
     };
-    let model: Box<dyn Model> =
-        Box::new(decoder::Decoder::load(vb, &spec, model_config, progress).map_err(wrap)?);
+    let model: Box<dyn Model> = Box::new(decoder::Decoder::load(vb, &spec, model_config, progress).map_err(wrap)?);
     progress.finish();
     Ok(model)
 }

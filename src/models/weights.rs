@@ -122,17 +122,11 @@ impl WeightFiles {
     }
 
     /// A memory-mapped `VarBuilder` converting tensors to `dtype` on `device` as they are read.
-    pub fn var_builder(
-        &self,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<VarBuilder<'static>, LoadError> {
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, LoadError> {
         // SAFETY: as in `open`; the files are read-only for the process lifetime.
-        unsafe { VarBuilder::from_mmaped_safetensors(&self.paths, dtype, device) }.map_err(|e| {
-            LoadError::Malformed {
-                file: self.describe(),
-                reason: e.to_string(),
-            }
+        unsafe { VarBuilder::from_mmaped_safetensors(&self.paths, dtype, device) }.map_err(|e| LoadError::Malformed {
+            file: self.describe(),
+            reason: e.to_string(),
         })
     }
 }
@@ -155,8 +149,7 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, LoadError> {
         file: index.display().to_string(),
         reason,
     };
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())

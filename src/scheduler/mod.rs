@@ -199,9 +199,7 @@ impl Scheduler {
                 break;
             };
             let seq = &self.seqs[&id];
-            let cached = self
-                .blocks
-                .find_cached_prefix(&seq.block_hashes, seq.tokens.len());
+            let cached = self.blocks.find_cached_prefix(&seq.block_hashes, seq.tokens.len());
             let num_computed = cached.len() * self.blocks.block_size();
             let num_new = (seq.tokens.len() - num_computed).min(*budget);
             let num_total = num_computed + num_new;
@@ -210,10 +208,7 @@ impl Scheduler {
             }
             self.waiting.pop_front();
             self.running.push(id);
-            let seq = self
-                .seqs
-                .get_mut(&id)
-                .expect("invariant: waiting id is live");
+            let seq = self.seqs.get_mut(&id).expect("invariant: waiting id is live");
             seq.num_computed = num_computed;
             seq.num_cached_prompt_tokens.get_or_insert(num_computed);
             out.seqs.push(ScheduledSeq {
@@ -253,8 +248,7 @@ impl Scheduler {
                 continue;
             };
             seq.num_computed = s.num_computed + s.num_new;
-            self.blocks
-                .register_computed(s.id, &seq.block_hashes, seq.num_computed);
+            self.blocks.register_computed(s.id, &seq.block_hashes, seq.num_computed);
             let Some(token) = token else {
                 continue;
             };

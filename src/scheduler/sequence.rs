@@ -80,12 +80,7 @@ impl Sequence {
     /// Appends a sampled token and hashes any block it completes.
     pub fn append(&mut self, token: u32, block_size: usize) {
         self.tokens.push(token);
-        extend_block_hashes(
-            &mut self.block_hashes,
-            &self.tokens,
-            block_size,
-            self.cache_salt,
-        );
+        extend_block_hashes(&mut self.block_hashes, &self.tokens, block_size, self.cache_salt);
     }
 
     /// Token-level stop check after a token was appended.

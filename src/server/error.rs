@@ -96,9 +96,7 @@ impl ApiError {
             Self::Unavailable | Self::Engine(EngineError::Unavailable) => {
                 ("server_error", Some("engine_unavailable"), None)
             }
-            Self::Engine(EngineError::QueueTimeout { .. }) => {
-                ("server_error", Some("queue_timeout"), None)
-            }
+            Self::Engine(EngineError::QueueTimeout { .. }) => ("server_error", Some("queue_timeout"), None),
             Self::Engine(EngineError::TooLargeForKvPool { .. }) => {
                 ("invalid_request_error", Some("kv_capacity_exceeded"), None)
             }
@@ -123,10 +121,7 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %self, "request failed");
         }
         let mut response = (self.status(), Json(self.openai_body())).into_response();
-        if matches!(
-            self,
-            Self::Overloaded | Self::Engine(EngineError::QueueTimeout { .. })
-        ) {
+        if matches!(self, Self::Overloaded | Self::Engine(EngineError::QueueTimeout { .. })) {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -142,9 +137,7 @@ where
     T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
-    let bytes = Bytes::from_request(req, state)
-        .await
-        .map_err(|e| e.body_text())?;
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| e.body_text())?;
     serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON body: {e}"))
 }
 
@@ -162,9 +155,6 @@ where
         read_json_body(req, state)
             .await
             .map(Self)
-            .map_err(|message| ApiError::InvalidRequest {
-                message,
-                param: None,
-            })
+            .map_err(|message| ApiError::InvalidRequest { message, param: None })
     }
 }

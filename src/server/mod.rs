@@ -45,18 +45,8 @@ pub struct AppState {
 impl AppState {
     /// State for a loaded engine and codec serving `model_name`, admitting at most
     /// `admission_limit` requests at once (running plus queued).
-    pub fn new(
-        engine: EngineHandle,
-        codec: Arc<TextCodec>,
-        model_name: String,
-        admission_limit: usize,
-    ) -> Self {
-        let fingerprint = format!(
-            "mlxd-{}-{:?}",
-            env!("CARGO_PKG_VERSION"),
-            engine.info().model.dtype
-        )
-        .to_lowercase();
+    pub fn new(engine: EngineHandle, codec: Arc<TextCodec>, model_name: String, admission_limit: usize) -> Self {
+        let fingerprint = format!("mlxd-{}-{:?}", env!("CARGO_PKG_VERSION"), engine.info().model.dtype).to_lowercase();
         Self {
             engine,
             codec,
@@ -77,11 +67,7 @@ impl AppState {
     }
 
     /// Admits, submits and wraps a request: the one path from a handler to a `TextStream`.
-    pub fn generate(
-        &self,
-        request: GenerateRequest,
-        stop_strings: Vec<String>,
-    ) -> Result<TextStream, ApiError> {
+    pub fn generate(&self, request: GenerateRequest, stop_strings: Vec<String>) -> Result<TextStream, ApiError> {
         let permit = self.admit()?;
         let prompt = request.prompt.clone();
         let generation = self.engine.submit(request)?;
@@ -93,12 +79,7 @@ impl AppState {
     pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
         match requested {
             None | Some("") => Ok(()),
-            Some(name)
-                if name == self.model_name
-                    || name.strip_suffix(":latest") == Some(&self.model_name) =>
-            {
-                Ok(())
-            }
+            Some(name) if name == self.model_name || name.strip_suffix(":latest") == Some(&self.model_name) => Ok(()),
             Some(name) => Err(ApiError::ModelNotFound(name.to_string())),
         }
     }
@@ -149,9 +130,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
 /// 200 while the engine thread runs, 503 otherwise.
@@ -170,10 +149,7 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let body = state.engine.metrics().render(state.engine.stats());
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,
     )
 }

@@ -56,12 +56,7 @@ pub struct TextStream {
 
 impl TextStream {
     /// Wraps `generation` for a prompt of `prompt` ids, watching for `stop_strings`.
-    pub fn new(
-        generation: GenerationStream,
-        codec: Arc<TextCodec>,
-        prompt: &[u32],
-        stop_strings: Vec<String>,
-    ) -> Self {
+    pub fn new(generation: GenerationStream, codec: Arc<TextCodec>, prompt: &[u32], stop_strings: Vec<String>) -> Self {
         Self {
             generation: Some(generation),
             codec,

@@ -44,14 +44,33 @@ impl ChatTemplate {
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_test("iterable", is_iterable);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.to_string())
+        env.add_template_owned(TEMPLATE_NAME, without_generation_tags(source))
             .map_err(|e| TemplateError(format!("chat template does not compile: {e}")))?;
-        Ok(Self {
+        let template = Self {
             env,
             source: source.to_string(),
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+        };
+        template.check_renders_a_simple_conversation()?;
+        Ok(template)
+    }
+
+    /// A template that cannot render user → assistant → user cannot serve chat: say so at load
+    /// rather than on every request.
+    fn check_renders_a_simple_conversation(&self) -> Result<(), TemplateError> {
+        let conversation =
+            [("user", "Hello!"), ("assistant", "Hi!"), ("user", "How are you?")].map(|(role, content)| ChatMessage {
+                role: role.into(),
+                content: content.into(),
+            });
+        self.render(&conversation, true).map(|_| ()).map_err(|e| {
+            TemplateError(format!(
+                "chat template cannot render a simple user/assistant conversation: {}",
+                e.0
+            ))
         })
     }
 
@@ -61,28 +80,80 @@ impl ChatTemplate {
     }
 
     /// Renders `messages`, ending with the assistant prefix when `add_generation_prompt`.
-    pub fn render(
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TemplateError> {
+        self.render_with(messages, add_generation_prompt, &serde_json::Value::Null)
+    }
+
+    /// Like `render`, with extra template variables (an object, e.g. `{"date_string": …}` or
+    /// `{"enable_thinking": false}`) as transformers' `apply_chat_template(**kwargs)`.
+    pub fn render_with(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
+        extra: &serde_json::Value,
     ) -> Result<String, TemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| TemplateError(e.to_string()))?;
+        // transformers passes `tools` and `documents` as None when absent; extra wins.
+        let mut vars = serde_json::Map::new();
+        vars.insert("tools".into(), serde_json::Value::Null);
+        vars.insert("documents".into(), serde_json::Value::Null);
+        if let serde_json::Value::Object(extra) = extra {
+            vars.extend(extra.clone());
+        }
         let ctx = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.as_str(),
             eos_token => self.eos_token.as_str(),
+            ..Value::from(minijinja::value::Serde(vars))
         };
         template.render(ctx).map_err(|e| match e.kind() {
-            ErrorKind::InvalidOperation => {
-                TemplateError(e.detail().unwrap_or("invalid operation").to_string())
-            }
+            ErrorKind::InvalidOperation => TemplateError(e.detail().unwrap_or("invalid operation").to_string()),
             _ => TemplateError(e.to_string()),
         })
     }
+}
+
+/// transformers' `{% generation %}…{% endgeneration %}` only marks assistant text for training
+/// masks; it renders its body. minijinja has no custom tags, so it becomes `{% if true %}`
+/// (whitespace-control dashes kept).
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(len) = rest[start..].find("%}") else {
+            break;
+        };
+        let tag = &rest[start..start + len + 2];
+        let inner = tag[2..tag.len() - 2].trim_matches('-').trim();
+        out.push_str(&rest[..start]);
+        let (open_dash, close_dash) = (tag.starts_with("{%-"), tag.ends_with("-%}"));
+        let replacement = match inner {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(stmt) => out.push_str(&format!(
+                "{{%{} {stmt} {}%}}",
+                if open_dash { "-" } else { "" },
+                if close_dash { "-" } else { "" }
+            )),
+            None => out.push_str(tag),
+        }
+        rest = &rest[start + len + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Python's `iterable` test: `None` (and undefined) are not iterable, unlike minijinja's
+/// built-in, which templates rely on in `tools is iterable and tools | length > 0`.
+fn is_iterable(value: Value) -> bool {
+    !value.is_none() && !value.is_undefined() && value.try_iter().is_ok()
 }
 
 fn raise_exception(message: String) -> Result<Value, Error> {
@@ -123,12 +194,29 @@ mod tests {
     }
 
     #[test]
-    fn python_string_methods_work() {
-        let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}", "", "")
-            .expect("compiles");
+    fn generation_tags_render_their_body() {
+        let src = "{%- for m in messages %}{%- generation -%} [{{ m.content }}] {%- endgeneration %}{% endfor %}";
+        let t = ChatTemplate::new(src, "", "").expect("compiles");
         assert_eq!(
-            t.render(&[msg("user", "  ab ")], false).expect("renders"),
-            "AB"
+            t.render(&[msg("user", "a"), msg("assistant", "b")], false)
+                .expect("renders"),
+            "[a][b]"
         );
+    }
+
+    #[test]
+    fn a_template_that_cannot_render_a_conversation_fails_at_load() {
+        let err = ChatTemplate::new("{{ 'x' + functions }}", "", "").expect_err("undefined variable");
+        assert!(
+            err.0.contains("cannot render a simple user/assistant conversation"),
+            "{}",
+            err.0
+        );
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let t = ChatTemplate::new("{{ messages[0].content.strip().upper() }}", "", "").expect("compiles");
+        assert_eq!(t.render(&[msg("user", "  ab ")], false).expect("renders"), "AB");
     }
 }

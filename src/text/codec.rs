@@ -59,10 +59,7 @@ impl TextCodec {
             tokenizer,
             template,
             bos_id,
-            add_bos_token: tok_cfg
-                .get("add_bos_token")
-                .and_then(Json::as_bool)
-                .unwrap_or(false),
+            add_bos_token: tok_cfg.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false),
             eos_ids,
         })
     }
@@ -75,6 +72,11 @@ impl TextCodec {
     /// Every id that ends generation by default.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
+    }
+
+    /// The chat template, when the model folder provides one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.template.as_ref()
     }
 
     /// The chat template's source, when the model folder provides one.
@@ -113,9 +115,10 @@ impl TextCodec {
 
     /// Renders the chat template with the generation prompt.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
-        let template = self.template.as_ref().ok_or_else(|| {
-            TemplateError("this model has no chat template; use /v1/completions".into())
-        })?;
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| TemplateError("this model has no chat template; use /v1/completions".into()))?;
         template.render(messages, true)
     }
 
@@ -146,10 +149,7 @@ fn load_template(
 ) -> Result<Option<ChatTemplate>, LoadError> {
     let file = dir.join("chat_template.jinja");
     let (source, origin) = if file.exists() {
-        (
-            Some(read_text(&file, "chat template")?),
-            file.display().to_string(),
-        )
+        (Some(read_text(&file, "chat template")?), file.display().to_string())
     } else {
         let origin = dir.join("tokenizer_config.json").display().to_string();
         let source = match tok_cfg.get("chat_template") {
@@ -164,11 +164,9 @@ fn load_template(
     };
     source
         .map(|s| {
-            ChatTemplate::new(&s, bos.unwrap_or_default(), eos.unwrap_or_default()).map_err(|e| {
-                LoadError::Malformed {
-                    file: origin.clone(),
-                    reason: e.0,
-                }
+            ChatTemplate::new(&s, bos.unwrap_or_default(), eos.unwrap_or_default()).map_err(|e| LoadError::Malformed {
+                file: origin.clone(),
+                reason: e.0,
             })
         })
         .transpose()

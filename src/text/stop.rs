@@ -31,12 +31,7 @@ impl StopMatcher {
             return StopOutcome::Emit(text.to_string());
         }
         self.held.push_str(text);
-        if let Some(pos) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
+        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
             let out = self.held[..pos].to_string();
             self.held.clear();
             return StopOutcome::Stop(out);

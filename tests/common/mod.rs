@@ -8,9 +8,7 @@ use mlxd::models::{self, BatchInput, KvLayout, LoadProgress, Model, PagedKvCache
 
 /// `../shared/<rel>` from the crate root.
 pub fn shared(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared")
-        .join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared").join(rel)
 }
 
 /// Reads a JSON file.
@@ -40,10 +38,7 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
 /// Largest absolute difference of two equal-length vectors.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// Drives a model directly (no engine): every sequence gets its own contiguous run of blocks.
@@ -64,8 +59,7 @@ pub struct GreedyRun {
 
 impl ModelRunner {
     pub fn load(dir: &std::path::Path, dtype: DType, max_seqs: usize, max_len: usize) -> Self {
-        let model =
-            models::load(dir, &Device::Cpu, dtype, &LoadProgress::hidden()).expect("model loads");
+        let model = models::load(dir, &Device::Cpu, dtype, &LoadProgress::hidden()).expect("model loads");
         let c = model.config().clone();
         let block_size = 16;
         let blocks_per_seq = max_len.div_ceil(block_size);
@@ -75,8 +69,7 @@ impl ModelRunner {
             block_size,
             dtype,
         };
-        let kv =
-            PagedKvCache::new(layout, 1 + max_seqs * blocks_per_seq, &Device::Cpu).expect("kv");
+        let kv = PagedKvCache::new(layout, 1 + max_seqs * blocks_per_seq, &Device::Cpu).expect("kv");
         Self {
             model,
             kv,
@@ -133,11 +126,8 @@ impl ModelRunner {
             step_logits: vec![Vec::new(); prompts.len()],
             tokens: vec![Vec::new(); prompts.len()],
         };
-        let mut chunks: Vec<(usize, usize, Vec<u32>)> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i, 0, p.clone()))
-            .collect();
+        let mut chunks: Vec<(usize, usize, Vec<u32>)> =
+            prompts.iter().enumerate().map(|(i, p)| (i, 0, p.clone())).collect();
         for _ in 0..steps {
             let logits = self.forward(&chunks);
             for (i, row) in logits.into_iter().enumerate() {
@@ -185,32 +175,22 @@ impl TestServer {
     }
 
     /// Like `start`, admitting at most `admission_limit` concurrent requests.
-    pub async fn start_with_admission(
-        cfg: mlxd::engine::EngineConfig,
-        admission_limit: usize,
-    ) -> Self {
+    pub async fn start_with_admission(cfg: mlxd::engine::EngineConfig, admission_limit: usize) -> Self {
         let model = cfg.model_path.clone();
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg).expect("engine starts");
-        let codec =
-            mlxd::text::TextCodec::load(&model, &engine.info().model.eos_token_ids).expect("codec");
+        let codec = mlxd::text::TextCodec::load(&model, &engine.info().model.eos_token_ids).expect("codec");
         let state = mlxd::server::AppState::new(
             engine.clone(),
             std::sync::Arc::new(codec),
             "stories260k".into(),
             admission_limit,
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
-            mlxd::server::serve(
-                listener,
-                mlxd::server::router(state),
-                std::future::pending(),
-            )
-            .await
-            .expect("serve");
+            mlxd::server::serve(listener, mlxd::server::router(state), std::future::pending())
+                .await
+                .expect("serve");
         });
         Self {
             base: format!("http://{addr}"),
@@ -230,8 +210,7 @@ impl TestServer {
         let mut free = 0;
         for _ in 0..200 {
             free = stats.kv_blocks_free.load(Ordering::Relaxed);
-            let busy = stats.num_running.load(Ordering::Relaxed)
-                + stats.num_waiting.load(Ordering::Relaxed);
+            let busy = stats.num_running.load(Ordering::Relaxed) + stats.num_waiting.load(Ordering::Relaxed);
             if free == total && busy == 0 {
                 break;
             }

@@ -29,12 +29,7 @@ pub fn hash_block_tokens(parent: Option<BlockHash>, tokens: &[u32], extra: u64) 
 }
 
 /// Extends `hashes` with the hashes of every full block of `tokens` not yet hashed.
-pub fn extend_block_hashes(
-    hashes: &mut Vec<BlockHash>,
-    tokens: &[u32],
-    block_size: usize,
-    extra: u64,
-) {
+pub fn extend_block_hashes(hashes: &mut Vec<BlockHash>, tokens: &[u32], block_size: usize, extra: u64) {
     let num_full = tokens.len() / block_size;
     while hashes.len() < num_full {
         let i = hashes.len();
@@ -67,9 +62,6 @@ mod tests {
         assert_eq!(hashes.len(), 1);
         extend_block_hashes(&mut hashes, &[1, 2, 3, 4, 5, 6, 7, 8], 4, 0);
         assert_eq!(hashes.len(), 2);
-        assert_eq!(
-            hashes[1],
-            hash_block_tokens(Some(hashes[0]), &[5, 6, 7, 8], 0)
-        );
+        assert_eq!(hashes[1], hash_block_tokens(Some(hashes[0]), &[5, 6, 7, 8], 0));
     }
 }

@@ -38,10 +38,7 @@ pub struct BlockPool {
 impl BlockPool {
     /// A pool of `num_blocks` blocks, block 0 reserved as the null block.
     pub fn new(num_blocks: usize) -> Self {
-        assert!(
-            num_blocks >= 2,
-            "a KV pool needs the null block and at least one more"
-        );
+        assert!(num_blocks >= 2, "a KV pool needs the null block and at least one more");
         let mut pool = Self {
             blocks: vec![
                 BlockMeta {

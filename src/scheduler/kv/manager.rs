@@ -88,10 +88,7 @@ impl BlockManager {
         let need_total = self.blocks_for(num_total_tokens);
         let num_new = need_total.saturating_sub(have + cached.len());
         // Cached blocks sitting in the free queue stop being free once touched.
-        let num_cached_free = cached
-            .iter()
-            .filter(|b| self.pool.ref_count(**b) == 0)
-            .count();
+        let num_cached_free = cached.iter().filter(|b| self.pool.ref_count(**b) == 0).count();
         if num_new + num_cached_free > self.pool.num_free() {
             return Err(NoFreeBlocks);
         }
@@ -121,10 +118,7 @@ impl BlockManager {
             .min(hashes.len())
             .min(table.blocks.len());
         let newly_full = table.num_registered..num_full.max(table.num_registered);
-        for (block, hash) in table.blocks[newly_full.clone()]
-            .iter()
-            .zip(&hashes[newly_full])
-        {
+        for (block, hash) in table.blocks[newly_full.clone()].iter().zip(&hashes[newly_full]) {
             self.pool.register_full(*block, *hash);
         }
         table.num_registered = table.num_registered.max(num_full);

@@ -6,10 +6,7 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::types::ChatRequest;
-use super::{
-    max_tokens_for, reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply,
-    ReplyKind,
-};
+use super::{max_tokens_for, reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
 use crate::engine::GenerateRequest as EngineRequest;
 use crate::server::AppState;
 use crate::text::ChatMessage;

@@ -6,10 +6,7 @@ use axum::extract::State;
 use axum::response::Response;
 
 use super::types::GenerateRequest;
-use super::{
-    max_tokens_for, reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply,
-    ReplyKind,
-};
+use super::{max_tokens_for, reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
 use crate::engine::GenerateRequest as EngineRequest;
 use crate::server::AppState;
 use crate::text::ChatMessage;
@@ -80,9 +77,7 @@ fn build_prompt(state: &AppState, req: &GenerateRequest) -> Result<Vec<u32>, Oll
         });
         codec.encode_chat(&messages).map_err(bad)?
     } else {
-        codec
-            .encode(&req.prompt, req.context.is_none())
-            .map_err(bad)?
+        codec.encode(&req.prompt, req.context.is_none()).map_err(bad)?
     };
     if let Some(context) = &req.context {
         // A continuation must not restart the sequence with another BOS.

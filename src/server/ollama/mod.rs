@@ -116,10 +116,7 @@ pub fn now_rfc3339() -> String {
 }
 
 /// Rejects request features mlxd cannot honour yet, with a clear 400.
-pub fn reject_unsupported(
-    format: Option<&Value>,
-    images: Option<&[String]>,
-) -> Result<(), OllamaError> {
+pub fn reject_unsupported(format: Option<&Value>, images: Option<&[String]>) -> Result<(), OllamaError> {
     match format {
         None | Some(Value::Null) => {}
         Some(Value::String(s)) if s.is_empty() => {}
@@ -138,19 +135,16 @@ pub fn reject_unsupported(
 }
 
 /// Parses `options` into engine sampling parameters, stop strings and the context cap.
-pub fn sampling_from_options(
-    options: Option<&Value>,
-) -> Result<(SamplingParams, Vec<String>, Options), OllamaError> {
+pub fn sampling_from_options(options: Option<&Value>) -> Result<(SamplingParams, Vec<String>, Options), OllamaError> {
     let opts: Options = match options {
         None | Some(Value::Null) => Options::default(),
-        Some(v) => serde_json::from_value(v.clone())
-            .map_err(|e| OllamaError::bad_request(format!("invalid options: {e}")))?,
+        Some(v) => {
+            serde_json::from_value(v.clone()).map_err(|e| OllamaError::bad_request(format!("invalid options: {e}")))?
+        }
     };
     let temperature = opts.temperature.unwrap_or(DEFAULT_TEMPERATURE);
     if !(temperature >= 0.0 && temperature.is_finite()) {
-        return Err(OllamaError::bad_request(
-            "temperature must be a non-negative number",
-        ));
+        return Err(OllamaError::bad_request("temperature must be a non-negative number"));
     }
     let top_p = opts.top_p.unwrap_or(DEFAULT_TOP_P);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -195,11 +189,7 @@ pub fn sampling_from_options(
 }
 
 /// `num_predict` and `num_ctx` → the generation budget for a prompt of `prompt_len` tokens.
-pub fn max_tokens_for(
-    opts: &Options,
-    prompt_len: usize,
-    state: &AppState,
-) -> Result<u32, OllamaError> {
+pub fn max_tokens_for(opts: &Options, prompt_len: usize, state: &AppState) -> Result<u32, OllamaError> {
     let info = state.engine.info();
     let ctx = match opts.num_ctx {
         Some(n) if n > 0 => (n as usize).min(info.max_model_len),
@@ -305,13 +295,7 @@ impl Reply {
     }
 
     /// The `done: true` object: reason, counts, durations and (generate) `context`.
-    fn last(
-        &self,
-        text: &str,
-        reason: crate::engine::FinishReason,
-        usage: &Usage,
-        generated: &[u32],
-    ) -> Value {
+    fn last(&self, text: &str, reason: crate::engine::FinishReason, usage: &Usage, generated: &[u32]) -> Value {
         let mut v = self.object(text, true);
         v["done_reason"] = json!(reason.as_str());
         let mut v = merge(v, final_stats(usage, self.started.elapsed(), self.load));
@@ -330,11 +314,7 @@ impl Reply {
     }
 
     /// Streams NDJSON lines or returns the folded final object.
-    pub async fn respond(
-        self,
-        text: super::stream::TextStream,
-        stream: bool,
-    ) -> Result<Response, OllamaError> {
+    pub async fn respond(self, text: super::stream::TextStream, stream: bool) -> Result<Response, OllamaError> {
         if !stream {
             let c = super::stream::collect(text).await?;
             let reason = c.reason.unwrap_or(crate::engine::FinishReason::Stop);

@@ -108,10 +108,7 @@ pub async fn show(
         ("attention.head_count_kv", json!(m.num_kv_heads)),
         ("attention.key_length", json!(m.head_dim)),
         ("attention.value_length", json!(m.head_dim)),
-        (
-            "attention.layer_norm_rms_epsilon",
-            cfg["rms_norm_eps"].clone(),
-        ),
+        ("attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"].clone()),
         ("rope.freq_base", cfg["rope_theta"].clone()),
         ("vocab_size", json!(m.vocab_size)),
     ];
@@ -123,13 +120,7 @@ pub async fn show(
     let stop_words: Vec<String> = state
         .stop_tokens(false)
         .iter()
-        .map(|&id| {
-            state
-                .codec
-                .tokenizer()
-                .decode(&[id], false)
-                .unwrap_or_default()
-        })
+        .map(|&id| state.codec.tokenizer().decode(&[id], false).unwrap_or_default())
         .filter(|s| !s.is_empty())
         .collect();
     let parameters: Vec<String> = stop_words.iter().map(|s| format!("stop {s:?}")).collect();

@@ -10,8 +10,8 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::types::{
-    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
-    ChatDelta, ChatMessageIn, ChatMessageOut, MessageContent, UsageOut,
+    ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatMessageIn,
+    ChatMessageOut, MessageContent, UsageOut,
 };
 use super::{json_event, new_id, resolve_max_tokens, sampling_params, sse_response, unix_now};
 use crate::engine::{FinishReason, GenerateRequest};
@@ -107,11 +107,7 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
             if !ROLES.contains(&m.role.as_str()) {
                 return Err(ApiError::invalid(
                     &format!("messages[{i}].role"),
-                    format!(
-                        "unknown role '{}' (expected one of {})",
-                        m.role,
-                        ROLES.join(", ")
-                    ),
+                    format!("unknown role '{}' (expected one of {})", m.role, ROLES.join(", ")),
                 ));
             }
             let content = match &m.content {
@@ -125,9 +121,7 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
                             (kind, _) => {
                                 return Err(ApiError::invalid(
                                     &format!("messages[{i}].content"),
-                                    format!(
-                                        "content part type '{kind}' is not supported (only text)"
-                                    ),
+                                    format!("content part type '{kind}' is not supported (only text)"),
                                 ))
                             }
                         }
@@ -135,11 +129,7 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
                     text
                 }
             };
-            let role = if m.role == "developer" {
-                "system"
-            } else {
-                &m.role
-            };
+            let role = if m.role == "developer" { "system" } else { &m.role };
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
@@ -169,12 +159,7 @@ impl ChatMeta {
         })
     }
 
-    fn delta(
-        &self,
-        delta: ChatDelta,
-        logprobs: Option<Value>,
-        finish: Option<FinishReason>,
-    ) -> Event {
+    fn delta(&self, delta: ChatDelta, logprobs: Option<Value>, finish: Option<FinishReason>) -> Event {
         self.chunk(
             vec![ChatChunkChoice {
                 index: 0,
@@ -196,47 +181,42 @@ enum Phase {
 }
 
 fn stream_chat(text: TextStream, meta: ChatMeta, include_usage: bool) -> Response {
-    let events = futures::stream::unfold(
-        (text, meta, Phase::Start),
-        move |(mut text, meta, phase)| async move {
-            let (event, next) = match phase {
-                Phase::Start => {
+    let events = futures::stream::unfold((text, meta, Phase::Start), move |(mut text, meta, phase)| async move {
+        let (event, next) = match phase {
+            Phase::Start => {
+                let delta = ChatDelta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                };
+                (meta.delta(delta, None, None), Phase::Body)
+            }
+            Phase::Body => match text.next().await {
+                Some(StreamItem::Delta { text: t, tokens }) => {
+                    let has_logprobs = tokens.iter().any(|t| t.logprobs.is_some());
+                    let logprobs = has_logprobs.then(|| logprobs_json(&meta.codec, &tokens));
                     let delta = ChatDelta {
-                        role: Some("assistant"),
-                        content: Some(String::new()),
+                        role: None,
+                        content: Some(t),
                     };
-                    (meta.delta(delta, None, None), Phase::Body)
+                    (meta.delta(delta, logprobs, None), Phase::Body)
                 }
-                Phase::Body => match text.next().await {
-                    Some(StreamItem::Delta { text: t, tokens }) => {
-                        let has_logprobs = tokens.iter().any(|t| t.logprobs.is_some());
-                        let logprobs = has_logprobs.then(|| logprobs_json(&meta.codec, &tokens));
-                        let delta = ChatDelta {
-                            role: None,
-                            content: Some(t),
-                        };
-                        (meta.delta(delta, logprobs, None), Phase::Body)
-                    }
-                    Some(StreamItem::Done { reason, usage }) => {
-                        let next = if include_usage {
-                            Phase::Usage(usage.into())
-                        } else {
-                            Phase::Done
-                        };
-                        (meta.delta(ChatDelta::default(), None, Some(reason)), next)
-                    }
-                    Some(StreamItem::Error(e)) => {
-                        (json_event(&ApiError::from(e).openai_body()), Phase::End)
-                    }
-                    None => (Event::default().data("[DONE]"), Phase::End),
-                },
-                Phase::Usage(usage) => (meta.chunk(Vec::new(), Some(usage)), Phase::Done),
-                Phase::Done => (Event::default().data("[DONE]"), Phase::End),
-                Phase::End => return None,
-            };
-            Some((Ok::<_, Infallible>(event), (text, meta, next)))
-        },
-    );
+                Some(StreamItem::Done { reason, usage }) => {
+                    let next = if include_usage {
+                        Phase::Usage(usage.into())
+                    } else {
+                        Phase::Done
+                    };
+                    (meta.delta(ChatDelta::default(), None, Some(reason)), next)
+                }
+                Some(StreamItem::Error(e)) => (json_event(&ApiError::from(e).openai_body()), Phase::End),
+                None => (Event::default().data("[DONE]"), Phase::End),
+            },
+            Phase::Usage(usage) => (meta.chunk(Vec::new(), Some(usage)), Phase::Done),
+            Phase::Done => (Event::default().data("[DONE]"), Phase::End),
+            Phase::End => return None,
+        };
+        Some((Ok::<_, Infallible>(event), (text, meta, next)))
+    });
     sse_response(events)
 }
 

@@ -32,23 +32,13 @@ pub async fn completions(
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid(
-            "suffix",
-            "suffix is not supported by this model",
-        ));
+        return Err(ApiError::invalid("suffix", "suffix is not supported by this model"));
     }
     if req.logprobs.is_some_and(|n| n > 5) {
-        return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs must be between 0 and 5",
-        ));
+        return Err(ApiError::invalid("logprobs", "logprobs must be between 0 and 5"));
     }
     let (params, stops) = sampling_params(&req.sampling, req.logprobs)?;
-    let prompt = prompt_ids(
-        &state.codec,
-        req.prompt,
-        state.engine.info().model.vocab_size,
-    )?;
+    let prompt = prompt_ids(&state.codec, req.prompt, state.engine.info().model.vocab_size)?;
     let max_tokens = resolve_max_tokens(
         prompt.len(),
         Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
@@ -93,15 +83,11 @@ fn prompt_ids(codec: &TextCodec, prompt: PromptInput, vocab: usize) -> Result<Ve
         }
     };
     let ids = match prompt {
-        PromptInput::Text(t) => codec
-            .encode(&t, true)
-            .map_err(|e| ApiError::invalid("prompt", e.0))?,
+        PromptInput::Text(t) => codec.encode(&t, true).map_err(|e| ApiError::invalid("prompt", e.0))?,
         PromptInput::Texts(mut v) => {
             single(v.len())?;
             let t = v.remove(0);
-            codec
-                .encode(&t, true)
-                .map_err(|e| ApiError::invalid("prompt", e.0))?
+            codec.encode(&t, true).map_err(|e| ApiError::invalid("prompt", e.0))?
         }
         PromptInput::Tokens(ids) => ids,
         PromptInput::TokenLists(mut v) => {
@@ -160,9 +146,7 @@ impl CompletionMeta {
                 .with_logprobs
                 .then(|| logprobs_json(&self.codec, tokens, text_offset)),
             finish_reason: finish.map(FinishReason::as_str),
-            prompt_token_ids: (text_offset == 0)
-                .then(|| self.prompt_token_ids.clone())
-                .flatten(),
+            prompt_token_ids: (text_offset == 0).then(|| self.prompt_token_ids.clone()).flatten(),
             token_ids: with_ids.then(|| tokens.iter().map(|t| t.id).collect()),
         }
     }
@@ -200,15 +184,10 @@ fn stream_completion(text: TextStream, meta: CompletionMeta) -> Response {
                     last.logprobs = None;
                     (meta.chunk(last), next)
                 }
-                Some(StreamItem::Error(e)) => {
-                    (json_event(&ApiError::from(e).openai_body()), Phase::End)
-                }
+                Some(StreamItem::Error(e)) => (json_event(&ApiError::from(e).openai_body()), Phase::End),
                 None => (Event::default().data("[DONE]"), Phase::End),
             },
-            Phase::Usage(usage) => (
-                json_event(&meta.object(Vec::new(), Some(usage))),
-                Phase::Done,
-            ),
+            Phase::Usage(usage) => (json_event(&meta.object(Vec::new(), Some(usage))), Phase::Done),
             Phase::Done => (Event::default().data("[DONE]"), Phase::End),
             Phase::End => return None,
         };

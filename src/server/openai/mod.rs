@@ -16,10 +16,7 @@ use types::SamplingFields;
 
 /// Validates the sampling fields shared by both endpoints; returns the engine parameters and
 /// the stop strings. `logprobs` is the number of alternatives to report, if any.
-pub fn sampling_params(
-    f: &SamplingFields,
-    logprobs: Option<u8>,
-) -> Result<(SamplingParams, Vec<String>), ApiError> {
+pub fn sampling_params(f: &SamplingFields, logprobs: Option<u8>) -> Result<(SamplingParams, Vec<String>), ApiError> {
     let temperature = f.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
@@ -76,10 +73,7 @@ pub fn sampling_params(
     }
     let stops = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     if stops.len() > 4 {
-        return Err(ApiError::invalid(
-            "stop",
-            "at most 4 stop sequences are allowed",
-        ));
+        return Err(ApiError::invalid("stop", "at most 4 stop sequences are allowed"));
     }
     Ok((
         SamplingParams {
@@ -100,26 +94,16 @@ pub fn sampling_params(
 
 /// Checks `prompt + max_tokens` against the context and the KV pool. Without `max_tokens` the
 /// request may use whatever is left of both.
-pub fn resolve_max_tokens(
-    prompt_len: usize,
-    max_tokens: Option<u32>,
-    info: &ModelInfo,
-) -> Result<u32, ApiError> {
+pub fn resolve_max_tokens(prompt_len: usize, max_tokens: Option<u32>, info: &ModelInfo) -> Result<u32, ApiError> {
     if prompt_len == 0 {
         return Err(ApiError::invalid("prompt", "the prompt is empty"));
     }
     if max_tokens == Some(0) {
-        return Err(ApiError::invalid(
-            "max_tokens",
-            "max_tokens must be at least 1",
-        ));
+        return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
     }
     let ctx = info.max_model_len;
     let pool_tokens = info.num_kv_blocks * info.block_size;
-    let max = max_tokens.map_or(
-        ctx.min(pool_tokens).saturating_sub(prompt_len).max(1),
-        |m| m as usize,
-    );
+    let max = max_tokens.map_or(ctx.min(pool_tokens).saturating_sub(prompt_len).max(1), |m| m as usize);
     if prompt_len + max > ctx {
         return Err(ApiError::ContextLength {
             prompt: prompt_len,
@@ -143,15 +127,12 @@ pub fn sse_response<S>(events: S) -> Response
 where
     S: Stream<Item = Result<Event, std::convert::Infallible>> + Send + 'static,
 {
-    Sse::new(events)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// One SSE `data:` event carrying `value` as JSON.
 pub fn json_event<T: serde::Serialize>(value: &T) -> Event {
-    Event::default()
-        .data(serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")))
+    Event::default().data(serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")))
 }
 
 /// A random id with the given prefix (`chatcmpl-`, `cmpl-`).
