@@ -219,3 +219,50 @@ fn gemma3_inside_a_multimodal_checkpoint_loads_its_language_model() {
     let run = runner.greedy(&[ids(&p33["prompt_ids"])], 32);
     assert_eq!(run.tokens[0], ids(&p33["greedy_ids"]));
 }
+
+const MLX_ARCHS: [&str; 6] = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"];
+
+#[test]
+fn mlx_4bit_folders_match_mlx_lm_computed_in_f32() {
+    for arch in MLX_ARCHS {
+        check_fixture(arch, "mlx-q4", "mlx-q4-f32", &ALL);
+    }
+}
+
+#[test]
+fn mlx_8bit_folders_match_mlx_lm_computed_in_f32() {
+    for arch in MLX_ARCHS {
+        check_fixture(arch, "mlx-q8", "mlx-q8-f32", &ALL);
+    }
+}
+
+#[test]
+fn mlx_mixed_3_and_6_bit_folder_matches_mlx_lm_computed_in_f32() {
+    check_fixture("llama", "mlx-mixed-3-6", "mlx-mixed-3-6-f32", &ALL);
+}
+
+#[test]
+fn quantized_folders_report_their_format_and_true_parameter_count() {
+    let load = |folder: &str| {
+        mlxd::models::load(
+            &shared(&format!("fixtures/llama/{folder}")),
+            &Device::Cpu,
+            DType::F32,
+            &mlxd::models::LoadProgress::hidden(),
+        )
+        .expect("loads")
+        .config()
+        .clone()
+    };
+    let dense = load("f32");
+    for (folder, label) in [
+        ("f32", "F32"),
+        ("bf16", "BF16"),
+        ("mlx-q4", "MLX-4bit-g64"),
+        ("mlx-q8", "MLX-8bit-g64"),
+    ] {
+        let c = load(folder);
+        assert_eq!(c.weights.dtype, label, "{folder}");
+        assert_eq!(c.num_params, dense.num_params, "{folder} counts unpacked parameters");
+    }
+}

@@ -4,13 +4,13 @@
 //! sliding windows, scales and soft-capping. Stateless: KV lives in the `PagedKvCache`,
 //! positions come from the `BatchInput`.
 
-use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::attention::{paged_attention, AttentionMeta, AttentionOpts, HeadDims, Qkv};
 use super::batch::BatchInput;
 use super::config::{HfConfig, LayerType, RopeConfig};
-use super::layers::{Activation, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
+use super::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
 use super::paged_kv::{LayerKv, PagedKvCache};
 use super::{LoadError, LoadProgress, Model, ModelConfig};
 
@@ -256,7 +256,7 @@ impl DecoderLayer {
 /// A loaded decoder-only model of any supported family.
 #[derive(Debug)]
 pub struct Decoder {
-    embed_tokens: Embedding,
+    embed_tokens: Embed,
     embed_scale: Option<f64>,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
@@ -275,7 +275,7 @@ impl Decoder {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let m = vb.pp(&spec.prefix);
-        let embed_weight = m.pp("embed_tokens").get((spec.vocab, spec.hidden), "weight")?;
+        let embed_tokens = Embed::load(m.pp("embed_tokens"), spec.vocab, spec.hidden)?;
         progress.set_length(spec.num_layers as u64);
         let layers = spec
             .layer_types
@@ -288,7 +288,7 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if spec.tie_embeddings || !vb.contains_tensor("lm_head.weight") {
-            Linear::from_weight(embed_weight.clone())
+            embed_tokens.as_linear()
         } else {
             Linear::load(vb.pp("lm_head"), spec.hidden, spec.vocab, false)?
         };
@@ -296,7 +296,7 @@ impl Decoder {
         windows.sort_unstable();
         windows.dedup();
         Ok(Self {
-            embed_tokens: Embedding::new(embed_weight, spec.hidden),
+            embed_tokens,
             embed_scale: spec.embed_scale,
             layers,
             norm: RmsNorm::load(m.pp("norm"), spec.hidden, spec.rms_eps, spec.norm_unit_offset)?,

@@ -1,10 +1,13 @@
 //! Building blocks shared by every model family: linear layers, RMSNorm, rotary embeddings,
 //! the gated MLP.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::RopeConfig;
+use super::quant::mlx::MlxWeights;
 
 /// A linear layer `y = x Wᵀ + b`. An enum so quantized weight formats slot in beside the dense
 /// one without changing model code.
@@ -12,13 +15,19 @@ use super::config::RopeConfig;
 pub enum Linear {
     /// Dense weights in the compute dtype.
     Dense(candle_nn::Linear),
+    /// MLX affine-quantized weights, kept packed; the layer's own bias (if any) is dense.
+    Mlx(Arc<MlxWeights>, Option<Tensor>),
 }
 
 impl Linear {
-    /// Loads `<prefix>.weight` (`[out, in]`) and, if `bias`, `<prefix>.bias`.
+    /// Loads `<prefix>.weight` (`[out, in]`, or MLX-packed with `scales`/`biases`) and, if
+    /// `bias`, `<prefix>.bias`.
     pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        if MlxWeights::present(&vb) {
+            return Ok(Self::Mlx(Arc::new(MlxWeights::load(&vb, in_dim, out_dim)?), bias));
+        }
+        let weight = vb.get((out_dim, in_dim), "weight")?;
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
     }
 
@@ -30,18 +39,23 @@ impl Linear {
     /// Splits a fused projection by output rows (`qkv_proj`, `gate_up_proj`) into one layer
     /// per part, in order.
     pub fn split_rows(&self, sizes: &[usize]) -> Result<Vec<Linear>> {
-        let Self::Dense(l) = self;
+        let bias = match self {
+            Self::Dense(l) => l.bias(),
+            Self::Mlx(_, b) => b.as_ref(),
+        };
         let mut start = 0;
         sizes
             .iter()
             .map(|&n| {
-                let w = l.weight().narrow(0, start, n)?.contiguous()?;
-                let b = l
-                    .bias()
-                    .map(|b| b.narrow(0, start, n).and_then(|b| b.contiguous()))
-                    .transpose()?;
+                let b = bias.map(|b| b.narrow(0, start, n)?.contiguous()).transpose()?;
+                let part = match self {
+                    Self::Dense(l) => {
+                        Self::Dense(candle_nn::Linear::new(l.weight().narrow(0, start, n)?.contiguous()?, b))
+                    }
+                    Self::Mlx(w, _) => Self::Mlx(Arc::new(w.rows(start, n)), b),
+                };
                 start += n;
-                Ok(Self::Dense(candle_nn::Linear::new(w, b)))
+                Ok(part)
             })
             .collect()
     }
@@ -50,6 +64,55 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => l.forward(x),
+            Self::Mlx(w, bias) => {
+                let y = w.matmul(x)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
+
+/// Token embeddings: a dense matrix, or MLX-quantized rows dequantized on lookup.
+#[derive(Debug, Clone)]
+pub enum Embed {
+    /// Dense `[vocab, hidden]`.
+    Dense(candle_nn::Embedding),
+    /// Quantized `[vocab, hidden]` (lookups dequantize only the requested rows) and the dtype
+    /// rows are produced in.
+    Mlx(Arc<MlxWeights>, DType),
+}
+
+impl Embed {
+    /// Loads `<prefix>.weight` (dense or MLX-packed) of a `[vocab, hidden]` table.
+    pub fn load(vb: VarBuilder, vocab: usize, hidden: usize) -> Result<Self> {
+        if MlxWeights::present(&vb) {
+            return Ok(Self::Mlx(Arc::new(MlxWeights::load(&vb, hidden, vocab)?), vb.dtype()));
+        }
+        let weight = vb.get((vocab, hidden), "weight")?;
+        Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
+    }
+
+    /// Rows for `ids` (`[T]` u32) → `[T, hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(e) => e.forward(ids),
+            Self::Mlx(w, dtype) => {
+                let ids_host: Vec<u32> = ids.to_vec1()?;
+                let rows = w.dequantize_rows(&ids_host);
+                let hidden = rows.len() / ids_host.len().max(1);
+                Tensor::from_vec(rows, (ids_host.len(), hidden), ids.device())?.to_dtype(*dtype)
+            }
+        }
+    }
+
+    /// The same matrix as an output projection (tied embeddings).
+    pub fn as_linear(&self) -> Linear {
+        match self {
+            Self::Dense(e) => Linear::from_weight(e.embeddings().clone()),
+            Self::Mlx(w, _) => Linear::Mlx(w.clone(), None),
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod layers;
 pub mod llama;
 pub mod paged_kv;
 pub mod phi3;
+pub mod quant;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -149,7 +150,9 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &LoadProgress) 
         .cloned()
         .or_else(|| cfg.model_type.clone())
         .unwrap_or_default();
-    let weights = weights::WeightFiles::open(dir)?;
+    let raw_config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let quantization = raw_config.get("quantization").filter(|q| q.is_object());
+    let weights = weights::WeightFiles::open(dir, quantization)?;
     let model_config = ModelConfig {
         architecture: arch.clone(),
         num_layers: cfg.num_hidden_layers,
@@ -162,7 +165,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &LoadProgress) 
         eos_token_ids: config::token_ids(cfg.eos_token_id.as_ref()),
         model_type: cfg.model_type.clone().unwrap_or_else(|| "llama".into()),
         weights: weights.summary(&text)?,
-        hf_config: serde_json::from_str(&text).unwrap_or_default(),
+        hf_config: raw_config.clone(),
     };
     let vb = weights.var_builder(dtype, device)?;
     let wrap = |e: candle_core::Error| LoadError::Malformed {

@@ -17,8 +17,10 @@ use super::{read_text, LoadError};
 pub struct WeightFiles {
     paths: Vec<PathBuf>,
     num_params: usize,
-    /// Parameters per safetensors dtype name (`F32`, `BF16`, ...).
+    /// Parameters per storage kind (`F32`, `BF16`, ..., `MLX` for packed weights).
     params_by_dtype: Vec<(String, usize)>,
+    /// `quantization` of config.json (MLX folders).
+    quantization: Option<serde_json::Value>,
 }
 
 /// What the weights are, as model listings report it.
@@ -40,7 +42,9 @@ pub struct WeightsSummary {
 impl WeightFiles {
     /// Finds `model.safetensors.index.json` (sharded) or `model.safetensors` in `dir` and checks
     /// every file's header, so a truncated or corrupt file fails here with its name.
-    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+    /// `quantization` is config.json's MLX quantization object, if any: it gives the group size
+    /// needed to count the parameters of packed tensors.
+    pub fn open(dir: &Path, quantization: Option<&serde_json::Value>) -> Result<Self, LoadError> {
         let index = dir.join("model.safetensors.index.json");
         let single = dir.join("model.safetensors");
         let paths = if index.exists() {
@@ -61,10 +65,13 @@ impl WeightFiles {
                 file: path.display().to_string(),
                 reason: format!("not a valid safetensors file ({e})"),
             })?;
-            for (_, view) in st.tensors() {
-                let n = view.shape().iter().product::<usize>();
+            let tensors = st.tensors();
+            let shape_of = |name: &str| tensors.iter().find(|(n, _)| n == name).map(|(_, v)| v.shape().to_vec());
+            for (name, view) in &tensors {
+                let Some((n, dtype)) = count_params(name, view, quantization, &shape_of) else {
+                    continue;
+                };
                 num_params += n;
-                let dtype = format!("{:?}", view.dtype());
                 match params_by_dtype.iter_mut().find(|(d, _)| *d == dtype) {
                     Some((_, count)) => *count += n,
                     None => params_by_dtype.push((dtype, n)),
@@ -75,6 +82,7 @@ impl WeightFiles {
             paths,
             num_params,
             params_by_dtype,
+            quantization: quantization.cloned(),
         })
     }
 
@@ -98,11 +106,15 @@ impl WeightFiles {
             modified = modified.max(meta.modified().ok());
             hasher.update(safetensors_header(path).map_err(io)?);
         }
-        let dtype = self
+        let dominant = self
             .params_by_dtype
             .iter()
             .max_by_key(|(_, n)| *n)
             .map_or_else(String::new, |(d, _)| d.clone());
+        let dtype = match (&self.quantization, dominant.as_str()) {
+            (Some(q), "MLX") => mlx_label(q),
+            _ => dominant,
+        };
         Ok(WeightsSummary {
             format: "safetensors",
             dtype,
@@ -128,6 +140,57 @@ impl WeightFiles {
             file: self.describe(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// Parameters a tensor holds and its storage kind; packed MLX weights count their unpacked
+/// values and their `scales`/`biases` count nothing.
+fn count_params(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    quantization: Option<&serde_json::Value>,
+    shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
+) -> Option<(usize, String)> {
+    let elements = view.shape().iter().product::<usize>();
+    let base = name.strip_suffix(".weight");
+    let packed_scales = base.and_then(|b| shape_of(&format!("{b}.scales")));
+    if let (Some(base), Some(scales), safetensors::Dtype::U32) = (base, &packed_scales, view.dtype()) {
+        let group_size = quantization
+            .and_then(|q| {
+                q.get(base)
+                    .and_then(|m| m["group_size"].as_u64())
+                    .or(q["group_size"].as_u64())
+            })
+            .unwrap_or(64) as usize;
+        let (rows, groups) = (scales.first().copied()?, scales.get(1).copied()?);
+        return Some((rows * groups * group_size, "MLX".into()));
+    }
+    let quant_meta = ["scales", "biases"].iter().any(|suffix| {
+        name.strip_suffix(suffix)
+            .and_then(|b| b.strip_suffix('.'))
+            .is_some_and(|b| shape_of(&format!("{b}.weight")).is_some())
+    });
+    if quant_meta && quantization.is_some() {
+        return None;
+    }
+    Some((elements, format!("{:?}", view.dtype())))
+}
+
+/// `MLX-4bit-g64`, or `MLX-mixed-3/6bit-g64` when modules use several widths.
+fn mlx_label(q: &serde_json::Value) -> String {
+    let group = q["group_size"].as_u64().unwrap_or(64);
+    let mut bits: Vec<u64> = q["bits"].as_u64().into_iter().collect();
+    if let Some(obj) = q.as_object() {
+        bits.extend(obj.values().filter_map(|v| v.get("bits")?.as_u64()));
+    }
+    bits.sort_unstable();
+    bits.dedup();
+    match bits.as_slice() {
+        [b] => format!("MLX-{b}bit-g{group}"),
+        many => format!(
+            "MLX-mixed-{}bit-g{group}",
+            many.iter().map(u64::to_string).collect::<Vec<_>>().join("/")
+        ),
     }
 }
 

@@ -1,0 +1,3 @@
+//! Quantized weight formats kept packed in memory; matrix products dequantize on the fly.
+
+pub mod mlx;
