@@ -203,7 +203,7 @@ impl MlxWeights {
                     let mut sum = 0f32;
                     for k in 0..g {
                         let span = k * gs..(k + 1) * gs;
-                        let dot: f32 = x[span.clone()].iter().zip(&q[span]).map(|(a, b)| a * b).sum();
+                        let dot = dot(&x[span.clone()], &q[span]);
                         sum += self.scales[o * g + k] * dot + self.biases[o * g + k] * xsum[ti * g + k];
                     }
                     *acc = sum;
@@ -236,6 +236,28 @@ impl MlxWeights {
         }
         Tensor::cat(&parts, 1)
     }
+}
+
+/// Lanes of the dot product: independent partial sums let the compiler use SIMD (a single
+/// running f32 sum must stay sequential).
+const DOT_LANES: usize = 16;
+
+/// `Σ a·b` with `DOT_LANES` partial sums.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; DOT_LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(DOT_LANES), b.chunks_exact(DOT_LANES));
+    let tail: f32 = a_chunks
+        .remainder()
+        .iter()
+        .zip(b_chunks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (ca, cb) in a_chunks.zip(b_chunks) {
+        for i in 0..DOT_LANES {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
