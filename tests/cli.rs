@@ -101,3 +101,53 @@ fn unsupported_architecture_lists_the_supported_ones() {
     .expect("write");
     run_fails_with(&dir, &["MambaForCausalLM", "LlamaForCausalLM"]);
 }
+
+/// A copy of a shared fixture folder in a temp folder, for corrupting.
+fn fixture_copy(rel: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mlxd-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for entry in std::fs::read_dir(shared(rel)).expect("fixture dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+    }
+    dir
+}
+
+#[test]
+fn unsupported_quantization_is_named_with_the_supported_list() {
+    let dir = fixture_copy("fixtures/llama/mlx-q4", "mxfp4");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).expect("read");
+    std::fs::write(dir.join("config.json"), cfg.replace("\"affine\"", "\"mxfp4\"")).expect("write");
+    run_fails_with(&dir, &["mxfp4", "MLX affine-quantized"]);
+    let gptq = model_copy("gptq");
+    let cfg = std::fs::read_to_string(gptq.join("config.json")).expect("read");
+    let cfg = cfg.replacen(
+        '{',
+        "{\"quantization_config\": {\"quant_method\": \"gptq\", \"bits\": 4},",
+        1,
+    );
+    std::fs::write(gptq.join("config.json"), cfg).expect("write");
+    run_fails_with(&gptq, &["gptq", "supported"]);
+}
+
+#[test]
+fn truncated_quantized_weights_are_named() {
+    let dir = fixture_copy("fixtures/qwen3/mlx-q4", "mlxtrunc");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).expect("read");
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).expect("write");
+    run_fails_with(&dir, &["model.safetensors"]);
+}
+
+#[test]
+fn a_tensor_of_the_wrong_dtype_is_a_clear_error() {
+    let dir = model_copy("dtype");
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("load");
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let as_u8 = tensors[name].to_dtype(candle_core::DType::U8).expect("cast");
+    tensors.insert(name.to_string(), as_u8);
+    candle_core::safetensors::save(&tensors, &path).expect("save");
+    run_fails_with(&dir, &["model.safetensors"]);
+}

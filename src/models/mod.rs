@@ -152,6 +152,7 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &LoadProgress) 
         .unwrap_or_default();
     let raw_config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     let quantization = raw_config.get("quantization").filter(|q| q.is_object());
+    check_quantization_supported(&raw_config)?;
     let weights = weights::WeightFiles::open(dir, quantization)?;
     let model_config = ModelConfig {
         architecture: arch.clone(),
@@ -189,6 +190,25 @@ pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &LoadProgress) 
     let model: Box<dyn Model> = Box::new(decoder::Decoder::load(vb, &spec, model_config, progress).map_err(wrap)?);
     progress.finish();
     Ok(model)
+}
+
+/// Weight formats mlxd reads, for error messages.
+const SUPPORTED_WEIGHTS: &str = "f32/f16/bf16 safetensors, MLX affine-quantized safetensors (2/3/4/5/6/8-bit)";
+
+/// Rejects quantization schemes mlxd cannot compute, naming the scheme and what is supported.
+fn check_quantization_supported(config: &serde_json::Value) -> Result<(), LoadError> {
+    if let Some(mode) = config["quantization"]["mode"].as_str().filter(|m| *m != "affine") {
+        return Err(LoadError::Unsupported(format!(
+            "MLX quantization mode `{mode}` (supported: {SUPPORTED_WEIGHTS})"
+        )));
+    }
+    let hf_method = config["quantization_config"]["quant_method"].as_str();
+    if let Some(method) = hf_method.filter(|_| config.get("quantization").is_none()) {
+        return Err(LoadError::Unsupported(format!(
+            "quantization method `{method}` (supported: {SUPPORTED_WEIGHTS})"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads a UTF-8 file, naming it and its role on failure.

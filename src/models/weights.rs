@@ -71,6 +71,15 @@ impl WeightFiles {
                 let Some((n, dtype)) = count_params(name, view, quantization, &shape_of) else {
                     continue;
                 };
+                if !["F32", "F16", "BF16", "F64", "MLX"].contains(&dtype.as_str()) {
+                    return Err(LoadError::Malformed {
+                        file: path.display().to_string(),
+                        reason: format!(
+                            "tensor `{name}` is {dtype}; weights must be F32, F16 or BF16 (or MLX-packed U32 \
+                             with scales and biases)"
+                        ),
+                    });
+                }
                 num_params += n;
                 match params_by_dtype.iter_mut().find(|(d, _)| *d == dtype) {
                     Some((_, count)) => *count += n,
