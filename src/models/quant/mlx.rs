@@ -119,20 +119,8 @@ impl MlxWeights {
     fn unpack_row(&self, o: usize, q: &mut [f32]) {
         let words = &self.packed[o * self.words_per_row()..(o + 1) * self.words_per_row()];
         match self.bits {
-            4 => {
-                for (chunk, &w) in q.chunks_exact_mut(8).zip(words) {
-                    for (j, v) in chunk.iter_mut().enumerate() {
-                        *v = ((w >> (4 * j)) & 0xf) as f32;
-                    }
-                }
-            }
-            8 => {
-                for (chunk, &w) in q.chunks_exact_mut(4).zip(words) {
-                    for (j, v) in chunk.iter_mut().enumerate() {
-                        *v = ((w >> (8 * j)) & 0xff) as f32;
-                    }
-                }
-            }
+            4 => unpack_fixed::<4, 8>(words, q),
+            8 => unpack_fixed::<8, 4>(words, q),
             bits => {
                 // Little-endian bit stream; values may straddle word boundaries.
                 let mask = (1u64 << bits) - 1;
@@ -198,15 +186,11 @@ impl MlxWeights {
             || vec![0f32; in_dim],
             |q, (o, out_row)| {
                 self.unpack_row(o, q);
+                let (scales, biases) = (&self.scales[o * g..(o + 1) * g], &self.biases[o * g..(o + 1) * g]);
                 for (ti, acc) in out_row.iter_mut().enumerate() {
                     let x = &xs[ti * in_dim..(ti + 1) * in_dim];
-                    let mut sum = 0f32;
-                    for k in 0..g {
-                        let span = k * gs..(k + 1) * gs;
-                        let dot = dot(&x[span.clone()], &q[span]);
-                        sum += self.scales[o * g + k] * dot + self.biases[o * g + k] * xsum[ti * g + k];
-                    }
-                    *acc = sum;
+                    let bias_term: f32 = biases.iter().zip(&xsum[ti * g..(ti + 1) * g]).map(|(b, s)| b * s).sum();
+                    *acc = scaled_group_dot(x, q, scales, gs) + bias_term;
                 }
             },
         );
@@ -238,9 +222,51 @@ impl MlxWeights {
     }
 }
 
+/// Unpacks `PER_WORD` values of `BITS` bits from each word (widths that divide 32).
+fn unpack_fixed<const BITS: u32, const PER_WORD: usize>(words: &[u32], q: &mut [f32]) {
+    let mask = (1u32 << BITS) - 1;
+    for (chunk, &w) in q.chunks_exact_mut(PER_WORD).zip(words) {
+        let chunk: &mut [f32; PER_WORD] = chunk.try_into().expect("chunks_exact yields PER_WORD");
+        for (j, v) in chunk.iter_mut().enumerate() {
+            *v = ((w >> (BITS * j as u32)) & mask) as f32;
+        }
+    }
+}
+
 /// Lanes of the dot product: independent partial sums let the compiler use SIMD (a single
 /// running f32 sum must stay sequential).
 const DOT_LANES: usize = 16;
+
+/// `Σ_k scales[k] · (a_k · b_k)` over groups of `group_size`, keeping `DOT_LANES` partial sums
+/// across groups so only one horizontal sum is paid per row (a per-group sum costs more than
+/// the group's multiply-adds). Falls back to per-group `dot` when groups are not lane-aligned.
+fn scaled_group_dot(a: &[f32], b: &[f32], scales: &[f32], group_size: usize) -> f32 {
+    if !group_size.is_multiple_of(DOT_LANES) {
+        return a
+            .chunks_exact(group_size)
+            .zip(b.chunks_exact(group_size))
+            .zip(scales)
+            .map(|((ga, gb), s)| s * dot(ga, gb))
+            .sum();
+    }
+    let mut total = [0f32; DOT_LANES];
+    for ((ga, gb), &s) in a.chunks_exact(group_size).zip(b.chunks_exact(group_size)).zip(scales) {
+        let mut part = [0f32; DOT_LANES];
+        for (ca, cb) in ga.chunks_exact(DOT_LANES).zip(gb.chunks_exact(DOT_LANES)) {
+            let (ca, cb): (&[f32; DOT_LANES], &[f32; DOT_LANES]) = (
+                ca.try_into().expect("chunks_exact yields DOT_LANES"),
+                cb.try_into().expect("chunks_exact yields DOT_LANES"),
+            );
+            for i in 0..DOT_LANES {
+                part[i] += ca[i] * cb[i];
+            }
+        }
+        for i in 0..DOT_LANES {
+            total[i] += s * part[i];
+        }
+    }
+    total.iter().sum()
+}
 
 /// `Σ a·b` with `DOT_LANES` partial sums.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -253,6 +279,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (ca, cb) in a_chunks.zip(b_chunks) {
+        // Fixed-size views: no bounds checks, so the loop becomes straight SIMD.
+        let (ca, cb): (&[f32; DOT_LANES], &[f32; DOT_LANES]) = (
+            ca.try_into().expect("chunks_exact yields DOT_LANES"),
+            cb.try_into().expect("chunks_exact yields DOT_LANES"),
+        );
         for i in 0..DOT_LANES {
             acc[i] += ca[i] * cb[i];
         }
