@@ -74,7 +74,7 @@ struct ModelArgs {
     /// Most sequences decoded together [default: 64].
     #[arg(long)]
     max_seqs: Option<usize>,
-    /// Most tokens (prompt chunks + decode tokens) per forward pass [default: 2048].
+    /// Most tokens (prompt chunks + decode tokens) per forward pass [default: 512 on CPU].
     #[arg(long)]
     max_batch_tokens: Option<usize>,
     /// Cap on prompt + output tokens per request [default: the model's context length].
