@@ -1,13 +1,10 @@
 //! `POST /api/chat`.
 
-use std::time::Instant;
-
 use axum::extract::State;
 use axum::response::Response;
 
 use super::types::ChatRequest;
-use super::{max_tokens_for, reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
-use crate::engine::GenerateRequest as EngineRequest;
+use super::{reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
 use crate::server::AppState;
 use crate::text::ChatMessage;
 
@@ -19,7 +16,6 @@ pub async fn chat(
     State(state): State<AppState>,
     OllamaJson(req): OllamaJson<ChatRequest>,
 ) -> Result<Response, OllamaError> {
-    let started = Instant::now();
     state.check_ollama_model(&req.common.model)?;
     reject_unsupported(req.common.format.as_ref(), None)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -28,15 +24,8 @@ pub async fn chat(
             req.common.model
         )));
     }
-    let (params, stops, opts) = sampling_from_options(req.common.options.as_ref())?;
-    let mut reply = Reply {
-        kind: ReplyKind::Chat,
-        model: req.common.model.clone(),
-        started,
-        load: Default::default(),
-        prompt: Vec::new(),
-        stop_ids: state.stop_tokens(false),
-    };
+    let sampling = sampling_from_options(req.common.options.as_ref())?;
+    let reply = Reply::new(ReplyKind::Chat, &req.common.model, &state);
     if req.messages.is_empty() {
         return Ok(reply.loaded());
     }
@@ -60,14 +49,7 @@ pub async fn chat(
         .await
         .map_err(|e| OllamaError::bad_request(e.to_string()))?
         .map_err(|e| OllamaError::bad_request(e.0))?;
-    reply.load = started.elapsed();
-    let max_tokens = max_tokens_for(&opts, prompt.len(), &state)?;
-    let request = EngineRequest {
-        prompt,
-        params,
-        max_tokens,
-        stop_tokens: state.stop_tokens(false),
-    };
-    let text = state.generate(request, stops)?;
-    reply.respond(text, req.common.stream.unwrap_or(true)).await
+    reply
+        .run(&state, prompt, sampling, req.common.stream.unwrap_or(true))
+        .await
 }

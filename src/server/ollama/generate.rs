@@ -1,13 +1,10 @@
 //! `POST /api/generate`.
 
-use std::time::Instant;
-
 use axum::extract::State;
 use axum::response::Response;
 
 use super::types::GenerateRequest;
-use super::{max_tokens_for, reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
-use crate::engine::GenerateRequest as EngineRequest;
+use super::{reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
 use crate::server::AppState;
 use crate::text::ChatMessage;
 
@@ -18,7 +15,6 @@ pub async fn generate(
     State(state): State<AppState>,
     OllamaJson(req): OllamaJson<GenerateRequest>,
 ) -> Result<Response, OllamaError> {
-    let started = Instant::now();
     state.check_ollama_model(&req.common.model)?;
     reject_unsupported(req.common.format.as_ref(), req.images.as_deref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -32,30 +28,15 @@ pub async fn generate(
             "template overrides are not supported; the model's own chat template is used",
         ));
     }
-    let (params, stops, opts) = sampling_from_options(req.common.options.as_ref())?;
-    let mut reply = Reply {
-        kind: ReplyKind::Generate,
-        model: req.common.model.clone(),
-        started,
-        load: Default::default(),
-        prompt: Vec::new(),
-        stop_ids: state.stop_tokens(false),
-    };
+    let sampling = sampling_from_options(req.common.options.as_ref())?;
+    let reply = Reply::new(ReplyKind::Generate, &req.common.model, &state);
     if req.prompt.is_empty() && req.context.is_none() {
         return Ok(reply.loaded());
     }
     let prompt = build_prompt(&state, &req)?;
-    reply.load = started.elapsed();
-    let max_tokens = max_tokens_for(&opts, prompt.len(), &state)?;
-    reply.prompt = prompt.clone();
-    let request = EngineRequest {
-        prompt,
-        params,
-        max_tokens,
-        stop_tokens: state.stop_tokens(false),
-    };
-    let text = state.generate(request, stops)?;
-    reply.respond(text, req.common.stream.unwrap_or(true)).await
+    reply
+        .run(&state, prompt, sampling, req.common.stream.unwrap_or(true))
+        .await
 }
 
 /// Token ids of the request: `context` followed by the (templated or raw) new prompt.

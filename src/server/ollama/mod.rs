@@ -134,8 +134,19 @@ pub fn reject_unsupported(format: Option<&Value>, images: Option<&[String]>) -> 
     Ok(())
 }
 
-/// Parses `options` into engine sampling parameters, stop strings and the context cap.
-pub fn sampling_from_options(options: Option<&Value>) -> Result<(SamplingParams, Vec<String>, Options), OllamaError> {
+/// A request's sampling as Ollama describes it: engine parameters, stop strings, and the
+/// options that bound the generation length.
+pub struct OllamaSampling {
+    /// Engine sampling parameters.
+    pub params: SamplingParams,
+    /// Stop strings.
+    pub stops: Vec<String>,
+    /// The parsed options (`num_predict`, `num_ctx`).
+    pub options: Options,
+}
+
+/// Parses `options` into engine sampling parameters, stop strings and the length options.
+pub fn sampling_from_options(options: Option<&Value>) -> Result<OllamaSampling, OllamaError> {
     let opts: Options = match options {
         None | Some(Value::Null) => Options::default(),
         Some(v) => {
@@ -184,8 +195,11 @@ pub fn sampling_from_options(options: Option<&Value>) -> Result<(SamplingParams,
         seed: opts.seed.filter(|s| *s >= 0).map(|s| s as u64),
         logprobs: None,
     };
-    let stops = opts.stop.clone().unwrap_or_default();
-    Ok((params, stops, opts))
+    Ok(OllamaSampling {
+        params,
+        stops: opts.stop.clone().unwrap_or_default(),
+        options: opts,
+    })
 }
 
 /// `num_predict` and `num_ctx` → the generation budget for a prompt of `prompt_len` tokens.
@@ -270,20 +284,32 @@ pub enum ReplyKind {
 /// Everything needed to shape one request's NDJSON lines or final object.
 pub struct Reply {
     /// Endpoint shape.
-    pub kind: ReplyKind,
+    kind: ReplyKind,
     /// Model name echoed in every object.
-    pub model: String,
+    model: String,
     /// When the handler started (for `total_duration`).
-    pub started: std::time::Instant,
+    started: std::time::Instant,
     /// Template + tokenization time (reported as `load_duration`; the model is resident).
-    pub load: std::time::Duration,
+    load: std::time::Duration,
     /// Prompt ids, returned in `context` with the generated ids (generate only).
-    pub prompt: Vec<u32>,
+    prompt: Vec<u32>,
     /// Ids that end generation; left out of `context`.
-    pub stop_ids: Vec<u32>,
+    stop_ids: Vec<u32>,
 }
 
 impl Reply {
+    /// A reply for a request to `model` that starts now.
+    pub fn new(kind: ReplyKind, model: &str, state: &AppState) -> Self {
+        Self {
+            kind,
+            model: model.to_string(),
+            started: std::time::Instant::now(),
+            load: std::time::Duration::ZERO,
+            prompt: Vec::new(),
+            stop_ids: state.stop_tokens(false),
+        }
+    }
+
     fn object(&self, text: &str, done: bool) -> Value {
         let mut v = json!({"model": self.model, "created_at": now_rfc3339()});
         match self.kind {
@@ -313,8 +339,31 @@ impl Reply {
         Json(v).into_response()
     }
 
+    /// Submits `prompt` with `sampling` and answers with NDJSON lines (`stream`) or one object.
+    pub async fn run(
+        mut self,
+        state: &AppState,
+        prompt: Vec<u32>,
+        sampling: OllamaSampling,
+        stream: bool,
+    ) -> Result<Response, OllamaError> {
+        self.load = self.started.elapsed();
+        let max_tokens = max_tokens_for(&sampling.options, prompt.len(), state)?;
+        if self.kind == ReplyKind::Generate {
+            self.prompt = prompt.clone();
+        }
+        let request = crate::engine::GenerateRequest {
+            prompt,
+            params: sampling.params,
+            max_tokens,
+            stop_tokens: self.stop_ids.clone(),
+        };
+        let text = state.generate(request, sampling.stops)?;
+        self.respond(text, stream).await
+    }
+
     /// Streams NDJSON lines or returns the folded final object.
-    pub async fn respond(self, text: super::stream::TextStream, stream: bool) -> Result<Response, OllamaError> {
+    async fn respond(self, text: super::stream::TextStream, stream: bool) -> Result<Response, OllamaError> {
         if !stream {
             let c = super::stream::collect(text).await?;
             let reason = c.reason.unwrap_or(crate::engine::FinishReason::Stop);
