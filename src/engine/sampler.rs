@@ -12,6 +12,10 @@ use rand::{Rng, SeedableRng};
 use super::output::{Logprobs, TokenLogprob};
 use super::request::SamplingParams;
 
+/// Scaled-logit distance below the best token beyond which a token's probability is
+/// negligible (e^-30 ≈ 1e-13) and it is left out of sampling.
+const NEGLIGIBLE_LOGIT_GAP: f32 = 30.0;
+
 /// Per-request sampling state that lives as long as the request.
 #[derive(Debug)]
 pub struct SamplerState {
@@ -63,11 +67,21 @@ impl SamplerState {
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
+        let max_logit = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        // Only tokens within NEGLIGIBLE_LOGIT_GAP of the best can carry probability mass worth
+        // sorting (e^-30 ≈ 1e-13 each): sorting them instead of the whole vocabulary keeps the
+        // per-row cost small for 150K-token vocabularies.
+        let floor = max_logit * inv_t - NEGLIGIBLE_LOGIT_GAP;
         let mut cands: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
             .map(|(i, &l)| (i as u32, l * inv_t))
+            .filter(|(_, l)| *l >= floor)
             .collect();
         if cands.is_empty() {
             return argmax(logits);
