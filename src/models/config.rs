@@ -38,6 +38,8 @@ pub enum RopeScaling {
         /// Context length the model was pretrained at.
         original_max_position_embeddings: f32,
     },
+    /// Per-frequency divisors (llama.cpp's `rope_freqs` tensor, e.g. Llama 3 scaling).
+    Divisors(Vec<f32>),
     /// Phi-3 LongRoPE: per-frequency divisors, short below the original context and long
     /// beyond it, and cos/sin scaled by an attention factor.
     LongRope {
@@ -78,7 +80,7 @@ impl RopeConfig {
 
     fn scale_frequency(&self, f: f32) -> f32 {
         match self.scaling {
-            RopeScaling::None | RopeScaling::LongRope { .. } => f,
+            RopeScaling::None | RopeScaling::LongRope { .. } | RopeScaling::Divisors(_) => f,
             RopeScaling::Linear { factor } => f / factor,
             RopeScaling::Llama3 {
                 factor,
@@ -113,6 +115,10 @@ impl RopeConfig {
                 *original_max_position_embeddings,
                 *attention_factor,
             ),
+            RopeScaling::Divisors(divisors) => {
+                let f = self.inv_freq(Some(divisors));
+                (f.clone(), f, usize::MAX, 1.0)
+            }
             _ => {
                 let f = self.inv_freq(None);
                 (f.clone(), f, usize::MAX, 1.0)

@@ -5,13 +5,13 @@
 //! positions come from the `BatchInput`.
 
 use candle_core::{DType, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use super::attention::{paged_attention, AttentionMeta, AttentionOpts, HeadDims, Qkv};
 use super::batch::BatchInput;
 use super::config::{HfConfig, LayerType, RopeConfig};
 use super::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
 use super::paged_kv::{LayerKv, PagedKvCache};
+use super::source::WeightSource;
 use super::{LoadError, LoadProgress, Model, ModelConfig};
 
 /// Where a layer's norms sit.
@@ -71,6 +71,8 @@ pub struct DecoderSpec {
     pub tie_embeddings: bool,
     /// Rows of the rope tables.
     pub max_positions: usize,
+    /// Rotate interleaved pairs (llama.cpp's permuted `llama` weights) instead of halves.
+    pub rope_interleaved: bool,
     /// Tensor name prefix of the decoder (`model`, or `model.language_model` …).
     pub prefix: String,
 }
@@ -119,6 +121,7 @@ impl DecoderSpec {
             sliding_window: None,
             tie_embeddings: cfg.tie_word_embeddings.unwrap_or(tie_by_default),
             max_positions: cfg.max_position_embeddings,
+            rope_interleaved: false,
             prefix: "model".into(),
         })
     }
@@ -147,7 +150,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
+    fn load(vb: WeightSource, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
         let d = spec.dims;
         let (q_out, kv_out) = (d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim);
         let h = spec.hidden;
@@ -222,7 +225,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(vb: VarBuilder, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
+    fn load(vb: WeightSource, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
         let norm = |name: &str| RmsNorm::load(vb.pp(name), spec.hidden, spec.rms_eps, spec.norm_unit_offset);
         let sandwich = spec.norm_placement == NormPlacement::Sandwich;
         Ok(Self {
@@ -271,7 +274,7 @@ pub struct Decoder {
 
 impl Decoder {
     /// Builds the model from a family's spec and weights under `vb` (HF tensor names).
-    pub fn load(vb: VarBuilder, spec: &DecoderSpec, config: ModelConfig, progress: &LoadProgress) -> Result<Self> {
+    pub fn load(vb: WeightSource, spec: &DecoderSpec, config: ModelConfig, progress: &LoadProgress) -> Result<Self> {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let m = vb.pp(&spec.prefix);
@@ -302,11 +305,14 @@ impl Decoder {
             norm: RmsNorm::load(m.pp("norm"), spec.hidden, spec.rms_eps, spec.norm_unit_offset)?,
             lm_head,
             final_softcap: spec.final_softcap,
-            rope_full: Rotary::new(&spec.rope_full, spec.max_positions, dtype, &device)?,
+            rope_full: Rotary::new(&spec.rope_full, spec.max_positions, dtype, &device)?
+                .interleaved(spec.rope_interleaved),
             rope_sliding: spec
                 .rope_sliding
                 .as_ref()
-                .map(|r| Rotary::new(r, spec.max_positions, dtype, &device))
+                .map(|r| {
+                    Rotary::new(r, spec.max_positions, dtype, &device).map(|r| r.interleaved(spec.rope_interleaved))
+                })
                 .transpose()?,
             windows,
             dims: spec.dims,

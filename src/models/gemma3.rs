@@ -3,17 +3,16 @@
 //! embedding scale, `query_pre_attn_scalar`, q/k norms, interleaved sliding-window and global
 //! layers with their own rope bases, GELU (tanh), optional soft-capping.
 
-use candle_nn::VarBuilder;
-
 use super::config::{HfConfig, LayerType};
 use super::decoder::{DecoderSpec, NormPlacement};
+use super::source::WeightSource;
 use super::LoadError;
 
 /// Where the decoder's tensors live in the checkpoints that exist in the wild.
 const PREFIXES: [&str; 3] = ["model", "model.language_model", "language_model.model"];
 
 /// The decoder spec of a Gemma 3 config; `vb` tells which tensor prefix the file uses.
-pub fn spec(cfg: &HfConfig, vb: &VarBuilder) -> Result<DecoderSpec, LoadError> {
+pub fn spec(cfg: &HfConfig, vb: &WeightSource) -> Result<DecoderSpec, LoadError> {
     let base = DecoderSpec::base(cfg, true)?;
     let prefix = PREFIXES
         .iter()

@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
 
 use super::config::RopeConfig;
 use super::quant::mlx::MlxWeights;
+use super::source::WeightSource;
 
 /// A linear layer `y = x Wᵀ + b`. An enum so quantized weight formats slot in beside the dense
 /// one without changing model code.
@@ -17,15 +18,27 @@ pub enum Linear {
     Dense(candle_nn::Linear),
     /// MLX affine-quantized weights, kept packed; the layer's own bias (if any) is dense.
     Mlx(Arc<MlxWeights>, Option<Tensor>),
+    /// GGUF block-quantized weights through candle's quantized matmul; dense bias.
+    Gguf(Arc<QMatMul>, Option<Tensor>),
 }
 
 impl Linear {
     /// Loads `<prefix>.weight` (`[out, in]`, or MLX-packed with `scales`/`biases`) and, if
     /// `bias`, `<prefix>.bias`.
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub fn load(vb: WeightSource, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        if MlxWeights::present(&vb) {
-            return Ok(Self::Mlx(Arc::new(MlxWeights::load(&vb, in_dim, out_dim)?), bias));
+        if let Some(hf) = vb.as_hf().filter(|hf| MlxWeights::present(hf)) {
+            return Ok(Self::Mlx(Arc::new(MlxWeights::load(hf, in_dim, out_dim)?), bias));
+        }
+        if let Some(q) = vb.quantized("weight") {
+            let q = q?;
+            if q.shape().dims() != [out_dim, in_dim] {
+                candle_core::bail!(
+                    "quantized weight has shape {:?}, expected [{out_dim}, {in_dim}]",
+                    q.shape()
+                );
+            }
+            return Ok(Self::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias));
         }
         let weight = vb.get((out_dim, in_dim), "weight")?;
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
@@ -41,7 +54,7 @@ impl Linear {
     pub fn split_rows(&self, sizes: &[usize]) -> Result<Vec<Linear>> {
         let bias = match self {
             Self::Dense(l) => l.bias(),
-            Self::Mlx(_, b) => b.as_ref(),
+            Self::Mlx(_, b) | Self::Gguf(_, b) => b.as_ref(),
         };
         let mut start = 0;
         sizes
@@ -53,6 +66,15 @@ impl Linear {
                         Self::Dense(candle_nn::Linear::new(l.weight().narrow(0, start, n)?.contiguous()?, b))
                     }
                     Self::Mlx(w, _) => Self::Mlx(Arc::new(w.rows(start, n)), b),
+                    // candle cannot slice a block-quantized tensor: fused GGUF projections
+                    // (Phi-3) are split dense, in f32 (GGUF models compute in f32).
+                    Self::Gguf(w, _) => Self::Dense(candle_nn::Linear::new(
+                        w.dequantize_f16()?
+                            .to_dtype(DType::F32)?
+                            .narrow(0, start, n)?
+                            .contiguous()?,
+                        b,
+                    )),
                 };
                 start += n;
                 Ok(part)
@@ -64,14 +86,19 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => l.forward(x),
-            Self::Mlx(w, bias) => {
-                let y = w.matmul(x)?;
-                match bias {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
+            Self::Mlx(w, bias) => with_bias(w.matmul(x)?, bias),
+            Self::Gguf(w, bias) => {
+                let dtype = x.dtype();
+                with_bias(w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?, bias)
             }
         }
+    }
+}
+
+fn with_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
     }
 }
 
@@ -87,9 +114,9 @@ pub enum Embed {
 
 impl Embed {
     /// Loads `<prefix>.weight` (dense or MLX-packed) of a `[vocab, hidden]` table.
-    pub fn load(vb: VarBuilder, vocab: usize, hidden: usize) -> Result<Self> {
-        if MlxWeights::present(&vb) {
-            return Ok(Self::Mlx(Arc::new(MlxWeights::load(&vb, hidden, vocab)?), vb.dtype()));
+    pub fn load(vb: WeightSource, vocab: usize, hidden: usize) -> Result<Self> {
+        if let Some(hf) = vb.as_hf().filter(|hf| MlxWeights::present(hf)) {
+            return Ok(Self::Mlx(Arc::new(MlxWeights::load(hf, hidden, vocab)?), vb.dtype()));
         }
         let weight = vb.get((vocab, hidden), "weight")?;
         Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
@@ -126,7 +153,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     /// Loads `<prefix>.weight` of size `dim`.
-    pub fn load(vb: VarBuilder, dim: usize, eps: f64, unit_offset: bool) -> Result<Self> {
+    pub fn load(vb: WeightSource, dim: usize, eps: f64, unit_offset: bool) -> Result<Self> {
         let mut weight = vb.get(dim, "weight")?;
         if unit_offset {
             weight = (weight + 1.0)?;
@@ -149,6 +176,7 @@ pub struct Rotary {
     cos: Tensor,
     sin: Tensor,
     rotary_dim: usize,
+    interleaved: bool,
 }
 
 /// Cos/sin rows gathered for one batch's positions, applied to q and k of every layer.
@@ -157,6 +185,7 @@ pub struct RotaryAtPositions {
     cos: Tensor,
     sin: Tensor,
     rotary_dim: usize,
+    interleaved: bool,
 }
 
 impl Rotary {
@@ -168,7 +197,14 @@ impl Rotary {
             cos: Tensor::from_vec(t.cos, shape, device)?.to_dtype(dtype)?,
             sin: Tensor::from_vec(t.sin, shape, device)?.to_dtype(dtype)?,
             rotary_dim: rope.rotary_dim,
+            interleaved: false,
         })
+    }
+
+    /// Rotates interleaved pairs `(2i, 2i+1)` instead of halves (llama.cpp's `llama` layout).
+    pub fn interleaved(mut self, interleaved: bool) -> Self {
+        self.interleaved = interleaved;
+        self
     }
 
     /// Gathers the rows for `positions` (`[T]` u32).
@@ -177,6 +213,7 @@ impl Rotary {
             cos: self.cos.index_select(positions, 0)?,
             sin: self.sin.index_select(positions, 0)?,
             rotary_dim: self.rotary_dim,
+            interleaved: self.interleaved,
         })
     }
 }
@@ -186,8 +223,16 @@ impl RotaryAtPositions {
     /// layout, as transformers); the remaining dims pass through.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(D::Minus1)?;
-        let rotate = |x: &Tensor| {
-            candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &self.cos, &self.sin)?.squeeze(0)
+        let rotate = |x: &Tensor| -> Result<Tensor> {
+            if self.interleaved {
+                // rope_i wants [b, heads, T, d].
+                let bhtd = x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?;
+                candle_nn::rotary_emb::rope_i(&bhtd, &self.cos, &self.sin)?
+                    .squeeze(0)?
+                    .transpose(0, 1)
+            } else {
+                candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &self.cos, &self.sin)?.squeeze(0)
+            }
         };
         if self.rotary_dim == head_dim {
             return rotate(x);
@@ -251,7 +296,7 @@ pub struct MlpSpec {
 
 impl GatedMlp {
     /// Loads `gate_proj` + `up_proj` (or `gate_up_proj`) and `down_proj` under `vb`.
-    pub fn load(vb: VarBuilder, spec: MlpSpec) -> Result<Self> {
+    pub fn load(vb: WeightSource, spec: MlpSpec) -> Result<Self> {
         let (h, i) = (spec.hidden, spec.intermediate);
         let (gate, up) = if spec.fused_gate_up {
             let fused = Linear::load(vb.pp("gate_up_proj"), h, 2 * i, spec.bias)?;

@@ -8,11 +8,13 @@ pub mod batch;
 pub mod config;
 pub mod decoder;
 pub mod gemma3;
+pub mod gguf;
 pub mod layers;
 pub mod llama;
 pub mod paged_kv;
 pub mod phi3;
 pub mod quant;
+pub mod source;
 pub mod weights;
 
 use std::path::{Path, PathBuf};
@@ -139,57 +141,123 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
     "Phi3ForCausalLM",
 ];
 
-/// Loads the model in the Hugging Face folder `dir` onto `device`, computing in `dtype`.
-pub fn load(dir: &Path, device: &Device, dtype: DType, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
+/// Loads a model: a Hugging Face folder, or a `.gguf` file, onto `device`, computing in
+/// `dtype` (GGUF models compute in f32).
+pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
+    if is_gguf(path) {
+        return load_gguf(path, device, progress);
+    }
+    let dir = path;
     let config_path = dir.join("config.json");
     let text = read_text(&config_path, "model configuration")?;
     let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
+    let raw_config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let quantization = raw_config.get("quantization").filter(|q| q.is_object());
+    check_quantization_supported(&raw_config)?;
+    let weights = weights::WeightFiles::open(dir, quantization)?;
+    let model_config = model_config(
+        &cfg,
+        dtype,
+        weights.num_params(),
+        weights.summary(&text)?,
+        raw_config.clone(),
+    );
+    let vb = source::WeightSource::Hf(weights.var_builder(dtype, device)?);
+    let spec = family_spec(&cfg, &vb)?;
+    let model = decoder::Decoder::load(vb, &spec, model_config, progress).map_err(|e| LoadError::Malformed {
+        file: weights.describe(),
+        reason: e.to_string(),
+    })?;
+    progress.finish();
+    Ok(Box::new(model))
+}
+
+/// True for a path that names a GGUF file.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+fn load_gguf(path: &Path, device: &Device, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
+    let dtype = DType::F32;
+    let store = std::sync::Arc::new(gguf::GgufStore::open(path, dtype, device)?);
+    let raw_config = store.hf_config()?;
+    let cfg: config::HfConfig = serde_json::from_value(raw_config.clone()).map_err(|e| LoadError::Malformed {
+        file: path.display().to_string(),
+        reason: format!("metadata does not describe a supported model: {e}"),
+    })?;
+    let malformed = |e: candle_core::Error| LoadError::Malformed {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    let summary = weights::WeightsSummary::of_gguf(path, &store).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let model_config = model_config(&cfg, dtype, store.num_params(), summary, raw_config);
+    let src = source::WeightSource::Gguf {
+        store: store.clone(),
+        path: String::new(),
+    };
+    let mut spec = family_spec(&cfg, &src)?;
+    // llama.cpp's conventions (see gguf.rs): permuted q/k for `llama`, Gemma norms with +1
+    // baked in, Llama 3 scaling as divisors.
+    spec.rope_interleaved = store.arch() == "llama";
+    spec.norm_unit_offset = false;
+    if let Some(divisors) = store.rope_freqs().map_err(malformed)? {
+        spec.rope_full.scaling = config::RopeScaling::Divisors(divisors);
+    }
+    let model = decoder::Decoder::load(src, &spec, model_config, progress).map_err(malformed)?;
+    progress.finish();
+    Ok(Box::new(model))
+}
+
+fn model_config(
+    cfg: &config::HfConfig,
+    dtype: DType,
+    num_params: usize,
+    weights: weights::WeightsSummary,
+    hf_config: serde_json::Value,
+) -> ModelConfig {
+    ModelConfig {
+        architecture: cfg
+            .architectures
+            .first()
+            .cloned()
+            .or_else(|| cfg.model_type.clone())
+            .unwrap_or_default(),
+        num_layers: cfg.num_hidden_layers,
+        num_kv_heads: cfg.num_kv_heads(),
+        head_dim: cfg.head_dim(),
+        vocab_size: cfg.vocab_size,
+        max_position_embeddings: cfg.max_position_embeddings,
+        num_params,
+        dtype,
+        eos_token_ids: config::token_ids(cfg.eos_token_id.as_ref()),
+        model_type: cfg.model_type.clone().unwrap_or_else(|| "llama".into()),
+        weights,
+        hf_config,
+    }
+}
+
+/// The decoder spec of a config's architecture.
+fn family_spec(cfg: &config::HfConfig, src: &source::WeightSource) -> Result<decoder::DecoderSpec, LoadError> {
     let arch = cfg
         .architectures
         .first()
         .cloned()
         .or_else(|| cfg.model_type.clone())
         .unwrap_or_default();
-    let raw_config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let quantization = raw_config.get("quantization").filter(|q| q.is_object());
-    check_quantization_supported(&raw_config)?;
-    let weights = weights::WeightFiles::open(dir, quantization)?;
-    let model_config = ModelConfig {
-        architecture: arch.clone(),
-        num_layers: cfg.num_hidden_layers,
-        num_kv_heads: cfg.num_kv_heads(),
-        head_dim: cfg.head_dim(),
-        vocab_size: cfg.vocab_size,
-        max_position_embeddings: cfg.max_position_embeddings,
-        num_params: weights.num_params(),
-        dtype,
-        eos_token_ids: config::token_ids(cfg.eos_token_id.as_ref()),
-        model_type: cfg.model_type.clone().unwrap_or_else(|| "llama".into()),
-        weights: weights.summary(&text)?,
-        hf_config: raw_config.clone(),
-    };
-    let vb = weights.var_builder(dtype, device)?;
-    let wrap = |e: candle_core::Error| LoadError::Malformed {
-        file: weights.describe(),
-        reason: e.to_string(),
-    };
-    let spec = match arch.as_str() {
+    match arch.as_str() {
         "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" => {
-            let model_type = cfg.model_type.as_deref().unwrap_or("llama");
-            llama::spec(&cfg, model_type)?
+            llama::spec(cfg, cfg.model_type.as_deref().unwrap_or("llama"))
         }
-        "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => gemma3::spec(&cfg, &vb)?,
-        "Phi3ForCausalLM" => phi3::spec(&cfg)?,
-        other => {
-            return Err(LoadError::Unsupported(format!(
-                "architecture `{other}` (supported: {})",
-                SUPPORTED_ARCHITECTURES.join(", ")
-            )))
-        }
-    };
-    let model: Box<dyn Model> = Box::new(decoder::Decoder::load(vb, &spec, model_config, progress).map_err(wrap)?);
-    progress.finish();
-    Ok(model)
+        "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => gemma3::spec(cfg, src),
+        "Phi3ForCausalLM" => phi3::spec(cfg),
+        other => Err(LoadError::Unsupported(format!(
+            "architecture `{other}` (supported: {})",
+            SUPPORTED_ARCHITECTURES.join(", ")
+        ))),
+    }
 }
 
 /// Weight formats mlxd reads, for error messages.

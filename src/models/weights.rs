@@ -152,6 +152,23 @@ impl WeightFiles {
     }
 }
 
+impl WeightsSummary {
+    /// The summary of a GGUF file: its dominant ggml type, size and a digest of its header.
+    pub fn of_gguf(path: &Path, store: &super::gguf::GgufStore) -> std::io::Result<Self> {
+        use std::io::Read;
+        let meta = std::fs::metadata(path)?;
+        let mut head = Vec::new();
+        std::fs::File::open(path)?.take(1 << 20).read_to_end(&mut head)?;
+        Ok(Self {
+            format: "gguf",
+            dtype: store.dominant_type().to_uppercase(),
+            num_bytes: meta.len(),
+            modified: meta.modified().ok(),
+            digest: format!("{:x}", Sha256::digest(&head)),
+        })
+    }
+}
+
 /// Parameters a tensor holds and its storage kind; packed MLX weights count their unpacked
 /// values and their `scales`/`biases` count nothing.
 fn count_params(

@@ -1,0 +1,276 @@
+//! GGUF files (llama.cpp / Ollama): metadata → the equivalent Hugging Face config, tensors by
+//! Hugging Face names (`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`),
+//! float tensors dense, block-quantized ones kept for candle's quantized matmul.
+//!
+//! llama.cpp conventions honoured here: the `llama` architecture's q/k rows are permuted for
+//! interleaved ("normal") rope; Gemma norms are stored with the +1 already added; Llama 3 rope
+//! scaling is a `rope_freqs` tensor of per-frequency divisors; a missing `output.weight` means
+//! tied embeddings.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{DType, Device, Result, Tensor};
+use serde_json::json;
+
+use super::LoadError;
+
+/// An open GGUF file.
+pub struct GgufStore {
+    content: Content,
+    file: Mutex<File>,
+    arch: String,
+    dtype: DType,
+    device: Device,
+}
+
+impl GgufStore {
+    /// Reads the header and metadata of `path`.
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> std::result::Result<Self, LoadError> {
+        let malformed = |reason: String| LoadError::Malformed {
+            file: path.display().to_string(),
+            reason,
+        };
+        let mut file = File::open(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = Content::read(&mut file).map_err(|e| malformed(format!("not a valid GGUF file ({e})")))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        for (name, info) in &content.tensor_infos {
+            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            if content.tensor_data_offset + info.offset + bytes as u64 > len {
+                return Err(malformed(format!(
+                    "truncated: tensor `{name}` extends past the end of the file"
+                )));
+            }
+        }
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| malformed("no general.architecture".into()))?;
+        Ok(Self {
+            content,
+            file: Mutex::new(file),
+            arch,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// `general.architecture` (llama, qwen2, qwen3, gemma3, phi3, …).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// All metadata.
+    pub fn metadata(&self) -> &HashMap<String, Value> {
+        &self.content.metadata
+    }
+
+    /// Parameters over all tensors.
+    pub fn num_params(&self) -> usize {
+        self.content.tensor_infos.values().map(|t| t.shape.elem_count()).sum()
+    }
+
+    /// The ggml type holding most parameters (`Q4_0`, `F16`, …).
+    pub fn dominant_type(&self) -> String {
+        let mut by_type: HashMap<String, usize> = HashMap::new();
+        for t in self.content.tensor_infos.values() {
+            *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += t.shape.elem_count();
+        }
+        by_type
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(t, _)| t)
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// True when the Hugging Face-named tensor exists in the file.
+    pub fn contains(&self, hf_name: &str) -> bool {
+        self.gguf_name(hf_name)
+            .is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+    }
+
+    fn read(&self, hf_name: &str) -> Result<QTensor> {
+        let name = self
+            .gguf_name(hf_name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no GGUF name for `{hf_name}`")))?;
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("GGUF file lock poisoned".into()))?;
+        self.content.tensor(&mut *file, &name, &self.device)
+    }
+
+    /// A float tensor (or any tensor, dequantized) in the compute dtype.
+    pub fn dense(&self, hf_name: &str) -> Result<Tensor> {
+        self.read(hf_name)?.dequantize(&self.device)?.to_dtype(self.dtype)
+    }
+
+    /// The tensor, when it is block-quantized (float tensors are read with `dense`).
+    pub fn quantized(&self, hf_name: &str) -> Option<Result<QTensor>> {
+        let info = self.content.tensor_infos.get(&self.gguf_name(hf_name)?)?;
+        let float = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        (!float).then(|| self.read(hf_name))
+    }
+
+    /// The per-frequency rope divisors of Llama 3 scaling, when present.
+    pub fn rope_freqs(&self) -> Result<Option<Vec<f32>>> {
+        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Ok(None);
+        }
+        let mut file = self
+            .file
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("GGUF file lock poisoned".into()))?;
+        let t = self.content.tensor(&mut *file, "rope_freqs.weight", &Device::Cpu)?;
+        Ok(Some(t.dequantize(&Device::Cpu)?.to_vec1()?))
+    }
+
+    /// Maps a Hugging Face tensor name to the GGUF one.
+    fn gguf_name(&self, hf: &str) -> Option<String> {
+        let (stem, suffix) = hf.rsplit_once('.')?;
+        let mapped = match stem {
+            "model.embed_tokens" => "token_embd".to_string(),
+            "model.norm" => "output_norm".to_string(),
+            "lm_head" => "output".to_string(),
+            _ => {
+                let rest = stem.strip_prefix("model.layers.")?;
+                let (layer, module) = rest.split_once('.')?;
+                format!("blk.{layer}.{}", self.block_module(module)?)
+            }
+        };
+        Some(format!("{mapped}.{suffix}"))
+    }
+
+    fn block_module(&self, module: &str) -> Option<&'static str> {
+        let sandwich = self.arch.starts_with("gemma");
+        Some(match module {
+            "input_layernorm" => "attn_norm",
+            "post_attention_layernorm" if sandwich => "post_attention_norm",
+            "post_attention_layernorm" | "pre_feedforward_layernorm" => "ffn_norm",
+            "post_feedforward_layernorm" => "post_ffw_norm",
+            "self_attn.q_proj" => "attn_q",
+            "self_attn.k_proj" => "attn_k",
+            "self_attn.v_proj" => "attn_v",
+            "self_attn.o_proj" => "attn_output",
+            "self_attn.qkv_proj" => "attn_qkv",
+            "self_attn.q_norm" => "attn_q_norm",
+            "self_attn.k_norm" => "attn_k_norm",
+            "mlp.gate_proj" => "ffn_gate",
+            "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
+            "mlp.down_proj" => "ffn_down",
+            _ => return None,
+        })
+    }
+
+    fn meta_u64(&self, key: &str) -> Option<u64> {
+        let v = self.content.metadata.get(key)?;
+        v.to_u64()
+            .ok()
+            .or_else(|| v.to_u32().ok().map(u64::from))
+            .or_else(|| v.to_i32().ok().map(|x| x as u64))
+    }
+
+    fn meta_f32(&self, key: &str) -> Option<f32> {
+        self.content.metadata.get(key)?.to_f32().ok()
+    }
+
+    /// The Hugging Face `config.json` equivalent of the metadata, so the family spec
+    /// builders serve GGUF too.
+    pub fn hf_config(&self) -> std::result::Result<serde_json::Value, LoadError> {
+        let a = self.arch.as_str();
+        let (architecture, model_type) = match a {
+            "llama" => ("LlamaForCausalLM", "llama"),
+            "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
+            "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
+            "gemma3" => ("Gemma3ForCausalLM", "gemma3_text"),
+            "phi3" => ("Phi3ForCausalLM", "phi3"),
+            other => {
+                return Err(LoadError::Unsupported(format!(
+                    "GGUF architecture `{other}` (supported: llama, qwen2, qwen3, gemma3, phi3)"
+                )))
+            }
+        };
+        let need = |key: &str| {
+            self.meta_u64(&format!("{a}.{key}"))
+                .ok_or_else(|| LoadError::Malformed {
+                    file: "GGUF metadata".into(),
+                    reason: format!("missing `{a}.{key}`"),
+                })
+        };
+        let heads = need("attention.head_count")?;
+        let hidden = need("embedding_length")?;
+        let head_dim = self
+            .meta_u64(&format!("{a}.attention.key_length"))
+            .unwrap_or(hidden / heads);
+        let vocab = self
+            .content
+            .metadata
+            .get("tokenizer.ggml.tokens")
+            .and_then(|t| t.to_vec().ok())
+            .map(|t| t.len() as u64)
+            .or_else(|| self.meta_u64(&format!("{a}.vocab_size")))
+            .ok_or_else(|| LoadError::Malformed {
+                file: "GGUF metadata".into(),
+                reason: "no vocabulary (tokenizer.ggml.tokens)".into(),
+            })?;
+        let mut cfg = json!({
+            "architectures": [architecture],
+            "model_type": model_type,
+            "hidden_size": hidden,
+            "intermediate_size": need("feed_forward_length")?,
+            "num_hidden_layers": need("block_count")?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": self.meta_u64(&format!("{a}.attention.head_count_kv")).unwrap_or(heads),
+            "head_dim": head_dim,
+            "vocab_size": vocab,
+            "max_position_embeddings": need("context_length")?,
+            "rms_norm_eps": self.meta_f32(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
+            "rope_theta": self.meta_f32(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0),
+            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "eos_token_id": self.meta_u64("tokenizer.ggml.eos_token_id"),
+        });
+        if let Some(dims) = self.meta_u64(&format!("{a}.rope.dimension_count")) {
+            cfg["partial_rotary_factor"] = json!(dims as f64 / head_dim as f64);
+        }
+        if let (Some("linear"), Some(factor)) = (
+            self.content
+                .metadata
+                .get(&format!("{a}.rope.scaling.type"))
+                .and_then(|v| v.to_string().ok())
+                .map(String::as_str),
+            self.meta_f32(&format!("{a}.rope.scaling.factor")),
+        ) {
+            cfg["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+        }
+        if let Some(w) = self.meta_u64(&format!("{a}.attention.sliding_window")) {
+            cfg["sliding_window"] = json!(w);
+        }
+        if a == "gemma3" {
+            // llama.cpp's Gemma 3 semantics: 1/sqrt(head_dim) scaling, and without a pattern key
+            // five sliding layers per global one.
+            cfg["query_pre_attn_scalar"] = json!(head_dim);
+            cfg["sliding_window_pattern"] =
+                json!(self.meta_u64("gemma3.attention.sliding_window_pattern").unwrap_or(6));
+            cfg["rope_local_base_freq"] = json!(self.meta_f32("gemma3.rope.freq_base_swa").unwrap_or(10_000.0));
+            cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
+        }
+        Ok(cfg)
+    }
+}
