@@ -193,9 +193,9 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
 /// Starts the engine thread (loading the model) and loads the tokenizer side.
 fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
     let model_path = cfg.engine.model.clone().context("no model given")?;
-    if !model_path.is_dir() {
+    if !model_path.is_dir() && !mlxd::models::is_gguf(&model_path) {
         bail!(
-            "{}: not a model folder (expected a directory with config.json)",
+            "{}: not a model (expected a Hugging Face folder with config.json, or a .gguf file)",
             model_path.display()
         );
     }
@@ -213,17 +213,19 @@ fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<(
             .then(|| std::time::Duration::from_secs_f64(cfg.scheduler.queue_timeout)),
     };
     let (engine, join) = EngineHandle::spawn(engine_cfg)?;
-    let codec = TextCodec::load(&model_path, &engine.info().model.eos_token_ids)?;
+    let codec = TextCodec::open(&model_path, &engine.info().model.eos_token_ids)?;
     Ok((engine, join, Arc::new(codec)))
 }
 
+/// The name the APIs report: the folder's name, or a GGUF file's name without `.gguf`.
 fn model_name(path: &Path) -> String {
-    std::fs::canonicalize(path)
-        .ok()
-        .as_deref()
-        .unwrap_or(path)
-        .file_name()
-        .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let name = if mlxd::models::is_gguf(&path) {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

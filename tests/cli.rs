@@ -151,3 +151,16 @@ fn a_tensor_of_the_wrong_dtype_is_a_clear_error() {
     candle_core::safetensors::save(&tensors, &path).expect("save");
     run_fails_with(&dir, &["model.safetensors"]);
 }
+
+#[test]
+fn truncated_and_foreign_gguf_files_are_named() {
+    let dir = std::env::temp_dir().join(format!("mlxd-cli-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bytes = std::fs::read(shared("fixtures/gguf/qwen3-q4_0.gguf")).expect("read");
+    let truncated = dir.join("truncated.gguf");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).expect("write");
+    run_fails_with(&truncated, &["truncated.gguf", "truncated"]);
+    let garbage = dir.join("garbage.gguf");
+    std::fs::write(&garbage, b"definitely not gguf").expect("write");
+    run_fails_with(&garbage, &["garbage.gguf"]);
+}

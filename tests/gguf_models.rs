@@ -92,8 +92,62 @@ fn quantized_gguf_files_follow_llama_cpp_kernels() {
         // Both quantize activations to Q8_0 blocks, with different rounding details; greedy
         // paths may part where llama.cpp's own top-2 margin is small (the fixture README's
         // dequantized runs part from llama.cpp's kernels the same way).
-        for kind in ["q8_0", "q4_0"] {
+        for kind in ["q8_0", "q4_0", "q4_k_m"] {
             assert_matches_up_to_ties(model, kind, 0.15);
         }
     }
+}
+
+#[test]
+fn gguf_tokenizers_match_llama_cpp_where_it_agrees_with_the_hf_tokenizer() {
+    for model in ["stories260k", "llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"] {
+        let path = shared(&format!("fixtures/gguf/{model}-q8_0.gguf"));
+        let codec = mlxd::text::TextCodec::from_gguf(&path).expect("codec");
+        let refs = read_json(&shared(&format!("fixtures/gguf/refs/{model}-q8_0.json")));
+        let mut checked = 0;
+        for sample in refs["tokenizer"]["samples"].as_array().expect("samples") {
+            // mistral/phi3 GGUF vocabularies lost information in conversion (flat scores,
+            // specials typed normal); only samples where llama.cpp and HF agree are checked.
+            if sample["llamacpp_ids"] != sample["ref_ids"] {
+                continue;
+            }
+            let text = sample["text"].as_str().expect("text");
+            assert_eq!(
+                codec.encode(text, true).expect("encodes"),
+                ids(&sample["llamacpp_ids"]),
+                "{model}: {text:?}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 8, "{model}: {checked} samples");
+        assert!(codec.chat_template().is_some(), "{model} carries its chat template");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_file_serves_over_both_apis() {
+    let s = common::TestServer::start(common::engine_config(&shared("fixtures/gguf/stories260k-q8_0.gguf"))).await;
+    let reference = read_json(&shared("models/stories260k/reference.json"));
+    let client = reqwest::Client::new();
+    let body = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 20, "temperature": 0});
+    let c: serde_json::Value = client
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let want = reference["generations"][1]["generated_text"].as_str().expect("text");
+    assert!(want.starts_with(c["choices"][0]["text"].as_str().expect("text")), "{c}");
+    let tags: serde_json::Value = reqwest::get(s.url("/api/tags"))
+        .await
+        .expect("tags")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(tags["models"][0]["details"]["format"], "gguf");
+    assert_eq!(tags["models"][0]["details"]["quantization_level"], "Q8_0");
+    assert_eq!(tags["models"][0]["details"]["parameter_size"], "260K");
 }

@@ -64,6 +64,68 @@ impl TextCodec {
         })
     }
 
+    /// The text side of a model path: a Hugging Face folder or a `.gguf` file.
+    pub fn open(path: &Path, config_eos: &[u32]) -> Result<Self, LoadError> {
+        if crate::models::is_gguf(path) {
+            Self::from_gguf(path)
+        } else {
+            Self::load(path, config_eos)
+        }
+    }
+
+    /// Tokenizer, chat template and special tokens from a GGUF file's metadata.
+    pub fn from_gguf(path: &Path) -> Result<Self, LoadError> {
+        use super::gguf_tokenizer::{meta_u32, tokenizer_json};
+        let malformed = |reason: String| LoadError::Malformed {
+            file: path.display().to_string(),
+            reason,
+        };
+        let mut file = std::fs::File::open(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+            .map_err(|e| malformed(format!("not a valid GGUF file ({e})")))?;
+        let meta = &content.metadata;
+        let doc = tokenizer_json(meta).map_err(|e| malformed(format!("tokenizer: {e}")))?;
+        let tokenizer: Tokenizer = doc
+            .to_string()
+            .parse()
+            .map_err(|e| malformed(format!("tokenizer: {e}")))?;
+        let token = |key: &str| meta_u32(meta, key).and_then(|id| Some((id, tokenizer.id_to_token(id)?)));
+        let bos = token("tokenizer.ggml.bos_token_id");
+        let eos = token("tokenizer.ggml.eos_token_id");
+        let eos_ids = [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ]
+        .iter()
+        .filter_map(|k| meta_u32(meta, k))
+        .fold(Vec::new(), |mut ids, id| {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+            ids
+        });
+        let template = meta
+            .get("tokenizer.chat_template")
+            .and_then(|t| t.to_string().ok())
+            .map(|source| {
+                let name = |t: &Option<(u32, String)>| t.as_ref().map_or(String::new(), |(_, s)| s.clone());
+                ChatTemplate::new(source, &name(&bos), &name(&eos)).map_err(|e| malformed(e.0))
+            })
+            .transpose()?;
+        Ok(Self {
+            tokenizer,
+            template,
+            bos_id: bos.map(|(id, _)| id),
+            // The post-processor already adds BOS when the file asks for it.
+            add_bos_token: false,
+            eos_ids,
+        })
+    }
+
     /// The underlying tokenizer (for detokenizers).
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer

@@ -4,6 +4,7 @@
 pub mod chat_template;
 pub mod codec;
 pub mod detokenizer;
+pub mod gguf_tokenizer;
 pub mod stop;
 
 pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};

@@ -178,7 +178,7 @@ impl TestServer {
     pub async fn start_with_admission(cfg: mlxd::engine::EngineConfig, admission_limit: usize) -> Self {
         let model = cfg.model_path.clone();
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg).expect("engine starts");
-        let codec = mlxd::text::TextCodec::load(&model, &engine.info().model.eos_token_ids).expect("codec");
+        let codec = mlxd::text::TextCodec::open(&model, &engine.info().model.eos_token_ids).expect("codec");
         let state = mlxd::server::AppState::new(
             engine.clone(),
             std::sync::Arc::new(codec),
