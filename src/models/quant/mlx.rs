@@ -335,15 +335,38 @@ mod tests {
     }
 
     #[test]
-    fn every_bit_width_dequantizes_exactly() {
+    fn every_bit_width_and_group_size_dequantizes_exactly() {
         for bits in [2, 3, 4, 5, 6, 8] {
-            let (w, dense) = weights(bits, 3, 64, 32);
-            let mut row = vec![0f32; 64];
-            for o in 0..3 {
-                w.dequantize_row(o, &mut row);
-                assert_eq!(row, dense[o * 64..(o + 1) * 64], "{bits} bits row {o}");
+            for group in [32, 64, 128] {
+                let (w, dense) = weights(bits, 3, 256, group);
+                let mut row = vec![0f32; 256];
+                for o in 0..3 {
+                    w.dequantize_row(o, &mut row);
+                    assert_eq!(
+                        row,
+                        dense[o * 256..(o + 1) * 256],
+                        "{bits} bits, group {group}, row {o}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn products_match_for_every_group_size() -> Result<()> {
+        for group in [32, 64, 128] {
+            let (w, dense) = weights(4, 20, 256, group);
+            let dense = Tensor::from_vec(dense, (20, 256), &Device::Cpu)?;
+            let x = Tensor::arange(0f32, 512.0, &Device::Cpu)?
+                .reshape((2, 256))?
+                .affine(0.003, -0.5)?;
+            let diff = (x.matmul(&dense.t()?)? - w.matmul(&x)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-3, "group {group}: {diff}");
+        }
+        Ok(())
     }
 
     #[test]
