@@ -110,6 +110,10 @@ pub enum Embed {
     /// Quantized `[vocab, hidden]` (lookups dequantize only the requested rows) and the dtype
     /// rows are produced in.
     Mlx(Arc<MlxWeights>, DType),
+    /// GGUF block-quantized table: an f32 copy for lookups (candle cannot dequantize single
+    /// rows; f16 rounding moved logits measurably), the quantized matrix for the tied output
+    /// projection, and the compute dtype.
+    Gguf(Tensor, Arc<QMatMul>, DType),
 }
 
 impl Embed {
@@ -117,6 +121,11 @@ impl Embed {
     pub fn load(vb: WeightSource, vocab: usize, hidden: usize) -> Result<Self> {
         if let Some(hf) = vb.as_hf().filter(|hf| MlxWeights::present(hf)) {
             return Ok(Self::Mlx(Arc::new(MlxWeights::load(hf, hidden, vocab)?), vb.dtype()));
+        }
+        if let Some(q) = vb.quantized("weight") {
+            let q = q?;
+            let table = q.dequantize(vb.device())?;
+            return Ok(Self::Gguf(table, Arc::new(QMatMul::from_qtensor(q)?), vb.dtype()));
         }
         let weight = vb.get((vocab, hidden), "weight")?;
         Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
@@ -132,6 +141,7 @@ impl Embed {
                 let hidden = rows.len() / ids_host.len().max(1);
                 Tensor::from_vec(rows, (ids_host.len(), hidden), ids.device())?.to_dtype(*dtype)
             }
+            Self::Gguf(table, _, dtype) => table.index_select(ids, 0)?.to_dtype(*dtype),
         }
     }
 
@@ -140,6 +150,7 @@ impl Embed {
         match self {
             Self::Dense(e) => Linear::from_weight(e.embeddings().clone()),
             Self::Mlx(w, _) => Linear::Mlx(w.clone(), None),
+            Self::Gguf(_, q, _) => Linear::Gguf(q.clone(), None),
         }
     }
 }
