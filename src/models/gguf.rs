@@ -219,12 +219,19 @@ impl GgufStore {
         let head_dim = self
             .meta_u64(&format!("{a}.attention.key_length"))
             .unwrap_or(hidden / heads);
+        // The embedding's rows: real vocabularies are often padded beyond the token list.
         let vocab = self
             .content
-            .metadata
-            .get("tokenizer.ggml.tokens")
-            .and_then(|t| t.to_vec().ok())
-            .map(|t| t.len() as u64)
+            .tensor_infos
+            .get("token_embd.weight")
+            .and_then(|t| t.shape.dims().first().map(|&n| n as u64))
+            .or_else(|| {
+                self.content
+                    .metadata
+                    .get("tokenizer.ggml.tokens")
+                    .and_then(|t| t.to_vec().ok())
+                    .map(|t| t.len() as u64)
+            })
             .or_else(|| self.meta_u64(&format!("{a}.vocab_size")))
             .ok_or_else(|| LoadError::Malformed {
                 file: "GGUF metadata".into(),
