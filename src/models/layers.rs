@@ -7,6 +7,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::RopeConfig;
+use super::gguf::QuantizedRows;
 use super::quant::mlx::MlxWeights;
 use super::source::WeightSource;
 
@@ -110,10 +111,9 @@ pub enum Embed {
     /// Quantized `[vocab, hidden]` (lookups dequantize only the requested rows) and the dtype
     /// rows are produced in.
     Mlx(Arc<MlxWeights>, DType),
-    /// GGUF block-quantized table: an f32 copy for lookups (candle cannot dequantize single
-    /// rows; f16 rounding moved logits measurably), the quantized matrix for the tied output
-    /// projection, and the compute dtype.
-    Gguf(Tensor, Arc<QMatMul>, DType),
+    /// GGUF block-quantized table kept as blocks (lookups dequantize only the requested rows),
+    /// the quantized matrix for the tied output projection, and the compute dtype.
+    Gguf(Arc<QuantizedRows>, Arc<QMatMul>, DType),
 }
 
 impl Embed {
@@ -122,10 +122,10 @@ impl Embed {
         if let Some(hf) = vb.as_hf().filter(|hf| MlxWeights::present(hf)) {
             return Ok(Self::Mlx(Arc::new(MlxWeights::load(hf, hidden, vocab)?), vb.dtype()));
         }
-        if let Some(q) = vb.quantized("weight") {
-            let q = q?;
-            let table = q.dequantize(vb.device())?;
-            return Ok(Self::Gguf(table, Arc::new(QMatMul::from_qtensor(q)?), vb.dtype()));
+        if let Some(rows) = vb.quantized_rows("weight") {
+            let rows = rows?;
+            let matrix = QMatMul::from_qtensor(rows.to_qtensor(vb.device())?)?;
+            return Ok(Self::Gguf(Arc::new(rows), Arc::new(matrix), vb.dtype()));
         }
         let weight = vb.get((vocab, hidden), "weight")?;
         Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
@@ -141,7 +141,7 @@ impl Embed {
                 let hidden = rows.len() / ids_host.len().max(1);
                 Tensor::from_vec(rows, (ids_host.len(), hidden), ids.device())?.to_dtype(*dtype)
             }
-            Self::Gguf(table, _, dtype) => table.index_select(ids, 0)?.to_dtype(*dtype),
+            Self::Gguf(rows, _, dtype) => rows.rows(&ids.to_vec1::<u32>()?, ids.device())?.to_dtype(*dtype),
         }
     }
 
