@@ -70,6 +70,55 @@ pub struct AttentionMeta {
     scatter_index: Tensor,
     context_slots: Tensor,
     spans: Vec<SeqSpan>,
+    /// Single-token (decode) sequences attended together, one entry per window setting.
+    decode: Vec<DecodeBatch>,
+}
+
+/// Every single-token sequence of the batch under one window setting, padded to the longest
+/// visible context so all of them attend in one batched matmul instead of one loop turn each.
+#[derive(Debug)]
+struct DecodeBatch {
+    window: Option<usize>,
+    /// Indices into `spans` of the decode sequences, in batch order.
+    span_ids: Vec<usize>,
+    /// `[B]` u32: each decode sequence's query row.
+    q_rows: Tensor,
+    /// `[B * max_visible]` u32: rows of the gathered context, padding repeats a valid row.
+    kv_rows: Tensor,
+    /// `[B, 1, 1, max_visible]`: 0 for visible keys, -inf for padding.
+    mask: Tensor,
+    max_visible: usize,
+}
+
+impl DecodeBatch {
+    fn build(spans: &[SeqSpan], window_index: usize, device: &Device) -> Result<Option<Self>> {
+        let span_ids: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].q_len == 1).collect();
+        if span_ids.len() < 2 {
+            return Ok(None);
+        }
+        let view = |i: usize| &spans[i].views[window_index];
+        let visible = |i: usize| spans[i].kv_len - view(i).kv_lo;
+        let max_visible = span_ids.iter().map(|&i| visible(i)).max().unwrap_or(0);
+        let (mut kv_rows, mut mask) = (Vec::new(), Vec::new());
+        for &i in &span_ids {
+            let first = (spans[i].kv_start + view(i).kv_lo) as u32;
+            for j in 0..max_visible {
+                let inside = j < visible(i);
+                kv_rows.push(if inside { first + j as u32 } else { first });
+                mask.push(if inside { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        let b = span_ids.len();
+        let q_rows: Vec<u32> = span_ids.iter().map(|&i| spans[i].q_start as u32).collect();
+        Ok(Some(Self {
+            window: view(span_ids[0]).window,
+            q_rows: Tensor::from_vec(q_rows, b, device)?,
+            kv_rows: Tensor::from_vec(kv_rows, b * max_visible, device)?,
+            mask: Tensor::from_vec(mask, (b, 1, 1, max_visible), device)?,
+            span_ids,
+            max_visible,
+        }))
+    }
 }
 
 impl AttentionMeta {
@@ -117,10 +166,17 @@ impl AttentionMeta {
             q_start += q_len;
             kv_start += kv_len;
         }
+        let decode = (0..windows.len())
+            .map(|w| DecodeBatch::build(&spans, w, device))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         Ok(Self {
             scatter_index,
             context_slots: batch.context_slots.clone(),
             spans,
+            decode,
         })
     }
 }
@@ -167,6 +223,46 @@ impl MaskShape {
     }
 }
 
+/// Soft-capping, masking and softmax of raw scores, in f32.
+fn softmax_scores(scores: Tensor, mask: Option<&Tensor>, softcap: Option<f64>) -> Result<Tensor> {
+    let mut scores = scores.to_dtype(DType::F32)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap)?.tanh()? * cap)?;
+    }
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
+    }
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+/// Attention of every single-token sequence at once: `[B, heads * head_dim]` in batch order.
+fn attend_decode_batch(
+    qkv: &Qkv,
+    (k_ctx, v_ctx): (&Tensor, &Tensor),
+    d: &DecodeBatch,
+    opts: AttentionOpts,
+) -> Result<Tensor> {
+    let (_, num_heads, head_dim) = qkv.q.dims3()?;
+    let num_kv_heads = qkv.k.dim(1)?;
+    let n_rep = num_heads / num_kv_heads;
+    let b = d.span_ids.len();
+    let heads_of = |ctx: &Tensor| -> Result<Tensor> {
+        ctx.index_select(&d.kv_rows, 0)?
+            .reshape((b, d.max_visible, num_kv_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (k, v) = (heads_of(k_ctx)?, heads_of(v_ctx)?);
+    let q = qkv
+        .q
+        .contiguous()?
+        .index_select(&d.q_rows, 0)?
+        .reshape((b, num_kv_heads, n_rep, head_dim))?;
+    let scores = (q.matmul(&k.transpose(2, 3)?)? * opts.scale)?;
+    let probs = softmax_scores(scores, Some(&d.mask), opts.softcap)?.to_dtype(qkv.q.dtype())?;
+    probs.matmul(&v)?.reshape((b, num_heads * head_dim))
+}
+
 /// Writes this step's K/V into `kv` and attends every sequence's queries over its context.
 /// Returns `[T, heads * head_dim]`.
 pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: AttentionOpts) -> Result<Tensor> {
@@ -182,9 +278,19 @@ pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: 
     // 2) gather every sequence's context.
     let k_ctx = kv.k.index_select(&meta.context_slots, 0)?;
     let v_ctx = kv.v.index_select(&meta.context_slots, 0)?;
-    // 3) attention per sequence.
+    // 3) all single-token sequences in one batched pass, the others one by one.
+    let decode = meta.decode.iter().find(|d| d.window == opts.window);
+    let decoded = decode
+        .map(|d| attend_decode_batch(qkv, (&k_ctx, &v_ctx), d, opts))
+        .transpose()?;
     let mut outputs = Vec::with_capacity(meta.spans.len());
-    for span in &meta.spans {
+    for (i, span) in meta.spans.iter().enumerate() {
+        if let (Some(d), Some(out)) = (decode, &decoded) {
+            if let Some(pos) = d.span_ids.iter().position(|&s| s == i) {
+                outputs.push(out.narrow(0, pos, 1)?);
+                continue;
+            }
+        }
         let view = span
             .views
             .iter()
@@ -205,14 +311,8 @@ pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: 
             .transpose(0, 1)?
             .contiguous()?
             .reshape((num_kv_heads, span.q_len * n_rep, head_dim))?;
-        let mut scores = (q_i.matmul(&k_i.t()?)? * opts.scale)?.to_dtype(DType::F32)?;
-        if let Some(cap) = opts.softcap {
-            scores = ((scores / cap)?.tanh()? * cap)?;
-        }
-        if let Some(mask) = &view.mask {
-            scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(qkv.q.dtype())?;
+        let scores = (q_i.matmul(&k_i.t()?)? * opts.scale)?;
+        let probs = softmax_scores(scores, view.mask.as_ref(), opts.softcap)?.to_dtype(qkv.q.dtype())?;
         let o = probs
             .matmul(&v_i)?
             .reshape((num_kv_heads, span.q_len, n_rep, head_dim))?
