@@ -168,7 +168,6 @@ impl EngineCore {
     fn handle(&mut self, cmd: EngineCommand) -> bool {
         match cmd {
             EngineCommand::Add { id, request, reply } => self.add(id, *request, reply),
-            EngineCommand::Abort(id) => self.abort(id),
             EngineCommand::Shutdown => return false,
         }
         true

@@ -15,10 +15,8 @@ pub mod request;
 pub mod sampler;
 
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 use candle_core::DType;
@@ -95,7 +93,6 @@ pub(crate) enum EngineCommand {
         request: Box<GenerateRequest>,
         reply: mpsc::UnboundedSender<TokenEvent>,
     },
-    Abort(RequestId),
     Shutdown,
 }
 
@@ -113,7 +110,6 @@ impl std::fmt::Debug for EngineCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EngineCommand::Add { id, .. } => write!(f, "Add({id})"),
-            EngineCommand::Abort(id) => write!(f, "Abort({id})"),
             EngineCommand::Shutdown => write!(f, "Shutdown"),
         }
     }
@@ -168,12 +164,7 @@ impl EngineHandle {
                 reply,
             })
             .map_err(|_| EngineError::Unavailable)?;
-        Ok(GenerationStream { id, rx })
-    }
-
-    /// Cancels a request (the same as dropping its stream, but immediate).
-    pub fn abort(&self, id: RequestId) {
-        let _ = self.tx.send(EngineCommand::Abort(id));
+        Ok(GenerationStream { rx })
     }
 
     /// Asks the engine thread to stop after failing in-flight requests.
@@ -205,26 +196,13 @@ impl EngineHandle {
 /// The token events of one request. Dropping it cancels the request.
 #[derive(Debug)]
 pub struct GenerationStream {
-    id: RequestId,
     rx: mpsc::UnboundedReceiver<TokenEvent>,
 }
 
 impl GenerationStream {
-    /// The request's id.
-    pub fn id(&self) -> RequestId {
-        self.id
-    }
-
     /// The next event, or None once the engine dropped the request.
     pub async fn recv(&mut self) -> Option<TokenEvent> {
         self.rx.recv().await
     }
 }
 
-impl futures::Stream for GenerationStream {
-    type Item = TokenEvent;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TokenEvent>> {
-        self.rx.poll_recv(cx)
-    }
-}

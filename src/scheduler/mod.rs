@@ -130,11 +130,6 @@ impl Scheduler {
         self.num_preemptions
     }
 
-    /// Ids of all live sequences.
-    pub fn ids(&self) -> impl Iterator<Item = RequestId> + '_ {
-        self.seqs.keys().copied()
-    }
-
     /// A live sequence.
     pub fn seq(&self, id: RequestId) -> Option<&Sequence> {
         self.seqs.get(&id)

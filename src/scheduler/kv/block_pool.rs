@@ -93,11 +93,6 @@ impl BlockPool {
         out
     }
 
-    /// Number of blocks registered in the prefix cache.
-    pub fn num_cached(&self) -> usize {
-        self.cached.len()
-    }
-
     /// Hands out `n` blocks from the LRU head with ref count 1, evicting their stale hashes;
     /// None (and no change) when fewer than `n` are free.
     pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
