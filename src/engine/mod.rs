@@ -205,4 +205,3 @@ impl GenerationStream {
         self.rx.recv().await
     }
 }
-
