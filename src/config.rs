@@ -27,6 +27,10 @@ pub struct ServerConfig {
     pub port: u16,
     /// Name the API reports for the model (default: the model folder's name).
     pub served_model_name: Option<String>,
+    /// Seconds the first SIGINT/SIGTERM lets running requests finish before exiting.
+    pub shutdown_timeout: f64,
+    /// Largest request body accepted; larger ones get HTTP 413.
+    pub max_body: String,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +39,8 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             served_model_name: None,
+            shutdown_timeout: 30.0,
+            max_body: "32MiB".into(),
         }
     }
 }
@@ -131,6 +137,13 @@ impl Config {
                 "max_seqs, max_batch_tokens and block_size must be positive".into(),
             ));
         }
+        let t = self.server.shutdown_timeout;
+        if !(t >= 0.0 && t.is_finite()) {
+            return Err(ConfigError(
+                "shutdown_timeout must be a non-negative number of seconds".into(),
+            ));
+        }
+        self.max_body_bytes()?;
         if !(s.queue_timeout >= 0.0 && s.queue_timeout.is_finite()) {
             return Err(ConfigError(
                 "queue_timeout must be a non-negative number of seconds".into(),
@@ -147,6 +160,16 @@ impl Config {
 
 /// Share of available memory the KV pool takes with `kv_memory = "auto"`.
 const AUTO_KV_FRACTION: f64 = 0.2;
+
+impl Config {
+    /// `[server] max_body` in bytes.
+    pub fn max_body_bytes(&self) -> Result<usize, ConfigError> {
+        let spec = &self.server.max_body;
+        parse_size(spec)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| ConfigError(format!("max_body `{spec}` (use a size like 32MiB)")))
+    }
+}
 
 /// Resolves a KV budget: `auto` (a fraction of available RAM) or an explicit size.
 pub fn parse_kv_memory(spec: &str) -> Result<u64, ConfigError> {
@@ -200,6 +223,8 @@ mod tests {
         let cfg = Config::from_file(&path).expect("config/mlxd.toml parses");
         let defaults = Config::default();
         assert_eq!(cfg.server.port, defaults.server.port);
+        assert_eq!(cfg.server.shutdown_timeout, defaults.server.shutdown_timeout);
+        assert_eq!(cfg.server.max_body, defaults.server.max_body);
         assert_eq!(cfg.scheduler.max_seqs, defaults.scheduler.max_seqs);
         assert_eq!(cfg.scheduler.max_batch_tokens, defaults.scheduler.max_batch_tokens);
         assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);

@@ -7,6 +7,8 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod models;
+pub mod output;
+pub mod request;
 pub mod scheduler;
 pub mod server;
 pub mod text;

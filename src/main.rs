@@ -1,16 +1,18 @@
 //! `mlxd`: command line, configuration overlay, logging, engine start and HTTP serving.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use mlxd::config::{parse_kv_memory, Config};
-use mlxd::engine::{EngineConfig, EngineHandle, GenerateRequest, SamplingParams};
-use mlxd::server::stream::{StreamItem, TextStream};
-use mlxd::server::{router, AppState};
+use mlxd::engine::{EngineConfig, EngineHandle};
+use mlxd::output::StreamItem;
+use mlxd::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
+use mlxd::server::{router, AppState, ServerOptions};
 use mlxd::text::TextCodec;
 
 /// A local LLM server speaking the OpenAI HTTP API.
@@ -59,7 +61,8 @@ struct BenchArgs {
 /// Options shared by every command that loads a model.
 #[derive(Args, Debug)]
 struct ModelArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...).
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...) or a
+    /// .gguf file.
     #[arg(long, short = 'm')]
     model: Option<PathBuf>,
     /// TOML configuration file (see config/mlxd.toml); flags override it.
@@ -104,6 +107,13 @@ struct ServeArgs {
     /// Name the API reports for the model [default: the model folder's name].
     #[arg(long)]
     served_model_name: Option<String>,
+    /// Seconds the first Ctrl-C/SIGTERM lets running requests finish; a second exits at once
+    /// [default: 30].
+    #[arg(long)]
+    shutdown_timeout: Option<f64>,
+    /// Largest request body, such as 32MiB; larger bodies get HTTP 413 [default: 32MiB].
+    #[arg(long)]
+    max_body: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -125,13 +135,19 @@ struct RunArgs {
 
 fn main() -> Result<()> {
     pin_compute_threads();
+    let cli = Cli::parse();
+    // `mlxd run` writes the generation to stdout; only warnings share the terminal with it.
+    let default_filter = match cli.command {
+        Command::Run(_) => "warn",
+        _ => "info,tower_http=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
@@ -239,13 +255,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(n) = args.served_model_name {
         cfg.server.served_model_name = Some(n);
     }
-    let (engine, join, codec) = start_engine(&cfg)?;
-    let model_path = cfg.engine.model.clone().unwrap_or_default();
-    let name = cfg
-        .server
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| model_name(&model_path));
+    if let Some(t) = args.shutdown_timeout {
+        cfg.server.shutdown_timeout = t;
+    }
+    if let Some(b) = args.max_body {
+        cfg.server.max_body = b;
+    }
+    cfg.validate()?;
+    // Bind before loading: an address in use fails at once, not after a long load.
     let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
         .parse()
         .with_context(|| format!("invalid listen address {}:{}", cfg.server.host, cfg.server.port))?;
@@ -253,6 +270,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    let (engine, join, codec) = start_engine(&cfg)?;
+    let model_path = cfg.engine.model.clone().unwrap_or_default();
+    let name = cfg
+        .server
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| model_name(&model_path));
     let info = engine.info().clone();
     tracing::info!(
         model = %name,
@@ -265,8 +289,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         "ready: listening on http://{local}"
     );
     let admission_limit = cfg.scheduler.max_seqs + cfg.scheduler.max_queue;
-    let app = router(AppState::new(engine.clone(), codec, name, admission_limit));
-    mlxd::server::serve(listener, app, shutdown_signal())
+    let state = AppState::new(engine.clone(), codec, name, admission_limit);
+    let options = ServerOptions {
+        max_body_bytes: cfg.max_body_bytes()?,
+    };
+    let app = router(state.clone(), &options);
+    let drain = Duration::from_secs_f64(cfg.server.shutdown_timeout);
+    mlxd::server::serve(listener, app, shutdown_signal(state, drain))
         .await
         .context("server error")?;
     engine.shutdown();
@@ -274,7 +303,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGINT/SIGTERM: the server stops admitting and drains what runs. A
+/// second signal, or `drain` elapsing, ends the process at once.
+async fn shutdown_signal(state: AppState, drain: Duration) {
+    wait_for_signal().await;
+    state.stop_admitting();
+    tracing::info!(
+        "shutting down: finishing running requests for at most {:.0} s (signal again to exit now)",
+        drain.as_secs_f64()
+    );
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),
+            _ = tokio::time::sleep(drain) => tracing::warn!("shutdown timeout: exiting with requests still running"),
+        }
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -290,7 +337,6 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down");
 }
 
 async fn bench(args: BenchArgs) -> Result<()> {
@@ -314,28 +360,21 @@ async fn bench(args: BenchArgs) -> Result<()> {
 async fn run(args: RunArgs) -> Result<()> {
     let cfg = load_config(&args.model)?;
     let (engine, join, codec) = start_engine(&cfg)?;
-    let prompt = codec.encode(&args.prompt, true).map_err(|e| anyhow::anyhow!(e.0))?;
-    let max_len = engine.info().max_model_len;
-    if prompt.len() >= max_len {
-        bail!(
-            "the prompt has {} tokens; the model's context is {max_len}",
-            prompt.len()
-        );
-    }
-    let params = SamplingParams {
+    let mut spec = GenerationSpec::new(Prompt::Text {
+        text: args.prompt.clone(),
+        add_special_tokens: true,
+    });
+    spec.sampling = SamplingParams {
         temperature: args.temperature,
         seed: args.seed,
         ..SamplingParams::default()
     };
-    let generation = engine.submit(GenerateRequest {
-        max_tokens: args.max_tokens.min((max_len - prompt.len()) as u32),
-        prompt: prompt.clone(),
-        params,
-        stop_tokens: codec.eos_ids().to_vec(),
-    })?;
-    let mut stream = TextStream::new(generation, codec, &prompt, Vec::new());
+    spec.max_tokens = MaxTokens::AtMost(args.max_tokens);
+    let limits = engine.info().request_limits(codec.eos_ids());
+    let request = mlxd::request::validate(spec, &codec, &limits)
+        .map_err(|e| anyhow::anyhow!(mlxd::server::error::describe(&e, |f| f.openai_name())))?;
+    let mut stream = mlxd::output::generate(&engine, codec, request)?;
     let mut out = std::io::stdout().lock();
-    write!(out, "{}", args.prompt)?;
     while let Some(item) = stream.next().await {
         match item {
             StreamItem::Delta { text, .. } => {

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use mlxd::engine::RequestId;
+use mlxd::request::RequestId;
 use mlxd::scheduler::kv::{BlockId, BlockManager};
 use mlxd::scheduler::{Scheduler, SchedulerConfig, Sequence, SequenceSpec};
 use rand::rngs::StdRng;
@@ -78,7 +78,7 @@ fn hundred_thousand_random_operations_keep_every_invariant() {
                     stop_tokens: Vec::new(),
                     cache_salt: 0,
                 };
-                s.add(Sequence::new(id, spec, BLOCK));
+                s.add(Sequence::new(id, spec, BLOCK), ());
                 live.push(id);
                 max_tokens.insert(id, max);
             }

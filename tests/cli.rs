@@ -37,6 +37,7 @@ fn run_fails_with(model: &Path, needles: &[&str]) {
     }
 }
 
+/// stdout carries the generated text alone (no prompt, no log line), so it can be piped.
 #[test]
 fn run_streams_the_reference_continuation() {
     let reference = read_json(&shared("models/stories260k/reference.json"));
@@ -49,8 +50,13 @@ fn run_streams_the_reference_continuation() {
         .expect("runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).expect("utf8");
-    let want = format!("Once upon a time{}\n", g["generated_text"].as_str().expect("text"));
+    let want = format!("{}\n", g["generated_text"].as_str().expect("text"));
     assert_eq!(stdout, want);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes when stderr is not a terminal: {stderr}"
+    );
 }
 
 #[test]

@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::{engine_config, ids, read_json, repo_model, shared};
-use mlxd::engine::{EngineHandle, GenerateRequest, GenerationStream, SamplingParams, TokenEvent};
+use common::{codec, engine_config, ids, read_json, repo_model, shared, token_request};
+use mlxd::engine::{EngineHandle, GenerationStream, TokenEvent};
+use mlxd::request::{RequestError, SamplingParams, ValidatedRequest};
 use std::sync::atomic::Ordering;
 
 async fn tokens_of(mut stream: GenerationStream) -> Vec<u32> {
@@ -19,13 +20,18 @@ async fn tokens_of(mut stream: GenerationStream) -> Vec<u32> {
     out
 }
 
-fn request(prompt: Vec<u32>, params: SamplingParams, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt,
-        params,
-        max_tokens,
-        stop_tokens: vec![1, 2],
-    }
+/// A request of the repository's model that stops at ids 1 and 2.
+fn request(engine: &EngineHandle, prompt: Vec<u32>, params: SamplingParams, max_tokens: u32) -> ValidatedRequest {
+    try_request(engine, prompt, params, max_tokens).expect("valid request")
+}
+
+fn try_request(
+    engine: &EngineHandle,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    max_tokens: u32,
+) -> Result<ValidatedRequest, RequestError> {
+    token_request(engine, &codec(&repo_model()), prompt, params, max_tokens, &[1, 2])
 }
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -52,7 +58,7 @@ async fn greedy_tokens_are_identical_alone_and_in_a_batch_of_8() {
     let mut solo = Vec::new();
     for p in &prompts {
         let s = engine
-            .submit(request(p.clone(), SamplingParams::greedy(), 48))
+            .submit(request(&engine, p.clone(), SamplingParams::greedy(), 48))
             .expect("submit");
         solo.push(tokens_of(s).await);
     }
@@ -60,7 +66,7 @@ async fn greedy_tokens_are_identical_alone_and_in_a_batch_of_8() {
         .iter()
         .map(|p| {
             engine
-                .submit(request(p.clone(), SamplingParams::greedy(), 48))
+                .submit(request(&engine, p.clone(), SamplingParams::greedy(), 48))
                 .expect("submit")
         })
         .collect();
@@ -78,7 +84,7 @@ async fn engine_reproduces_the_reference_generation() {
     let reference = read_json(&shared("models/stories260k/reference.json"));
     for g in reference["generations"].as_array().expect("generations") {
         let s = engine
-            .submit(request(ids(&g["prompt_ids"]), SamplingParams::greedy(), 64))
+            .submit(request(&engine, ids(&g["prompt_ids"]), SamplingParams::greedy(), 64))
             .expect("submit");
         assert_eq!(tokens_of(s).await, ids(&g["generated_ids"]));
     }
@@ -95,7 +101,7 @@ async fn same_seed_gives_same_tokens_whatever_else_is_batched() {
     };
     let alone = tokens_of(
         engine
-            .submit(request(prompts[0].clone(), seeded.clone(), 40))
+            .submit(request(&engine, prompts[0].clone(), seeded.clone(), 40))
             .expect("submit"),
     )
     .await;
@@ -106,10 +112,12 @@ async fn same_seed_gives_same_tokens_whatever_else_is_batched() {
                 temperature: 0.8,
                 ..SamplingParams::default()
             };
-            engine.submit(request(p.clone(), params, 40)).expect("submit")
+            engine.submit(request(&engine, p.clone(), params, 40)).expect("submit")
         })
         .collect();
-    let again = engine.submit(request(prompts[0].clone(), seeded, 40)).expect("submit");
+    let again = engine
+        .submit(request(&engine, prompts[0].clone(), seeded, 40))
+        .expect("submit");
     let (again, _) = futures::join!(
         tokens_of(again),
         futures::future::join_all(noise.into_iter().map(tokens_of))
@@ -118,17 +126,13 @@ async fn same_seed_gives_same_tokens_whatever_else_is_batched() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_larger_than_the_pool_fails_cleanly() {
+async fn a_request_larger_than_the_pool_is_refused_before_the_engine() {
     let mut cfg = engine_config(&repo_model());
     cfg.kv_memory_bytes = 4 * 16 * 1280; // 4 blocks of 16 tokens (1280 bytes per token)
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
-    let mut s = engine
-        .submit(request(vec![1; 40], SamplingParams::greedy(), 100))
-        .expect("submit");
-    match s.recv().await {
-        Some(TokenEvent::Error(e)) => assert!(e.to_string().contains("KV blocks"), "{e}"),
-        other => panic!("expected an error, got {other:?}"),
-    }
+    let refused = try_request(&engine, vec![1; 40], SamplingParams::greedy(), 100);
+    // 4 blocks of memory, one of them the null block.
+    assert_eq!(refused, Err(RequestError::TooLargeForKvPool { needed: 9, total: 3 }));
     assert!(engine.is_healthy());
 }
 
@@ -142,7 +146,7 @@ async fn sixteen_long_requests_in_a_tiny_pool_all_finish_exactly_as_alone() {
         solo.push(
             tokens_of(
                 solo_engine
-                    .submit(request(p.clone(), SamplingParams::greedy(), 160))
+                    .submit(request(&solo_engine, p.clone(), SamplingParams::greedy(), 160))
                     .expect("submit"),
             )
             .await,
@@ -155,7 +159,7 @@ async fn sixteen_long_requests_in_a_tiny_pool_all_finish_exactly_as_alone() {
         .iter()
         .map(|p| {
             engine
-                .submit(request(p.clone(), SamplingParams::greedy(), 160))
+                .submit(request(&engine, p.clone(), SamplingParams::greedy(), 160))
                 .expect("submit")
         })
         .collect();
@@ -193,10 +197,17 @@ async fn running_streams_keep_receiving_tokens_while_a_long_prompt_is_prefilled(
     cfg.max_num_batched_tokens = 32;
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
     let mut running = engine
-        .submit(GenerateRequest {
-            stop_tokens: Vec::new(),
-            ..request(vec![1, 403], SamplingParams::greedy(), 500)
-        })
+        .submit(
+            token_request(
+                &engine,
+                &codec(&repo_model()),
+                vec![1, 403],
+                SamplingParams::greedy(),
+                500,
+                &[],
+            )
+            .expect("valid request"),
+        )
         .expect("submit");
     // Wait until the first stream is decoding.
     loop {
@@ -208,7 +219,7 @@ async fn running_streams_keep_receiving_tokens_while_a_long_prompt_is_prefilled(
     while let Ok(Some(_)) = tokio::time::timeout(std::time::Duration::ZERO, running.recv()).await {}
     let long_prompt: Vec<u32> = (0..400).map(|i| 3 + (i * 7) % 500).collect();
     let mut long = engine
-        .submit(request(long_prompt, SamplingParams::greedy(), 4))
+        .submit(request(&engine, long_prompt, SamplingParams::greedy(), 4))
         .expect("submit");
     let mut tokens_during_prefill = 0;
     loop {

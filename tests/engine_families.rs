@@ -3,16 +3,14 @@
 
 mod common;
 
-use common::{engine_config, ids, read_json, shared};
-use mlxd::engine::{EngineHandle, GenerateRequest, SamplingParams, TokenEvent};
+use common::{engine_config, ids, read_json, shared, token_request};
+use mlxd::engine::{EngineHandle, TokenEvent};
+use mlxd::request::SamplingParams;
+use mlxd::text::TextCodec;
 
-async fn greedy_tokens(engine: &EngineHandle, prompt: Vec<u32>, n: u32) -> Vec<u32> {
-    let request = GenerateRequest {
-        prompt,
-        params: SamplingParams::greedy(),
-        max_tokens: n,
-        stop_tokens: Vec::new(), // the references never stop at EOS
-    };
+async fn greedy_tokens(engine: &EngineHandle, codec: &TextCodec, prompt: Vec<u32>, n: u32) -> Vec<u32> {
+    // The references never stop at EOS.
+    let request = token_request(engine, codec, prompt, SamplingParams::greedy(), n, &[]).expect("valid request");
     let mut stream = engine.submit(request).expect("submit");
     let mut out = Vec::new();
     while let Some(ev) = stream.recv().await {
@@ -33,6 +31,7 @@ async fn check_family(arch: &str) {
     cfg.max_num_batched_tokens = 8;
     cfg.block_size = 4;
     cfg.max_model_len = Some(256);
+    let codec = common::codec(&cfg.model_path);
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
     let refs = read_json(&shared(&format!("fixtures/{arch}/refs/transformers-f32.json")));
     let seqs: Vec<serde_json::Value> = refs["sequences"]
@@ -43,7 +42,9 @@ async fn check_family(arch: &str) {
         .cloned()
         .collect();
     for round in 0..2 {
-        let runs = seqs.iter().map(|s| greedy_tokens(&engine, ids(&s["prompt_ids"]), 32));
+        let runs = seqs
+            .iter()
+            .map(|s| greedy_tokens(&engine, &codec, ids(&s["prompt_ids"]), 32));
         let outputs = futures::future::join_all(runs).await;
         for (s, out) in seqs.iter().zip(outputs) {
             assert_eq!(out, ids(&s["greedy_ids"]), "{arch} {} round {round}", s["name"]);

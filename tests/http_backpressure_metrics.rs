@@ -113,7 +113,7 @@ async fn metrics_count_a_known_workload() {
             .expect("request");
         assert_eq!(resp.status(), 200);
     }
-    // A stop string matched by the server cancels the sequence in the engine.
+    // A stop string matched by the text stage finishes the sequence in the engine with `stop`.
     let resp = client
         .post(s.url("/v1/completions"))
         .json(
@@ -145,11 +145,11 @@ async fn metrics_count_a_known_workload() {
         3.0
     );
     assert_eq!(
-        sample(&text, "mlxd_request_success_total{finished_reason=\"abort\"}"),
+        sample(&text, "mlxd_request_success_total{finished_reason=\"stop\"}"),
         1.0
     );
     assert_eq!(sample(&text, "mlxd_time_to_first_token_seconds_count"), 4.0);
-    assert_eq!(sample(&text, "mlxd_e2e_request_latency_seconds_count"), 3.0);
+    assert_eq!(sample(&text, "mlxd_e2e_request_latency_seconds_count"), 4.0);
     assert!(sample(&text, "mlxd_inter_token_latency_seconds_count") >= 27.0);
     assert_eq!(sample(&text, "mlxd_num_requests_running"), 0.0);
     assert_eq!(sample(&text, "mlxd_num_requests_waiting"), 0.0);

@@ -268,7 +268,7 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
         (chat_body(json!({"messages": []})), 400, "messages"),
         (chat_body(json!({"temperature": -0.5})), 400, "temperature"),
         (chat_body(json!({"top_p": 0})), 400, "top_p"),
-        (chat_body(json!({"n": 2})), 400, "n"),
+        (chat_body(json!({"n": 0})), 400, "n"),
         (
             chat_body(json!({"messages": [{"role": "wizard", "content": "hi"}]})),
             400,

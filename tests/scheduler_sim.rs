@@ -1,6 +1,6 @@
 //! The scheduler without a model (vLLM `test_scheduler` style): fabricated sampled tokens.
 
-use mlxd::engine::{FinishReason, RequestId};
+use mlxd::request::{FinishReason, RequestId};
 use mlxd::scheduler::kv::BlockManager;
 use mlxd::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec};
 
@@ -52,7 +52,7 @@ fn planned(out: &SchedulerOutput) -> Vec<(u64, usize, usize, bool)> {
 #[test]
 fn chunked_prefill_respects_the_token_budget() {
     let mut s = scheduler(64, 32);
-    s.add(seq(1, (0..100).map(|i| 3 + i % 50).collect(), 4));
+    s.add(seq(1, (0..100).map(|i| 3 + i % 50).collect(), 4), ());
     let mut plans = Vec::new();
     for _ in 0..4 {
         plans.push(planned(&step(&mut s, 7).0));
@@ -71,9 +71,9 @@ fn chunked_prefill_respects_the_token_budget() {
 #[test]
 fn running_sequences_keep_decoding_while_a_long_prompt_is_chunked() {
     let mut s = scheduler(64, 32);
-    s.add(seq(1, vec![5; 10], 50));
+    s.add(seq(1, vec![5; 10], 50), ());
     step(&mut s, 7); // A's prefill
-    s.add(seq(2, (0..100).map(|i| 3 + i % 50).collect(), 4));
+    s.add(seq(2, (0..100).map(|i| 3 + i % 50).collect(), 4), ());
     for i in 0..4 {
         let (out, results) = step(&mut s, 7);
         let plan = planned(&out);
@@ -92,16 +92,16 @@ fn running_sequences_keep_decoding_while_a_long_prompt_is_chunked() {
 fn a_prefix_hit_reduces_the_work_and_never_covers_the_last_token() {
     let mut s = scheduler(64, 256);
     let prompt: Vec<u32> = (0..48).map(|i| 3 + i).collect();
-    s.add(seq(1, prompt.clone(), 1));
+    s.add(seq(1, prompt.clone(), 1), ());
     let (_, r) = step(&mut s, 9);
     assert_eq!(r[0].finished, Some(FinishReason::Length));
     // 48 tokens = 3 full blocks, but the last token must be recomputed: 2 blocks reused.
-    s.add(seq(2, prompt.clone(), 1));
+    s.add(seq(2, prompt.clone(), 1), ());
     let (out, _) = step(&mut s, 9);
     assert_eq!(planned(&out), vec![(2, 32, 16, true)]);
     let mut longer = prompt;
     longer.extend([60, 61]);
-    s.add(seq(3, longer, 1));
+    s.add(seq(3, longer, 1), ());
     let (out, _) = step(&mut s, 9);
     assert_eq!(planned(&out), vec![(3, 48, 2, true)]);
 }
@@ -110,8 +110,8 @@ fn a_prefix_hit_reduces_the_work_and_never_covers_the_last_token() {
 fn preemption_frees_the_newest_and_it_completes_later() {
     // 4 usable blocks = 64 token slots; two sequences of 30 + 20 tokens cannot both grow.
     let mut s = scheduler(5, 256);
-    s.add(seq(1, vec![5; 30], 20));
-    s.add(seq(2, vec![6; 30], 20));
+    s.add(seq(1, vec![5; 30], 20), ());
+    s.add(seq(2, vec![6; 30], 20), ());
     let mut finished = Vec::new();
     let mut outputs: std::collections::HashMap<u64, usize> = Default::default();
     for _ in 0..200 {
@@ -136,8 +136,8 @@ fn preemption_frees_the_newest_and_it_completes_later() {
 #[test]
 fn abort_frees_every_block_wherever_the_sequence_is() {
     let mut s = scheduler(16, 16);
-    s.add(seq(1, vec![5; 40], 10));
-    s.add(seq(2, vec![6; 40], 10));
+    s.add(seq(1, vec![5; 40], 10), ());
+    s.add(seq(2, vec![6; 40], 10), ());
     step(&mut s, 7);
     assert!(s.blocks().pool().num_free() < 15);
     s.abort(RequestId(1));
@@ -149,8 +149,8 @@ fn abort_frees_every_block_wherever_the_sequence_is() {
 #[test]
 fn eos_and_length_stop_sequences() {
     let mut s = scheduler(16, 64);
-    s.add(seq(1, vec![5; 4], 3));
-    s.add(seq(2, vec![6; 4], 3));
+    s.add(seq(1, vec![5; 4], 3), ());
+    s.add(seq(2, vec![6; 4], 3), ());
     let (_, r) = step(&mut s, 9);
     assert!(r.iter().all(|x| x.finished.is_none()));
     let out = s.schedule();

@@ -6,7 +6,7 @@ use crate::models::BatchInput;
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
 /// Flattens every scheduled sequence's new tokens, positions and KV slots.
-pub fn build_batch(out: &SchedulerOutput, scheduler: &Scheduler, device: &Device) -> Result<BatchInput> {
+pub fn build_batch<T>(out: &SchedulerOutput, scheduler: &Scheduler<T>, device: &Device) -> Result<BatchInput> {
     let block_size = scheduler.blocks().block_size();
     let num_tokens = out.num_tokens();
     let mut token_ids = Vec::with_capacity(num_tokens);

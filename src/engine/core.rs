@@ -2,8 +2,12 @@
 //!
 //! Owner thread: "mlxd-engine". Each step: drain commands, drop sequences whose client left,
 //! schedule, run ONE forward over every scheduled token, sample, update, send events.
+//!
+//! [INV_STEP_ISOLATION] An error or a panic inside a step fails only the requests scheduled in
+//! that step (their blocks are freed) and the loop goes on; if even that cleanup panics, the
+//! scheduler is rebuilt empty and every request in flight fails. No request stops the thread.
 
-use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,17 +17,17 @@ use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender}
 
 use super::batch::build_batch;
 use super::metrics::EngineMetrics;
-use super::output::{TokenEvent, Usage};
+use super::output::TokenEvent;
 use super::sampler::SamplerState;
-use super::{EngineCommand, EngineConfig, EngineError, EngineStats, GenerateRequest, ModelInfo, RequestId};
+use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, ModelLoader};
 use crate::models::{self, KvLayout, LoadProgress};
 use crate::models::{Model, PagedKvCache};
+use crate::request::{FinishReason, RequestId, Usage, ValidatedRequest};
 use crate::scheduler::kv::BlockManager;
-use crate::scheduler::SchedulerConfig;
-use crate::scheduler::{Scheduler, SchedulerOutput, Sequence, SequenceSpec, StepResult};
+use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec, StepResult};
 
-/// A request the engine is serving.
-struct ActiveRequest {
+/// The engine's part of a live request's record (the scheduler holds the `Sequence` beside it).
+struct RequestState {
     reply: UnboundedSender<TokenEvent>,
     sampler: SamplerState,
     usage: Usage,
@@ -37,30 +41,38 @@ struct ActiveRequest {
 pub(crate) struct EngineCore {
     model: Box<dyn Model>,
     kv: PagedKvCache,
-    scheduler: Scheduler,
+    scheduler: Scheduler<RequestState>,
+    scheduler_cfg: SchedulerConfig,
+    prefix_cache: bool,
     device: Device,
     stats: Arc<EngineStats>,
     metrics: Arc<EngineMetrics>,
     queue_timeout: Option<Duration>,
     cache_salt: u64,
-    requests: HashMap<RequestId, ActiveRequest>,
+    /// Requests of the step in progress: the ones a failing step fails.
+    step_ids: Vec<RequestId>,
+}
+
+/// The default `ModelLoader`: the model at `cfg.model_path`.
+pub(crate) fn load_model(cfg: &EngineConfig, device: &Device) -> Result<Box<dyn Model>, EngineError> {
+    let progress = if cfg.show_progress {
+        LoadProgress::stderr()
+    } else {
+        LoadProgress::hidden()
+    };
+    models::load(&cfg.model_path, device, cfg.dtype, &progress).map_err(|e| EngineError::Load(e.to_string()))
 }
 
 impl EngineCore {
     /// Loads the model, sizes and allocates the KV pool, and builds the scheduler.
     pub(crate) fn load(
         cfg: &EngineConfig,
+        loader: ModelLoader,
         stats: Arc<EngineStats>,
         metrics: Arc<EngineMetrics>,
     ) -> Result<(Self, ModelInfo), EngineError> {
         let device = Device::Cpu;
-        let progress = if cfg.show_progress {
-            LoadProgress::stderr()
-        } else {
-            LoadProgress::hidden()
-        };
-        let model = models::load(&cfg.model_path, &device, cfg.dtype, &progress)
-            .map_err(|e| EngineError::Load(e.to_string()))?;
+        let model = loader(cfg, &device)?;
         let mc = model.config().clone();
         let max_model_len = cfg
             .max_model_len
@@ -83,15 +95,13 @@ impl EngineCore {
             )));
         }
         let kv = PagedKvCache::new(layout, num_blocks, &device)?;
+        let scheduler_cfg = SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            max_model_len,
+        };
         let blocks = BlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_cache);
-        let scheduler = Scheduler::new(
-            SchedulerConfig {
-                max_num_seqs: cfg.max_num_seqs,
-                max_num_batched_tokens: cfg.max_num_batched_tokens,
-                max_model_len,
-            },
-            blocks,
-        );
+        let scheduler = Scheduler::new(scheduler_cfg.clone(), blocks);
         stats.kv_blocks_total.store(num_blocks - 1, Ordering::Relaxed);
         let info = ModelInfo {
             model: mc,
@@ -106,12 +116,14 @@ impl EngineCore {
             model,
             kv,
             scheduler,
+            scheduler_cfg,
+            prefix_cache: cfg.enable_prefix_cache,
             device,
             stats,
             metrics,
             queue_timeout: cfg.queue_timeout,
             cache_salt: xxhash_rust::xxh3::xxh3_64(salt_source.as_bytes()),
-            requests: HashMap::new(),
+            step_ids: Vec::new(),
         };
         Ok((core, info))
     }
@@ -130,32 +142,13 @@ impl EngineCore {
                     None => break,
                 }
             }
-            let mut open = true;
-            loop {
-                match rx.try_recv() {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            open = false;
-                            break;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
-            }
-            if !open {
+            if !self.drain_commands(&mut rx) {
                 break;
             }
             self.abort_disconnected();
             self.expire_queued();
             if self.scheduler.has_work() {
-                if let Err(e) = self.step() {
-                    tracing::error!(error = %e, "engine step failed; failing in-flight requests");
-                    self.fail_all(e);
-                }
+                self.guarded_step();
             }
             self.publish_stats();
         }
@@ -164,21 +157,41 @@ impl EngineCore {
         tracing::info!("engine stopped");
     }
 
+    /// Applies every queued command; false means shut down.
+    fn drain_commands(&mut self, rx: &mut UnboundedReceiver<EngineCommand>) -> bool {
+        loop {
+            match rx.try_recv() {
+                Ok(cmd) => {
+                    if !self.handle(cmd) {
+                        return false;
+                    }
+                }
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
     /// Applies one command; false means shut down.
     fn handle(&mut self, cmd: EngineCommand) -> bool {
         match cmd {
             EngineCommand::Add { id, request, reply } => self.add(id, *request, reply),
+            EngineCommand::Stop { id, completion_tokens } => self.stop(id, completion_tokens),
             EngineCommand::Shutdown => return false,
         }
         true
     }
 
-    fn add(&mut self, id: RequestId, req: GenerateRequest, reply: UnboundedSender<TokenEvent>) {
+    fn add(&mut self, id: RequestId, request: ValidatedRequest, reply: UnboundedSender<TokenEvent>) {
+        let req = request.into_parts();
         let max_total = (req.prompt.len() + req.max_tokens as usize).min(self.scheduler.max_model_len());
         let needed = self.scheduler.blocks().blocks_for(max_total);
         let total = self.scheduler.blocks().pool().num_total();
         if needed > total {
-            let _ = reply.send(TokenEvent::Error(EngineError::TooLargeForKvPool { needed, total }));
+            // Validation sizes requests against this pool; this is a defence, not a path.
+            let _ = reply.send(TokenEvent::Error(EngineError::StepFailed(format!(
+                "request needs {needed} KV blocks but the pool has {total}"
+            ))));
             return;
         }
         let block_size = self.scheduler.blocks().block_size();
@@ -194,37 +207,44 @@ impl EngineCore {
         };
         let seq = Sequence::new(id, spec, block_size);
         tracing::debug!(request_id = %id, prompt_tokens = usage.prompt_tokens, "admitted to queue");
-        self.requests.insert(
-            id,
-            ActiveRequest {
-                reply,
-                sampler: SamplerState::new(req.params),
-                usage,
-                arrived_at: seq.arrived_at,
-                first_scheduled_at: None,
-                first_token_at: None,
-                last_token_at: None,
-            },
-        );
-        self.scheduler.add(seq);
+        let state = RequestState {
+            reply,
+            sampler: SamplerState::new(req.params),
+            usage,
+            arrived_at: Instant::now(),
+            first_scheduled_at: None,
+            first_token_at: None,
+            last_token_at: None,
+        };
+        self.scheduler.add(seq, state);
     }
 
+    /// The client left: free the sequence, count it as aborted.
     fn abort(&mut self, id: RequestId) {
         if self.scheduler.abort(id).is_some() {
             self.stats.num_aborted.fetch_add(1, Ordering::Relaxed);
             self.metrics.finished("abort");
             tracing::debug!(request_id = %id, "aborted; blocks freed");
         }
-        self.requests.remove(&id);
     }
 
-    /// A dropped receiver means the client left (or the server matched a stop string).
+    /// The text stage matched a stop string: finish with `stop`, counting only the tokens
+    /// it kept.
+    fn stop(&mut self, id: RequestId, completion_tokens: u32) {
+        let Some((_, mut state)) = self.scheduler.abort(id) else {
+            return;
+        };
+        state.usage.completion_tokens = state.usage.completion_tokens.min(completion_tokens);
+        self.finish(id, state, FinishReason::Stop, Instant::now());
+    }
+
+    /// A dropped receiver means the client left.
     fn abort_disconnected(&mut self) {
         let gone: Vec<RequestId> = self
-            .requests
-            .iter()
+            .scheduler
+            .entries()
             .filter(|(_, r)| r.reply.is_closed())
-            .map(|(id, _)| *id)
+            .map(|(seq, _)| seq.id)
             .collect();
         for id in gone {
             self.abort(id);
@@ -237,15 +257,14 @@ impl EngineCore {
             return;
         };
         let expired: Vec<(RequestId, Duration)> = self
-            .requests
-            .iter()
+            .scheduler
+            .entries()
             .filter(|(_, r)| r.first_scheduled_at.is_none())
-            .map(|(id, r)| (*id, r.arrived_at.elapsed()))
+            .map(|(seq, r)| (seq.id, r.arrived_at.elapsed()))
             .filter(|(_, waited)| *waited > limit)
             .collect();
         for (id, waited) in expired {
-            self.scheduler.abort(id);
-            if let Some(req) = self.requests.remove(&id) {
+            if let Some((_, req)) = self.scheduler.abort(id) {
                 self.metrics.finished("error");
                 let _ = req.reply.send(TokenEvent::Error(EngineError::QueueTimeout {
                     waited_ms: waited.as_millis() as u64,
@@ -255,11 +274,36 @@ impl EngineCore {
         }
     }
 
+    /// One step under [INV_STEP_ISOLATION].
+    fn guarded_step(&mut self) {
+        let error = match catch_unwind(AssertUnwindSafe(|| self.step())) {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(panic) => format!("panic: {}", panic_message(panic.as_ref())),
+        };
+        self.stats.num_failed_steps.fetch_add(1, Ordering::Relaxed);
+        let ids = std::mem::take(&mut self.step_ids);
+        tracing::error!(error = %error, requests = ids.len(), "engine step failed; failing its requests");
+        let err = EngineError::StepFailed(error);
+        let cleanup = catch_unwind(AssertUnwindSafe(|| {
+            if ids.is_empty() {
+                self.fail_all(err.clone());
+            } else {
+                self.fail(&ids, err.clone());
+            }
+        }));
+        if cleanup.is_err() {
+            tracing::error!("cleanup after a failed step panicked; resetting the scheduler");
+            self.reset_scheduler();
+        }
+    }
+
     fn step(&mut self) -> Result<(), EngineError> {
         let out = self.scheduler.schedule();
         if out.seqs.is_empty() {
             return Ok(());
         }
+        self.step_ids = out.seqs.iter().map(|s| s.id).collect();
         self.stats.peak_batch_seqs.fetch_max(out.seqs.len(), Ordering::Relaxed);
         self.announce_scheduled(&out);
         let batch = build_batch(&out, &self.scheduler, &self.device)?;
@@ -267,20 +311,17 @@ impl EngineCore {
         let mut sampled = Vec::with_capacity(logits.len());
         let mut logprobs = Vec::with_capacity(logits.len());
         for (s, mut row) in out.seqs.iter().filter(|s| s.sample).zip(logits) {
-            let seq = self
+            let (seq, req) = self
                 .scheduler
-                .seq(s.id)
+                .entry_mut(s.id)
                 .expect("invariant: scheduled sequences are live");
-            let req = self
-                .requests
-                .get_mut(&s.id)
-                .expect("invariant: every sequence has a request");
             let t = req.sampler.sample(&mut row, &seq.tokens, seq.num_prompt_tokens);
             sampled.push(t.id);
             logprobs.push(t.logprobs);
         }
         let results = self.scheduler.update(&out, &sampled);
         self.emit(results, logprobs);
+        self.step_ids.clear();
         Ok(())
     }
 
@@ -288,18 +329,14 @@ impl EngineCore {
     fn announce_scheduled(&mut self, out: &SchedulerOutput) {
         let now = Instant::now();
         for s in &out.seqs {
-            let Some(req) = self.requests.get_mut(&s.id) else {
+            let Some((seq, req)) = self.scheduler.entry_mut(s.id) else {
                 continue;
             };
             if req.first_scheduled_at.is_some() {
                 continue;
             }
             req.first_scheduled_at = Some(now);
-            let cached = self
-                .scheduler
-                .seq(s.id)
-                .and_then(|q| q.num_cached_prompt_tokens)
-                .unwrap_or(0) as u32;
+            let cached = seq.num_cached_prompt_tokens.unwrap_or(0) as u32;
             req.usage.cached_tokens = cached;
             let prompt = u64::from(req.usage.prompt_tokens);
             self.metrics.prompt_tokens.inc_by(prompt);
@@ -309,53 +346,74 @@ impl EngineCore {
         }
     }
 
-    fn emit(&mut self, results: Vec<StepResult>, logprobs: Vec<Option<super::output::Logprobs>>) {
+    fn emit(&mut self, results: Vec<StepResult<RequestState>>, logprobs: Vec<Option<super::output::Logprobs>>) {
         let now = Instant::now();
         for (r, logprobs) in results.into_iter().zip(logprobs) {
-            let Some(req) = self.requests.get_mut(&r.id) else {
-                continue;
-            };
-            let m = &self.metrics;
-            match req.last_token_at {
-                None => m.time_to_first_token.observe((now - req.arrived_at).as_secs_f64()),
-                Some(last) => m.inter_token_latency.observe((now - last).as_secs_f64()),
+            let event = TokenEvent::Token { id: r.token, logprobs };
+            match (r.finished, r.released) {
+                (Some(reason), Some(mut req)) => {
+                    record_token(&self.metrics, &mut req, now);
+                    let _ = req.reply.send(event);
+                    self.finish(r.id, req, reason, now);
+                }
+                _ => {
+                    if let Some((_, req)) = self.scheduler.entry_mut(r.id) {
+                        record_token(&self.metrics, req, now);
+                        let _ = req.reply.send(event);
+                    }
+                }
             }
-            m.generation_tokens.inc();
-            req.first_token_at.get_or_insert(now);
-            req.last_token_at = Some(now);
-            req.usage.completion_tokens += 1;
-            let _ = req.reply.send(TokenEvent::Token { id: r.token, logprobs });
-            let Some(reason) = r.finished else {
-                continue;
-            };
-            let req = self.requests.remove(&r.id).expect("invariant: looked up above");
-            let mut usage = req.usage;
-            let scheduled = req.first_scheduled_at.unwrap_or(now);
-            let first = req.first_token_at.unwrap_or(now);
-            usage.queue_time = scheduled - req.arrived_at;
-            usage.prefill_time = first - scheduled;
-            usage.decode_time = now - first;
-            self.metrics
-                .request_duration
-                .observe((now - req.arrived_at).as_secs_f64());
-            self.metrics.finished(reason.as_str());
-            tracing::info!(
-                request_id = %r.id,
-                reason = reason.as_str(),
-                prompt_tokens = usage.prompt_tokens,
-                completion_tokens = usage.completion_tokens,
-                "finished"
-            );
-            let _ = req.reply.send(TokenEvent::Finished { reason, usage });
         }
     }
 
-    fn fail_all(&mut self, err: EngineError) {
-        for (id, req) in self.requests.drain() {
-            self.scheduler.abort(id);
-            self.metrics.finished("error");
-            let _ = req.reply.send(TokenEvent::Error(err.clone()));
+    /// Sends the final event of a request already removed from the scheduler.
+    fn finish(&mut self, id: RequestId, req: RequestState, reason: FinishReason, now: Instant) {
+        let mut usage = req.usage;
+        let scheduled = req.first_scheduled_at.unwrap_or(now);
+        let first = req.first_token_at.unwrap_or(now);
+        usage.queue_time = scheduled.saturating_duration_since(req.arrived_at);
+        usage.prefill_time = first.saturating_duration_since(scheduled);
+        usage.decode_time = now.saturating_duration_since(first);
+        self.metrics
+            .request_duration
+            .observe(now.saturating_duration_since(req.arrived_at).as_secs_f64());
+        self.metrics.finished(reason.as_str());
+        tracing::info!(
+            request_id = %id,
+            reason = reason.as_str(),
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            "finished"
+        );
+        let _ = req.reply.send(TokenEvent::Finished { reason, usage });
+    }
+
+    /// Fails the given requests (a failed step), freeing their blocks.
+    fn fail(&mut self, ids: &[RequestId], err: EngineError) {
+        for &id in ids {
+            if let Some((_, req)) = self.scheduler.abort(id) {
+                self.metrics.finished("error");
+                let _ = req.reply.send(TokenEvent::Error(err.clone()));
+            }
         }
+    }
+
+    /// Fails every request in flight.
+    fn fail_all(&mut self, err: EngineError) {
+        let ids: Vec<RequestId> = self.scheduler.entries().map(|(seq, _)| seq.id).collect();
+        self.fail(&ids, err);
+    }
+
+    /// Last resort after a panic in cleanup: a fresh, empty scheduler and block pool. Dropping
+    /// the old one drops every reply channel, so each client sees the engine give up on it.
+    fn reset_scheduler(&mut self) {
+        let blocks = BlockManager::new(
+            self.scheduler.blocks().pool().num_total() + 1,
+            self.scheduler.blocks().block_size(),
+            self.prefix_cache,
+        );
+        self.scheduler = Scheduler::new(self.scheduler_cfg.clone(), blocks);
+        self.step_ids.clear();
     }
 
     fn publish_stats(&self) {
@@ -366,5 +424,32 @@ impl EngineCore {
             .store(self.scheduler.blocks().pool().num_free(), Ordering::Relaxed);
         s.num_preemptions
             .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
+    }
+}
+
+/// Counts one generated token of `req` in its usage and in the metrics.
+fn record_token(metrics: &EngineMetrics, req: &mut RequestState, now: Instant) {
+    match req.last_token_at {
+        None => metrics
+            .time_to_first_token
+            .observe(now.saturating_duration_since(req.arrived_at).as_secs_f64()),
+        Some(last) => metrics
+            .inter_token_latency
+            .observe(now.saturating_duration_since(last).as_secs_f64()),
+    }
+    metrics.generation_tokens.inc();
+    req.first_token_at.get_or_insert(now);
+    req.last_token_at = Some(now);
+    req.usage.completion_tokens += 1;
+}
+
+/// The text of a caught panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
     }
 }

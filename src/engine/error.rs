@@ -9,16 +9,10 @@ pub enum EngineError {
     /// A tensor operation failed on the device.
     #[error("device error: {0}")]
     Device(String),
-    /// The request can never fit into the KV memory, even alone.
-    #[error(
-        "request needs {needed} KV blocks but the pool only has {total}; raise --kv-memory or shorten the request"
-    )]
-    TooLargeForKvPool {
-        /// Blocks the request needs at its maximum length.
-        needed: usize,
-        /// Blocks in the whole pool.
-        total: usize,
-    },
+    /// A step that this request was part of failed (an error or a panic in the forward pass,
+    /// sampling or bookkeeping); the engine went on serving other requests.
+    #[error("the engine failed while computing this request: {0}")]
+    StepFailed(String),
     /// The request waited in the queue longer than allowed.
     #[error("request waited {waited_ms} ms in the queue without being scheduled (queue timeout {limit_ms} ms); the server is overloaded, retry later")]
     QueueTimeout {

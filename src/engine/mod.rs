@@ -4,14 +4,13 @@
 //! Requests go in over an unbounded command channel (synchronous `send` from handlers); each
 //! request gets its own unbounded event channel back, so the engine never blocks on a slow
 //! client. Dropping a `GenerationStream` closes that channel and the engine frees the sequence
-//! at its next step.
+//! at its next step. The engine accepts only `ValidatedRequest`s (see `crate::request`).
 
 mod batch;
 mod core;
 pub mod error;
 pub mod metrics;
 pub mod output;
-pub mod request;
 pub mod sampler;
 
 use std::path::PathBuf;
@@ -19,12 +18,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use candle_core::DType;
+use candle_core::{DType, Device};
 use tokio::sync::mpsc;
 
+use crate::models::Model;
+use crate::request::{RequestId, RequestLimits, ValidatedRequest};
 pub use error::EngineError;
-pub use output::{FinishReason, Logprobs, TokenEvent, TokenLogprob, Usage};
-pub use request::{GenerateRequest, RequestId, SamplingParams};
+pub use output::{Logprobs, TokenEvent, TokenLogprob};
+
+/// Builds the model on the engine thread, on the engine's device. `EngineHandle::spawn` loads
+/// `EngineConfig::model_path`; tests pass their own to wrap a model (fault injection).
+pub type ModelLoader = Box<dyn FnOnce(&EngineConfig, &Device) -> Result<Box<dyn Model>, EngineError> + Send>;
 
 /// Everything the engine needs to start.
 #[derive(Clone, Debug)]
@@ -49,6 +53,20 @@ pub struct EngineConfig {
     pub show_progress: bool,
     /// Fail requests that wait longer than this before being scheduled (None = never).
     pub queue_timeout: Option<std::time::Duration>,
+}
+
+impl ModelInfo {
+    /// What every request is validated against; `eos_token_ids` are the ids that end
+    /// generation (the tokenizer side knows them best).
+    pub fn request_limits(&self, eos_token_ids: &[u32]) -> RequestLimits {
+        RequestLimits {
+            max_model_len: self.max_model_len,
+            kv_pool_tokens: self.num_kv_blocks * self.block_size,
+            block_size: self.block_size,
+            vocab_size: self.model.vocab_size,
+            eos_token_ids: eos_token_ids.to_vec(),
+        }
+    }
 }
 
 /// What the server needs to know about the loaded model and the KV pool.
@@ -79,8 +97,10 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     /// Preemptions since start.
     pub num_preemptions: AtomicU64,
-    /// Requests cancelled before they finished (client gone, stop string, abort).
+    /// Requests cancelled before they finished (client gone).
     pub num_aborted: AtomicU64,
+    /// Engine steps that failed (their requests failed; the engine went on).
+    pub num_failed_steps: AtomicU64,
     /// Most sequences ever scheduled together in one step.
     pub peak_batch_seqs: AtomicUsize,
     /// False once the engine thread stopped.
@@ -88,11 +108,16 @@ pub struct EngineStats {
 }
 
 pub(crate) enum EngineCommand {
+    /// A new request and the channel its events go to.
     Add {
         id: RequestId,
-        request: Box<GenerateRequest>,
+        request: Box<ValidatedRequest>,
         reply: mpsc::UnboundedSender<TokenEvent>,
     },
+    /// The text stage matched a stop string after `completion_tokens` tokens: finish the
+    /// request with reason `stop` and report its usage.
+    Stop { id: RequestId, completion_tokens: u32 },
+    /// Fail what is in flight and end the thread.
     Shutdown,
 }
 
@@ -110,6 +135,7 @@ impl std::fmt::Debug for EngineCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             EngineCommand::Add { id, .. } => write!(f, "Add({id})"),
+            EngineCommand::Stop { id, .. } => write!(f, "Stop({id})"),
             EngineCommand::Shutdown => write!(f, "Shutdown"),
         }
     }
@@ -119,6 +145,11 @@ impl EngineHandle {
     /// Starts the engine thread, loads the model and sizes the KV pool on it, and returns
     /// once it is ready (or failed to load).
     pub fn spawn(cfg: EngineConfig) -> Result<(Self, JoinHandle<()>), EngineError> {
+        Self::spawn_with(cfg, Box::new(core::load_model))
+    }
+
+    /// Like `spawn`, with the model built by `loader` on the engine thread.
+    pub fn spawn_with(cfg: EngineConfig, loader: ModelLoader) -> Result<(Self, JoinHandle<()>), EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let stats = Arc::new(EngineStats::default());
@@ -128,7 +159,7 @@ impl EngineHandle {
         let join = std::thread::Builder::new()
             .name("mlxd-engine".into())
             .spawn(
-                move || match core::EngineCore::load(&cfg, thread_stats, thread_metrics) {
+                move || match core::EngineCore::load(&cfg, loader, thread_stats, thread_metrics) {
                     Ok((core, info)) => {
                         let _ = ready_tx.send(Ok(info));
                         core.run(rx);
@@ -153,8 +184,8 @@ impl EngineHandle {
         ))
     }
 
-    /// Queues a request; its tokens arrive on the returned stream.
-    pub fn submit(&self, request: GenerateRequest) -> Result<GenerationStream, EngineError> {
+    /// Queues a validated request; its tokens arrive on the returned stream.
+    pub fn submit(&self, request: ValidatedRequest) -> Result<GenerationStream, EngineError> {
         let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let (reply, rx) = mpsc::unbounded_channel();
         self.tx
@@ -164,7 +195,11 @@ impl EngineHandle {
                 reply,
             })
             .map_err(|_| EngineError::Unavailable)?;
-        Ok(GenerationStream { rx })
+        Ok(GenerationStream {
+            id,
+            rx,
+            commands: self.tx.clone(),
+        })
     }
 
     /// Asks the engine thread to stop after failing in-flight requests.
@@ -196,12 +231,23 @@ impl EngineHandle {
 /// The token events of one request. Dropping it cancels the request.
 #[derive(Debug)]
 pub struct GenerationStream {
+    id: RequestId,
     rx: mpsc::UnboundedReceiver<TokenEvent>,
+    commands: mpsc::UnboundedSender<EngineCommand>,
 }
 
 impl GenerationStream {
     /// The next event, or None once the engine dropped the request.
     pub async fn recv(&mut self) -> Option<TokenEvent> {
         self.rx.recv().await
+    }
+
+    /// Ends the request with reason `stop` after its first `completion_tokens` tokens (the
+    /// text stage matched a stop string); a `Finished` event with the usage follows.
+    pub fn stop(&self, completion_tokens: u32) {
+        let _ = self.commands.send(EngineCommand::Stop {
+            id: self.id,
+            completion_tokens,
+        });
     }
 }

@@ -1,27 +1,7 @@
 //! What the engine sends back per request: a stream of token events ending in one terminal event.
 
-use std::time::Duration;
-
 use super::error::EngineError;
-
-/// Why a sequence stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FinishReason {
-    /// A stop token (EOS) was sampled, or the server matched a stop string.
-    Stop,
-    /// `max_tokens` or the model's context length was reached.
-    Length,
-}
-
-impl FinishReason {
-    /// The wire name both OpenAI and Ollama use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
+use crate::request::{FinishReason, Usage};
 
 /// Log-probability of one alternative token at a step.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,23 +19,6 @@ pub struct Logprobs {
     pub logprob: f32,
     /// The most likely tokens at this step, most likely first.
     pub top: Vec<TokenLogprob>,
-}
-
-/// Token accounting and timing of one finished request.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Usage {
-    /// Tokens in the prompt.
-    pub prompt_tokens: u32,
-    /// Prompt tokens whose KV came from the prefix cache.
-    pub cached_tokens: u32,
-    /// Tokens generated.
-    pub completion_tokens: u32,
-    /// Time from submission to the first scheduled step.
-    pub queue_time: Duration,
-    /// Time from the first scheduled step to the first sampled token.
-    pub prefill_time: Duration,
-    /// Time from the first sampled token to the last.
-    pub decode_time: Duration,
 }
 
 /// One event on a request's reply channel.

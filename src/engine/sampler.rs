@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::output::{Logprobs, TokenLogprob};
-use super::request::SamplingParams;
+use crate::request::SamplingParams;
 
 /// Scaled-logit distance below the best token beyond which a token's probability is
 /// negligible (e^-30 ≈ 1e-13) and it is left out of sampling.
@@ -52,6 +52,11 @@ impl SamplerState {
     pub fn sample(&mut self, logits: &mut [f32], tokens: &[u32], num_prompt: usize) -> SampledToken {
         let logprobs = self.params.logprobs.map(|n| (log_softmax(logits), n as usize));
         apply_penalties(logits, &self.params, tokens, num_prompt);
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         let id = if self.params.temperature <= 0.0 {
             argmax(logits)
         } else {
@@ -292,6 +297,25 @@ mod tests {
         let mut logits = [1.0, 1.0, 1.0];
         apply_penalties(&mut logits, &p, &[0, 1], 1);
         assert_eq!(logits, [1.0, 0.5, 1.0]);
+    }
+
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let banned = SamplingParams {
+            logit_bias: vec![(2, -100.0)],
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(state(banned).sample(&mut [0.1, 0.2, 9.0], &[], 0).id, 1);
+        let forced = SamplingParams {
+            temperature: 1.0,
+            seed: Some(5),
+            logit_bias: vec![(0, 100.0)],
+            ..SamplingParams::default()
+        };
+        let mut s = state(forced);
+        for _ in 0..50 {
+            assert_eq!(s.sample(&mut [0.0, 5.0, 5.0], &[], 0).id, 0);
+        }
     }
 
     #[test]

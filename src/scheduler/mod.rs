@@ -5,13 +5,17 @@
 //! tokens, capped by the step's token budget, so long prompts are chunked across steps while
 //! other sequences keep decoding. When blocks run out the newest running sequence is preempted
 //! by recompute: it frees its blocks and goes back to the front of the queue.
+//!
+//! The scheduler holds each live request's ONE record: its `Sequence` (tokens, progress) next
+//! to the owner's payload `T` (the engine's reply channel, sampler and timing), so that
+//! neither side keeps a second map keyed by the same id.
 
 pub mod kv;
 pub mod sequence;
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::engine::{FinishReason, RequestId};
+use crate::request::{FinishReason, RequestId};
 use kv::{BlockId, BlockManager};
 pub use sequence::{Sequence, SequenceSpec};
 
@@ -57,27 +61,36 @@ impl SchedulerOutput {
 
 /// The result of one sampled token for one sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StepResult {
+pub struct StepResult<T = ()> {
     /// Which sequence.
     pub id: RequestId,
     /// The token appended.
     pub token: u32,
     /// Set when the sequence finished with this token (it has been freed).
     pub finished: Option<FinishReason>,
+    /// The payload of a finished sequence, handed back since the scheduler dropped it.
+    pub released: Option<T>,
 }
 
-/// Waiting queue, running set and KV block tables.
+/// One live request: the scheduler's sequence and its owner's payload.
 #[derive(Debug)]
-pub struct Scheduler {
+struct Entry<T> {
+    seq: Sequence,
+    data: T,
+}
+
+/// Waiting queue, running set and KV block tables, plus each request's record.
+#[derive(Debug)]
+pub struct Scheduler<T = ()> {
     cfg: SchedulerConfig,
-    seqs: HashMap<RequestId, Sequence>,
+    seqs: HashMap<RequestId, Entry<T>>,
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
     blocks: BlockManager,
     num_preemptions: u64,
 }
 
-impl Scheduler {
+impl<T> Scheduler<T> {
     /// A scheduler over a block manager sized by the engine.
     pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
         Self {
@@ -90,19 +103,19 @@ impl Scheduler {
         }
     }
 
-    /// Queues a new sequence (FCFS).
-    pub fn add(&mut self, seq: Sequence) {
+    /// Queues a new sequence with its owner's payload (FCFS).
+    pub fn add(&mut self, seq: Sequence, data: T) {
         self.waiting.push_back(seq.id);
-        self.seqs.insert(seq.id, seq);
+        self.seqs.insert(seq.id, Entry { seq, data });
     }
 
-    /// Removes a sequence wherever it is and frees its blocks.
-    pub fn abort(&mut self, id: RequestId) -> Option<Sequence> {
-        let seq = self.seqs.remove(&id)?;
+    /// Removes a sequence wherever it is, frees its blocks, and hands back its record.
+    pub fn abort(&mut self, id: RequestId) -> Option<(Sequence, T)> {
+        let entry = self.seqs.remove(&id)?;
         self.running.retain(|r| *r != id);
         self.waiting.retain(|r| *r != id);
         self.blocks.free(id);
-        Some(seq)
+        Some((entry.seq, entry.data))
     }
 
     /// True while any sequence is waiting or running.
@@ -132,7 +145,17 @@ impl Scheduler {
 
     /// A live sequence.
     pub fn seq(&self, id: RequestId) -> Option<&Sequence> {
-        self.seqs.get(&id)
+        self.seqs.get(&id).map(|e| &e.seq)
+    }
+
+    /// A live sequence together with its payload, mutable.
+    pub fn entry_mut(&mut self, id: RequestId) -> Option<(&Sequence, &mut T)> {
+        self.seqs.get_mut(&id).map(|e| (&e.seq, &mut e.data))
+    }
+
+    /// Every live request, in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (&Sequence, &T)> {
+        self.seqs.values().map(|e| (&e.seq, &e.data))
     }
 
     /// The block manager (read-only: stats, block tables for the batch builder).
@@ -160,7 +183,7 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
-            let seq = &self.seqs[&id];
+            let seq = &self.seqs[&id].seq;
             let num_new = (seq.tokens.len() - seq.num_computed).min(*budget);
             let num_total = seq.num_computed + num_new;
             let mut self_preempted = false;
@@ -176,7 +199,7 @@ impl Scheduler {
             if self_preempted {
                 break;
             }
-            let seq = &self.seqs[&id];
+            let seq = &self.seqs[&id].seq;
             out.seqs.push(ScheduledSeq {
                 id,
                 num_computed: seq.num_computed,
@@ -193,7 +216,7 @@ impl Scheduler {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            let seq = &self.seqs[&id];
+            let seq = &self.seqs[&id].seq;
             let cached = self.blocks.find_cached_prefix(&seq.block_hashes, seq.tokens.len());
             let num_computed = cached.len() * self.blocks.block_size();
             let num_new = (seq.tokens.len() - num_computed).min(*budget);
@@ -203,7 +226,7 @@ impl Scheduler {
             }
             self.waiting.pop_front();
             self.running.push(id);
-            let seq = self.seqs.get_mut(&id).expect("invariant: waiting id is live");
+            let seq = &mut self.seqs.get_mut(&id).expect("invariant: waiting id is live").seq;
             seq.num_computed = num_computed;
             seq.num_cached_prompt_tokens.get_or_insert(num_computed);
             out.seqs.push(ScheduledSeq {
@@ -219,8 +242,8 @@ impl Scheduler {
     fn preempt(&mut self, id: RequestId) {
         self.running.retain(|r| *r != id);
         self.blocks.free(id);
-        if let Some(seq) = self.seqs.get_mut(&id) {
-            seq.num_computed = 0;
+        if let Some(e) = self.seqs.get_mut(&id) {
+            e.seq.num_computed = 0;
         }
         self.waiting.push_front(id);
         self.num_preemptions += 1;
@@ -229,7 +252,7 @@ impl Scheduler {
     /// Applies a finished step: advances `num_computed`, registers full blocks in the prefix
     /// cache, appends the sampled tokens (in the order of the sampling sequences of `out`),
     /// checks token-level stops and frees finished sequences.
-    pub fn update(&mut self, out: &SchedulerOutput, sampled: &[u32]) -> Vec<StepResult> {
+    pub fn update(&mut self, out: &SchedulerOutput, sampled: &[u32]) -> Vec<StepResult<T>> {
         let mut results = Vec::with_capacity(sampled.len());
         let mut sampled = sampled.iter();
         let block_size = self.blocks.block_size();
@@ -239,7 +262,7 @@ impl Scheduler {
                     .next()
                     .expect("invariant: one sampled token per sampling sequence")
             });
-            let Some(seq) = self.seqs.get_mut(&s.id) else {
+            let Some(seq) = self.seqs.get_mut(&s.id).map(|e| &mut e.seq) else {
                 continue;
             };
             seq.num_computed = s.num_computed + s.num_new;
@@ -249,14 +272,13 @@ impl Scheduler {
             };
             seq.append(token, block_size);
             let finished = seq.check_stop(self.cfg.max_model_len);
+            let released = finished.and_then(|_| self.abort(s.id)).map(|(_, data)| data);
             results.push(StepResult {
                 id: s.id,
                 token,
                 finished,
+                released,
             });
-            if finished.is_some() {
-                self.abort(s.id);
-            }
         }
         results
     }

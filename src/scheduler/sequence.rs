@@ -1,9 +1,7 @@
 //! Engine-side state of one request: its tokens and how many of them have KV computed.
 
-use std::time::Instant;
-
 use super::kv::block_hash::{extend_block_hashes, BlockHash};
-use crate::engine::{FinishReason, RequestId};
+use crate::request::{FinishReason, RequestId};
 
 /// One sequence as the scheduler sees it.
 ///
@@ -31,8 +29,6 @@ pub struct Sequence {
     pub block_hashes: Vec<BlockHash>,
     /// Salt folded into the first block hash (isolates caches of different models/tenants).
     pub cache_salt: u64,
-    /// When the request arrived.
-    pub arrived_at: Instant,
 }
 
 /// What a new sequence is made of.
@@ -63,7 +59,6 @@ impl Sequence {
             stop_tokens: spec.stop_tokens,
             block_hashes,
             cache_salt: spec.cache_salt,
-            arrived_at: Instant::now(),
         }
     }
 

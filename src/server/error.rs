@@ -8,6 +8,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::engine::EngineError;
+use crate::request::RequestError;
 
 /// Every failure a handler can report.
 #[derive(Debug, thiserror::Error)]
@@ -20,18 +21,9 @@ pub enum ApiError {
         /// The offending field.
         param: Option<String>,
     },
-    /// Prompt plus requested output exceed the model's context.
-    #[error("This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({prompt} in the prompt, {max} for the completion). Please reduce the length of the prompt or max_tokens.")]
-    ContextLength {
-        /// Prompt tokens.
-        prompt: usize,
-        /// Requested completion tokens.
-        max: usize,
-        /// prompt + max.
-        total: usize,
-        /// The model's context length.
-        ctx: usize,
-    },
+    /// The one validation step refused the request.
+    #[error("{}", describe(.0, |f| f.openai_name()))]
+    Request(RequestError),
     /// The request names a model this server does not serve.
     #[error("The model '{0}' does not exist")]
     ModelNotFound(String),
@@ -43,6 +35,20 @@ pub enum ApiError {
         /// Path.
         path: String,
     },
+    /// A known route called with another method.
+    #[error("Method {method} is not allowed for {path}")]
+    MethodNotAllowed {
+        /// HTTP method.
+        method: String,
+        /// Path.
+        path: String,
+    },
+    /// The request body is larger than the server accepts.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The server is shutting down and takes no new generations.
+    #[error("the server is shutting down and accepts no new requests")]
+    ShuttingDown,
     /// Every running and queue slot is taken; retry shortly.
     #[error("the server is at capacity (all running and queue slots are taken); retry shortly")]
     Overloaded,
@@ -66,43 +72,79 @@ impl ApiError {
     /// HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidRequest { .. } | Self::ContextLength { .. } => StatusCode::BAD_REQUEST,
+            Self::InvalidRequest { .. } | Self::Request(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(EngineError::QueueTimeout { .. }) => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Engine(EngineError::TooLargeForKvPool { .. }) => StatusCode::BAD_REQUEST,
             Self::Engine(EngineError::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// Adds `Retry-After` to the answer when retrying later can succeed (429, 503).
+    pub fn with_retry_after(&self, mut response: Response) -> Response {
+        if matches!(
+            self.status(),
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 
     /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
     pub fn openai_body(&self) -> serde_json::Value {
         let (kind, code, param) = match self {
             Self::InvalidRequest { param, .. } => ("invalid_request_error", None, param.clone()),
-            Self::ContextLength { .. } => (
-                "invalid_request_error",
-                Some("context_length_exceeded"),
-                Some("messages".to_string()),
-            ),
+            Self::Request(e) => {
+                let code = match e {
+                    RequestError::Invalid { .. } => None,
+                    RequestError::ContextLength { .. } => Some("context_length_exceeded"),
+                    RequestError::TooLargeForKvPool { .. } => Some("kv_capacity_exceeded"),
+                };
+                (
+                    "invalid_request_error",
+                    code,
+                    e.field().map(|f| f.openai_name().to_string()),
+                )
+            }
             Self::ModelNotFound(_) => (
                 "invalid_request_error",
                 Some("model_not_found"),
                 Some("model".to_string()),
             ),
             Self::NotFound { .. } => ("invalid_request_error", Some("unknown_url"), None),
+            Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed"), None),
+            Self::PayloadTooLarge(_) => ("invalid_request_error", Some("payload_too_large"), None),
+            Self::ShuttingDown => ("server_error", Some("shutting_down"), None),
             Self::Overloaded => ("rate_limit_error", Some("rate_limit_exceeded"), None),
             Self::Unavailable | Self::Engine(EngineError::Unavailable) => {
                 ("server_error", Some("engine_unavailable"), None)
             }
             Self::Engine(EngineError::QueueTimeout { .. }) => ("server_error", Some("queue_timeout"), None),
-            Self::Engine(EngineError::TooLargeForKvPool { .. }) => {
-                ("invalid_request_error", Some("kv_capacity_exceeded"), None)
-            }
             Self::Engine(_) => ("server_error", Some("internal_error"), None),
         };
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+    }
+}
+
+/// A validation error as one sentence, with the field named as `name` gives it.
+pub fn describe(e: &RequestError, name: impl Fn(crate::request::Field) -> &'static str) -> String {
+    match e {
+        RequestError::Invalid { field, message } => format!("{} {message}", name(*field)),
+        other => other.to_string(),
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        Self::Request(e)
     }
 }
 
@@ -120,25 +162,33 @@ impl IntoResponse for ApiError {
         if self.status().is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        let mut response = (self.status(), Json(self.openai_body())).into_response();
-        if matches!(self, Self::Overloaded | Self::Engine(EngineError::QueueTimeout { .. })) {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        response
+        let response = (self.status(), Json(self.openai_body())).into_response();
+        self.with_retry_after(response)
     }
 }
 
 /// Reads a request body as JSON whatever its `Content-Type` (curl's `-d`, Ollama clients and
-/// many scripts send none or a form type); the error text says what is wrong and where.
-pub async fn read_json_body<T, S>(req: Request, state: &S) -> Result<T, String>
+/// many scripts send none or a form type); the error says what is wrong and where (413 for a
+/// body over the limit, 400 otherwise).
+pub async fn read_json_body<T, S>(req: Request, state: &S) -> Result<T, ApiError>
 where
     T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
-    let bytes = Bytes::from_request(req, state).await.map_err(|e| e.body_text())?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("invalid JSON body: {e}"))
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("request body too large: {}", e.body_text()))
+        } else {
+            ApiError::InvalidRequest {
+                message: e.body_text(),
+                param: None,
+            }
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidRequest {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+    })
 }
 
 /// A JSON body whose parse failures become `ApiError::InvalidRequest` in OpenAI shape.
@@ -152,9 +202,6 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        read_json_body(req, state)
-            .await
-            .map(Self)
-            .map_err(|message| ApiError::InvalidRequest { message, param: None })
+        read_json_body(req, state).await.map(Self)
     }
 }

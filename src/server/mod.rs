@@ -5,11 +5,11 @@
 pub mod error;
 pub mod ollama;
 pub mod openai;
-pub mod stream;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -20,10 +20,11 @@ use tower_http::trace::TraceLayer;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::engine::{EngineHandle, GenerateRequest};
+use crate::engine::EngineHandle;
+use crate::output::TextStream;
+use crate::request::{GenerationSpec, RequestError, RequestLimits, ValidatedRequest};
 use crate::text::TextCodec;
 use error::ApiError;
-use stream::TextStream;
 
 /// Shared, read-only state of every handler.
 #[derive(Clone)]
@@ -38,8 +39,27 @@ pub struct AppState {
     pub created: i64,
     /// `system_fingerprint` of responses: identifies the backend and dtype.
     pub fingerprint: String,
+    /// What every request is validated against.
+    pub limits: Arc<RequestLimits>,
     /// One permit per request running or queued; none left means 429.
     admission: Arc<Semaphore>,
+    /// Set once shutdown began: new generations get 503.
+    draining: Arc<AtomicBool>,
+}
+
+/// HTTP settings of the router.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Largest request body; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 << 20,
+        }
+    }
 }
 
 impl AppState {
@@ -47,31 +67,55 @@ impl AppState {
     /// `admission_limit` requests at once (running plus queued).
     pub fn new(engine: EngineHandle, codec: Arc<TextCodec>, model_name: String, admission_limit: usize) -> Self {
         let fingerprint = format!("mlxd-{}-{:?}", env!("CARGO_PKG_VERSION"), engine.info().model.dtype).to_lowercase();
+        let limits = Arc::new(engine.info().request_limits(codec.eos_ids()));
         Self {
             engine,
             codec,
+            limits,
             model_name,
             created: openai::unix_now(),
             fingerprint,
             admission: Arc::new(Semaphore::new(admission_limit)),
+            draining: Arc::new(AtomicBool::new(false)),
         }
     }
 
     /// Takes an admission slot for the lifetime of a generation, or fails at once when the
     /// server already holds as many requests as it may run and queue.
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::ShuttingDown);
+        }
         self.admission
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::Overloaded)
     }
 
-    /// Admits, submits and wraps a request: the one path from a handler to a `TextStream`.
-    pub fn generate(&self, request: GenerateRequest, stop_strings: Vec<String>) -> Result<TextStream, ApiError> {
+    /// Refuses every new generation from now on (graceful shutdown); running ones go on.
+    pub fn stop_admitting(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// The one validation step, on a blocking thread (templating and tokenizing a long
+    /// conversation takes milliseconds).
+    pub async fn validate(&self, spec: GenerationSpec) -> Result<ValidatedRequest, RequestError> {
+        let codec = self.codec.clone();
+        let limits = self.limits.clone();
+        match tokio::task::spawn_blocking(move || crate::request::validate(spec, &codec, &limits)).await {
+            Ok(result) => result,
+            Err(e) => Err(RequestError::Invalid {
+                field: crate::request::Field::Prompt,
+                message: format!("could not be prepared: {e}"),
+            }),
+        }
+    }
+
+    /// Admits and submits a validated request: the one path from a handler to a `TextStream`.
+    pub fn generate(&self, request: ValidatedRequest) -> Result<TextStream, ApiError> {
         let permit = self.admit()?;
-        let prompt = request.prompt.clone();
-        let generation = self.engine.submit(request)?;
-        Ok(TextStream::new(generation, self.codec.clone(), &prompt, stop_strings).holding(permit))
+        let text = crate::output::generate(&self.engine, self.codec.clone(), request)?;
+        Ok(text.holding(permit))
     }
 
     /// Accepts the served name, with or without an Ollama-style `:latest` tag; an absent or
@@ -83,19 +127,10 @@ impl AppState {
             Some(name) => Err(ApiError::ModelNotFound(name.to_string())),
         }
     }
-
-    /// Token ids that end generation: the model's EOS ids unless `ignore_eos`.
-    pub fn stop_tokens(&self, ignore_eos: bool) -> Vec<u32> {
-        if ignore_eos {
-            Vec::new()
-        } else {
-            self.codec.eos_ids().to_vec()
-        }
-    }
 }
 
 /// All routes with tracing and permissive CORS (browser UIs call a local server directly).
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, options: &ServerOptions) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat::chat_completions))
         .route("/v1/completions", post(openai::completions::completions))
@@ -112,6 +147,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .layer(TraceLayer::new_for_http())
         .layer(CorsLayer::permissive())
         .with_state(state)
@@ -160,6 +197,20 @@ async fn not_found(method: Method, uri: Uri) -> axum::response::Response {
         method: method.to_string(),
         path: uri.path().to_string(),
     };
+    in_api_shape(&uri, err)
+}
+
+/// A known route called with the wrong method: 405 with a JSON body.
+async fn method_not_allowed(method: Method, uri: Uri) -> axum::response::Response {
+    let err = ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    };
+    in_api_shape(&uri, err)
+}
+
+/// `err` in Ollama's shape under `/api/`, OpenAI's elsewhere.
+fn in_api_shape(uri: &Uri, err: ApiError) -> axum::response::Response {
     if uri.path().starts_with("/api/") {
         ollama::OllamaError(err).into_response()
     } else {

@@ -141,6 +141,27 @@ impl ModelRunner {
     }
 }
 
+/// A token-id request validated the one way every API validates, for `engine`'s model; `eos`
+/// are the ids that end it.
+pub fn token_request(
+    engine: &mlxd::engine::EngineHandle,
+    codec: &mlxd::text::TextCodec,
+    prompt: Vec<u32>,
+    params: mlxd::request::SamplingParams,
+    max_tokens: u32,
+    eos: &[u32],
+) -> Result<mlxd::request::ValidatedRequest, mlxd::request::RequestError> {
+    let mut spec = mlxd::request::GenerationSpec::new(mlxd::request::Prompt::Tokens(prompt));
+    spec.sampling = params;
+    spec.max_tokens = mlxd::request::MaxTokens::Exactly(max_tokens);
+    mlxd::request::validate(spec, codec, &engine.info().request_limits(eos))
+}
+
+/// The tokenizer side of a model folder.
+pub fn codec(model: &std::path::Path) -> mlxd::text::TextCodec {
+    mlxd::text::TextCodec::open(model, &[]).expect("codec")
+}
+
 /// Engine settings for tests: the repository's tiny model, small KV pool.
 pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
     mlxd::engine::EngineConfig {
@@ -176,9 +197,18 @@ impl TestServer {
 
     /// Like `start`, admitting at most `admission_limit` concurrent requests.
     pub async fn start_with_admission(cfg: mlxd::engine::EngineConfig, admission_limit: usize) -> Self {
-        let model = cfg.model_path.clone();
-        let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg).expect("engine starts");
-        let codec = mlxd::text::TextCodec::open(&model, &engine.info().model.eos_token_ids).expect("codec");
+        let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg.clone()).expect("engine starts");
+        Self::serve(engine, &cfg.model_path, admission_limit).await
+    }
+
+    /// Like `start`, with the model built by `loader` (fault injection).
+    pub async fn start_with_loader(cfg: mlxd::engine::EngineConfig, loader: mlxd::engine::ModelLoader) -> Self {
+        let (engine, _join) = mlxd::engine::EngineHandle::spawn_with(cfg.clone(), loader).expect("engine starts");
+        Self::serve(engine, &cfg.model_path, 1024).await
+    }
+
+    async fn serve(engine: mlxd::engine::EngineHandle, model: &std::path::Path, admission_limit: usize) -> Self {
+        let codec = mlxd::text::TextCodec::open(model, &engine.info().model.eos_token_ids).expect("codec");
         let state = mlxd::server::AppState::new(
             engine.clone(),
             std::sync::Arc::new(codec),
@@ -188,9 +218,13 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
-            mlxd::server::serve(listener, mlxd::server::router(state), std::future::pending())
-                .await
-                .expect("serve");
+            mlxd::server::serve(
+                listener,
+                mlxd::server::router(state, &mlxd::server::ServerOptions::default()),
+                std::future::pending(),
+            )
+            .await
+            .expect("serve");
         });
         Self {
             base: format!("http://{addr}"),

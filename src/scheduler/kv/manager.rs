@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use super::block_hash::BlockHash;
 use super::block_pool::{BlockId, BlockPool};
-use crate::engine::RequestId;
+use crate::request::RequestId;
 
 /// Not enough free blocks for an allocation; the caller preempts or waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,8 +3,11 @@
 use axum::extract::State;
 use axum::response::Response;
 
+use super::options::to_spec;
+use super::reply::{Reply, ReplyKind};
 use super::types::ChatRequest;
-use super::{reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
+use super::{OllamaError, OllamaJson};
+use crate::request::Prompt;
 use crate::server::AppState;
 use crate::text::ChatMessage;
 
@@ -17,39 +20,48 @@ pub async fn chat(
     OllamaJson(req): OllamaJson<ChatRequest>,
 ) -> Result<Response, OllamaError> {
     state.check_ollama_model(&req.common.model)?;
-    reject_unsupported(req.common.format.as_ref(), None)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(OllamaError::bad_request(format!(
             "{} does not support tools",
             req.common.model
         )));
     }
-    let sampling = sampling_from_options(req.common.options.as_ref())?;
+    let messages = to_template_messages(&req)?;
+    let spec = to_spec(Prompt::Chat(messages), &req.common)?;
     let reply = Reply::new(ReplyKind::Chat, &req.common.model, &state);
     if req.messages.is_empty() {
+        // Ollama's way to load a model: nothing to generate.
         return Ok(reply.loaded());
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
-        if !ROLES.contains(&m.role.as_str()) {
-            return Err(OllamaError::bad_request(format!(
-                "invalid role '{}' (expected one of {})",
-                m.role,
-                ROLES.join(", ")
-            )));
-        }
-        reject_unsupported(None, m.images.as_deref())?;
-        messages.push(ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
-        });
-    }
-    let codec = state.codec.clone();
-    let prompt = tokio::task::spawn_blocking(move || codec.encode_chat(&messages))
-        .await
-        .map_err(|e| OllamaError::bad_request(e.to_string()))?
-        .map_err(|e| OllamaError::bad_request(e.0))?;
-    reply
-        .run(&state, prompt, sampling, req.common.stream.unwrap_or(true))
-        .await
+    reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
+}
+
+fn to_template_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, OllamaError> {
+    req.messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(OllamaError::bad_request(format!(
+                    "invalid role '{}' (expected one of {})",
+                    m.role,
+                    ROLES.join(", ")
+                )));
+            }
+            if m.images.as_ref().is_some_and(|i| !i.is_empty()) {
+                return Err(OllamaError::bad_request(
+                    "images are not supported: this model has no vision input",
+                ));
+            }
+            if let Some(name) = m.unknown.keys().next() {
+                return Err(OllamaError::bad_request(format!(
+                    "unsupported field 'messages[{i}].{name}': this server does not implement it"
+                )));
+            }
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
+        })
+        .collect()
 }

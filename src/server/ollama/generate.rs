@@ -3,8 +3,11 @@
 use axum::extract::State;
 use axum::response::Response;
 
+use super::options::to_spec;
+use super::reply::{Reply, ReplyKind};
 use super::types::GenerateRequest;
-use super::{reject_unsupported, sampling_from_options, OllamaError, OllamaJson, Reply, ReplyKind};
+use super::{OllamaError, OllamaJson};
+use crate::request::Prompt;
 use crate::server::AppState;
 use crate::text::ChatMessage;
 
@@ -16,7 +19,11 @@ pub async fn generate(
     OllamaJson(req): OllamaJson<GenerateRequest>,
 ) -> Result<Response, OllamaError> {
     state.check_ollama_model(&req.common.model)?;
-    reject_unsupported(req.common.format.as_ref(), req.images.as_deref())?;
+    if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
+        return Err(OllamaError::bad_request(
+            "images are not supported: this model has no vision input",
+        ));
+    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(OllamaError::bad_request(format!(
             "{} does not support insert (it has no fill-in-the-middle template)",
@@ -28,50 +35,36 @@ pub async fn generate(
             "template overrides are not supported; the model's own chat template is used",
         ));
     }
-    let sampling = sampling_from_options(req.common.options.as_ref())?;
+    let context = req.context.clone().unwrap_or_default();
+    let mut spec = to_spec(prompt_of(&state, &req), &req.common)?;
     let reply = Reply::new(ReplyKind::Generate, &req.common.model, &state);
-    if req.prompt.is_empty() && req.context.is_none() {
+    if req.prompt.is_empty() && context.is_empty() {
+        // Ollama's way to load a model: nothing to generate.
         return Ok(reply.loaded());
     }
-    let prompt = build_prompt(&state, &req)?;
-    reply
-        .run(&state, prompt, sampling, req.common.stream.unwrap_or(true))
-        .await
+    spec.context = context;
+    reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
 }
 
-/// Token ids of the request: `context` followed by the (templated or raw) new prompt.
-fn build_prompt(state: &AppState, req: &GenerateRequest) -> Result<Vec<u32>, OllamaError> {
-    let codec = &state.codec;
-    let bad = |e: crate::text::TemplateError| OllamaError::bad_request(e.0);
-    let templated = !req.raw && codec.chat_template_source().is_some();
-    let mut ids = if templated {
-        let mut messages = Vec::new();
-        if let Some(system) = req.system.as_ref().filter(|s| !s.is_empty()) {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: system.clone(),
-            });
-        }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: req.prompt.clone(),
-        });
-        codec.encode_chat(&messages).map_err(bad)?
-    } else {
-        codec.encode(&req.prompt, req.context.is_none()).map_err(bad)?
-    };
-    if let Some(context) = &req.context {
-        // A continuation must not restart the sequence with another BOS.
-        if codec.bos_id().is_some() && ids.first().copied() == codec.bos_id() {
-            ids.remove(0);
-        }
-        let vocab = state.engine.info().model.vocab_size;
-        if let Some(bad_id) = context.iter().find(|&&id| id as usize >= vocab) {
-            return Err(OllamaError::bad_request(format!(
-                "context holds token id {bad_id}, outside the vocabulary"
-            )));
-        }
-        ids.splice(0..0, context.iter().copied());
+/// The new input: one templated user turn (after an optional system turn), or the raw text.
+fn prompt_of(state: &AppState, req: &GenerateRequest) -> Prompt {
+    let templated = !req.raw && state.codec.chat_template_source().is_some();
+    if !templated {
+        return Prompt::Text {
+            text: req.prompt.clone(),
+            add_special_tokens: true,
+        };
     }
-    Ok(ids)
+    let mut messages = Vec::new();
+    if let Some(system) = req.system.as_ref().filter(|s| !s.is_empty()) {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: system.clone(),
+        });
+    }
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: req.prompt.clone(),
+    });
+    Prompt::Chat(messages)
 }

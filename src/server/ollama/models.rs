@@ -118,7 +118,8 @@ pub async fn show(
         }
     }
     let stop_words: Vec<String> = state
-        .stop_tokens(false)
+        .limits
+        .eos_token_ids
         .iter()
         .map(|&id| state.codec.tokenizer().decode(&[id], false).unwrap_or_default())
         .filter(|s| !s.is_empty())

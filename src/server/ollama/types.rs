@@ -1,10 +1,13 @@
 //! Ollama wire types (requests; responses are built as JSON in the handlers).
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use serde_json::Value;
 
-/// `options`: the Ollama runtime parameters mlxd honours; unknown keys are ignored as Ollama
-/// does. Absent values take Ollama's defaults (`DEFAULT_*` in `generate.rs`).
+/// `options`: the Ollama runtime parameters mlxd honours. Absent values take Ollama's defaults
+/// (`options.rs`); other keys land in `unknown`, where `options.rs` sorts them into hardware
+/// hints (no effect here), "off" values, and refusals.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct Options {
     /// Sampling temperature (0 = greedy).
@@ -31,6 +34,9 @@ pub struct Options {
     pub frequency_penalty: Option<f32>,
     /// Context window for this request (capped by the model's).
     pub num_ctx: Option<i64>,
+    /// Every other option.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
 }
 
 /// Fields shared by `/api/generate` and `/api/chat`.
@@ -45,10 +51,13 @@ pub struct CommonFields {
     pub options: Option<Value>,
     /// Stream NDJSON (default true).
     pub stream: Option<bool>,
-    /// How long to keep the model loaded (accepted; mlxd keeps it loaded).
+    /// How long to keep the model loaded (advisory: mlxd keeps its one model loaded).
     pub keep_alive: Option<Value>,
-    /// Thinking mode (accepted).
+    /// Thinking mode (`false` or absent; `true` is refused until reasoning is split out).
     pub think: Option<Value>,
+    /// Fields no wire type names (refused by name).
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
 }
 
 /// `POST /api/generate` body.
@@ -85,6 +94,9 @@ pub struct Message {
     pub content: String,
     /// Base64 images (not supported).
     pub images: Option<Vec<String>>,
+    /// Other fields (`tool_calls`, `thinking`, ...): refused by name.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, Value>,
 }
 
 /// `POST /api/chat` body.

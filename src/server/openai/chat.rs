@@ -1,109 +1,110 @@
 //! `POST /v1/chat/completions`.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 use serde_json::{json, Value};
 
+use super::choices::{self, check_n, total_usage};
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatMessageIn,
     ChatMessageOut, MessageContent, UsageOut,
 };
-use super::{json_event, new_id, resolve_max_tokens, sampling_params, sse_response, unix_now};
-use crate::engine::{FinishReason, GenerateRequest};
+use super::{
+    check_response_format, check_stream_options, json_event, new_id, reject_unknown, sampling_params, sse_response,
+    unix_now,
+};
+use crate::output::{GeneratedToken, StreamItem, TextStream};
+use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage};
 use crate::server::error::{ApiError, AppJson};
-use crate::server::stream::{collect, GeneratedToken, StreamItem, TextStream};
 use crate::server::AppState;
-use crate::text::{ChatMessage, TextCodec};
+use crate::text::ChatMessage;
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
-/// Generates the assistant's reply to a conversation, as one JSON object or an SSE stream.
+/// Generates the assistant's reply to a conversation (`n` of them), as one JSON object or an
+/// SSE stream.
 #[tracing::instrument(skip_all)]
 pub async fn chat_completions(
     State(state): State<AppState>,
     AppJson(req): AppJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.check_model(req.model.as_deref())?;
-    let messages = to_template_messages(&req.messages)?;
-    if req.top_logprobs.is_some_and(|n| n > 20) {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            "top_logprobs must be between 0 and 20",
-        ));
-    }
-    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
-    let (params, stops) = sampling_params(&req.sampling, logprobs)?;
-    let codec = state.codec.clone();
-    let prompt = {
-        let codec = codec.clone();
-        tokio::task::spawn_blocking(move || codec.encode_chat(&messages))
-            .await
-            .map_err(|e| ApiError::invalid("messages", e.to_string()))?
-            .map_err(|e| ApiError::invalid("messages", e.0))?
-    };
-    let max_tokens = resolve_max_tokens(
-        prompt.len(),
-        req.max_completion_tokens.or(req.max_tokens),
-        state.engine.info(),
-    )?;
-    let request = GenerateRequest {
-        prompt,
-        params,
-        max_tokens,
-        stop_tokens: state.stop_tokens(req.sampling.ignore_eos),
-    };
-    let text = state.generate(request, stops)?;
+    let spec = to_spec(&req)?;
+    let n = check_n(req.sampling.n, 1)?;
+    let request = state.validate(spec).await?;
     let meta = ChatMeta {
         id: new_id("chatcmpl-"),
         created: unix_now(),
         model: state.model_name.clone(),
         fingerprint: state.fingerprint.clone(),
-        codec,
     };
+    let streams = choices::start(&state, vec![request], n).await?;
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        Ok(stream_chat(text, meta, include_usage))
-    } else {
-        let c = collect(text).await?;
-        let logprobs = req.logprobs.then(|| logprobs_json(&meta.codec, &c.tokens));
-        Ok(Json(ChatCompletion {
-            id: meta.id,
-            object: "chat.completion",
-            created: meta.created,
-            model: meta.model,
-            choices: vec![ChatChoice {
-                index: 0,
-                message: ChatMessageOut {
-                    role: "assistant",
-                    content: c.text,
-                },
-                logprobs,
-                finish_reason: c.reason.map(FinishReason::as_str),
-            }],
-            usage: c.usage.into(),
-            system_fingerprint: meta.fingerprint,
-        })
-        .into_response())
+        return Ok(stream_chat(streams, meta, include_usage));
     }
+    let results = choices::collect_all(streams).await?;
+    let usages: Vec<Usage> = results.iter().map(|c| c.usage).collect();
+    let choices = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ChatChoice {
+            index: i as u32,
+            logprobs: req.logprobs.then(|| logprobs_json(&c.tokens)),
+            message: ChatMessageOut {
+                role: "assistant",
+                content: c.text,
+            },
+            finish_reason: c.reason.map(FinishReason::as_str),
+        })
+        .collect();
+    Ok(Json(ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        choices,
+        usage: total_usage(&usages, n),
+        system_fingerprint: meta.fingerprint,
+    })
+    .into_response())
+}
+
+/// The wire request as an API-neutral spec (OpenAI's defaults; ranges are checked later).
+fn to_spec(req: &ChatCompletionRequest) -> Result<GenerationSpec, ApiError> {
+    reject_unknown(&req.unknown, "")?;
+    check_stream_options(req.stream, req.stream_options.as_ref())?;
+    check_response_format(req.response_format.as_ref())?;
+    if req.top_logprobs.is_some() && !req.logprobs {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs requires logprobs to be true",
+        ));
+    }
+    let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
+    let mut spec = GenerationSpec::new(Prompt::Chat(to_template_messages(&req.messages)?));
+    spec.sampling = sampling_params(&req.sampling, logprobs)?;
+    spec.max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .map_or(MaxTokens::Rest, MaxTokens::Exactly);
+    spec.stop = req.sampling.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    spec.ignore_eos = req.sampling.ignore_eos;
+    Ok(spec)
 }
 
 /// Validates roles and flattens content parts into the template's plain messages.
 pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "messages must contain at least one message",
-        ));
-    }
     messages
         .iter()
         .enumerate()
         .map(|(i, m)| {
+            reject_unknown(&m.unknown, &format!("messages[{i}]."))?;
             if !ROLES.contains(&m.role.as_str()) {
                 return Err(ApiError::invalid(
                     &format!("messages[{i}].role"),
@@ -143,7 +144,6 @@ struct ChatMeta {
     created: i64,
     model: String,
     fingerprint: String,
-    codec: Arc<TextCodec>,
 }
 
 impl ChatMeta {
@@ -159,10 +159,10 @@ impl ChatMeta {
         })
     }
 
-    fn delta(&self, delta: ChatDelta, logprobs: Option<Value>, finish: Option<FinishReason>) -> Event {
+    fn delta(&self, index: usize, delta: ChatDelta, logprobs: Option<Value>, finish: Option<FinishReason>) -> Event {
         self.chunk(
             vec![ChatChunkChoice {
-                index: 0,
+                index: index as u32,
                 delta,
                 logprobs,
                 finish_reason: finish.map(FinishReason::as_str),
@@ -172,73 +172,79 @@ impl ChatMeta {
     }
 }
 
-enum Phase {
-    Start,
-    Body,
-    Usage(UsageOut),
-    Done,
-    End,
-}
-
-fn stream_chat(text: TextStream, meta: ChatMeta, include_usage: bool) -> Response {
-    let events = futures::stream::unfold((text, meta, Phase::Start), move |(mut text, meta, phase)| async move {
-        let (event, next) = match phase {
-            Phase::Start => {
+fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool) -> Response {
+    let num_choices = streams.len();
+    let meta = std::sync::Arc::new(meta);
+    let starts: Vec<Event> = (0..num_choices)
+        .map(|i| {
+            let delta = ChatDelta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            };
+            meta.delta(i, delta, None, None)
+        })
+        .collect();
+    let mut usages = vec![Usage::default(); num_choices];
+    let mut remaining = num_choices;
+    let mut failed = false;
+    let body_meta = meta.clone();
+    let body = choices::merged(streams).map(move |(i, item)| {
+        let meta = &body_meta;
+        let mut events = Vec::new();
+        if failed {
+            return events;
+        }
+        match item {
+            StreamItem::Delta { text, tokens } => {
+                let has_logprobs = tokens.iter().any(|t| t.logprobs.is_some());
+                let logprobs = has_logprobs.then(|| logprobs_json(&tokens));
                 let delta = ChatDelta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
+                    role: None,
+                    content: Some(text),
                 };
-                (meta.delta(delta, None, None), Phase::Body)
+                events.push(meta.delta(i, delta, logprobs, None));
             }
-            Phase::Body => match text.next().await {
-                Some(StreamItem::Delta { text: t, tokens }) => {
-                    let has_logprobs = tokens.iter().any(|t| t.logprobs.is_some());
-                    let logprobs = has_logprobs.then(|| logprobs_json(&meta.codec, &tokens));
-                    let delta = ChatDelta {
-                        role: None,
-                        content: Some(t),
-                    };
-                    (meta.delta(delta, logprobs, None), Phase::Body)
+            StreamItem::Done { reason, usage } => {
+                usages[i] = usage;
+                remaining -= 1;
+                events.push(meta.delta(i, ChatDelta::default(), None, Some(reason)));
+                if remaining == 0 {
+                    if include_usage {
+                        events.push(meta.chunk(Vec::new(), Some(total_usage(&usages, 1))));
+                    }
+                    events.push(Event::default().data("[DONE]"));
                 }
-                Some(StreamItem::Done { reason, usage }) => {
-                    let next = if include_usage {
-                        Phase::Usage(usage.into())
-                    } else {
-                        Phase::Done
-                    };
-                    (meta.delta(ChatDelta::default(), None, Some(reason)), next)
-                }
-                Some(StreamItem::Error(e)) => (json_event(&ApiError::from(e).openai_body()), Phase::End),
-                None => (Event::default().data("[DONE]"), Phase::End),
-            },
-            Phase::Usage(usage) => (meta.chunk(Vec::new(), Some(usage)), Phase::Done),
-            Phase::Done => (Event::default().data("[DONE]"), Phase::End),
-            Phase::End => return None,
-        };
-        Some((Ok::<_, Infallible>(event), (text, meta, next)))
+            }
+            StreamItem::Error(e) => {
+                failed = true;
+                events.push(json_event(&ApiError::from(e).openai_body()));
+            }
+        }
+        events
     });
+    let events = futures::stream::iter(starts)
+        .chain(body.flat_map(futures::stream::iter))
+        .map(Ok::<_, Infallible>);
     sse_response(events)
 }
 
-/// `{"content": [{token, logprob, bytes, top_logprobs}]}` for the given tokens.
-pub fn logprobs_json(codec: &TextCodec, tokens: &[GeneratedToken]) -> Value {
-    let entry = |id: u32, logprob: f32| {
-        let token = token_text(codec, id);
-        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
-    };
+/// `{"content": [{token, logprob, bytes, top_logprobs}]}` for the given tokens, each token's
+/// text as it reads in the message.
+pub fn logprobs_json(tokens: &[GeneratedToken]) -> Value {
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
     let content: Vec<Value> = tokens
         .iter()
         .filter_map(|t| {
             let lp = t.logprobs.as_ref()?;
-            let mut e = entry(t.id, lp.logprob);
-            e["top_logprobs"] = lp.top.iter().map(|a| entry(a.id, a.logprob)).collect();
+            let mut e = entry(&t.text, lp.logprob);
+            e["top_logprobs"] = lp
+                .top
+                .iter()
+                .zip(&t.top_texts)
+                .map(|(a, text)| entry(text, a.logprob))
+                .collect();
             Some(e)
         })
         .collect();
     json!({ "content": content })
-}
-
-/// The text of a single token, special tokens included.
-pub fn token_text(codec: &TextCodec, id: u32) -> String {
-    codec.tokenizer().decode(&[id], false).unwrap_or_default()
 }

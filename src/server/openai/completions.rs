@@ -1,4 +1,5 @@
-//! `POST /v1/completions` (legacy text completions; prompt as text or token ids).
+//! `POST /v1/completions` (legacy text completions: prompt as text, token ids, or a list of
+//! either; `n` copies of each; `echo`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -7,101 +8,128 @@ use axum::extract::State;
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
-use super::chat::token_text;
+use super::choices::{self, check_n, total_usage};
 use super::types::{Completion, CompletionChoice, CompletionRequest, PromptInput, UsageOut};
-use super::{json_event, new_id, resolve_max_tokens, sampling_params, sse_response, unix_now};
-use crate::engine::{FinishReason, GenerateRequest};
+use super::{
+    check_response_format, check_stream_options, json_event, new_id, reject_unknown, sampling_params, sse_response,
+    unix_now,
+};
+use crate::output::{GeneratedToken, StreamItem};
+use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage, ValidatedRequest};
 use crate::server::error::{ApiError, AppJson};
-use crate::server::stream::{collect, GeneratedToken, StreamItem, TextStream};
 use crate::server::AppState;
-use crate::text::TextCodec;
 
 /// OpenAI's default `max_tokens` for completions.
 const DEFAULT_MAX_TOKENS: u32 = 16;
 
-/// Continues a prompt, as one JSON object or an SSE stream.
+/// Continues one or more prompts, as one JSON object or an SSE stream.
 #[tracing::instrument(skip_all)]
 pub async fn completions(
     State(state): State<AppState>,
     AppJson(req): AppJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.check_model(req.model.as_deref())?;
-    if req.echo {
-        return Err(ApiError::invalid("echo", "echo is not supported"));
+    let specs = to_specs(&req)?;
+    let n = check_n(req.sampling.n, specs.len())?;
+    if req.best_of.is_some_and(|b| b as usize != n && b != 1) {
+        return Err(ApiError::invalid(
+            "best_of",
+            "best_of must equal n (no server-side ranking)",
+        ));
     }
-    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::invalid("suffix", "suffix is not supported by this model"));
+    let mut requests = Vec::with_capacity(specs.len());
+    for spec in specs {
+        requests.push(state.validate(spec).await?);
     }
-    if req.logprobs.is_some_and(|n| n > 5) {
-        return Err(ApiError::invalid("logprobs", "logprobs must be between 0 and 5"));
-    }
-    let (params, stops) = sampling_params(&req.sampling, req.logprobs)?;
-    let prompt = prompt_ids(&state.codec, req.prompt, state.engine.info().model.vocab_size)?;
-    let max_tokens = resolve_max_tokens(
-        prompt.len(),
-        Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-        state.engine.info(),
-    )?;
-    let prompt_for_reply = req.return_token_ids.then(|| prompt.clone());
-    let request = GenerateRequest {
-        prompt,
-        params,
-        max_tokens,
-        stop_tokens: state.stop_tokens(req.sampling.ignore_eos),
-    };
-    let text = state.generate(request, stops)?;
     let meta = CompletionMeta {
         id: new_id("cmpl-"),
         created: unix_now(),
         model: state.model_name.clone(),
         fingerprint: state.fingerprint.clone(),
-        codec: state.codec.clone(),
         with_logprobs: req.logprobs.is_some(),
-        include_usage: req.stream_options.is_some_and(|o| o.include_usage),
-        prompt_token_ids: prompt_for_reply,
+        include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        with_token_ids: req.return_token_ids,
+        prompts: prompt_echoes(&state, &requests, req.echo),
+        n,
     };
+    let streams = choices::start(&state, requests, n).await?;
     if req.stream {
-        return Ok(stream_completion(text, meta));
+        return Ok(stream_completion(streams, Arc::new(meta)));
     }
-    let c = collect(text).await?;
-    let choice = meta.choice(c.text, &c.tokens, 0, c.reason);
-    Ok(Json(meta.object(vec![choice], Some(c.usage.into()))).into_response())
+    let results = choices::collect_all(streams).await?;
+    let usages: Vec<Usage> = results.iter().map(|c| c.usage).collect();
+    let choices = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let (echo, offset) = meta.echo(i);
+            meta.choice(i, echo + &c.text, &c.tokens, offset, c.reason, true)
+        })
+        .collect();
+    Ok(Json(meta.object(choices, Some(total_usage(&usages, n)))).into_response())
 }
 
-/// Tokenizes a text prompt (with BOS as the model wants) or checks a token-id prompt.
-fn prompt_ids(codec: &TextCodec, prompt: PromptInput, vocab: usize) -> Result<Vec<u32>, ApiError> {
-    let single = |n: usize| {
-        if n == 1 {
-            Ok(())
-        } else {
-            Err(ApiError::invalid(
-                "prompt",
-                "exactly one prompt is supported per request",
-            ))
-        }
-    };
-    let ids = match prompt {
-        PromptInput::Text(t) => codec.encode(&t, true).map_err(|e| ApiError::invalid("prompt", e.0))?,
-        PromptInput::Texts(mut v) => {
-            single(v.len())?;
-            let t = v.remove(0);
-            codec.encode(&t, true).map_err(|e| ApiError::invalid("prompt", e.0))?
-        }
-        PromptInput::Tokens(ids) => ids,
-        PromptInput::TokenLists(mut v) => {
-            single(v.len())?;
-            v.remove(0)
-        }
-    };
-    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+/// One API-neutral spec per prompt (OpenAI's defaults; ranges are checked later).
+fn to_specs(req: &CompletionRequest) -> Result<Vec<GenerationSpec>, ApiError> {
+    reject_unknown(&req.unknown, "")?;
+    check_stream_options(req.stream, req.stream_options.as_ref())?;
+    check_response_format(req.response_format.as_ref())?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid("suffix", "suffix is not supported by this model"));
+    }
+    if req.echo && req.logprobs.is_some() {
         return Err(ApiError::invalid(
-            "prompt",
-            format!("token id {bad} is out of range (vocabulary size {vocab})"),
+            "echo",
+            "echo together with logprobs is not supported (no prompt logprobs)",
         ));
     }
-    Ok(ids)
+    let prompts: Vec<Prompt> = match &req.prompt {
+        PromptInput::Text(t) => vec![text_prompt(t)],
+        PromptInput::Tokens(ids) => vec![Prompt::Tokens(ids.clone())],
+        PromptInput::Texts(v) => v.iter().map(|t| text_prompt(t)).collect(),
+        PromptInput::TokenLists(v) => v.iter().map(|ids| Prompt::Tokens(ids.clone())).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid("prompt", "prompt must not be an empty list"));
+    }
+    let sampling = sampling_params(&req.sampling, req.logprobs)?;
+    let stop = req.sampling.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    Ok(prompts
+        .into_iter()
+        .map(|prompt| {
+            let mut spec = GenerationSpec::new(prompt);
+            spec.sampling = sampling.clone();
+            spec.max_tokens = MaxTokens::Exactly(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
+            spec.stop = stop.clone();
+            spec.ignore_eos = req.sampling.ignore_eos;
+            spec
+        })
+        .collect())
+}
+
+fn text_prompt(text: &str) -> Prompt {
+    Prompt::Text {
+        text: text.to_string(),
+        add_special_tokens: true,
+    }
+}
+
+/// Per prompt: its ids, and its text when `echo` asks for it back.
+fn prompt_echoes(state: &AppState, requests: &[ValidatedRequest], echo: bool) -> Vec<(Vec<u32>, String)> {
+    requests
+        .iter()
+        .map(|r| {
+            let text = if echo {
+                state.codec.decode(r.prompt())
+            } else {
+                String::new()
+            };
+            (r.prompt().to_vec(), text)
+        })
+        .collect()
 }
 
 struct CompletionMeta {
@@ -109,11 +137,13 @@ struct CompletionMeta {
     created: i64,
     model: String,
     fingerprint: String,
-    codec: Arc<TextCodec>,
     with_logprobs: bool,
     include_usage: bool,
-    /// Set with `return_token_ids`; sent with the response or the first chunk.
-    prompt_token_ids: Option<Vec<u32>>,
+    /// `return_token_ids`: add the prompt's ids (first chunk) and the generated ids.
+    with_token_ids: bool,
+    /// Per prompt: ids and echoed text (empty without `echo`).
+    prompts: Vec<(Vec<u32>, String)>,
+    n: usize,
 }
 
 impl CompletionMeta {
@@ -129,25 +159,31 @@ impl CompletionMeta {
         }
     }
 
-    /// A choice carrying `text` made of `tokens`; `text_offset` is where it starts in the
-    /// whole completion (for legacy logprobs).
+    /// The echoed prompt text of choice `index` and the offset its completion starts at.
+    fn echo(&self, index: usize) -> (String, usize) {
+        let text = self.prompts[index / self.n].1.clone();
+        let len = text.len();
+        (text, len)
+    }
+
+    /// Choice `index` carrying `text` made of `tokens`; `text_offset` is where the tokens'
+    /// text starts in the choice's whole text (legacy logprobs); `first` adds the prompt ids.
     fn choice(
         &self,
+        index: usize,
         text: String,
         tokens: &[GeneratedToken],
         text_offset: usize,
         finish: Option<FinishReason>,
+        first: bool,
     ) -> CompletionChoice {
-        let with_ids = self.prompt_token_ids.is_some();
         CompletionChoice {
-            index: 0,
+            index: index as u32,
             text,
-            logprobs: self
-                .with_logprobs
-                .then(|| logprobs_json(&self.codec, tokens, text_offset)),
+            logprobs: self.with_logprobs.then(|| logprobs_json(tokens, text_offset)),
             finish_reason: finish.map(FinishReason::as_str),
-            prompt_token_ids: (text_offset == 0).then(|| self.prompt_token_ids.clone()).flatten(),
-            token_ids: with_ids.then(|| tokens.iter().map(|t| t.id).collect()),
+            prompt_token_ids: (self.with_token_ids && first).then(|| self.prompts[index / self.n].0.clone()),
+            token_ids: self.with_token_ids.then(|| tokens.iter().map(|t| t.id).collect()),
         }
     }
 
@@ -156,61 +192,75 @@ impl CompletionMeta {
     }
 }
 
-enum Phase {
-    Body { text_offset: usize },
-    Usage(UsageOut),
-    Done,
-    End,
+/// Per-choice progress of a stream.
+#[derive(Clone, Default)]
+struct ChoiceProgress {
+    started: bool,
+    text_offset: usize,
 }
 
-fn stream_completion(text: TextStream, meta: CompletionMeta) -> Response {
-    let start = (text, meta, Phase::Body { text_offset: 0 });
-    let events = futures::stream::unfold(start, move |(mut text, meta, phase)| async move {
-        let (event, next) = match phase {
-            Phase::Body { text_offset } => match text.next().await {
-                Some(StreamItem::Delta { text: t, tokens }) => {
-                    let next = Phase::Body {
-                        text_offset: text_offset + t.len(),
-                    };
-                    (meta.chunk(meta.choice(t, &tokens, text_offset, None)), next)
+fn stream_completion(streams: Vec<crate::output::TextStream>, meta: Arc<CompletionMeta>) -> Response {
+    let num_choices = streams.len();
+    let mut progress = vec![ChoiceProgress::default(); num_choices];
+    let mut usages = vec![Usage::default(); num_choices];
+    let mut remaining = num_choices;
+    let mut failed = false;
+    let body = choices::merged(streams).map(move |(i, item)| {
+        let mut events = Vec::new();
+        if failed {
+            return events;
+        }
+        match item {
+            StreamItem::Delta { text, tokens } => {
+                let p = &mut progress[i];
+                let (echo, echo_len) = if p.started { (String::new(), 0) } else { meta.echo(i) };
+                let offset = p.text_offset + echo_len;
+                let first = !p.started;
+                p.started = true;
+                p.text_offset = offset + text.len();
+                events.push(meta.chunk(meta.choice(i, echo + &text, &tokens, offset, None, first)));
+            }
+            StreamItem::Done { reason, usage } => {
+                usages[i] = usage;
+                remaining -= 1;
+                let mut last = meta.choice(i, String::new(), &[], 0, Some(reason), false);
+                last.logprobs = None;
+                last.token_ids = None;
+                events.push(meta.chunk(last));
+                if remaining == 0 {
+                    if meta.include_usage {
+                        let usage = total_usage(&usages, meta.n);
+                        events.push(json_event(&meta.object(Vec::new(), Some(usage))));
+                    }
+                    events.push(Event::default().data("[DONE]"));
                 }
-                Some(StreamItem::Done { reason, usage }) => {
-                    let next = if meta.include_usage {
-                        Phase::Usage(usage.into())
-                    } else {
-                        Phase::Done
-                    };
-                    let mut last = meta.choice(String::new(), &[], usize::MAX, Some(reason));
-                    last.logprobs = None;
-                    (meta.chunk(last), next)
-                }
-                Some(StreamItem::Error(e)) => (json_event(&ApiError::from(e).openai_body()), Phase::End),
-                None => (Event::default().data("[DONE]"), Phase::End),
-            },
-            Phase::Usage(usage) => (json_event(&meta.object(Vec::new(), Some(usage))), Phase::Done),
-            Phase::Done => (Event::default().data("[DONE]"), Phase::End),
-            Phase::End => return None,
-        };
-        Some((Ok::<_, Infallible>(event), (text, meta, next)))
+            }
+            StreamItem::Error(e) => {
+                failed = true;
+                events.push(json_event(&ApiError::from(e).openai_body()));
+            }
+        }
+        events
     });
-    sse_response(events)
+    sse_response(body.flat_map(futures::stream::iter).map(Ok::<_, Infallible>))
 }
 
-/// Legacy logprobs: `{tokens, token_logprobs, top_logprobs, text_offset}`.
-fn logprobs_json(codec: &TextCodec, tokens: &[GeneratedToken], start_offset: usize) -> Value {
+/// Legacy logprobs: `{tokens, token_logprobs, top_logprobs, text_offset}`, each token's text as
+/// it reads in the completion.
+fn logprobs_json(tokens: &[GeneratedToken], start_offset: usize) -> Value {
     let mut offset = start_offset;
     let (mut toks, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
     for t in tokens {
         let Some(lp) = &t.logprobs else { continue };
-        let text = token_text(codec, t.id);
         offsets.push(offset);
-        offset += text.len();
-        toks.push(text);
+        offset += t.text.len();
+        toks.push(t.text.clone());
         lps.push(lp.logprob);
         let top: Map<String, Value> = lp
             .top
             .iter()
-            .map(|a| (token_text(codec, a.id), json!(a.logprob)))
+            .zip(&t.top_texts)
+            .map(|(a, text)| (text.clone(), json!(a.logprob)))
             .collect();
         tops.push(Value::Object(top));
     }

@@ -1,7 +1,12 @@
 //! OpenAI wire types (requests as clients send them, responses field for field).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// Fields a request carried that no wire type names; each is either advisory or a 400.
+pub type UnknownFields = BTreeMap<String, Value>;
 
 /// `stop`: a string or a list of strings.
 #[derive(Clone, Debug, Deserialize)]
@@ -58,6 +63,8 @@ pub struct SamplingFields {
     /// Extension: keep generating past EOS.
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Token id (as a string) → bias in [-100, 100] added to its logit.
+    pub logit_bias: Option<BTreeMap<String, f32>>,
 }
 
 /// Message content: a string or a list of typed parts.
@@ -87,6 +94,11 @@ pub struct ChatMessageIn {
     pub role: String,
     /// The content (may be null for assistant tool calls).
     pub content: Option<MessageContent>,
+    /// The participant's name (advisory: templates do not use it).
+    pub name: Option<String>,
+    /// Any other field (`tool_calls`, `tool_call_id`, ...): refused by name.
+    #[serde(flatten)]
+    pub unknown: UnknownFields,
 }
 
 /// `POST /v1/chat/completions` body.
@@ -110,9 +122,14 @@ pub struct ChatCompletionRequest {
     pub logprobs: bool,
     /// Alternatives per token (0..=20), requires `logprobs`.
     pub top_logprobs: Option<u8>,
+    /// `{"type": "text"}` (structured output is not supported yet).
+    pub response_format: Option<Value>,
     /// Sampling.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Everything else: advisory fields pass, others are refused by name.
+    #[serde(flatten)]
+    pub unknown: UnknownFields,
 }
 
 /// `prompt`: text, texts, token ids, or lists of token ids.
@@ -153,9 +170,16 @@ pub struct CompletionRequest {
     /// vLLM extension: add `prompt_token_ids` and `token_ids` to each choice.
     #[serde(default)]
     pub return_token_ids: bool,
+    /// Candidates generated server-side per choice; only 1 (or equal to `n`) is supported.
+    pub best_of: Option<u32>,
+    /// `{"type": "text"}` (structured output is not supported yet).
+    pub response_format: Option<Value>,
     /// Sampling.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Everything else: advisory fields pass, others are refused by name.
+    #[serde(flatten)]
+    pub unknown: UnknownFields,
 }
 
 /// `usage.prompt_tokens_details`.
@@ -178,8 +202,8 @@ pub struct UsageOut {
     pub prompt_tokens_details: PromptTokensDetails,
 }
 
-impl From<crate::engine::Usage> for UsageOut {
-    fn from(u: crate::engine::Usage) -> Self {
+impl From<crate::request::Usage> for UsageOut {
+    fn from(u: crate::request::Usage) -> Self {
         Self {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,

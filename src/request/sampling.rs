@@ -1,21 +1,7 @@
-//! What the server hands the engine: an already-validated, tokenized generation request.
-//!
-//! Owner: built on a tokio worker by `server`, moved into the engine thread by value.
-//! Nothing here knows about HTTP or wire formats.
+//! Validated sampling parameters: how the engine picks each token of one request.
 
-use std::fmt;
-
-/// Engine-wide unique id of one generation request (one sequence).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestId(pub u64);
-
-impl fmt::Display for RequestId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
-
-/// How the next token is chosen from the logits; every field is already range-checked.
+/// How the next token is chosen from the logits. Inside a `ValidatedRequest` every field has
+/// been range-checked by `validate`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax); otherwise logits are divided by it before softmax.
@@ -38,6 +24,8 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of top alternatives to report with each token; None = no logprobs at all.
     pub logprobs: Option<u8>,
+    /// Added to a token's logit before sampling (-100 bans it, +100 forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -53,6 +41,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -65,17 +54,4 @@ impl SamplingParams {
             ..Self::default()
         }
     }
-}
-
-/// One tokenized request, ready to schedule.
-#[derive(Clone, Debug)]
-pub struct GenerateRequest {
-    /// Prompt token ids (template already applied, BOS included when the model wants it).
-    pub prompt: Vec<u32>,
-    /// Sampling configuration.
-    pub params: SamplingParams,
-    /// Upper bound on generated tokens.
-    pub max_tokens: u32,
-    /// Token ids that end generation with reason `stop` (EOS ids unless ignored).
-    pub stop_tokens: Vec<u32>,
 }

@@ -1,22 +1,44 @@
-//! Token events → text: incremental detokenization and stop strings, shared by every API
-//! encoder (SSE, NDJSON) and by the non-streaming responses, so they cannot diverge.
+//! The token-output stage: engine token events → text, through the incremental detokenizer
+//! and the stop strings. Shared by every API encoder (SSE, NDJSON), the non-streaming
+//! responses and `mlxd run`, so they cannot diverge.
+//!
+//! Owner: the task that serves one request. Usage is counted by the engine alone: when a stop
+//! string matches, the stream tells the engine how many tokens it kept and reports the usage
+//! the engine sends back.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::engine::{EngineError, FinishReason, GenerationStream, Logprobs, TokenEvent, Usage};
+use crate::engine::{EngineError, EngineHandle, GenerationStream, Logprobs, TokenEvent};
+use crate::request::{FinishReason, Usage, ValidatedRequest};
 use crate::text::{IncrementalDetokenizer, StopMatcher, StopOutcome, TextCodec};
+
+/// Submits `request` to `engine` and turns its events into text.
+pub fn generate(
+    engine: &EngineHandle,
+    codec: Arc<TextCodec>,
+    request: ValidatedRequest,
+) -> Result<TextStream, EngineError> {
+    let prompt = request.prompt().to_vec();
+    let stops = request.stop_strings().to_vec();
+    let generation = engine.submit(request)?;
+    Ok(TextStream::new(generation, codec, &prompt, stops))
+}
 
 /// A generated token as the encoders see it.
 #[derive(Clone, Debug)]
 pub struct GeneratedToken {
     /// Token id.
     pub id: u32,
+    /// Its text in context (SentencePiece's leading space kept): the texts of a generation's
+    /// tokens concatenate to its text. Empty for a token that only starts a character.
+    pub text: String,
     /// Log-probabilities when requested.
     pub logprobs: Option<Logprobs>,
+    /// With logprobs: the text each top alternative would have had in this place.
+    pub top_texts: Vec<String>,
 }
 
 /// One item of a generation as the API encoders consume it.
@@ -42,14 +64,15 @@ pub enum StreamItem {
 
 /// Turns a `GenerationStream` into `StreamItem`s.
 pub struct TextStream {
-    generation: Option<GenerationStream>,
+    generation: GenerationStream,
     codec: Arc<TextCodec>,
     detokenizer: IncrementalDetokenizer,
     stop: StopMatcher,
     pending_tokens: Vec<GeneratedToken>,
     queue: VecDeque<StreamItem>,
-    usage: Usage,
-    timing: LocalTiming,
+    num_tokens: u32,
+    /// A stop string matched; tokens that still arrive are past it and dropped.
+    stopped: bool,
     done: bool,
     _admission: Option<OwnedSemaphorePermit>,
 }
@@ -58,17 +81,14 @@ impl TextStream {
     /// Wraps `generation` for a prompt of `prompt` ids, watching for `stop_strings`.
     pub fn new(generation: GenerationStream, codec: Arc<TextCodec>, prompt: &[u32], stop_strings: Vec<String>) -> Self {
         Self {
-            generation: Some(generation),
+            generation,
             codec,
             detokenizer: IncrementalDetokenizer::new(prompt),
             stop: StopMatcher::new(stop_strings),
             pending_tokens: Vec::new(),
             queue: VecDeque::new(),
-            usage: Usage {
-                prompt_tokens: prompt.len() as u32,
-                ..Usage::default()
-            },
-            timing: LocalTiming::new(),
+            num_tokens: 0,
+            stopped: false,
             done: false,
             _admission: None,
         }
@@ -80,6 +100,14 @@ impl TextStream {
         self
     }
 
+    /// Waits until the first token arrived (the prompt is prefilled and its full blocks are in
+    /// the prefix cache) or the generation ended; the items stay queued for `next`.
+    pub async fn wait_first_token(&mut self) {
+        while self.num_tokens == 0 && !self.done {
+            self.receive().await;
+        }
+    }
+
     /// The next item; None after `Done` or `Error`.
     pub async fn next(&mut self) -> Option<StreamItem> {
         loop {
@@ -89,28 +117,38 @@ impl TextStream {
             if self.done {
                 return None;
             }
-            let event = match self.generation.as_mut() {
-                Some(g) => g.recv().await,
-                None => return None,
-            };
-            match event {
-                Some(TokenEvent::Scheduled { cached_tokens }) => {
-                    self.usage.cached_tokens = cached_tokens;
-                    self.timing.scheduled = Some(Instant::now());
-                }
-                Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
-                Some(TokenEvent::Finished { reason, usage }) => self.finish(reason, Some(usage)),
-                Some(TokenEvent::Error(e)) => self.fail(e),
-                None => self.fail(EngineError::Unavailable),
-            }
+            self.receive().await;
+        }
+    }
+
+    /// Receives and processes one engine event.
+    async fn receive(&mut self) {
+        match self.generation.recv().await {
+            Some(TokenEvent::Scheduled { .. }) => {}
+            Some(TokenEvent::Token { .. }) if self.stopped => {}
+            Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
+            Some(TokenEvent::Finished { reason, usage }) => self.finish(reason, usage),
+            Some(TokenEvent::Error(e)) => self.fail(e),
+            None => self.fail(EngineError::Unavailable),
         }
     }
 
     fn on_token(&mut self, id: u32, logprobs: Option<Logprobs>) {
-        self.usage.completion_tokens += 1;
-        self.timing.first_token.get_or_insert_with(Instant::now);
-        self.pending_tokens.push(GeneratedToken { id, logprobs });
-        let text = self.detokenizer.push(self.codec.tokenizer(), id);
+        self.num_tokens += 1;
+        let tokenizer = self.codec.tokenizer();
+        let top_texts = logprobs.as_ref().map_or_else(Vec::new, |lp| {
+            lp.top
+                .iter()
+                .map(|alt| self.detokenizer.clone().push(tokenizer, alt.id))
+                .collect()
+        });
+        let text = self.detokenizer.push(tokenizer, id);
+        self.pending_tokens.push(GeneratedToken {
+            id,
+            text: text.clone(),
+            logprobs,
+            top_texts,
+        });
         match self.stop.push(&text) {
             StopOutcome::Emit(text) => {
                 if !text.is_empty() {
@@ -119,28 +157,27 @@ impl TextStream {
             }
             StopOutcome::Stop(text) => {
                 self.push_delta(text);
-                // Dropping the stream tells the engine to free the sequence at its next step.
-                self.generation = None;
-                let usage = self.timing.apply(self.usage);
-                self.finish_with(FinishReason::Stop, usage);
+                self.stopped = true;
+                // The engine finishes the request with `stop` and sends the usage.
+                self.generation.stop(self.num_tokens);
             }
         }
     }
 
-    fn finish(&mut self, reason: FinishReason, usage: Option<Usage>) {
-        let mut text = self.detokenizer.flush(self.codec.tokenizer());
-        text = match self.stop.push(&text) {
-            StopOutcome::Emit(t) => t + &self.stop.flush(),
-            StopOutcome::Stop(t) => t,
-        };
-        if !text.is_empty() || !self.pending_tokens.is_empty() {
-            self.push_delta(text);
+    fn finish(&mut self, mut reason: FinishReason, usage: Usage) {
+        if !self.stopped {
+            let mut text = self.detokenizer.flush(self.codec.tokenizer());
+            text = match self.stop.push(&text) {
+                StopOutcome::Emit(t) => t + &self.stop.flush(),
+                StopOutcome::Stop(t) => {
+                    reason = FinishReason::Stop;
+                    t
+                }
+            };
+            if !text.is_empty() || !self.pending_tokens.is_empty() {
+                self.push_delta(text);
+            }
         }
-        let usage = usage.unwrap_or_else(|| self.timing.apply(self.usage));
-        self.finish_with(reason, usage);
-    }
-
-    fn finish_with(&mut self, reason: FinishReason, usage: Usage) {
         self.queue.push_back(StreamItem::Done { reason, usage });
         self.done = true;
     }
@@ -153,34 +190,6 @@ impl TextStream {
     fn push_delta(&mut self, text: String) {
         let tokens = std::mem::take(&mut self.pending_tokens);
         self.queue.push_back(StreamItem::Delta { text, tokens });
-    }
-}
-
-/// Timestamps seen by the server, for usage when the engine sends no final accounting (the
-/// server ended the request itself on a stop string).
-struct LocalTiming {
-    submitted: Instant,
-    scheduled: Option<Instant>,
-    first_token: Option<Instant>,
-}
-
-impl LocalTiming {
-    fn new() -> Self {
-        Self {
-            submitted: Instant::now(),
-            scheduled: None,
-            first_token: None,
-        }
-    }
-
-    fn apply(&self, mut usage: Usage) -> Usage {
-        let now = Instant::now();
-        let scheduled = self.scheduled.unwrap_or(self.submitted);
-        let first = self.first_token.unwrap_or(now);
-        usage.queue_time = scheduled - self.submitted;
-        usage.prefill_time = first.saturating_duration_since(scheduled);
-        usage.decode_time = now - first;
-        usage
     }
 }
 

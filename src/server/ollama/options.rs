@@ -1,0 +1,147 @@
+//! Ollama's request conversion: `options` with Ollama's defaults → the API-neutral
+//! `GenerationSpec` fields; every option either works, is a hardware hint with no effect
+//! here (advisory), or is refused by name.
+
+use serde_json::Value;
+
+use super::types::{CommonFields, Options};
+use super::OllamaError;
+use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
+
+/// Ollama's defaults for absent options (its `api.DefaultOptions`).
+const DEFAULT_TEMPERATURE: f32 = 0.8;
+const DEFAULT_TOP_K: u32 = 40;
+const DEFAULT_TOP_P: f32 = 0.9;
+const DEFAULT_REPEAT_PENALTY: f32 = 1.1;
+const DEFAULT_REPEAT_LAST_N: usize = 64;
+
+/// Options that tune Ollama's runtime on its hardware (threads, GPU layers, memory mapping);
+/// mlxd sizes those itself, so they change nothing here.
+const HARDWARE_OPTIONS: [&str; 9] = [
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "low_vram",
+    "use_mmap",
+    "use_mlock",
+    "num_thread",
+    "numa",
+    "vocab_only",
+];
+
+/// Sampling options mlxd does not implement, with the value that means "off": accepted at
+/// that value, refused otherwise.
+const OFF_VALUES: [(&str, f64); 6] = [
+    ("typical_p", 1.0),
+    ("tfs_z", 1.0),
+    ("mirostat", 0.0),
+    ("mirostat_tau", 5.0),
+    ("mirostat_eta", 0.1),
+    ("num_keep", -1.0),
+];
+
+/// A spec for `prompt` with the request's `options` and shared fields applied.
+pub fn to_spec(prompt: Prompt, common: &CommonFields) -> Result<GenerationSpec, OllamaError> {
+    reject_unsupported(common)?;
+    let opts = parse_options(common.options.as_ref())?;
+    let mut spec = GenerationSpec::new(prompt);
+    spec.sampling = sampling(&opts);
+    spec.max_tokens = match opts.num_predict {
+        None | Some(-1) | Some(-2) => MaxTokens::Rest,
+        Some(n) if n > 0 => MaxTokens::AtMost(u32::try_from(n).unwrap_or(u32::MAX)),
+        Some(n) => {
+            return Err(OllamaError::bad_request(format!(
+                "options.num_predict must be positive, -1 or -2, got {n}"
+            )))
+        }
+    };
+    spec.context_window = match opts.num_ctx {
+        None => None,
+        Some(n) if n > 0 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+        Some(n) => {
+            return Err(OllamaError::bad_request(format!(
+                "options.num_ctx must be positive, got {n}"
+            )))
+        }
+    };
+    spec.stop = opts.stop.clone().unwrap_or_default();
+    Ok(spec)
+}
+
+/// Fields of the request body that mlxd cannot honour yet, refused with a clear 400.
+fn reject_unsupported(common: &CommonFields) -> Result<(), OllamaError> {
+    match &common.format {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(_) => {
+            return Err(OllamaError::bad_request(
+                "format (structured JSON output) is not supported by this server yet",
+            ))
+        }
+    }
+    match &common.think {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(_) => {
+            return Err(OllamaError::bad_request(
+                "think is not supported by this server yet (no reasoning split)",
+            ))
+        }
+    }
+    if let Some(name) = common.unknown.keys().next() {
+        return Err(OllamaError::bad_request(format!(
+            "unsupported field '{name}': this server does not implement it"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_options(options: Option<&Value>) -> Result<Options, OllamaError> {
+    let opts: Options = match options {
+        None | Some(Value::Null) => return Ok(Options::default()),
+        Some(v) => {
+            serde_json::from_value(v.clone()).map_err(|e| OllamaError::bad_request(format!("invalid options: {e}")))?
+        }
+    };
+    for (name, value) in &opts.unknown {
+        if HARDWARE_OPTIONS.contains(&name.as_str()) {
+            continue;
+        }
+        let off = OFF_VALUES.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        match (off, value.as_f64()) {
+            (Some(off), Some(v)) if (v - off).abs() < 1e-9 => {}
+            (Some(_), _) => {
+                return Err(OllamaError::bad_request(format!(
+                    "options.{name} is not supported (only its default, which turns it off)"
+                )))
+            }
+            (None, _) => return Err(OllamaError::bad_request(format!("unknown option options.{name}"))),
+        }
+    }
+    Ok(opts)
+}
+
+/// Ollama's sampling semantics: its defaults, `top_k` ≤ 0 and `repeat_last_n` -1 mean "off"
+/// and "the whole sequence", a negative seed means a random one.
+fn sampling(opts: &Options) -> SamplingParams {
+    SamplingParams {
+        temperature: opts.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+        top_k: match opts.top_k {
+            None => Some(DEFAULT_TOP_K),
+            Some(k) if k > 0 => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+            Some(_) => None,
+        },
+        top_p: opts.top_p.unwrap_or(DEFAULT_TOP_P),
+        min_p: opts.min_p.unwrap_or(0.0),
+        repetition_penalty: opts.repeat_penalty.unwrap_or(DEFAULT_REPEAT_PENALTY),
+        repeat_last_n: match opts.repeat_last_n {
+            None => Some(DEFAULT_REPEAT_LAST_N),
+            Some(n) if n >= 0 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            Some(_) => None,
+        },
+        presence_penalty: opts.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: opts.frequency_penalty.unwrap_or(0.0),
+        seed: opts.seed.and_then(|s| u64::try_from(s).ok()),
+        logprobs: None,
+        logit_bias: Vec::new(),
+    }
+}

@@ -1,0 +1,171 @@
+//! Ollama's replies: NDJSON lines while streaming, one folded object otherwise, and the final
+//! object's counts and durations (nanoseconds), for `/api/generate` and `/api/chat` alike.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use serde_json::{json, Value};
+
+use super::{now_rfc3339, OllamaError};
+use crate::output::{collect, StreamItem, TextStream};
+use crate::request::{FinishReason, GenerationSpec, Usage};
+use crate::server::AppState;
+
+/// The timing and count fields of a final Ollama object (durations in nanoseconds).
+pub fn final_stats(usage: &Usage, total: std::time::Duration, load: std::time::Duration) -> Value {
+    let ns = |d: std::time::Duration| d.as_nanos() as u64;
+    json!({
+        "total_duration": ns(total),
+        "load_duration": ns(load),
+        "prompt_eval_count": usage.prompt_tokens,
+        "prompt_eval_duration": ns(usage.queue_time + usage.prefill_time),
+        "eval_count": usage.completion_tokens,
+        "eval_duration": ns(usage.decode_time),
+    })
+}
+
+/// Merges the fields of `extra` (an object) into `base` (an object).
+pub fn merge(mut base: Value, extra: Value) -> Value {
+    if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    base
+}
+
+/// An `application/x-ndjson` response: one JSON object per line.
+pub fn ndjson_response<S>(lines: S) -> Response
+where
+    S: Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+/// One NDJSON line.
+pub fn ndjson_line(value: &Value) -> Bytes {
+    let mut line = value.to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+/// Which endpoint's object shape a reply uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// `/api/generate`: text in `response`, final object carries `context`.
+    Generate,
+    /// `/api/chat`: text in `message.content`.
+    Chat,
+}
+
+/// Everything needed to shape one request's NDJSON lines or final object.
+pub struct Reply {
+    /// Endpoint shape.
+    kind: ReplyKind,
+    /// Model name echoed in every object.
+    model: String,
+    /// When the handler started (for `total_duration`).
+    started: std::time::Instant,
+    /// Template + tokenization time (reported as `load_duration`; the model is resident).
+    load: std::time::Duration,
+    /// Prompt ids, returned in `context` with the generated ids (generate only).
+    prompt: Vec<u32>,
+    /// Ids that end generation; left out of `context`.
+    stop_ids: Vec<u32>,
+}
+
+impl Reply {
+    /// A reply for a request to `model` that starts now.
+    pub fn new(kind: ReplyKind, model: &str, state: &AppState) -> Self {
+        Self {
+            kind,
+            model: model.to_string(),
+            started: std::time::Instant::now(),
+            load: std::time::Duration::ZERO,
+            prompt: Vec::new(),
+            stop_ids: state.limits.eos_token_ids.clone(),
+        }
+    }
+
+    fn object(&self, text: &str, done: bool) -> Value {
+        let mut v = json!({"model": self.model, "created_at": now_rfc3339()});
+        match self.kind {
+            ReplyKind::Generate => v["response"] = json!(text),
+            ReplyKind::Chat => v["message"] = json!({"role": "assistant", "content": text}),
+        }
+        v["done"] = json!(done);
+        v
+    }
+
+    /// The `done: true` object: reason, counts, durations and (generate) `context`.
+    fn last(&self, text: &str, reason: FinishReason, usage: &Usage, generated: &[u32]) -> Value {
+        let mut v = self.object(text, true);
+        v["done_reason"] = json!(reason.as_str());
+        let mut v = merge(v, final_stats(usage, self.started.elapsed(), self.load));
+        if self.kind == ReplyKind::Generate {
+            let kept = generated.iter().filter(|id| !self.stop_ids.contains(id));
+            v["context"] = json!(self.prompt.iter().chain(kept).collect::<Vec<_>>());
+        }
+        v
+    }
+
+    /// The immediate answer to an empty prompt: the model is loaded, nothing is generated.
+    pub fn loaded(&self) -> Response {
+        let mut v = self.object("", true);
+        v["done_reason"] = json!("load");
+        Json(v).into_response()
+    }
+
+    /// Validates `spec`, submits it, and answers with NDJSON lines (`stream`) or one object.
+    pub async fn run(mut self, state: &AppState, spec: GenerationSpec, stream: bool) -> Result<Response, OllamaError> {
+        let request = state.validate(spec).await?;
+        self.load = self.started.elapsed();
+        if self.kind == ReplyKind::Generate {
+            self.prompt = request.prompt().to_vec();
+        }
+        let text = state.generate(request)?;
+        self.respond(text, stream).await
+    }
+
+    /// Streams NDJSON lines or returns the folded final object.
+    async fn respond(self, text: TextStream, stream: bool) -> Result<Response, OllamaError> {
+        if !stream {
+            let c = collect(text).await?;
+            let reason = c.reason.unwrap_or(FinishReason::Stop);
+            let ids: Vec<u32> = c.tokens.iter().map(|t| t.id).collect();
+            return Ok(Json(self.last(&c.text, reason, &c.usage, &ids)).into_response());
+        }
+        let lines = futures::stream::unfold(Some((text, self, Vec::new())), |state| async move {
+            let (mut text, reply, mut ids) = state?;
+            loop {
+                match text.next().await {
+                    Some(StreamItem::Delta { text: t, tokens }) => {
+                        ids.extend(tokens.iter().map(|t| t.id));
+                        if t.is_empty() {
+                            continue;
+                        }
+                        let line = ndjson_line(&reply.object(&t, false));
+                        return Some((Ok(line), Some((text, reply, ids))));
+                    }
+                    Some(StreamItem::Done { reason, usage }) => {
+                        let line = ndjson_line(&reply.last("", reason, &usage, &ids));
+                        return Some((Ok(line), None));
+                    }
+                    Some(StreamItem::Error(e)) => {
+                        let line = ndjson_line(&json!({"error": OllamaError(e.into()).message()}));
+                        return Some((Ok(line), None));
+                    }
+                    None => return None,
+                }
+            }
+        });
+        Ok(ndjson_response(lines))
+    }
+}

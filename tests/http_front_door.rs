@@ -1,0 +1,384 @@
+//! One front door over real HTTP: every request goes through the one validation step, so the
+//! requests that once reached the engine unchecked are refused (or served) the same way on
+//! both APIs, unknown fields are named, and the OpenAI extras (n, prompt lists, echo,
+//! logit_bias, in-context logprob texts) work.
+
+mod common;
+
+use common::{engine_config, repo_model, TestServer};
+use serde_json::{json, Value};
+
+async fn server() -> TestServer {
+    TestServer::start(engine_config(&repo_model())).await
+}
+
+async fn send(s: &TestServer, path: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(s.url(path))
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
+    let resp = send(s, path, body).await;
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("json body"))
+}
+
+/// Every SSE `data:` payload of a streamed request.
+async fn post_sse(s: &TestServer, path: &str, body: Value) -> Vec<String> {
+    let resp = send(s, path, body).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("body");
+    text.split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(str::to_string)
+        .collect()
+}
+
+fn completion(extra: Value) -> Value {
+    let mut body = json!({"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+    if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_that_once_killed_the_engine_is_a_load_reply_and_the_server_stays_up() {
+    let s = server().await;
+    let crash = json!({"model": "stories260k", "prompt": "", "context": [], "raw": true});
+    let (status, body) = post(&s, "/api/generate", crash).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["done"], true);
+    assert_eq!(body["done_reason"], "load");
+    // An empty prompt that continues a context generates from it.
+    let resume = json!({"model": "stories260k", "prompt": "", "context": [1, 403, 200], "raw": true,
+                        "stream": false, "options": {"temperature": 0, "num_predict": 4}});
+    let (status, body) = post(&s, "/api/generate", resume).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["eval_count"], 4);
+    assert_eq!(body["prompt_eval_count"], 3);
+    let (status, _) = post(&s, "/v1/completions", completion(json!({}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(reqwest::get(s.url("/health")).await.expect("health").status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_prompts_are_refused_the_same_way_on_both_apis() {
+    let s = server().await;
+    let (status, body) = post(&s, "/v1/completions", completion(json!({"prompt": []}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "prompt");
+    assert!(
+        body["error"]["message"].as_str().expect("message").contains("empty"),
+        "{body}"
+    );
+    let (status, body) = post(&s, "/v1/completions", completion(json!({"prompt": [[1, 2], []]}))).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&s, "/v1/completions", completion(json!({"prompt": [1, 999999]}))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().expect("message").contains("999999"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_that_do_not_work_are_named_not_ignored() {
+    let s = server().await;
+    let cases = [
+        (completion(json!({"frobnicate": 1})), "frobnicate"),
+        (
+            completion(json!({"stream_options": {"include_usage": true}})),
+            "stream_options",
+        ),
+        (
+            completion(json!({"response_format": {"type": "json_object"}})),
+            "response_format",
+        ),
+        (completion(json!({"logit_bias": {"abc": 1}})), "logit_bias"),
+        (completion(json!({"temperature": -1})), "temperature"),
+        (completion(json!({"n": 0})), "n"),
+    ];
+    for (body, field) in cases {
+        let (status, err) = post(&s, "/v1/completions", body).await;
+        assert_eq!(status, 400, "{field}: {err}");
+        assert_eq!(err["error"]["param"], field, "{err}");
+    }
+    let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]});
+    let (status, err) = post(&s, "/v1/chat/completions", chat).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["param"], "messages[0].tool_call_id");
+    // Advisory fields pass.
+    let (status, _) = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"user": "u1", "metadata": {"a": "b"}})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let ollama_cases = [
+        (
+            json!({"model": "stories260k", "prompt": "hi", "frobnicate": true}),
+            "frobnicate",
+        ),
+        (
+            json!({"model": "stories260k", "prompt": "hi", "options": {"mirostat": 2}}),
+            "options.mirostat",
+        ),
+        (
+            json!({"model": "stories260k", "prompt": "hi", "options": {"temperature": -2}}),
+            "options.temperature",
+        ),
+        (json!({"model": "stories260k", "prompt": "hi", "think": true}), "think"),
+    ];
+    for (body, field) in ollama_cases {
+        let (status, err) = post(&s, "/api/generate", body).await;
+        assert_eq!(status, 400, "{field}: {err}");
+        assert!(err["error"].as_str().expect("error").contains(field), "{field}: {err}");
+    }
+    let hints = json!({"model": "stories260k", "prompt": "hi", "stream": false,
+                       "options": {"num_thread": 2, "num_gpu": 1, "mirostat": 0, "num_predict": 2}});
+    assert_eq!(post(&s, "/api/generate", hints).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_length_errors_name_the_field_of_the_endpoint() {
+    let s = server().await;
+    let (status, body) = post(&s, "/v1/completions", completion(json!({"max_tokens": 100000}))).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    assert_eq!(body["error"]["param"], "prompt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logit_bias_forces_and_bans_tokens() {
+    let s = server().await;
+    let forced = completion(json!({"logit_bias": {"500": 100}, "return_token_ids": true}));
+    let (status, body) = post(&s, "/v1/completions", forced).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["token_ids"], json!(vec![500; 8]));
+    let (_, plain) = post(&s, "/v1/completions", completion(json!({"return_token_ids": true}))).await;
+    let first = plain["choices"][0]["token_ids"][0].as_u64().expect("id");
+    let banned = completion(json!({"logit_bias": {first.to_string(): -100}, "return_token_ids": true}));
+    let (_, body) = post(&s, "/v1/completions", banned).await;
+    assert_ne!(body["choices"][0]["token_ids"][0].as_u64(), Some(first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_copies_share_the_prompt_prefill_and_differ_by_seed() {
+    let s = server().await;
+    let prompt =
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends.";
+    let body = json!({"model": "stories260k", "prompt": prompt, "max_tokens": 12, "n": 3,
+                      "temperature": 1.0, "seed": 7});
+    let (status, reply) = post(&s, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{reply}");
+    let choices = reply["choices"].as_array().expect("choices");
+    assert_eq!(
+        choices.iter().map(|c| c["index"].as_u64()).collect::<Vec<_>>(),
+        [Some(0), Some(1), Some(2)]
+    );
+    let prompt_tokens = reply["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    let full_blocks = prompt_tokens / 16 * 16;
+    assert!(
+        full_blocks >= 16,
+        "the prompt fills at least one block: {prompt_tokens}"
+    );
+    let metrics = reqwest::get(s.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let hits: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mlxd_prefix_cache_hits_total "))
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("hits") as u64;
+    assert!(
+        hits >= 2 * full_blocks,
+        "copies 1 and 2 start from copy 0's blocks: {hits} cached tokens"
+    );
+    assert_eq!(reply["usage"]["completion_tokens"], 36);
+    let texts: Vec<&str> = choices.iter().map(|c| c["text"].as_str().expect("text")).collect();
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "seeds differ per copy: {texts:?}"
+    );
+    let (_, again) = post(&s, "/v1/completions", body).await;
+    assert_eq!(again["choices"], reply["choices"], "seeded copies are reproducible");
+    let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}],
+                      "max_tokens": 5, "n": 2, "temperature": 0});
+    let (status, reply) = post(&s, "/v1/chat/completions", chat).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"].as_array().map(Vec::len), Some(2));
+    assert_eq!(s.wait_pool_all_free().await.0, s.wait_pool_all_free().await.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_list_gives_one_choice_per_prompt_streamed_or_not() {
+    let s = server().await;
+    let body = completion(json!({"prompt": ["Once upon a time", "The cat"], "max_tokens": 6}));
+    let (status, reply) = post(&s, "/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{reply}");
+    let texts: Vec<String> = reply["choices"]
+        .as_array()
+        .expect("choices")
+        .iter()
+        .map(|c| c["text"].as_str().expect("text").to_string())
+        .collect();
+    assert_eq!(texts.len(), 2);
+    let (_, single) = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"prompt": "The cat", "max_tokens": 6})),
+    )
+    .await;
+    assert_eq!(single["choices"][0]["text"].as_str(), Some(texts[1].as_str()));
+    let mut stream_body = body;
+    stream_body["stream"] = json!(true);
+    let events = post_sse(&s, "/v1/completions", stream_body).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut streamed = [String::new(), String::new()];
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("json");
+        let i = v["choices"][0]["index"].as_u64().expect("index") as usize;
+        streamed[i].push_str(v["choices"][0]["text"].as_str().expect("text"));
+    }
+    assert_eq!(streamed.to_vec(), texts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_returns_the_prompt_before_the_completion() {
+    let s = server().await;
+    let (_, plain) = post(&s, "/v1/completions", completion(json!({}))).await;
+    let (status, echoed) = post(&s, "/v1/completions", completion(json!({"echo": true}))).await;
+    assert_eq!(status, 200, "{echoed}");
+    let want = format!(
+        "Once upon a time{}",
+        plain["choices"][0]["text"].as_str().expect("text")
+    );
+    assert_eq!(echoed["choices"][0]["text"].as_str(), Some(want.as_str()));
+    let events = post_sse(&s, "/v1/completions", completion(json!({"echo": true, "stream": true}))).await;
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).expect("json")["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(streamed, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprob_token_texts_concatenate_to_the_text() {
+    let s = server().await;
+    let (status, body) = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"logprobs": 2, "max_tokens": 12})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let lp = &body["choices"][0]["logprobs"];
+    let tokens: String = lp["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_str().expect("str"))
+        .collect();
+    assert_eq!(Some(tokens.as_str()), body["choices"][0]["text"].as_str());
+    assert!(
+        tokens.starts_with(' ') || tokens.starts_with(','),
+        "leading space kept: {tokens:?}"
+    );
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(offsets[0], 0);
+    let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "Once upon a time"}],
+                      "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 2});
+    let (status, body) = post(&s, "/v1/chat/completions", chat).await;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["logprobs"]["content"].as_array().expect("content");
+    let joined: String = content.iter().map(|c| c["token"].as_str().expect("token")).collect();
+    assert_eq!(Some(joined.as_str()), body["choices"][0]["message"]["content"].as_str());
+    let bytes: Vec<u8> = content
+        .iter()
+        .flat_map(|c| {
+            c["bytes"]
+                .as_array()
+                .expect("bytes")
+                .iter()
+                .map(|b| b.as_u64().expect("byte") as u8)
+        })
+        .collect();
+    assert_eq!(String::from_utf8(bytes).ok(), Some(joined));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_string_finishes_with_stop_not_abort() {
+    let s = server().await;
+    let (_, plain) = post(&s, "/v1/completions", completion(json!({"max_tokens": 30}))).await;
+    let text = plain["choices"][0]["text"].as_str().expect("text").to_string();
+    let stop: String = text.chars().skip(8).take(4).collect();
+    let (status, body) = post(
+        &s,
+        "/v1/completions",
+        completion(json!({"max_tokens": 30, "stop": [stop]})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let kept = body["usage"]["completion_tokens"].as_u64().expect("tokens");
+    assert!(kept < 30, "usage counts only the tokens up to the stop: {kept}");
+    let metrics = reqwest::get(s.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("mlxd_request_success_total{finished_reason=\"stop\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("finished_reason=\"abort\"} 1"), "{metrics}");
+    assert_eq!(
+        s.engine.stats().num_aborted.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_methods_and_oversized_bodies_get_json_errors() {
+    let s = server().await;
+    let resp = reqwest::get(s.url("/v1/chat/completions")).await.expect("get");
+    assert_eq!(resp.status(), 405);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let resp = reqwest::get(s.url("/api/chat")).await.expect("get");
+    assert_eq!(resp.status(), 405);
+    let body: Value = resp.json().await.expect("json");
+    assert!(body["error"].as_str().expect("ollama error").contains("GET"));
+    let huge = completion(json!({"prompt": "a".repeat(33 << 20)}));
+    let resp = send(&s, "/v1/completions", huge).await;
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "payload_too_large");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_overload_answers_carry_retry_after() {
+    let s = TestServer::start_with_admission(engine_config(&repo_model()), 0).await;
+    let resp = send(&s, "/api/generate", json!({"model": "stories260k", "prompt": "hi"})).await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["retry-after"], "1");
+    let body: Value = resp.json().await.expect("json");
+    assert!(body["error"].is_string());
+}
