@@ -31,6 +31,16 @@ pub struct ServerConfig {
     pub shutdown_timeout: f64,
     /// Largest request body accepted; larger ones get HTTP 413.
     pub max_body: String,
+    /// Seconds a client may take to send a request's headers, or pause within its body.
+    pub read_timeout: f64,
+    /// API keys every route but /health and / requires (none: no key needed).
+    pub api_keys: Vec<String>,
+    /// A file with one API key per line (blank lines and `#` comments skipped).
+    pub api_key_file: Option<PathBuf>,
+    /// Serve /metrics without a key even when keys are required.
+    pub metrics_public: bool,
+    /// Browser origins allowed besides the local ones; "*" allows all.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +51,11 @@ impl Default for ServerConfig {
             served_model_name: None,
             shutdown_timeout: 30.0,
             max_body: "32MiB".into(),
+            read_timeout: 30.0,
+            api_keys: Vec::new(),
+            api_key_file: None,
+            metrics_public: false,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -144,6 +159,10 @@ impl Config {
             ));
         }
         self.max_body_bytes()?;
+        let r = self.server.read_timeout;
+        if !(r > 0.0 && r.is_finite()) {
+            return Err(ConfigError("read_timeout must be a positive number of seconds".into()));
+        }
         if !(s.queue_timeout >= 0.0 && s.queue_timeout.is_finite()) {
             return Err(ConfigError(
                 "queue_timeout must be a non-negative number of seconds".into(),
@@ -162,6 +181,26 @@ impl Config {
 const AUTO_KV_FRACTION: f64 = 0.2;
 
 impl Config {
+    /// Every API key: the listed ones and those of `api_key_file`.
+    pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
+        let mut keys: Vec<String> = self.server.api_keys.iter().filter(|k| !k.is_empty()).cloned().collect();
+        if let Some(path) = &self.server.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError(format!("api_key_file {}: {e}", path.display())))?;
+            let before = keys.len();
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string),
+            );
+            if keys.len() == before {
+                return Err(ConfigError(format!("api_key_file {} holds no key", path.display())));
+            }
+        }
+        Ok(keys)
+    }
+
     /// `[server] max_body` in bytes.
     pub fn max_body_bytes(&self) -> Result<usize, ConfigError> {
         let spec = &self.server.max_body;
@@ -225,6 +264,8 @@ mod tests {
         assert_eq!(cfg.server.port, defaults.server.port);
         assert_eq!(cfg.server.shutdown_timeout, defaults.server.shutdown_timeout);
         assert_eq!(cfg.server.max_body, defaults.server.max_body);
+        assert_eq!(cfg.server.read_timeout, defaults.server.read_timeout);
+        assert_eq!(cfg.server.metrics_public, defaults.server.metrics_public);
         assert_eq!(cfg.scheduler.max_seqs, defaults.scheduler.max_seqs);
         assert_eq!(cfg.scheduler.max_batch_tokens, defaults.scheduler.max_batch_tokens);
         assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);

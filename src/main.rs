@@ -12,7 +12,8 @@ use mlxd::config::{parse_kv_memory, Config};
 use mlxd::engine::{EngineConfig, EngineHandle};
 use mlxd::output::StreamItem;
 use mlxd::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
-use mlxd::server::{router, AppState, ServerOptions};
+use mlxd::server::auth::AccessOptions;
+use mlxd::server::{router, AppState, ConnectionTimeouts, ServerOptions};
 use mlxd::text::TextCodec;
 
 /// A local LLM server speaking the OpenAI HTTP API.
@@ -114,6 +115,21 @@ struct ServeArgs {
     /// Largest request body, such as 32MiB; larger bodies get HTTP 413 [default: 32MiB].
     #[arg(long)]
     max_body: Option<String>,
+    /// Seconds a client may take to send its headers or pause in its body [default: 30].
+    #[arg(long)]
+    read_timeout: Option<f64>,
+    /// Require `Authorization: Bearer KEY` on every route but /health and / (repeatable).
+    #[arg(long = "api-key", env = "MLXD_API_KEY", hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// File with one API key per line.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Serve /metrics without a key even when keys are required.
+    #[arg(long)]
+    metrics_public: bool,
+    /// Browser origin allowed by CORS besides local ones (repeatable; `*` allows all).
+    #[arg(long = "cors-origin")]
+    cors_origins: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -261,6 +277,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(b) = args.max_body {
         cfg.server.max_body = b;
     }
+    if let Some(t) = args.read_timeout {
+        cfg.server.read_timeout = t;
+    }
+    cfg.server.api_keys.extend(args.api_keys);
+    if args.api_key_file.is_some() {
+        cfg.server.api_key_file = args.api_key_file;
+    }
+    cfg.server.metrics_public |= args.metrics_public;
+    cfg.server.cors_origins.extend(args.cors_origins);
     cfg.validate()?;
     // Bind before loading: an address in use fails at once, not after a long load.
     let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
@@ -290,12 +315,25 @@ async fn serve(args: ServeArgs) -> Result<()> {
     );
     let admission_limit = cfg.scheduler.max_seqs + cfg.scheduler.max_queue;
     let state = AppState::new(engine.clone(), codec, name, admission_limit);
+    let read_timeout = Duration::from_secs_f64(cfg.server.read_timeout);
     let options = ServerOptions {
         max_body_bytes: cfg.max_body_bytes()?,
+        body_read_timeout: read_timeout,
+        access: AccessOptions {
+            api_keys: cfg.api_keys()?,
+            metrics_public: cfg.server.metrics_public,
+            cors_origins: cfg.server.cors_origins.clone(),
+        },
     };
+    if !options.access.api_keys.is_empty() {
+        tracing::info!(keys = options.access.api_keys.len(), "API keys required");
+    }
     let app = router(state.clone(), &options);
     let drain = Duration::from_secs_f64(cfg.server.shutdown_timeout);
-    mlxd::server::serve(listener, app, shutdown_signal(state, drain))
+    let timeouts = ConnectionTimeouts {
+        header_read: read_timeout,
+    };
+    mlxd::server::serve(listener, app, shutdown_signal(state, drain), timeouts)
         .await
         .context("server error")?;
     engine.shutdown();

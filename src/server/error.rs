@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The request body is larger than the server accepts.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// No valid API key was presented.
+    #[error("invalid or missing API key: send it as 'Authorization: Bearer KEY'")]
+    Unauthorized,
     /// The server is shutting down and takes no new generations.
     #[error("the server is shutting down and accepts no new requests")]
     ShuttingDown,
@@ -75,6 +78,7 @@ impl ApiError {
             Self::InvalidRequest { .. } | Self::Request(_) => StatusCode::BAD_REQUEST,
             Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
@@ -121,6 +125,7 @@ impl ApiError {
             ),
             Self::NotFound { .. } => ("invalid_request_error", Some("unknown_url"), None),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed"), None),
+            Self::Unauthorized => ("invalid_request_error", Some("invalid_api_key"), None),
             Self::PayloadTooLarge(_) => ("invalid_request_error", Some("payload_too_large"), None),
             Self::ShuttingDown => ("server_error", Some("shutting_down"), None),
             Self::Overloaded => ("rate_limit_error", Some("rate_limit_exceeded"), None),

@@ -2,9 +2,13 @@
 //! the chat template, tokenize, submit to the engine and encode its events; nothing here
 //! touches a tensor.
 
+pub mod auth;
 pub mod error;
+pub mod listen;
 pub mod ollama;
 pub mod openai;
+
+pub use listen::{serve, ConnectionTimeouts};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,7 +19,7 @@ use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tower_http::cors::CorsLayer;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,12 +56,18 @@ pub struct AppState {
 pub struct ServerOptions {
     /// Largest request body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Longest pause while a request body arrives; a stalled body fails the request.
+    pub body_read_timeout: std::time::Duration,
+    /// API keys and CORS origins.
+    pub access: auth::AccessOptions,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             max_body_bytes: 32 << 20,
+            body_read_timeout: std::time::Duration::from_secs(30),
+            access: auth::AccessOptions::default(),
         }
     }
 }
@@ -129,9 +139,9 @@ impl AppState {
     }
 }
 
-/// All routes with tracing and permissive CORS (browser UIs call a local server directly).
+/// All routes, with body limits, API keys (when configured), tracing and CORS.
 pub fn router(state: AppState, options: &ServerOptions) -> Router {
-    Router::new()
+    let mut app = Router::new()
         .route("/v1/chat/completions", post(openai::chat::chat_completions))
         .route("/v1/completions", post(openai::completions::completions))
         .route("/v1/models", get(openai::models::list_models))
@@ -149,25 +159,14 @@ pub fn router(state: AppState, options: &ServerOptions) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
-        .layer(TraceLayer::new_for_http())
-        .layer(CorsLayer::permissive())
-        .with_state(state)
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves. Streaming writes many small events,
-/// so Nagle's algorithm is turned off: with it, delayed ACKs stall each event by ~40 ms.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        .layer(RequestBodyTimeoutLayer::new(options.body_read_timeout))
+        .with_state(state);
+    if let Some(policy) = auth::KeyPolicy::from_options(&options.access) {
+        app = app.layer(axum::middleware::from_fn_with_state(policy, auth::require_api_key));
+    }
+    // CORS outermost: preflight requests are answered before the key check.
+    app.layer(TraceLayer::new_for_http())
+        .layer(auth::cors_layer(&options.access.cors_origins))
 }
 
 /// 200 while the engine thread runs, 503 otherwise.

@@ -198,16 +198,27 @@ impl TestServer {
     /// Like `start`, admitting at most `admission_limit` concurrent requests.
     pub async fn start_with_admission(cfg: mlxd::engine::EngineConfig, admission_limit: usize) -> Self {
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg.clone()).expect("engine starts");
-        Self::serve(engine, &cfg.model_path, admission_limit).await
+        Self::serve(engine, &cfg.model_path, admission_limit, Default::default()).await
     }
 
     /// Like `start`, with the model built by `loader` (fault injection).
     pub async fn start_with_loader(cfg: mlxd::engine::EngineConfig, loader: mlxd::engine::ModelLoader) -> Self {
         let (engine, _join) = mlxd::engine::EngineHandle::spawn_with(cfg.clone(), loader).expect("engine starts");
-        Self::serve(engine, &cfg.model_path, 1024).await
+        Self::serve(engine, &cfg.model_path, 1024, Default::default()).await
     }
 
-    async fn serve(engine: mlxd::engine::EngineHandle, model: &std::path::Path, admission_limit: usize) -> Self {
+    /// Like `start`, with the router's HTTP options (keys, CORS, limits).
+    pub async fn start_with_options(cfg: mlxd::engine::EngineConfig, options: mlxd::server::ServerOptions) -> Self {
+        let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg.clone()).expect("engine starts");
+        Self::serve(engine, &cfg.model_path, 1024, options).await
+    }
+
+    async fn serve(
+        engine: mlxd::engine::EngineHandle,
+        model: &std::path::Path,
+        admission_limit: usize,
+        options: mlxd::server::ServerOptions,
+    ) -> Self {
         let codec = mlxd::text::TextCodec::open(model, &engine.info().model.eos_token_ids).expect("codec");
         let state = mlxd::server::AppState::new(
             engine.clone(),
@@ -220,8 +231,9 @@ impl TestServer {
         tokio::spawn(async move {
             mlxd::server::serve(
                 listener,
-                mlxd::server::router(state, &mlxd::server::ServerOptions::default()),
+                mlxd::server::router(state, &options),
                 std::future::pending(),
+                mlxd::server::ConnectionTimeouts::default(),
             )
             .await
             .expect("serve");

@@ -18,13 +18,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server_url():
+def _start(extra_args):
+    """Starts `mlxd serve` with `extra_args`; yields its base URL, then stops it."""
     binary = os.environ.get("MLXD_BIN", str(ROOT / "target" / "debug" / "mlxd"))
     port = _free_port()
     proc = subprocess.Popen(
         [binary, "serve", "--model", str(ROOT / "models" / "stories260k"), "--port", str(port),
-         "--kv-memory", "64MiB"],
+         "--kv-memory", "64MiB", *extra_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -49,3 +49,17 @@ def server_url():
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+#: The key the keyed server requires.
+API_KEY = "sk-test-key"
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    yield from _start([])
+
+
+@pytest.fixture(scope="session")
+def keyed_server_url():
+    yield from _start(["--api-key", API_KEY])
