@@ -5,7 +5,8 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::engine::EngineError;
 use crate::request::RequestError;
@@ -103,7 +104,7 @@ impl ApiError {
     }
 
     /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
-    pub fn openai_body(&self) -> serde_json::Value {
+    pub fn openai_body(&self) -> OpenAiErrorBody {
         let (kind, code, param) = match self {
             Self::InvalidRequest { param, .. } => ("invalid_request_error", None, param.clone()),
             Self::Request(e) => {
@@ -135,8 +136,36 @@ impl ApiError {
             Self::Engine(EngineError::QueueTimeout { .. }) => ("server_error", Some("queue_timeout"), None),
             Self::Engine(_) => ("server_error", Some("internal_error"), None),
         };
-        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+        OpenAiErrorBody {
+            error: OpenAiErrorDetail {
+                message: self.to_string(),
+                kind,
+                param,
+                code,
+            },
+        }
     }
+}
+
+/// OpenAI's error shape.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct OpenAiErrorBody {
+    /// What went wrong.
+    pub error: OpenAiErrorDetail,
+}
+
+/// The inside of an OpenAI error.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct OpenAiErrorDetail {
+    /// Human-readable explanation.
+    pub message: String,
+    /// `invalid_request_error`, `rate_limit_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The offending request field, when there is one.
+    pub param: Option<String>,
+    /// Machine-readable code (`context_length_exceeded`, `invalid_api_key`, ...).
+    pub code: Option<&'static str>,
 }
 
 /// A validation error as one sentence, with the field named as `name` gives it.

@@ -7,6 +7,7 @@ pub mod error;
 pub mod listen;
 pub mod ollama;
 pub mod openai;
+pub mod openapi;
 
 pub use listen::{serve, ConnectionTimeouts};
 
@@ -16,11 +17,14 @@ use std::sync::Arc;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
-use serde_json::json;
+use serde::Serialize;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -139,25 +143,39 @@ impl AppState {
     }
 }
 
+/// Every documented route: the router and the OpenAPI document come from these registrations.
+pub fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::base())
+        .routes(routes!(openai::chat::chat_completions))
+        .routes(routes!(openai::completions::completions))
+        .routes(routes!(openai::models::list_models))
+        .routes(routes!(openai::tokenize::tokenize))
+        .routes(routes!(openai::tokenize::detokenize))
+        .routes(routes!(ollama::generate::generate))
+        .routes(routes!(ollama::chat::chat))
+        .routes(routes!(ollama::models::tags))
+        .routes(routes!(ollama::models::show))
+        .routes(routes!(ollama::models::ps))
+        .routes(routes!(ollama::models::version))
+        .routes(routes!(ollama::models::root))
+        .routes(routes!(health))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi::openapi_json))
+}
+
+/// The OpenAPI document of every route, as served at `/openapi.json`.
+pub fn openapi_document() -> serde_json::Value {
+    openapi::finish(api_routes().into_openapi())
+}
+
 /// All routes, with body limits, API keys (when configured), tracing and CORS.
 pub fn router(state: AppState, options: &ServerOptions) -> Router {
-    let mut app = Router::new()
-        .route("/v1/chat/completions", post(openai::chat::chat_completions))
-        .route("/v1/completions", post(openai::completions::completions))
-        .route("/v1/models", get(openai::models::list_models))
-        .route("/tokenize", post(openai::tokenize::tokenize))
-        .route("/detokenize", post(openai::tokenize::detokenize))
-        .route("/api/generate", post(ollama::generate::generate))
-        .route("/api/chat", post(ollama::chat::chat))
-        .route("/api/tags", get(ollama::models::tags))
-        .route("/api/show", post(ollama::models::show))
-        .route("/api/ps", get(ollama::models::ps))
-        .route("/api/version", get(ollama::models::version))
-        .route("/", get(ollama::models::root).head(ollama::models::root))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+    let (routes, doc) = api_routes().split_for_parts();
+    let doc = Arc::new(openapi::finish(doc));
+    let mut app = routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(Extension(doc))
         .layer(DefaultBodyLimit::max(options.max_body_bytes))
         .layer(RequestBodyTimeoutLayer::new(options.body_read_timeout))
         .with_state(state);
@@ -169,19 +187,33 @@ pub fn router(state: AppState, options: &ServerOptions) -> Router {
         .layer(auth::cors_layer(&options.access.cors_origins))
 }
 
+/// What `/health` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok`, or why not.
+    pub status: &'static str,
+}
+
 /// 200 while the engine thread runs, 503 otherwise.
+#[utoipa::path(get, path = "/health", tag = "operations", responses(
+    (status = 200, description = "The engine serves", body = HealthResponse),
+    (status = 503, description = "The engine cannot serve", body = HealthResponse)))]
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
     if state.engine.is_healthy() {
-        (StatusCode::OK, Json(json!({"status": "ok"})))
+        (StatusCode::OK, Json(HealthResponse { status: "ok" }))
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "engine unavailable"})),
+            Json(HealthResponse {
+                status: "engine unavailable",
+            }),
         )
     }
 }
 
 /// Prometheus text exposition of the engine's metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let body = state.engine.metrics().render(state.engine.stats());
     (

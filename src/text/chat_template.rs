@@ -110,7 +110,12 @@ impl ChatTemplate {
             eos_token => self.eos_token.as_str(),
             ..Value::from(minijinja::value::Serde(vars))
         };
-        template.render(ctx).map_err(|e| match e.kind() {
+        // A template is code from the model folder run on client input: a panic inside the
+        // template engine (minijinja 3.0.5 panicked on `messages[::-1]` of an empty list) fails
+        // this render, not the caller.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| template.render(ctx)))
+            .map_err(|_| TemplateError("the chat template crashed while rendering this conversation".into()))?;
+        rendered.map_err(|e| match e.kind() {
             ErrorKind::InvalidOperation => TemplateError(e.detail().unwrap_or("invalid operation").to_string()),
             _ => TemplateError(e.to_string()),
         })

@@ -5,7 +5,7 @@ use axum::response::Response;
 
 use super::options::to_spec;
 use super::reply::{Reply, ReplyKind};
-use super::types::ChatRequest;
+use super::types::{ChatRequest, ChatResponse};
 use super::{OllamaError, OllamaJson};
 use crate::request::Prompt;
 use crate::server::AppState;
@@ -14,6 +14,10 @@ use crate::text::ChatMessage;
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 /// Generates the assistant's next message for a conversation.
+#[utoipa::path(post, path = "/api/chat", tag = "ollama", request_body = ChatRequest,
+    responses((status = 200,
+        description = "The reply; streamed (the default) as NDJSON objects, the last with `done: true`",
+        content((ChatResponse = "application/json"), (ChatResponse = "application/x-ndjson")))))]
 #[tracing::instrument(skip_all)]
 pub async fn chat(
     State(state): State<AppState>,

@@ -4,7 +4,8 @@
 use axum::extract::{FromRequest, Request};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::request::RequestError;
 use crate::server::error::{describe, read_json_body, ApiError};
@@ -56,9 +57,16 @@ impl IntoResponse for OllamaError {
         if status.is_server_error() {
             tracing::error!(error = %self.0, "request failed");
         }
-        let response = (status, Json(json!({"error": self.message()}))).into_response();
+        let response = (status, Json(OllamaErrorBody { error: self.message() })).into_response();
         self.0.with_retry_after(response)
     }
+}
+
+/// Ollama's error shape.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct OllamaErrorBody {
+    /// What went wrong.
+    pub error: String,
 }
 
 /// A JSON body whose parse failures are Ollama-shaped 400s.

@@ -5,7 +5,7 @@ use axum::response::Response;
 
 use super::options::to_spec;
 use super::reply::{Reply, ReplyKind};
-use super::types::GenerateRequest;
+use super::types::{GenerateRequest, GenerateResponse};
 use super::{OllamaError, OllamaJson};
 use crate::request::Prompt;
 use crate::server::AppState;
@@ -13,6 +13,10 @@ use crate::text::ChatMessage;
 
 /// Completes a prompt (templated as one user turn unless `raw`), optionally continuing the
 /// token `context` of an earlier response.
+#[utoipa::path(post, path = "/api/generate", tag = "ollama", request_body = GenerateRequest,
+    responses((status = 200,
+        description = "The reply; streamed (the default) as NDJSON objects, the last with `done: true`",
+        content((GenerateResponse = "application/json"), (GenerateResponse = "application/x-ndjson")))))]
 #[tracing::instrument(skip_all)]
 pub async fn generate(
     State(state): State<AppState>,

@@ -4,9 +4,9 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Map};
 
-use super::types::ShowRequest;
+use super::types::{OllamaModelDetails, OllamaModelEntry, OllamaModelList, ShowRequest, ShowResponse, VersionResponse};
 use super::{OllamaError, OllamaJson};
 use crate::models::parameter_size;
 use crate::server::AppState;
@@ -39,56 +39,70 @@ fn modified_at(state: &AppState) -> String {
         .to_string()
 }
 
-fn details(state: &AppState) -> Value {
+fn details(state: &AppState) -> OllamaModelDetails {
     let m = &state.engine.info().model;
-    let family = ollama_architecture(&m.model_type);
-    json!({
-        "parent_model": "",
-        "format": m.weights.format,
-        "family": family,
-        "families": [family],
-        "parameter_size": parameter_size(m.num_params),
-        "quantization_level": m.weights.dtype,
-    })
+    let family = ollama_architecture(&m.model_type).to_string();
+    OllamaModelDetails {
+        parent_model: String::new(),
+        format: m.weights.format.to_string(),
+        families: vec![family.clone()],
+        family,
+        parameter_size: parameter_size(m.num_params),
+        quantization_level: m.weights.dtype.clone(),
+    }
 }
 
-fn model_entry(state: &AppState) -> Value {
+fn model_entry(state: &AppState) -> OllamaModelEntry {
     let name = state.ollama_name();
     let m = &state.engine.info().model;
-    json!({
-        "name": name,
-        "model": name,
-        "modified_at": modified_at(state),
-        "size": m.weights.num_bytes,
-        "digest": m.weights.digest,
-        "details": details(state),
-    })
+    OllamaModelEntry {
+        model: name.clone(),
+        name,
+        modified_at: Some(modified_at(state)),
+        size: m.weights.num_bytes,
+        digest: m.weights.digest.clone(),
+        details: details(state),
+        size_vram: None,
+        expires_at: None,
+        context_length: None,
+    }
 }
 
 /// `GET /api/tags`: the served model.
-pub async fn tags(State(state): State<AppState>) -> Json<Value> {
-    Json(json!({"models": [model_entry(&state)]}))
+#[utoipa::path(get, path = "/api/tags", tag = "ollama",
+    responses((status = 200, description = "Models that can be served", body = OllamaModelList)))]
+pub async fn tags(State(state): State<AppState>) -> Json<OllamaModelList> {
+    Json(OllamaModelList {
+        models: vec![model_entry(&state)],
+    })
 }
 
 /// `GET /api/ps`: the (always) loaded model and the memory it holds.
-pub async fn ps(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/api/ps", tag = "ollama",
+    responses((status = 200, description = "Loaded models", body = OllamaModelList)))]
+pub async fn ps(State(state): State<AppState>) -> Json<OllamaModelList> {
     let info = state.engine.info();
-    let mut entry = model_entry(&state);
     let expires = jiff::Timestamp::now()
         .checked_add(RESIDENT_FOR)
         .unwrap_or(jiff::Timestamp::MAX);
-    entry["size"] = json!(info.model.weights.num_bytes + info.kv_memory_bytes);
-    entry["size_vram"] = json!(0);
-    entry["expires_at"] = json!(expires.to_string());
-    entry["context_length"] = json!(info.max_model_len);
-    Json(json!({"models": [entry]}))
+    let entry = OllamaModelEntry {
+        modified_at: None,
+        size: info.model.weights.num_bytes + info.kv_memory_bytes,
+        size_vram: Some(0),
+        expires_at: Some(expires.to_string()),
+        context_length: Some(info.max_model_len),
+        ..model_entry(&state)
+    };
+    Json(OllamaModelList { models: vec![entry] })
 }
 
 /// `POST /api/show`: details, architecture facts, template, parameters, capabilities.
+#[utoipa::path(post, path = "/api/show", tag = "ollama", request_body = ShowRequest,
+    responses((status = 200, description = "The model's details", body = ShowResponse)))]
 pub async fn show(
     State(state): State<AppState>,
     OllamaJson(req): OllamaJson<ShowRequest>,
-) -> Result<Json<Value>, OllamaError> {
+) -> Result<Json<ShowResponse>, OllamaError> {
     let name = req.model.or(req.name).unwrap_or_default();
     state.check_ollama_model(&name)?;
     let info = state.engine.info();
@@ -135,23 +149,30 @@ pub async fn show(
             .collect::<Vec<_>>()
             .join("\n")
     );
-    Ok(Json(json!({
-        "modelfile": modelfile,
-        "parameters": parameters.join("\n"),
-        "template": template,
-        "details": details(&state),
-        "model_info": model_info,
-        "capabilities": ["completion"],
-        "modified_at": modified_at(&state),
-    })))
+    Ok(Json(ShowResponse {
+        modelfile,
+        parameters: parameters.join("\n"),
+        template: template.to_string(),
+        details: details(&state),
+        model_info,
+        capabilities: vec!["completion".into()],
+        modified_at: modified_at(&state),
+    }))
 }
 
 /// `GET /api/version`.
-pub async fn version() -> Json<Value> {
-    Json(json!({"version": OLLAMA_API_VERSION, "mlxd_version": env!("CARGO_PKG_VERSION")}))
+#[utoipa::path(get, path = "/api/version", tag = "ollama",
+    responses((status = 200, description = "API version", body = VersionResponse)))]
+pub async fn version() -> Json<VersionResponse> {
+    Json(VersionResponse {
+        version: OLLAMA_API_VERSION.into(),
+        mlxd_version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 /// `GET /` and `HEAD /`: the liveness text Ollama serves and probes look for.
+#[utoipa::path(method(get, head), path = "/", tag = "ollama",
+    responses((status = 200, description = "Liveness", body = String, content_type = "text/plain")))]
 pub async fn root() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

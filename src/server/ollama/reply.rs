@@ -8,32 +8,36 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::Stream;
-use serde_json::{json, Value};
+use serde::Serialize;
 
+use super::error::OllamaErrorBody;
+use super::types::{ChatResponse, FinalStats, GenerateResponse, MessageOut};
 use super::{now_rfc3339, OllamaError};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, Usage};
 use crate::server::AppState;
 
 /// The timing and count fields of a final Ollama object (durations in nanoseconds).
-pub fn final_stats(usage: &Usage, total: std::time::Duration, load: std::time::Duration) -> Value {
-    let ns = |d: std::time::Duration| d.as_nanos() as u64;
-    json!({
-        "total_duration": ns(total),
-        "load_duration": ns(load),
-        "prompt_eval_count": usage.prompt_tokens,
-        "prompt_eval_duration": ns(usage.queue_time + usage.prefill_time),
-        "eval_count": usage.completion_tokens,
-        "eval_duration": ns(usage.decode_time),
-    })
+pub fn final_stats(usage: &Usage, total: std::time::Duration, load: std::time::Duration) -> FinalStats {
+    let ns = |d: std::time::Duration| Some(d.as_nanos() as u64);
+    FinalStats {
+        total_duration: ns(total),
+        load_duration: ns(load),
+        prompt_eval_count: Some(usage.prompt_tokens),
+        prompt_eval_duration: ns(usage.queue_time + usage.prefill_time),
+        eval_count: Some(usage.completion_tokens),
+        eval_duration: ns(usage.decode_time),
+    }
 }
 
-/// Merges the fields of `extra` (an object) into `base` (an object).
-pub fn merge(mut base: Value, extra: Value) -> Value {
-    if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
-        b.extend(e);
-    }
-    base
+/// One object of either endpoint.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum ReplyObject {
+    /// `/api/generate`.
+    Generate(GenerateResponse),
+    /// `/api/chat`.
+    Chat(ChatResponse),
 }
 
 /// An `application/x-ndjson` response: one JSON object per line.
@@ -50,8 +54,8 @@ where
 }
 
 /// One NDJSON line.
-pub fn ndjson_line(value: &Value) -> Bytes {
-    let mut line = value.to_string();
+pub fn ndjson_line<T: Serialize>(value: &T) -> Bytes {
+    let mut line = serde_json::to_string(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     line.push('\n');
     Bytes::from(line)
 }
@@ -94,33 +98,50 @@ impl Reply {
         }
     }
 
-    fn object(&self, text: &str, done: bool) -> Value {
-        let mut v = json!({"model": self.model, "created_at": now_rfc3339()});
+    fn object(&self, text: &str, end: Option<(&str, FinalStats)>, context: Option<Vec<u32>>) -> ReplyObject {
+        let created_at = now_rfc3339();
+        let done = end.is_some();
+        let (done_reason, stats) = match end {
+            Some((reason, stats)) => (Some(reason.to_string()), stats),
+            None => (None, FinalStats::default()),
+        };
         match self.kind {
-            ReplyKind::Generate => v["response"] = json!(text),
-            ReplyKind::Chat => v["message"] = json!({"role": "assistant", "content": text}),
+            ReplyKind::Generate => ReplyObject::Generate(GenerateResponse {
+                model: self.model.clone(),
+                created_at,
+                response: text.to_string(),
+                done,
+                done_reason,
+                context,
+                stats,
+            }),
+            ReplyKind::Chat => ReplyObject::Chat(ChatResponse {
+                model: self.model.clone(),
+                created_at,
+                message: MessageOut {
+                    role: "assistant",
+                    content: text.to_string(),
+                },
+                done,
+                done_reason,
+                stats,
+            }),
         }
-        v["done"] = json!(done);
-        v
     }
 
     /// The `done: true` object: reason, counts, durations and (generate) `context`.
-    fn last(&self, text: &str, reason: FinishReason, usage: &Usage, generated: &[u32]) -> Value {
-        let mut v = self.object(text, true);
-        v["done_reason"] = json!(reason.as_str());
-        let mut v = merge(v, final_stats(usage, self.started.elapsed(), self.load));
-        if self.kind == ReplyKind::Generate {
+    fn last(&self, text: &str, reason: FinishReason, usage: &Usage, generated: &[u32]) -> ReplyObject {
+        let stats = final_stats(usage, self.started.elapsed(), self.load);
+        let context = (self.kind == ReplyKind::Generate).then(|| {
             let kept = generated.iter().filter(|id| !self.stop_ids.contains(id));
-            v["context"] = json!(self.prompt.iter().chain(kept).collect::<Vec<_>>());
-        }
-        v
+            self.prompt.iter().chain(kept).copied().collect()
+        });
+        self.object(text, Some((reason.as_str(), stats)), context)
     }
 
     /// The immediate answer to an empty prompt: the model is loaded, nothing is generated.
     pub fn loaded(&self) -> Response {
-        let mut v = self.object("", true);
-        v["done_reason"] = json!("load");
-        Json(v).into_response()
+        Json(self.object("", Some(("load", FinalStats::default())), None)).into_response()
     }
 
     /// Validates `spec`, submits it, and answers with NDJSON lines (`stream`) or one object.
@@ -151,7 +172,7 @@ impl Reply {
                         if t.is_empty() {
                             continue;
                         }
-                        let line = ndjson_line(&reply.object(&t, false));
+                        let line = ndjson_line(&reply.object(&t, None, None));
                         return Some((Ok(line), Some((text, reply, ids))));
                     }
                     Some(StreamItem::Done { reason, usage }) => {
@@ -159,7 +180,9 @@ impl Reply {
                         return Some((Ok(line), None));
                     }
                     Some(StreamItem::Error(e)) => {
-                        let line = ndjson_line(&json!({"error": OllamaError(e.into()).message()}));
+                        let line = ndjson_line(&OllamaErrorBody {
+                            error: OllamaError(e.into()).message(),
+                        });
                         return Some((Ok(line), None));
                     }
                     None => return None,

@@ -2,13 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// `options`: the Ollama runtime parameters mlxd honours. Absent values take Ollama's defaults
 /// (`options.rs`); other keys land in `unknown`, where `options.rs` sorts them into hardware
 /// hints (no effect here), "off" values, and refusals.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct Options {
     /// Sampling temperature (0 = greedy).
     pub temperature: Option<f32>,
@@ -36,11 +37,12 @@ pub struct Options {
     pub num_ctx: Option<i64>,
     /// Every other option.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub unknown: BTreeMap<String, Value>,
 }
 
 /// Fields shared by `/api/generate` and `/api/chat`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct CommonFields {
     /// Model name (`name` or `name:tag`).
     #[serde(default)]
@@ -57,11 +59,12 @@ pub struct CommonFields {
     pub think: Option<Value>,
     /// Fields no wire type names (refused by name).
     #[serde(flatten)]
+    #[schema(ignore)]
     pub unknown: BTreeMap<String, Value>,
 }
 
 /// `POST /api/generate` body.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct GenerateRequest {
     /// Shared fields.
     #[serde(flatten)]
@@ -85,7 +88,7 @@ pub struct GenerateRequest {
 }
 
 /// One chat message.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct Message {
     /// system, user, assistant or tool.
     pub role: String,
@@ -96,11 +99,12 @@ pub struct Message {
     pub images: Option<Vec<String>>,
     /// Other fields (`tool_calls`, `thinking`, ...): refused by name.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub unknown: BTreeMap<String, Value>,
 }
 
 /// `POST /api/chat` body.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ChatRequest {
     /// Shared fields.
     #[serde(flatten)]
@@ -113,10 +117,162 @@ pub struct ChatRequest {
 }
 
 /// `POST /api/show` body (`model`, or the older `name`).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ShowRequest {
     /// Model name.
     pub model: Option<String>,
     /// Older spelling of `model`.
     pub name: Option<String>,
+}
+
+/// Counts and durations (nanoseconds) of the last object of a reply; absent before it.
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct FinalStats {
+    /// Whole request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_duration: Option<u64>,
+    /// Template and tokenization (the model is resident).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_duration: Option<u64>,
+    /// Prompt tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_eval_count: Option<u32>,
+    /// Queue and prefill time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_eval_duration: Option<u64>,
+    /// Generated tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_count: Option<u32>,
+    /// Decode time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_duration: Option<u64>,
+}
+
+/// One NDJSON line, or the whole reply, of `/api/generate`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct GenerateResponse {
+    /// Model name as requested.
+    pub model: String,
+    /// RFC 3339 time.
+    pub created_at: String,
+    /// New text.
+    pub response: String,
+    /// True on the last object.
+    pub done: bool,
+    /// `stop`, `length` or `load` (last object only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub done_reason: Option<String>,
+    /// Prompt and generated ids, to continue from (last object only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Vec<u32>>,
+    /// Counts and durations (last object only).
+    #[serde(flatten)]
+    pub stats: FinalStats,
+}
+
+/// The assistant message of a chat reply.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct MessageOut {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// New text.
+    pub content: String,
+}
+
+/// One NDJSON line, or the whole reply, of `/api/chat`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ChatResponse {
+    /// Model name as requested.
+    pub model: String,
+    /// RFC 3339 time.
+    pub created_at: String,
+    /// New text of the assistant's message.
+    pub message: MessageOut,
+    /// True on the last object.
+    pub done: bool,
+    /// `stop`, `length` or `load` (last object only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub done_reason: Option<String>,
+    /// Counts and durations (last object only).
+    #[serde(flatten)]
+    pub stats: FinalStats,
+}
+
+/// What a model is, as Ollama lists it.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct OllamaModelDetails {
+    /// Always empty.
+    pub parent_model: String,
+    /// Weight container.
+    pub format: String,
+    /// Ollama's architecture name.
+    pub family: String,
+    /// `[family]`.
+    pub families: Vec<String>,
+    /// Parameter count, human readable.
+    pub parameter_size: String,
+    /// Weight dtype or quantization.
+    pub quantization_level: String,
+}
+
+/// One model of `/api/tags` or `/api/ps`.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct OllamaModelEntry {
+    /// `name:tag`.
+    pub name: String,
+    /// Same as `name`.
+    pub model: String,
+    /// Weights' modification time (RFC 3339; tags only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub modified_at: Option<String>,
+    /// Bytes of weights (tags) or of weights and KV memory (ps).
+    pub size: u64,
+    /// Digest of the weights.
+    pub digest: String,
+    /// What the model is.
+    pub details: OllamaModelDetails,
+    /// Bytes in accelerator memory (ps only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_vram: Option<u64>,
+    /// When the model would be unloaded (ps only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Context length (ps only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
+}
+
+/// `/api/tags` and `/api/ps` response.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct OllamaModelList {
+    /// The served model.
+    pub models: Vec<OllamaModelEntry>,
+}
+
+/// `/api/show` response.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ShowResponse {
+    /// A Modelfile describing the model.
+    pub modelfile: String,
+    /// `PARAMETER` lines without the keyword.
+    pub parameters: String,
+    /// The chat template (Jinja, as the model ships it).
+    pub template: String,
+    /// What the model is.
+    pub details: OllamaModelDetails,
+    /// GGUF-style architecture facts (`general.architecture`, `<arch>.context_length`, ...).
+    pub model_info: serde_json::Map<String, Value>,
+    /// What the model can do.
+    pub capabilities: Vec<String>,
+    /// Weights' modification time.
+    pub modified_at: String,
+}
+
+/// `/api/version` response.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct VersionResponse {
+    /// The Ollama API version followed.
+    pub version: String,
+    /// mlxd's own version.
+    pub mlxd_version: String,
 }

@@ -28,6 +28,10 @@ const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 /// Generates the assistant's reply to a conversation (`n` of them), as one JSON object or an
 /// SSE stream.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
+    responses((status = 200,
+        description = "The reply; with `stream`, SSE `chat.completion.chunk` events ending in `data: [DONE]`",
+        content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream")))))]
 #[tracing::instrument(skip_all)]
 pub async fn chat_completions(
     State(state): State<AppState>,

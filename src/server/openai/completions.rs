@@ -26,6 +26,10 @@ use crate::server::AppState;
 const DEFAULT_MAX_TOKENS: u32 = 16;
 
 /// Continues one or more prompts, as one JSON object or an SSE stream.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
+    responses((status = 200,
+        description = "The completion; with `stream`, SSE `text_completion` events ending in `data: [DONE]`",
+        content((Completion = "application/json"), (Completion = "text/event-stream")))))]
 #[tracing::instrument(skip_all)]
 pub async fn completions(
     State(state): State<AppState>,

@@ -2,31 +2,77 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::models::parameter_size;
 use crate::server::AppState;
 
+/// `GET /v1/models` response.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: &'static str,
+    /// The served model.
+    pub data: Vec<ModelCard>,
+}
+
+/// One model of the list.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ModelCard {
+    /// The name requests use.
+    pub id: String,
+    /// Always `model`.
+    pub object: &'static str,
+    /// Unix seconds (server start).
+    pub created: i64,
+    /// Always `mlxd`.
+    pub owned_by: &'static str,
+    /// Longest prompt + output accepted (vLLM extension).
+    pub max_model_len: usize,
+    /// Architecture, size and weight format (extension).
+    pub details: ModelCardDetails,
+}
+
+/// Extension: what the model is.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ModelCardDetails {
+    /// `architectures[0]` of config.json.
+    pub architecture: String,
+    /// `model_type` of config.json.
+    pub family: String,
+    /// Parameter count.
+    pub num_params: u64,
+    /// Parameter count, human readable (`494M`).
+    pub parameter_size: String,
+    /// Weight container (`safetensors`, `mlx`, `gguf`).
+    pub format: String,
+    /// Weight dtype or quantization.
+    pub quantization: String,
+}
+
 /// Lists the one served model, with its family, size and weight format (extensions).
-pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, description = "The served model", body = ModelList)))]
+pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     let info = state.engine.info();
     let m = &info.model;
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_name,
-            "object": "model",
-            "created": state.created,
-            "owned_by": "mlxd",
-            "max_model_len": info.max_model_len,
-            "details": {
-                "architecture": m.architecture,
-                "family": m.model_type,
-                "num_params": m.num_params,
-                "parameter_size": parameter_size(m.num_params),
-                "format": m.weights.format,
-                "quantization": m.weights.dtype,
+    Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: state.model_name.clone(),
+            object: "model",
+            created: state.created,
+            owned_by: "mlxd",
+            max_model_len: info.max_model_len,
+            details: ModelCardDetails {
+                architecture: m.architecture.clone(),
+                family: m.model_type.clone(),
+                num_params: m.num_params as u64,
+                parameter_size: parameter_size(m.num_params),
+                format: m.weights.format.to_string(),
+                quantization: m.weights.dtype.to_string(),
             },
-        }]
-    }))
+        }],
+    })
 }

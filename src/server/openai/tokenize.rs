@@ -2,8 +2,8 @@
 
 use axum::extract::State;
 use axum::Json;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::chat::to_template_messages;
 use super::types::ChatMessageIn;
@@ -11,7 +11,7 @@ use crate::server::error::{ApiError, AppJson};
 use crate::server::AppState;
 
 /// `/tokenize` body: a text `prompt`, or chat `messages` rendered with the template.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     /// Model name.
     pub model: Option<String>,
@@ -24,7 +24,7 @@ pub struct TokenizeRequest {
 }
 
 /// `/detokenize` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct DetokenizeRequest {
     /// Model name.
     pub model: Option<String>,
@@ -32,11 +32,33 @@ pub struct DetokenizeRequest {
     pub tokens: Vec<u32>,
 }
 
+/// `/tokenize` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenizeResponse {
+    /// Number of ids.
+    pub count: usize,
+    /// Longest prompt + output accepted.
+    pub max_model_len: usize,
+    /// The ids.
+    pub tokens: Vec<u32>,
+    /// Always null (vLLM sends the token strings only when asked).
+    pub token_strs: Option<Vec<String>>,
+}
+
+/// `/detokenize` response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DetokenizeResponse {
+    /// The decoded text (special tokens skipped).
+    pub prompt: String,
+}
+
 /// Tokenizes a prompt or a templated conversation.
+#[utoipa::path(post, path = "/tokenize", tag = "vllm", request_body = TokenizeRequest,
+    responses((status = 200, description = "The ids", body = TokenizeResponse)))]
 pub async fn tokenize(
     State(state): State<AppState>,
     AppJson(req): AppJson<TokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TokenizeResponse>, ApiError> {
     state.check_model(req.model.as_deref())?;
     let codec = &state.codec;
     let tokens = match (req.prompt, req.messages) {
@@ -56,19 +78,21 @@ pub async fn tokenize(
             ))
         }
     };
-    Ok(Json(json!({
-        "count": tokens.len(),
-        "max_model_len": state.engine.info().max_model_len,
-        "tokens": tokens,
-        "token_strs": null,
-    })))
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: state.engine.info().max_model_len,
+        tokens,
+        token_strs: None,
+    }))
 }
 
 /// Decodes ids back to text (special tokens skipped).
+#[utoipa::path(post, path = "/detokenize", tag = "vllm", request_body = DetokenizeRequest,
+    responses((status = 200, description = "The text", body = DetokenizeResponse)))]
 pub async fn detokenize(
     State(state): State<AppState>,
     AppJson(req): AppJson<DetokenizeRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DetokenizeResponse>, ApiError> {
     state.check_model(req.model.as_deref())?;
     let vocab = state.engine.info().model.vocab_size;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -77,5 +101,7 @@ pub async fn detokenize(
             format!("token id {bad} is out of range (vocabulary size {vocab})"),
         ));
     }
-    Ok(Json(json!({"prompt": state.codec.decode(&req.tokens)})))
+    Ok(Json(DetokenizeResponse {
+        prompt: state.codec.decode(&req.tokens),
+    }))
 }

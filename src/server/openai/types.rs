@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
 
 /// Fields a request carried that no wire type names; each is either advisory or a 400.
 pub type UnknownFields = BTreeMap<String, Value>;
 
 /// `stop`: a string or a list of strings.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum StopSpec {
     /// One stop string.
@@ -29,7 +30,7 @@ impl StopSpec {
 }
 
 /// `stream_options`.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct StreamOptions {
     /// Send a final chunk with usage and no choices.
     #[serde(default)]
@@ -38,7 +39,7 @@ pub struct StreamOptions {
 
 /// Sampling fields common to both endpoints (OpenAI names plus the vLLM/llama.cpp extensions
 /// `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, ToSchema)]
 pub struct SamplingFields {
     /// 0..=2; 0 is greedy. Default 1.
     pub temperature: Option<f32>,
@@ -68,7 +69,7 @@ pub struct SamplingFields {
 }
 
 /// Message content: a string or a list of typed parts.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum MessageContent {
     /// Plain text.
@@ -78,7 +79,7 @@ pub enum MessageContent {
 }
 
 /// One part of a multi-part message.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ContentPart {
     /// Part type (`text` is supported).
     #[serde(rename = "type")]
@@ -88,7 +89,7 @@ pub struct ContentPart {
 }
 
 /// An input chat message.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ChatMessageIn {
     /// system, developer, user, assistant.
     pub role: String,
@@ -98,11 +99,12 @@ pub struct ChatMessageIn {
     pub name: Option<String>,
     /// Any other field (`tool_calls`, `tool_call_id`, ...): refused by name.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub unknown: UnknownFields,
 }
 
 /// `POST /v1/chat/completions` body.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ChatCompletionRequest {
     /// Model name.
     pub model: Option<String>,
@@ -129,11 +131,12 @@ pub struct ChatCompletionRequest {
     pub sampling: SamplingFields,
     /// Everything else: advisory fields pass, others are refused by name.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub unknown: UnknownFields,
 }
 
 /// `prompt`: text, texts, token ids, or lists of token ids.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum PromptInput {
     /// One text prompt.
@@ -147,7 +150,7 @@ pub enum PromptInput {
 }
 
 /// `POST /v1/completions` body.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
     /// Model name.
     pub model: Option<String>,
@@ -179,18 +182,19 @@ pub struct CompletionRequest {
     pub sampling: SamplingFields,
     /// Everything else: advisory fields pass, others are refused by name.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub unknown: UnknownFields,
 }
 
 /// `usage.prompt_tokens_details`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: u32,
 }
 
 /// `usage`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct UsageOut {
     /// Prompt tokens.
     pub prompt_tokens: u32,
@@ -216,7 +220,7 @@ impl From<crate::request::Usage> for UsageOut {
 }
 
 /// An assistant message in a response.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ChatMessageOut {
     /// Always `assistant`.
     pub role: &'static str,
@@ -225,7 +229,7 @@ pub struct ChatMessageOut {
 }
 
 /// One choice of a chat completion.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ChatChoice {
     /// Always 0 (n = 1).
     pub index: u32,
@@ -238,7 +242,7 @@ pub struct ChatChoice {
 }
 
 /// `chat.completion` object.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ChatCompletion {
     /// `chatcmpl-…`.
     pub id: String,
@@ -257,7 +261,7 @@ pub struct ChatCompletion {
 }
 
 /// `delta` of a chat chunk.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
 pub struct ChatDelta {
     /// Set on the first chunk only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -268,7 +272,7 @@ pub struct ChatDelta {
 }
 
 /// One choice of a chat chunk.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ChatChunkChoice {
     /// Always 0.
     pub index: u32,
@@ -281,7 +285,7 @@ pub struct ChatChunkChoice {
 }
 
 /// `chat.completion.chunk` object.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct ChatCompletionChunk {
     /// Same id on every chunk of a stream.
     pub id: String,
@@ -301,7 +305,7 @@ pub struct ChatCompletionChunk {
 }
 
 /// One choice of a text completion (also used for its chunks).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct CompletionChoice {
     /// Always 0.
     pub index: u32,
@@ -320,7 +324,7 @@ pub struct CompletionChoice {
 }
 
 /// `text_completion` object (response and stream chunks).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct Completion {
     /// `cmpl-…`.
     pub id: String,
