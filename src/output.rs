@@ -71,6 +71,8 @@ pub struct TextStream {
     pending_tokens: Vec<GeneratedToken>,
     queue: VecDeque<StreamItem>,
     num_tokens: u32,
+    /// The engine scheduled the request (it left the queue).
+    scheduled: bool,
     /// A stop string matched; tokens that still arrive are past it and dropped.
     stopped: bool,
     done: bool,
@@ -88,6 +90,7 @@ impl TextStream {
             pending_tokens: Vec::new(),
             queue: VecDeque::new(),
             num_tokens: 0,
+            scheduled: false,
             stopped: false,
             done: false,
             _admission: None,
@@ -98,6 +101,23 @@ impl TextStream {
     pub fn holding(mut self, permit: OwnedSemaphorePermit) -> Self {
         self._admission = Some(permit);
         self
+    }
+
+    /// Waits until the engine scheduled the request. A failure before that (a queue timeout)
+    /// is returned, so a streaming answer can still be an HTTP error status instead of a
+    /// stream that starts and fails.
+    pub async fn wait_scheduled(&mut self) -> Result<(), EngineError> {
+        while !self.scheduled && !self.done {
+            self.receive().await;
+        }
+        if !self.scheduled {
+            if let Some(StreamItem::Error(e)) = self.queue.front() {
+                let e = e.clone();
+                self.queue.clear();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Waits until the first token arrived (the prompt is prefilled and its full blocks are in
@@ -124,7 +144,7 @@ impl TextStream {
     /// Receives and processes one engine event.
     async fn receive(&mut self) {
         match self.generation.recv().await {
-            Some(TokenEvent::Scheduled { .. }) => {}
+            Some(TokenEvent::Scheduled { .. }) => self.scheduled = true,
             Some(TokenEvent::Token { .. }) if self.stopped => {}
             Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
             Some(TokenEvent::Finished { reason, usage }) => self.finish(reason, usage),

@@ -63,9 +63,22 @@ fn run_streams_the_reference_continuation() {
 fn serve_help_explains_every_flag() {
     let out = mlxd().args(["serve", "--help"]).output().expect("runs");
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--model", "--host", "--port", "--config", "--max-seqs", "--kv-memory"] {
+    for flag in [
+        "--model",
+        "--host",
+        "--port",
+        "--config",
+        "--max-seqs",
+        "--kv-memory",
+        "--api-key",
+        "--cors-origin",
+        "--shutdown-timeout",
+        "--max-body",
+        "--read-timeout",
+    ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
+    assert!(help.contains(".gguf"), "--model says a GGUF file works too:\n{help}");
 }
 
 #[test]

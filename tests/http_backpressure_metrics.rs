@@ -88,6 +88,30 @@ async fn a_request_queued_past_the_timeout_gets_a_clear_error() {
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "queue_timeout");
     assert!(body["error"]["message"].as_str().expect("message").contains("queue"));
+    // Streaming requests too get the status before any body byte, on both APIs.
+    let client = reqwest::Client::new();
+    let streamed = [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "stream": true}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Hi", "max_tokens": 3, "stream": true}),
+        ),
+        ("/api/generate", json!({"model": "stories260k", "prompt": "Hi"})),
+        (
+            "/api/chat",
+            json!({"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}]}),
+        ),
+    ];
+    for (path, body) in streamed {
+        let resp = client.post(s.url(path)).json(&body).send().await.expect("request");
+        assert_eq!(resp.status(), 503, "{path}");
+        assert_eq!(resp.headers()["retry-after"], "1", "{path}");
+        let body: Value = resp.json().await.expect("a JSON error, not a stream");
+        assert!(body["error"].to_string().contains("queue"), "{path}: {body}");
+    }
 }
 
 /// Value of the first sample line starting with `name` (`name{labels} value` or `name value`).

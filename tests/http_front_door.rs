@@ -302,6 +302,16 @@ async fn logprob_token_texts_concatenate_to_the_text() {
         .filter_map(Value::as_u64)
         .collect();
     assert_eq!(offsets[0], 0);
+    let streamed_body = completion(json!({"logprobs": 2, "max_tokens": 12, "stream": true}));
+    let events = post_sse(&s, "/v1/completions", streamed_body).await;
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).expect("json"))
+        .filter_map(|v| v["choices"][0]["logprobs"]["tokens"].as_array().cloned())
+        .flatten()
+        .map(|t| t.as_str().expect("str").to_string())
+        .collect();
+    assert_eq!(streamed, tokens, "streamed logprob tokens are the same texts");
     let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "Once upon a time"}],
                       "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 2});
     let (status, body) = post(&s, "/v1/chat/completions", chat).await;

@@ -151,7 +151,9 @@ impl Reply {
         if self.kind == ReplyKind::Generate {
             self.prompt = request.prompt().to_vec();
         }
-        let text = state.generate(request)?;
+        let mut text = state.generate(request)?;
+        // A queue timeout before the first byte is an HTTP status, not a failed stream.
+        text.wait_scheduled().await?;
         self.respond(text, stream).await
     }
 

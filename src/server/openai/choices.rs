@@ -31,6 +31,7 @@ pub fn check_n(n: Option<u32>, num_prompts: usize) -> Result<usize, ApiError> {
 
 /// Starts `n` generations of every request; choice `i * n + j` is copy `j` of request `i`.
 /// Copy `j` of a seeded request uses seed + j, so the copies differ but stay reproducible.
+/// Returns once every generation left the queue, so a queue timeout is still an HTTP status.
 pub async fn start(state: &AppState, requests: Vec<ValidatedRequest>, n: usize) -> Result<Vec<TextStream>, ApiError> {
     let mut streams = Vec::with_capacity(requests.len() * n);
     for request in requests {
@@ -44,6 +45,9 @@ pub async fn start(state: &AppState, requests: Vec<ValidatedRequest>, n: usize) 
             let copy = request.clone().with_seed(seed.map(|s| s.wrapping_add(j as u64)));
             streams.push(state.generate(copy)?);
         }
+    }
+    for stream in &mut streams {
+        stream.wait_scheduled().await?;
     }
     Ok(streams)
 }
