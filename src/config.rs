@@ -66,8 +66,12 @@ impl Default for ServerConfig {
 pub struct EngineSection {
     /// Model folder.
     pub model: Option<PathBuf>,
-    /// Compute dtype: f32, f16 or bf16.
+    /// Compute device: auto, cpu, cuda, cuda:N, metal.
+    pub device: String,
+    /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16.
     pub dtype: String,
+    /// With an automatic KV budget on a GPU: the share of device memory mlxd may use.
+    pub gpu_memory_utilization: f64,
     /// KV budget: "auto" or a size such as "512MiB", "2GiB", "1000000".
     pub kv_memory: String,
     /// Reuse KV of identical prompt prefixes.
@@ -80,7 +84,9 @@ impl Default for EngineSection {
     fn default() -> Self {
         Self {
             model: None,
-            dtype: "f32".into(),
+            device: "auto".into(),
+            dtype: "auto".into(),
+            gpu_memory_utilization: 0.9,
             kv_memory: "auto".into(),
             prefix_cache: true,
             max_model_len: 0,
@@ -139,9 +145,19 @@ impl Config {
         if self.engine.model.is_none() {
             return Err(ConfigError("no model given (--model PATH or [engine] model)".into()));
         }
-        if crate::models::parse_dtype(&self.engine.dtype).is_none() {
+        self.engine
+            .device
+            .parse::<crate::device::DeviceChoice>()
+            .map_err(|e| ConfigError(e.to_string()))?;
+        let u = self.engine.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
             return Err(ConfigError(format!(
-                "dtype `{}` (use f32, f16 or bf16)",
+                "gpu_memory_utilization must be in (0, 1], got {u}"
+            )));
+        }
+        if self.engine.dtype != "auto" && crate::models::parse_dtype(&self.engine.dtype).is_none() {
+            return Err(ConfigError(format!(
+                "dtype `{}` (use auto, f32, f16 or bf16)",
                 self.engine.dtype
             )));
         }
@@ -211,12 +227,20 @@ impl Config {
 }
 
 /// Resolves a KV budget: `auto` (a fraction of available RAM) or an explicit size.
-pub fn parse_kv_memory(spec: &str) -> Result<u64, ConfigError> {
+/// None means automatic: see `auto_host_kv_bytes` and the engine's GPU budget.
+pub fn parse_kv_memory(spec: &str) -> Result<Option<u64>, ConfigError> {
     if spec.eq_ignore_ascii_case("auto") {
-        let available = available_memory_bytes().unwrap_or(4 << 30);
-        return Ok((available as f64 * AUTO_KV_FRACTION) as u64);
+        return Ok(None);
     }
-    parse_size(spec).ok_or_else(|| ConfigError(format!("kv_memory `{spec}` (use auto, or a size like 512MiB or 2GiB)")))
+    parse_size(spec)
+        .map(Some)
+        .ok_or_else(|| ConfigError(format!("kv_memory `{spec}` (use auto, or a size like 512MiB or 2GiB)")))
+}
+
+/// The automatic KV budget in host memory: a share of the RAM available now.
+pub fn auto_host_kv_bytes() -> u64 {
+    let available = available_memory_bytes().unwrap_or(4 << 30);
+    (available as f64 * AUTO_KV_FRACTION) as u64
 }
 
 /// Parses `123`, `64K`, `512MiB`, `2GB`, `1.5GiB` (K/M/G are powers of 1024 either way).
@@ -269,6 +293,12 @@ mod tests {
         assert_eq!(cfg.scheduler.max_seqs, defaults.scheduler.max_seqs);
         assert_eq!(cfg.scheduler.max_batch_tokens, defaults.scheduler.max_batch_tokens);
         assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);
+        assert_eq!(cfg.engine.device, defaults.engine.device);
+        assert_eq!(cfg.engine.dtype, defaults.engine.dtype);
+        assert_eq!(
+            cfg.engine.gpu_memory_utilization,
+            defaults.engine.gpu_memory_utilization
+        );
         assert_eq!(cfg.scheduler.max_queue, defaults.scheduler.max_queue);
         assert_eq!(cfg.scheduler.queue_timeout, defaults.scheduler.queue_timeout);
     }

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod models;
 pub mod output;

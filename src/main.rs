@@ -69,9 +69,16 @@ struct ModelArgs {
     /// TOML configuration file (see config/mlxd.toml); flags override it.
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-    /// Compute dtype: f32, f16 or bf16 [default: f32].
+    /// Compute device: auto, cpu, cuda, cuda:N or metal [default: auto, the first CUDA GPU when
+    /// this binary was built with the `cuda` feature and the machine has one].
+    #[arg(long)]
+    device: Option<String>,
+    /// Compute dtype: auto, f32, f16 or bf16 [default: auto: f32 on CPU, bf16 on GPU].
     #[arg(long)]
     dtype: Option<String>,
+    /// With an automatic KV budget on a GPU: the share of device memory mlxd may use [default: 0.9].
+    #[arg(long)]
+    gpu_memory_utilization: Option<f64>,
     /// KV cache budget: "auto" (20% of available RAM) or a size such as 512MiB or 2GiB.
     #[arg(long)]
     kv_memory: Option<String>,
@@ -193,8 +200,14 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if let Some(m) = &args.model {
         e.model = Some(m.clone());
     }
+    if let Some(d) = &args.device {
+        e.device = d.clone();
+    }
     if let Some(d) = &args.dtype {
         e.dtype = d.clone();
+    }
+    if let Some(u) = args.gpu_memory_utilization {
+        e.gpu_memory_utilization = u;
     }
     if let Some(k) = &args.kv_memory {
         e.kv_memory = k.clone();
@@ -233,8 +246,10 @@ fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<(
     }
     let engine_cfg = EngineConfig {
         model_path: model_path.clone(),
-        dtype: mlxd::models::parse_dtype(&cfg.engine.dtype).context("dtype")?,
+        device: cfg.engine.device.parse()?,
+        dtype: mlxd::models::parse_dtype(&cfg.engine.dtype),
         kv_memory_bytes: parse_kv_memory(&cfg.engine.kv_memory)?,
+        gpu_memory_utilization: cfg.engine.gpu_memory_utilization,
         block_size: cfg.scheduler.block_size,
         max_num_seqs: cfg.scheduler.max_seqs,
         max_num_batched_tokens: cfg.scheduler.max_batch_tokens,
@@ -306,6 +321,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tracing::info!(
         model = %name,
         architecture = %info.model.architecture,
+        device = %info.device,
         dtype = ?info.model.dtype,
         params = %mlxd::models::parameter_size(info.model.num_params),
         kv_blocks = info.num_kv_blocks,

@@ -128,7 +128,7 @@ async fn same_seed_gives_same_tokens_whatever_else_is_batched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_larger_than_the_pool_is_refused_before_the_engine() {
     let mut cfg = engine_config(&repo_model());
-    cfg.kv_memory_bytes = 4 * 16 * 1280; // 4 blocks of 16 tokens (1280 bytes per token)
+    cfg.kv_memory_bytes = Some(4 * 16 * 1280); // 4 blocks of 16 tokens (1280 bytes per token)
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
     let refused = try_request(&engine, vec![1; 40], SamplingParams::greedy(), 100);
     // 4 blocks of memory, one of them the null block.
@@ -153,7 +153,7 @@ async fn sixteen_long_requests_in_a_tiny_pool_all_finish_exactly_as_alone() {
         );
     }
     let mut cfg = engine_config(&repo_model());
-    cfg.kv_memory_bytes = 40 * 16 * 1280; // 40 blocks of 16 tokens; each request needs up to 12
+    cfg.kv_memory_bytes = Some(40 * 16 * 1280); // 40 blocks of 16 tokens; each request needs up to 12
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
     let streams: Vec<_> = requests
         .iter()

@@ -43,7 +43,7 @@ fn faulty_loader() -> ModelLoader {
         let model = mlxd::models::load(
             &cfg.model_path,
             device,
-            cfg.dtype,
+            cfg.dtype.unwrap_or(candle_core::DType::F32),
             &mlxd::models::LoadProgress::hidden(),
         )
         .map_err(|e| mlxd::engine::EngineError::Load(e.to_string()))?;

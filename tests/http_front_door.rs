@@ -312,6 +312,18 @@ async fn logprob_token_texts_concatenate_to_the_text() {
         .map(|t| t.as_str().expect("str").to_string())
         .collect();
     assert_eq!(streamed, tokens, "streamed logprob tokens are the same texts");
+    let by_id = completion(
+        json!({"logprobs": 2, "max_tokens": 4, "return_tokens_as_token_ids": true,
+                                  "return_token_ids": true}),
+    );
+    let (_, body) = post(&s, "/v1/completions", by_id).await;
+    let ids: Vec<String> = body["choices"][0]["token_ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|i| format!("token_id:{i}"))
+        .collect();
+    assert_eq!(body["choices"][0]["logprobs"]["tokens"], json!(ids));
     let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "Once upon a time"}],
                       "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 2});
     let (status, body) = post(&s, "/v1/chat/completions", chat).await;

@@ -341,7 +341,7 @@ async fn disconnecting_mid_stream_frees_every_kv_block() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_larger_than_the_kv_pool_are_rejected_up_front() {
     let mut cfg = engine_config(&repo_model());
-    cfg.kv_memory_bytes = 5 * 16 * 1280; // 4 usable blocks of 16 tokens
+    cfg.kv_memory_bytes = Some(5 * 16 * 1280); // 4 usable blocks of 16 tokens
     let s = TestServer::start(cfg).await;
     let (status, err) = post(
         &s,

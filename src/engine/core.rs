@@ -53,6 +53,10 @@ pub(crate) struct EngineCore {
     step_ids: Vec<RequestId>,
 }
 
+/// Device memory kept free for activations, logits and the allocator's slack when the KV
+/// budget is automatic.
+const ACTIVATION_RESERVE_BYTES: u64 = 2 << 30;
+
 /// The default `ModelLoader`: the model at `cfg.model_path`.
 pub(crate) fn load_model(cfg: &EngineConfig, device: &Device) -> Result<Box<dyn Model>, EngineError> {
     let progress = if cfg.show_progress {
@@ -60,7 +64,25 @@ pub(crate) fn load_model(cfg: &EngineConfig, device: &Device) -> Result<Box<dyn 
     } else {
         LoadProgress::hidden()
     };
-    models::load(&cfg.model_path, device, cfg.dtype, &progress).map_err(|e| EngineError::Load(e.to_string()))
+    let dtype = cfg.dtype.unwrap_or_else(|| crate::device::default_dtype(device));
+    models::load(&cfg.model_path, device, dtype, &progress).map_err(|e| EngineError::Load(e.to_string()))
+}
+
+/// The KV budget: as configured, or automatic once the weights are resident.
+fn kv_budget(cfg: &EngineConfig, device: &Device) -> u64 {
+    if let Some(bytes) = cfg.kv_memory_bytes {
+        return bytes;
+    }
+    match crate::device::memory_info(device) {
+        // What the utilization share leaves after everything already allocated (weights,
+        // other processes), minus room for activations.
+        Some((free, total)) => {
+            let allowed = (total as f64 * cfg.gpu_memory_utilization) as u64;
+            let used = total - free;
+            allowed.saturating_sub(used).saturating_sub(ACTIVATION_RESERVE_BYTES)
+        }
+        None => crate::config::auto_host_kv_bytes(),
+    }
 }
 
 impl EngineCore {
@@ -71,9 +93,10 @@ impl EngineCore {
         stats: Arc<EngineStats>,
         metrics: Arc<EngineMetrics>,
     ) -> Result<(Self, ModelInfo), EngineError> {
-        let device = Device::Cpu;
+        let device = cfg.device.open().map_err(|e| EngineError::Load(e.to_string()))?;
         let model = loader(cfg, &device)?;
         let mc = model.config().clone();
+        let dtype = mc.dtype;
         let max_model_len = cfg
             .max_model_len
             .map_or(mc.max_position_embeddings, |m| m.min(mc.max_position_embeddings));
@@ -81,16 +104,17 @@ impl EngineCore {
             num_layers: mc.num_layers,
             kv_width: mc.num_kv_heads * mc.head_dim,
             block_size: cfg.block_size,
-            dtype: cfg.dtype,
+            dtype,
         };
+        let kv_memory_bytes = kv_budget(cfg, &device);
         // +1: block 0 is the null block. Never more than every sequence at full length needs.
-        let by_budget = (cfg.kv_memory_bytes / layout.bytes_per_block() as u64) as usize;
+        let by_budget = (kv_memory_bytes / layout.bytes_per_block() as u64) as usize;
         let by_need = cfg.max_num_seqs * max_model_len.div_ceil(cfg.block_size) + 1;
         let num_blocks = by_budget.min(by_need);
         if num_blocks < 2 {
             return Err(EngineError::Load(format!(
                 "KV memory of {} bytes holds no block of {} bytes; raise --kv-memory",
-                cfg.kv_memory_bytes,
+                kv_memory_bytes,
                 layout.bytes_per_block()
             )));
         }
@@ -109,9 +133,10 @@ impl EngineCore {
             num_kv_blocks: num_blocks - 1,
             block_size: cfg.block_size,
             kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
+            device: crate::device::describe(&device),
         };
         // Prefix-cache entries are only valid for the same weights computed the same way.
-        let salt_source = format!("{}|{:?}", cfg.model_path.display(), cfg.dtype);
+        let salt_source = format!("{}|{:?}", cfg.model_path.display(), dtype);
         let core = Self {
             model,
             kv,
@@ -307,22 +332,54 @@ impl EngineCore {
         self.stats.peak_batch_seqs.fetch_max(out.seqs.len(), Ordering::Relaxed);
         self.announce_scheduled(&out);
         let batch = build_batch(&out, &self.scheduler, &self.device)?;
-        let logits = self.model.forward(&batch, &mut self.kv)?.to_vec2::<f32>()?;
-        let mut sampled = Vec::with_capacity(logits.len());
-        let mut logprobs = Vec::with_capacity(logits.len());
-        for (s, mut row) in out.seqs.iter().filter(|s| s.sample).zip(logits) {
-            let (seq, req) = self
-                .scheduler
-                .entry_mut(s.id)
-                .expect("invariant: scheduled sequences are live");
-            let t = req.sampler.sample(&mut row, &seq.tokens, seq.num_prompt_tokens);
-            sampled.push(t.id);
-            logprobs.push(t.logprobs);
-        }
+        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let (sampled, logprobs) = self.sample(&out, &logits)?;
         let results = self.scheduler.update(&out, &sampled);
         self.emit(results, logprobs);
         self.step_ids.clear();
         Ok(())
+    }
+
+    /// One token per sampling sequence of `out`, from `logits` (`[S, vocab]`, one row each).
+    /// Plain-argmax rows are decided on the device and only their ids cross to the host; the
+    /// other rows are copied and sampled on the host.
+    fn sample(
+        &mut self,
+        out: &SchedulerOutput,
+        logits: &candle_core::Tensor,
+    ) -> Result<(Vec<u32>, Vec<Option<super::output::Logprobs>>), EngineError> {
+        let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
+        let host_rows: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| {
+                self.scheduler
+                    .entry_mut(**id)
+                    .is_some_and(|(_, req)| !req.sampler.is_plain_argmax())
+            })
+            .map(|(row, _)| row as u32)
+            .collect();
+        let mut sampled = if host_rows.len() < ids.len() {
+            logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?
+        } else {
+            vec![0; ids.len()]
+        };
+        let mut logprobs = vec![None; ids.len()];
+        if host_rows.is_empty() {
+            return Ok((sampled, logprobs));
+        }
+        let index = candle_core::Tensor::from_vec(host_rows.clone(), host_rows.len(), logits.device())?;
+        let rows = logits.index_select(&index, 0)?.to_vec2::<f32>()?;
+        for (&row, mut values) in host_rows.iter().zip(rows) {
+            let (seq, req) = self
+                .scheduler
+                .entry_mut(ids[row as usize])
+                .expect("invariant: scheduled sequences are live");
+            let t = req.sampler.sample(&mut values, &seq.tokens, seq.num_prompt_tokens);
+            sampled[row as usize] = t.id;
+            logprobs[row as usize] = t.logprobs;
+        }
+        Ok((sampled, logprobs))
     }
 
     /// Tells each newly scheduled request how much of its prompt the prefix cache served.

@@ -19,6 +19,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use candle_core::{DType, Device};
+
+use crate::device::DeviceChoice;
 use tokio::sync::mpsc;
 
 use crate::models::Model;
@@ -33,12 +35,18 @@ pub type ModelLoader = Box<dyn FnOnce(&EngineConfig, &Device) -> Result<Box<dyn 
 /// Everything the engine needs to start.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Hugging Face model folder.
+    /// Hugging Face model folder or GGUF file.
     pub model_path: PathBuf,
-    /// Compute (and KV) dtype.
-    pub dtype: DType,
-    /// KV memory budget in bytes.
-    pub kv_memory_bytes: u64,
+    /// The device the engine thread opens and owns.
+    pub device: DeviceChoice,
+    /// Compute (and KV) dtype; None = the device's default (f32 on CPU, bf16 on GPU).
+    pub dtype: Option<DType>,
+    /// KV memory budget in bytes; None = automatic (a share of free RAM on the CPU, of free
+    /// device memory after the weights on a GPU).
+    pub kv_memory_bytes: Option<u64>,
+    /// On a GPU with an automatic KV budget: the share of total device memory mlxd may use
+    /// (vLLM's `--gpu-memory-utilization`).
+    pub gpu_memory_utilization: f64,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Most sequences running at once.
@@ -82,6 +90,8 @@ pub struct ModelInfo {
     pub block_size: usize,
     /// Bytes of KV memory allocated.
     pub kv_memory_bytes: u64,
+    /// The device the engine computes on (`cpu`, `cuda:0`, ...).
+    pub device: String,
 }
 
 /// Live counters the engine publishes after every step (metrics, health, tests).

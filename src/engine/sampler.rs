@@ -47,6 +47,18 @@ impl SamplerState {
         &self.params
     }
 
+    /// True when the token is the argmax of the raw logits: greedy, with no penalty, bias or
+    /// logprobs. Such rows are decided on the device; only the id crosses to the host.
+    pub fn is_plain_argmax(&self) -> bool {
+        let p = &self.params;
+        p.temperature <= 0.0
+            && p.logprobs.is_none()
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
+    }
+
     /// Chooses the next token from `logits` (modified in place) given the sequence so far
     /// (`tokens`, whose first `num_prompt` are the prompt).
     pub fn sample(&mut self, logits: &mut [f32], tokens: &[u32], num_prompt: usize) -> SampledToken {

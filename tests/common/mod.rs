@@ -44,6 +44,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Drives a model directly (no engine): every sequence gets its own contiguous run of blocks.
 pub struct ModelRunner {
     pub model: Box<dyn Model>,
+    device: Device,
     kv: PagedKvCache,
     block_size: usize,
     blocks_per_seq: usize,
@@ -59,7 +60,8 @@ pub struct GreedyRun {
 
 impl ModelRunner {
     pub fn load(dir: &std::path::Path, dtype: DType, max_seqs: usize, max_len: usize) -> Self {
-        let model = models::load(dir, &Device::Cpu, dtype, &LoadProgress::hidden()).expect("model loads");
+        let device = test_device();
+        let model = models::load(dir, &device, dtype, &LoadProgress::hidden()).expect("model loads");
         let c = model.config().clone();
         let block_size = 16;
         let blocks_per_seq = max_len.div_ceil(block_size);
@@ -69,9 +71,10 @@ impl ModelRunner {
             block_size,
             dtype,
         };
-        let kv = PagedKvCache::new(layout, 1 + max_seqs * blocks_per_seq, &Device::Cpu).expect("kv");
+        let kv = PagedKvCache::new(layout, 1 + max_seqs * blocks_per_seq, &device).expect("kv");
         Self {
             model,
+            device,
             kv,
             block_size,
             blocks_per_seq,
@@ -99,7 +102,7 @@ impl ModelRunner {
             kv_lens.push(kv_len);
             rows.push((toks.len() - 1) as u32);
         }
-        let dev = Device::Cpu;
+        let dev = self.device.clone();
         let t = |v: Vec<u32>| {
             let n = v.len();
             Tensor::from_vec(v, n, &dev).expect("tensor")
@@ -162,12 +165,28 @@ pub fn codec(model: &std::path::Path) -> mlxd::text::TextCodec {
     mlxd::text::TextCodec::open(model, &[]).expect("codec")
 }
 
+/// The device tests run on: `MLXD_TEST_DEVICE` (cpu, cuda, cuda:N), the CPU by default.
+pub fn test_device_choice() -> mlxd::device::DeviceChoice {
+    std::env::var("MLXD_TEST_DEVICE")
+        .ok()
+        .map_or(mlxd::device::DeviceChoice::Cpu, |d| {
+            d.parse().expect("MLXD_TEST_DEVICE")
+        })
+}
+
+/// The opened test device.
+pub fn test_device() -> Device {
+    test_device_choice().open().expect("test device")
+}
+
 /// Engine settings for tests: the repository's tiny model, small KV pool.
 pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
     mlxd::engine::EngineConfig {
         model_path: model.to_path_buf(),
-        dtype: DType::F32,
-        kv_memory_bytes: 64 << 20,
+        device: test_device_choice(),
+        dtype: Some(DType::F32),
+        kv_memory_bytes: Some(64 << 20),
+        gpu_memory_utilization: 0.9,
         block_size: 16,
         max_num_seqs: 16,
         max_num_batched_tokens: 2048,

@@ -9,7 +9,7 @@ use axum::Json;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use super::choices::{self, check_n, total_usage};
+use super::choices::{self, check_n, named_by_id, total_usage};
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatMessageIn,
     ChatMessageOut, MessageContent, UsageOut,
@@ -50,7 +50,12 @@ pub async fn chat_completions(
     let streams = choices::start(&state, vec![request], n).await?;
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(stream_chat(streams, meta, include_usage));
+        return Ok(stream_chat(
+            streams,
+            meta,
+            include_usage,
+            req.return_tokens_as_token_ids,
+        ));
     }
     let results = choices::collect_all(streams).await?;
     let usages: Vec<Usage> = results.iter().map(|c| c.usage).collect();
@@ -59,7 +64,9 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(i, c)| ChatChoice {
             index: i as u32,
-            logprobs: req.logprobs.then(|| logprobs_json(&c.tokens)),
+            logprobs: req
+                .logprobs
+                .then(|| logprobs_json(&named_by_id(&c.tokens, req.return_tokens_as_token_ids))),
             message: ChatMessageOut {
                 role: "assistant",
                 content: c.text,
@@ -176,7 +183,7 @@ impl ChatMeta {
     }
 }
 
-fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool) -> Response {
+fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool, by_id: bool) -> Response {
     let num_choices = streams.len();
     let meta = std::sync::Arc::new(meta);
     let starts: Vec<Event> = (0..num_choices)
@@ -201,7 +208,7 @@ fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool) ->
         match item {
             StreamItem::Delta { text, tokens } => {
                 let has_logprobs = tokens.iter().any(|t| t.logprobs.is_some());
-                let logprobs = has_logprobs.then(|| logprobs_json(&tokens));
+                let logprobs = has_logprobs.then(|| logprobs_json(&named_by_id(&tokens, by_id)));
                 let delta = ChatDelta {
                     role: None,
                     content: Some(text),

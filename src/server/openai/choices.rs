@@ -6,7 +6,7 @@
 use futures::stream::{BoxStream, StreamExt};
 
 use super::types::UsageOut;
-use crate::output::{collect, Collected, StreamItem, TextStream};
+use crate::output::{collect, Collected, GeneratedToken, StreamItem, TextStream};
 use crate::request::{Usage, ValidatedRequest};
 use crate::server::error::ApiError;
 use crate::server::AppState;
@@ -77,4 +77,26 @@ pub fn total_usage(usages: &[Usage], n: usize) -> UsageOut {
         total.completion_tokens += u.completion_tokens;
     }
     total.into()
+}
+
+/// vLLM's `return_tokens_as_token_ids`: logprob entries name tokens `token_id:N` instead of by
+/// their text, so clients can tell apart tokens with the same text (or no valid UTF-8).
+pub fn named_by_id(tokens: &[GeneratedToken], by_id: bool) -> std::borrow::Cow<'_, [GeneratedToken]> {
+    if !by_id {
+        return std::borrow::Cow::Borrowed(tokens);
+    }
+    let name = |id: u32| format!("token_id:{id}");
+    std::borrow::Cow::Owned(
+        tokens
+            .iter()
+            .map(|t| GeneratedToken {
+                text: name(t.id),
+                top_texts: t
+                    .logprobs
+                    .as_ref()
+                    .map_or_else(Vec::new, |lp| lp.top.iter().map(|a| name(a.id)).collect()),
+                ..t.clone()
+            })
+            .collect(),
+    )
 }

@@ -11,7 +11,7 @@ use axum::Json;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
-use super::choices::{self, check_n, total_usage};
+use super::choices::{self, check_n, named_by_id, total_usage};
 use super::types::{Completion, CompletionChoice, CompletionRequest, PromptInput, UsageOut};
 use super::{
     check_response_format, check_stream_options, json_event, new_id, reject_unknown, sampling_params, sse_response,
@@ -56,6 +56,7 @@ pub async fn completions(
         with_logprobs: req.logprobs.is_some(),
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         with_token_ids: req.return_token_ids,
+        tokens_by_id: req.return_tokens_as_token_ids,
         prompts: prompt_echoes(&state, &requests, req.echo),
         n,
     };
@@ -145,6 +146,8 @@ struct CompletionMeta {
     include_usage: bool,
     /// `return_token_ids`: add the prompt's ids (first chunk) and the generated ids.
     with_token_ids: bool,
+    /// `return_tokens_as_token_ids`: logprob tokens named `token_id:N`.
+    tokens_by_id: bool,
     /// Per prompt: ids and echoed text (empty without `echo`).
     prompts: Vec<(Vec<u32>, String)>,
     n: usize,
@@ -184,7 +187,9 @@ impl CompletionMeta {
         CompletionChoice {
             index: index as u32,
             text,
-            logprobs: self.with_logprobs.then(|| logprobs_json(tokens, text_offset)),
+            logprobs: self
+                .with_logprobs
+                .then(|| logprobs_json(&named_by_id(tokens, self.tokens_by_id), text_offset)),
             finish_reason: finish.map(FinishReason::as_str),
             prompt_token_ids: (self.with_token_ids && first).then(|| self.prompts[index / self.n].0.clone()),
             token_ids: self.with_token_ids.then(|| tokens.iter().map(|t| t.id).collect()),

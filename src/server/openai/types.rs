@@ -124,6 +124,9 @@ pub struct ChatCompletionRequest {
     pub logprobs: bool,
     /// Alternatives per token (0..=20), requires `logprobs`.
     pub top_logprobs: Option<u8>,
+    /// vLLM extension: name logprob tokens `token_id:N` instead of by their text.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
     /// `{"type": "text"}` (structured output is not supported yet).
     pub response_format: Option<Value>,
     /// Sampling.
@@ -173,6 +176,9 @@ pub struct CompletionRequest {
     /// vLLM extension: add `prompt_token_ids` and `token_ids` to each choice.
     #[serde(default)]
     pub return_token_ids: bool,
+    /// vLLM extension: name logprob tokens `token_id:N` instead of by their text.
+    #[serde(default)]
+    pub return_tokens_as_token_ids: bool,
     /// Candidates generated server-side per choice; only 1 (or equal to `n`) is supported.
     pub best_of: Option<u32>,
     /// `{"type": "text"}` (structured output is not supported yet).

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU, with the binary of scripts/build-cuda.sh:
+#   1. GPU numerics: every fixture family and format through the served binary against the
+#      references (tests/gpu/check_fixtures.py);
+#   2. the benchmark of issue 9: Qwen2.5-0.5B shape (random weights), 200-token prompts,
+#      128 output tokens, streaming clients at 1..256 concurrent streams, bf16 and GGUF Q8_0;
+#      and 8 requests sharing a 1000-token prefix, cold then warm.
+# Results land in $OUT (default target/gpu-results). From a bundle made by
+# scripts/gpu-bundle.sh: MLXD_BUNDLE=.gpu bash scripts/test-gpu.sh
+#   bash scripts/test-gpu.sh [check|bench|all]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-all}"
+OUT="${OUT:-target/gpu-results}"
+mkdir -p "$OUT"
+if [ -n "${MLXD_BUNDLE:-}" ]; then
+  xz -dc "$MLXD_BUNDLE/mlxd.xz" > /tmp/mlxd && chmod +x /tmp/mlxd
+  [ -f "$MLXD_BUNDLE/shared/tokenizers/qwen2.5/tokenizer.json.xz" ] \
+    && xz -dk "$MLXD_BUNDLE/shared/tokenizers/qwen2.5/tokenizer.json.xz"
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$MLXD_BUNDLE"/whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+  BIN=/tmp/mlxd SHARED="$MLXD_BUNDLE/shared"
+else
+  BIN="${MLXD_BIN:-target/cuda/release/mlxd}" SHARED="${MLXD_SHARED:-../shared}"
+fi
+# cuBLAS, cuRAND and NVRTC 13 from the CUDA wheels beside PyTorch; the driver brings libcuda.
+NVLIB="$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null)"
+export LD_LIBRARY_PATH="$NVLIB:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+status=0
+
+if [ "$MODE" != bench ]; then
+  python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" --out "$OUT/check.txt" || status=1
+fi
+
+serve_and_bench() {  # name, model, extra serve flags...
+  local name="$1" model="$2"; shift 2
+  local port=18080 log="$OUT/serve-$name.log"
+  "$BIN" serve --model "$model" --device cuda --port $port --max-seqs 256 --max-batch-tokens 4096 \
+    --max-model-len 4096 "$@" 2> "$log" &
+  local pid=$!
+  for _ in $(seq 600); do curl -sf localhost:$port/health > /dev/null && break; sleep 0.2; done
+  local url="http://127.0.0.1:$port"
+  {
+    echo "## $name"
+    "$BIN" bench --url "$url" --concurrency 1,8,32,64,128,256 --requests-per-client 2 \
+      --prompt-tokens 200 --output-tokens 128
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/GPU memory used: /'
+    echo "### 8 requests at once sharing a 1000-token prefix: cold, then warm"
+    "$BIN" bench --url "$url" --concurrency 8 --requests-per-client 1 --prompt-tokens 1000 \
+      --output-tokens 16 --shared-prefix 0.99 --seed 7
+    "$BIN" bench --url "$url" --concurrency 8 --requests-per-client 1 --prompt-tokens 1000 \
+      --output-tokens 16 --shared-prefix 0.99 --seed 7
+  } 2>&1 | tee "$OUT/bench-$name.txt"
+  kill "$pid"; wait "$pid" 2>/dev/null
+}
+
+if [ "$MODE" != check ]; then
+  M=/tmp/qwen25-0.5b
+  [ -d "$M" ] || python3 "$SHARED/tools/bench/make_random_qwen25.py" \
+    --tokenizer-dir "$SHARED/tokenizers/qwen2.5" --out "$M" --seed 0 > "$OUT/make-model.log" 2>&1
+  serve_and_bench bf16 "$M" --dtype bf16
+  if python3 -c 'import gguf' 2>/dev/null; then
+    python3 benches/make_gguf.py "$M" "$M" > "$OUT/make-gguf.log" 2>&1
+    serve_and_bench gguf-q8_0 "$M-q8_0.gguf"
+  fi
+fi
+exit $status

@@ -1,0 +1,189 @@
+#!/usr/bin/env python3
+"""GPU numerics through the real binary: every fixture family and weight format is served on
+the device and its greedy tokens and top-20 logprobs are compared with the references of
+../shared/fixtures (transformers, mlx-lm, llama.cpp). Standard library only (the GPU machine
+has no network): it runs wherever a `cuda` build of mlxd and a GPU are.
+
+Comparisons, per sequence (p1, p7, p33, b0, b1; all five requests sent at once, so they are
+batched):
+- greedy tokens equal the reference's, up to a step where the reference's own top-1/top-2
+  margin is below the tolerance (a near-tie that rounding may flip);
+- at the first step, the top-20 logprobs relative to the top token (which cancels the
+  log-sum-exp, so the reference's logits compare directly) within the tolerance.
+
+Tolerances: f32 compute is held to the CPU's (2e-4). bf16 compute to twice the difference
+that transformers' own bf16 run shows against its f32 run on the same prompts (from the
+reference data), per family. llama.cpp's quantized runs use its own top-2 margins.
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "phi3-longrope"]
+F32_TOL = 2e-4
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, binary, model, args):
+        self.port = free_port()
+        self.log = open(f"/tmp/mlxd-{self.port}.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--model", model, "--port", str(self.port), "--kv-memory", "256MiB", *args],
+            stdout=subprocess.DEVNULL, stderr=self.log)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlxd exited: {open(self.log.name).read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("not healthy within 120 s")
+            time.sleep(0.1)
+
+    def complete(self, prompt_ids, steps=32):
+        body = {"prompt": prompt_ids, "max_tokens": steps, "temperature": 0, "ignore_eos": True,
+                "logprobs": 20, "return_token_ids": True, "return_tokens_as_token_ids": True}
+        req = urllib.request.Request(self.base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            choice = json.load(r)["choices"][0]
+        tops = [{int(k.split(":")[1]): v for k, v in step.items()} for step in choice["logprobs"]["top_logprobs"]]
+        return choice["token_ids"], tops
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def relative_diff(ours, ref_ids, ref_values):
+    """Largest difference of (logit - top logit) over the reference's top 20 that we report."""
+    top = ref_ids[0]
+    if top not in ours:
+        return float("inf")
+    worst = 0.0
+    for i, v in zip(ref_ids, ref_values):
+        if i in ours:
+            worst = max(worst, abs((ours[i] - ours[top]) - (v - ref_values[0])))
+    return worst
+
+
+def first_divergence(got, want, margins, tol):
+    """None if equal up to ties; else the step where they differ although the margin is wide."""
+    for step, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            margin = margins[step] if step < len(margins) else None
+            return None if margin is None or margin < tol else step
+    return None
+
+
+def check(name, server, sequences, tol, margins_key="greedy_top2_margins"):
+    """Sends every sequence at once; returns (ok, report line)."""
+    prompts = [s["prompt_ids"] for s in sequences]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(server.complete, prompts))
+    worst, bad = 0.0, []
+    for s, (ids, tops) in zip(sequences, results):
+        top20 = s.get("last_logits_top20")
+        if top20:
+            worst = max(worst, relative_diff(tops[0], top20["ids"], top20["values"]))
+        margins = s.get(margins_key) or s.get("llamacpp_top2_logit_margins") or []
+        step = first_divergence(ids, s["greedy_ids"], margins, tol)
+        if step is not None:
+            bad.append(f"{s.get('name', '?')} diverges at step {step}")
+    ok = worst <= tol and not bad
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: max relative logit diff {worst:.2e} (tol {tol:.1e}) {' '.join(bad)}"
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def bf16_tolerance(refs):
+    """Twice the largest relative top-20 difference of transformers' bf16 run vs its f32 run."""
+    f32, bf16 = load(f"{refs}/transformers-f32.json"), load(f"{refs}/transformers-bf16.json")
+    worst = 0.0
+    for a, b in zip(f32["sequences"], bf16["sequences"]):
+        b_top = dict(zip(b["last_logits_top20"]["ids"], b["last_logits_top20"]["values"]))
+        worst = max(worst, relative_diff(b_top, a["last_logits_top20"]["ids"], a["last_logits_top20"]["values"]))
+    return 2 * worst
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True)
+    ap.add_argument("--fixtures", required=True, help="shared/fixtures (or a copy of its needed parts)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    fx, dev = a.fixtures, ["--device", a.device]
+    lines, failed = [], 0
+
+    def run(name, model, args, sequences, tol, **kw):
+        nonlocal failed
+        if not os.path.exists(model):
+            lines.append(f"SKIP {name}: {model} not here")
+            return
+        server = Server(a.bin, model, dev + args)
+        try:
+            ok, line = check(name, server, sequences, tol, **kw)
+        except Exception as e:  # a failed load or request is a failed check, with its reason
+            ok, line = False, f"FAIL {name}: {e}"
+        finally:
+            server.close()
+        failed += not ok
+        lines.append(line)
+        print(line, flush=True)
+
+    for arch in ARCHS:
+        refs = f"{fx}/{arch}/refs"
+        f32 = load(f"{refs}/transformers-f32.json")
+        seqs = f32["sequences"] + f32["batch"]["members"]
+        run(f"{arch} safetensors f32", f"{fx}/{arch}/f32", ["--dtype", "f32"], seqs, F32_TOL)
+        if os.path.exists(f"{refs}/transformers-bf16.json"):
+            run(f"{arch} safetensors bf16", f"{fx}/{arch}/f32", ["--dtype", "bf16"], seqs, bf16_tolerance(refs))
+        if os.path.exists(f"{refs}/mlx-q4-f32.json"):
+            mlx = load(f"{refs}/mlx-q4-f32.json")
+            run(f"{arch} mlx-q4 (dequantized) f32", f"{fx}/{arch}/mlx-q4", ["--dtype", "f32"],
+                mlx["sequences"] + mlx["batch"]["members"], F32_TOL)
+    for arch in ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"]:
+        for kind, tol in [("f32", 1e-9), ("q8_0", 0.15), ("q4_0", 0.15)]:
+            path = f"{fx}/gguf/refs/{arch}-{kind}.json"
+            if not os.path.exists(path):
+                continue
+            refs = load(path)
+            run_refs = refs["other_runs"]["f32_attention"] if kind == "f32" else refs
+            seqs = [dict(s, prompt_ids=p["prompt_ids"]) for s, p in zip(run_refs["sequences"], refs["sequences"])]
+            run(f"{arch} gguf {kind}", f"{fx}/gguf/{arch}-{kind}.gguf", [], seqs, tol,
+                margins_key="llamacpp_top2_logit_margins")
+    summary = f"{len(lines) - failed} passed, {failed} failed"
+    print(summary)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines + [summary]) + "\n")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
