@@ -114,21 +114,11 @@ async fn requests_in_other_steps_survive_a_failing_one() {
     assert_eq!(outcome(&engine, vec![1, 9, 10]).await, Ok(8));
 }
 
-async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(s.url(path))
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    (resp.status().as_u16(), resp.json().await.expect("json body"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http_a_failed_step_is_a_500_in_each_api_shape_and_the_server_stays_up() {
     let s = TestServer::start_with_loader(engine_config(&repo_model()), faulty_loader()).await;
     let poisoned = json!({"model": "stories260k", "prompt": [1, 5, PANIC_TOKEN], "max_tokens": 4});
-    let (status, body) = post(&s, "/v1/completions", poisoned).await;
+    let (status, body) = s.post_json("/v1/completions", poisoned).await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"]["type"], "server_error");
     assert!(
@@ -139,14 +129,14 @@ async fn over_http_a_failed_step_is_a_500_in_each_api_shape_and_the_server_stays
         "{body}"
     );
     let ollama = json!({"model": "stories260k", "prompt": "", "context": [1, 5, ERROR_TOKEN], "stream": false});
-    let (status, body) = post(&s, "/api/generate", ollama).await;
+    let (status, body) = s.post_json("/api/generate", ollama).await;
     assert_eq!(status, 500, "{body}");
     assert!(
         body["error"].as_str().unwrap_or_default().contains("injected fault"),
         "{body}"
     );
     let fine = json!({"model": "stories260k", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0});
-    let (status, body) = post(&s, "/v1/completions", fine).await;
+    let (status, body) = s.post_json("/v1/completions", fine).await;
     assert_eq!(status, 200, "{body}");
     let health = reqwest::get(s.url("/health")).await.expect("health");
     assert_eq!(health.status(), 200);

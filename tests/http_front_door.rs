@@ -21,12 +21,6 @@ async fn send(s: &TestServer, path: &str, body: Value) -> reqwest::Response {
         .expect("request")
 }
 
-async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let resp = send(s, path, body).await;
-    let status = resp.status().as_u16();
-    (status, resp.json().await.expect("json body"))
-}
-
 /// Every SSE `data:` payload of a streamed request.
 async fn post_sse(s: &TestServer, path: &str, body: Value) -> Vec<String> {
     let resp = send(s, path, body).await;
@@ -50,18 +44,18 @@ fn completion(extra: Value) -> Value {
 async fn the_request_that_once_killed_the_engine_is_a_load_reply_and_the_server_stays_up() {
     let s = server().await;
     let crash = json!({"model": "stories260k", "prompt": "", "context": [], "raw": true});
-    let (status, body) = post(&s, "/api/generate", crash).await;
+    let (status, body) = s.post_json("/api/generate", crash).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["done"], true);
     assert_eq!(body["done_reason"], "load");
     // An empty prompt that continues a context generates from it.
     let resume = json!({"model": "stories260k", "prompt": "", "context": [1, 403, 200], "raw": true,
                         "stream": false, "options": {"temperature": 0, "num_predict": 4}});
-    let (status, body) = post(&s, "/api/generate", resume).await;
+    let (status, body) = s.post_json("/api/generate", resume).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["eval_count"], 4);
     assert_eq!(body["prompt_eval_count"], 3);
-    let (status, _) = post(&s, "/v1/completions", completion(json!({}))).await;
+    let (status, _) = s.post_json("/v1/completions", completion(json!({}))).await;
     assert_eq!(status, 200);
     assert_eq!(reqwest::get(s.url("/health")).await.expect("health").status(), 200);
 }
@@ -69,16 +63,20 @@ async fn the_request_that_once_killed_the_engine_is_a_load_reply_and_the_server_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_prompts_are_refused_the_same_way_on_both_apis() {
     let s = server().await;
-    let (status, body) = post(&s, "/v1/completions", completion(json!({"prompt": []}))).await;
+    let (status, body) = s.post_json("/v1/completions", completion(json!({"prompt": []}))).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], "prompt");
     assert!(
         body["error"]["message"].as_str().expect("message").contains("empty"),
         "{body}"
     );
-    let (status, body) = post(&s, "/v1/completions", completion(json!({"prompt": [[1, 2], []]}))).await;
+    let (status, body) = s
+        .post_json("/v1/completions", completion(json!({"prompt": [[1, 2], []]})))
+        .await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = post(&s, "/v1/completions", completion(json!({"prompt": [1, 999999]}))).await;
+    let (status, body) = s
+        .post_json("/v1/completions", completion(json!({"prompt": [1, 999999]})))
+        .await;
     assert_eq!(status, 400, "{body}");
     assert!(body["error"]["message"].as_str().expect("message").contains("999999"));
 }
@@ -101,21 +99,21 @@ async fn fields_that_do_not_work_are_named_not_ignored() {
         (completion(json!({"n": 0})), "n"),
     ];
     for (body, field) in cases {
-        let (status, err) = post(&s, "/v1/completions", body).await;
+        let (status, err) = s.post_json("/v1/completions", body).await;
         assert_eq!(status, 400, "{field}: {err}");
         assert_eq!(err["error"]["param"], field, "{err}");
     }
     let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]});
-    let (status, err) = post(&s, "/v1/chat/completions", chat).await;
+    let (status, err) = s.post_json("/v1/chat/completions", chat).await;
     assert_eq!(status, 400);
     assert_eq!(err["error"]["param"], "messages[0].tool_call_id");
     // Advisory fields pass.
-    let (status, _) = post(
-        &s,
-        "/v1/completions",
-        completion(json!({"user": "u1", "metadata": {"a": "b"}})),
-    )
-    .await;
+    let (status, _) = s
+        .post_json(
+            "/v1/completions",
+            completion(json!({"user": "u1", "metadata": {"a": "b"}})),
+        )
+        .await;
     assert_eq!(status, 200);
     let ollama_cases = [
         (
@@ -133,19 +131,21 @@ async fn fields_that_do_not_work_are_named_not_ignored() {
         (json!({"model": "stories260k", "prompt": "hi", "think": true}), "think"),
     ];
     for (body, field) in ollama_cases {
-        let (status, err) = post(&s, "/api/generate", body).await;
+        let (status, err) = s.post_json("/api/generate", body).await;
         assert_eq!(status, 400, "{field}: {err}");
         assert!(err["error"].as_str().expect("error").contains(field), "{field}: {err}");
     }
     let hints = json!({"model": "stories260k", "prompt": "hi", "stream": false,
                        "options": {"num_thread": 2, "num_gpu": 1, "mirostat": 0, "num_predict": 2}});
-    assert_eq!(post(&s, "/api/generate", hints).await.0, 200);
+    assert_eq!(s.post_json("/api/generate", hints).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_length_errors_name_the_field_of_the_endpoint() {
     let s = server().await;
-    let (status, body) = post(&s, "/v1/completions", completion(json!({"max_tokens": 100000}))).await;
+    let (status, body) = s
+        .post_json("/v1/completions", completion(json!({"max_tokens": 100000})))
+        .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "context_length_exceeded");
     assert_eq!(body["error"]["param"], "prompt");
@@ -155,13 +155,15 @@ async fn context_length_errors_name_the_field_of_the_endpoint() {
 async fn logit_bias_forces_and_bans_tokens() {
     let s = server().await;
     let forced = completion(json!({"logit_bias": {"500": 100}, "return_token_ids": true}));
-    let (status, body) = post(&s, "/v1/completions", forced).await;
+    let (status, body) = s.post_json("/v1/completions", forced).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["token_ids"], json!(vec![500; 8]));
-    let (_, plain) = post(&s, "/v1/completions", completion(json!({"return_token_ids": true}))).await;
+    let (_, plain) = s
+        .post_json("/v1/completions", completion(json!({"return_token_ids": true})))
+        .await;
     let first = plain["choices"][0]["token_ids"][0].as_u64().expect("id");
     let banned = completion(json!({"logit_bias": {first.to_string(): -100}, "return_token_ids": true}));
-    let (_, body) = post(&s, "/v1/completions", banned).await;
+    let (_, body) = s.post_json("/v1/completions", banned).await;
     assert_ne!(body["choices"][0]["token_ids"][0].as_u64(), Some(first));
 }
 
@@ -172,7 +174,7 @@ async fn n_copies_share_the_prompt_prefill_and_differ_by_seed() {
         "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends.";
     let body = json!({"model": "stories260k", "prompt": prompt, "max_tokens": 12, "n": 3,
                       "temperature": 1.0, "seed": 7});
-    let (status, reply) = post(&s, "/v1/completions", body.clone()).await;
+    let (status, reply) = s.post_json("/v1/completions", body.clone()).await;
     assert_eq!(status, 200, "{reply}");
     let choices = reply["choices"].as_array().expect("choices");
     assert_eq!(
@@ -206,11 +208,11 @@ async fn n_copies_share_the_prompt_prefill_and_differ_by_seed() {
         texts[0] != texts[1] || texts[1] != texts[2],
         "seeds differ per copy: {texts:?}"
     );
-    let (_, again) = post(&s, "/v1/completions", body).await;
+    let (_, again) = s.post_json("/v1/completions", body).await;
     assert_eq!(again["choices"], reply["choices"], "seeded copies are reproducible");
     let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}],
                       "max_tokens": 5, "n": 2, "temperature": 0});
-    let (status, reply) = post(&s, "/v1/chat/completions", chat).await;
+    let (status, reply) = s.post_json("/v1/chat/completions", chat).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["choices"].as_array().map(Vec::len), Some(2));
     assert_eq!(s.wait_pool_all_free().await.0, s.wait_pool_all_free().await.1);
@@ -220,7 +222,7 @@ async fn n_copies_share_the_prompt_prefill_and_differ_by_seed() {
 async fn a_prompt_list_gives_one_choice_per_prompt_streamed_or_not() {
     let s = server().await;
     let body = completion(json!({"prompt": ["Once upon a time", "The cat"], "max_tokens": 6}));
-    let (status, reply) = post(&s, "/v1/completions", body.clone()).await;
+    let (status, reply) = s.post_json("/v1/completions", body.clone()).await;
     assert_eq!(status, 200, "{reply}");
     let texts: Vec<String> = reply["choices"]
         .as_array()
@@ -229,12 +231,12 @@ async fn a_prompt_list_gives_one_choice_per_prompt_streamed_or_not() {
         .map(|c| c["text"].as_str().expect("text").to_string())
         .collect();
     assert_eq!(texts.len(), 2);
-    let (_, single) = post(
-        &s,
-        "/v1/completions",
-        completion(json!({"prompt": "The cat", "max_tokens": 6})),
-    )
-    .await;
+    let (_, single) = s
+        .post_json(
+            "/v1/completions",
+            completion(json!({"prompt": "The cat", "max_tokens": 6})),
+        )
+        .await;
     assert_eq!(single["choices"][0]["text"].as_str(), Some(texts[1].as_str()));
     let mut stream_body = body;
     stream_body["stream"] = json!(true);
@@ -252,8 +254,8 @@ async fn a_prompt_list_gives_one_choice_per_prompt_streamed_or_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_returns_the_prompt_before_the_completion() {
     let s = server().await;
-    let (_, plain) = post(&s, "/v1/completions", completion(json!({}))).await;
-    let (status, echoed) = post(&s, "/v1/completions", completion(json!({"echo": true}))).await;
+    let (_, plain) = s.post_json("/v1/completions", completion(json!({}))).await;
+    let (status, echoed) = s.post_json("/v1/completions", completion(json!({"echo": true}))).await;
     assert_eq!(status, 200, "{echoed}");
     let want = format!(
         "Once upon a time{}",
@@ -276,12 +278,9 @@ async fn echo_returns_the_prompt_before_the_completion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprob_token_texts_concatenate_to_the_text() {
     let s = server().await;
-    let (status, body) = post(
-        &s,
-        "/v1/completions",
-        completion(json!({"logprobs": 2, "max_tokens": 12})),
-    )
-    .await;
+    let (status, body) = s
+        .post_json("/v1/completions", completion(json!({"logprobs": 2, "max_tokens": 12})))
+        .await;
     assert_eq!(status, 200, "{body}");
     let lp = &body["choices"][0]["logprobs"];
     let tokens: String = lp["tokens"]
@@ -316,7 +315,7 @@ async fn logprob_token_texts_concatenate_to_the_text() {
         json!({"logprobs": 2, "max_tokens": 4, "return_tokens_as_token_ids": true,
                                   "return_token_ids": true}),
     );
-    let (_, body) = post(&s, "/v1/completions", by_id).await;
+    let (_, body) = s.post_json("/v1/completions", by_id).await;
     let ids: Vec<String> = body["choices"][0]["token_ids"]
         .as_array()
         .expect("ids")
@@ -326,7 +325,7 @@ async fn logprob_token_texts_concatenate_to_the_text() {
     assert_eq!(body["choices"][0]["logprobs"]["tokens"], json!(ids));
     let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "Once upon a time"}],
                       "max_tokens": 10, "temperature": 0, "logprobs": true, "top_logprobs": 2});
-    let (status, body) = post(&s, "/v1/chat/completions", chat).await;
+    let (status, body) = s.post_json("/v1/chat/completions", chat).await;
     assert_eq!(status, 200, "{body}");
     let content = body["choices"][0]["logprobs"]["content"].as_array().expect("content");
     let joined: String = content.iter().map(|c| c["token"].as_str().expect("token")).collect();
@@ -347,15 +346,14 @@ async fn logprob_token_texts_concatenate_to_the_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_string_finishes_with_stop_not_abort() {
     let s = server().await;
-    let (_, plain) = post(&s, "/v1/completions", completion(json!({"max_tokens": 30}))).await;
+    let (_, plain) = s
+        .post_json("/v1/completions", completion(json!({"max_tokens": 30})))
+        .await;
     let text = plain["choices"][0]["text"].as_str().expect("text").to_string();
     let stop: String = text.chars().skip(8).take(4).collect();
-    let (status, body) = post(
-        &s,
-        "/v1/completions",
-        completion(json!({"max_tokens": 30, "stop": [stop]})),
-    )
-    .await;
+    let (status, body) = s
+        .post_json("/v1/completions", completion(json!({"max_tokens": 30, "stop": [stop]})))
+        .await;
     assert_eq!(status, 200);
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     let kept = body["usage"]["completion_tokens"].as_u64().expect("tokens");

@@ -267,6 +267,18 @@ impl TestServer {
         format!("{}{path}", self.base)
     }
 
+    /// POSTs `body` as JSON; the status and the JSON answer.
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = reqwest::Client::new()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("json body"))
+    }
+
     /// Waits (bounded) until every KV block is free again; returns the free count seen last.
     pub async fn wait_pool_all_free(&self) -> (usize, usize) {
         use std::sync::atomic::Ordering;
