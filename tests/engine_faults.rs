@@ -11,7 +11,7 @@ use common::{codec, engine_config, repo_model, token_request, TestServer};
 use mlxd::engine::{EngineHandle, ModelLoader, TokenEvent};
 use mlxd::models::{BatchInput, Model, ModelConfig, PagedKvCache};
 use mlxd::request::SamplingParams;
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A token id that makes the faulty model panic when it is fed.
 const PANIC_TOKEN: u32 = 400;
