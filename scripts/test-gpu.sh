@@ -7,7 +7,7 @@
 #      and 8 requests sharing a 1000-token prefix, cold then warm.
 # Results land in $OUT (default target/gpu-results). From a bundle made by
 # scripts/gpu-bundle.sh: MLXD_BUNDLE=.gpu bash scripts/test-gpu.sh
-#   bash scripts/test-gpu.sh [check|bench|all]
+#   bash scripts/test-gpu.sh [check|bench|gguf|all]   (bench: bf16; gguf: Q8_0)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-all}"
@@ -29,7 +29,7 @@ export LD_LIBRARY_PATH="$NVLIB:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 status=0
 
-if [ "$MODE" != bench ]; then
+if [ "$MODE" = check ] || [ "$MODE" = all ]; then
   python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" --out "$OUT/check.txt" || status=1
 fi
 
@@ -55,14 +55,16 @@ serve_and_bench() {  # name, model, extra serve flags...
   kill "$pid"; wait "$pid" 2>/dev/null
 }
 
-if [ "$MODE" != check ]; then
-  M=/tmp/qwen25-0.5b
-  [ -d "$M" ] || python3 "$SHARED/tools/bench/make_random_qwen25.py" \
+M=/tmp/qwen25-0.5b
+if [ "$MODE" != check ] && [ ! -d "$M" ]; then
+  python3 "$SHARED/tools/bench/make_random_qwen25.py" \
     --tokenizer-dir "$SHARED/tokenizers/qwen2.5" --out "$M" --seed 0 > "$OUT/make-model.log" 2>&1
+fi
+if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
   serve_and_bench bf16 "$M" --dtype bf16
-  if python3 -c 'import gguf' 2>/dev/null; then
-    python3 benches/make_gguf.py "$M" "$M" > "$OUT/make-gguf.log" 2>&1
-    serve_and_bench gguf-q8_0 "$M-q8_0.gguf"
-  fi
+fi
+if [ "$MODE" = gguf ] || [ "$MODE" = all ]; then
+  python3 benches/make_gguf.py "$M" "$M" > "$OUT/make-gguf.log" 2>&1 || status=1
+  serve_and_bench gguf-q8_0 "$M-q8_0.gguf"
 fi
 exit $status
