@@ -42,6 +42,10 @@ serve_and_bench() {  # name, model, extra serve flags...
   for _ in $(seq 600); do curl -sf localhost:$port/health > /dev/null && break; sleep 0.2; done
   local url="http://127.0.0.1:$port"
   {
+    echo "## $name: where one batch-1 decode step goes"
+    "$BIN" bench --url "$url" --concurrency 1 --requests-per-client 4 --prompt-tokens 32 \
+      --output-tokens 128 > /dev/null
+    python3 scripts/step_phases.py "$url"
     echo "## $name"
     "$BIN" bench --url "$url" --concurrency 1,8,32,64,128,256 --requests-per-client 2 \
       --prompt-tokens 200 --output-tokens 128

@@ -324,6 +324,7 @@ impl EngineCore {
     }
 
     fn step(&mut self) -> Result<(), EngineError> {
+        let mut clock = PhaseClock::new(self.metrics.clone());
         let out = self.scheduler.schedule();
         if out.seqs.is_empty() {
             return Ok(());
@@ -331,11 +332,16 @@ impl EngineCore {
         self.step_ids = out.seqs.iter().map(|s| s.id).collect();
         self.stats.peak_batch_seqs.fetch_max(out.seqs.len(), Ordering::Relaxed);
         self.announce_scheduled(&out);
+        clock.lap("schedule");
         let batch = build_batch(&out, &self.scheduler, &self.device)?;
+        clock.lap("prepare");
         let logits = self.model.forward(&batch, &mut self.kv)?;
+        clock.lap("forward");
         let (sampled, logprobs) = self.sample(&out, &logits)?;
+        clock.lap("sample");
         let results = self.scheduler.update(&out, &sampled);
         self.emit(results, logprobs);
+        clock.lap("update");
         self.step_ids.clear();
         Ok(())
     }
@@ -481,6 +487,28 @@ impl EngineCore {
             .store(self.scheduler.blocks().pool().num_free(), Ordering::Relaxed);
         s.num_preemptions
             .store(self.scheduler.num_preemptions(), Ordering::Relaxed);
+    }
+}
+
+/// Times the phases of one step into `step_phase_seconds`.
+struct PhaseClock {
+    metrics: Arc<EngineMetrics>,
+    last: Instant,
+}
+
+impl PhaseClock {
+    fn new(metrics: Arc<EngineMetrics>) -> Self {
+        Self {
+            metrics,
+            last: Instant::now(),
+        }
+    }
+
+    /// Records the time since the previous lap as `phase`.
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.metrics.step_phase_took(phase, (now - self.last).as_secs_f64());
+        self.last = now;
     }
 }
 

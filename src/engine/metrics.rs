@@ -22,6 +22,20 @@ pub struct FinishedLabel {
     pub finished_reason: &'static str,
 }
 
+/// Label of `step_phase_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    /// schedule, prepare, forward, sample or update.
+    pub phase: &'static str,
+}
+
+/// Step-phase buckets (seconds): 25 µs … ~1.6 s.
+fn phase_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000025, 2.0, 17,
+    ))
+}
+
 /// Latency buckets (seconds) shared by the latency histograms: 1 ms … ~65 s.
 fn latency_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17)
@@ -53,6 +67,9 @@ pub struct EngineMetrics {
     pub request_duration: Histogram,
     /// Requests that ended, by reason.
     pub requests_finished: Family<FinishedLabel, Counter>,
+    /// Time of each phase of an engine step. `forward` is the time to issue the model's work
+    /// (on a GPU, kernel launches); `sample` includes waiting for the device to finish it.
+    pub step_phase: Family<PhaseLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Default for EngineMetrics {
@@ -62,6 +79,11 @@ impl Default for EngineMetrics {
 }
 
 impl EngineMetrics {
+    /// Records that `phase` of a step took `seconds`.
+    pub fn step_phase_took(&self, phase: &'static str, seconds: f64) {
+        self.step_phase.get_or_create(&PhaseLabel { phase }).observe(seconds);
+    }
+
     /// Registers every metric.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("mlxd");
@@ -80,6 +102,7 @@ impl EngineMetrics {
             inter_token_latency: Histogram::new(latency_buckets()),
             request_duration: Histogram::new(latency_buckets()),
             requests_finished: Family::default(),
+            step_phase: Family::new_with_constructor(phase_histogram as fn() -> Histogram),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -125,6 +148,11 @@ impl EngineMetrics {
             m.prompt_tokens.clone(),
         );
         r.register("generation_tokens", "Generated tokens", m.generation_tokens.clone());
+        r.register(
+            "step_phase_seconds",
+            "Time of each phase of an engine step (schedule, prepare, forward, sample, update)",
+            m.step_phase.clone(),
+        );
         r.register(
             "time_to_first_token_seconds",
             "Time from arrival to the first generated token",
