@@ -42,10 +42,13 @@ serve_and_bench() {  # name, model, extra serve flags...
   for _ in $(seq 600); do curl -sf localhost:$port/health > /dev/null && break; sleep 0.2; done
   local url="http://127.0.0.1:$port"
   {
-    echo "## $name: where one batch-1 decode step goes"
+    echo "## $name: where one batch-1 decode step goes (after a warm-up: kernels JIT-compile on first use)"
+    "$BIN" bench --url "$url" --concurrency 1 --requests-per-client 2 --prompt-tokens 32 \
+      --output-tokens 64 > /dev/null
+    python3 scripts/step_phases.py "$url" snapshot /tmp/phases.json
     "$BIN" bench --url "$url" --concurrency 1 --requests-per-client 4 --prompt-tokens 32 \
       --output-tokens 128 > /dev/null
-    python3 scripts/step_phases.py "$url"
+    python3 scripts/step_phases.py "$url" /tmp/phases.json
     echo "## $name"
     "$BIN" bench --url "$url" --concurrency 1,8,32,64,128,256 --requests-per-client 2 \
       --prompt-tokens 200 --output-tokens 128

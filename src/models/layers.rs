@@ -186,11 +186,11 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Loads `<prefix>.weight` of size `dim`.
     pub fn load(vb: WeightSource, dim: usize, eps: f64, unit_offset: bool) -> Result<Self> {
-        // Kept in f32 whatever the compute dtype: Gemma's `1 + w` rounded to bf16 loses the
-        // small `w` (transformers computes the norm and the scale in f32, then casts back).
-        let mut weight = vb.get(dim, "weight")?.to_dtype(DType::F32)?;
+        let mut weight = vb.get(dim, "weight")?;
         if unit_offset {
-            weight = (weight + 1.0)?;
+            // Gemma's `1 + w` rounded to bf16 loses the small `w` (up to 0.1 in logits):
+            // keep it in f32 and normalize in f32, as transformers does.
+            weight = (weight.to_dtype(DType::F32)? + 1.0)?;
         }
         Ok(Self {
             weight,
@@ -198,10 +198,14 @@ impl RmsNorm {
         })
     }
 
-    /// Normalizes over the last dimension, in f32, returning the input's dtype.
+    /// Normalizes over the last dimension (candle's kernels accumulate in f32), returning the
+    /// input's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?.contiguous()?, &self.weight, self.eps)?;
+        if self.weight.dtype() == dtype {
+            return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps);
+        }
+        let normed = candle_nn::ops::rms_norm(&x.to_dtype(self.weight.dtype())?.contiguous()?, &self.weight, self.eps)?;
         normed.to_dtype(dtype)
     }
 }
