@@ -158,6 +158,7 @@ struct RunArgs {
 
 fn main() -> Result<()> {
     pin_compute_threads();
+    apply_cuda_env();
     let cli = Cli::parse();
     // `mlxd run` writes the generation to stdout; only warnings share the terminal with it.
     let default_filter = match cli.command {
@@ -189,6 +190,19 @@ fn pin_compute_threads() {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
+
+/// `MLXD_CUDA_FORCE_DMMV=1`: candle's CUDA quantized matmuls dequantize the weights (exact,
+/// slower) instead of quantizing activations to q8_1 (llama.cpp's fast kernels); an escape
+/// hatch and a way to tell a kernel's rounding from a bug.
+#[cfg(feature = "cuda")]
+fn apply_cuda_env() {
+    if std::env::var_os("MLXD_CUDA_FORCE_DMMV").is_some_and(|v| v != "0") {
+        candle_core::quantized::cuda::set_force_dmmv(true);
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn apply_cuda_env() {}
 
 /// Config file (if any) overlaid with the flags, validated.
 fn load_config(args: &ModelArgs) -> Result<Config> {

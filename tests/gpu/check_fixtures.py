@@ -136,12 +136,15 @@ def main():
     ap.add_argument("--fixtures", required=True, help="shared/fixtures (or a copy of its needed parts)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="run only the checks whose name contains this")
     a = ap.parse_args()
     fx, dev = a.fixtures, ["--device", a.device]
     lines, failed = [], 0
 
     def run(name, model, args, sequences, tol, **kw):
         nonlocal failed
+        if a.only not in name:
+            return
         if not os.path.exists(model):
             lines.append(f"SKIP {name}: {model} not here")
             return
