@@ -85,7 +85,7 @@ struct ModelArgs {
     /// Most sequences decoded together [default: 64].
     #[arg(long)]
     max_seqs: Option<usize>,
-    /// Most tokens (prompt chunks + decode tokens) per forward pass [default: 512 on CPU].
+    /// Most tokens (prompt chunks + decode tokens) per forward pass [default: 512 on CPU, 4096 on GPU].
     #[arg(long)]
     max_batch_tokens: Option<usize>,
     /// Cap on prompt + output tokens per request [default: the model's context length].
@@ -266,7 +266,7 @@ fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<(
         gpu_memory_utilization: cfg.engine.gpu_memory_utilization,
         block_size: cfg.scheduler.block_size,
         max_num_seqs: cfg.scheduler.max_seqs,
-        max_num_batched_tokens: cfg.scheduler.max_batch_tokens,
+        max_num_batched_tokens: (cfg.scheduler.max_batch_tokens > 0).then_some(cfg.scheduler.max_batch_tokens),
         max_model_len: (cfg.engine.max_model_len > 0).then_some(cfg.engine.max_model_len),
         enable_prefix_cache: cfg.engine.prefix_cache,
         show_progress: true,
@@ -341,6 +341,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         kv_blocks = info.num_kv_blocks,
         kv_memory_mib = info.kv_memory_bytes / (1 << 20),
         max_model_len = info.max_model_len,
+        max_batch_tokens = info.max_num_batched_tokens,
         "ready: listening on http://{local}"
     );
     let admission_limit = cfg.scheduler.max_seqs + cfg.scheduler.max_queue;

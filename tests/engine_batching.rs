@@ -194,7 +194,7 @@ async fn wait_until_idle(engine: &EngineHandle) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_streams_keep_receiving_tokens_while_a_long_prompt_is_prefilled() {
     let mut cfg = engine_config(&repo_model());
-    cfg.max_num_batched_tokens = 32;
+    cfg.max_num_batched_tokens = Some(32);
     let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
     let mut running = engine
         .submit(

@@ -28,7 +28,7 @@ async fn greedy_tokens(engine: &EngineHandle, codec: &TextCodec, prompt: Vec<u32
 /// with a tiny token budget so prompts are prefilled in chunks alongside decodes.
 async fn check_family(arch: &str) {
     let mut cfg = engine_config(&shared(&format!("fixtures/{arch}/f32")));
-    cfg.max_num_batched_tokens = 8;
+    cfg.max_num_batched_tokens = Some(8);
     cfg.block_size = 4;
     cfg.max_model_len = Some(256);
     let codec = common::codec(&cfg.model_path);

@@ -119,9 +119,14 @@ impl EngineCore {
             )));
         }
         let kv = PagedKvCache::new(layout, num_blocks, &device)?;
+        let max_num_batched_tokens = cfg.max_num_batched_tokens.unwrap_or(if device.is_cpu() {
+            crate::config::DEFAULT_MAX_BATCH_TOKENS_CPU
+        } else {
+            crate::config::DEFAULT_MAX_BATCH_TOKENS_GPU
+        });
         let scheduler_cfg = SchedulerConfig {
             max_num_seqs: cfg.max_num_seqs,
-            max_num_batched_tokens: cfg.max_num_batched_tokens,
+            max_num_batched_tokens,
             max_model_len,
         };
         let blocks = BlockManager::new(num_blocks, cfg.block_size, cfg.enable_prefix_cache);
@@ -134,6 +139,7 @@ impl EngineCore {
             block_size: cfg.block_size,
             kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
             device: crate::device::describe(&device),
+            max_num_batched_tokens,
         };
         // Prefix-cache entries are only valid for the same weights computed the same way.
         let salt_source = format!("{}|{:?}", cfg.model_path.display(), dtype);

@@ -51,8 +51,8 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Most sequences running at once.
     pub max_num_seqs: usize,
-    /// Most tokens per forward pass.
-    pub max_num_batched_tokens: usize,
+    /// Most tokens per forward pass; None = the device's default (512 CPU, 4096 GPU).
+    pub max_num_batched_tokens: Option<usize>,
     /// Cap on the context length (None = the model's own).
     pub max_model_len: Option<usize>,
     /// Reuse KV blocks of identical prompt prefixes.
@@ -92,6 +92,8 @@ pub struct ModelInfo {
     pub kv_memory_bytes: u64,
     /// The device the engine computes on (`cpu`, `cuda:0`, ...).
     pub device: String,
+    /// Most tokens per forward pass.
+    pub max_num_batched_tokens: usize,
 }
 
 /// Live counters the engine publishes after every step (metrics, health, tests).
