@@ -68,6 +68,14 @@ class Server:
         tops = [{int(k.split(":")[1]): v for k, v in step.items()} for step in choice["logprobs"]["top_logprobs"]]
         return choice["token_ids"], tops
 
+    def sample(self, prompt_ids, steps=32):
+        body = {"prompt": prompt_ids, "max_tokens": steps, "temperature": 1.0, "seed": 5, "ignore_eos": True,
+                "return_token_ids": True}
+        req = urllib.request.Request(self.base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)["choices"][0]["token_ids"]
+
     def close(self):
         self.proc.terminate()
         try:
@@ -115,6 +123,28 @@ def check(name, server, sequences, tol, margins_key="greedy_top2_margins"):
     return ok, f"{'PASS' if ok else 'FAIL'} {name}: max relative logit diff {worst:.2e} (tol {tol:.1e}) {' '.join(bad)}"
 
 
+def batch_invariance(name, server, sequences):
+    """The same request alone and among 7 others: identical tokens and logprobs (greedy), and
+    identical tokens for a seeded sampled request (temperature 1, seed 5)."""
+    target = sequences[2]["prompt_ids"]
+    others = [s["prompt_ids"] for s in sequences] + [s["prompt_ids"][:3] for s in sequences]
+    others = others[:7]
+    alone = server.complete(target)
+    seeded_alone = server.sample(target)
+    with ThreadPoolExecutor(16) as pool:
+        noise = [pool.submit(server.complete, o) for o in others]
+        noise += [pool.submit(server.sample, o) for o in others]
+        together = pool.submit(server.complete, target)
+        seeded_together = pool.submit(server.sample, target)
+        [f.result() for f in noise]
+        together, seeded_together = together.result(), seeded_together.result()
+    same_ids = alone[0] == together[0]
+    worst = max(abs(a[i] - b[i]) for a, b in zip(alone[1], together[1]) for i in a if i in b)
+    ok = same_ids and seeded_alone == seeded_together
+    detail = f"greedy ids equal: {same_ids}, max logprob diff {worst:.2e}, seeded ids equal: {seeded_alone == seeded_together}"
+    return ok, f"{'PASS' if ok else 'FAIL'} {name} alone == batched: {detail}"
+
+
 def load(path):
     with open(path) as f:
         return json.load(f)
@@ -141,7 +171,7 @@ def main():
     fx, dev = a.fixtures, ["--device", a.device]
     lines, failed = [], 0
 
-    def run(name, model, args, sequences, tol, **kw):
+    def run(name, model, args, sequences, tol, check=check, **kw):
         nonlocal failed
         if a.only not in name:
             return
@@ -170,6 +200,11 @@ def main():
             mlx = load(f"{refs}/mlx-q4-f32.json")
             run(f"{arch} mlx-q4 (dequantized) f32", f"{fx}/{arch}/mlx-q4", ["--dtype", "f32"],
                 mlx["sequences"] + mlx["batch"]["members"], F32_TOL)
+    f32 = load(f"{fx}/qwen2/refs/transformers-f32.json")
+    for dtype in ["f32", "bf16"]:
+        run(f"qwen2 safetensors {dtype} batch invariance", f"{fx}/qwen2/f32", ["--dtype", dtype],
+            f32["sequences"] + f32["batch"]["members"], 0.0,
+            check=lambda name, server, seqs, _tol: batch_invariance(name, server, seqs))
     for arch in ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"]:
         for kind, tol in [("f32", 1e-9), ("q8_0", 0.15), ("q4_0", 0.15)]:
             path = f"{fx}/gguf/refs/{arch}-{kind}.json"
