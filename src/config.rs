@@ -98,7 +98,7 @@ impl Default for EngineSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SchedulerSection {
-    /// Most sequences running at once.
+    /// Most sequences running at once; 0 = the device's default (64 CPU, 256 GPU).
     pub max_seqs: usize,
     /// Most tokens in one forward pass; 0 = the device's default (512 CPU, 4096 GPU).
     pub max_batch_tokens: usize,
@@ -113,7 +113,7 @@ pub struct SchedulerSection {
 impl Default for SchedulerSection {
     fn default() -> Self {
         Self {
-            max_seqs: 64,
+            max_seqs: 0,
             max_batch_tokens: 0,
             block_size: 16,
             max_queue: 256,
@@ -127,6 +127,11 @@ impl Default for SchedulerSection {
 /// take 1.3 s and 1024 take 9 s, so 512 bounds the stall to a few seconds while keeping prefill
 /// in efficient chunks.
 pub const DEFAULT_MAX_BATCH_TOKENS_CPU: usize = 512;
+/// Sequences decoded together by default on the CPU (each decode row costs a full pass over
+/// the weights' bandwidth budget there) and on a GPU (vLLM's default).
+pub const DEFAULT_MAX_SEQS_CPU: usize = 64;
+/// See `DEFAULT_MAX_SEQS_CPU`.
+pub const DEFAULT_MAX_SEQS_GPU: usize = 256;
 /// The same on a GPU, where a step's cost grows slowly with its tokens: the H200 runs 256
 /// streams of 200-token prompts with 4096 (TTFT p50 0.52 s for the 256).
 pub const DEFAULT_MAX_BATCH_TOKENS_GPU: usize = 4096;
@@ -166,8 +171,8 @@ impl Config {
         }
         parse_kv_memory(&self.engine.kv_memory)?;
         let s = &self.scheduler;
-        if s.max_seqs == 0 || s.block_size == 0 {
-            return Err(ConfigError("max_seqs and block_size must be positive".into()));
+        if s.block_size == 0 {
+            return Err(ConfigError("block_size must be positive".into()));
         }
         let t = self.server.shutdown_timeout;
         if !(t >= 0.0 && t.is_finite()) {
@@ -185,7 +190,7 @@ impl Config {
                 "queue_timeout must be a non-negative number of seconds".into(),
             ));
         }
-        if s.max_batch_tokens != 0 && s.max_batch_tokens < s.max_seqs {
+        if s.max_batch_tokens != 0 && s.max_seqs != 0 && s.max_batch_tokens < s.max_seqs {
             return Err(ConfigError(
                 "max_batch_tokens must be at least max_seqs (one decode token each)".into(),
             ));

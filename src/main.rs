@@ -82,7 +82,7 @@ struct ModelArgs {
     /// KV cache budget: "auto" (20% of available RAM) or a size such as 512MiB or 2GiB.
     #[arg(long)]
     kv_memory: Option<String>,
-    /// Most sequences decoded together [default: 64].
+    /// Most sequences decoded together [default: 64 on CPU, 256 on GPU].
     #[arg(long)]
     max_seqs: Option<usize>,
     /// Most tokens (prompt chunks + decode tokens) per forward pass [default: 512 on CPU, 4096 on GPU].
@@ -265,7 +265,7 @@ fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<(
         kv_memory_bytes: parse_kv_memory(&cfg.engine.kv_memory)?,
         gpu_memory_utilization: cfg.engine.gpu_memory_utilization,
         block_size: cfg.scheduler.block_size,
-        max_num_seqs: cfg.scheduler.max_seqs,
+        max_num_seqs: (cfg.scheduler.max_seqs > 0).then_some(cfg.scheduler.max_seqs),
         max_num_batched_tokens: (cfg.scheduler.max_batch_tokens > 0).then_some(cfg.scheduler.max_batch_tokens),
         max_model_len: (cfg.engine.max_model_len > 0).then_some(cfg.engine.max_model_len),
         enable_prefix_cache: cfg.engine.prefix_cache,
@@ -342,9 +342,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         kv_memory_mib = info.kv_memory_bytes / (1 << 20),
         max_model_len = info.max_model_len,
         max_batch_tokens = info.max_num_batched_tokens,
+        max_seqs = info.max_num_seqs,
         "ready: listening on http://{local}"
     );
-    let admission_limit = cfg.scheduler.max_seqs + cfg.scheduler.max_queue;
+    let admission_limit = info.max_num_seqs + cfg.scheduler.max_queue;
     let state = AppState::new(engine.clone(), codec, name, admission_limit);
     let read_timeout = Duration::from_secs_f64(cfg.server.read_timeout);
     let options = ServerOptions {

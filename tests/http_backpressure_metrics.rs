@@ -26,7 +26,7 @@ async fn open_stream(s: &TestServer) -> reqwest::Response {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_running_plus_queue_requests_get_429_at_once() {
     let mut cfg = engine_config(&repo_model());
-    cfg.max_num_seqs = 1;
+    cfg.max_num_seqs = Some(1);
     // One running + one queued; every request below takes hundreds of engine steps.
     let s = TestServer::start_with_admission(cfg, 2).await;
     let client = reqwest::Client::new();
@@ -74,7 +74,7 @@ async fn beyond_running_plus_queue_requests_get_429_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_queued_past_the_timeout_gets_a_clear_error() {
     let mut cfg = engine_config(&repo_model());
-    cfg.max_num_seqs = 1;
+    cfg.max_num_seqs = Some(1);
     cfg.queue_timeout = Some(Duration::from_millis(5));
     let s = TestServer::start(cfg).await;
     let _running = open_stream(&s).await;

@@ -97,6 +97,19 @@ impl EngineCore {
         let model = loader(cfg, &device)?;
         let mc = model.config().clone();
         let dtype = mc.dtype;
+        let (default_seqs, default_tokens) = if device.is_cpu() {
+            (
+                crate::config::DEFAULT_MAX_SEQS_CPU,
+                crate::config::DEFAULT_MAX_BATCH_TOKENS_CPU,
+            )
+        } else {
+            (
+                crate::config::DEFAULT_MAX_SEQS_GPU,
+                crate::config::DEFAULT_MAX_BATCH_TOKENS_GPU,
+            )
+        };
+        let max_num_seqs = cfg.max_num_seqs.unwrap_or(default_seqs);
+        let max_num_batched_tokens = cfg.max_num_batched_tokens.unwrap_or(default_tokens);
         let max_model_len = cfg
             .max_model_len
             .map_or(mc.max_position_embeddings, |m| m.min(mc.max_position_embeddings));
@@ -109,7 +122,7 @@ impl EngineCore {
         let kv_memory_bytes = kv_budget(cfg, &device);
         // +1: block 0 is the null block. Never more than every sequence at full length needs.
         let by_budget = (kv_memory_bytes / layout.bytes_per_block() as u64) as usize;
-        let by_need = cfg.max_num_seqs * max_model_len.div_ceil(cfg.block_size) + 1;
+        let by_need = max_num_seqs * max_model_len.div_ceil(cfg.block_size) + 1;
         let num_blocks = by_budget.min(by_need);
         if num_blocks < 2 {
             return Err(EngineError::Load(format!(
@@ -119,13 +132,8 @@ impl EngineCore {
             )));
         }
         let kv = PagedKvCache::new(layout, num_blocks, &device)?;
-        let max_num_batched_tokens = cfg.max_num_batched_tokens.unwrap_or(if device.is_cpu() {
-            crate::config::DEFAULT_MAX_BATCH_TOKENS_CPU
-        } else {
-            crate::config::DEFAULT_MAX_BATCH_TOKENS_GPU
-        });
         let scheduler_cfg = SchedulerConfig {
-            max_num_seqs: cfg.max_num_seqs,
+            max_num_seqs,
             max_num_batched_tokens,
             max_model_len,
         };
@@ -140,6 +148,7 @@ impl EngineCore {
             kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
             device: crate::device::describe(&device),
             max_num_batched_tokens,
+            max_num_seqs,
         };
         // Prefix-cache entries are only valid for the same weights computed the same way.
         let salt_source = format!("{}|{:?}", cfg.model_path.display(), dtype);

@@ -49,8 +49,8 @@ pub struct EngineConfig {
     pub gpu_memory_utilization: f64,
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Most sequences running at once.
-    pub max_num_seqs: usize,
+    /// Most sequences running at once; None = the device's default (64 CPU, 256 GPU).
+    pub max_num_seqs: Option<usize>,
     /// Most tokens per forward pass; None = the device's default (512 CPU, 4096 GPU).
     pub max_num_batched_tokens: Option<usize>,
     /// Cap on the context length (None = the model's own).
@@ -94,6 +94,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Most tokens per forward pass.
     pub max_num_batched_tokens: usize,
+    /// Most sequences decoded together.
+    pub max_num_seqs: usize,
 }
 
 /// Live counters the engine publishes after every step (metrics, health, tests).

@@ -188,7 +188,7 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
         kv_memory_bytes: Some(64 << 20),
         gpu_memory_utilization: 0.9,
         block_size: 16,
-        max_num_seqs: 16,
+        max_num_seqs: Some(16),
         max_num_batched_tokens: Some(2048),
         max_model_len: None,
         enable_prefix_cache: true,
