@@ -12,18 +12,9 @@ async fn server() -> TestServer {
     TestServer::start(engine_config(&repo_model())).await
 }
 
-async fn send(s: &TestServer, path: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(s.url(path))
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-}
-
 /// Every SSE `data:` payload of a streamed request.
 async fn post_sse(s: &TestServer, path: &str, body: Value) -> Vec<String> {
-    let resp = send(s, path, body).await;
+    let resp = s.send_json(path, body).await;
     assert_eq!(resp.status(), 200);
     let text = resp.text().await.expect("body");
     text.split("\n\n")
@@ -387,7 +378,7 @@ async fn wrong_methods_and_oversized_bodies_get_json_errors() {
     let body: Value = resp.json().await.expect("json");
     assert!(body["error"].as_str().expect("ollama error").contains("GET"));
     let huge = completion(json!({"prompt": "a".repeat(33 << 20)}));
-    let resp = send(&s, "/v1/completions", huge).await;
+    let resp = s.send_json("/v1/completions", huge).await;
     assert_eq!(resp.status(), 413);
     let body: Value = resp.json().await.expect("json");
     assert_eq!(body["error"]["code"], "payload_too_large");
@@ -396,7 +387,9 @@ async fn wrong_methods_and_oversized_bodies_get_json_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ollama_overload_answers_carry_retry_after() {
     let s = TestServer::start_with_admission(engine_config(&repo_model()), 0).await;
-    let resp = send(&s, "/api/generate", json!({"model": "stories260k", "prompt": "hi"})).await;
+    let resp = s
+        .send_json("/api/generate", json!({"model": "stories260k", "prompt": "hi"}))
+        .await;
     assert_eq!(resp.status(), 429);
     assert_eq!(resp.headers()["retry-after"], "1");
     let body: Value = resp.json().await.expect("json");

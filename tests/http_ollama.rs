@@ -14,17 +14,8 @@ fn greedy(num_predict: u32) -> Value {
     json!({"temperature": 0, "repeat_penalty": 1.0, "num_predict": num_predict})
 }
 
-async fn post(s: &TestServer, path: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(s.url(path))
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-}
-
 async fn ndjson(s: &TestServer, path: &str, body: Value) -> Vec<Value> {
-    let resp = post(s, path, body).await;
+    let resp = s.send_json(path, body).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
     let text = resp.text().await.expect("body");
@@ -68,7 +59,7 @@ async fn generate_streams_ndjson_and_folds_to_the_same_text() {
         .collect();
     let mut whole = body;
     whole["stream"] = json!(false);
-    let folded: Value = post(&s, "/api/generate", whole).await.json().await.expect("json");
+    let folded: Value = s.send_json("/api/generate", whole).await.json().await.expect("json");
     assert_eq!(folded["response"].as_str(), Some(streamed.as_str()));
     assert_eq!(folded["context"], last["context"]);
     assert_eq!(folded["context"].as_array().expect("context").len(), 25);
@@ -79,10 +70,8 @@ async fn generate_equals_openai_completion_for_the_same_prompt_and_options() {
     let s = server().await;
     let body = json!({"model": "stories260k", "prompt": "Lily and Ben went to the park", "raw": true,
                       "stream": false, "options": greedy(40)});
-    let ollama: Value = post(&s, "/api/generate", body).await.json().await.expect("json");
-    let openai: Value = post(
-        &s,
-        "/v1/completions",
+    let ollama: Value = s.send_json("/api/generate", body).await.json().await.expect("json");
+    let openai: Value = s.send_json("/v1/completions",
         json!({"model": "stories260k:latest", "prompt": "Lily and Ben went to the park", "max_tokens": 40, "temperature": 0}),
     )
     .await
@@ -95,28 +84,24 @@ async fn generate_equals_openai_completion_for_the_same_prompt_and_options() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_round_trip_continues_the_generation() {
     let s = server().await;
-    let first: Value = post(
-        &s,
-        "/api/generate",
+    let first: Value = s.send_json("/api/generate",
         json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true, "stream": false, "options": greedy(12)}),
     )
     .await
     .json()
     .await
     .expect("json");
-    let second: Value = post(
-        &s,
-        "/api/generate",
-        json!({"model": "stories260k", "prompt": "", "raw": true, "stream": false, "context": first["context"],
+    let second: Value = s
+        .send_json(
+            "/api/generate",
+            json!({"model": "stories260k", "prompt": "", "raw": true, "stream": false, "context": first["context"],
                "options": greedy(12)}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
-    let whole: Value = post(
-        &s,
-        "/api/generate",
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
+    let whole: Value = s.send_json("/api/generate",
         json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true, "stream": false, "options": greedy(24)}),
     )
     .await
@@ -151,15 +136,15 @@ async fn chat_streams_messages_and_matches_openai_chat() {
         .iter()
         .map(|c| c["message"]["content"].as_str().expect("content"))
         .collect();
-    let openai: Value = post(
-        &s,
-        "/v1/chat/completions",
-        json!({"model": "stories260k", "messages": messages, "max_tokens": 30, "temperature": 0}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let openai: Value = s
+        .send_json(
+            "/v1/chat/completions",
+            json!({"model": "stories260k", "messages": messages, "max_tokens": 30, "temperature": 0}),
+        )
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(
         openai["choices"][0]["message"]["content"].as_str(),
         Some(streamed.as_str())
@@ -169,7 +154,8 @@ async fn chat_streams_messages_and_matches_openai_chat() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_prompt_or_messages_just_load_the_model() {
     let s = server().await;
-    let g: Value = post(&s, "/api/generate", json!({"model": "stories260k"}))
+    let g: Value = s
+        .send_json("/api/generate", json!({"model": "stories260k"}))
         .await
         .json()
         .await
@@ -178,7 +164,8 @@ async fn empty_prompt_or_messages_just_load_the_model() {
         (g["done"].clone(), g["done_reason"].clone(), g["response"].clone()),
         (json!(true), json!("load"), json!(""))
     );
-    let c: Value = post(&s, "/api/chat", json!({"model": "stories260k", "messages": []}))
+    let c: Value = s
+        .send_json("/api/chat", json!({"model": "stories260k", "messages": []}))
         .await
         .json()
         .await
@@ -236,7 +223,7 @@ async fn errors_use_ollamas_shape_and_status() {
         ("/api/show", json!({"model": "nope"}), 404, None),
     ];
     for (path, body, status, message) in cases {
-        let resp = post(&s, path, body.clone()).await;
+        let resp = s.send_json(path, body.clone()).await;
         assert_eq!(resp.status().as_u16(), status, "{path} {body}");
         let err: Value = resp.json().await.expect("json");
         let text = err["error"]
@@ -258,13 +245,13 @@ async fn errors_use_ollamas_shape_and_status() {
     assert_eq!(unknown.status(), 404);
     assert!(unknown.json::<Value>().await.expect("json")["error"].is_string());
     // Hardware hints and "off" values of unimplemented options pass; `keep_alive` is advisory.
-    let ok = post(
-        &s,
-        "/api/generate",
-        json!({"model": "stories260k", "prompt": "hi", "stream": false, "keep_alive": "5m", "think": false,
+    let ok = s
+        .send_json(
+            "/api/generate",
+            json!({"model": "stories260k", "prompt": "hi", "stream": false, "keep_alive": "5m", "think": false,
                "options": {"num_predict": 2, "mirostat": 0, "num_gpu": 99}}),
-    )
-    .await;
+        )
+        .await;
     assert_eq!(ok.status(), 200);
 }
 
@@ -291,7 +278,8 @@ async fn listings_describe_the_served_model() {
     assert_eq!(m["details"]["parameter_size"], "260K");
     assert_eq!(m["details"]["quantization_level"], "F32");
     assert_eq!(m["details"]["format"], "safetensors");
-    let show: Value = post(&s, "/api/show", json!({"model": "stories260k:latest"}))
+    let show: Value = s
+        .send_json("/api/show", json!({"model": "stories260k:latest"}))
         .await
         .json()
         .await
@@ -336,13 +324,13 @@ async fn listings_describe_the_served_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_mid_stream_is_one_error_line() {
     let s = server().await;
-    let mut resp = post(
-        &s,
-        "/api/generate",
-        json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true,
+    let mut resp = s
+        .send_json(
+            "/api/generate",
+            json!({"model": "stories260k", "prompt": "Once upon a time", "raw": true,
                "options": {"num_predict": 400, "temperature": 0}}),
-    )
-    .await;
+        )
+        .await;
     resp.chunk().await.expect("chunk").expect("a first line");
     s.engine.shutdown();
     let mut rest = String::new();

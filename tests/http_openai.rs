@@ -9,17 +9,6 @@ async fn server() -> TestServer {
     TestServer::start(engine_config(&repo_model())).await
 }
 
-async fn post(s: &TestServer, path: &str, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(s.url(path))
-        .json(&body)
-        .send()
-        .await
-        .expect("request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.expect("json body"))
-}
-
 /// Posts a streaming request and returns every SSE `data:` payload.
 async fn post_sse(s: &TestServer, path: &str, body: Value) -> Vec<String> {
     let resp = reqwest::Client::new()
@@ -66,12 +55,12 @@ async fn completion_of_reference_prompt_matches_llama2c_text() {
     let s = server().await;
     let reference = read_json(&shared("models/stories260k/reference.json"));
     let g = &reference["generations"][1];
-    let (status, body) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "text_completion");
     assert!(body["id"].as_str().expect("id").starts_with("cmpl-"));
@@ -87,20 +76,20 @@ async fn completion_of_reference_prompt_matches_llama2c_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completion_accepts_token_id_prompts() {
     let s = server().await;
-    let (_, by_text) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Lily and Ben", "max_tokens": 20, "temperature": 0}),
-    )
-    .await;
+    let (_, by_text) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Lily and Ben", "max_tokens": 20, "temperature": 0}),
+        )
+        .await;
     let codec = mlxd::text::TextCodec::load(&repo_model(), &[]).expect("codec");
     let ids = codec.encode("Lily and Ben", true).expect("encode");
-    let (status, by_ids) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": ids, "max_tokens": 20, "temperature": 0}),
-    )
-    .await;
+    let (status, by_ids) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": ids, "max_tokens": 20, "temperature": 0}),
+        )
+        .await;
     assert_eq!(status, 200, "{by_ids}");
     assert_eq!(by_ids["choices"][0]["text"], by_text["choices"][0]["text"]);
 }
@@ -108,7 +97,7 @@ async fn completion_accepts_token_id_prompts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_completion_has_openai_shape() {
     let s = server().await;
-    let (status, body) = post(&s, "/v1/chat/completions", chat_body(json!({}))).await;
+    let (status, body) = s.post_json("/v1/chat/completions", chat_body(json!({}))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert!(body["id"].as_str().expect("id").starts_with("chatcmpl-"));
@@ -127,7 +116,7 @@ async fn chat_completion_has_openai_shape() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_chat_equals_non_streamed_and_ends_with_done() {
     let s = server().await;
-    let (_, full) = post(&s, "/v1/chat/completions", chat_body(json!({}))).await;
+    let (_, full) = s.post_json("/v1/chat/completions", chat_body(json!({}))).await;
     let events = post_sse(
         &s,
         "/v1/chat/completions",
@@ -165,7 +154,7 @@ async fn streamed_chat_equals_non_streamed_and_ends_with_done() {
 async fn streamed_completion_equals_non_streamed() {
     let s = server().await;
     let body = json!({"prompt": "The cat", "max_tokens": 50, "temperature": 0});
-    let (_, full) = post(&s, "/v1/completions", body.clone()).await;
+    let (_, full) = s.post_json("/v1/completions", body.clone()).await;
     let mut stream_body = body;
     stream_body["stream"] = json!(true);
     let events = post_sse(&s, "/v1/completions", stream_body).await;
@@ -182,7 +171,7 @@ async fn streamed_completion_equals_non_streamed() {
 async fn stop_strings_are_never_emitted_streamed_or_not() {
     let s = server().await;
     let base = json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "stop": ["Lily", "zzz"]});
-    let (_, full) = post(&s, "/v1/completions", base.clone()).await;
+    let (_, full) = s.post_json("/v1/completions", base.clone()).await;
     assert_eq!(full["choices"][0]["text"], ", there was a little girl named ");
     assert_eq!(full["choices"][0]["finish_reason"], "stop");
     let mut streamed = base;
@@ -201,23 +190,23 @@ async fn stop_strings_are_never_emitted_streamed_or_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprobs_are_reported_on_both_endpoints() {
     let s = server().await;
-    let (_, c) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "logprobs": 2}),
-    )
-    .await;
+    let (_, c) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "logprobs": 2}),
+        )
+        .await;
     let lp = &c["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().expect("tokens").len(), 5);
     assert_eq!(lp["top_logprobs"][0].as_object().expect("top").len(), 2);
     let first = lp["token_logprobs"][0].as_f64().expect("logprob");
     assert!(first < 0.0, "greedy token has a negative logprob");
-    let (_, chat) = post(
-        &s,
-        "/v1/chat/completions",
-        chat_body(json!({"max_tokens": 4, "logprobs": true, "top_logprobs": 3})),
-    )
-    .await;
+    let (_, chat) = s
+        .post_json(
+            "/v1/chat/completions",
+            chat_body(json!({"max_tokens": 4, "logprobs": true, "top_logprobs": 3})),
+        )
+        .await;
     let content = chat["choices"][0]["logprobs"]["content"].as_array().expect("content");
     assert_eq!(content.len(), 4);
     let top = content[0]["top_logprobs"].as_array().expect("top");
@@ -230,8 +219,8 @@ async fn logprobs_are_reported_on_both_endpoints() {
 async fn same_seed_same_text_over_http() {
     let s = server().await;
     let body = json!({"prompt": "The dog", "max_tokens": 30, "temperature": 1.0, "seed": 77});
-    let (_, a) = post(&s, "/v1/completions", body.clone()).await;
-    let (_, b) = post(&s, "/v1/completions", body).await;
+    let (_, a) = s.post_json("/v1/completions", body.clone()).await;
+    let (_, b) = s.post_json("/v1/completions", body).await;
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
 }
 
@@ -277,30 +266,34 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
         (chat_body(json!({"model": "gpt-17"})), 404, "model"),
     ];
     for (body, status, param) in cases {
-        let (got, err) = post(&s, "/v1/chat/completions", body).await;
+        let (got, err) = s.post_json("/v1/chat/completions", body).await;
         assert_eq!(got, status, "{err}");
         assert_openai_error(&err, Some(param));
     }
-    let (status, err) = post(&s, "/v1/completions", json!({"prompt": [99999], "max_tokens": 2})).await;
+    let (status, err) = s
+        .post_json("/v1/completions", json!({"prompt": [99999], "max_tokens": 2}))
+        .await;
     assert_eq!(status, 400);
     assert_openai_error(&err, Some("prompt"));
     let unknown = reqwest::get(s.url("/v1/nothing")).await.expect("request");
     assert_eq!(unknown.status(), 404);
     assert_openai_error(&unknown.json().await.expect("json"), None);
     // Still serving.
-    let (status, _) = post(&s, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 2})).await;
+    let (status, _) = s
+        .post_json("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2}))
+        .await;
     assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_overflow_names_the_token_counts() {
     let s = server().await;
-    let (status, err) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Once upon a time", "max_tokens": 600}),
-    )
-    .await;
+    let (status, err) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 600}),
+        )
+        .await;
     assert_eq!(status, 400);
     assert_eq!(err["error"]["code"], "context_length_exceeded");
     let msg = err["error"]["message"].as_str().expect("message");
@@ -343,20 +336,20 @@ async fn requests_larger_than_the_kv_pool_are_rejected_up_front() {
     let mut cfg = engine_config(&repo_model());
     cfg.kv_memory_bytes = Some(5 * 16 * 1280); // 4 usable blocks of 16 tokens
     let s = TestServer::start(cfg).await;
-    let (status, err) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Once upon a time", "max_tokens": 100}),
-    )
-    .await;
+    let (status, err) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 100}),
+        )
+        .await;
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["code"], "kv_capacity_exceeded");
-    let (status, _) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Once upon a time", "max_tokens": 40}),
-    )
-    .await;
+    let (status, _) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 40}),
+        )
+        .await;
     assert_eq!(status, 200);
 }
 
@@ -394,21 +387,21 @@ async fn return_token_ids_and_ignore_eos_expose_raw_ids() {
     let s = server().await;
     let reference = read_json(&shared("models/stories260k/reference.json"));
     let g = &reference["generations"][1];
-    let (status, body) = post(
-        &s,
-        "/v1/completions",
-        json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "return_token_ids": true}),
-    )
-    .await;
+    let (status, body) = s
+        .post_json(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 64, "temperature": 0, "return_token_ids": true}),
+        )
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["choices"][0]["prompt_token_ids"], g["prompt_ids"]);
     assert_eq!(body["choices"][0]["token_ids"], g["generated_ids"]);
     // A prompt whose greedy continuation ends the story: with ignore_eos it runs to max_tokens.
     let stops_early = json!({"prompt": "They were happy", "max_tokens": 300, "temperature": 0});
-    let (_, natural) = post(&s, "/v1/completions", stops_early.clone()).await;
+    let (_, natural) = s.post_json("/v1/completions", stops_early.clone()).await;
     let mut ignoring = stops_early;
     ignoring["ignore_eos"] = json!(true);
-    let (_, forced) = post(&s, "/v1/completions", ignoring).await;
+    let (_, forced) = s.post_json("/v1/completions", ignoring).await;
     assert_eq!(natural["choices"][0]["finish_reason"], "stop");
     assert!(natural["usage"]["completion_tokens"].as_u64() < Some(300));
     assert_eq!(forced["usage"]["completion_tokens"], 300);
@@ -438,17 +431,19 @@ async fn tokenize_and_detokenize_use_the_served_tokenizer() {
     let s = server().await;
     let reference = read_json(&shared("models/stories260k/reference.json"));
     let case = &reference["tokenizer"][2];
-    let (status, t) = post(&s, "/tokenize", json!({"prompt": case["text"]})).await;
+    let (status, t) = s.post_json("/tokenize", json!({"prompt": case["text"]})).await;
     assert_eq!(status, 200, "{t}");
     assert_eq!(t["tokens"], case["ids_with_bos"]);
     assert_eq!(t["count"], case["ids_with_bos"].as_array().expect("ids").len());
     assert_eq!(t["max_model_len"], 512);
-    let (_, d) = post(&s, "/detokenize", json!({"tokens": case["ids_with_bos"]})).await;
+    let (_, d) = s
+        .post_json("/detokenize", json!({"tokens": case["ids_with_bos"]}))
+        .await;
     assert_eq!(d["prompt"], case["decoded"]);
     let example = &reference["chat_template_example"];
-    let (_, chat) = post(&s, "/tokenize", json!({"messages": example["messages"]})).await;
+    let (_, chat) = s.post_json("/tokenize", json!({"messages": example["messages"]})).await;
     assert_eq!(chat["tokens"], example["ids_no_extra_special_tokens"]);
-    let (status, err) = post(&s, "/detokenize", json!({"tokens": [100000]})).await;
+    let (status, err) = s.post_json("/detokenize", json!({"tokens": [100000]})).await;
     assert_eq!(status, 400);
     assert_openai_error(&err, Some("tokens"));
     let models: Value = reqwest::get(s.url("/v1/models"))

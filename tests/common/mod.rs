@@ -267,14 +267,19 @@ impl TestServer {
         format!("{}{path}", self.base)
     }
 
-    /// POSTs `body` as JSON; the status and the JSON answer.
-    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-        let resp = reqwest::Client::new()
+    /// POSTs `body` as JSON; the response as it came.
+    pub async fn send_json(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
+        reqwest::Client::new()
             .post(self.url(path))
             .json(&body)
             .send()
             .await
-            .expect("request");
+            .expect("request")
+    }
+
+    /// POSTs `body` as JSON; the status and the JSON answer.
+    pub async fn post_json(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = self.send_json(path, body).await;
         let status = resp.status().as_u16();
         (status, resp.json().await.expect("json body"))
     }
