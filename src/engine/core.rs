@@ -192,8 +192,10 @@ impl EngineCore {
             }
             self.publish_stats();
         }
-        self.fail_all(EngineError::Unavailable);
+        // Unhealthy before the clients hear of it: a client that reacts to the error by
+        // probing /health must see 503.
         self.stats.healthy.store(false, Ordering::Relaxed);
+        self.fail_all(EngineError::Unavailable);
         tracing::info!("engine stopped");
     }
 

@@ -2,11 +2,14 @@
 //!
 //! 1. scatter this step's K/V rows into the layer's slots (`slot_mapping`);
 //! 2. gather each sequence's whole context by `context_slots`;
-//! 3. causal attention per sequence (grouped-query: query heads share their KV head),
-//!    optionally limited to a sliding window and with tanh soft-capping of the scores.
+//! 3. causal attention (grouped-query: query heads share their KV head), optionally limited
+//!    to a sliding window and with tanh soft-capping of the scores: every single-token
+//!    sequence in one padded, masked batched matmul, every multi-token chunk in another, a lone
+//!    sequence of either kind by itself;
+//! 4. one gather puts the outputs back in token order.
 //!
-//! Per-sequence loops keep this portable across candle devices; a fused varlen kernel can
-//! replace step 3 without touching the models.
+//! Plain candle ops keep this portable across devices; a fused varlen kernel reading the
+//! paged blocks in place can replace steps 2-4 without touching the models.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -51,8 +54,11 @@ struct WindowView {
     window: Option<usize>,
     /// First visible key position of any query in the span.
     kv_lo: usize,
-    /// Additive mask `[q_len * n_rep, kv_len - kv_lo]`, only when `q_len > 1`.
+    /// Additive mask `[q_len * n_rep, kv_len - kv_lo]`, only when `q_len > 1` and the
+    /// sequence is attended alone.
     mask: Option<Tensor>,
+    /// The mask's geometry.
+    shape: MaskShape,
 }
 
 #[derive(Debug)]
@@ -72,6 +78,140 @@ pub struct AttentionMeta {
     spans: Vec<SeqSpan>,
     /// Single-token (decode) sequences attended together, one entry per window setting.
     decode: Vec<DecodeBatch>,
+    /// Multi-token (prefill chunk) sequences attended together, one entry per window setting.
+    prefill: Vec<PrefillBatch>,
+    /// Per window setting: how the batched outputs are put back in token order (see
+    /// `Assembly`).
+    assembly: Vec<Assembly>,
+}
+
+/// Where each sequence's attention output lands when the batched parts (decode batch, prefill
+/// batch, then the lone sequences, in that order) are concatenated, and the one gather that
+/// restores token order: one copy instead of one per sequence.
+#[derive(Debug)]
+struct Assembly {
+    window: Option<usize>,
+    /// `[T]` u32: row of the concatenated parts for each token row; None when already in order.
+    order: Option<Tensor>,
+}
+
+/// Every multi-token (prefill chunk) sequence of the batch under one window setting, padded to
+/// the longest chunk and the longest visible context, attended in one batched matmul instead of
+/// one loop turn each.
+#[derive(Debug)]
+struct PrefillBatch {
+    window: Option<usize>,
+    /// Indices into `spans` of the prefill sequences, in batch order.
+    span_ids: Vec<usize>,
+    /// `[B * max_q]` u32: query rows; padding repeats the sequence's first row.
+    q_rows: Tensor,
+    /// `[B * max_visible]` u32: rows of the gathered context; padding repeats a valid row.
+    kv_rows: Tensor,
+    /// `[B, 1, max_q, 1, max_visible]` (broadcast over KV heads and the query heads sharing
+    /// one): 0 for visible keys, -inf otherwise; a padding query row sees key 0 only (its
+    /// output is dropped; an all -inf row would be NaN).
+    mask: Tensor,
+    /// `[sum q_len]` u32: the padded output row of each real query row, in batch order.
+    out_rows: Tensor,
+    max_q: usize,
+    max_visible: usize,
+}
+
+impl PrefillBatch {
+    fn build(spans: &[SeqSpan], window_index: usize, device: &Device) -> Result<Option<Self>> {
+        let span_ids: Vec<usize> = (0..spans.len()).filter(|&i| spans[i].q_len > 1).collect();
+        if span_ids.len() < 2 {
+            return Ok(None);
+        }
+        let view = |i: usize| &spans[i].views[window_index];
+        let window = view(span_ids[0]).window;
+        let visible = |i: usize| spans[i].kv_len - view(i).kv_lo;
+        let max_visible = span_ids.iter().map(|&i| visible(i)).max().unwrap_or(0);
+        let max_q = span_ids.iter().map(|&i| spans[i].q_len).max().unwrap_or(0);
+        let b = span_ids.len();
+        let (mut q_rows, mut kv_rows, mut out_rows) = (Vec::new(), Vec::new(), Vec::new());
+        let mut mask = Vec::with_capacity(b * max_q * max_visible);
+        for (slot, &i) in span_ids.iter().enumerate() {
+            let span = &spans[i];
+            let kv_lo = view(i).kv_lo;
+            let first_kv = (span.kv_start + kv_lo) as u32;
+            for j in 0..max_visible {
+                kv_rows.push(if j < visible(i) { first_kv + j as u32 } else { first_kv });
+            }
+            for t in 0..max_q {
+                let real = t < span.q_len;
+                q_rows.push((span.q_start + if real { t } else { 0 }) as u32);
+                if real {
+                    out_rows.push((slot * max_q + t) as u32);
+                }
+                let p = span.kv_len - span.q_len + t;
+                mask.extend((0..max_visible).map(|jj| {
+                    let key = kv_lo + jj;
+                    let seen = if real {
+                        jj < visible(i) && key <= p && window.is_none_or(|w| p - key < w)
+                    } else {
+                        jj == 0
+                    };
+                    if seen {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                }));
+            }
+        }
+        let n_out = out_rows.len();
+        Ok(Some(Self {
+            window,
+            q_rows: Tensor::from_vec(q_rows, b * max_q, device)?,
+            kv_rows: Tensor::from_vec(kv_rows, b * max_visible, device)?,
+            mask: Tensor::from_vec(mask, (b, 1, max_q, 1, max_visible), device)?,
+            out_rows: Tensor::from_vec(out_rows, n_out, device)?,
+            span_ids,
+            max_q,
+            max_visible,
+        }))
+    }
+}
+
+impl Assembly {
+    /// The order for `window`: decode batch rows, prefill batch rows, then lone sequences.
+    fn build(
+        spans: &[SeqSpan],
+        window: Option<usize>,
+        decode: Option<&DecodeBatch>,
+        prefill: Option<&PrefillBatch>,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut start = vec![usize::MAX; spans.len()];
+        let mut next = 0;
+        for ids in [decode.map(|d| &d.span_ids), prefill.map(|p| &p.span_ids)]
+            .into_iter()
+            .flatten()
+        {
+            for &i in ids {
+                start[i] = next;
+                next += spans[i].q_len;
+            }
+        }
+        for (i, span) in spans.iter().enumerate() {
+            if start[i] == usize::MAX {
+                start[i] = next;
+                next += span.q_len;
+            }
+        }
+        let order: Vec<u32> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, span)| (start[i]..start[i] + span.q_len).map(|r| r as u32))
+            .collect();
+        let in_order = order.iter().enumerate().all(|(k, &r)| k as u32 == r);
+        let n = order.len();
+        Ok(Self {
+            window,
+            order: (!in_order).then(|| Tensor::from_vec(order, n, device)).transpose()?,
+        })
+    }
 }
 
 /// Every single-token sequence of the batch under one window setting, padded to the longest
@@ -148,12 +288,12 @@ impl AttentionMeta {
                         window,
                         n_rep,
                     };
-                    let mask = if q_len > 1 {
-                        Some(shape.build(dtype, device)?)
-                    } else {
-                        None
-                    };
-                    Ok(WindowView { window, kv_lo, mask })
+                    Ok(WindowView {
+                        window,
+                        kv_lo,
+                        mask: None,
+                        shape,
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             spans.push(SeqSpan {
@@ -166,22 +306,50 @@ impl AttentionMeta {
             q_start += q_len;
             kv_start += kv_len;
         }
-        let decode = (0..windows.len())
+        let decode: Vec<DecodeBatch> = (0..windows.len())
             .map(|w| DecodeBatch::build(&spans, w, device))
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .flatten()
             .collect();
+        let prefill: Vec<PrefillBatch> = (0..windows.len())
+            .map(|w| PrefillBatch::build(&spans, w, device))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        // Masks of the multi-token sequences attended alone (not in a prefill batch).
+        for (i, span) in spans.iter_mut().enumerate() {
+            for view in span.views.iter_mut().filter(|_| span.q_len > 1) {
+                let batched = prefill
+                    .iter()
+                    .any(|p| p.window == view.window && p.span_ids.contains(&i));
+                if !batched {
+                    view.mask = Some(view.shape.build(dtype, device)?);
+                }
+            }
+        }
+        let assembly = windows
+            .iter()
+            .map(|&w| {
+                let d = decode.iter().find(|d| d.window == w);
+                let p = prefill.iter().find(|p| p.window == w);
+                Assembly::build(&spans, w, d, p, device)
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             scatter_index,
             context_slots: batch.context_slots.clone(),
             spans,
             decode,
+            prefill,
+            assembly,
         })
     }
 }
 
 /// Geometry of one sequence's additive attention mask.
+#[derive(Clone, Copy, Debug)]
 struct MaskShape {
     q_len: usize,
     kv_len: usize,
@@ -263,6 +431,53 @@ fn attend_decode_batch(
     probs.matmul(&v)?.reshape((b, num_heads * head_dim))
 }
 
+/// Attention of every multi-token sequence at once: `[sum q_len, heads * head_dim]`, the
+/// sequences in batch order.
+fn attend_prefill_batch(
+    qkv: &Qkv,
+    (k_ctx, v_ctx): (&Tensor, &Tensor),
+    p: &PrefillBatch,
+    opts: AttentionOpts,
+) -> Result<Tensor> {
+    let (_, num_heads, head_dim) = qkv.q.dims3()?;
+    let num_kv_heads = qkv.k.dim(1)?;
+    let n_rep = num_heads / num_kv_heads;
+    let b = p.span_ids.len();
+    let heads_of = |ctx: &Tensor| -> Result<Tensor> {
+        ctx.index_select(&p.kv_rows, 0)?
+            .reshape((b, p.max_visible, num_kv_heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (k, v) = (heads_of(k_ctx)?, heads_of(v_ctx)?);
+    // [B * Q, heads, d] → [B, kv_heads, Q * n_rep, d] (rows t * n_rep + r, as the mask).
+    let q = qkv
+        .q
+        .contiguous()?
+        .index_select(&p.q_rows, 0)?
+        .reshape((b, p.max_q, num_kv_heads, n_rep, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, num_kv_heads, p.max_q * n_rep, head_dim))?;
+    let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? * opts.scale)?.reshape((
+        b,
+        num_kv_heads,
+        p.max_q,
+        n_rep,
+        p.max_visible,
+    ))?;
+    let probs = softmax_scores(scores, Some(&p.mask), opts.softcap)?
+        .to_dtype(qkv.q.dtype())?
+        .reshape((b, num_kv_heads, p.max_q * n_rep, p.max_visible))?;
+    probs
+        .matmul(&v)?
+        .reshape((b, num_kv_heads, p.max_q, n_rep, head_dim))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b * p.max_q, num_heads * head_dim))?
+        .index_select(&p.out_rows, 0)
+}
+
 /// Writes this step's K/V into `kv` and attends every sequence's queries over its context.
 /// Returns `[T, heads * head_dim]`.
 pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: AttentionOpts) -> Result<Tensor> {
@@ -278,18 +493,23 @@ pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: 
     // 2) gather every sequence's context.
     let k_ctx = kv.k.index_select(&meta.context_slots, 0)?;
     let v_ctx = kv.v.index_select(&meta.context_slots, 0)?;
-    // 3) all single-token sequences in one batched pass, the others one by one.
+    // 3) all single-token sequences in one batched pass, all multi-token ones in another, the
+    //    lone rest one by one; 4) one gather puts the rows back in token order.
     let decode = meta.decode.iter().find(|d| d.window == opts.window);
-    let decoded = decode
-        .map(|d| attend_decode_batch(qkv, (&k_ctx, &v_ctx), d, opts))
-        .transpose()?;
-    let mut outputs = Vec::with_capacity(meta.spans.len());
+    let prefill = meta.prefill.iter().find(|p| p.window == opts.window);
+    let mut parts = Vec::new();
+    let mut batched = vec![false; meta.spans.len()];
+    if let Some(d) = decode {
+        parts.push(attend_decode_batch(qkv, (&k_ctx, &v_ctx), d, opts)?);
+        d.span_ids.iter().for_each(|&i| batched[i] = true);
+    }
+    if let Some(p) = prefill {
+        parts.push(attend_prefill_batch(qkv, (&k_ctx, &v_ctx), p, opts)?);
+        p.span_ids.iter().for_each(|&i| batched[i] = true);
+    }
     for (i, span) in meta.spans.iter().enumerate() {
-        if let (Some(d), Some(out)) = (decode, &decoded) {
-            if let Some(pos) = d.span_ids.iter().position(|&s| s == i) {
-                outputs.push(out.narrow(0, pos, 1)?);
-                continue;
-            }
+        if batched[i] {
+            continue;
         }
         let view = span
             .views
@@ -318,7 +538,20 @@ pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: 
             .reshape((num_kv_heads, span.q_len, n_rep, head_dim))?
             .transpose(0, 1)?
             .reshape((span.q_len, num_heads * head_dim))?;
-        outputs.push(o);
+        parts.push(o);
     }
-    Tensor::cat(&outputs, 0)
+    let all = if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    let assembly = meta
+        .assembly
+        .iter()
+        .find(|a| a.window == opts.window)
+        .expect("invariant: AttentionMeta was built with every window the model uses");
+    match &assembly.order {
+        Some(order) => all.index_select(order, 0),
+        None => Ok(all),
+    }
 }
