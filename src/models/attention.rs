@@ -129,6 +129,13 @@ impl PrefillBatch {
         let max_visible = span_ids.iter().map(|&i| visible(i)).max().unwrap_or(0);
         let max_q = span_ids.iter().map(|&i| spans[i].q_len).max().unwrap_or(0);
         let b = span_ids.len();
+        // A CPU is compute-bound: padding chunks of very different lengths to the longest costs
+        // more than the per-sequence launches it saves, so it batches only well-matched chunks.
+        // A GPU is launch-bound and always batches.
+        let real: usize = span_ids.iter().map(|&i| spans[i].q_len * visible(i)).sum();
+        if device.is_cpu() && 2 * b * max_q * max_visible > 3 * real {
+            return Ok(None);
+        }
         let (mut q_rows, mut kv_rows, mut out_rows) = (Vec::new(), Vec::new(), Vec::new());
         let mut mask = Vec::with_capacity(b * max_q * max_visible);
         for (slot, &i) in span_ids.iter().enumerate() {
