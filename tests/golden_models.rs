@@ -122,6 +122,37 @@ fn chunked_prefill_equals_one_shot_prefill() {
     assert!(diff < 1e-5, "chunked prefill differs by {diff}");
 }
 
+/// Chunks of similar length in one step take the batched prefill attention (padded, masked),
+/// on the CPU too; each chunk's logits equal its own one-sequence forward.
+#[test]
+fn batched_prefill_chunks_equal_each_chunk_alone() {
+    for arch in ["llama", "gemma3"] {
+        let dir = shared(&format!("fixtures/{arch}/f32"));
+        let prompts = read_json(&shared(&format!("fixtures/{arch}/refs/prompts.json")));
+        let p33 = ids(&prompts["sequences"][2]["ids"]);
+        // A 12-token chunk after 4 cached tokens, and fresh 12- and 11-token prompts (gemma3's
+        // sliding window of 8 masks inside the chunks). Padded work 3·12·16 = 576 is within
+        // 1.5x the real 12·16 + 12·12 + 11·11 = 457, so the CPU batches them.
+        let chunks = vec![
+            (0, 4, p33[4..16].to_vec()),
+            (1, 0, p33[..12].to_vec()),
+            (2, 0, p33[5..16].to_vec()),
+        ];
+        let mut together = ModelRunner::load(&dir, DType::F32, 3, 64);
+        together.forward(&[(0, 0, p33[..4].to_vec())]);
+        let got = together.forward(&chunks);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let mut alone = ModelRunner::load(&dir, DType::F32, 3, 64);
+            if chunk.1 > 0 {
+                alone.forward(&[(chunk.0, 0, p33[..chunk.1].to_vec())]);
+            }
+            let want = alone.forward(std::slice::from_ref(chunk));
+            let diff = max_abs_diff(&got[i], &want[0]);
+            assert!(diff < 1e-5, "{arch} chunk {i} differs by {diff} when batched");
+        }
+    }
+}
+
 #[test]
 fn f16_compute_stays_close_to_the_f32_reference() {
     check_stories("stories260k", DType::F16, 0.1, false);
