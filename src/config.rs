@@ -78,6 +78,8 @@ pub struct EngineSection {
     pub prefix_cache: bool,
     /// Cap on prompt + output tokens (0 = the model's context length).
     pub max_model_len: usize,
+    /// On a CUDA GPU, replay decode steps from captured CUDA graphs.
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineSection {
@@ -90,6 +92,7 @@ impl Default for EngineSection {
             kv_memory: "auto".into(),
             prefix_cache: true,
             max_model_len: 0,
+            cuda_graphs: true,
         }
     }
 }
@@ -301,6 +304,7 @@ mod tests {
         assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);
         assert_eq!(cfg.engine.device, defaults.engine.device);
         assert_eq!(cfg.engine.dtype, defaults.engine.dtype);
+        assert_eq!(cfg.engine.cuda_graphs, defaults.engine.cuda_graphs);
         assert_eq!(
             cfg.engine.gpu_memory_utilization,
             defaults.engine.gpu_memory_utilization

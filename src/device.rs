@@ -80,6 +80,24 @@ impl fmt::Display for DeviceChoice {
     }
 }
 
+/// Opens CUDA device `n` on a stream of its own (CUDA graphs cannot be captured on the default
+/// stream) with cudarc's per-buffer event tracking off: the engine thread issues everything on
+/// this one stream, so there is nothing for those events to order, and recording them costs
+/// every kernel launch.
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> candle_core::Result<Device> {
+    let device = candle_core::CudaDevice::new_with_stream(n)?;
+    // SAFETY: every tensor on this device is used from the engine thread's one stream.
+    unsafe { device.disable_event_tracking() };
+    Ok(Device::Cuda(device))
+}
+
+/// Without the `cuda` feature there is no CUDA device to open (candle says so).
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(n: usize) -> candle_core::Result<Device> {
+    Device::new_cuda(n)
+}
+
 impl DeviceChoice {
     /// Opens the device. `Auto` falls back to the CPU when no GPU can be opened.
     pub fn open(self) -> Result<Device, DeviceError> {
@@ -87,7 +105,7 @@ impl DeviceChoice {
             Self::Cpu => Ok(Device::Cpu),
             Self::Auto => {
                 if candle_core::utils::cuda_is_available() {
-                    if let Ok(device) = Device::new_cuda(0) {
+                    if let Ok(device) = open_cuda(0) {
                         return Ok(device);
                     }
                 }
@@ -100,7 +118,7 @@ impl DeviceChoice {
                         feature: "cuda",
                     });
                 }
-                Device::new_cuda(n).map_err(|e| DeviceError::Missing {
+                open_cuda(n).map_err(|e| DeviceError::Missing {
                     device: self.to_string(),
                     reason: e.to_string(),
                 })

@@ -94,6 +94,10 @@ struct ModelArgs {
     /// Do not reuse the KV of identical prompt prefixes.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Run every step eagerly instead of replaying decode steps from CUDA graphs (vLLM's
+    /// --enforce-eager).
+    #[arg(long)]
+    no_cuda_graphs: bool,
     /// Most requests waiting beyond the running ones; more get HTTP 429 [default: 256].
     #[arg(long)]
     max_queue: Option<usize>,
@@ -232,6 +236,9 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if args.no_prefix_cache {
         e.prefix_cache = false;
     }
+    if args.no_cuda_graphs {
+        e.cuda_graphs = false;
+    }
     let s = &mut cfg.scheduler;
     if let Some(n) = args.max_seqs {
         s.max_seqs = n;
@@ -269,6 +276,7 @@ fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<(
         max_num_batched_tokens: (cfg.scheduler.max_batch_tokens > 0).then_some(cfg.scheduler.max_batch_tokens),
         max_model_len: (cfg.engine.max_model_len > 0).then_some(cfg.engine.max_model_len),
         enable_prefix_cache: cfg.engine.prefix_cache,
+        cuda_graphs: cfg.engine.cuda_graphs,
         show_progress: true,
         queue_timeout: (cfg.scheduler.queue_timeout > 0.0)
             .then(|| std::time::Duration::from_secs_f64(cfg.scheduler.queue_timeout)),

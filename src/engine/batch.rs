@@ -1,47 +1,76 @@
-//! Turns a `SchedulerOutput` into the model's packed `BatchInput` (host vectors → device).
+//! Turns a `SchedulerOutput` into the model's packed inputs: host vectors first (`HostBatch`),
+//! then device tensors (`BatchInput`), so a CUDA graph runner can put the same vectors into
+//! its own fixed buffers instead.
 
 use candle_core::{Device, Result, Tensor};
 
 use crate::models::BatchInput;
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
-/// Flattens every scheduled sequence's new tokens, positions and KV slots.
-pub fn build_batch<T>(out: &SchedulerOutput, scheduler: &Scheduler<T>, device: &Device) -> Result<BatchInput> {
-    let block_size = scheduler.blocks().block_size();
-    let num_tokens = out.num_tokens();
-    let mut token_ids = Vec::with_capacity(num_tokens);
-    let mut positions = Vec::with_capacity(num_tokens);
-    let mut slot_mapping = Vec::with_capacity(num_tokens);
-    let mut context_slots = Vec::new();
-    let mut q_lens = Vec::with_capacity(out.seqs.len());
-    let mut kv_lens = Vec::with_capacity(out.seqs.len());
-    let mut logits_rows = Vec::new();
-    for s in &out.seqs {
-        let seq = scheduler.seq(s.id).expect("invariant: scheduled sequences are live");
-        let table = scheduler.block_table(s.id);
-        let slot = |p: usize| table[p / block_size].0 * block_size as u32 + (p % block_size) as u32;
-        let kv_len = s.num_computed + s.num_new;
-        for p in s.num_computed..kv_len {
-            token_ids.push(seq.tokens[p]);
-            positions.push(p as u32);
-            slot_mapping.push(slot(p));
+/// One step's inputs on the host (see `BatchInput` for each field's meaning).
+#[derive(Debug, Default)]
+pub struct HostBatch {
+    /// Token ids of all sequences concatenated.
+    pub token_ids: Vec<u32>,
+    /// Absolute position of each token.
+    pub positions: Vec<u32>,
+    /// KV slot each new token's K/V is written to.
+    pub slot_mapping: Vec<u32>,
+    /// KV slots of every sequence's whole context, in position order.
+    pub context_slots: Vec<u32>,
+    /// Tokens fed per sequence.
+    pub q_lens: Vec<usize>,
+    /// Context length per sequence after this step.
+    pub kv_lens: Vec<usize>,
+    /// Row of the last token of each sequence that samples.
+    pub logits_rows: Vec<u32>,
+}
+
+impl HostBatch {
+    /// Flattens every scheduled sequence's new tokens, positions and KV slots.
+    pub fn build<T>(out: &SchedulerOutput, scheduler: &Scheduler<T>) -> Self {
+        let block_size = scheduler.blocks().block_size();
+        let num_tokens = out.num_tokens();
+        let mut b = HostBatch {
+            token_ids: Vec::with_capacity(num_tokens),
+            positions: Vec::with_capacity(num_tokens),
+            slot_mapping: Vec::with_capacity(num_tokens),
+            q_lens: Vec::with_capacity(out.seqs.len()),
+            kv_lens: Vec::with_capacity(out.seqs.len()),
+            ..Default::default()
+        };
+        for s in &out.seqs {
+            let seq = scheduler.seq(s.id).expect("invariant: scheduled sequences are live");
+            let table = scheduler.block_table(s.id);
+            let slot = |p: usize| table[p / block_size].0 * block_size as u32 + (p % block_size) as u32;
+            let kv_len = s.num_computed + s.num_new;
+            for p in s.num_computed..kv_len {
+                b.token_ids.push(seq.tokens[p]);
+                b.positions.push(p as u32);
+                b.slot_mapping.push(slot(p));
+            }
+            b.context_slots.extend((0..kv_len).map(slot));
+            if s.sample {
+                b.logits_rows.push((b.token_ids.len() - 1) as u32);
+            }
+            b.q_lens.push(s.num_new);
+            b.kv_lens.push(kv_len);
         }
-        context_slots.extend((0..kv_len).map(slot));
-        if s.sample {
-            logits_rows.push((token_ids.len() - 1) as u32);
-        }
-        q_lens.push(s.num_new);
-        kv_lens.push(kv_len);
+        b
     }
-    let n_ctx = context_slots.len();
-    let n_rows = logits_rows.len();
-    Ok(BatchInput {
-        token_ids: Tensor::from_vec(token_ids, num_tokens, device)?,
-        positions: Tensor::from_vec(positions, num_tokens, device)?,
-        slot_mapping: Tensor::from_vec(slot_mapping, num_tokens, device)?,
-        context_slots: Tensor::from_vec(context_slots, n_ctx, device)?,
-        q_lens,
-        kv_lens,
-        logits_rows: Tensor::from_vec(logits_rows, n_rows, device)?,
-    })
+
+    /// The same inputs as fresh device tensors.
+    pub fn upload(&self, device: &Device) -> Result<BatchInput> {
+        let t = |v: &[u32]| Tensor::from_slice(v, v.len(), device);
+        Ok(BatchInput {
+            token_ids: t(&self.token_ids)?,
+            positions: t(&self.positions)?,
+            slot_mapping: t(&self.slot_mapping)?,
+            context_slots: t(&self.context_slots)?,
+            q_lens: self.q_lens.clone(),
+            kv_lens: self.kv_lens.clone(),
+            logits_rows: t(&self.logits_rows)?,
+            fixed: None,
+        })
+    }
 }

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender};
 
-use super::batch::build_batch;
+use super::batch::HostBatch;
+use super::graphs::DecodeGraphs;
 use super::metrics::EngineMetrics;
 use super::output::TokenEvent;
 use super::sampler::SamplerState;
@@ -51,6 +52,8 @@ pub(crate) struct EngineCore {
     cache_salt: u64,
     /// Requests of the step in progress: the ones a failing step fails.
     step_ids: Vec<RequestId>,
+    /// Decode steps replayed from CUDA graphs (None: every step runs eagerly).
+    graphs: Option<DecodeGraphs>,
 }
 
 /// Device memory kept free for activations, logits and the allocator's slack when the KV
@@ -152,6 +155,10 @@ impl EngineCore {
         };
         // Prefix-cache entries are only valid for the same weights computed the same way.
         let salt_source = format!("{}|{:?}", cfg.model_path.display(), dtype);
+        let graphs = cfg
+            .cuda_graphs
+            .then(|| DecodeGraphs::new(&device, max_model_len))
+            .flatten();
         let core = Self {
             model,
             kv,
@@ -164,6 +171,7 @@ impl EngineCore {
             queue_timeout: cfg.queue_timeout,
             cache_salt: xxhash_rust::xxh3::xxh3_64(salt_source.as_bytes()),
             step_ids: Vec::new(),
+            graphs,
         };
         Ok((core, info))
     }
@@ -350,9 +358,9 @@ impl EngineCore {
         self.stats.peak_batch_seqs.fetch_max(out.seqs.len(), Ordering::Relaxed);
         self.announce_scheduled(&out);
         clock.lap("schedule");
-        let batch = build_batch(&out, &self.scheduler, &self.device)?;
+        let batch = HostBatch::build(&out, &self.scheduler);
         clock.lap("prepare");
-        let logits = self.model.forward(&batch, &mut self.kv)?;
+        let logits = self.forward(&batch)?;
         clock.lap("forward");
         let (sampled, logprobs) = self.sample(&out, &logits)?;
         clock.lap("sample");
@@ -361,6 +369,16 @@ impl EngineCore {
         clock.lap("update");
         self.step_ids.clear();
         Ok(())
+    }
+
+    /// The step's logits: replayed from a CUDA graph where one applies, else an eager forward.
+    fn forward(&mut self, batch: &HostBatch) -> candle_core::Result<candle_core::Tensor> {
+        if let Some(graphs) = &mut self.graphs {
+            if let Some(logits) = graphs.forward(self.model.as_ref(), batch, &mut self.kv)? {
+                return Ok(logits);
+            }
+        }
+        self.model.forward(&batch.upload(&self.device)?, &mut self.kv)
     }
 
     /// One token per sampling sequence of `out`, from `logits` (`[S, vocab]`, one row each).

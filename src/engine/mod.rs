@@ -9,6 +9,7 @@
 mod batch;
 mod core;
 pub mod error;
+mod graphs;
 pub mod metrics;
 pub mod output;
 pub mod sampler;
@@ -61,6 +62,9 @@ pub struct EngineConfig {
     pub show_progress: bool,
     /// Fail requests that wait longer than this before being scheduled (None = never).
     pub queue_timeout: Option<std::time::Duration>,
+    /// On a CUDA device: replay decode steps from captured CUDA graphs (vLLM's default; its
+    /// `--enforce-eager` turns them off).
+    pub cuda_graphs: bool,
 }
 
 impl ModelInfo {

@@ -27,6 +27,20 @@ pub struct BatchInput {
     pub kv_lens: Vec<usize>,
     /// `[S]` u32: row of the last token of each sequence that samples.
     pub logits_rows: Tensor,
+    /// Set when the batch lives in fixed device buffers (a decode step replayed from a CUDA
+    /// graph): the model must then derive nothing per step from host data, and `kv_lens` only
+    /// bounds each context.
+    pub fixed: Option<FixedDecode>,
+}
+
+/// A decode batch's sequence table, already on the device (see `BatchInput::fixed`).
+#[derive(Debug, Clone)]
+pub struct FixedDecode {
+    /// `[S, 4]` u32 per sequence: {its token row, 1, offset of its context in
+    /// `context_slots`, its token's position}.
+    pub seqs: Tensor,
+    /// The longest context the buffers hold.
+    pub max_context: usize,
 }
 
 impl BatchInput {

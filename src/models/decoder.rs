@@ -6,11 +6,12 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::attention::{paged_attention, AttentionMeta, AttentionOpts, HeadDims, Qkv};
+use super::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
 use super::batch::BatchInput;
 use super::config::{HfConfig, LayerType, RopeConfig};
 use super::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
 use super::paged_kv::{LayerKv, PagedKvCache};
+use super::runs_kernels;
 use super::source::WeightSource;
 use super::{LoadError, LoadProgress, Model, ModelConfig};
 
@@ -136,15 +137,44 @@ impl DecoderSpec {
     }
 }
 
+/// The q, k and v projections: three layers, or (dense weights on CUDA) one layer whose output
+/// is `[q | k | v]`, one matmul launch instead of three.
+#[derive(Debug)]
+enum QkvProjection {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused { qkv: Linear, widths: [usize; 3] },
+}
+
+impl QkvProjection {
+    fn forward(&self, x: &Tensor) -> Result<Projected<'_>> {
+        match self {
+            Self::Separate { q, k, v } => Ok(Projected {
+                q: q.forward(x)?,
+                k: k.forward(x)?,
+                v: v.forward(x)?,
+                bias: None,
+                norms: None,
+            }),
+            Self::Fused { qkv, widths: [q, k, v] } => {
+                let (all, bias) = qkv.forward_unbiased(x)?;
+                Ok(Projected {
+                    q: all.narrow(1, 0, *q)?,
+                    k: all.narrow(1, *q, *k)?,
+                    v: all.narrow(1, q + k, *v)?,
+                    bias,
+                    norms: None,
+                })
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProjection,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
-    dims: HeadDims,
     opts: AttentionOpts,
     sliding: bool,
 }
@@ -171,15 +201,28 @@ impl Attention {
                 .then(|| RmsNorm::load(vb.pp(name), d.head_dim, spec.rms_eps, spec.norm_unit_offset))
                 .transpose()
         };
+        let fused = if runs_kernels(vb.device()) {
+            Linear::concat_dense(&[&q_proj, &k_proj, &v_proj])?
+        } else {
+            None
+        };
+        let qkv = match fused {
+            Some(qkv) => QkvProjection::Fused {
+                qkv,
+                widths: [q_out, kv_out, kv_out],
+            },
+            None => QkvProjection::Separate {
+                q: q_proj,
+                k: k_proj,
+                v: v_proj,
+            },
+        };
         let sliding = layer == LayerType::Sliding;
         Ok(Self {
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv,
             o_proj: Linear::load(vb.pp("o_proj"), q_out, h, spec.o_bias)?,
             q_norm: head_norm("q_norm")?,
             k_norm: head_norm("k_norm")?,
-            dims: d,
             opts: AttentionOpts {
                 scale: spec.attn_scale,
                 window: if sliding { spec.sliding_window } else { None },
@@ -190,26 +233,15 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, rope: &RotaryAtPositions, kv: &mut LayerKv, meta: &AttentionMeta) -> Result<Tensor> {
-        let t = x.dim(0)?;
-        let HeadDims {
-            num_heads,
-            num_kv_heads,
-            head_dim,
-        } = self.dims;
-        // 1) project, 2) per-head norms, 3) rotate q and k, 4) paged attention, 5) output.
-        let mut q = self.q_proj.forward(x)?.reshape((t, num_heads, head_dim))?;
-        let mut k = self.k_proj.forward(x)?.reshape((t, num_kv_heads, head_dim))?;
-        let v = self.v_proj.forward(x)?.reshape((t, num_kv_heads, head_dim))?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(&q)?;
-            k = kn.forward(&k)?;
-        }
-        let qkv = Qkv {
-            q: rope.apply(&q)?,
-            k: rope.apply(&k)?,
-            v,
+        // 1) project, 2) bias, per-head norms, rope and the KV write, 3) paged attention,
+        // 4) output projection.
+        let mut projected = self.qkv.forward(x)?;
+        projected.norms = match (&self.q_norm, &self.k_norm) {
+            (Some(q), Some(k)) => Some(HeadNorms { q, k }),
+            _ => None,
         };
-        let o = paged_attention(&qkv, kv, meta, self.opts)?;
+        let q = attention::store_kv(&projected, rope, kv, meta)?;
+        let o = attention::attend(&q, kv, meta, self.opts)?;
         self.o_proj.forward(&o)
     }
 }
@@ -242,17 +274,27 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &RotaryAtPositions, kv: &mut LayerKv, meta: &AttentionMeta) -> Result<Tensor> {
-        let mut h = self.attn.forward(&self.attn_norm.forward(x)?, rope, kv, meta)?;
+    /// The residual stream arrives as `x` plus the previous layer's not yet added output
+    /// `delta`, and leaves the same way: each residual add runs fused into the norm after it.
+    fn forward(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        rope: &RotaryAtPositions,
+        kv: &mut LayerKv,
+        meta: &AttentionMeta,
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, normed) = self.attn_norm.add_forward(x, delta)?;
+        let mut h = self.attn.forward(&normed, rope, kv, meta)?;
         if let Some(n) = &self.attn_out_norm {
             h = n.forward(&h)?;
         }
-        let x = (x + h)?;
-        let mut h = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        let (x, normed) = self.mlp_norm.add_forward(&x, Some(&h))?;
+        let mut h = self.mlp.forward(&normed)?;
         if let Some(n) = &self.mlp_out_norm {
             h = n.forward(&h)?;
         }
-        x + h
+        Ok((x, h))
     }
 }
 
@@ -337,15 +379,18 @@ impl Model for Decoder {
         let rope_full = self.rope_full.at(&batch.positions)?;
         let rope_sliding = self.rope_sliding.as_ref().map(|r| r.at(&batch.positions)).transpose()?;
         let meta = AttentionMeta::new(batch, self.dims, &self.windows, dtype)?;
+        let mut delta = None;
         for (layer, layer_kv) in self.layers.iter().zip(kv.layers_mut()) {
             let rope = match &rope_sliding {
                 Some(sliding) if layer.attn.sliding => sliding,
                 _ => &rope_full,
             };
-            x = layer.forward(&x, rope, layer_kv, &meta)?;
+            let (next, h) = layer.forward(&x, delta.as_ref(), rope, layer_kv, &meta)?;
+            (x, delta) = (next, Some(h));
         }
-        let x = x.index_select(&batch.logits_rows, 0)?;
-        let x = self.norm.forward(&x)?;
+        let rows = |t: &Tensor| t.index_select(&batch.logits_rows, 0);
+        let delta = delta.as_ref().map(rows).transpose()?;
+        let (_, x) = self.norm.add_forward(&rows(&x)?, delta.as_ref())?;
         let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         if let Some(cap) = self.final_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;

@@ -7,8 +7,10 @@ use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::RopeConfig;
+use super::fused;
 use super::gguf::QuantizedRows;
 use super::quant::mlx::MlxWeights;
+use super::runs_kernels;
 use super::source::WeightSource;
 
 /// A linear layer `y = x Wᵀ + b`. An enum so quantized weight formats slot in beside the dense
@@ -89,6 +91,38 @@ impl Linear {
                 Ok(part)
             })
             .collect()
+    }
+
+    /// One dense layer whose output rows are those of `parts` in order (a fused projection:
+    /// one matmul launch instead of several), or None unless every part is dense. Biases are
+    /// concatenated when every part has one.
+    pub fn concat_dense(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let dense: Vec<&candle_nn::Linear> = parts
+            .iter()
+            .filter_map(|p| match p {
+                Self::Dense(l) => Some(l),
+                _ => None,
+            })
+            .collect();
+        if dense.len() != parts.len() {
+            return Ok(None);
+        }
+        let weights: Vec<&Tensor> = dense.iter().map(|l| l.weight()).collect();
+        let biases: Option<Vec<&Tensor>> = dense.iter().map(|l| l.bias()).collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        Ok(Some(Self::Dense(candle_nn::Linear::new(
+            Tensor::cat(&weights, 0)?,
+            bias,
+        ))))
+    }
+
+    /// `x Wᵀ` and, for a dense layer, its bias still to add (a fused kernel that follows adds
+    /// it without a launch of its own); other layers add their bias themselves.
+    pub fn forward_unbiased(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Self::Dense(l) => Ok((x.matmul(&l.weight().t()?)?, l.bias().cloned())),
+            _ => Ok((self.forward(x)?, None)),
+        }
     }
 
     /// Applies the layer to `[T, in]`.
@@ -191,6 +225,9 @@ impl RmsNorm {
             // Gemma's `1 + w` rounded to bf16 loses the small `w` (up to 0.1 in logits):
             // keep it in f32 and normalize in f32, as transformers does.
             weight = (weight.to_dtype(DType::F32)? + 1.0)?;
+        } else if runs_kernels(vb.device()) {
+            // The fused kernels take f32 weights for every compute dtype.
+            weight = weight.to_dtype(DType::F32)?;
         }
         Ok(Self {
             weight,
@@ -198,15 +235,44 @@ impl RmsNorm {
         })
     }
 
+    /// The scale vector (f32 on CUDA and for Gemma, else the compute dtype).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Epsilon inside the root mean square.
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
     /// Normalizes over the last dimension (candle's kernels accumulate in f32), returning the
     /// input's dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let cols = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / cols.max(1);
+        if let Some((_, normed)) = fused::add_rms_norm(&x.reshape((rows, cols))?, None, &self.weight, self.eps)? {
+            return normed.reshape(x.shape());
+        }
         let dtype = x.dtype();
         if self.weight.dtype() == dtype {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps);
         }
         let normed = candle_nn::ops::rms_norm(&x.to_dtype(self.weight.dtype())?.contiguous()?, &self.weight, self.eps)?;
         normed.to_dtype(dtype)
+    }
+
+    /// The residual stream's next value `x + delta` (just `x` without a delta) and its norm,
+    /// `[T, dim]` each; one kernel on CUDA.
+    pub fn add_forward(&self, x: &Tensor, delta: Option<&Tensor>) -> Result<(Tensor, Tensor)> {
+        if let Some(fused) = fused::add_rms_norm(x, delta, &self.weight, self.eps)? {
+            return Ok(fused);
+        }
+        let sum = match delta {
+            Some(d) => (x + d)?,
+            None => x.clone(),
+        };
+        let normed = self.forward(&sum)?;
+        Ok((sum, normed))
     }
 }
 
@@ -219,13 +285,14 @@ pub struct Rotary {
     interleaved: bool,
 }
 
-/// Cos/sin rows gathered for one batch's positions, applied to q and k of every layer.
+/// The rotation of one batch's positions, applied to q and k of every layer: cos/sin rows
+/// gathered once per forward, or (CUDA) the tables and positions the fused kernel indexes.
 #[derive(Debug, Clone)]
 pub struct RotaryAtPositions {
-    cos: Tensor,
-    sin: Tensor,
-    rotary_dim: usize,
-    interleaved: bool,
+    rotary: Rotary,
+    positions: Tensor,
+    /// `[T, rotary_dim / 2]` cos and sin rows; None where a kernel reads the tables.
+    rows: Option<(Tensor, Tensor)>,
 }
 
 impl Rotary {
@@ -247,14 +314,23 @@ impl Rotary {
         self
     }
 
-    /// Gathers the rows for `positions` (`[T]` u32).
+    /// The rotation at `positions` (`[T]` u32).
     pub fn at(&self, positions: &Tensor) -> Result<RotaryAtPositions> {
+        let rows = (!runs_kernels(positions.device()))
+            .then(|| self.rows_at(positions))
+            .transpose()?;
         Ok(RotaryAtPositions {
-            cos: self.cos.index_select(positions, 0)?,
-            sin: self.sin.index_select(positions, 0)?,
-            rotary_dim: self.rotary_dim,
-            interleaved: self.interleaved,
+            rotary: self.clone(),
+            positions: positions.clone(),
+            rows,
         })
+    }
+
+    fn rows_at(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        ))
     }
 }
 
@@ -263,23 +339,53 @@ impl RotaryAtPositions {
     /// layout, as transformers); the remaining dims pass through.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let head_dim = x.dim(D::Minus1)?;
+        let (cos, sin) = match &self.rows {
+            Some(rows) => rows.clone(),
+            None => self.rotary.rows_at(&self.positions)?,
+        };
+        let rotary_dim = self.rotary.rotary_dim;
         let rotate = |x: &Tensor| -> Result<Tensor> {
-            if self.interleaved {
+            if self.rotary.interleaved {
                 // rope_i wants [b, heads, T, d].
                 let bhtd = x.transpose(0, 1)?.unsqueeze(0)?.contiguous()?;
-                candle_nn::rotary_emb::rope_i(&bhtd, &self.cos, &self.sin)?
+                candle_nn::rotary_emb::rope_i(&bhtd, &cos, &sin)?
                     .squeeze(0)?
                     .transpose(0, 1)
             } else {
-                candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &self.cos, &self.sin)?.squeeze(0)
+                candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?.squeeze(0)
             }
         };
-        if self.rotary_dim == head_dim {
+        if rotary_dim == head_dim {
             return rotate(x);
         }
-        let rotated = rotate(&x.narrow(D::Minus1, 0, self.rotary_dim)?)?;
-        let pass = x.narrow(D::Minus1, self.rotary_dim, head_dim - self.rotary_dim)?;
+        let rotated = rotate(&x.narrow(D::Minus1, 0, rotary_dim)?)?;
+        let pass = x.narrow(D::Minus1, rotary_dim, head_dim - rotary_dim)?;
         Tensor::cat(&[rotated, pass], D::Minus1)
+    }
+
+    /// The positions rotated (`[T]` u32).
+    pub fn positions(&self) -> &Tensor {
+        &self.positions
+    }
+
+    /// The whole cosine table `[max_positions, rotary_dim / 2]`, as a fused kernel indexes it.
+    pub fn cos_table(&self) -> &Tensor {
+        &self.rotary.cos
+    }
+
+    /// The whole sine table.
+    pub fn sin_table(&self) -> &Tensor {
+        &self.rotary.sin
+    }
+
+    /// Leading dims of each head that rotate.
+    pub fn rotary_dim(&self) -> usize {
+        self.rotary.rotary_dim
+    }
+
+    /// Pairs `(2i, 2i+1)` rotate instead of `(i, i + rotary_dim / 2)`.
+    pub fn interleaved(&self) -> bool {
+        self.rotary.interleaved
     }
 }
 
@@ -302,21 +408,33 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Silu => candle_nn::ops::silu(x),
-            Self::GeluTanh => x.gelu(),
+    /// `act(gate) * up`; one kernel on CUDA.
+    fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if let Some(fused) = fused::gated_act(gate, up, self == Self::GeluTanh)? {
+            return Ok(fused);
         }
+        let activated = match self {
+            Self::Silu => candle_nn::ops::silu(gate)?,
+            Self::GeluTanh => gate.gelu()?,
+        };
+        activated * up
     }
 }
 
 /// Gated MLP `down(act(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
-    gate: Linear,
-    up: Linear,
+    gate_up: GateUp,
     down: Linear,
     activation: Activation,
+}
+
+/// The gate and up projections: two layers, or (dense weights on CUDA) one layer whose output
+/// is `[gate | up]`, one matmul launch instead of two.
+#[derive(Debug, Clone)]
+enum GateUp {
+    Separate { gate: Linear, up: Linear },
+    Fused { gate_up: Linear, intermediate: usize },
 }
 
 /// Shape and naming of a gated MLP.
@@ -349,9 +467,20 @@ impl GatedMlp {
                 Linear::load(vb.pp("up_proj"), h, i, spec.bias)?,
             )
         };
+        let fused = if runs_kernels(vb.device()) {
+            Linear::concat_dense(&[&gate, &up])?
+        } else {
+            None
+        };
+        let gate_up = match fused {
+            Some(gate_up) => GateUp::Fused {
+                gate_up,
+                intermediate: i,
+            },
+            None => GateUp::Separate { gate, up },
+        };
         Ok(Self {
-            gate,
-            up,
+            gate_up,
             down: Linear::load(vb.pp("down_proj"), i, h, spec.bias)?,
             activation: spec.activation,
         })
@@ -359,7 +488,16 @@ impl GatedMlp {
 
     /// Applies the MLP to `[T, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.activation.apply(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate, up } => (gate.forward(x)?, up.forward(x)?),
+            GateUp::Fused { gate_up, intermediate } => {
+                let both = gate_up.forward(x)?;
+                (
+                    both.narrow(1, 0, *intermediate)?,
+                    both.narrow(1, *intermediate, *intermediate)?,
+                )
+            }
+        };
+        self.down.forward(&self.activation.gated(&gate, &up)?)
     }
 }

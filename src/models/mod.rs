@@ -6,7 +6,10 @@
 pub mod attention;
 pub mod batch;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decoder;
+pub mod fused;
 pub mod gemma3;
 pub mod gguf;
 pub mod layers;
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use batch::BatchInput;
+pub use batch::{BatchInput, FixedDecode};
 pub use paged_kv::{KvLayout, PagedKvCache};
 
 /// Why a model folder could not be loaded; every variant names the file or feature involved.
@@ -170,6 +173,12 @@ pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress)
     })?;
     progress.finish();
     Ok(Box::new(model))
+}
+
+/// True when tensors on `device` go through mlxd's own fused CUDA kernels (`models::cuda`)
+/// instead of chains of candle ops: a CUDA device in a `cuda` build.
+pub fn runs_kernels(device: &Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda()
 }
 
 /// True for a path that names a GGUF file.

@@ -115,6 +115,7 @@ impl ModelRunner {
             q_lens,
             kv_lens,
             logits_rows: t(rows),
+            fixed: None,
         };
         self.model
             .forward(&batch, &mut self.kv)
@@ -192,6 +193,7 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
         max_num_batched_tokens: Some(2048),
         max_model_len: None,
         enable_prefix_cache: true,
+        cuda_graphs: true,
         show_progress: false,
         queue_timeout: None,
     }

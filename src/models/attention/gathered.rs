@@ -1,4 +1,4 @@
-//! The one paged attention path every model calls.
+//! The portable attention path, in plain candle ops (CPU, Metal):
 //!
 //! 1. scatter this step's K/V rows into the layer's slots (`slot_mapping`);
 //! 2. gather each sequence's whole context by `context_slots`;
@@ -8,45 +8,13 @@
 //!    sequence of either kind by itself;
 //! 4. one gather puts the outputs back in token order.
 //!
-//! Plain candle ops keep this portable across devices; a fused varlen kernel reading the
-//! paged blocks in place can replace steps 2-4 without touching the models.
+//! On CUDA the kernels of `models::cuda` replace all of this (see `attention/mod.rs`).
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::batch::BatchInput;
-use super::paged_kv::LayerKv;
-
-/// Head layout of one attention layer.
-#[derive(Clone, Copy, Debug)]
-pub struct HeadDims {
-    /// Query heads.
-    pub num_heads: usize,
-    /// KV heads (divides `num_heads`).
-    pub num_kv_heads: usize,
-    /// Dimension of each head.
-    pub head_dim: usize,
-}
-
-/// How one layer attends.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionOpts {
-    /// Multiplier of q·k (usually `head_dim^-0.5`).
-    pub scale: f64,
-    /// Attend only to the last `window` positions (query included).
-    pub window: Option<usize>,
-    /// `cap · tanh(score / cap)` before masking.
-    pub softcap: Option<f64>,
-}
-
-/// This step's projected queries, keys and values, `[T, heads, head_dim]` each.
-pub struct Qkv {
-    /// Queries (already rotated).
-    pub q: Tensor,
-    /// Keys (already rotated).
-    pub k: Tensor,
-    /// Values.
-    pub v: Tensor,
-}
+use super::{AttentionOpts, HeadDims};
+use crate::models::batch::BatchInput;
+use crate::models::paged_kv::LayerKv;
 
 /// What one sequence sees under one window setting.
 #[derive(Debug)]
@@ -70,9 +38,10 @@ struct SeqSpan {
     views: Vec<WindowView>,
 }
 
-/// Per-forward attention bookkeeping, shared by all layers.
+/// Per-forward bookkeeping of the gathered path, shared by all layers.
 #[derive(Debug)]
-pub struct AttentionMeta {
+pub struct GatheredPlan {
+    dims: HeadDims,
     scatter_index: Tensor,
     context_slots: Tensor,
     spans: Vec<SeqSpan>,
@@ -268,7 +237,12 @@ impl DecodeBatch {
     }
 }
 
-impl AttentionMeta {
+impl GatheredPlan {
+    /// The head layout the plan was built for.
+    pub fn dims(&self) -> HeadDims {
+        self.dims
+    }
+
     /// Builds scatter indices and the masks of every window setting the model uses, once per
     /// forward.
     pub fn new(batch: &BatchInput, dims: HeadDims, windows: &[Option<usize>], dtype: DType) -> Result<Self> {
@@ -345,6 +319,7 @@ impl AttentionMeta {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            dims,
             scatter_index,
             context_slots: batch.context_slots.clone(),
             spans,
@@ -412,13 +387,13 @@ fn softmax_scores(scores: Tensor, mask: Option<&Tensor>, softcap: Option<f64>) -
 
 /// Attention of every single-token sequence at once: `[B, heads * head_dim]` in batch order.
 fn attend_decode_batch(
-    qkv: &Qkv,
+    q: &Tensor,
+    num_kv_heads: usize,
     (k_ctx, v_ctx): (&Tensor, &Tensor),
     d: &DecodeBatch,
     opts: AttentionOpts,
 ) -> Result<Tensor> {
-    let (_, num_heads, head_dim) = qkv.q.dims3()?;
-    let num_kv_heads = qkv.k.dim(1)?;
+    let (_, num_heads, head_dim) = q.dims3()?;
     let n_rep = num_heads / num_kv_heads;
     let b = d.span_ids.len();
     let heads_of = |ctx: &Tensor| -> Result<Tensor> {
@@ -428,26 +403,25 @@ fn attend_decode_batch(
             .contiguous()
     };
     let (k, v) = (heads_of(k_ctx)?, heads_of(v_ctx)?);
-    let q = qkv
-        .q
+    let q = q
         .contiguous()?
         .index_select(&d.q_rows, 0)?
         .reshape((b, num_kv_heads, n_rep, head_dim))?;
     let scores = (q.matmul(&k.transpose(2, 3)?)? * opts.scale)?;
-    let probs = softmax_scores(scores, Some(&d.mask), opts.softcap)?.to_dtype(qkv.q.dtype())?;
+    let probs = softmax_scores(scores, Some(&d.mask), opts.softcap)?.to_dtype(q.dtype())?;
     probs.matmul(&v)?.reshape((b, num_heads * head_dim))
 }
 
 /// Attention of every multi-token sequence at once: `[sum q_len, heads * head_dim]`, the
 /// sequences in batch order.
 fn attend_prefill_batch(
-    qkv: &Qkv,
+    q: &Tensor,
+    num_kv_heads: usize,
     (k_ctx, v_ctx): (&Tensor, &Tensor),
     p: &PrefillBatch,
     opts: AttentionOpts,
 ) -> Result<Tensor> {
-    let (_, num_heads, head_dim) = qkv.q.dims3()?;
-    let num_kv_heads = qkv.k.dim(1)?;
+    let (_, num_heads, head_dim) = q.dims3()?;
     let n_rep = num_heads / num_kv_heads;
     let b = p.span_ids.len();
     let heads_of = |ctx: &Tensor| -> Result<Tensor> {
@@ -458,8 +432,7 @@ fn attend_prefill_batch(
     };
     let (k, v) = (heads_of(k_ctx)?, heads_of(v_ctx)?);
     // [B * Q, heads, d] → [B, kv_heads, Q * n_rep, d] (rows t * n_rep + r, as the mask).
-    let q = qkv
-        .q
+    let q = q
         .contiguous()?
         .index_select(&p.q_rows, 0)?
         .reshape((b, p.max_q, num_kv_heads, n_rep, head_dim))?
@@ -474,7 +447,7 @@ fn attend_prefill_batch(
         p.max_visible,
     ))?;
     let probs = softmax_scores(scores, Some(&p.mask), opts.softcap)?
-        .to_dtype(qkv.q.dtype())?
+        .to_dtype(q.dtype())?
         .reshape((b, num_kv_heads, p.max_q * n_rep, p.max_visible))?;
     probs
         .matmul(&v)?
@@ -485,36 +458,39 @@ fn attend_prefill_batch(
         .index_select(&p.out_rows, 0)
 }
 
-/// Writes this step's K/V into `kv` and attends every sequence's queries over its context.
+/// Writes this step's K/V rows (`[T, kv_heads * head_dim]` each) into their slots.
+pub fn store(k: &Tensor, v: &Tensor, kv: &mut LayerKv, plan: &GatheredPlan) -> Result<()> {
+    kv.k.scatter_set(&plan.scatter_index, &k.contiguous()?, 0)?;
+    kv.v.scatter_set(&plan.scatter_index, &v.contiguous()?, 0)
+}
+
+/// Attends every sequence's queries (`[T, heads, head_dim]`, rotated) over its context.
 /// Returns `[T, heads * head_dim]`.
-pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: AttentionOpts) -> Result<Tensor> {
-    let (num_tokens, num_heads, head_dim) = qkv.q.dims3()?;
-    let num_kv_heads = qkv.k.dim(1)?;
+pub fn attend(q: &Tensor, kv: &LayerKv, plan: &GatheredPlan, opts: AttentionOpts) -> Result<Tensor> {
+    let HeadDims {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = plan.dims;
     let n_rep = num_heads / num_kv_heads;
-    let kv_width = num_kv_heads * head_dim;
-    // 1) write new K/V into their slots.
-    let k_rows = qkv.k.reshape((num_tokens, kv_width))?.contiguous()?;
-    let v_rows = qkv.v.reshape((num_tokens, kv_width))?.contiguous()?;
-    kv.k.scatter_set(&meta.scatter_index, &k_rows, 0)?;
-    kv.v.scatter_set(&meta.scatter_index, &v_rows, 0)?;
     // 2) gather every sequence's context.
-    let k_ctx = kv.k.index_select(&meta.context_slots, 0)?;
-    let v_ctx = kv.v.index_select(&meta.context_slots, 0)?;
+    let k_ctx = kv.k.index_select(&plan.context_slots, 0)?;
+    let v_ctx = kv.v.index_select(&plan.context_slots, 0)?;
     // 3) all single-token sequences in one batched pass, all multi-token ones in another, the
     //    lone rest one by one; 4) one gather puts the rows back in token order.
-    let decode = meta.decode.iter().find(|d| d.window == opts.window);
-    let prefill = meta.prefill.iter().find(|p| p.window == opts.window);
+    let decode = plan.decode.iter().find(|d| d.window == opts.window);
+    let prefill = plan.prefill.iter().find(|p| p.window == opts.window);
     let mut parts = Vec::new();
-    let mut batched = vec![false; meta.spans.len()];
+    let mut batched = vec![false; plan.spans.len()];
     if let Some(d) = decode {
-        parts.push(attend_decode_batch(qkv, (&k_ctx, &v_ctx), d, opts)?);
+        parts.push(attend_decode_batch(q, num_kv_heads, (&k_ctx, &v_ctx), d, opts)?);
         d.span_ids.iter().for_each(|&i| batched[i] = true);
     }
     if let Some(p) = prefill {
-        parts.push(attend_prefill_batch(qkv, (&k_ctx, &v_ctx), p, opts)?);
+        parts.push(attend_prefill_batch(q, num_kv_heads, (&k_ctx, &v_ctx), p, opts)?);
         p.span_ids.iter().for_each(|&i| batched[i] = true);
     }
-    for (i, span) in meta.spans.iter().enumerate() {
+    for (i, span) in plan.spans.iter().enumerate() {
         if batched[i] {
             continue;
         }
@@ -522,7 +498,7 @@ pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: 
             .views
             .iter()
             .find(|v| v.window == opts.window)
-            .expect("invariant: AttentionMeta was built with every window the model uses");
+            .expect("invariant: GatheredPlan was built with every window the model uses");
         let visible = span.kv_len - view.kv_lo;
         let heads_of = |ctx: &Tensor| -> Result<Tensor> {
             ctx.narrow(0, span.kv_start + view.kv_lo, visible)?
@@ -531,15 +507,14 @@ pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: 
                 .contiguous()
         };
         let (k_i, v_i) = (heads_of(&k_ctx)?, heads_of(&v_ctx)?);
-        let q_i = qkv
-            .q
+        let q_i = q
             .narrow(0, span.q_start, span.q_len)?
             .reshape((span.q_len, num_kv_heads, n_rep, head_dim))?
             .transpose(0, 1)?
             .contiguous()?
             .reshape((num_kv_heads, span.q_len * n_rep, head_dim))?;
         let scores = (q_i.matmul(&k_i.t()?)? * opts.scale)?;
-        let probs = softmax_scores(scores, view.mask.as_ref(), opts.softcap)?.to_dtype(qkv.q.dtype())?;
+        let probs = softmax_scores(scores, view.mask.as_ref(), opts.softcap)?.to_dtype(q.dtype())?;
         let o = probs
             .matmul(&v_i)?
             .reshape((num_kv_heads, span.q_len, n_rep, head_dim))?
@@ -552,11 +527,11 @@ pub fn paged_attention(qkv: &Qkv, kv: &mut LayerKv, meta: &AttentionMeta, opts: 
     } else {
         Tensor::cat(&parts, 0)?
     };
-    let assembly = meta
+    let assembly = plan
         .assembly
         .iter()
         .find(|a| a.window == opts.window)
-        .expect("invariant: AttentionMeta was built with every window the model uses");
+        .expect("invariant: GatheredPlan was built with every window the model uses");
     match &assembly.order {
         Some(order) => all.index_select(order, 0),
         None => Ok(all),

@@ -1,0 +1,439 @@
+// mlxd's fused CUDA kernels: each replaces a chain of small candle ops with one launch, and
+// the attention kernel reads K/V where the paged cache keeps them (no gathered copy).
+//
+// Every kernel comes in f32, f16 and bf16 (`<name>_f32` ...); arithmetic is in f32 and each
+// output is rounded to the storage type once.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define FULL_MASK 0xffffffffu
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// qkv_store: for every token, per head: + bias, optional RMSNorm over the head (q_norm /
+// k_norm), rotary embedding at the token's position; q goes to `q_out` [T, hq, d], k and v
+// to the token's KV slot. One warp per (token, q or kv head); blocks of 4 warps.
+// Rope: `neox` pairs (i, i + rotary_dim/2); `interleaved` pairs (2i, 2i+1); dims past
+// rotary_dim pass through. Tables are [max_pos, rotary_dim/2].
+#define STORE_WARPS 4
+#define MAX_HEAD_DIM 256
+
+template <typename T>
+__device__ void qkv_store(const T *q, const T *k, const T *v, uint32_t q_stride, uint32_t k_stride,
+                          uint32_t v_stride, const T *bias, const float *q_norm,
+                          const float *k_norm, float eps, const T *cos_table,
+                          const T *sin_table, const uint32_t *positions, const uint32_t *slots,
+                          T *q_out, T *k_cache, T *v_cache, uint32_t num_tokens, uint32_t hq,
+                          uint32_t hkv, uint32_t d, uint32_t rotary_dim, uint32_t interleaved) {
+  __shared__ float buf[STORE_WARPS][MAX_HEAD_DIM];
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t item = blockIdx.x * STORE_WARPS + warp;
+  if (item >= num_tokens * (hq + hkv)) return;
+  const uint32_t t = item / (hq + hkv), h = item % (hq + hkv);
+  const bool is_q = h < hq;
+  const uint32_t kh = h - hq;
+  const T *src = is_q ? q + (size_t)t * q_stride + h * d : k + (size_t)t * k_stride + kh * d;
+  const T *b = bias == nullptr ? nullptr : (is_q ? bias + h * d : bias + hq * d + kh * d);
+  const float *norm = is_q ? q_norm : k_norm;
+  float *x = buf[warp];
+  float sumsq = 0.f;
+  for (uint32_t i = lane; i < d; i += 32) {
+    float val = to_f(src[i]);
+    if (b != nullptr) val += to_f(b[i]);
+    x[i] = val;
+    sumsq += val * val;
+  }
+  if (norm != nullptr) {
+    const float r = rsqrtf(warp_sum(sumsq) / (float)d + eps);
+    for (uint32_t i = lane; i < d; i += 32) x[i] = x[i] * r * norm[i];
+  }
+  __syncwarp();
+  const uint32_t pos = positions[t], half = rotary_dim / 2;
+  const size_t slot_base = (size_t)slots[t] * hkv * d + kh * d;
+  T *dst = is_q ? q_out + ((size_t)t * hq + h) * d : k_cache + slot_base;
+  for (uint32_t i = lane; i < d; i += 32) {
+    float out = x[i];
+    if (i < rotary_dim) {
+      uint32_t pair;
+      float partner, sign;
+      if (interleaved) {
+        pair = i / 2;
+        partner = x[i ^ 1u];
+        sign = (i % 2 == 0) ? -1.f : 1.f;
+      } else {
+        pair = i % half;
+        partner = i < half ? x[i + half] : x[i - half];
+        sign = i < half ? -1.f : 1.f;
+      }
+      const float c = to_f(cos_table[(size_t)pos * half + pair]);
+      const float s = to_f(sin_table[(size_t)pos * half + pair]);
+      out = x[i] * c + sign * partner * s;
+    }
+    dst[i] = from_f<T>(out);
+  }
+  if (!is_q) {
+    const T *vs = v + (size_t)t * v_stride + kh * d;
+    const T *vb = bias == nullptr ? nullptr : bias + (hq + hkv) * d + kh * d;
+    for (uint32_t i = lane; i < d; i += 32) {
+      float val = to_f(vs[i]);
+      if (vb != nullptr) val += to_f(vb[i]);
+      v_cache[slot_base + i] = from_f<T>(val);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// paged_attention: causal attention of every query row of the step over its sequence's
+// context, reading K/V from the cache slots listed in `ctx_slots` (in place, no gathered copy).
+// One block per (tile, head group, split): a tile is up to `16 / heads_per_block` consecutive
+// tokens of one sequence, `tiles[4*i..]` = {first token row, tokens, offset of the sequence in
+// ctx_slots, position of the first token}; a head group is `heads_per_block` query heads that
+// share one KV head. Each of the 4 warps owns up to 4 (token, head) rows; K/V tiles of `kt`
+// keys are staged in shared memory as f32 and shared by all rows (online softmax).
+// With `splits` > 1 (few blocks: flash-decoding), block z takes the z-th of `splits` equal
+// chunks of the tile's key range and writes its unnormalized partial {acc[d], max, sum} per row
+// to `partial` [splits, T * hq, d + 2]; attention_combine merges them.
+#define ATT_WARPS 4
+#define ROWS_PER_WARP 4
+#define MAX_ROWS (ATT_WARPS * ROWS_PER_WARP)
+#define PER_LANE (MAX_HEAD_DIM / 32)
+#define LOAD_UNROLL 4
+
+// Stages keys/values `first .. first + n` of a context into shared memory as f32, with 16-byte
+// loads issued LOAD_UNROLL at a time so their latencies overlap.
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(const T *k_cache, const T *v_cache,
+                                             const uint32_t *ctx_slots, uint32_t first, uint32_t n,
+                                             uint32_t d, size_t kv_width, uint32_t kvh, float *k_s,
+                                             float *v_s) {
+  constexpr uint32_t VEC = 16 / sizeof(T);
+  if (d % VEC != 0) {
+    for (uint32_t idx = threadIdx.x; idx < n * d; idx += blockDim.x) {
+      const uint32_t j = idx / d, i = idx % d;
+      const size_t at = (size_t)ctx_slots[first + j] * kv_width + (size_t)kvh * d + i;
+      k_s[j * (d + 1) + i] = to_f(k_cache[at]);
+      v_s[j * (d + 1) + i] = to_f(v_cache[at]);
+    }
+    return;
+  }
+  const uint32_t per_row = d / VEC, total = n * per_row;
+  for (uint32_t base = 0; base < total; base += blockDim.x * LOAD_UNROLL) {
+    uint4 kb[LOAD_UNROLL], vb[LOAD_UNROLL];
+#pragma unroll
+    for (int u = 0; u < LOAD_UNROLL; ++u) {
+      const uint32_t c = base + u * blockDim.x + threadIdx.x;
+      if (c < total) {
+        const uint32_t j = c / per_row, i = (c % per_row) * VEC;
+        const size_t at = (size_t)ctx_slots[first + j] * kv_width + (size_t)kvh * d + i;
+        kb[u] = *reinterpret_cast<const uint4 *>(k_cache + at);
+        vb[u] = *reinterpret_cast<const uint4 *>(v_cache + at);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < LOAD_UNROLL; ++u) {
+      const uint32_t c = base + u * blockDim.x + threadIdx.x;
+      if (c < total) {
+        const uint32_t j = c / per_row, i = (c % per_row) * VEC;
+        const T *kv = reinterpret_cast<const T *>(&kb[u]);
+        const T *vv = reinterpret_cast<const T *>(&vb[u]);
+#pragma unroll
+        for (uint32_t e = 0; e < VEC; ++e) {
+          k_s[j * (d + 1) + i + e] = to_f(kv[e]);
+          v_s[j * (d + 1) + i + e] = to_f(vv[e]);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+__device__ void paged_attention(const T *q, const T *k_cache, const T *v_cache,
+                                const uint32_t *ctx_slots, const uint32_t *tiles, T *out,
+                                float *partial, uint32_t num_tokens, uint32_t hq, uint32_t hkv,
+                                uint32_t d, uint32_t heads_per_block, uint32_t kt,
+                                uint32_t splits, float scale, float softcap, uint32_t window) {
+  extern __shared__ float smem[];
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t n_rep = hq / hkv;
+  const uint32_t *tile = tiles + 4 * blockIdx.x;
+  const uint32_t t0 = tile[0], nq = tile[1], ctx = tile[2], p0 = tile[3];
+  const uint32_t head0 = blockIdx.y * heads_per_block;
+  const uint32_t kvh = head0 / n_rep;
+  const uint32_t rows = nq * heads_per_block;
+  const size_t kv_width = (size_t)hkv * d;
+  float *q_s = smem;
+  float *k_s = q_s + MAX_ROWS * d;
+  float *v_s = k_s + kt * (d + 1);
+
+  // Row r: token t0 + r / heads_per_block, head head0 + r % heads_per_block.
+#pragma unroll 4
+  for (uint32_t idx = threadIdx.x; idx < rows * d; idx += blockDim.x) {
+    const uint32_t r = idx / d, i = idx % d;
+    const uint32_t tok = t0 + r / heads_per_block, head = head0 + r % heads_per_block;
+    q_s[r * d + i] = to_f(q[((size_t)tok * hq + head) * d + i]) * scale;
+  }
+
+  float m[ROWS_PER_WARP], l[ROWS_PER_WARP], acc[ROWS_PER_WARP][PER_LANE];
+#pragma unroll
+  for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+    m[rr] = -INFINITY;
+    l[rr] = 0.f;
+#pragma unroll
+    for (int e = 0; e < PER_LANE; ++e) acc[rr][e] = 0.f;
+  }
+
+  const uint32_t key_hi = p0 + nq - 1;
+  const uint32_t key_lo = (window != 0 && p0 + 1 > window) ? p0 + 1 - window : 0;
+  const uint32_t chunk = (key_hi + 1 - key_lo + splits - 1) / splits;
+  const uint32_t chunk_lo = key_lo + blockIdx.z * chunk;
+  const uint32_t chunk_end = min(key_hi + 1, chunk_lo + chunk);
+  for (uint32_t k0 = chunk_lo; k0 < chunk_end; k0 += kt) {
+    const uint32_t n = min(kt, chunk_end - k0);
+    __syncthreads();
+    load_kv_tile(k_cache, v_cache, ctx_slots, ctx + k0, n, d, kv_width, kvh, k_s, v_s);
+    __syncthreads();
+#pragma unroll
+    for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+      const uint32_t r = warp + rr * ATT_WARPS;
+      if (r >= rows) continue;
+      const uint32_t p = p0 + r / heads_per_block;
+      const uint32_t lo = (window != 0 && p + 1 > window) ? p + 1 - window : 0;
+      const float *qr = q_s + r * d;
+      float s[2];
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const uint32_t jj = lane + 32 * c, key = k0 + jj;
+        float score = -INFINITY;
+        if (jj < n && key >= lo && key <= p) {
+          const float *kr = k_s + jj * (d + 1);
+          float dot = 0.f;
+          for (uint32_t i = 0; i < d; ++i) dot += qr[i] * kr[i];
+          if (softcap > 0.f) dot = softcap * tanhf(dot / softcap);
+          score = dot;
+        }
+        s[c] = score;
+        tile_max = fmaxf(tile_max, score);
+      }
+      tile_max = warp_max(tile_max);
+      if (tile_max == -INFINITY) continue;
+      const float m_new = fmaxf(m[rr], tile_max);
+      const float alpha = expf(m[rr] - m_new);
+      float psum = 0.f;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        s[c] = s[c] == -INFINITY ? 0.f : expf(s[c] - m_new);
+        psum += s[c];
+      }
+      l[rr] = l[rr] * alpha + warp_sum(psum);
+#pragma unroll
+      for (int e = 0; e < PER_LANE; ++e) acc[rr][e] *= alpha;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        for (uint32_t src = 0; src < 32 && 32 * c + src < n; ++src) {
+          const float pj = __shfl_sync(FULL_MASK, s[c], src);
+          if (pj == 0.f) continue;
+          const float *vr = v_s + (32 * c + src) * (d + 1);
+#pragma unroll
+          for (int e = 0; e < PER_LANE; ++e) {
+            const uint32_t i = lane + 32 * e;
+            if (i < d) acc[rr][e] += pj * vr[i];
+          }
+        }
+      }
+      m[rr] = m_new;
+    }
+  }
+
+#pragma unroll
+  for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
+    const uint32_t r = warp + rr * ATT_WARPS;
+    if (r >= rows) continue;
+    const uint32_t tok = t0 + r / heads_per_block, head = head0 + r % heads_per_block;
+    if (splits > 1) {
+      float *part = partial + (((size_t)blockIdx.z * num_tokens + tok) * hq + head) * (d + 2);
+#pragma unroll
+      for (int e = 0; e < PER_LANE; ++e) {
+        const uint32_t i = lane + 32 * e;
+        if (i < d) part[i] = acc[rr][e];
+      }
+      if (lane == 0) {
+        part[d] = m[rr];
+        part[d + 1] = l[rr];
+      }
+      continue;
+    }
+    const float inv = l[rr] > 0.f ? 1.f / l[rr] : 0.f;
+    T *o = out + ((size_t)tok * hq + head) * d;
+#pragma unroll
+    for (int e = 0; e < PER_LANE; ++e) {
+      const uint32_t i = lane + 32 * e;
+      if (i < d) o[i] = from_f<T>(acc[rr][e] * inv);
+    }
+  }
+}
+
+// attention_combine: merges the `splits` (at most MAX_SPLITS) partial results of every
+// (token, head) row of paged_attention (one warp per row) into the normalized output
+// [T, hq * d]: each lane weighs its splits, the weights go through shared memory, and the
+// loads of different splits' values are independent so they overlap.
+#define MAX_SPLITS 32
+#define COMBINE_WARPS 4
+
+template <typename T>
+__device__ void attention_combine(const float *partial, T *out, uint32_t rows, uint32_t d,
+                                  uint32_t splits) {
+  __shared__ float weights[COMBINE_WARPS][MAX_SPLITS];
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t row = blockIdx.x * COMBINE_WARPS + warp;
+  if (row >= rows) return;
+  const float *base = partial + (size_t)row * (d + 2);
+  const size_t split_stride = (size_t)rows * (d + 2);
+  const float m_own = lane < splits ? base[lane * split_stride + d] : -INFINITY;
+  const float m_max = warp_max(m_own);
+  const float w = m_own == -INFINITY ? 0.f : expf(m_own - m_max);
+  const float l = warp_sum(lane < splits ? w * base[lane * split_stride + d + 1] : 0.f);
+  weights[warp][lane] = w;
+  __syncwarp();
+  float acc[PER_LANE];
+#pragma unroll
+  for (int e = 0; e < PER_LANE; ++e) acc[e] = 0.f;
+#pragma unroll 4
+  for (uint32_t s = 0; s < splits; ++s) {
+    const float ws = weights[warp][s];
+    const float *part = base + s * split_stride;
+#pragma unroll
+    for (int e = 0; e < PER_LANE; ++e) {
+      const uint32_t i = lane + 32 * e;
+      if (i < d) acc[e] += ws * part[i];
+    }
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+  for (int e = 0; e < PER_LANE; ++e) {
+    const uint32_t i = lane + 32 * e;
+    if (i < d) out[(size_t)row * d + i] = from_f<T>(acc[e] * inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// add_rms_norm: `sum = x + delta` (rounded to T, written to `sum_out`; skipped when delta is
+// null) and `y = sum / rms(sum) * w`, one block per row.
+template <typename T>
+__device__ void add_rms_norm(const T *x, const T *delta, const float *w, T *sum_out, T *y,
+                             uint32_t cols, float eps) {
+  __shared__ float partial[32];
+  const size_t row = blockIdx.x;
+  const T *xr = x + row * cols;
+  const T *dr = delta == nullptr ? nullptr : delta + row * cols;
+  float sumsq = 0.f;
+  for (uint32_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    float val = to_f(xr[i]);
+    if (dr != nullptr) {
+      const T rounded = from_f<T>(val + to_f(dr[i]));
+      sum_out[row * cols + i] = rounded;
+      val = to_f(rounded);
+    }
+    sumsq += val * val;
+  }
+  sumsq = warp_sum(sumsq);
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = sumsq;
+  __syncthreads();
+  if (warp == 0) {
+    float total = lane < (blockDim.x + 31) / 32 ? partial[lane] : 0.f;
+    total = warp_sum(total);
+    if (lane == 0) partial[0] = total;
+  }
+  __syncthreads();
+  const float r = rsqrtf(partial[0] / (float)cols + eps);
+  const T *src = dr != nullptr ? sum_out + row * cols : xr;
+  for (uint32_t i = threadIdx.x; i < cols; i += blockDim.x) {
+    y[row * cols + i] = from_f<T>(to_f(src[i]) * r * w[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// gated_act: `act(gate) * up` for a gated MLP; gate and up are rows of `cols` values with
+// their own row strides (views into one fused gate_up projection, or two tensors).
+// act: 0 = silu, 1 = gelu (tanh approximation).
+template <typename T>
+__device__ void gated_act(const T *gate, const T *up, T *out, uint32_t rows, uint32_t cols,
+                          uint32_t gate_stride, uint32_t up_stride, uint32_t act) {
+  const size_t n = (size_t)rows * cols;
+  for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n;
+       idx += (size_t)gridDim.x * blockDim.x) {
+    const size_t r = idx / cols, c = idx % cols;
+    const float g = to_f(gate[r * gate_stride + c]);
+    const float u = to_f(up[r * up_stride + c]);
+    float a;
+    if (act == 0) {
+      a = g / (1.f + expf(-g));
+    } else {
+      const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+      a = 0.5f * g * (1.f + tanhf(inner));
+    }
+    out[idx] = from_f<T>(a * u);
+  }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                  \
+  extern "C" __global__ void qkv_store_##SUFFIX(                                                \
+      const T *q, const T *k, const T *v, uint32_t q_stride, uint32_t k_stride,                 \
+      uint32_t v_stride, const T *bias, const float *q_norm, const float *k_norm, float eps,    \
+      const T *cos_table, const T *sin_table, const uint32_t *positions, const uint32_t *slots, \
+      T *q_out, T *k_cache, T *v_cache, uint32_t num_tokens, uint32_t hq, uint32_t hkv,         \
+      uint32_t d, uint32_t rotary_dim, uint32_t interleaved) {                                  \
+    qkv_store<T>(q, k, v, q_stride, k_stride, v_stride, bias, q_norm, k_norm, eps, cos_table,   \
+                 sin_table, positions, slots, q_out, k_cache, v_cache, num_tokens, hq, hkv, d,  \
+                 rotary_dim, interleaved);                                                      \
+  }                                                                                             \
+  extern "C" __global__ void paged_attention_##SUFFIX(                                          \
+      const T *q, const T *k_cache, const T *v_cache, const uint32_t *ctx_slots,                \
+      const uint32_t *tiles, T *out, float *partial, uint32_t num_tokens, uint32_t hq,          \
+      uint32_t hkv, uint32_t d, uint32_t heads_per_block, uint32_t kt, uint32_t splits,         \
+      float scale, float softcap, uint32_t window) {                                            \
+    paged_attention<T>(q, k_cache, v_cache, ctx_slots, tiles, out, partial, num_tokens, hq, hkv, \
+                       d, heads_per_block, kt, splits, scale, softcap, window);                 \
+  }                                                                                             \
+  extern "C" __global__ void attention_combine_##SUFFIX(const float *partial, T *out,           \
+                                                        uint32_t rows, uint32_t d,              \
+                                                        uint32_t splits) {                      \
+    attention_combine<T>(partial, out, rows, d, splits);                                        \
+  }                                                                                             \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *delta, const float *w,  \
+                                                   T *sum_out, T *y, uint32_t cols, float eps) { \
+    add_rms_norm<T>(x, delta, w, sum_out, y, cols, eps);                                        \
+  }                                                                                             \
+  extern "C" __global__ void gated_act_##SUFFIX(const T *gate, const T *up, T *out,             \
+                                                uint32_t rows, uint32_t cols,                   \
+                                                uint32_t gate_stride, uint32_t up_stride,       \
+                                                uint32_t act) {                                 \
+    gated_act<T>(gate, up, out, rows, cols, gate_stride, up_stride, act);                       \
+  }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__half, f16)
+INSTANTIATE(__nv_bfloat16, bf16)

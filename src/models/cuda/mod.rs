@@ -1,0 +1,478 @@
+//! mlxd's own CUDA kernels (`kernels.cu`, compiled to PTX by `build.rs`) and their launches.
+//!
+//! On a GPU a decode step is bound by kernel launches, not by arithmetic: candle spends ~10 µs
+//! per op and a layer built from plain ops issues ~32 of them. These kernels fuse the chains a
+//! layer repeats (bias + q/k norm + rope + KV write; attention over the paged cache; residual
+//! add + RMSNorm; gated activation), so a layer is ~9 launches, and attention reads K/V where
+//! the cache keeps them instead of gathering a copy of every context.
+//!
+//! Arguments are passed as raw device addresses: every tensor a kernel touches is held by the
+//! caller until the launch is queued, and candle frees memory in stream order, so a buffer is
+//! never reused before the kernel that reads it has run.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::backend::BackendDevice;
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
+
+use super::paged_kv::LayerKv;
+use super::BatchInput;
+
+mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// Largest head dimension the kernels hold in registers and shared memory.
+pub const MAX_HEAD_DIM: usize = 256;
+/// Query rows (token × head) one attention block processes.
+const MAX_ROWS: usize = 16;
+/// Shared memory an attention block may use without opting in to more (bytes).
+const ATTENTION_SHARED_BYTES: usize = 48 * 1024;
+/// Attention blocks that keep a large GPU busy (about two per SM of an H100/H200); a step
+/// with fewer splits each context's keys over more blocks.
+const BUSY_BLOCKS: usize = 256;
+/// The fewest keys worth a block of their own when splitting a context.
+const MIN_KEYS_PER_SPLIT: usize = 16;
+/// Most blocks one context is split over (`MAX_SPLITS` in kernels.cu: one per lane when the
+/// parts are combined).
+const MAX_SPLITS: usize = 32;
+
+/// The kernel name for `dtype` (`<name>_bf16` ...).
+fn kernel_name(name: &str, dtype: DType) -> Result<String> {
+    let suffix = match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("mlxd's CUDA kernels do not take {other:?} tensors"),
+    };
+    Ok(format!("{name}_{suffix}"))
+}
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        other => bail!("expected a CUDA tensor, found one on {other:?}"),
+    }
+}
+
+/// The device address of `t`'s first element. `t` must be row-contiguous in its last dim.
+fn address(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        bail!("expected a CUDA tensor");
+    };
+    let stream = cs.device.cuda_stream();
+    let (base, size) = match &cs.slice {
+        CudaStorageSlice::F32(s) => (s.device_ptr(&stream).0, 4),
+        CudaStorageSlice::F16(s) => (s.device_ptr(&stream).0, 2),
+        CudaStorageSlice::BF16(s) => (s.device_ptr(&stream).0, 2),
+        CudaStorageSlice::U32(s) => (s.device_ptr(&stream).0, 4),
+        _ => bail!("mlxd's CUDA kernels do not take {:?} tensors", t.dtype()),
+    };
+    Ok(base + (layout.start_offset() * size) as u64)
+}
+
+/// Address of an optional tensor, 0 (a null pointer) when absent.
+fn address_or_null(t: Option<&Tensor>) -> Result<u64> {
+    t.map_or(Ok(0), address)
+}
+
+/// Elements between consecutive rows of a 2-D view whose rows are contiguous.
+fn row_stride(t: &Tensor) -> Result<u32> {
+    let stride = t.stride();
+    if t.rank() != 2 || stride[1] != 1 {
+        bail!(
+            "expected a 2-D view with contiguous rows, got shape {:?} strides {stride:?}",
+            t.dims()
+        );
+    }
+    Ok(stride[0] as u32)
+}
+
+/// A new uninitialised tensor the kernel fills completely.
+fn output(device: &CudaDevice, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+    let shape = shape.into();
+    // SAFETY: every caller launches a kernel that writes every element before the tensor is
+    // read.
+    let storage: CudaStorage = unsafe { device.alloc_uninit(&shape, dtype)? };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+thread_local! {
+    /// Loaded kernel handles: looking one up in candle's module store costs a lock, a string
+    /// and a driver call per launch.
+    static FUNCTIONS: RefCell<HashMap<(DeviceId, &'static str, DType), CudaFunction>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Queues `name` (dtype-suffixed) with `args` on the device's stream.
+fn launch(device: &CudaDevice, name: &'static str, dtype: DType, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    let key = (device.id(), name, dtype);
+    let func = match FUNCTIONS.with(|f| f.borrow().get(&key).cloned()) {
+        Some(func) => func,
+        None => {
+            let func = device
+                .get_or_load_custom_func(&kernel_name(name, dtype)?, "mlxd_kernels", ptx::KERNELS)?
+                .into_cuda_function();
+            FUNCTIONS.with(|f| f.borrow_mut().insert(key, func.clone()));
+            func
+        }
+    };
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    for arg in args {
+        match arg {
+            Arg::Ptr(p) => builder.arg(p),
+            Arg::U32(v) => builder.arg(v),
+            Arg::F32(v) => builder.arg(v),
+        };
+    }
+    // SAFETY: argument lists match the kernels' signatures in kernels.cu (checked by the GPU
+    // tests), and every address belongs to a tensor the caller holds.
+    unsafe { builder.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    Ok(())
+}
+
+/// Copies `data` into the start of the u32 tensor `dst` (stream-ordered): how inputs reach
+/// buffers whose addresses a captured CUDA graph has baked in.
+pub fn upload_into(dst: &Tensor, data: &[u32]) -> Result<()> {
+    if dst.dtype() != DType::U32 || !dst.is_contiguous() || dst.elem_count() < data.len() {
+        bail!(
+            "upload of {} u32 values into a {:?} tensor of {:?}",
+            data.len(),
+            dst.dtype(),
+            dst.dims()
+        );
+    }
+    let device = cuda_device(dst)?;
+    let stream = device.cuda_stream();
+    // SAFETY: `dst` is a live contiguous u32 allocation of at least `data.len()` elements; a
+    // copy from pageable host memory has read `data` when the call returns.
+    unsafe { cudarc::driver::result::memcpy_htod_async(address(dst)?, data, stream.cu_stream()) }
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+    Ok(())
+}
+
+/// One kernel argument.
+enum Arg {
+    Ptr(u64),
+    U32(u32),
+    F32(f32),
+}
+
+fn grid(blocks: usize, threads: u32, shared: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: shared as u32,
+    }
+}
+
+/// Rotary tables, the positions to rotate to, and how pairs are formed.
+pub struct RopeTables<'a> {
+    /// `[max_positions, rotary_dim / 2]` cosines, in the compute dtype.
+    pub cos: &'a Tensor,
+    /// Sines, same shape.
+    pub sin: &'a Tensor,
+    /// `[T]` u32: each token's position.
+    pub positions: &'a Tensor,
+    /// Leading dims of each head that rotate.
+    pub rotary_dim: usize,
+    /// Pairs `(2i, 2i+1)` instead of `(i, i + rotary_dim/2)`.
+    pub interleaved: bool,
+}
+
+/// This step's projected q, k and v (2-D views `[T, heads * head_dim]`, rows contiguous), a
+/// bias not yet added (q, k, v concatenated) and per-head norm weights (f32).
+pub struct RawQkv<'a> {
+    /// Queries.
+    pub q: &'a Tensor,
+    /// Keys.
+    pub k: &'a Tensor,
+    /// Values.
+    pub v: &'a Tensor,
+    /// `[(hq + 2 hkv) * d]` bias, or none.
+    pub bias: Option<&'a Tensor>,
+    /// q_norm and k_norm weights `[d]` (f32) and epsilon.
+    pub norms: Option<(&'a Tensor, &'a Tensor, f32)>,
+    /// Query heads, KV heads, head dimension.
+    pub heads: (usize, usize, usize),
+}
+
+/// Adds the bias, normalizes and rotates q and k, writes k and v into their KV slots and
+/// returns rotated q `[T, hq, d]`.
+pub fn qkv_store(raw: &RawQkv, rope: &RopeTables, kv: &LayerKv, plan: &StepPlan) -> Result<Tensor> {
+    let (hq, hkv, d) = raw.heads;
+    if d > MAX_HEAD_DIM {
+        bail!("head dimension {d} exceeds the CUDA kernels' {MAX_HEAD_DIM}");
+    }
+    let device = cuda_device(raw.q)?;
+    let dtype = raw.q.dtype();
+    let t = raw.q.dim(0)?;
+    let q_out = output(&device, (t, hq, d), dtype)?;
+    let (q_norm, k_norm, eps) = match raw.norms {
+        Some((qn, kn, eps)) => (Some(qn), Some(kn), eps),
+        None => (None, None, 0.0),
+    };
+    let args = [
+        Arg::Ptr(address(raw.q)?),
+        Arg::Ptr(address(raw.k)?),
+        Arg::Ptr(address(raw.v)?),
+        Arg::U32(row_stride(raw.q)?),
+        Arg::U32(row_stride(raw.k)?),
+        Arg::U32(row_stride(raw.v)?),
+        Arg::Ptr(address_or_null(raw.bias)?),
+        Arg::Ptr(address_or_null(q_norm)?),
+        Arg::Ptr(address_or_null(k_norm)?),
+        Arg::F32(eps),
+        Arg::Ptr(address(rope.cos)?),
+        Arg::Ptr(address(rope.sin)?),
+        Arg::Ptr(address(rope.positions)?),
+        Arg::Ptr(address(&plan.slot_mapping)?),
+        Arg::Ptr(address(&q_out)?),
+        Arg::Ptr(address(&kv.k)?),
+        Arg::Ptr(address(&kv.v)?),
+        Arg::U32(t as u32),
+        Arg::U32(hq as u32),
+        Arg::U32(hkv as u32),
+        Arg::U32(d as u32),
+        Arg::U32(rope.rotary_dim as u32),
+        Arg::U32(rope.interleaved as u32),
+    ];
+    let warps = t * (hq + hkv);
+    launch(&device, "qkv_store", dtype, grid(warps.div_ceil(4), 128, 0), &args)?;
+    Ok(q_out)
+}
+
+/// How the attention kernel splits the work of one model: query heads per block (a divisor of
+/// the heads sharing one KV head) and tokens per tile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct AttentionTiling {
+    /// Query heads one block attends (they share one KV head).
+    heads_per_block: usize,
+    /// Consecutive tokens of one sequence per tile.
+    tokens_per_tile: usize,
+}
+
+impl AttentionTiling {
+    /// The tiling for `num_heads` query heads over `num_kv_heads` KV heads.
+    fn new(num_heads: usize, num_kv_heads: usize) -> Self {
+        let n_rep = num_heads / num_kv_heads;
+        let heads_per_block = (1..=n_rep.min(MAX_ROWS)).rev().find(|h| n_rep % h == 0).unwrap_or(1);
+        Self {
+            heads_per_block,
+            tokens_per_tile: MAX_ROWS / heads_per_block,
+        }
+    }
+
+    /// Tiles of a step as the kernel reads them: `[n, 4]` u32 rows {first token row, tokens,
+    /// offset of the sequence's context in the slot list, position of the first token}.
+    fn tiles(&self, q_lens: &[usize], kv_lens: &[usize], device: &Device) -> Result<StepTiles> {
+        let mut rows = Vec::new();
+        let (mut q_start, mut ctx_start) = (0, 0);
+        for (&q_len, &kv_len) in q_lens.iter().zip(kv_lens) {
+            let first_pos = kv_len - q_len;
+            for t in (0..q_len).step_by(self.tokens_per_tile) {
+                let n = self.tokens_per_tile.min(q_len - t);
+                rows.extend([q_start + t, n, ctx_start, first_pos + t].map(|v| v as u32));
+            }
+            q_start += q_len;
+            ctx_start += kv_len;
+        }
+        let n = rows.len() / 4;
+        Ok(StepTiles {
+            tiles: Tensor::from_vec(rows, (n, 4), device)?,
+            max_keys: kv_lens.iter().copied().max().unwrap_or(0),
+        })
+    }
+}
+
+/// One step's attention tiles (see [`AttentionTiling::tiles`]).
+#[derive(Debug)]
+pub struct StepTiles {
+    tiles: Tensor,
+    /// The longest context of the step (or that its buffers can hold): what the split of the
+    /// keys over blocks is sized for.
+    max_keys: usize,
+}
+
+/// What every layer's kernels need from one step's batch.
+#[derive(Debug)]
+pub struct StepPlan {
+    slot_mapping: Tensor,
+    context_slots: Tensor,
+    tiles: StepTiles,
+    tiling: AttentionTiling,
+}
+
+impl StepPlan {
+    /// The plan for `batch` on a model with `num_heads` query and `num_kv_heads` KV heads: tiles
+    /// built from the batch's lengths, or a fixed batch's sequence table as it is (each of its
+    /// sequences has one token).
+    pub fn new(batch: &BatchInput, num_heads: usize, num_kv_heads: usize) -> Result<Self> {
+        let tiling = AttentionTiling::new(num_heads, num_kv_heads);
+        let tiles = match &batch.fixed {
+            Some(fixed) => StepTiles {
+                tiles: fixed.seqs.clone(),
+                max_keys: fixed.max_context,
+            },
+            None => tiling.tiles(&batch.q_lens, &batch.kv_lens, batch.slot_mapping.device())?,
+        };
+        Ok(Self {
+            slot_mapping: batch.slot_mapping.clone(),
+            context_slots: batch.context_slots.clone(),
+            tiles,
+            tiling,
+        })
+    }
+}
+
+/// How one layer attends, as the attention kernel takes it.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerAttention {
+    /// KV heads.
+    pub num_kv_heads: usize,
+    /// Multiplier of q·k.
+    pub scale: f32,
+    /// `cap · tanh(score / cap)`.
+    pub softcap: Option<f32>,
+    /// Attend only to the last `window` positions.
+    pub window: Option<usize>,
+}
+
+/// Causal attention of every query row over its sequence's context, read from the cache in
+/// place through the plan's context slots. `q`: `[T, hq, d]`; returns `[T, hq * d]`.
+pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAttention) -> Result<Tensor> {
+    let LayerAttention {
+        num_kv_heads,
+        scale,
+        softcap,
+        window,
+    } = layer;
+    let (step, tiling) = (&plan.tiles, plan.tiling);
+    let (t, hq, d) = q.dims3()?;
+    if d > MAX_HEAD_DIM {
+        bail!("head dimension {d} exceeds the CUDA kernels' {MAX_HEAD_DIM}");
+    }
+    let device = cuda_device(q)?;
+    let dtype = q.dtype();
+    let q = q.contiguous()?;
+    let out = output(&device, (t, hq * d), dtype)?;
+    // K/V tile size: as many keys (at most 64) as fit beside the 16 query rows.
+    let floats = ATTENTION_SHARED_BYTES / 4;
+    let kt = ((floats - MAX_ROWS * d) / (2 * (d + 1))).min(64);
+    let shared = 4 * (MAX_ROWS * d + 2 * kt * (d + 1));
+    let blocks = (step.tiles.dim(0)?, hq / tiling.heads_per_block);
+    // Too few blocks to fill the GPU: split each context's key tiles over more blocks.
+    let keys = window.map_or(step.max_keys, |w| step.max_keys.min(w + tiling.tokens_per_tile));
+    let splits = BUSY_BLOCKS
+        .div_ceil(blocks.0 * blocks.1)
+        .min(keys.div_ceil(MIN_KEYS_PER_SPLIT))
+        .clamp(1, MAX_SPLITS);
+    let partial = match splits {
+        1 => None,
+        n => Some(output(&device, (n, t * hq, d + 2), DType::F32)?),
+    };
+    let args = [
+        Arg::Ptr(address(&q)?),
+        Arg::Ptr(address(&kv.k)?),
+        Arg::Ptr(address(&kv.v)?),
+        Arg::Ptr(address(&plan.context_slots)?),
+        Arg::Ptr(address(&step.tiles)?),
+        Arg::Ptr(address(&out)?),
+        Arg::Ptr(address_or_null(partial.as_ref())?),
+        Arg::U32(t as u32),
+        Arg::U32(hq as u32),
+        Arg::U32(num_kv_heads as u32),
+        Arg::U32(d as u32),
+        Arg::U32(tiling.heads_per_block as u32),
+        Arg::U32(kt as u32),
+        Arg::U32(splits as u32),
+        Arg::F32(scale),
+        Arg::F32(softcap.unwrap_or(0.0)),
+        Arg::U32(window.unwrap_or(0) as u32),
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (blocks.0 as u32, blocks.1 as u32, splits as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    launch(&device, "paged_attention", dtype, cfg, &args)?;
+    if let Some(partial) = &partial {
+        let rows = t * hq;
+        let args = [
+            Arg::Ptr(address(partial)?),
+            Arg::Ptr(address(&out)?),
+            Arg::U32(rows as u32),
+            Arg::U32(d as u32),
+            Arg::U32(splits as u32),
+        ];
+        launch(
+            &device,
+            "attention_combine",
+            dtype,
+            grid(rows.div_ceil(4), 128, 0),
+            &args,
+        )?;
+    }
+    Ok(out)
+}
+
+/// `sum = x + delta` (when `delta` is given) and `rms_norm(sum) * weight` in one pass over each
+/// row; returns `(sum, normed)` (`sum` is `x` itself without a delta). `weight` is f32.
+pub fn add_rms_norm(x: &Tensor, delta: Option<&Tensor>, weight: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let device = cuda_device(x)?;
+    let dtype = x.dtype();
+    let x = x.contiguous()?;
+    let delta = delta.map(Tensor::contiguous).transpose()?;
+    let (rows, cols) = x.dims2()?;
+    let normed = output(&device, (rows, cols), dtype)?;
+    let sum = match delta {
+        Some(_) => output(&device, (rows, cols), dtype)?,
+        None => x.clone(),
+    };
+    let args = [
+        Arg::Ptr(address(&x)?),
+        Arg::Ptr(address_or_null(delta.as_ref())?),
+        Arg::Ptr(address(weight)?),
+        Arg::Ptr(address(&sum)?),
+        Arg::Ptr(address(&normed)?),
+        Arg::U32(cols as u32),
+        Arg::F32(eps),
+    ];
+    let threads = cols.div_ceil(32).clamp(1, 32) as u32 * 32;
+    launch(&device, "add_rms_norm", dtype, grid(rows, threads, 0), &args)?;
+    Ok((sum, normed))
+}
+
+/// `act(gate) * up` of a gated MLP (2-D views with contiguous rows); `gelu` picks the tanh
+/// GELU instead of SiLU.
+pub fn gated_act(gate: &Tensor, up: &Tensor, gelu: bool) -> Result<Tensor> {
+    let device = cuda_device(gate)?;
+    let dtype = gate.dtype();
+    let (rows, cols) = gate.dims2()?;
+    let out = output(&device, (rows, cols), dtype)?;
+    let args = [
+        Arg::Ptr(address(gate)?),
+        Arg::Ptr(address(up)?),
+        Arg::Ptr(address(&out)?),
+        Arg::U32(rows as u32),
+        Arg::U32(cols as u32),
+        Arg::U32(row_stride(gate)?),
+        Arg::U32(row_stride(up)?),
+        Arg::U32(gelu as u32),
+    ];
+    let blocks = (rows * cols).div_ceil(256).min(65_535);
+    launch(&device, "gated_act", dtype, grid(blocks, 256, 0), &args)?;
+    Ok(out)
+}
