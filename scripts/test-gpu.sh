@@ -57,11 +57,17 @@ serve_and_bench() {  # name, model, extra serve flags...
     "$BIN" bench --url "$url" --concurrency 1,8,32,64,128,256 --requests-per-client 2 \
       --prompt-tokens 200 --output-tokens 128
     nvidia-smi --query-gpu=memory.used --format=csv,noheader | sed 's/^/GPU memory used: /'
+    echo "### sampled (temperature 0.7, top_p 0.9: every row through the device sampler)"
+    "$BIN" bench --url "$url" --concurrency 1,64 --requests-per-client 2 --prompt-tokens 200 \
+      --output-tokens 128 --temperature 0.7 --top-p 0.9
     echo "### 8 requests at once sharing a 1000-token prefix: cold, then warm"
     "$BIN" bench --url "$url" --concurrency 8 --requests-per-client 1 --prompt-tokens 1000 \
       --output-tokens 16 --shared-prefix 0.99 --seed 7
     "$BIN" bench --url "$url" --concurrency 8 --requests-per-client 1 --prompt-tokens 1000 \
       --output-tokens 16 --shared-prefix 0.99 --seed 7
+    echo "### server health after the runs, and its warnings and errors"
+    curl -s -m 5 "$url/health"; echo
+    grep -E " (WARN|ERROR) " "$log" | cut -c1-300 | head -20
   } 2>&1 | tee "$OUT/bench-$name.txt"
   kill "$pid"; wait "$pid" 2>/dev/null
 }

@@ -27,6 +27,10 @@ pub struct BenchConfig {
     pub shared_prefix: f64,
     /// Seed of the prompt generator.
     pub seed: u64,
+    /// Sampling temperature of every request (0: greedy).
+    pub temperature: f32,
+    /// Nucleus of every request (1: none).
+    pub top_p: f32,
 }
 
 /// Results of one concurrency level.
@@ -100,7 +104,8 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<LevelReport>> {
 
 async fn one_request(client: &reqwest::Client, cfg: &BenchConfig, prompt: Vec<u32>) -> anyhow::Result<RequestResult> {
     let body = json!({
-        "prompt": prompt, "max_tokens": cfg.output_tokens, "ignore_eos": true, "temperature": 0,
+        "prompt": prompt, "max_tokens": cfg.output_tokens, "ignore_eos": true,
+        "temperature": cfg.temperature, "top_p": cfg.top_p,
         "stream": true, "stream_options": {"include_usage": true}
     });
     let sent = Instant::now();
@@ -186,11 +191,13 @@ fn summarize(concurrency: usize, results: &[RequestResult], wall: Duration) -> L
 /// The report as an aligned text table.
 pub fn format_table(cfg: &BenchConfig, reports: &[LevelReport]) -> String {
     let mut out = format!(
-        "prompt {} tokens ({:.0}% shared), output {} tokens, {} requests per client\n",
+        "prompt {} tokens ({:.0}% shared), output {} tokens, {} requests per client, temperature {}, top_p {}\n",
         cfg.prompt_tokens,
         cfg.shared_prefix * 100.0,
         cfg.output_tokens,
-        cfg.requests_per_client
+        cfg.requests_per_client,
+        cfg.temperature,
+        cfg.top_p
     );
     out.push_str("concurrency  requests  out_tok/s  ttft_p50_ms  ttft_p90_ms  itl_p50_ms  itl_p90_ms  prefix_hit\n");
     for r in reports {

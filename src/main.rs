@@ -57,6 +57,12 @@ struct BenchArgs {
     /// Seed of the synthetic prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// top_p of every request (1: no nucleus).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
 }
 
 /// Options shared by every command that loads a model.
@@ -429,6 +435,8 @@ async fn bench(args: BenchArgs) -> Result<()> {
         output_tokens: args.output_tokens,
         shared_prefix: args.shared_prefix,
         seed: args.seed,
+        temperature: args.temperature,
+        top_p: args.top_p,
     };
     let reports = mlxd::bench::run(&cfg).await?;
     print!("{}", mlxd::bench::format_table(&cfg, &reports));

@@ -390,6 +390,9 @@ impl EngineCore {
         logits: &candle_core::Tensor,
     ) -> Result<(Vec<u32>, Vec<Option<super::output::Logprobs>>), EngineError> {
         let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
+        if models::runs_kernels(logits.device()) {
+            return self.sample_on_device(&ids, logits);
+        }
         let host_rows: Vec<u32> = ids
             .iter()
             .enumerate()
@@ -421,6 +424,41 @@ impl EngineCore {
             logprobs[row as usize] = t.logprobs;
         }
         Ok((sampled, logprobs))
+    }
+
+    /// Every row sampled by the device kernel: only ids and requested logprobs cross back.
+    fn sample_on_device(
+        &mut self,
+        ids: &[RequestId],
+        logits: &candle_core::Tensor,
+    ) -> Result<(Vec<u32>, Vec<Option<super::output::Logprobs>>), EngineError> {
+        let vocab = logits.dim(candle_core::D::Minus1)?;
+        let rows: Vec<_> = ids
+            .iter()
+            .map(|&id| {
+                let (seq, req) = self
+                    .scheduler
+                    .entry_mut(id)
+                    .expect("invariant: scheduled sequences are live");
+                req.sampler.device_row(&seq.tokens, seq.num_prompt_tokens, vocab)
+            })
+            .collect();
+        let samples = models::fused::sample_rows(logits, &rows)?
+            .ok_or_else(|| EngineError::StepFailed("the device sampler did not run".into()))?;
+        Ok(samples
+            .into_iter()
+            .map(|s| {
+                let logprobs = s.logprob.map(|logprob| super::output::Logprobs {
+                    logprob,
+                    top: s
+                        .top
+                        .iter()
+                        .map(|&(id, logprob)| super::output::TokenLogprob { id, logprob })
+                        .collect(),
+                });
+                (s.id, logprobs)
+            })
+            .unzip())
     }
 
     /// Tells each newly scheduled request how much of its prompt the prefix cache served.

@@ -1,15 +1,20 @@
 //! Token selection from one row of logits: penalties, temperature, top-k, top-p, min-p, a
 //! per-request seeded RNG, and logprobs.
 //!
-//! Runs on the host over f32 logits; each row depends only on its own logits, parameters,
-//! RNG and tokens, so a seeded request samples the same tokens whatever else is in the batch.
+//! On the host over f32 logits (`sample`), or described for the device sampler
+//! (`device_row`, CUDA: only ids and requested logprobs cross back); both apply the same
+//! per-token adjustments and draw the same one uniform per step from the request's RNG. Each
+//! row depends only on its own logits, parameters, RNG and tokens, so a seeded request samples
+//! the same tokens whatever else is in the batch (the host and the device walk the kept tokens
+//! in different orders, so the same seed picks differently on each).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::output::{Logprobs, TokenLogprob};
+use crate::models::fused::{DeviceSampleRow, TokenAdjust};
 use crate::request::SamplingParams;
 
 /// Scaled-logit distance below the best token beyond which a token's probability is
@@ -59,16 +64,34 @@ impl SamplerState {
             && p.logit_bias.is_empty()
     }
 
+    /// This step of the request for the device sampler: parameters, the step's uniform draw
+    /// (only when sampling at a temperature, as `sample` draws it) and the adjustments of the
+    /// sequence so far (`tokens`, whose first `num_prompt` are the prompt), for a `vocab`-wide
+    /// row.
+    pub fn device_row(&mut self, tokens: &[u32], num_prompt: usize, vocab: usize) -> DeviceSampleRow {
+        let uniform = if self.params.temperature > 0.0 {
+            self.rng.random::<f32>()
+        } else {
+            0.0
+        };
+        let p = &self.params;
+        DeviceSampleRow {
+            temperature: p.temperature,
+            top_k: p.top_k.unwrap_or(0),
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform,
+            repetition_penalty: p.repetition_penalty,
+            logprobs: p.logprobs,
+            adjust: adjustments(p, tokens, num_prompt, vocab),
+        }
+    }
+
     /// Chooses the next token from `logits` (modified in place) given the sequence so far
     /// (`tokens`, whose first `num_prompt` are the prompt).
     pub fn sample(&mut self, logits: &mut [f32], tokens: &[u32], num_prompt: usize) -> SampledToken {
         let logprobs = self.params.logprobs.map(|n| (log_softmax(logits), n as usize));
         apply_penalties(logits, &self.params, tokens, num_prompt);
-        for &(id, bias) in &self.params.logit_bias {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l += bias;
-            }
-        }
         let id = if self.params.temperature <= 0.0 {
             argmax(logits)
         } else {
@@ -151,22 +174,30 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Repetition penalty over prompt and output (HF/llama.cpp: divide positive logits, multiply
-/// negative ones), then OpenAI presence/frequency penalties over the output.
+/// negative ones), then OpenAI presence/frequency penalties over the output, then the logit
+/// bias.
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, tokens: &[u32], num_prompt: usize) {
+    for a in adjustments(p, tokens, num_prompt, logits.len()) {
+        let l = &mut logits[a.token as usize];
+        if a.repeat {
+            *l = if *l > 0.0 {
+                *l / p.repetition_penalty
+            } else {
+                *l * p.repetition_penalty
+            };
+        }
+        *l += a.add;
+    }
+}
+
+/// What penalties and bias do to each affected token of a `vocab`-wide row, one entry per
+/// token in id order: the one definition the host and device samplers share.
+fn adjustments(p: &SamplingParams, tokens: &[u32], num_prompt: usize, vocab: usize) -> Vec<TokenAdjust> {
+    let mut by_token: BTreeMap<u32, (bool, f32)> = BTreeMap::new();
     if p.repetition_penalty != 1.0 {
-        let mut seen = vec![false; logits.len()];
         let window = p.repeat_last_n.map_or(0, |n| tokens.len().saturating_sub(n));
         for &t in &tokens[window..] {
-            let t = t as usize;
-            if t < logits.len() && !seen[t] {
-                seen[t] = true;
-                let l = &mut logits[t];
-                *l = if *l > 0.0 {
-                    *l / p.repetition_penalty
-                } else {
-                    *l * p.repetition_penalty
-                };
-            }
+            by_token.entry(t).or_default().0 = true;
         }
     }
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -175,11 +206,17 @@ fn apply_penalties(logits: &mut [f32], p: &SamplingParams, tokens: &[u32], num_p
             *counts.entry(t).or_default() += 1;
         }
         for (t, c) in counts {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
-            }
+            by_token.entry(t).or_default().1 -= p.frequency_penalty * c as f32 + p.presence_penalty;
         }
     }
+    for &(t, bias) in &p.logit_bias {
+        by_token.entry(t).or_default().1 += bias;
+    }
+    by_token
+        .into_iter()
+        .filter(|&(t, _)| (t as usize) < vocab)
+        .map(|(token, (repeat, add))| TokenAdjust { token, repeat, add })
+        .collect()
 }
 
 fn log_softmax(logits: &[f32]) -> Vec<f32> {

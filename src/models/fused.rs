@@ -1,9 +1,54 @@
-//! Where model code meets mlxd's CUDA kernels (`models::cuda`). Each entry point runs its fused
-//! kernel when the tensors live on a CUDA device of a `cuda` build, and otherwise answers None
-//! so the caller does the same work with candle ops. The one place models see
-//! `cfg(feature = "cuda")`.
+//! Where model code (and the engine's sampler) meets mlxd's CUDA kernels (`models::cuda`).
+//! Each entry point runs its fused kernel when the tensors live on a CUDA device of a `cuda`
+//! build, and otherwise answers None so the caller does the same work with candle ops or on
+//! the host. The one place models see `cfg(feature = "cuda")`.
 
 pub use imp::*;
+
+/// One row for the device sampler: the request's parameters, this step's uniform draw from
+/// its seeded RNG, and the per-token adjustments its penalties and logit bias make.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceSampleRow {
+    /// ≤ 0: greedy.
+    pub temperature: f32,
+    /// 0: no top-k.
+    pub top_k: u32,
+    /// 1: no nucleus.
+    pub top_p: f32,
+    /// 0: no min-p.
+    pub min_p: f32,
+    /// In [0, 1): where in the kept mass the token falls.
+    pub uniform: f32,
+    /// Divides positive and multiplies negative logits of the tokens marked `repeat`.
+    pub repetition_penalty: f32,
+    /// Top logprobs wanted (None: no logprobs at all).
+    pub logprobs: Option<u8>,
+    /// At most one entry per token.
+    pub adjust: Vec<TokenAdjust>,
+}
+
+/// What penalties and bias do to one token's logit: the repetition penalty (when `repeat`),
+/// then `+ add`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenAdjust {
+    /// The token.
+    pub token: u32,
+    /// Apply the repetition penalty.
+    pub repeat: bool,
+    /// Presence and frequency penalties (negative) plus the logit bias.
+    pub add: f32,
+}
+
+/// The device sampler's answer for one row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceSample {
+    /// The token.
+    pub id: u32,
+    /// Its log-probability under the raw logits, when logprobs were asked for.
+    pub logprob: Option<f32>,
+    /// The top logprobs `(id, logprob)`, best first (ties to the lower id).
+    pub top: Vec<(u32, f32)>,
+}
 
 #[cfg(feature = "cuda")]
 mod imp {
@@ -34,6 +79,15 @@ mod imp {
             return Ok(None);
         }
         cuda::gated_act(gate, up, gelu).map(Some)
+    }
+
+    /// Each row's next token chosen on the device (`logits` `[S, vocab]` f32, adjusted in
+    /// place), or None.
+    pub fn sample_rows(logits: &Tensor, rows: &[super::DeviceSampleRow]) -> Result<Option<Vec<super::DeviceSample>>> {
+        if !runs_kernels(logits.device()) {
+            return Ok(None);
+        }
+        cuda::sample_rows(logits, rows).map(Some)
     }
 
     /// One forward's attention through the kernels: K/V written and read in place.
@@ -105,6 +159,11 @@ mod imp {
 
     /// No kernels in this build: always None.
     pub fn gated_act(_: &Tensor, _: &Tensor, _: bool) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// No kernels in this build: always None.
+    pub fn sample_rows(_: &Tensor, _: &[super::DeviceSampleRow]) -> Result<Option<Vec<super::DeviceSample>>> {
         Ok(None)
     }
 

@@ -18,6 +18,7 @@ reference data), per family. llama.cpp's quantized runs use its own top-2 margin
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -38,6 +39,7 @@ def free_port():
 
 class Server:
     def __init__(self, binary, model, args):
+        self.binary, self.model = binary, model
         self.port = free_port()
         self.log = open(f"/tmp/mlxd-{self.port}.log", "w")
         self.proc = subprocess.Popen(
@@ -145,6 +147,79 @@ def batch_invariance(name, server, sequences):
     return ok, f"{'PASS' if ok else 'FAIL'} {name} alone == batched: {detail}"
 
 
+def device_sampler(name, server, sequences):
+    """The device sampler (CUDA: every row is sampled on the GPU) against what the served
+    logprobs say the distribution is. One prompt, first generated token unless noted."""
+    prompt = sequences[0]["prompt_ids"]
+    greedy, tops = server.complete(prompt, steps=8)
+    first = tops[0]  # id -> logprob of the raw distribution at step 0
+
+    def ids(steps=1, **kw):
+        body = {"prompt": prompt, "max_tokens": steps, "ignore_eos": True, "return_token_ids": True, **kw}
+        req = urllib.request.Request(server.base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.load(r)["choices"][0]["token_ids"]
+
+    ranked = sorted(first, key=lambda i: (-first[i], i))
+    bad = []
+
+    def expect(what, ok):
+        if not ok:
+            bad.append(what)
+
+    expect("top_k=1 at temperature 1 is greedy", ids(8, temperature=1.0, top_k=1, seed=1) == greedy)
+    expect("tiny top_p is greedy", ids(8, temperature=1.0, top_p=1e-6, seed=2) == greedy)
+    expect("min_p=1 is greedy", ids(8, temperature=1.0, min_p=1.0, seed=3) == greedy)
+    forced = ranked[7]
+    expect("logit_bias +100 forces a token", ids(4, temperature=0.8, logit_bias={str(forced): 100}, seed=4) == [forced] * 4)
+    banned = ids(1, temperature=0, logit_bias={str(greedy[0]): -100})
+    expect("logit_bias -100 bans the greedy token", banned == [ranked[1]])
+    same = ids(16, temperature=1.0, seed=11) == ids(16, temperature=1.0, seed=11)
+    expect("the same seed gives the same tokens", same)
+    # top_k=3 at temperature 1: 600 draws (seeds 0..599) stay in the top 3 and follow their
+    # renormalized probabilities (each within 5 standard deviations).
+    k, draws = 3, 600
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(lambda seed: ids(1, temperature=1.0, top_k=k, seed=seed)[0], range(draws)))
+    weights = [math.exp(first[i]) for i in ranked[:k]]
+    probs = [w / sum(weights) for w in weights]
+    expect("top_k=3 draws stay in the top 3", set(got) <= set(ranked[:k]))
+    for i, p in zip(ranked[:k], probs):
+        freq = got.count(i) / draws
+        if abs(freq - p) > 5 * math.sqrt(p * (1 - p) / draws) + 1e-3:
+            bad.append(f"token {i}: drawn {freq:.3f}, expected {p:.3f}")
+    # top_p=0.5: draws stay in the nucleus, when it ends inside the reported top 20 (then it
+    # is known exactly).
+    cumulative, nucleus = 0.0, []
+    for i in ranked:
+        nucleus.append(i)
+        cumulative += math.exp(first[i])
+        if cumulative >= 0.5:
+            break
+    nucleus_checked = cumulative >= 0.5
+    if nucleus_checked:
+        with ThreadPoolExecutor(32) as pool:
+            nucleus_draws = list(pool.map(lambda seed: ids(1, temperature=1.0, top_p=0.5, seed=seed)[0], range(100)))
+        expect("top_p=0.5 draws stay in the nucleus", set(nucleus_draws) <= set(nucleus))
+    # Penalties and bias at temperature 0 on the device equal the host sampler's on the CPU.
+    penalized = dict(temperature=0, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.6,
+                     logit_bias={str(ranked[2]): 0.5})
+    on_device = ids(16, **penalized)
+    cpu = Server(server.binary, server.model, ["--device", "cpu", "--dtype", "f32"])
+    try:
+        server.base, device_base = cpu.base, server.base
+        on_cpu = ids(16, **penalized)
+        server.base = device_base
+    finally:
+        cpu.close()
+    expect(f"penalized greedy tokens equal the CPU's ({on_device} vs {on_cpu})", on_device == on_cpu)
+    ok = not bad
+    detail = (f"top-3 probabilities {[round(p, 3) for p in probs]}, drawn {[got.count(i) / draws for i in ranked[:k]]}, "
+              f"nucleus of {len(nucleus)} checked: {nucleus_checked}")
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: {detail} {'; '.join(bad)}"
+
+
 def load(path):
     with open(path) as f:
         return json.load(f)
@@ -205,6 +280,8 @@ def main():
         run(f"qwen2 safetensors {dtype} batch invariance", f"{fx}/qwen2/f32", ["--dtype", dtype],
             f32["sequences"] + f32["batch"]["members"], 0.0,
             check=lambda name, server, seqs, _tol: batch_invariance(name, server, seqs))
+    run("qwen2 safetensors f32 device sampler", f"{fx}/qwen2/f32", ["--dtype", "f32"],
+        f32["sequences"], 0.0, check=lambda name, server, seqs, _tol: device_sampler(name, server, seqs))
     for arch in ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3"]:
         for kind, tol in [("f32", 1e-9), ("q8_0", 0.15), ("q4_0", 0.15)]:
             path = f"{fx}/gguf/refs/{arch}-{kind}.json"

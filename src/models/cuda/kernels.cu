@@ -399,6 +399,288 @@ __device__ void gated_act(const T *gate, const T *up, T *out, uint32_t rows, uin
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// sample_rows: the next token of each row of `logits` [S, vocab] (f32, adjusted in place), one
+// block of SAMPLE_THREADS per row, so only ids and requested logprobs leave the device.
+//   params_f [S, 6] = {temperature, top_p, min_p, uniform draw in [0, 1), repetition penalty, -}
+//   params_u [S, 4] = {top_k (0: none), logprobs + 1 (0: none), first adjustment, adjustments}
+//   adj_tokens [A], adj_values [A, 2] = {1: apply the repetition penalty, value to add}
+//   saved [A]: scratch for the raw logits the adjustments overwrite
+//   out_ids / out_lp [S, 1 + MAX_TOP]: the token (and its raw logprob), then the top-n raw
+//   logprobs (ties to the lower id).
+// Temperature <= 0 takes the argmax. Otherwise the kept set is {scaled >= tau}: tau is the
+// largest of max - NEGLIGIBLE_GAP, the top_k-th largest value, the top_p nucleus bound (both
+// found exactly by find_threshold over order-preserving integer keys of the floats) and
+// max + ln(min_p); the token is the first in id order whose cumulative mass exceeds
+// uniform * (kept mass). Deterministic: fixed reduction orders and integer histograms.
+#define SAMPLE_THREADS 1024
+#define SAMPLE_WARPS (SAMPLE_THREADS / 32)
+#define MAX_TOP 20
+#define NEGLIGIBLE_GAP 30.f
+
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_value(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Block-wide reductions; every thread gets the result. `scratch` holds SAMPLE_WARPS values.
+__device__ float block_sum(float v, float *scratch) {
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < SAMPLE_WARPS; ++w) total += scratch[w];
+  return total;
+}
+
+__device__ float block_max(float v, float *scratch) {
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float best = -INFINITY;
+  for (int w = 0; w < SAMPLE_WARPS; ++w) best = fmaxf(best, scratch[w]);
+  return best;
+}
+
+// The largest value and its lowest index.
+__device__ void block_argmax(float v, uint32_t i, float *vals, uint32_t *idxs, float *best_v,
+                             uint32_t *best_i) {
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(FULL_MASK, v, o);
+    const uint32_t oi = __shfl_xor_sync(FULL_MASK, i, o);
+    if (ov > v || (ov == v && oi < i)) {
+      v = ov;
+      i = oi;
+    }
+  }
+  __syncthreads();
+  if (lane == 0) {
+    vals[warp] = v;
+    idxs[warp] = i;
+  }
+  __syncthreads();
+  float bv = vals[0];
+  uint32_t bi = idxs[0];
+  for (int w = 1; w < SAMPLE_WARPS; ++w) {
+    if (vals[w] > bv || (vals[w] == bv && idxs[w] < bi)) {
+      bv = vals[w];
+      bi = idxs[w];
+    }
+  }
+  *best_v = bv;
+  *best_i = bi;
+}
+
+// Weight of a scaled logit in find_threshold: 1 (counting) or its mass exp(s - mx) in 2^32
+// fixed point (integer sums are exact, so the result does not depend on thread order).
+__device__ __forceinline__ unsigned long long threshold_weight(float s, float mx, bool mass) {
+  return mass ? (unsigned long long)(expf(s - mx) * 4294967296.f) : 1ull;
+}
+
+// The largest key K in [lo, hi] whose weight W(K) (of every scaled logit with key >= K) is at
+// least `target` (lo when even W(lo) falls short), by rounds of SAMPLE_THREADS-bin histograms
+// over the remaining key range: 4-5 passes over the row instead of a 32-step bisection.
+__device__ uint32_t find_threshold(const float *row, uint32_t vocab, float inv_t, float mx, bool mass,
+                                   uint32_t lo, uint32_t hi, unsigned long long target,
+                                   unsigned long long *hist, unsigned long long *pick) {
+  unsigned long long above = 0;  // weight of the keys above the range
+  while (lo < hi) {
+    const unsigned long long span = (unsigned long long)(hi - lo) + 1;
+    const unsigned long long width = (span + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const uint32_t bins = (uint32_t)((span + width - 1) / width);
+    hist[threadIdx.x] = 0;
+    __syncthreads();
+    for (uint32_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+      const float s = row[i] * inv_t;
+      const uint32_t k = order_key(s);
+      if (k >= lo && k <= hi) atomicAdd(&hist[(k - lo) / width], threshold_weight(s, mx, mass));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long acc = above;
+      uint32_t b = bins - 1;
+      for (; b > 0; --b) {
+        if (acc + hist[b] >= target) break;
+        acc += hist[b];
+      }
+      pick[0] = b;
+      pick[1] = acc;
+    }
+    __syncthreads();
+    const uint32_t b = (uint32_t)pick[0];
+    above = pick[1];
+    const unsigned long long new_lo = lo + b * width;
+    hi = (uint32_t)min((unsigned long long)hi, new_lo + width - 1);
+    lo = (uint32_t)new_lo;
+    __syncthreads();
+  }
+  return lo;
+}
+
+__device__ void row_argmax(const float *row, uint32_t vocab, float *vals, uint32_t *idxs,
+                           float *best_v, uint32_t *best_i) {
+  float v = -INFINITY;
+  uint32_t idx = 0xffffffffu;
+  for (uint32_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+    if (row[i] > v || idx == 0xffffffffu) {
+      v = row[i];
+      idx = i;
+    }
+  }
+  block_argmax(v, idx, vals, idxs, best_v, best_i);
+}
+
+extern "C" __global__ void sample_rows(float *logits, uint32_t vocab, const float *params_f,
+                                       const uint32_t *params_u, const uint32_t *adj_tokens,
+                                       const float *adj_values, float *saved, uint32_t *out_ids,
+                                       float *out_lp) {
+  __shared__ float scratch[SAMPLE_WARPS];
+  __shared__ uint32_t scratch_i[SAMPLE_WARPS];
+  __shared__ float thread_mass[SAMPLE_THREADS];
+  __shared__ uint32_t top_ids[MAX_TOP];
+  __shared__ float top_vals[MAX_TOP];
+  __shared__ uint32_t chosen_shared;
+  __shared__ unsigned long long hist[SAMPLE_THREADS];
+  __shared__ unsigned long long pick[2];
+  const uint32_t row_id = blockIdx.x;
+  float *row = logits + (size_t)row_id * vocab;
+  const float *pf = params_f + row_id * 6;
+  const uint32_t *pu = params_u + row_id * 4;
+  const float temperature = pf[0], top_p = pf[1], min_p = pf[2], uniform = pf[3];
+  const float rep_penalty = pf[4];
+  const uint32_t top_k = pu[0], want_lp = pu[1], adj_first = pu[2], adj_count = pu[3];
+  uint32_t *ids_out = out_ids + row_id * (1 + MAX_TOP);
+  float *lp_out = out_lp + row_id * (1 + MAX_TOP);
+
+  // 1) Logprobs of the raw logits: log Z, then the top n by repeated argmax.
+  float log_z = 0.f;
+  if (want_lp > 0) {
+    float m = -INFINITY;
+    for (uint32_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) m = fmaxf(m, row[i]);
+    m = block_max(m, scratch);
+    float z = 0.f;
+    for (uint32_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) z += expf(row[i] - m);
+    log_z = m + logf(block_sum(z, scratch));
+    const uint32_t n = min(want_lp - 1, (uint32_t)MAX_TOP);
+    for (uint32_t j = 0; j < n; ++j) {
+      float v;
+      uint32_t i;
+      row_argmax(row, vocab, scratch, scratch_i, &v, &i);
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        top_ids[j] = i;
+        top_vals[j] = v;
+        ids_out[1 + j] = i;
+        lp_out[1 + j] = v - log_z;
+        row[i] = -INFINITY;
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x < n) row[top_ids[threadIdx.x]] = top_vals[threadIdx.x];
+    __syncthreads();
+  }
+
+  // 2) Penalties and bias, keeping the raw values.
+  for (uint32_t j = threadIdx.x; j < adj_count; j += SAMPLE_THREADS) {
+    const uint32_t a = adj_first + j, t = adj_tokens[a];
+    float l = row[t];
+    saved[a] = l;
+    if (adj_values[2 * a] != 0.f) l = l > 0.f ? l / rep_penalty : l * rep_penalty;
+    row[t] = l + adj_values[2 * a + 1];
+  }
+  __syncthreads();
+
+  // 3) The token.
+  float best_v;
+  uint32_t best_i;
+  row_argmax(row, vocab, scratch, scratch_i, &best_v, &best_i);
+  uint32_t chosen = best_i;
+  if (temperature > 0.f && best_v > -INFINITY) {
+    const float inv_t = 1.f / temperature;
+    const float mx = best_v * inv_t;
+    float tau = mx - NEGLIGIBLE_GAP;
+    if (top_k > 0) {
+      const uint32_t k = find_threshold(row, vocab, inv_t, mx, false, order_key(tau), order_key(mx),
+                                        top_k, hist, pick);
+      tau = fmaxf(tau, key_value(k));
+    }
+    if (top_p < 1.f) {
+      // The nucleus: the largest threshold whose mass reaches top_p of the mass kept so far.
+      if (threadIdx.x == 0) pick[0] = 0;
+      __syncthreads();
+      unsigned long long z = 0;
+      for (uint32_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+        const float s = row[i] * inv_t;
+        if (s >= tau) z += threshold_weight(s, mx, true);
+      }
+      atomicAdd(&pick[0], z);
+      __syncthreads();
+      const unsigned long long target = (unsigned long long)((double)top_p * (double)pick[0]);
+      __syncthreads();
+      const uint32_t k = find_threshold(row, vocab, inv_t, mx, true, order_key(tau), order_key(mx),
+                                        target, hist, pick);
+      tau = fmaxf(tau, key_value(k));
+    }
+    if (min_p > 0.f) tau = fmaxf(tau, mx + logf(min_p));
+    // Each thread owns a contiguous range of ids; an exclusive scan of their masses finds the
+    // range holding uniform * total, then its owner walks it.
+    const uint32_t chunk = (vocab + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
+    const uint32_t begin = min(threadIdx.x * chunk, vocab), end = min(begin + chunk, vocab);
+    float own = 0.f;
+    for (uint32_t i = begin; i < end; ++i) {
+      const float s = row[i] * inv_t;
+      own += s >= tau ? expf(s - mx) : 0.f;
+    }
+    thread_mass[threadIdx.x] = own;
+    if (threadIdx.x == 0) chosen_shared = best_i;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float acc = 0.f;
+      for (int t = 0; t < SAMPLE_THREADS; ++t) {
+        const float m = thread_mass[t];
+        thread_mass[t] = acc;
+        acc += m;
+      }
+      scratch[0] = acc;
+    }
+    __syncthreads();
+    const float r = uniform * scratch[0];
+    float acc = thread_mass[threadIdx.x];
+    if (own > 0.f && r >= acc && r < acc + own) {
+      uint32_t pick = begin;
+      for (uint32_t i = begin; i < end; ++i) {
+        const float s = row[i] * inv_t;
+        if (s < tau) continue;
+        pick = i;
+        acc += expf(s - mx);
+        if (r < acc) break;
+      }
+      chosen_shared = pick;
+    }
+    __syncthreads();
+    chosen = chosen_shared;
+  }
+
+  // 4) Out: the token, and its raw logprob.
+  if (threadIdx.x == 0) {
+    ids_out[0] = chosen;
+    if (want_lp > 0) lp_out[0] = row[chosen] - log_z;
+  }
+  __syncthreads();
+  for (uint32_t j = threadIdx.x; j < adj_count; j += SAMPLE_THREADS) {
+    if (adj_tokens[adj_first + j] == chosen) lp_out[0] = saved[adj_first + j] - log_z;
+  }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                  \
   extern "C" __global__ void qkv_store_##SUFFIX(                                                \
       const T *q, const T *k, const T *v, uint32_t q_stride, uint32_t k_stride,                 \

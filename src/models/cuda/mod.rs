@@ -20,6 +20,7 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, Devic
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 
+use super::fused::{DeviceSample, DeviceSampleRow};
 use super::paged_kv::LayerKv;
 use super::BatchInput;
 
@@ -108,21 +109,37 @@ fn output(device: &CudaDevice, shape: impl Into<Shape>, dtype: DType) -> Result<
     ))
 }
 
+/// A kernel: its base name and, for the templated ones, the dtype it is instantiated for.
+type KernelKey = (&'static str, Option<DType>);
+
 thread_local! {
     /// Loaded kernel handles: looking one up in candle's module store costs a lock, a string
     /// and a driver call per launch.
-    static FUNCTIONS: RefCell<HashMap<(DeviceId, &'static str, DType), CudaFunction>> =
+    static FUNCTIONS: RefCell<HashMap<(DeviceId, &'static str, Option<DType>), CudaFunction>> =
         RefCell::new(HashMap::new());
 }
 
 /// Queues `name` (dtype-suffixed) with `args` on the device's stream.
 fn launch(device: &CudaDevice, name: &'static str, dtype: DType, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    let key = (device.id(), name, dtype);
+    launch_named(device, (name, Some(dtype)), cfg, args)
+}
+
+/// Queues `name`, a kernel with one signature for every dtype.
+fn launch_untyped(device: &CudaDevice, name: &'static str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    launch_named(device, (name, None), cfg, args)
+}
+
+fn launch_named(device: &CudaDevice, kernel: KernelKey, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+    let key = (device.id(), kernel.0, kernel.1);
     let func = match FUNCTIONS.with(|f| f.borrow().get(&key).cloned()) {
         Some(func) => func,
         None => {
+            let name = match kernel.1 {
+                Some(dtype) => kernel_name(kernel.0, dtype)?,
+                None => kernel.0.to_string(),
+            };
             let func = device
-                .get_or_load_custom_func(&kernel_name(name, dtype)?, "mlxd_kernels", ptx::KERNELS)?
+                .get_or_load_custom_func(&name, "mlxd_kernels", ptx::KERNELS)?
                 .into_cuda_function();
             FUNCTIONS.with(|f| f.borrow_mut().insert(key, func.clone()));
             func
@@ -475,4 +492,76 @@ pub fn gated_act(gate: &Tensor, up: &Tensor, gelu: bool) -> Result<Tensor> {
     let blocks = (rows * cols).div_ceil(256).min(65_535);
     launch(&device, "gated_act", dtype, grid(blocks, 256, 0), &args)?;
     Ok(out)
+}
+
+/// Top logprobs the sampling kernel reports per row (`MAX_TOP` in kernels.cu).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// The next token of every row of `logits` (`[S, vocab]` f32, adjusted in place) chosen on the
+/// device; only ids and requested logprobs are copied back.
+pub fn sample_rows(logits: &Tensor, rows: &[DeviceSampleRow]) -> Result<Vec<DeviceSample>> {
+    let (s, vocab) = logits.dims2()?;
+    if s != rows.len() || logits.dtype() != DType::F32 || !logits.is_contiguous() {
+        bail!(
+            "sampling {} rows from logits {:?} {:?}",
+            rows.len(),
+            logits.dims(),
+            logits.dtype()
+        );
+    }
+    let device = cuda_device(logits)?;
+    let on_device = Device::Cuda(device.clone());
+    let (mut params_f, mut params_u) = (Vec::with_capacity(6 * s), Vec::with_capacity(4 * s));
+    // One dummy entry keeps the adjustment buffers non-empty; no row's range covers it.
+    let (mut adj_tokens, mut adj_values) = (vec![0u32], vec![0f32, 0.0]);
+    for row in rows {
+        params_f.extend([
+            row.temperature,
+            row.top_p,
+            row.min_p,
+            row.uniform,
+            row.repetition_penalty,
+            0.0,
+        ]);
+        let logprobs = row
+            .logprobs
+            .map_or(0, |n| 1 + (n as usize).min(MAX_TOP_LOGPROBS) as u32);
+        params_u.extend([row.top_k, logprobs, adj_tokens.len() as u32, row.adjust.len() as u32]);
+        for a in &row.adjust {
+            adj_tokens.push(a.token);
+            adj_values.extend([if a.repeat { 1.0 } else { 0.0 }, a.add]);
+        }
+    }
+    let params_f = Tensor::from_vec(params_f, (s, 6), &on_device)?;
+    let params_u = Tensor::from_vec(params_u, (s, 4), &on_device)?;
+    let saved = output(&device, adj_tokens.len(), DType::F32)?;
+    let adj_tokens = Tensor::from_vec(adj_tokens, saved.dim(0)?, &on_device)?;
+    let adj_values = Tensor::from_vec(adj_values, (saved.dim(0)?, 2), &on_device)?;
+    let ids = output(&device, (s, 1 + MAX_TOP_LOGPROBS), DType::U32)?;
+    let lps = output(&device, (s, 1 + MAX_TOP_LOGPROBS), DType::F32)?;
+    let args = [
+        Arg::Ptr(address(logits)?),
+        Arg::U32(vocab as u32),
+        Arg::Ptr(address(&params_f)?),
+        Arg::Ptr(address(&params_u)?),
+        Arg::Ptr(address(&adj_tokens)?),
+        Arg::Ptr(address(&adj_values)?),
+        Arg::Ptr(address(&saved)?),
+        Arg::Ptr(address(&ids)?),
+        Arg::Ptr(address(&lps)?),
+    ];
+    launch_untyped(&device, "sample_rows", grid(s, 1024, 0), &args)?;
+    let (ids, lps) = (ids.to_vec2::<u32>()?, lps.to_vec2::<f32>()?);
+    Ok(rows
+        .iter()
+        .zip(ids.into_iter().zip(lps))
+        .map(|(row, (ids, lps))| {
+            let n = row.logprobs.map_or(0, |n| (n as usize).min(MAX_TOP_LOGPROBS));
+            DeviceSample {
+                id: ids[0],
+                logprob: row.logprobs.map(|_| lps[0]),
+                top: (1..=n).map(|j| (ids[j], lps[j])).collect(),
+            }
+        })
+        .collect())
 }
