@@ -137,8 +137,8 @@ impl DecoderSpec {
     }
 }
 
-/// The q, k and v projections: three layers, or (dense weights on CUDA) one layer whose output
-/// is `[q | k | v]`, one matmul launch instead of three.
+/// The q, k and v projections: three layers, or (dense or GGUF weights on CUDA) one layer whose
+/// output is `[q | k | v]`, one matmul launch instead of three.
 #[derive(Debug)]
 enum QkvProjection {
     Separate { q: Linear, k: Linear, v: Linear },
@@ -202,7 +202,7 @@ impl Attention {
                 .transpose()
         };
         let fused = if runs_kernels(vb.device()) {
-            Linear::concat_dense(&[&q_proj, &k_proj, &v_proj])?
+            Linear::concat(&[&q_proj, &k_proj, &v_proj])?
         } else {
             None
         };

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::RopeConfig;
@@ -93,27 +93,60 @@ impl Linear {
             .collect()
     }
 
-    /// One dense layer whose output rows are those of `parts` in order (a fused projection:
-    /// one matmul launch instead of several), or None unless every part is dense. Biases are
-    /// concatenated when every part has one.
-    pub fn concat_dense(parts: &[&Linear]) -> Result<Option<Linear>> {
-        let dense: Vec<&candle_nn::Linear> = parts
+    /// One layer whose output rows are those of `parts` in order (a fused projection: one
+    /// matmul launch instead of several), or None unless the parts are all dense or all GGUF
+    /// blocks of one type. Biases are concatenated when every part has one.
+    pub fn concat(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let biases: Option<Vec<&Tensor>> = parts
             .iter()
-            .filter_map(|p| match p {
-                Self::Dense(l) => Some(l),
+            .map(|p| match p {
+                Self::Dense(l) => l.bias(),
+                Self::Mlx(_, b) | Self::Gguf(_, b) => b.as_ref(),
+            })
+            .collect();
+        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Dense(l) => Some(l.weight()),
                 _ => None,
             })
             .collect();
-        if dense.len() != parts.len() {
+        if let Some(weights) = dense {
+            return Ok(Some(Self::Dense(candle_nn::Linear::new(
+                Tensor::cat(&weights, 0)?,
+                bias,
+            ))));
+        }
+        let blocks: Option<Vec<&QTensor>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Gguf(q, _) => match q.as_ref() {
+                    QMatMul::QTensor(t) => Some(t.as_ref()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let Some(blocks) = blocks else {
+            return Ok(None);
+        };
+        // Rows of a block-quantized matrix are independent runs of blocks: the fused matrix
+        // is the parts' bytes one after the other.
+        let dtype = blocks[0].dtype();
+        let cols = blocks[0].shape().dims()[1];
+        if blocks.iter().any(|b| b.dtype() != dtype || b.shape().dims()[1] != cols) {
             return Ok(None);
         }
-        let weights: Vec<&Tensor> = dense.iter().map(|l| l.weight()).collect();
-        let biases: Option<Vec<&Tensor>> = dense.iter().map(|l| l.bias()).collect();
-        let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
-        Ok(Some(Self::Dense(candle_nn::Linear::new(
-            Tensor::cat(&weights, 0)?,
-            bias,
-        ))))
+        let mut bytes = Vec::new();
+        for b in &blocks {
+            bytes.extend_from_slice(&b.data()?);
+        }
+        let rows: usize = blocks.iter().map(|b| b.shape().dims()[0]).sum();
+        let device = blocks[0].device();
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &device, dtype)?;
+        let fused = QMatMul::from_qtensor(QTensor::new(storage, (rows, cols))?)?;
+        Ok(Some(Self::Gguf(Arc::new(fused), bias)))
     }
 
     /// `x Wᵀ` and, for a dense layer, its bias still to add (a fused kernel that follows adds
@@ -443,8 +476,8 @@ pub struct GatedMlp {
     activation: Activation,
 }
 
-/// The gate and up projections: two layers, or (dense weights on CUDA) one layer whose output
-/// is `[gate | up]`, one matmul launch instead of two.
+/// The gate and up projections: two layers, or (dense or GGUF weights on CUDA) one layer whose
+/// output is `[gate | up]`, one matmul launch instead of two.
 #[derive(Debug, Clone)]
 enum GateUp {
     Separate { gate: Linear, up: Linear },
@@ -482,7 +515,7 @@ impl GatedMlp {
             )
         };
         let fused = if runs_kernels(vb.device()) {
-            Linear::concat_dense(&[&gate, &up])?
+            Linear::concat(&[&gate, &up])?
         } else {
             None
         };
