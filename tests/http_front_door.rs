@@ -82,8 +82,8 @@ async fn fields_that_do_not_work_are_named_not_ignored() {
             "stream_options",
         ),
         (
-            completion(json!({"response_format": {"type": "json_object"}})),
-            "response_format",
+            completion(json!({"response_format": {"type": "xml"}})),
+            "response_format.type",
         ),
         (completion(json!({"logit_bias": {"abc": 1}})), "logit_bias"),
         (completion(json!({"temperature": -1})), "temperature"),

@@ -192,7 +192,7 @@ async fn errors_use_ollamas_shape_and_status() {
         ("/api/generate", json!({"prompt": "hi"}), 400, Some("model is required")),
         (
             "/api/generate",
-            json!({"model": "stories260k", "prompt": "hi", "format": "json"}),
+            json!({"model": "stories260k", "prompt": "hi", "format": 42}),
             400,
             None,
         ),

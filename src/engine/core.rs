@@ -26,11 +26,16 @@ use crate::models::{Model, PagedKvCache};
 use crate::request::{FinishReason, RequestId, Usage, ValidatedRequest};
 use crate::scheduler::kv::BlockManager;
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec, StepResult};
+use crate::text::Constraint;
 
 /// The engine's part of a live request's record (the scheduler holds the `Sequence` beside it).
 struct RequestState {
     reply: UnboundedSender<TokenEvent>,
     sampler: SamplerState,
+    /// The output constraint, following every token emitted.
+    constraint: Option<Constraint>,
+    /// Why the constraint broke during this step (the request fails when the step ends).
+    constraint_failed: Option<String>,
     usage: Usage,
     arrived_at: Instant,
     first_scheduled_at: Option<Instant>,
@@ -260,6 +265,8 @@ impl EngineCore {
         let state = RequestState {
             reply,
             sampler: SamplerState::new(req.params),
+            constraint: req.constraint,
+            constraint_failed: None,
             usage,
             arrived_at: Instant::now(),
             first_scheduled_at: None,
@@ -366,6 +373,7 @@ impl EngineCore {
         clock.lap("sample");
         let results = self.scheduler.update(&out, &sampled);
         self.emit(results, logprobs);
+        self.follow_constraints(&out, &sampled);
         clock.lap("update");
         self.step_ids.clear();
         Ok(())
@@ -390,16 +398,19 @@ impl EngineCore {
         logits: &candle_core::Tensor,
     ) -> Result<(Vec<u32>, Vec<Option<super::output::Logprobs>>), EngineError> {
         let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
+        let mut masks = self.constraint_masks(&ids);
         if models::runs_kernels(logits.device()) {
-            return self.sample_on_device(&ids, logits);
+            return self.sample_on_device(&ids, masks, logits);
         }
         let host_rows: Vec<u32> = ids
             .iter()
             .enumerate()
-            .filter(|(_, id)| {
-                self.scheduler
-                    .entry_mut(**id)
-                    .is_some_and(|(_, req)| !req.sampler.is_plain_argmax())
+            .filter(|(row, id)| {
+                masks[*row].is_some()
+                    || self
+                        .scheduler
+                        .entry_mut(**id)
+                        .is_some_and(|(_, req)| !req.sampler.is_plain_argmax())
             })
             .map(|(row, _)| row as u32)
             .collect();
@@ -419,7 +430,10 @@ impl EngineCore {
                 .scheduler
                 .entry_mut(ids[row as usize])
                 .expect("invariant: scheduled sequences are live");
-            let t = req.sampler.sample(&mut values, &seq.tokens, seq.num_prompt_tokens);
+            let mask = masks[row as usize].take();
+            let t = req
+                .sampler
+                .sample(&mut values, &seq.tokens, seq.num_prompt_tokens, mask.as_deref());
             sampled[row as usize] = t.id;
             logprobs[row as usize] = t.logprobs;
         }
@@ -430,17 +444,21 @@ impl EngineCore {
     fn sample_on_device(
         &mut self,
         ids: &[RequestId],
+        masks: Vec<Option<Vec<u32>>>,
         logits: &candle_core::Tensor,
     ) -> Result<(Vec<u32>, Vec<Option<super::output::Logprobs>>), EngineError> {
         let vocab = logits.dim(candle_core::D::Minus1)?;
         let rows: Vec<_> = ids
             .iter()
-            .map(|&id| {
+            .zip(masks)
+            .map(|(&id, allowed)| {
                 let (seq, req) = self
                     .scheduler
                     .entry_mut(id)
                     .expect("invariant: scheduled sequences are live");
-                req.sampler.device_row(&seq.tokens, seq.num_prompt_tokens, vocab)
+                let mut row = req.sampler.device_row(&seq.tokens, seq.num_prompt_tokens, vocab);
+                row.allowed = allowed;
+                row
             })
             .collect();
         let samples = models::fused::sample_rows(logits, &rows)?
@@ -459,6 +477,55 @@ impl EngineCore {
                 (s.id, logprobs)
             })
             .unzip())
+    }
+
+    /// The tokens each sampling row's output constraint allows next (None: unconstrained).
+    /// Called after the forward pass is queued, so on a GPU this host work overlaps it. A
+    /// constraint that cannot say leaves its row unconstrained for this step and fails its
+    /// request once the step is done (`follow_constraints`).
+    fn constraint_masks(&mut self, ids: &[RequestId]) -> Vec<Option<Vec<u32>>> {
+        ids.iter()
+            .map(|&id| {
+                let (_, req) = self.scheduler.entry_mut(id)?;
+                match req.constraint.as_mut()?.allowed() {
+                    Ok(mask) => Some(mask),
+                    Err(e) => {
+                        tracing::error!(request_id = %id, error = %e, "output constraint failed");
+                        req.constraint = None;
+                        req.constraint_failed = Some(e);
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Feeds each constrained sequence still running the token it just got: a completed output
+    /// ends the request (`stop`), a broken constraint fails it.
+    fn follow_constraints(&mut self, out: &SchedulerOutput, sampled: &[u32]) {
+        let rows = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).zip(sampled);
+        let mut done = Vec::new();
+        let mut broken = Vec::new();
+        for (id, &token) in rows {
+            let Some((_, req)) = self.scheduler.entry_mut(id) else {
+                continue;
+            };
+            if let Some(e) = req.constraint_failed.take() {
+                broken.push((id, e));
+                continue;
+            }
+            match req.constraint.as_mut().map(|c| c.advance(token)) {
+                Some(Ok(true)) => done.push(id),
+                Some(Err(e)) => broken.push((id, e)),
+                Some(Ok(false)) | None => {}
+            }
+        }
+        for id in done {
+            self.stop(id, u32::MAX);
+        }
+        for (id, e) in broken {
+            self.fail(&[id], EngineError::StepFailed(format!("output constraint: {e}")));
+        }
     }
 
     /// Tells each newly scheduled request how much of its prompt the prefix cache served.

@@ -84,14 +84,29 @@ impl SamplerState {
             repetition_penalty: p.repetition_penalty,
             logprobs: p.logprobs,
             adjust: adjustments(p, tokens, num_prompt, vocab),
+            allowed: None,
         }
     }
 
     /// Chooses the next token from `logits` (modified in place) given the sequence so far
-    /// (`tokens`, whose first `num_prompt` are the prompt).
-    pub fn sample(&mut self, logits: &mut [f32], tokens: &[u32], num_prompt: usize) -> SampledToken {
+    /// (`tokens`, whose first `num_prompt` are the prompt), among the tokens `allowed` (bit
+    /// `t % 32` of word `t / 32`; None: all). Logprobs describe the raw logits.
+    pub fn sample(
+        &mut self,
+        logits: &mut [f32],
+        tokens: &[u32],
+        num_prompt: usize,
+        allowed: Option<&[u32]>,
+    ) -> SampledToken {
         let logprobs = self.params.logprobs.map(|n| (log_softmax(logits), n as usize));
         apply_penalties(logits, &self.params, tokens, num_prompt);
+        if let Some(words) = allowed {
+            for (t, l) in logits.iter_mut().enumerate() {
+                if words.get(t / 32).is_none_or(|w| w >> (t % 32) & 1 == 0) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
         let id = if self.params.temperature <= 0.0 {
             argmax(logits)
         } else {
@@ -256,7 +271,7 @@ mod tests {
     fn greedy_picks_the_first_maximum() {
         let mut s = state(SamplingParams::greedy());
         let mut logits = [0.1, 0.7, 0.7, 0.2];
-        assert_eq!(s.sample(&mut logits, &[], 0).id, 1);
+        assert_eq!(s.sample(&mut logits, &[], 0, None).id, 1);
     }
 
     #[test]
@@ -270,7 +285,7 @@ mod tests {
         let mut s = state(params);
         for _ in 0..20 {
             let mut logits = [0.1, 0.2, 0.9, 0.3];
-            assert_eq!(s.sample(&mut logits, &[], 0).id, 2);
+            assert_eq!(s.sample(&mut logits, &[], 0, None).id, 2);
         }
     }
 
@@ -284,7 +299,7 @@ mod tests {
         let draw = |params: &SamplingParams| {
             let mut s = state(params.clone());
             (0..32)
-                .map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05, 0.95], &[], 0).id)
+                .map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05, 0.95], &[], 0, None).id)
                 .collect::<Vec<_>>()
         };
         let a = draw(&params);
@@ -303,7 +318,7 @@ mod tests {
         };
         let mut s = state(params);
         for _ in 0..200 {
-            assert_ne!(s.sample(&mut [2.0, 0.0, -5.0], &[], 0).id, 2);
+            assert_ne!(s.sample(&mut [2.0, 0.0, -5.0], &[], 0, None).id, 2);
         }
     }
 
@@ -318,7 +333,7 @@ mod tests {
         };
         let mut s = state(params);
         for _ in 0..100 {
-            assert_eq!(s.sample(&mut [2.0, 1.0, 0.0], &[], 0).id, 0);
+            assert_eq!(s.sample(&mut [2.0, 1.0, 0.0], &[], 0, None).id, 0);
         }
     }
 
@@ -354,7 +369,7 @@ mod tests {
             logit_bias: vec![(2, -100.0)],
             ..SamplingParams::greedy()
         };
-        assert_eq!(state(banned).sample(&mut [0.1, 0.2, 9.0], &[], 0).id, 1);
+        assert_eq!(state(banned).sample(&mut [0.1, 0.2, 9.0], &[], 0, None).id, 1);
         let forced = SamplingParams {
             temperature: 1.0,
             seed: Some(5),
@@ -363,7 +378,7 @@ mod tests {
         };
         let mut s = state(forced);
         for _ in 0..50 {
-            assert_eq!(s.sample(&mut [0.0, 5.0, 5.0], &[], 0).id, 0);
+            assert_eq!(s.sample(&mut [0.0, 5.0, 5.0], &[], 0, None).id, 0);
         }
     }
 
@@ -374,7 +389,7 @@ mod tests {
             ..SamplingParams::greedy()
         };
         let mut s = state(p);
-        let out = s.sample(&mut [0.0, 2.0, 1.0], &[], 0);
+        let out = s.sample(&mut [0.0, 2.0, 1.0], &[], 0, None);
         let lp = out.logprobs.expect("requested");
         let z = (1.0f32 + 2f32.exp() + 1f32.exp()).ln();
         assert!((lp.logprob - (2.0 - z)).abs() < 1e-6);

@@ -25,6 +25,8 @@ pub struct DeviceSampleRow {
     pub logprobs: Option<u8>,
     /// At most one entry per token.
     pub adjust: Vec<TokenAdjust>,
+    /// Tokens an output constraint allows (bit `t % 32` of word `t / 32`); None: all.
+    pub allowed: Option<Vec<u32>>,
 }
 
 /// What penalties and bias do to one token's logit: the repetition penalty (when `repeat`),

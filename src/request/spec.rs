@@ -2,7 +2,7 @@
 //! defaults, before anything is checked. The APIs build it; only `validate` reads it.
 
 use super::SamplingParams;
-use crate::text::ChatMessage;
+use crate::text::{ChatMessage, OutputConstraint};
 
 /// What to continue.
 #[derive(Clone, Debug, PartialEq)]
@@ -49,6 +49,8 @@ pub struct GenerationSpec {
     pub stop: Vec<String>,
     /// Keep generating past the model's end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// What the output must be (structured output), enforced while decoding.
+    pub constraint: Option<OutputConstraint>,
 }
 
 impl GenerationSpec {
@@ -63,6 +65,7 @@ impl GenerationSpec {
             context_window: None,
             stop: Vec::new(),
             ignore_eos: false,
+            constraint: None,
         }
     }
 }
@@ -98,6 +101,8 @@ pub enum Field {
     MaxTokens,
     /// Per-request context window.
     ContextWindow,
+    /// The output's required structure.
+    ResponseFormat,
 }
 
 impl Field {
@@ -118,6 +123,7 @@ impl Field {
             Field::Stop => "stop",
             Field::MaxTokens => "max_tokens",
             Field::ContextWindow => "max_tokens",
+            Field::ResponseFormat => "response_format",
         }
     }
 
@@ -138,6 +144,7 @@ impl Field {
             Field::Stop => "options.stop",
             Field::MaxTokens => "options.num_predict",
             Field::ContextWindow => "options.num_ctx",
+            Field::ResponseFormat => "format",
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use super::spec::{Field, GenerationSpec, MaxTokens, Prompt};
 use super::SamplingParams;
-use crate::text::TextCodec;
+use crate::text::{Constraint, TextCodec};
 
 /// Most stop strings one request may carry.
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -105,6 +105,8 @@ pub struct RequestParts {
     pub stop_tokens: Vec<u32>,
     /// Strings that end generation (non-empty), matched by the text stage.
     pub stop_strings: Vec<String>,
+    /// The compiled output constraint, fresh (nothing consumed yet).
+    pub constraint: Option<Constraint>,
 }
 
 impl ValidatedRequest {
@@ -159,6 +161,11 @@ pub fn validate(
     } else {
         limits.eos_token_ids.clone()
     };
+    let constraint = spec
+        .constraint
+        .map(|c| codec.grammar().compile(&c, limits.vocab_size))
+        .transpose()
+        .map_err(|e| RequestError::invalid(Field::ResponseFormat, format!("cannot be enforced: {e}")))?;
     Ok(ValidatedRequest {
         parts: RequestParts {
             prompt,
@@ -166,6 +173,7 @@ pub fn validate(
             max_tokens,
             stop_tokens,
             stop_strings,
+            constraint,
         },
     })
 }

@@ -6,6 +6,7 @@ use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
 use super::chat_template::{ChatMessage, ChatTemplate, TemplateError};
+use super::grammar::GrammarCompiler;
 use crate::models::{config::token_ids, read_text, LoadError};
 
 /// Encoding, decoding and chat rendering for one model.
@@ -16,6 +17,7 @@ pub struct TextCodec {
     bos_id: Option<u32>,
     add_bos_token: bool,
     eos_ids: Vec<u32>,
+    grammar: GrammarCompiler,
 }
 
 impl TextCodec {
@@ -55,11 +57,16 @@ impl TextCodec {
             }
         }
         let template = load_template(dir, &tok_cfg, bos_token.as_deref(), eos_token.as_deref())?;
+        let tokenizer_json = std::fs::read_to_string(&tok_path).map_err(|source| LoadError::Io {
+            path: tok_path.clone(),
+            source,
+        })?;
         Ok(Self {
             tokenizer,
             template,
             bos_id,
             add_bos_token: tok_cfg.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false),
+            grammar: GrammarCompiler::new(tokenizer_json, eos_ids.clone()),
             eos_ids,
         })
     }
@@ -122,8 +129,14 @@ impl TextCodec {
             bos_id: bos.map(|(id, _)| id),
             // The post-processor already adds BOS when the file asks for it.
             add_bos_token: false,
+            grammar: GrammarCompiler::new(doc.to_string(), eos_ids.clone()),
             eos_ids,
         })
+    }
+
+    /// Compiles output constraints against this tokenizer.
+    pub fn grammar(&self) -> &GrammarCompiler {
+        &self.grammar
     }
 
     /// The underlying tokenizer (for detokenizers).

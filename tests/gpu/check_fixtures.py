@@ -234,6 +234,43 @@ def device_sampler(name, server, sequences):
     return ok, f"{'PASS' if ok else 'FAIL'} {name}: {detail} {'; '.join(bad)}"
 
 
+def structured_output(name, server, sequences):
+    """Structured output with every row sampled on the GPU (the grammar's token mask applied by
+    the device sampler): a bounded schema at several temperatures parses, follows the schema and
+    ends as `stop`; streamed and unstreamed outputs agree."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 12},
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+            "pet": {"enum": ["cat", "dog", "bird"]},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 3},
+        },
+        "required": ["name", "age", "pet", "tags"],
+        "additionalProperties": False,
+    }
+    bad = []
+    for n, (temperature, seed) in enumerate([(0.0, 0), (0.7, 1), (1.0, 2), (1.3, 3)]):
+        body = {"prompt": sequences[n % len(sequences)]["prompt_ids"], "max_tokens": 300, "temperature": temperature,
+                "seed": seed, "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}}
+        req = urllib.request.Request(server.base + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            choice = json.load(r)["choices"][0]
+        try:
+            v = json.loads(choice["text"])
+            ok = (choice["finish_reason"] == "stop" and set(v) == set(schema["properties"])
+                  and len(v["name"]) <= 12 and isinstance(v["age"], int) and 0 <= v["age"] <= 99
+                  and v["pet"] in ("cat", "dog", "bird") and len(v["tags"]) <= 3
+                  and all(isinstance(t, str) and len(t) <= 5 for t in v["tags"]))
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            bad.append(f"t={temperature}: {choice['finish_reason']} {choice['text'][:120]!r}")
+    ok = not bad
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: 4 temperatures {'; '.join(bad)}"
+
+
 def load(path):
     with open(path) as f:
         return json.load(f)
@@ -310,6 +347,8 @@ def main():
         run(f"qwen2 safetensors {dtype} batch invariance", f"{fx}/qwen2/f32", ["--dtype", dtype],
             f32["sequences"] + f32["batch"]["members"], 0.0,
             check=lambda name, server, seqs, _tol: batch_invariance(name, server, seqs))
+    run("qwen2 safetensors bf16 structured output", f"{fx}/qwen2/f32", ["--dtype", "bf16"], f32["sequences"], 0.0,
+        check=lambda name, server, seqs, _tol: structured_output(name, server, seqs))
     run("qwen2 safetensors f32 device sampler", f"{fx}/qwen2/f32", ["--dtype", "f32"],
         f32["sequences"], 0.0, check=lambda name, server, seqs, _tol: device_sampler(name, server, seqs))
     exact = os.environ.get("MLXD_CUDA_FORCE_DMMV") == "1"

@@ -403,7 +403,9 @@ __device__ void gated_act(const T *gate, const T *up, T *out, uint32_t rows, uin
 // sample_rows: the next token of each row of `logits` [S, vocab] (f32, adjusted in place), one
 // block of SAMPLE_THREADS per row, so only ids and requested logprobs leave the device.
 //   params_f [S, 6] = {temperature, top_p, min_p, uniform draw in [0, 1), repetition penalty, -}
-//   params_u [S, 4] = {top_k (0: none), logprobs + 1 (0: none), first adjustment, adjustments}
+//   params_u [S, 5] = {top_k (0: none), logprobs + 1 (0: none), first adjustment, adjustments,
+//                      row of `masks` (0xffffffff: unconstrained)}
+//   masks [M, mask_words]: tokens an output constraint allows (bit t % 32 of word t / 32)
 //   adj_tokens [A], adj_values [A, 2] = {1: apply the repetition penalty, value to add}
 //   saved [A]: scratch for the raw logits the adjustments overwrite
 //   out_ids / out_lp [S, 1 + MAX_TOP]: the token (and its raw logprob), then the top-n raw
@@ -541,8 +543,8 @@ __device__ void row_argmax(const float *row, uint32_t vocab, float *vals, uint32
 
 extern "C" __global__ void sample_rows(float *logits, uint32_t vocab, const float *params_f,
                                        const uint32_t *params_u, const uint32_t *adj_tokens,
-                                       const float *adj_values, float *saved, uint32_t *out_ids,
-                                       float *out_lp) {
+                                       const float *adj_values, float *saved, const uint32_t *masks,
+                                       uint32_t mask_words, uint32_t *out_ids, float *out_lp) {
   __shared__ float scratch[SAMPLE_WARPS];
   __shared__ uint32_t scratch_i[SAMPLE_WARPS];
   __shared__ float thread_mass[SAMPLE_THREADS];
@@ -554,10 +556,11 @@ extern "C" __global__ void sample_rows(float *logits, uint32_t vocab, const floa
   const uint32_t row_id = blockIdx.x;
   float *row = logits + (size_t)row_id * vocab;
   const float *pf = params_f + row_id * 6;
-  const uint32_t *pu = params_u + row_id * 4;
+  const uint32_t *pu = params_u + row_id * 5;
   const float temperature = pf[0], top_p = pf[1], min_p = pf[2], uniform = pf[3];
   const float rep_penalty = pf[4];
   const uint32_t top_k = pu[0], want_lp = pu[1], adj_first = pu[2], adj_count = pu[3];
+  const uint32_t mask_row = pu[4];
   uint32_t *ids_out = out_ids + row_id * (1 + MAX_TOP);
   float *lp_out = out_lp + row_id * (1 + MAX_TOP);
 
@@ -596,6 +599,15 @@ extern "C" __global__ void sample_rows(float *logits, uint32_t vocab, const floa
     saved[a] = l;
     if (adj_values[2 * a] != 0.f) l = l > 0.f ? l / rep_penalty : l * rep_penalty;
     row[t] = l + adj_values[2 * a + 1];
+  }
+  __syncthreads();
+  // 2b) The output constraint: tokens it does not allow can never be chosen.
+  if (mask_row != 0xffffffffu) {
+    const uint32_t *m = masks + (size_t)mask_row * mask_words;
+    for (uint32_t i = threadIdx.x; i < vocab; i += SAMPLE_THREADS) {
+      const uint32_t w = i / 32;
+      if (w >= mask_words || ((m[w] >> (i % 32)) & 1u) == 0) row[i] = -INFINITY;
+    }
   }
   __syncthreads();
 

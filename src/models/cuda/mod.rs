@@ -511,9 +511,11 @@ pub fn sample_rows(logits: &Tensor, rows: &[DeviceSampleRow]) -> Result<Vec<Devi
     }
     let device = cuda_device(logits)?;
     let on_device = Device::Cuda(device.clone());
-    let (mut params_f, mut params_u) = (Vec::with_capacity(6 * s), Vec::with_capacity(4 * s));
-    // One dummy entry keeps the adjustment buffers non-empty; no row's range covers it.
+    let (mut params_f, mut params_u) = (Vec::with_capacity(6 * s), Vec::with_capacity(5 * s));
+    // One dummy entry keeps the adjustment and mask buffers non-empty; no row points at it.
     let (mut adj_tokens, mut adj_values) = (vec![0u32], vec![0f32, 0.0]);
+    let mask_words = vocab.div_ceil(32);
+    let (mut masks, mut mask_rows) = (vec![0u32; mask_words], 1u32);
     for row in rows {
         params_f.extend([
             row.temperature,
@@ -526,14 +528,31 @@ pub fn sample_rows(logits: &Tensor, rows: &[DeviceSampleRow]) -> Result<Vec<Devi
         let logprobs = row
             .logprobs
             .map_or(0, |n| 1 + (n as usize).min(MAX_TOP_LOGPROBS) as u32);
-        params_u.extend([row.top_k, logprobs, adj_tokens.len() as u32, row.adjust.len() as u32]);
+        let mask_row = match &row.allowed {
+            Some(words) => {
+                let start = masks.len();
+                masks.extend(words.iter().take(mask_words));
+                masks.resize(start + mask_words, 0);
+                mask_rows += 1;
+                mask_rows - 1
+            }
+            None => u32::MAX,
+        };
+        params_u.extend([
+            row.top_k,
+            logprobs,
+            adj_tokens.len() as u32,
+            row.adjust.len() as u32,
+            mask_row,
+        ]);
         for a in &row.adjust {
             adj_tokens.push(a.token);
             adj_values.extend([if a.repeat { 1.0 } else { 0.0 }, a.add]);
         }
     }
     let params_f = Tensor::from_vec(params_f, (s, 6), &on_device)?;
-    let params_u = Tensor::from_vec(params_u, (s, 4), &on_device)?;
+    let params_u = Tensor::from_vec(params_u, (s, 5), &on_device)?;
+    let masks = Tensor::from_vec(masks, (mask_rows as usize, mask_words), &on_device)?;
     let saved = output(&device, adj_tokens.len(), DType::F32)?;
     let adj_tokens = Tensor::from_vec(adj_tokens, saved.dim(0)?, &on_device)?;
     let adj_values = Tensor::from_vec(adj_values, (saved.dim(0)?, 2), &on_device)?;
@@ -547,6 +566,8 @@ pub fn sample_rows(logits: &Tensor, rows: &[DeviceSampleRow]) -> Result<Vec<Devi
         Arg::Ptr(address(&adj_tokens)?),
         Arg::Ptr(address(&adj_values)?),
         Arg::Ptr(address(&saved)?),
+        Arg::Ptr(address(&masks)?),
+        Arg::U32(mask_words as u32),
         Arg::Ptr(address(&ids)?),
         Arg::Ptr(address(&lps)?),
     ];

@@ -7,6 +7,7 @@ use serde_json::Value;
 use super::types::{CommonFields, Options};
 use super::OllamaError;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
+use crate::text::OutputConstraint;
 
 /// Ollama's defaults for absent options (its `api.DefaultOptions`).
 const DEFAULT_TEMPERATURE: f32 = 0.8;
@@ -65,20 +66,25 @@ pub fn to_spec(prompt: Prompt, common: &CommonFields) -> Result<GenerationSpec, 
         }
     };
     spec.stop = opts.stop.clone().unwrap_or_default();
+    spec.constraint = output_constraint(common.format.as_ref())?;
     Ok(spec)
+}
+
+/// Ollama's `format`: `"json"` (any JSON object), a JSON schema object, or nothing.
+fn output_constraint(format: Option<&Value>) -> Result<Option<OutputConstraint>, OllamaError> {
+    match format {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) if s == "json" => Ok(Some(OutputConstraint::JsonObject)),
+        Some(schema @ Value::Object(_)) => Ok(Some(OutputConstraint::JsonSchema(schema.clone()))),
+        Some(other) => Err(OllamaError::bad_request(format!(
+            "format must be \"json\" or a JSON schema object, got {other}"
+        ))),
+    }
 }
 
 /// Fields of the request body that mlxd cannot honour yet, refused with a clear 400.
 fn reject_unsupported(common: &CommonFields) -> Result<(), OllamaError> {
-    match &common.format {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s.is_empty() => {}
-        Some(_) => {
-            return Err(OllamaError::bad_request(
-                "format (structured JSON output) is not supported by this server yet",
-            ))
-        }
-    }
     match &common.think {
         None | Some(Value::Null) | Some(Value::Bool(false)) => {}
         Some(_) => {

@@ -15,7 +15,7 @@ use super::types::{
     ChatMessageOut, MessageContent, UsageOut,
 };
 use super::{
-    check_response_format, check_stream_options, json_event, new_id, reject_unknown, sampling_params, sse_response,
+    check_stream_options, json_event, new_id, reject_unknown, response_constraint, sampling_params, sse_response,
     unix_now,
 };
 use crate::output::{GeneratedToken, StreamItem, TextStream};
@@ -90,7 +90,7 @@ pub async fn chat_completions(
 fn to_spec(req: &ChatCompletionRequest) -> Result<GenerationSpec, ApiError> {
     reject_unknown(&req.unknown, "")?;
     check_stream_options(req.stream, req.stream_options.as_ref())?;
-    check_response_format(req.response_format.as_ref())?;
+    let constraint = response_constraint(req.response_format.as_ref())?;
     if req.top_logprobs.is_some() && !req.logprobs {
         return Err(ApiError::invalid(
             "top_logprobs",
@@ -106,6 +106,7 @@ fn to_spec(req: &ChatCompletionRequest) -> Result<GenerationSpec, ApiError> {
         .map_or(MaxTokens::Rest, MaxTokens::Exactly);
     spec.stop = req.sampling.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     spec.ignore_eos = req.sampling.ignore_eos;
+    spec.constraint = constraint;
     Ok(spec)
 }
 

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use super::choices::{self, check_n, named_by_id, total_usage};
 use super::types::{Completion, CompletionChoice, CompletionRequest, PromptInput, UsageOut};
 use super::{
-    check_response_format, check_stream_options, json_event, new_id, reject_unknown, sampling_params, sse_response,
+    check_stream_options, json_event, new_id, reject_unknown, response_constraint, sampling_params, sse_response,
     unix_now,
 };
 use crate::output::{GeneratedToken, StreamItem};
@@ -81,7 +81,7 @@ pub async fn completions(
 fn to_specs(req: &CompletionRequest) -> Result<Vec<GenerationSpec>, ApiError> {
     reject_unknown(&req.unknown, "")?;
     check_stream_options(req.stream, req.stream_options.as_ref())?;
-    check_response_format(req.response_format.as_ref())?;
+    let constraint = response_constraint(req.response_format.as_ref())?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported by this model"));
     }
@@ -110,6 +110,7 @@ fn to_specs(req: &CompletionRequest) -> Result<Vec<GenerationSpec>, ApiError> {
             spec.max_tokens = MaxTokens::Exactly(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS));
             spec.stop = stop.clone();
             spec.ignore_eos = req.sampling.ignore_eos;
+            spec.constraint = constraint.clone();
             spec
         })
         .collect())

@@ -13,6 +13,7 @@ use futures::Stream;
 
 use super::error::ApiError;
 use crate::request::SamplingParams;
+use crate::text::OutputConstraint;
 use types::{SamplingFields, UnknownFields};
 
 /// Fields the OpenAI API defines as advisory: accepted whatever their value, they change
@@ -79,14 +80,31 @@ pub fn check_stream_options(stream: bool, options: Option<&types::StreamOptions>
     Ok(())
 }
 
-/// Only plain text output exists until structured output lands.
-pub fn check_response_format(format: Option<&serde_json::Value>) -> Result<(), ApiError> {
-    match format {
-        None | Some(serde_json::Value::Null) => Ok(()),
-        Some(f) if f.get("type").and_then(|t| t.as_str()) == Some("text") => Ok(()),
-        Some(_) => Err(ApiError::invalid(
-            "response_format",
-            "only response_format {\"type\": \"text\"} is supported (no structured output yet)",
+/// `response_format` as an output constraint: `text` (none), `json_object`, or `json_schema`
+/// with its `schema`; anything else is a 400 naming the field.
+pub fn response_constraint(format: Option<&serde_json::Value>) -> Result<Option<OutputConstraint>, ApiError> {
+    let Some(format) = format.filter(|f| !f.is_null()) else {
+        return Ok(None);
+    };
+    match format.get("type").and_then(|t| t.as_str()) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(OutputConstraint::JsonObject)),
+        Some("json_schema") => {
+            let schema = format
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .filter(|s| s.is_object() || s.is_boolean())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format.json_schema.schema",
+                        "json_schema needs a schema object",
+                    )
+                })?;
+            Ok(Some(OutputConstraint::JsonSchema(schema.clone())))
+        }
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "response_format.type must be text, json_object or json_schema",
         )),
     }
 }
