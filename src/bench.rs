@@ -31,6 +31,8 @@ pub struct BenchConfig {
     pub temperature: f32,
     /// Nucleus of every request (1: none).
     pub top_p: f32,
+    /// A JSON schema every request's output must follow (structured output), or none.
+    pub json_schema: Option<Value>,
 }
 
 /// Results of one concurrency level.
@@ -103,11 +105,14 @@ pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<LevelReport>> {
 }
 
 async fn one_request(client: &reqwest::Client, cfg: &BenchConfig, prompt: Vec<u32>) -> anyhow::Result<RequestResult> {
-    let body = json!({
+    let mut body = json!({
         "prompt": prompt, "max_tokens": cfg.output_tokens, "ignore_eos": true,
         "temperature": cfg.temperature, "top_p": cfg.top_p,
         "stream": true, "stream_options": {"include_usage": true}
     });
+    if let Some(schema) = &cfg.json_schema {
+        body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "bench", "schema": schema}});
+    }
     let sent = Instant::now();
     let resp = client
         .post(format!("{}/v1/completions", cfg.url.trim_end_matches('/')))
@@ -191,13 +196,18 @@ fn summarize(concurrency: usize, results: &[RequestResult], wall: Duration) -> L
 /// The report as an aligned text table.
 pub fn format_table(cfg: &BenchConfig, reports: &[LevelReport]) -> String {
     let mut out = format!(
-        "prompt {} tokens ({:.0}% shared), output {} tokens, {} requests per client, temperature {}, top_p {}\n",
+        "prompt {} tokens ({:.0}% shared), output {} tokens, {} requests per client, temperature {}, top_p {}{}\n",
         cfg.prompt_tokens,
         cfg.shared_prefix * 100.0,
         cfg.output_tokens,
         cfg.requests_per_client,
         cfg.temperature,
-        cfg.top_p
+        cfg.top_p,
+        if cfg.json_schema.is_some() {
+            ", output constrained by a JSON schema"
+        } else {
+            ""
+        }
     );
     out.push_str("concurrency  requests  out_tok/s  ttft_p50_ms  ttft_p90_ms  itl_p50_ms  itl_p90_ms  prefix_hit\n");
     for r in reports {

@@ -63,6 +63,10 @@ struct BenchArgs {
     /// top_p of every request (1: no nucleus).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// A file holding a JSON schema every request's output must follow (measures the cost of
+    /// structured output; outputs end when the schema's output is complete).
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
 }
 
 /// Options shared by every command that loads a model.
@@ -437,6 +441,13 @@ async fn bench(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         temperature: args.temperature,
         top_p: args.top_p,
+        json_schema: args
+            .json_schema
+            .map(|path| -> Result<serde_json::Value> {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
+            })
+            .transpose()?,
     };
     let reports = mlxd::bench::run(&cfg).await?;
     print!("{}", mlxd::bench::format_table(&cfg, &reports));
