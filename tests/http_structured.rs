@@ -169,3 +169,61 @@ async fn schema_features_the_grammar_engine_lacks_are_a_400_naming_the_field() {
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().expect("error").contains("format"), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_with_unbounded_values_close_before_the_budget_runs_out() {
+    let s = server().await;
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "story": {"type": "string"},
+            "hero": {"type": "string"},
+            "notes": {"type": "array", "items": {"type": "string"}}
+        },
+        "required": ["story", "hero"]
+    });
+    let format = json!({"type": "json_schema", "json_schema": {"name": "story", "schema": schema}});
+    for (max_tokens, temperature, seed) in [(40, 0.8, 1), (64, 1.0, 2), (100, 1.3, 3), (48, 0.0, 4), (33, 1.0, 5)] {
+        let body = json!({
+            "model": "stories260k", "prompt": "Once upon a time", "max_tokens": max_tokens,
+            "temperature": temperature, "seed": seed, "response_format": format
+        });
+        let (status, body) = s.post_json("/v1/completions", body).await;
+        assert_eq!(status, 200, "{body}");
+        let choice = &body["choices"][0];
+        assert_eq!(choice["finish_reason"], "stop", "{body}");
+        let text = choice["text"].as_str().expect("text");
+        let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        assert!(v["story"].is_string() && v["hero"].is_string(), "{text}");
+        if let Some(notes) = v.get("notes") {
+            assert!(
+                notes.as_array().is_some_and(|n| n.iter().all(Value::is_string)),
+                "{text}"
+            );
+        }
+        assert!(
+            body["usage"]["completion_tokens"].as_u64().expect("usage") <= max_tokens,
+            "{body}"
+        );
+    }
+    let object = json!({
+        "model": "stories260k", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 40,
+        "temperature": 1.0, "seed": 9, "response_format": {"type": "json_object"}
+    });
+    let (_, body) = s.post_json("/v1/chat/completions", object).await;
+    let text = body["choices"][0]["message"]["content"].as_str().expect("content");
+    assert!(
+        serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()),
+        "{text}"
+    );
+    let ollama = json!({
+        "model": "stories260k", "prompt": "Once upon a time", "stream": false, "format": "json",
+        "options": {"temperature": 0.9, "seed": 4, "num_predict": 40}
+    });
+    let (_, body) = s.post_json("/api/generate", ollama).await;
+    let text = body["response"].as_str().expect("response");
+    assert!(
+        serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()),
+        "{text}"
+    );
+}

@@ -486,8 +486,9 @@ impl EngineCore {
     fn constraint_masks(&mut self, ids: &[RequestId]) -> Vec<Option<Vec<u32>>> {
         ids.iter()
             .map(|&id| {
-                let (_, req) = self.scheduler.entry_mut(id)?;
-                match req.constraint.as_mut()?.allowed() {
+                let (seq, req) = self.scheduler.entry_mut(id)?;
+                let left = seq.max_tokens.saturating_sub(seq.num_generated());
+                match req.constraint.as_mut()?.allowed(left, seq.max_tokens) {
                     Ok(mask) => Some(mask),
                     Err(e) => {
                         tracing::error!(request_id = %id, error = %e, "output constraint failed");

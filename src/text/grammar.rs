@@ -2,6 +2,12 @@
 //! with llguidance, the grammar engine llama.cpp and vLLM use. A `Constraint` is one request's
 //! matcher: it names the tokens that may come next (a bitmask the samplers apply before they
 //! choose) and follows every token chosen, so the output always parses and validates.
+//!
+//! A grammar bounds what is valid, not how long it takes: a weak model can stay inside an
+//! unbounded string until `max_tokens`. So when the budget runs low the mask narrows to the
+//! allowed tokens that close JSON — inside a string a `"` (with closers after it), elsewhere
+//! `}` / `]`, then `,` `:` and the shortest literals — falling back to the whole mask where
+//! none is allowed, so outputs end complete instead of cut.
 
 use std::sync::{Arc, OnceLock};
 
@@ -41,7 +47,82 @@ impl OutputConstraint {
 pub struct GrammarCompiler {
     tokenizer_json: String,
     eos_ids: Vec<u32>,
-    factory: OnceLock<Result<Arc<ParserFactory>, String>>,
+    compiled: OnceLock<Result<Compiled, String>>,
+}
+
+/// What a tokenizer's constraints share: the parser factory and the closing tiers.
+type Compiled = (Arc<ParserFactory>, Arc<ClosingTiers>);
+
+/// Bitmasks of the tokens that close JSON, strongest first (see the module comment), and each
+/// token's bytes (to follow whether the output is inside a string).
+#[derive(Debug)]
+struct ClosingTiers {
+    /// Inside a string: `"` followed only by `}`, `]`, `,`.
+    in_string: Vec<u32>,
+    /// Elsewhere: only `}` and `]`; then also `,`, `:`, spaces or a shortest literal (`0`,
+    /// `true`, `false`, `null`, `""`, `[]`, `{}`).
+    outside: [Vec<u32>; 2],
+    bytes: Vec<Vec<u8>>,
+}
+
+impl ClosingTiers {
+    fn new(trie: &llguidance::toktrie::TokTrie) -> Self {
+        let words = trie.vocab_size().div_ceil(32);
+        let mut in_string = vec![0u32; words];
+        let mut outside = [vec![0u32; words], vec![0u32; words]];
+        let mut all_bytes = Vec::with_capacity(trie.vocab_size());
+        for t in 0..trie.vocab_size() as u32 {
+            let bytes = trie.token(t).to_vec();
+            let only = |b: &[u8], set: &[u8]| !b.is_empty() && b.iter().all(|c| set.contains(c));
+            let literal = [&b"0"[..], b"true", b"false", b"null", b"\"\"", b"[]", b"{}"]
+                .iter()
+                .any(|l| !bytes.is_empty() && bytes.trim_ascii() == *l);
+            let (word, bit) = ((t / 32) as usize, 1u32 << (t % 32));
+            if bytes.first() == Some(&b'"') && bytes[1..].iter().all(|c| b"}],".contains(c)) {
+                in_string[word] |= bit;
+            }
+            if only(&bytes, b"}]") {
+                outside[0][word] |= bit;
+            }
+            if only(&bytes, b"}],: ") || literal {
+                outside[1][word] |= bit;
+            }
+            all_bytes.push(bytes);
+        }
+        Self {
+            in_string,
+            outside,
+            bytes: all_bytes,
+        }
+    }
+}
+
+/// Tokens left below which a constrained output starts closing: half the budget, at least 64
+/// (small vocabularies spell keys a character a token, and the keys a schema requires may all
+/// still be to come). Outputs that end well within their budget never reach it.
+fn closing_point(max_tokens: usize) -> usize {
+    (max_tokens / 2).max(64)
+}
+
+/// Where the output stands in JSON's lexical structure.
+#[derive(Clone, Copy, Debug, Default)]
+struct JsonLexState {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl JsonLexState {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.escaped {
+                self.escaped = false;
+            } else if self.in_string && b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = !self.in_string;
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for GrammarCompiler {
@@ -59,16 +140,20 @@ impl GrammarCompiler {
         Self {
             tokenizer_json,
             eos_ids,
-            factory: OnceLock::new(),
+            compiled: OnceLock::new(),
         }
     }
 
     /// A fresh matcher for `constraint` over a `vocab`-wide logits row, or why it cannot be
     /// enforced (an unsupported schema feature, a malformed schema).
     pub fn compile(&self, constraint: &OutputConstraint, vocab: usize) -> Result<Constraint, String> {
-        let factory = self
-            .factory
-            .get_or_init(|| self.build_factory(vocab).map(Arc::new))
+        let (factory, closing) = self
+            .compiled
+            .get_or_init(|| {
+                let factory = self.build_factory(vocab)?;
+                let closing = ClosingTiers::new(factory.tok_env().tok_trie());
+                Ok((Arc::new(factory), Arc::new(closing)))
+            })
             .as_ref()
             .map_err(|e| format!("structured output is unavailable for this tokenizer: {e}"))?;
         let grammar = TopLevelGrammar::from_json_schema(constraint.schema());
@@ -79,6 +164,8 @@ impl GrammarCompiler {
         Ok(Constraint {
             source: constraint.clone(),
             matcher,
+            closing: closing.clone(),
+            lex: JsonLexState::default(),
         })
     }
 
@@ -103,6 +190,8 @@ impl GrammarCompiler {
 pub struct Constraint {
     source: OutputConstraint,
     matcher: Matcher,
+    closing: Arc<ClosingTiers>,
+    lex: JsonLexState,
 }
 
 impl Clone for Constraint {
@@ -112,6 +201,8 @@ impl Clone for Constraint {
         Self {
             source: self.source.clone(),
             matcher: self.matcher.deep_clone(),
+            closing: self.closing.clone(),
+            lex: self.lex,
         }
     }
 }
@@ -131,17 +222,33 @@ impl PartialEq for Constraint {
 
 impl Constraint {
     /// The tokens allowed next as bitmask words (bit `t % 32` of word `t / 32`); only the
-    /// end-of-sequence tokens once the output is complete.
-    pub fn allowed(&mut self) -> Result<Vec<u32>, String> {
-        self.matcher
-            .compute_mask_or_eos()
-            .map(|mask| mask.as_slice().to_vec())
-            .map_err(|e| e.to_string())
+    /// end-of-sequence tokens once the output is complete. With `left` of `max_tokens` to go
+    /// and the closing point reached, only the allowed tokens that close the output, where
+    /// there are any.
+    pub fn allowed(&mut self, left: usize, max_tokens: usize) -> Result<Vec<u32>, String> {
+        let mask = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+        let mask = mask.as_slice();
+        if left <= closing_point(max_tokens) {
+            let tiers = match self.lex.in_string {
+                true => std::slice::from_ref(&self.closing.in_string),
+                false => &self.closing.outside[..],
+            };
+            for tier in tiers {
+                let closing: Vec<u32> = mask.iter().zip(tier).map(|(m, c)| m & c).collect();
+                if closing.iter().any(|&w| w != 0) {
+                    return Ok(closing);
+                }
+            }
+        }
+        Ok(mask.to_vec())
     }
 
     /// Follows the chosen token; true once the output is complete.
     pub fn advance(&mut self, token: u32) -> Result<bool, String> {
         self.matcher.consume_token(token).map_err(|e| e.to_string())?;
+        if let Some(bytes) = self.closing.bytes.get(token as usize) {
+            self.lex.feed(bytes);
+        }
         Ok(self.matcher.is_stopped())
     }
 }
