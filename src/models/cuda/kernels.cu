@@ -429,27 +429,26 @@ __device__ __forceinline__ float key_value(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// Block-wide reductions; every thread gets the result. `scratch` holds SAMPLE_WARPS values.
-__device__ float block_sum(float v, float *scratch) {
+// Block-wide reduction with `op` (a sum or a max); every thread gets the result. `scratch`
+// holds SAMPLE_WARPS values.
+template <typename Op>
+__device__ float block_reduce(float v, float *scratch, Op op, float identity) {
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_sum(v);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(FULL_MASK, v, o));
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < SAMPLE_WARPS; ++w) total += scratch[w];
-  return total;
+  float result = identity;
+  for (int w = 0; w < SAMPLE_WARPS; ++w) result = op(result, scratch[w]);
+  return result;
+}
+
+__device__ float block_sum(float v, float *scratch) {
+  return block_reduce(v, scratch, [](float a, float b) { return a + b; }, 0.f);
 }
 
 __device__ float block_max(float v, float *scratch) {
-  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float best = -INFINITY;
-  for (int w = 0; w < SAMPLE_WARPS; ++w) best = fmaxf(best, scratch[w]);
-  return best;
+  return block_reduce(v, scratch, [](float a, float b) { return fmaxf(a, b); }, -INFINITY);
 }
 
 // The largest value and its lowest index.
