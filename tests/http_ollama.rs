@@ -340,3 +340,31 @@ async fn a_failure_mid_stream_is_one_error_line() {
     let last: Value = serde_json::from_str(rest.lines().last().expect("a line")).expect("json");
     assert_eq!(last, json!({"error": "the engine is unavailable"}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_and_model_management_routes_say_what_to_do_instead_of_404() {
+    let s = server().await;
+    let client = reqwest::Client::new();
+    let cases = [
+        ("POST", "/api/pull", "no registry access"),
+        ("POST", "/api/push", "no registry access"),
+        ("POST", "/api/create", "started with"),
+        ("POST", "/api/copy", "started with"),
+        ("DELETE", "/api/delete", "started with"),
+    ];
+    for (method, path, says) in cases {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let resp = client
+            .request(method, s.url(path))
+            .json(&json!({"model": "qwen2.5:0.5b"}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 400, "{path}");
+        let body: Value = resp.json().await.expect("json");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains(says)),
+            "{path}: {body}"
+        );
+    }
+}

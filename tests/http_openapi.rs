@@ -7,7 +7,7 @@ use common::{engine_config, repo_model, TestServer};
 use serde_json::Value;
 
 /// Every route the README promises, as (method, path).
-const ROUTES: [(&str, &str); 16] = [
+const ROUTES: [(&str, &str); 21] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("get", "/v1/models"),
@@ -19,6 +19,11 @@ const ROUTES: [(&str, &str); 16] = [
     ("post", "/api/show"),
     ("get", "/api/ps"),
     ("get", "/api/version"),
+    ("post", "/api/pull"),
+    ("post", "/api/push"),
+    ("post", "/api/create"),
+    ("post", "/api/copy"),
+    ("delete", "/api/delete"),
     ("get", "/"),
     ("head", "/"),
     ("get", "/health"),

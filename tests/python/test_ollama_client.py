@@ -79,3 +79,10 @@ def test_unknown_model_raises_response_error(client):
         client.generate(model="nope", prompt="hi")
     assert e.value.status_code == 404
     assert "not found" in e.value.error
+
+
+def test_pull_says_there_is_no_registry(server_url):
+    c = ollama.Client(host=server_url)
+    with pytest.raises(ollama.ResponseError) as err:
+        c.pull("qwen2.5:0.5b")
+    assert "no registry access" in str(err.value)

@@ -1,6 +1,7 @@
 //! Ollama-compatible routes: `/api/generate`, `/api/chat`, `/api/tags`, `/api/show`,
 //! `/api/ps`, `/api/version` and the `/` liveness probe, with Ollama's NDJSON streaming and
-//! `{"error": "..."}` bodies. Each job has its file: wire types, `options` conversion, errors,
+//! `{"error": "..."}` bodies; `/api/pull`, `push`, `create`, `copy` and `delete` answer what
+//! mlxd does instead. Each job has its file: wire types, `options` conversion, errors,
 //! replies, and one file per route group.
 
 pub mod chat;

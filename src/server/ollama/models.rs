@@ -6,6 +6,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Map};
 
+use super::error::OllamaErrorBody;
 use super::types::{OllamaModelDetails, OllamaModelEntry, OllamaModelList, ShowRequest, ShowResponse, VersionResponse};
 use super::{OllamaError, OllamaJson};
 use crate::models::parameter_size;
@@ -178,4 +179,50 @@ pub async fn root() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         "Ollama is running",
     )
+}
+
+/// `POST /api/pull`: there is no registry to pull from; the answer says how to serve a model.
+#[utoipa::path(post, path = "/api/pull", tag = "ollama",
+    responses((status = 400, description = "Not supported: no registry access", body = OllamaErrorBody)))]
+pub async fn pull() -> OllamaError {
+    OllamaError::bad_request(
+        "pulling models is not supported: mlxd has no registry access; download the model \
+         (a Hugging Face folder or a .gguf file) and serve it with `mlxd serve --model PATH`",
+    )
+}
+
+/// `POST /api/push`: there is no registry to push to.
+#[utoipa::path(post, path = "/api/push", tag = "ollama",
+    responses((status = 400, description = "Not supported: no registry access", body = OllamaErrorBody)))]
+pub async fn push() -> OllamaError {
+    OllamaError::bad_request("pushing models is not supported: mlxd has no registry access")
+}
+
+/// `POST /api/create`, `/api/copy`, `DELETE /api/delete`: the served models are the ones
+/// mlxd was started with.
+fn fixed_model_set(what: &str) -> OllamaError {
+    OllamaError::bad_request(format!(
+        "{what} models is not supported: mlxd serves the models it was started with (`--model`)"
+    ))
+}
+
+/// `POST /api/create`: see [`fixed_model_set`].
+#[utoipa::path(post, path = "/api/create", tag = "ollama",
+    responses((status = 400, description = "Not supported: fixed model set", body = OllamaErrorBody)))]
+pub async fn create() -> OllamaError {
+    fixed_model_set("creating")
+}
+
+/// `POST /api/copy`: see [`fixed_model_set`].
+#[utoipa::path(post, path = "/api/copy", tag = "ollama",
+    responses((status = 400, description = "Not supported: fixed model set", body = OllamaErrorBody)))]
+pub async fn copy() -> OllamaError {
+    fixed_model_set("copying")
+}
+
+/// `DELETE /api/delete`: see [`fixed_model_set`].
+#[utoipa::path(delete, path = "/api/delete", tag = "ollama",
+    responses((status = 400, description = "Not supported: fixed model set", body = OllamaErrorBody)))]
+pub async fn delete() -> OllamaError {
+    fixed_model_set("deleting")
 }
