@@ -395,3 +395,16 @@ async fn ollama_overload_answers_carry_retry_after() {
     let body: Value = resp.json().await.expect("json");
     assert!(body["error"].is_string());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_model_is_a_404_that_names_the_close_match() {
+    let s = server().await;
+    let (status, body) = s
+        .post_json("/v1/completions", completion(json!({"model": "Stories260K-instruct"})))
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert_eq!(body["error"]["param"], "model");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("did you mean stories260k?"), "{message}");
+}

@@ -181,7 +181,13 @@ async fn errors_use_ollamas_shape_and_status() {
             "/api/generate",
             json!({"model": "nope", "prompt": "hi"}),
             404,
-            Some("model 'nope' not found"),
+            Some("model 'nope' not found; this server serves: stories260k"),
+        ),
+        (
+            "/api/generate",
+            json!({"model": "stories-260k", "prompt": "hi"}),
+            404,
+            Some("model 'stories-260k' not found; did you mean stories260k?"),
         ),
         (
             "/api/chat",

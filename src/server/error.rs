@@ -25,9 +25,15 @@ pub enum ApiError {
     /// The one validation step refused the request.
     #[error("{}", describe(.0, |f| f.openai_name()))]
     Request(RequestError),
-    /// The request names a model this server does not serve.
-    #[error("The model '{0}' does not exist")]
-    ModelNotFound(String),
+    /// The request names a model this server does not serve; `hint` names what it does serve
+    /// (the close matches, or every model when none is close).
+    #[error("The model '{name}' does not exist; {hint}")]
+    ModelNotFound {
+        /// The name asked for.
+        name: String,
+        /// What to ask for instead.
+        hint: String,
+    },
     /// No such route.
     #[error("Unknown request URL: {method} {path}")]
     NotFound {
@@ -65,6 +71,23 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A 404 for `name` that names the close matches among `served` (or all of them).
+    pub fn model_not_found(name: &str, served: &[&str]) -> Self {
+        let close: Vec<&str> = served
+            .iter()
+            .copied()
+            .filter(|m| strsim::normalized_levenshtein(&name.to_lowercase(), &m.to_lowercase()) >= 0.5)
+            .collect();
+        let hint = match close.as_slice() {
+            [] => format!("this server serves: {}", served.join(", ")),
+            close => format!("did you mean {}?", close.join(" or ")),
+        };
+        Self::ModelNotFound {
+            name: name.to_string(),
+            hint,
+        }
+    }
+
     /// An invalid value of the named field.
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         Self::InvalidRequest {
@@ -77,7 +100,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } | Self::Request(_) => StatusCode::BAD_REQUEST,
-            Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -119,7 +142,7 @@ impl ApiError {
                     e.field().map(|f| f.openai_name().to_string()),
                 )
             }
-            Self::ModelNotFound(_) => (
+            Self::ModelNotFound { .. } => (
                 "invalid_request_error",
                 Some("model_not_found"),
                 Some("model".to_string()),

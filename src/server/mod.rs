@@ -138,7 +138,7 @@ impl AppState {
         match requested {
             None | Some("") => Ok(()),
             Some(name) if name == self.model_name || name.strip_suffix(":latest") == Some(&self.model_name) => Ok(()),
-            Some(name) => Err(ApiError::ModelNotFound(name.to_string())),
+            Some(name) => Err(ApiError::model_not_found(name, &[&self.model_name])),
         }
     }
 }

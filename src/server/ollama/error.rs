@@ -36,7 +36,7 @@ impl OllamaError {
     /// The message Ollama clients show.
     pub fn message(&self) -> String {
         match &self.0 {
-            ApiError::ModelNotFound(name) => format!("model '{name}' not found"),
+            ApiError::ModelNotFound { name, hint } => format!("model '{name}' not found; {hint}"),
             ApiError::Request(e) => describe(e, |f| f.ollama_name()),
             other => other.to_string(),
         }
