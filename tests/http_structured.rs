@@ -164,6 +164,50 @@ async fn schema_features_the_grammar_engine_lacks_are_a_400_naming_the_field() {
     let (status, body) = s.post_json("/v1/completions", missing).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["param"], "response_format.json_schema.schema");
+    // A schema that compiles but cannot give a first mask is refused up front too, in one line.
+    let body = json!({
+        "model": "stories260k", "prompt": "hi", "max_tokens": 20,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}
+    });
+    let (status, body) = s.post_json("/v1/completions", body).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["param"], "response_format");
+    assert!(
+        !body["error"]["message"].as_str().expect("message").contains('\n'),
+        "{body}"
+    );
+    // One whose grammar outgrows llguidance only after its first token fails that request alone,
+    // in one line; the next request is served.
+    let props: serde_json::Map<String, Value> = (0..3000)
+        .map(|i| (format!("k{i}"), json!({"type": "integer", "minimum": 0, "maximum": 9})))
+        .collect();
+    let body = json!({
+        "model": "stories260k", "prompt": "hi", "max_tokens": 20,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": props}}}
+    });
+    let (status, body) = s.post_json("/v1/completions", body).await;
+    assert_eq!(status, 500, "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("output constraint") && !message.contains('\n'),
+        "{message}"
+    );
+    let (status, _) = s
+        .post_json("/v1/completions", json!({"prompt": "hi", "max_tokens": 4}))
+        .await;
+    assert_eq!(status, 200);
+    for (format, param) in [
+        (json!({"type": "json_object", "extra": 1}), "response_format.extra"),
+        (
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strictly": true}}),
+            "response_format.json_schema.strictly",
+        ),
+    ] {
+        let body = json!({"model": "stories260k", "prompt": "hi", "response_format": format});
+        let (status, body) = s.post_json("/v1/completions", body).await;
+        assert_eq!(status, 400, "{body}");
+        assert_eq!(body["error"]["param"], param, "{body}");
+    }
     let ollama = json!({"model": "stories260k", "prompt": "hi", "format": unsupported});
     let (status, body) = s.post_json("/api/generate", ollama).await;
     assert_eq!(status, 400, "{body}");
@@ -226,4 +270,13 @@ async fn outputs_with_unbounded_values_close_before_the_budget_runs_out() {
         serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()),
         "{text}"
     );
+    // Any JSON value (an empty schema): a number may simply end, so the output does.
+    let any = json!({
+        "model": "stories260k", "prompt": "hi", "stream": false, "format": {},
+        "options": {"temperature": 0.9, "seed": 4, "num_predict": 40}
+    });
+    let (_, body) = s.post_json("/api/generate", any).await;
+    assert_eq!(body["done_reason"], "stop", "{body}");
+    let text = body["response"].as_str().expect("response");
+    assert!(serde_json::from_str::<Value>(text).is_ok(), "{text}");
 }

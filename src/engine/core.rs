@@ -29,13 +29,14 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, Se
 use crate::text::Constraint;
 
 /// The engine's part of a live request's record (the scheduler holds the `Sequence` beside it).
+/// One step's masks of the constrained rows, and the requests whose constraint broke.
+type ConstraintMasks = (Vec<Option<Vec<u32>>>, Vec<(RequestId, String)>);
+
 struct RequestState {
     reply: UnboundedSender<TokenEvent>,
     sampler: SamplerState,
     /// The output constraint, following every token emitted.
     constraint: Option<Constraint>,
-    /// Why the constraint broke during this step (the request fails when the step ends).
-    constraint_failed: Option<String>,
     usage: Usage,
     arrived_at: Instant,
     first_scheduled_at: Option<Instant>,
@@ -266,7 +267,6 @@ impl EngineCore {
             reply,
             sampler: SamplerState::new(req.params),
             constraint: req.constraint,
-            constraint_failed: None,
             usage,
             arrived_at: Instant::now(),
             first_scheduled_at: None,
@@ -369,11 +369,13 @@ impl EngineCore {
         clock.lap("prepare");
         let logits = self.forward(&batch)?;
         clock.lap("forward");
-        let (sampled, logprobs) = self.sample(&out, &logits)?;
+        let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
+        let (masks, broken) = self.constraint_masks(&ids);
+        let (sampled, logprobs) = self.sample(&ids, masks, &logits)?;
         clock.lap("sample");
         let results = self.scheduler.update(&out, &sampled);
         self.emit(results, logprobs);
-        self.follow_constraints(&out, &sampled);
+        self.follow_constraints(&ids, &sampled, broken);
         clock.lap("update");
         self.step_ids.clear();
         Ok(())
@@ -394,13 +396,12 @@ impl EngineCore {
     /// other rows are copied and sampled on the host.
     fn sample(
         &mut self,
-        out: &SchedulerOutput,
+        ids: &[RequestId],
+        mut masks: Vec<Option<Vec<u32>>>,
         logits: &candle_core::Tensor,
     ) -> Result<(Vec<u32>, Vec<Option<super::output::Logprobs>>), EngineError> {
-        let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
-        let mut masks = self.constraint_masks(&ids);
         if models::runs_kernels(logits.device()) {
-            return self.sample_on_device(&ids, masks, logits);
+            return self.sample_on_device(ids, masks, logits);
         }
         let host_rows: Vec<u32> = ids
             .iter()
@@ -479,12 +480,14 @@ impl EngineCore {
             .unzip())
     }
 
-    /// The tokens each sampling row's output constraint allows next (None: unconstrained).
-    /// Called after the forward pass is queued, so on a GPU this host work overlaps it. A
-    /// constraint that cannot say leaves its row unconstrained for this step and fails its
-    /// request once the step is done (`follow_constraints`).
-    fn constraint_masks(&mut self, ids: &[RequestId]) -> Vec<Option<Vec<u32>>> {
-        ids.iter()
+    /// The tokens each sampling row's output constraint allows next (None: unconstrained), and
+    /// the requests whose constraint could not say (their rows stay unconstrained this step;
+    /// `follow_constraints` fails them once it is done). Called after the forward pass is
+    /// queued, so on a GPU this host work overlaps it.
+    fn constraint_masks(&mut self, ids: &[RequestId]) -> ConstraintMasks {
+        let mut broken = Vec::new();
+        let masks = ids
+            .iter()
             .map(|&id| {
                 let (seq, req) = self.scheduler.entry_mut(id)?;
                 let left = seq.max_tokens.saturating_sub(seq.num_generated());
@@ -493,28 +496,24 @@ impl EngineCore {
                     Err(e) => {
                         tracing::error!(request_id = %id, error = %e, "output constraint failed");
                         req.constraint = None;
-                        req.constraint_failed = Some(e);
+                        broken.push((id, e));
                         None
                     }
                 }
             })
-            .collect()
+            .collect();
+        (masks, broken)
     }
 
-    /// Feeds each constrained sequence still running the token it just got: a completed output
-    /// ends the request (`stop`), a broken constraint fails it.
-    fn follow_constraints(&mut self, out: &SchedulerOutput, sampled: &[u32]) {
-        let rows = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).zip(sampled);
+    /// Feeds each constrained sequence still running the token it just got (`ids` and
+    /// `sampled` row by row): a completed output ends the request (`stop`); a constraint that
+    /// broke, now or while masking (`broken`), fails its request.
+    fn follow_constraints(&mut self, ids: &[RequestId], sampled: &[u32], mut broken: Vec<(RequestId, String)>) {
         let mut done = Vec::new();
-        let mut broken = Vec::new();
-        for (id, &token) in rows {
+        for (&id, &token) in ids.iter().zip(sampled) {
             let Some((_, req)) = self.scheduler.entry_mut(id) else {
                 continue;
             };
-            if let Some(e) = req.constraint_failed.take() {
-                broken.push((id, e));
-                continue;
-            }
             match req.constraint.as_mut().map(|c| c.advance(token)) {
                 Some(Ok(true)) => done.push(id),
                 Some(Err(e)) => broken.push((id, e)),

@@ -59,8 +59,9 @@ type Compiled = (Arc<ParserFactory>, Arc<ClosingTiers>);
 struct ClosingTiers {
     /// Inside a string: `"` followed only by `}`, `]`, `,`.
     in_string: Vec<u32>,
-    /// Elsewhere: only `}` and `]`; then also `,`, `:`, spaces or a shortest literal (`0`,
-    /// `true`, `false`, `null`, `""`, `[]`, `{}`).
+    /// Elsewhere: only `}`, `]` or end of sequence (a complete value, such as a number, may
+    /// simply end); then also `,`, `:`, spaces or a shortest literal (`0`, `true`, `false`,
+    /// `null`, `""`, `[]`, `{}`).
     outside: [Vec<u32>; 2],
     bytes: Vec<Vec<u8>>,
 }
@@ -71,6 +72,7 @@ impl ClosingTiers {
         let mut in_string = vec![0u32; words];
         let mut outside = [vec![0u32; words], vec![0u32; words]];
         let mut all_bytes = Vec::with_capacity(trie.vocab_size());
+        let eos = trie.eos_token_set();
         for t in 0..trie.vocab_size() as u32 {
             let bytes = trie.token(t).to_vec();
             let only = |b: &[u8], set: &[u8]| !b.is_empty() && b.iter().all(|c| set.contains(c));
@@ -81,7 +83,7 @@ impl ClosingTiers {
             if bytes.first() == Some(&b'"') && bytes[1..].iter().all(|c| b"}],".contains(c)) {
                 in_string[word] |= bit;
             }
-            if only(&bytes, b"}]") {
+            if only(&bytes, b"}]") || eos.is_allowed(t) {
                 outside[0][word] |= bit;
             }
             if only(&bytes, b"}],: ") || literal {
@@ -95,6 +97,11 @@ impl ClosingTiers {
             bytes: all_bytes,
         }
     }
+}
+
+/// llguidance's messages, without the parser-state dump that follows their first line.
+fn first_line(message: &str) -> String {
+    message.lines().next().unwrap_or(message).to_string()
 }
 
 /// Tokens left below which a constrained output starts closing: half the budget, at least 64
@@ -157,10 +164,13 @@ impl GrammarCompiler {
             .as_ref()
             .map_err(|e| format!("structured output is unavailable for this tokenizer: {e}"))?;
         let grammar = TopLevelGrammar::from_json_schema(constraint.schema());
-        let matcher = Matcher::new(factory.create_parser(grammar));
+        let mut matcher = Matcher::new(factory.create_parser(grammar));
         if let Some(error) = matcher.get_error() {
-            return Err(error);
+            return Err(first_line(&error));
         }
+        // Some schemas compile but cannot produce a first mask (a bare self-reference, tens of
+        // thousands of alternatives): found here they are the client's 400, not a failed step.
+        matcher.compute_mask().map_err(|e| first_line(&e.to_string()))?;
         Ok(Constraint {
             source: constraint.clone(),
             matcher,
@@ -226,7 +236,10 @@ impl Constraint {
     /// and the closing point reached, only the allowed tokens that close the output, where
     /// there are any.
     pub fn allowed(&mut self, left: usize, max_tokens: usize) -> Result<Vec<u32>, String> {
-        let mask = self.matcher.compute_mask_or_eos().map_err(|e| e.to_string())?;
+        let mask = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| first_line(&e.to_string()))?;
         let mask = mask.as_slice();
         if left <= closing_point(max_tokens) {
             let tiers = match self.lex.in_string {
@@ -245,7 +258,9 @@ impl Constraint {
 
     /// Follows the chosen token; true once the output is complete.
     pub fn advance(&mut self, token: u32) -> Result<bool, String> {
-        self.matcher.consume_token(token).map_err(|e| e.to_string())?;
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| first_line(&e.to_string()))?;
         if let Some(bytes) = self.closing.bytes.get(token as usize) {
             self.lex.feed(bytes);
         }

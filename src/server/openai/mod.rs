@@ -86,6 +86,14 @@ pub fn response_constraint(format: Option<&serde_json::Value>) -> Result<Option<
     let Some(format) = format.filter(|f| !f.is_null()) else {
         return Ok(None);
     };
+    reject_unknown_keys(format, "response_format", &["type", "json_schema"])?;
+    if let Some(spec) = format.get("json_schema") {
+        reject_unknown_keys(
+            spec,
+            "response_format.json_schema",
+            &["name", "description", "schema", "strict"],
+        )?;
+    }
     match format.get("type").and_then(|t| t.as_str()) {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(OutputConstraint::JsonObject)),
@@ -106,6 +114,20 @@ pub fn response_constraint(format: Option<&serde_json::Value>) -> Result<Option<
             "response_format.type",
             "response_format.type must be text, json_object or json_schema",
         )),
+    }
+}
+
+/// A 400 naming the first key of the object `value` that is not in `known` (`at` is its path).
+fn reject_unknown_keys(value: &serde_json::Value, at: &str, known: &[&str]) -> Result<(), ApiError> {
+    match value
+        .as_object()
+        .and_then(|o| o.keys().find(|k| !known.contains(&k.as_str())))
+    {
+        Some(key) => Err(ApiError::invalid(
+            &format!("{at}.{key}"),
+            format!("unknown field {at}.{key} (expected one of {})", known.join(", ")),
+        )),
+        None => Ok(()),
     }
 }
 
