@@ -59,17 +59,20 @@ impl HostBatch {
         b
     }
 
-    /// The same inputs as fresh device tensors.
-    pub fn upload(&self, device: &Device) -> Result<BatchInput> {
-        let t = |v: &[u32]| Tensor::from_slice(v, v.len(), device);
+    /// The same inputs as fresh device tensors (the vectors move into them).
+    pub fn upload(self, device: &Device) -> Result<BatchInput> {
+        let t = |v: Vec<u32>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, device)
+        };
         Ok(BatchInput {
-            token_ids: t(&self.token_ids)?,
-            positions: t(&self.positions)?,
-            slot_mapping: t(&self.slot_mapping)?,
-            context_slots: t(&self.context_slots)?,
-            q_lens: self.q_lens.clone(),
-            kv_lens: self.kv_lens.clone(),
-            logits_rows: t(&self.logits_rows)?,
+            token_ids: t(self.token_ids)?,
+            positions: t(self.positions)?,
+            slot_mapping: t(self.slot_mapping)?,
+            context_slots: t(self.context_slots)?,
+            q_lens: self.q_lens,
+            kv_lens: self.kv_lens,
+            logits_rows: t(self.logits_rows)?,
             fixed: None,
         })
     }

@@ -367,7 +367,7 @@ impl EngineCore {
         clock.lap("schedule");
         let batch = HostBatch::build(&out, &self.scheduler);
         clock.lap("prepare");
-        let logits = self.forward(&batch)?;
+        let logits = self.forward(batch)?;
         clock.lap("forward");
         let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
         let (masks, broken) = self.constraint_masks(&ids);
@@ -382,9 +382,9 @@ impl EngineCore {
     }
 
     /// The step's logits: replayed from a CUDA graph where one applies, else an eager forward.
-    fn forward(&mut self, batch: &HostBatch) -> candle_core::Result<candle_core::Tensor> {
+    fn forward(&mut self, batch: HostBatch) -> candle_core::Result<candle_core::Tensor> {
         if let Some(graphs) = &mut self.graphs {
-            if let Some(logits) = graphs.forward(self.model.as_ref(), batch, &mut self.kv)? {
+            if let Some(logits) = graphs.forward(self.model.as_ref(), &batch, &mut self.kv)? {
                 return Ok(logits);
             }
         }
