@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub metrics_public: bool,
     /// Browser origins allowed besides the local ones; "*" allows all.
     pub cors_origins: Vec<String>,
+    /// What happens to a thinking model's thoughts unless a request says otherwise.
+    pub reasoning_format: crate::text::ReasoningMode,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +58,7 @@ impl Default for ServerConfig {
             api_key_file: None,
             metrics_public: false,
             cors_origins: Vec::new(),
+            reasoning_format: crate::text::ReasoningMode::Separate,
         }
     }
 }

@@ -151,6 +151,10 @@ struct ServeArgs {
     /// Browser origin allowed by CORS besides local ones (repeatable; `*` allows all).
     #[arg(long = "cors-origin")]
     cors_origins: Vec<String>,
+    /// What happens to a thinking model's thoughts: separate (`reasoning_content` / Ollama's
+    /// `thinking`), inline (left in the content) or drop [default: separate].
+    #[arg(long, value_enum)]
+    reasoning_format: Option<mlxd::text::ReasoningMode>,
 }
 
 #[derive(Args, Debug)]
@@ -333,6 +337,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     cfg.server.metrics_public |= args.metrics_public;
     cfg.server.cors_origins.extend(args.cors_origins);
+    if let Some(mode) = args.reasoning_format {
+        cfg.server.reasoning_format = mode;
+    }
     cfg.validate()?;
     // Bind before loading: an address in use fails at once, not after a long load.
     let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
@@ -364,7 +371,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         "ready: listening on http://{local}"
     );
     let admission_limit = info.max_num_seqs + cfg.scheduler.max_queue;
-    let state = AppState::new(engine.clone(), codec, name, admission_limit);
+    let mut state = AppState::new(engine.clone(), codec, name, admission_limit);
+    state.reasoning = cfg.server.reasoning_format;
     let read_timeout = Duration::from_secs_f64(cfg.server.read_timeout);
     let options = ServerOptions {
         max_body_bytes: cfg.max_body_bytes()?,

@@ -13,7 +13,8 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::engine::{EngineError, EngineHandle, GenerationStream, Logprobs, TokenEvent};
 use crate::request::{FinishReason, Usage, ValidatedRequest};
-use crate::text::{IncrementalDetokenizer, StopMatcher, StopOutcome, TextCodec};
+use crate::text::tools::ToolCall;
+use crate::text::{IncrementalDetokenizer, ReplyParser, ReplyPlan, StopMatcher, StopOutcome, TextCodec};
 
 /// Submits `request` to `engine` and turns its events into text.
 pub fn generate(
@@ -23,8 +24,9 @@ pub fn generate(
 ) -> Result<TextStream, EngineError> {
     let prompt = request.prompt().to_vec();
     let stops = request.stop_strings().to_vec();
+    let reply = request.reply().clone();
     let generation = engine.submit(request)?;
-    Ok(TextStream::new(generation, codec, &prompt, stops))
+    Ok(TextStream::new(generation, codec, &prompt, stops).reading(&reply))
 }
 
 /// A generated token as the encoders see it.
@@ -46,8 +48,12 @@ pub struct GeneratedToken {
 pub enum StreamItem {
     /// New text and the tokens that produced it (text may be empty while held back).
     Delta {
-        /// Text safe to show.
+        /// Text safe to show (a chat reply's answer text).
         text: String,
+        /// A chat reply's new thought text.
+        reasoning: String,
+        /// Tool calls completed since the previous delta.
+        tool_calls: Vec<ToolCall>,
         /// Tokens since the previous delta.
         tokens: Vec<GeneratedToken>,
     },
@@ -68,6 +74,11 @@ pub struct TextStream {
     codec: Arc<TextCodec>,
     detokenizer: IncrementalDetokenizer,
     stop: StopMatcher,
+    /// Splits a chat reply into thoughts, answer and tool calls.
+    reply: Option<ReplyParser>,
+    /// Special tokens the reply parser must see, with their text.
+    shown_specials: Vec<(u32, String)>,
+    made_calls: bool,
     pending_tokens: Vec<GeneratedToken>,
     queue: VecDeque<StreamItem>,
     num_tokens: u32,
@@ -87,6 +98,9 @@ impl TextStream {
             codec,
             detokenizer: IncrementalDetokenizer::new(prompt),
             stop: StopMatcher::new(stop_strings),
+            reply: None,
+            shown_specials: Vec::new(),
+            made_calls: false,
             pending_tokens: Vec::new(),
             queue: VecDeque::new(),
             num_tokens: 0,
@@ -95,6 +109,15 @@ impl TextStream {
             done: false,
             _admission: None,
         }
+    }
+
+    /// Reads the text as a chat reply planned by `plan` (thoughts, tool calls).
+    pub fn reading(mut self, plan: &ReplyPlan) -> Self {
+        if plan.thoughts.is_some() || plan.tools.is_some() {
+            self.reply = Some(ReplyParser::new(plan));
+            self.shown_specials = plan.shown_specials.clone();
+        }
+        self
     }
 
     /// Keeps an admission permit until the stream is dropped (the request's server-side life).
@@ -162,7 +185,10 @@ impl TextStream {
                 .map(|alt| self.detokenizer.clone().push(tokenizer, alt.id))
                 .collect()
         });
-        let text = self.detokenizer.push(tokenizer, id);
+        let mut text = self.detokenizer.push(tokenizer, id);
+        if let Some((_, shown)) = self.shown_specials.iter().find(|(s, _)| *s == id) {
+            text.push_str(shown);
+        }
         self.pending_tokens.push(GeneratedToken {
             id,
             text: text.clone(),
@@ -177,14 +203,20 @@ impl TextStream {
             }
             StopOutcome::Stop(text) => {
                 self.push_delta(text);
-                self.stopped = true;
-                // The engine finishes the request with `stop` and sends the usage.
-                self.generation.stop(self.num_tokens);
+                self.stop_here();
             }
         }
     }
 
+    /// Ends the generation at the tokens received so far: the engine finishes the request
+    /// with `stop` and sends the usage.
+    fn stop_here(&mut self) {
+        self.stopped = true;
+        self.generation.stop(self.num_tokens);
+    }
+
     fn finish(&mut self, mut reason: FinishReason, usage: Usage) {
+        self.done = true;
         if !self.stopped {
             let mut text = self.detokenizer.flush(self.codec.tokenizer());
             text = match self.stop.push(&text) {
@@ -198,6 +230,21 @@ impl TextStream {
                 self.push_delta(text);
             }
         }
+        if let Some(parser) = &mut self.reply {
+            let rest = parser.finish();
+            self.made_calls |= !rest.tool_calls.is_empty();
+            if !(rest.content.is_empty() && rest.reasoning.is_empty() && rest.tool_calls.is_empty()) {
+                self.queue.push_back(StreamItem::Delta {
+                    text: rest.content,
+                    reasoning: rest.reasoning,
+                    tool_calls: rest.tool_calls,
+                    tokens: Vec::new(),
+                });
+            }
+        }
+        if self.made_calls && reason == FinishReason::Stop {
+            reason = FinishReason::ToolCalls;
+        }
         self.queue.push_back(StreamItem::Done { reason, usage });
         self.done = true;
     }
@@ -207,17 +254,42 @@ impl TextStream {
         self.done = true;
     }
 
+    /// Queues `text` (through the reply parser, when there is one) with the tokens since the
+    /// last delta.
     fn push_delta(&mut self, text: String) {
         let tokens = std::mem::take(&mut self.pending_tokens);
-        self.queue.push_back(StreamItem::Delta { text, tokens });
+        let Some(parser) = &mut self.reply else {
+            self.queue.push_back(StreamItem::Delta {
+                text,
+                reasoning: String::new(),
+                tool_calls: Vec::new(),
+                tokens,
+            });
+            return;
+        };
+        let delta = parser.push(&text);
+        self.made_calls |= !delta.tool_calls.is_empty();
+        self.queue.push_back(StreamItem::Delta {
+            text: delta.content,
+            reasoning: delta.reasoning,
+            tool_calls: delta.tool_calls,
+            tokens,
+        });
+        if delta.done && !self.stopped && !self.done {
+            self.stop_here();
+        }
     }
 }
 
 /// A whole generation folded into one result (non-streaming responses).
 #[derive(Debug, Default)]
 pub struct Collected {
-    /// All text.
+    /// All text (a chat reply's answer).
     pub text: String,
+    /// A chat reply's thought.
+    pub reasoning: String,
+    /// A chat reply's tool calls.
+    pub tool_calls: Vec<ToolCall>,
     /// All tokens.
     pub tokens: Vec<GeneratedToken>,
     /// Why it ended.
@@ -231,8 +303,15 @@ pub async fn collect(mut stream: TextStream) -> Result<Collected, EngineError> {
     let mut out = Collected::default();
     while let Some(item) = stream.next().await {
         match item {
-            StreamItem::Delta { text, tokens } => {
+            StreamItem::Delta {
+                text,
+                reasoning,
+                tool_calls,
+                tokens,
+            } => {
                 out.text.push_str(&text);
+                out.reasoning.push_str(&reasoning);
+                out.tool_calls.extend(tool_calls);
                 out.tokens.extend(tokens);
             }
             StreamItem::Done { reason, usage } => {

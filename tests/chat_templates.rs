@@ -42,10 +42,7 @@ fn simple_conversation() -> Vec<ChatMessage> {
         ("user", "Tell me a joke."),
     ]
     .iter()
-    .map(|(role, content)| ChatMessage {
-        role: role.to_string(),
-        content: content.to_string(),
-    })
+    .map(|(role, content)| ChatMessage::new(*role, *content))
     .collect()
 }
 

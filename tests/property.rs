@@ -258,7 +258,7 @@ fn conversation() -> impl Strategy<Value = Vec<ChatMessage>> {
         Just("{{ messages }}{% endfor %}<|im_end|>[INST]".to_string()),
     ];
     prop::collection::vec(
-        (role, content).prop_map(|(role, content)| ChatMessage { role, content }),
+        (role, content).prop_map(|(role, content)| ChatMessage::new(role, content)),
         0..6,
     )
 }

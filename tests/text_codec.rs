@@ -3,7 +3,7 @@
 mod common;
 
 use common::{ids, read_json, shared};
-use mlxd::text::{ChatMessage, IncrementalDetokenizer, TextCodec};
+use mlxd::text::{ChatMessage, ChatPrompt, IncrementalDetokenizer, TextCodec};
 
 #[test]
 fn stories_tokenizer_matches_reference_encodings() {
@@ -24,12 +24,13 @@ fn stories_chat_template_renders_the_reference_byte_for_byte() {
     let codec = TextCodec::load(&dir, &[2, 1]).expect("codec");
     let example = &read_json(&dir.join("reference.json"))["chat_template_example"];
     let messages: Vec<ChatMessage> = serde_json::from_value(example["messages"].clone()).expect("messages");
+    let chat = ChatPrompt::new(messages);
     assert_eq!(
-        codec.render_chat(&messages).expect("renders"),
+        codec.render_chat(&chat).expect("renders"),
         example["rendered"].as_str().expect("rendered")
     );
     assert_eq!(
-        codec.encode_chat(&messages).expect("encodes"),
+        codec.encode_chat(&chat).expect("encodes"),
         ids(&example["ids_no_extra_special_tokens"])
     );
 }
@@ -43,11 +44,8 @@ fn stories_eos_ids_come_from_generation_config() {
 #[test]
 fn unknown_roles_fail_with_the_templates_own_message() {
     let codec = TextCodec::load(&shared("models/stories260k"), &[]).expect("codec");
-    let msgs = [ChatMessage {
-        role: "tool".into(),
-        content: "x".into(),
-    }];
-    let err = codec.render_chat(&msgs).expect_err("template raises");
+    let chat = ChatPrompt::new(vec![ChatMessage::new("tool", "x")]);
+    let err = codec.render_chat(&chat).expect_err("template raises");
     assert!(err.0.contains("Unsupported role: tool"), "{}", err.0);
 }
 

@@ -34,14 +34,25 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the model's context length was reached.
     Length,
+    /// The reply ended with tool calls.
+    ToolCalls,
 }
 
 impl FinishReason {
-    /// The wire name both OpenAI and Ollama use.
+    /// The OpenAI wire name.
     pub fn as_str(self) -> &'static str {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+        }
+    }
+
+    /// The Ollama wire name (`done_reason`), which has no name of its own for tool calls.
+    pub fn ollama_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Stop | FinishReason::ToolCalls => "stop",
         }
     }
 }

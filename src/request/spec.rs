@@ -2,13 +2,14 @@
 //! defaults, before anything is checked. The APIs build it; only `validate` reads it.
 
 use super::SamplingParams;
-use crate::text::{ChatMessage, OutputConstraint};
+use crate::text::{ChatPrompt, OutputConstraint};
 
 /// What to continue.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prompt {
-    /// A conversation, rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
+    /// A conversation (with its tools and template variables), rendered with the model's chat
+    /// template; the reply is read for thoughts and tool calls.
+    Chat(ChatPrompt),
     /// Plain text, tokenized as is (`add_special_tokens`: BOS and the like, when the model
     /// wants them and nothing comes before the text).
     Text {
@@ -103,6 +104,10 @@ pub enum Field {
     ContextWindow,
     /// The output's required structure.
     ResponseFormat,
+    /// Tools offered to the model.
+    Tools,
+    /// What the model may do with them.
+    ToolChoice,
 }
 
 impl Field {
@@ -124,6 +129,8 @@ impl Field {
             Field::MaxTokens => "max_tokens",
             Field::ContextWindow => "max_tokens",
             Field::ResponseFormat => "response_format",
+            Field::Tools => "tools",
+            Field::ToolChoice => "tool_choice",
         }
     }
 
@@ -145,6 +152,8 @@ impl Field {
             Field::MaxTokens => "options.num_predict",
             Field::ContextWindow => "options.num_ctx",
             Field::ResponseFormat => "format",
+            Field::Tools => "tools",
+            Field::ToolChoice => "tools",
         }
     }
 }

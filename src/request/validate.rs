@@ -7,7 +7,7 @@
 
 use super::spec::{Field, GenerationSpec, MaxTokens, Prompt};
 use super::SamplingParams;
-use crate::text::{Constraint, TextCodec};
+use crate::text::{ChatPrompt, Constraint, OutputConstraint, ReplyPlan, TextCodec};
 
 /// Most stop strings one request may carry.
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -107,6 +107,8 @@ pub struct RequestParts {
     pub stop_strings: Vec<String>,
     /// The compiled output constraint, fresh (nothing consumed yet).
     pub constraint: Option<Constraint>,
+    /// How the reply is read (thoughts, tool calls); the default for plain text prompts.
+    pub reply: ReplyPlan,
 }
 
 impl ValidatedRequest {
@@ -128,6 +130,11 @@ impl ValidatedRequest {
     /// Stop strings for the text stage.
     pub fn stop_strings(&self) -> &[String] {
         &self.parts.stop_strings
+    }
+
+    /// How the reply is read, for the text stage.
+    pub fn reply(&self) -> &ReplyPlan {
+        &self.parts.reply
     }
 
     /// The same request with another seed (the copies of an `n > 1` request).
@@ -154,18 +161,26 @@ pub fn validate(
         Prompt::Chat(_) => Field::Messages,
         _ => Field::Prompt,
     };
-    let prompt = tokenize(&spec.context, spec.prompt, codec, limits)?;
+    let mut constraint = spec.constraint;
+    if let Prompt::Chat(chat) = &spec.prompt {
+        let forced = check_tools(chat, codec, constraint.is_some())?;
+        constraint = constraint.or(forced);
+    }
+    let (prompt, reply) = tokenize(&spec.context, spec.prompt, codec, limits)?;
     let max_tokens = resolve_max_tokens(prompt.len(), spec.max_tokens, spec.context_window, prompt_field, limits)?;
     let stop_tokens = if spec.ignore_eos {
         Vec::new()
     } else {
         limits.eos_token_ids.clone()
     };
-    let constraint = spec
-        .constraint
+    let field = match constraint {
+        Some(OutputConstraint::Grammar(_)) => Field::Tools,
+        _ => Field::ResponseFormat,
+    };
+    let constraint = constraint
         .map(|c| codec.grammar().compile(&c, limits.vocab_size))
         .transpose()
-        .map_err(|e| RequestError::invalid(Field::ResponseFormat, format!("cannot be enforced: {e}")))?;
+        .map_err(|e| RequestError::invalid(field, format!("cannot be enforced: {e}")))?;
     Ok(ValidatedRequest {
         parts: RequestParts {
             prompt,
@@ -174,8 +189,26 @@ pub fn validate(
             stop_tokens,
             stop_strings,
             constraint,
+            reply,
         },
     })
+}
+
+/// Checks a conversation's tools and choice; returns the constraint that forces a call when
+/// the choice requires one (not together with `response_format`).
+fn check_tools(chat: &ChatPrompt, codec: &TextCodec, has_format: bool) -> Result<Option<OutputConstraint>, RequestError> {
+    chat.tools.check().map_err(|(at, message)| {
+        let field = if at == "tool_choice" { Field::ToolChoice } else { Field::Tools };
+        RequestError::invalid(field, format!("{at}: {message}"))
+    })?;
+    let forced = codec.forced_call(&chat.tools);
+    if forced.is_some() && has_format {
+        return Err(RequestError::invalid(
+            Field::ToolChoice,
+            "a required tool call cannot be combined with response_format",
+        ));
+    }
+    Ok(forced)
 }
 
 fn check_sampling(p: &SamplingParams, limits: &RequestLimits) -> Result<(), RequestError> {
@@ -257,25 +290,31 @@ fn check_stops(stops: Vec<String>) -> Result<Vec<String>, RequestError> {
     Ok(stops)
 }
 
-/// `context` followed by the tokenized prompt; never empty, every id in the vocabulary.
+/// `context` followed by the tokenized prompt (never empty, every id in the vocabulary), and
+/// how the reply is read (for a conversation, from its rendering).
 fn tokenize(
     context: &[u32],
     prompt: Prompt,
     codec: &TextCodec,
     limits: &RequestLimits,
-) -> Result<Vec<u32>, RequestError> {
+) -> Result<(Vec<u32>, ReplyPlan), RequestError> {
     check_ids(context, Field::Context, limits.vocab_size)?;
+    let mut reply = ReplyPlan::default();
     let (field, mut ids) = match prompt {
-        Prompt::Chat(messages) => {
-            if messages.is_empty() {
+        Prompt::Chat(chat) => {
+            if chat.messages.is_empty() {
                 return Err(RequestError::invalid(
                     Field::Messages,
                     "must contain at least one message",
                 ));
             }
-            let ids = codec.encode_chat(&messages).map_err(|e| {
+            let rendered = codec.render_chat(&chat).map_err(|e| {
                 RequestError::invalid(Field::Messages, format!("cannot be rendered by the chat template: {e}"))
             })?;
+            let ids = codec
+                .encode(&rendered, false)
+                .map_err(|e| RequestError::invalid(Field::Messages, format!("cannot be tokenized: {e}")))?;
+            reply = codec.reply_plan(&chat, &rendered);
             (Field::Messages, ids)
         }
         Prompt::Text {
@@ -303,7 +342,7 @@ fn tokenize(
     }
     let mut all = context.to_vec();
     all.extend(ids);
-    Ok(all)
+    Ok((all, reply))
 }
 
 fn check_ids(ids: &[u32], field: Field, vocab: usize) -> Result<(), RequestError> {

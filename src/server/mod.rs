@@ -31,7 +31,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::engine::EngineHandle;
 use crate::output::TextStream;
 use crate::request::{GenerationSpec, RequestError, RequestLimits, ValidatedRequest};
-use crate::text::TextCodec;
+use crate::text::{ReasoningMode, TextCodec};
 use error::ApiError;
 
 /// Shared, read-only state of every handler.
@@ -49,6 +49,8 @@ pub struct AppState {
     pub fingerprint: String,
     /// What every request is validated against.
     pub limits: Arc<RequestLimits>,
+    /// What happens to a thinking model's thoughts unless a request says otherwise.
+    pub reasoning: ReasoningMode,
     /// One permit per request running or queued; none left means 429.
     admission: Arc<Semaphore>,
     /// Set once shutdown began: new generations get 503.
@@ -89,6 +91,7 @@ impl AppState {
             model_name,
             created: openai::unix_now(),
             fingerprint,
+            reasoning: ReasoningMode::default(),
             admission: Arc::new(Semaphore::new(admission_limit)),
             draining: Arc::new(AtomicBool::new(false)),
         }

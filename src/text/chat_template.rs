@@ -6,13 +6,67 @@ use minijinja::syntax::SyntaxConfig;
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
-/// One chat turn as the template sees it.
+use super::reply::ReasoningMode;
+use super::tools::ToolSet;
+
+/// One chat turn as the template sees it. Optional fields are left out when absent:
+/// templates test them with `is defined` and `'tool_calls' in message`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant` (or whatever roles the template accepts).
+    /// `system`, `user`, `assistant`, `tool` (or whatever roles the template accepts).
     pub role: String,
     /// Plain text content.
     pub content: String,
+    /// An assistant turn's earlier thought (templates such as Qwen3's render or drop it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// An assistant turn's calls, OpenAI-shaped, with `function.arguments` as an object (the
+    /// form templates expect, as transformers and vLLM pass them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool result's function name, or a participant's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text turn.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            reasoning_content: None,
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
+        }
+    }
+}
+
+/// A conversation to render, with what the template may be given besides the messages.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChatPrompt {
+    /// The turns.
+    pub messages: Vec<ChatMessage>,
+    /// Tools offered to the model, and what it may do with them.
+    pub tools: ToolSet,
+    /// Extra template variables (`chat_template_kwargs`: `enable_thinking`, `reasoning_effort`…).
+    pub template_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// What happens to the model's thoughts.
+    pub reasoning: ReasoningMode,
+}
+
+impl ChatPrompt {
+    /// A conversation with no tools and no extra variables.
+    pub fn new(messages: Vec<ChatMessage>) -> Self {
+        Self {
+            messages,
+            ..Self::default()
+        }
+    }
 }
 
 /// A template that could not be compiled or rendered.
@@ -62,10 +116,7 @@ impl ChatTemplate {
     /// rather than on every request.
     fn check_renders_a_simple_conversation(&self) -> Result<(), TemplateError> {
         let conversation =
-            [("user", "Hello!"), ("assistant", "Hi!"), ("user", "How are you?")].map(|(role, content)| ChatMessage {
-                role: role.into(),
-                content: content.into(),
-            });
+            [("user", "Hello!"), ("assistant", "Hi!"), ("user", "How are you?")].map(|(role, content)| ChatMessage::new(role, content));
         self.render(&conversation, true).map(|_| ()).map_err(|e| {
             TemplateError(format!(
                 "chat template cannot render a simple user/assistant conversation: {}",
@@ -176,10 +227,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     #[test]

@@ -5,8 +5,11 @@ use std::path::Path;
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
-use super::chat_template::{ChatMessage, ChatTemplate, TemplateError};
-use super::grammar::GrammarCompiler;
+use super::chat_template::{ChatPrompt, ChatTemplate, TemplateError};
+use super::grammar::{GrammarCompiler, OutputConstraint};
+use super::reasoning::ThinkTags;
+use super::reply::ReplyPlan;
+use super::tools::{describe_tools_in_messages, forced_call_grammar, ToolChoice, ToolSet, ToolSyntax};
 use crate::models::{config::token_ids, read_text, LoadError};
 
 /// Encoding, decoding and chat rendering for one model.
@@ -18,6 +21,8 @@ pub struct TextCodec {
     add_bos_token: bool,
     eos_ids: Vec<u32>,
     grammar: GrammarCompiler,
+    /// Added tokens that are special (the detokenizer hides them), by their text.
+    specials: std::collections::HashMap<String, u32>,
 }
 
 impl TextCodec {
@@ -62,6 +67,7 @@ impl TextCodec {
             source,
         })?;
         Ok(Self {
+            specials: special_tokens(&tokenizer),
             tokenizer,
             template,
             bos_id,
@@ -124,6 +130,7 @@ impl TextCodec {
             })
             .transpose()?;
         Ok(Self {
+            specials: special_tokens(&tokenizer),
             tokenizer,
             template,
             bos_id: bos.map(|(id, _)| id),
@@ -183,24 +190,87 @@ impl TextCodec {
 
     /// Renders the chat template and tokenizes the result without adding special tokens
     /// (templates emit BOS themselves, as transformers' `apply_chat_template` assumes).
-    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TemplateError> {
-        let text = self.render_chat(messages)?;
+    pub fn encode_chat(&self, chat: &ChatPrompt) -> Result<Vec<u32>, TemplateError> {
+        let text = self.render_chat(chat)?;
         self.encode(&text, false)
     }
 
-    /// Renders the chat template with the generation prompt.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, TemplateError> {
+    /// Renders the chat template with the generation prompt: the messages, the tools (in the
+    /// template's `tools` variable, or described in the system message when the template has
+    /// no tool support) and the request's extra template variables.
+    pub fn render_chat(&self, chat: &ChatPrompt) -> Result<String, TemplateError> {
         let template = self
             .template
             .as_ref()
             .ok_or_else(|| TemplateError("this model has no chat template; use /v1/completions".into()))?;
-        template.render(messages, true)
+        let mut vars = chat.template_kwargs.clone();
+        if !chat.tools.active() {
+            return template.render_with(&chat.messages, true, &Json::Object(vars));
+        }
+        match self.tool_syntax() {
+            ToolSyntax::Generic => {
+                let messages = describe_tools_in_messages(&chat.messages, &chat.tools.tools);
+                template.render_with(&messages, true, &Json::Object(vars))
+            }
+            _ => {
+                vars.insert("tools".into(), Json::Array(chat.tools.tools.clone()));
+                template.render_with(&chat.messages, true, &Json::Object(vars))
+            }
+        }
+    }
+
+    /// The syntax this model writes tool calls in (from its chat template).
+    pub fn tool_syntax(&self) -> ToolSyntax {
+        ToolSyntax::detect(self.chat_template_source().unwrap_or_default())
+    }
+
+    /// How the reply to `chat`, rendered as `rendered`, is read: thoughts when the template
+    /// uses think tags, tool calls when the request offers tools.
+    pub fn reply_plan(&self, chat: &ChatPrompt, rendered: &str) -> ReplyPlan {
+        let thoughts = ThinkTags::detect(self.chat_template_source().unwrap_or_default())
+            .map(|tags| (tags.clone(), tags.prompt_opens_thought(rendered)));
+        let syntax = self.tool_syntax();
+        let tools = chat.tools.active().then_some((syntax, !chat.tools.parallel));
+        let mut markers: Vec<&str> = thoughts.iter().flat_map(|(t, _)| [t.open.as_str(), t.close.as_str()]).collect();
+        if tools.is_some() {
+            markers.extend(syntax.special_markers());
+        }
+        let shown_specials = markers
+            .into_iter()
+            .filter_map(|m| Some((*self.specials.get(m)?, m.to_string())))
+            .collect();
+        ReplyPlan {
+            thoughts,
+            reasoning: chat.reasoning,
+            tools,
+            shown_specials,
+        }
+    }
+
+    /// The constraint that forces a call when the request requires one (`tool_choice`
+    /// `required` or a named function), in this model's syntax.
+    pub fn forced_call(&self, tools: &ToolSet) -> Option<OutputConstraint> {
+        if !tools.active() || tools.choice == ToolChoice::Auto {
+            return None;
+        }
+        let grammar = forced_call_grammar(self.tool_syntax(), tools, |m| self.specials.get(m).copied());
+        Some(OutputConstraint::Grammar(grammar))
     }
 
     /// Decodes ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+}
+
+/// The special added tokens of `tokenizer`, by text.
+fn special_tokens(tokenizer: &Tokenizer) -> std::collections::HashMap<String, u32> {
+    tokenizer
+        .get_added_tokens_decoder()
+        .into_iter()
+        .filter(|(_, t)| t.special)
+        .map(|(id, t)| (t.content, id))
+        .collect()
 }
 
 fn read_optional_json(path: &Path) -> Result<Json, LoadError> {

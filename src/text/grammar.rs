@@ -22,15 +22,19 @@ pub enum OutputConstraint {
     JsonObject,
     /// JSON valid against this schema.
     JsonSchema(Value),
+    /// Text of a Lark grammar in llguidance's dialect (a forced tool call in the model's
+    /// syntax, JSON inside it).
+    Grammar(String),
 }
 
 impl OutputConstraint {
-    /// The schema llguidance compiles: compact JSON (no free whitespace between tokens, as
-    /// OpenAI's structured outputs), which also keeps a weak model from padding with blanks.
-    fn schema(&self) -> Value {
+    /// What llguidance compiles. Schemas ask for compact JSON (no free whitespace between
+    /// tokens, as OpenAI's structured outputs), which also keeps a weak model from padding.
+    fn grammar(&self) -> TopLevelGrammar {
         let mut schema = match self {
             Self::JsonObject => json!({"type": "object"}),
             Self::JsonSchema(s) => s.clone(),
+            Self::Grammar(lark) => return TopLevelGrammar::from_lark(lark.clone()),
         };
         if let Value::Object(map) = &mut schema {
             map.insert(
@@ -38,7 +42,7 @@ impl OutputConstraint {
                 json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
             );
         }
-        schema
+        TopLevelGrammar::from_json_schema(schema)
     }
 }
 
@@ -163,8 +167,7 @@ impl GrammarCompiler {
             })
             .as_ref()
             .map_err(|e| format!("structured output is unavailable for this tokenizer: {e}"))?;
-        let grammar = TopLevelGrammar::from_json_schema(constraint.schema());
-        let mut matcher = Matcher::new(factory.create_parser(grammar));
+        let mut matcher = Matcher::new(factory.create_parser(constraint.grammar()));
         if let Some(error) = matcher.get_error() {
             return Err(first_line(&error));
         }

@@ -1,15 +1,19 @@
-//! CPU-side text I/O: tokenizer and chat template (in), incremental detokenizer and stop
-//! strings (out). Used by `server` on tokio workers; never touches the engine.
+//! CPU-side text I/O: tokenizer and chat template (in), incremental detokenizer, stop
+//! strings, and the reply parser that splits thoughts and tool calls out (out). Used by `server` on tokio workers; never touches the engine.
 
 pub mod chat_template;
 pub mod codec;
 pub mod detokenizer;
 pub mod gguf_tokenizer;
 pub mod grammar;
+pub mod reasoning;
+pub mod reply;
 pub mod stop;
+pub mod tools;
 
-pub use chat_template::{ChatMessage, ChatTemplate, TemplateError};
+pub use chat_template::{ChatMessage, ChatPrompt, ChatTemplate, TemplateError};
 pub use codec::TextCodec;
 pub use detokenizer::IncrementalDetokenizer;
 pub use grammar::{Constraint, GrammarCompiler, OutputConstraint};
+pub use reply::{ReasoningMode, ReplyDelta, ReplyParser, ReplyPlan};
 pub use stop::{StopMatcher, StopOutcome};

@@ -3,7 +3,9 @@
 use axum::extract::State;
 use axum::response::Response;
 
-use super::options::to_spec;
+use serde_json::{json, Value};
+
+use super::options::{chat_prompt, to_spec};
 use super::reply::{Reply, ReplyKind};
 use super::types::{ChatRequest, ChatResponse};
 use super::{OllamaError, OllamaJson};
@@ -24,14 +26,9 @@ pub async fn chat(
     OllamaJson(req): OllamaJson<ChatRequest>,
 ) -> Result<Response, OllamaError> {
     state.check_ollama_model(&req.common.model)?;
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(OllamaError::bad_request(format!(
-            "{} does not support tools",
-            req.common.model
-        )));
-    }
     let messages = to_template_messages(&req)?;
-    let spec = to_spec(Prompt::Chat(messages), &req.common)?;
+    let chat = chat_prompt(messages, req.tools.clone().unwrap_or_default(), &req.common, state.reasoning)?;
+    let spec = to_spec(Prompt::Chat(chat), &req.common)?;
     let reply = Reply::new(ReplyKind::Chat, &req.common.model, &state);
     if req.messages.is_empty() {
         // Ollama's way to load a model: nothing to generate.
@@ -40,7 +37,12 @@ pub async fn chat(
     reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
 }
 
+/// The conversation as the template sees it. Ollama's calls carry no ids, so each gets one
+/// (nine alphanumeric characters, which every template accepts) and each tool result answers
+/// the earliest call not yet answered.
 fn to_template_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, OllamaError> {
+    let mut unanswered = std::collections::VecDeque::new();
+    let mut next_id = 0;
     req.messages
         .iter()
         .enumerate()
@@ -62,10 +64,26 @@ fn to_template_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, OllamaErr
                     "unsupported field 'messages[{i}].{name}': this server does not implement it"
                 )));
             }
-            Ok(ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
+            let mut message = ChatMessage::new(m.role.clone(), m.content.clone());
+            message.reasoning_content = m.thinking.clone();
+            message.name = m.tool_name.clone();
+            if let Some(calls) = &m.tool_calls {
+                let calls = calls.iter().map(|c| {
+                    let id = format!("call{next_id:05}");
+                    next_id += 1;
+                    unanswered.push_back(id.clone());
+                    let arguments = match &c.function.arguments {
+                        Value::Null => json!({}),
+                        args => args.clone(),
+                    };
+                    json!({"id": id, "type": "function", "function": {"name": c.function.name, "arguments": arguments}})
+                });
+                message.tool_calls = Some(calls.collect());
+            }
+            if m.role == "tool" {
+                message.tool_call_id = unanswered.pop_front();
+            }
+            Ok(message)
         })
         .collect()
 }

@@ -3,7 +3,7 @@
 use axum::extract::State;
 use axum::response::Response;
 
-use super::options::to_spec;
+use super::options::{chat_prompt, to_spec};
 use super::reply::{Reply, ReplyKind};
 use super::types::{GenerateRequest, GenerateResponse};
 use super::{OllamaError, OllamaJson};
@@ -40,7 +40,7 @@ pub async fn generate(
         ));
     }
     let context = req.context.clone().unwrap_or_default();
-    let mut spec = to_spec(prompt_of(&state, &req), &req.common)?;
+    let mut spec = to_spec(prompt_of(&state, &req)?, &req.common)?;
     let reply = Reply::new(ReplyKind::Generate, &req.common.model, &state);
     if req.prompt.is_empty() && context.is_empty() {
         // Ollama's way to load a model: nothing to generate.
@@ -50,25 +50,25 @@ pub async fn generate(
     reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
 }
 
-/// The new input: one templated user turn (after an optional system turn), or the raw text.
-fn prompt_of(state: &AppState, req: &GenerateRequest) -> Prompt {
+/// The new input: one templated user turn (after an optional system turn), read for thoughts
+/// like a chat reply; or the raw text.
+fn prompt_of(state: &AppState, req: &GenerateRequest) -> Result<Prompt, OllamaError> {
     let templated = !req.raw && state.codec.chat_template_source().is_some();
     if !templated {
-        return Prompt::Text {
+        if req.common.think.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(OllamaError::bad_request(
+                "think needs the chat template; it cannot be combined with raw",
+            ));
+        }
+        return Ok(Prompt::Text {
             text: req.prompt.clone(),
             add_special_tokens: true,
-        };
+        });
     }
     let mut messages = Vec::new();
     if let Some(system) = req.system.as_ref().filter(|s| !s.is_empty()) {
-        messages.push(ChatMessage {
-            role: "system".into(),
-            content: system.clone(),
-        });
+        messages.push(ChatMessage::new("system", system.clone()));
     }
-    messages.push(ChatMessage {
-        role: "user".into(),
-        content: req.prompt.clone(),
-    });
-    Prompt::Chat(messages)
+    messages.push(ChatMessage::new("user", req.prompt.clone()));
+    Ok(Prompt::Chat(chat_prompt(messages, Vec::new(), &req.common, state.reasoning)?))
 }

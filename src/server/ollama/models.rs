@@ -156,9 +156,22 @@ pub async fn show(
         template: template.to_string(),
         details: details(&state),
         model_info,
-        capabilities: vec!["completion".into()],
+        capabilities: capabilities(template),
         modified_at: modified_at(&state),
     }))
+}
+
+/// What Ollama clients may ask of the model: completion always; tools and thinking with a chat
+/// template (tools even when the template has no tool support: mlxd describes them itself).
+fn capabilities(template: &str) -> Vec<String> {
+    let mut caps = vec!["completion".to_string()];
+    if !template.is_empty() {
+        caps.push("tools".into());
+    }
+    if crate::text::reasoning::ThinkTags::detect(template).is_some() {
+        caps.push("thinking".into());
+    }
+    caps
 }
 
 /// `GET /api/version`.

@@ -7,7 +7,8 @@ use serde_json::Value;
 use super::types::{CommonFields, Options};
 use super::OllamaError;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
-use crate::text::OutputConstraint;
+use crate::text::tools::{ToolChoice, ToolSet};
+use crate::text::{ChatMessage, ChatPrompt, OutputConstraint, ReasoningMode};
 
 /// Ollama's defaults for absent options (its `api.DefaultOptions`).
 const DEFAULT_TEMPERATURE: f32 = 0.8;
@@ -83,16 +84,43 @@ fn output_constraint(format: Option<&Value>) -> Result<Option<OutputConstraint>,
     }
 }
 
-/// Fields of the request body that mlxd cannot honour yet, refused with a clear 400.
-fn reject_unsupported(common: &CommonFields) -> Result<(), OllamaError> {
+/// A conversation with the request's tools and `think` applied (as template variables:
+/// `enable_thinking`, and `reasoning_effort` for a level); `reasoning` is the server's default
+/// for thoughts.
+pub fn chat_prompt(
+    messages: Vec<ChatMessage>,
+    tools: Vec<Value>,
+    common: &CommonFields,
+    reasoning: ReasoningMode,
+) -> Result<ChatPrompt, OllamaError> {
+    let mut chat = ChatPrompt::new(messages);
+    chat.reasoning = reasoning;
+    chat.tools = ToolSet {
+        choice: if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto },
+        tools,
+        parallel: true,
+    };
+    let vars = &mut chat.template_kwargs;
     match &common.think {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-        Some(_) => {
-            return Err(OllamaError::bad_request(
-                "think is not supported by this server yet (no reasoning split)",
-            ))
+        None | Some(Value::Null) => {}
+        Some(Value::Bool(on)) => {
+            vars.insert("enable_thinking".into(), Value::Bool(*on));
+        }
+        Some(Value::String(level)) if ["high", "medium", "low"].contains(&level.as_str()) => {
+            vars.insert("enable_thinking".into(), Value::Bool(true));
+            vars.insert("reasoning_effort".into(), Value::String(level.clone()));
+        }
+        Some(other) => {
+            return Err(OllamaError::bad_request(format!(
+                "think must be true, false, \"high\", \"medium\" or \"low\", got {other}"
+            )))
         }
     }
+    Ok(chat)
+}
+
+/// Fields of the request body that mlxd cannot honour, refused with a clear 400.
+fn reject_unsupported(common: &CommonFields) -> Result<(), OllamaError> {
     if let Some(name) = common.unknown.keys().next() {
         return Err(OllamaError::bad_request(format!(
             "unsupported field '{name}': this server does not implement it"

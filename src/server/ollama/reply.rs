@@ -11,11 +11,31 @@ use futures::Stream;
 use serde::Serialize;
 
 use super::error::OllamaErrorBody;
-use super::types::{ChatResponse, FinalStats, GenerateResponse, MessageOut};
+use super::types::{ChatResponse, FinalStats, FunctionCall, GenerateResponse, MessageOut, ToolCall};
 use super::{now_rfc3339, OllamaError};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, Usage};
 use crate::server::AppState;
+use crate::text::tools;
+
+/// New text of a reply: answer, thought, and calls completed.
+#[derive(Clone, Debug, Default)]
+pub struct Piece {
+    /// Answer text.
+    pub content: String,
+    /// Thought text.
+    pub thinking: String,
+    /// Calls.
+    pub tool_calls: Vec<tools::ToolCall>,
+    /// Calls made in earlier pieces (the index of this piece's first call).
+    pub calls_before: u32,
+}
+
+impl Piece {
+    fn is_empty(&self) -> bool {
+        self.content.is_empty() && self.thinking.is_empty() && self.tool_calls.is_empty()
+    }
+}
 
 /// The timing and count fields of a final Ollama object (durations in nanoseconds).
 pub fn final_stats(usage: &Usage, total: std::time::Duration, load: std::time::Duration) -> FinalStats {
@@ -98,18 +118,20 @@ impl Reply {
         }
     }
 
-    fn object(&self, text: &str, end: Option<(&str, FinalStats)>, context: Option<Vec<u32>>) -> ReplyObject {
+    fn object(&self, piece: &Piece, end: Option<(&str, FinalStats)>, context: Option<Vec<u32>>) -> ReplyObject {
         let created_at = now_rfc3339();
         let done = end.is_some();
         let (done_reason, stats) = match end {
             Some((reason, stats)) => (Some(reason.to_string()), stats),
             None => (None, FinalStats::default()),
         };
+        let thinking = (!piece.thinking.is_empty()).then(|| piece.thinking.clone());
         match self.kind {
             ReplyKind::Generate => ReplyObject::Generate(GenerateResponse {
                 model: self.model.clone(),
                 created_at,
-                response: text.to_string(),
+                response: piece.content.clone(),
+                thinking,
                 done,
                 done_reason,
                 context,
@@ -120,7 +142,9 @@ impl Reply {
                 created_at,
                 message: MessageOut {
                     role: "assistant",
-                    content: text.to_string(),
+                    content: piece.content.clone(),
+                    thinking,
+                    tool_calls: (!piece.tool_calls.is_empty()).then(|| ollama_calls(piece)),
                 },
                 done,
                 done_reason,
@@ -130,18 +154,18 @@ impl Reply {
     }
 
     /// The `done: true` object: reason, counts, durations and (generate) `context`.
-    fn last(&self, text: &str, reason: FinishReason, usage: &Usage, generated: &[u32]) -> ReplyObject {
+    fn last(&self, piece: &Piece, reason: FinishReason, usage: &Usage, generated: &[u32]) -> ReplyObject {
         let stats = final_stats(usage, self.started.elapsed(), self.load);
         let context = (self.kind == ReplyKind::Generate).then(|| {
             let kept = generated.iter().filter(|id| !self.stop_ids.contains(id));
             self.prompt.iter().chain(kept).copied().collect()
         });
-        self.object(text, Some((reason.as_str(), stats)), context)
+        self.object(piece, Some((reason.ollama_str(), stats)), context)
     }
 
     /// The immediate answer to an empty prompt: the model is loaded, nothing is generated.
     pub fn loaded(&self) -> Response {
-        Json(self.object("", Some(("load", FinalStats::default())), None)).into_response()
+        Json(self.object(&Piece::default(), Some(("load", FinalStats::default())), None)).into_response()
     }
 
     /// Validates `spec`, submits it, and answers with NDJSON lines (`stream`) or one object.
@@ -163,22 +187,40 @@ impl Reply {
             let c = collect(text).await?;
             let reason = c.reason.unwrap_or(FinishReason::Stop);
             let ids: Vec<u32> = c.tokens.iter().map(|t| t.id).collect();
-            return Ok(Json(self.last(&c.text, reason, &c.usage, &ids)).into_response());
+            let piece = Piece {
+                content: c.text,
+                thinking: c.reasoning,
+                tool_calls: c.tool_calls,
+                calls_before: 0,
+            };
+            return Ok(Json(self.last(&piece, reason, &c.usage, &ids)).into_response());
         }
-        let lines = futures::stream::unfold(Some((text, self, Vec::new())), |state| async move {
-            let (mut text, reply, mut ids) = state?;
+        let lines = futures::stream::unfold(Some((text, self, Vec::new(), 0u32)), |state| async move {
+            let (mut text, reply, mut ids, mut calls) = state?;
             loop {
                 match text.next().await {
-                    Some(StreamItem::Delta { text: t, tokens }) => {
+                    Some(StreamItem::Delta {
+                        text: content,
+                        reasoning,
+                        tool_calls,
+                        tokens,
+                    }) => {
                         ids.extend(tokens.iter().map(|t| t.id));
-                        if t.is_empty() {
+                        let piece = Piece {
+                            content,
+                            thinking: reasoning,
+                            calls_before: calls,
+                            tool_calls,
+                        };
+                        if piece.is_empty() {
                             continue;
                         }
-                        let line = ndjson_line(&reply.object(&t, None, None));
-                        return Some((Ok(line), Some((text, reply, ids))));
+                        calls += piece.tool_calls.len() as u32;
+                        let line = ndjson_line(&reply.object(&piece, None, None));
+                        return Some((Ok(line), Some((text, reply, ids, calls))));
                     }
                     Some(StreamItem::Done { reason, usage }) => {
-                        let line = ndjson_line(&reply.last("", reason, &usage, &ids));
+                        let line = ndjson_line(&reply.last(&Piece::default(), reason, &usage, &ids));
                         return Some((Ok(line), None));
                     }
                     Some(StreamItem::Error(e)) => {
@@ -193,4 +235,20 @@ impl Reply {
         });
         Ok(ndjson_response(lines))
     }
+}
+
+/// Calls in Ollama's shape: arguments as an object, with their position.
+fn ollama_calls(piece: &Piece) -> Vec<ToolCall> {
+    piece
+        .tool_calls
+        .iter()
+        .zip(piece.calls_before..)
+        .map(|(c, index)| ToolCall {
+            function: FunctionCall {
+                index: Some(index),
+                name: c.name.clone(),
+                arguments: serde_json::from_str(&c.arguments).unwrap_or_default(),
+            },
+        })
+        .collect()
 }

@@ -55,7 +55,10 @@ pub struct CommonFields {
     pub stream: Option<bool>,
     /// How long to keep the model loaded (advisory: mlxd keeps its one model loaded).
     pub keep_alive: Option<Value>,
-    /// Thinking mode (`false` or absent; `true` is refused until reasoning is split out).
+    /// Thinking: `true` / `false` (the template's `enable_thinking`), or `"high"`, `"medium"`,
+    /// `"low"` (thinking on, passed as `reasoning_effort`). The thought comes back in
+    /// `thinking`.
+    #[schema(value_type = Option<Object>)]
     pub think: Option<Value>,
     /// Fields no wire type names (refused by name).
     #[serde(flatten)]
@@ -97,10 +100,36 @@ pub struct Message {
     pub content: String,
     /// Base64 images (not supported).
     pub images: Option<Vec<String>>,
-    /// Other fields (`tool_calls`, `thinking`, ...): refused by name.
+    /// An assistant turn's earlier thought.
+    pub thinking: Option<String>,
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// A tool result's function name.
+    pub tool_name: Option<String>,
+    /// Other fields: refused by name.
     #[serde(flatten)]
     #[schema(ignore)]
     pub unknown: BTreeMap<String, Value>,
+}
+
+/// A tool call, in a conversation or a reply.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+pub struct ToolCall {
+    /// The function called.
+    pub function: FunctionCall,
+}
+
+/// The function of a call, with its arguments as an object.
+#[derive(Clone, Debug, Deserialize, Serialize, ToSchema)]
+pub struct FunctionCall {
+    /// Position of the call in the reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    /// Function name.
+    pub name: String,
+    /// Arguments.
+    #[schema(value_type = Object)]
+    pub arguments: Value,
 }
 
 /// `POST /api/chat` body.
@@ -112,7 +141,8 @@ pub struct ChatRequest {
     /// The conversation (empty: just load the model).
     #[serde(default)]
     pub messages: Vec<Message>,
-    /// Tool definitions (not supported yet).
+    /// Functions the model may call (OpenAI's tool objects).
+    #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
 }
 
@@ -157,6 +187,9 @@ pub struct GenerateResponse {
     pub created_at: String,
     /// New text.
     pub response: String,
+    /// New thought text (thinking models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
     /// True on the last object.
     pub done: bool,
     /// `stop`, `length` or `load` (last object only).
@@ -177,6 +210,12 @@ pub struct MessageOut {
     pub role: &'static str,
     /// New text.
     pub content: String,
+    /// New thought text (thinking models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<String>,
+    /// Calls the model made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 /// One NDJSON line, or the whole reply, of `/api/chat`.

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use super::choices::{self, check_n, named_by_id, total_usage};
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatMessageIn,
-    ChatMessageOut, MessageContent, UsageOut,
+    ChatMessageOut, FunctionCallDelta, FunctionCallOut, MessageContent, ToolCallDelta, ToolCallIn, ToolCallOut,
+    UsageOut,
 };
 use super::{
     check_stream_options, json_event, new_id, reject_unknown, response_constraint, sampling_params, sse_response,
@@ -22,7 +23,8 @@ use crate::output::{GeneratedToken, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage};
 use crate::server::error::{ApiError, AppJson};
 use crate::server::AppState;
-use crate::text::ChatMessage;
+use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
+use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -38,7 +40,7 @@ pub async fn chat_completions(
     AppJson(req): AppJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.check_model(req.model.as_deref())?;
-    let spec = to_spec(&req)?;
+    let spec = to_spec(&req, state.reasoning)?;
     let n = check_n(req.sampling.n, 1)?;
     let request = state.validate(spec).await?;
     let meta = ChatMeta {
@@ -67,10 +69,7 @@ pub async fn chat_completions(
             logprobs: req
                 .logprobs
                 .then(|| logprobs_json(&named_by_id(&c.tokens, req.return_tokens_as_token_ids))),
-            message: ChatMessageOut {
-                role: "assistant",
-                content: c.text,
-            },
+            message: message_out(c.text, c.reasoning, &c.tool_calls),
             finish_reason: c.reason.map(FinishReason::as_str),
         })
         .collect();
@@ -86,8 +85,33 @@ pub async fn chat_completions(
     .into_response())
 }
 
-/// The wire request as an API-neutral spec (OpenAI's defaults; ranges are checked later).
-fn to_spec(req: &ChatCompletionRequest) -> Result<GenerationSpec, ApiError> {
+/// The reply as a response message: content null when the reply is only tool calls.
+fn message_out(content: String, reasoning: String, calls: &[ToolCall]) -> ChatMessageOut {
+    let reasoning = (!reasoning.is_empty()).then_some(reasoning);
+    ChatMessageOut {
+        role: "assistant",
+        content: (!content.is_empty() || calls.is_empty()).then_some(content),
+        reasoning_content: reasoning.clone(),
+        reasoning,
+        tool_calls: (!calls.is_empty()).then(|| {
+            calls
+                .iter()
+                .map(|c| ToolCallOut {
+                    id: c.id.clone(),
+                    kind: "function",
+                    function: FunctionCallOut {
+                        name: c.name.clone(),
+                        arguments: c.arguments.clone(),
+                    },
+                })
+                .collect()
+        }),
+    }
+}
+
+/// The wire request as an API-neutral spec (OpenAI's defaults; ranges are checked later);
+/// `reasoning` is the server's default for thoughts.
+fn to_spec(req: &ChatCompletionRequest, reasoning: ReasoningMode) -> Result<GenerationSpec, ApiError> {
     reject_unknown(&req.unknown, "")?;
     check_stream_options(req.stream, req.stream_options.as_ref())?;
     let constraint = response_constraint(req.response_format.as_ref())?;
@@ -98,7 +122,18 @@ fn to_spec(req: &ChatCompletionRequest) -> Result<GenerationSpec, ApiError> {
         ));
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
-    let mut spec = GenerationSpec::new(Prompt::Chat(to_template_messages(&req.messages)?));
+    let mut chat = ChatPrompt::new(to_template_messages(&req.messages)?);
+    chat.tools = tool_set(req)?;
+    chat.template_kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
+    if let Some(effort) = &req.reasoning_effort {
+        chat.template_kwargs
+            .insert("reasoning_effort".into(), Value::String(effort.clone()));
+    }
+    chat.reasoning = match req.include_reasoning {
+        Some(false) => ReasoningMode::Drop,
+        _ => reasoning,
+    };
+    let mut spec = GenerationSpec::new(Prompt::Chat(chat));
     spec.sampling = sampling_params(&req.sampling, logprobs)?;
     spec.max_tokens = req
         .max_completion_tokens
@@ -110,7 +145,44 @@ fn to_spec(req: &ChatCompletionRequest) -> Result<GenerationSpec, ApiError> {
     Ok(spec)
 }
 
-/// Validates roles and flattens content parts into the template's plain messages.
+/// `tools`, `tool_choice` and `parallel_tool_calls` (their contents are checked once, in
+/// validation).
+fn tool_set(req: &ChatCompletionRequest) -> Result<ToolSet, ApiError> {
+    let tools = req.tools.clone().unwrap_or_default();
+    let choice = match &req.tool_choice {
+        None if tools.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => ToolChoice::Auto,
+            "none" => ToolChoice::None,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("tool_choice must be auto, none, required or a function, got '{other}'"),
+                ))
+            }
+        },
+        Some(choice) => match choice.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) if choice.get("type").and_then(Value::as_str) == Some("function") => {
+                ToolChoice::Function(name.to_string())
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "tool_choice must be auto, none, required or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                ))
+            }
+        },
+    };
+    Ok(ToolSet {
+        tools,
+        choice,
+        parallel: req.parallel_tool_calls.unwrap_or(true),
+    })
+}
+
+/// Validates roles and flattens content parts into the template's messages.
 pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     messages
         .iter()
@@ -143,12 +215,36 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
                 }
             };
             let role = if m.role == "developer" { "system" } else { &m.role };
-            Ok(ChatMessage {
-                role: role.to_string(),
-                content,
-            })
+            let mut message = ChatMessage::new(role, content);
+            message.name = m.name.clone();
+            message.tool_call_id = m.tool_call_id.clone();
+            message.reasoning_content = m.reasoning_content.clone().or_else(|| m.reasoning.clone());
+            if let Some(calls) = &m.tool_calls {
+                let calls = calls.iter().enumerate().map(|(j, c)| template_call(c, &format!("messages[{i}].tool_calls[{j}]")));
+                message.tool_calls = Some(calls.collect::<Result<_, _>>()?);
+            }
+            Ok(message)
         })
         .collect()
+}
+
+/// A call of the conversation as templates expect it: arguments as an object (OpenAI sends
+/// a JSON string).
+fn template_call(call: &ToolCallIn, at: &str) -> Result<Value, ApiError> {
+    let arguments = match &call.function.arguments {
+        Value::String(text) => serde_json::from_str(text).map_err(|e| {
+            ApiError::invalid(
+                &format!("{at}.function.arguments"),
+                format!("arguments must be a JSON object: {e}"),
+            )
+        })?,
+        other => other.clone(),
+    };
+    Ok(json!({
+        "id": call.id,
+        "type": call.kind.as_deref().unwrap_or("function"),
+        "function": {"name": call.function.name, "arguments": arguments},
+    }))
 }
 
 struct ChatMeta {
@@ -192,11 +288,13 @@ fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool, by
             let delta = ChatDelta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                ..Default::default()
             };
             meta.delta(i, delta, None, None)
         })
         .collect();
     let mut usages = vec![Usage::default(); num_choices];
+    let mut calls_made = vec![0u32; num_choices];
     let mut remaining = num_choices;
     let mut failed = false;
     let body_meta = meta.clone();
@@ -207,14 +305,32 @@ fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool, by
             return events;
         }
         match item {
-            StreamItem::Delta { text, tokens } => {
+            StreamItem::Delta {
+                text,
+                reasoning,
+                tool_calls,
+                tokens,
+            } => {
                 let has_logprobs = tokens.iter().any(|t| t.logprobs.is_some());
                 let logprobs = has_logprobs.then(|| logprobs_json(&named_by_id(&tokens, by_id)));
-                let delta = ChatDelta {
-                    role: None,
-                    content: Some(text),
+                let only_calls = text.is_empty() && reasoning.is_empty() && logprobs.is_none() && !tool_calls.is_empty();
+                let mut delta = ChatDelta {
+                    content: (!text.is_empty() || reasoning.is_empty()).then_some(text),
+                    ..Default::default()
                 };
-                events.push(meta.delta(i, delta, logprobs, None));
+                if !reasoning.is_empty() {
+                    delta.reasoning_content = Some(reasoning.clone());
+                    delta.reasoning = Some(reasoning);
+                }
+                if !only_calls {
+                    events.push(meta.delta(i, delta, logprobs, None));
+                }
+                for call in tool_calls {
+                    for piece in call_pieces(&call, calls_made[i]) {
+                        events.push(meta.delta(i, piece, None, None));
+                    }
+                    calls_made[i] += 1;
+                }
             }
             StreamItem::Done { reason, usage } => {
                 usages[i] = usage;
@@ -238,6 +354,24 @@ fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool, by
         .chain(body.flat_map(futures::stream::iter))
         .map(Ok::<_, Infallible>);
     sse_response(events)
+}
+
+/// A finished call as stream deltas, OpenAI-style: its id, type and name (with empty
+/// arguments), then its argument text.
+fn call_pieces(call: &ToolCall, index: u32) -> [ChatDelta; 2] {
+    let piece = |id: Option<String>, name: Option<String>, arguments: String| ChatDelta {
+        tool_calls: Some(vec![ToolCallDelta {
+            index,
+            kind: id.is_some().then_some("function"),
+            id,
+            function: FunctionCallDelta { name, arguments },
+        }]),
+        ..Default::default()
+    };
+    [
+        piece(Some(call.id.clone()), Some(call.name.clone()), String::new()),
+        piece(None, None, call.arguments.clone()),
+    ]
 }
 
 /// `{"content": [{token, logprob, bytes, top_logprobs}]}` for the given tokens, each token's

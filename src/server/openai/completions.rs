@@ -221,7 +221,7 @@ fn stream_completion(streams: Vec<crate::output::TextStream>, meta: Arc<Completi
             return events;
         }
         match item {
-            StreamItem::Delta { text, tokens } => {
+            StreamItem::Delta { text, tokens, .. } => {
                 let p = &mut progress[i];
                 let (echo, echo_len) = if p.started { (String::new(), 0) } else { meta.echo(i) };
                 let offset = p.text_offset + echo_len;

@@ -18,14 +18,13 @@ use types::{SamplingFields, UnknownFields};
 
 /// Fields the OpenAI API defines as advisory: accepted whatever their value, they change
 /// nothing about the generation.
-const ADVISORY_FIELDS: [&str; 7] = [
+const ADVISORY_FIELDS: [&str; 6] = [
     "user",
     "metadata",
     "store",
     "service_tier",
     "prompt_cache_key",
     "safety_identifier",
-    "parallel_tool_calls",
 ];
 
 /// Maps the wire sampling fields to engine parameters (OpenAI defaults); ranges are checked

@@ -66,9 +66,9 @@ pub async fn tokenize(
             .encode(&prompt, req.add_special_tokens.unwrap_or(true))
             .map_err(|e| ApiError::invalid("prompt", e.0))?,
         (None, Some(messages)) => {
-            let messages = to_template_messages(&messages)?;
+            let chat = crate::text::ChatPrompt::new(to_template_messages(&messages)?);
             codec
-                .encode_chat(&messages)
+                .encode_chat(&chat)
                 .map_err(|e| ApiError::invalid("messages", e.0))?
         }
         _ => {

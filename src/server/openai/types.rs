@@ -91,16 +91,47 @@ pub struct ContentPart {
 /// An input chat message.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ChatMessageIn {
-    /// system, developer, user, assistant.
+    /// system, developer, user, assistant, tool.
     pub role: String,
     /// The content (may be null for assistant tool calls).
     pub content: Option<MessageContent>,
-    /// The participant's name (advisory: templates do not use it).
+    /// The participant's (or a tool result's function) name, passed to the template.
     pub name: Option<String>,
-    /// Any other field (`tool_calls`, `tool_call_id`, ...): refused by name.
+    /// An assistant turn's calls.
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A tool result: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// An assistant turn's earlier thought (vLLM's name).
+    pub reasoning_content: Option<String>,
+    /// The same, by its newer name.
+    pub reasoning: Option<String>,
+    /// Any other field: refused by name.
     #[serde(flatten)]
     #[schema(ignore)]
     pub unknown: UnknownFields,
+}
+
+/// A call in an assistant message of the conversation.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct ToolCallIn {
+    /// The call's id.
+    pub id: Option<String>,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The function called.
+    pub function: FunctionCallIn,
+}
+
+/// The function of a call: its name and arguments (a JSON string, as OpenAI sends them, or
+/// an object).
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct FunctionCallIn {
+    /// Function name.
+    pub name: String,
+    /// Arguments.
+    #[schema(value_type = Object)]
+    pub arguments: Value,
 }
 
 /// `POST /v1/chat/completions` body.
@@ -127,8 +158,24 @@ pub struct ChatCompletionRequest {
     /// vLLM extension: name logprob tokens `token_id:N` instead of by their text.
     #[serde(default)]
     pub return_tokens_as_token_ids: bool,
-    /// `{"type": "text"}` (structured output is not supported yet).
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {…}}`.
     pub response_format: Option<Value>,
+    /// Functions the model may call: `[{"type": "function", "function": {name, description,
+    /// parameters}}]`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Vec<Value>>,
+    /// `auto` (default with tools), `none`, `required`, or
+    /// `{"type": "function", "function": {"name": …}}`.
+    #[schema(value_type = Option<Object>)]
+    pub tool_choice: Option<Value>,
+    /// Allow several calls in one reply (default true); false ends the reply after one call.
+    pub parallel_tool_calls: Option<bool>,
+    /// Extra chat-template variables, e.g. `{"enable_thinking": false}`.
+    pub chat_template_kwargs: Option<serde_json::Map<String, Value>>,
+    /// Passed to the chat template as `reasoning_effort` (templates that read it, e.g. gpt-oss).
+    pub reasoning_effort: Option<String>,
+    /// vLLM extension: false drops the model's thoughts from the reply.
+    pub include_reasoning: Option<bool>,
     /// Sampling.
     #[serde(flatten)]
     pub sampling: SamplingFields,
@@ -181,7 +228,7 @@ pub struct CompletionRequest {
     pub return_tokens_as_token_ids: bool,
     /// Candidates generated server-side per choice; only 1 (or equal to `n`) is supported.
     pub best_of: Option<u32>,
-    /// `{"type": "text"}` (structured output is not supported yet).
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {…}}`.
     pub response_format: Option<Value>,
     /// Sampling.
     #[serde(flatten)]
@@ -230,8 +277,64 @@ impl From<crate::request::Usage> for UsageOut {
 pub struct ChatMessageOut {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The generated text.
-    pub content: String,
+    /// The answer text; null when the reply is only tool calls.
+    pub content: Option<String>,
+    /// The model's thought, when it thinks and thoughts are kept separate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The same (the newer name clients read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// The calls the model made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A call the model made.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ToolCallOut {
+    /// `call_…`.
+    pub id: String,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its arguments (a JSON string).
+    pub function: FunctionCallOut,
+}
+
+/// The function of a call.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct FunctionCallOut {
+    /// Function name.
+    pub name: String,
+    /// Arguments, a JSON object as a string.
+    pub arguments: String,
+}
+
+/// A streamed piece of a call: the first piece of each call carries `id`, `type` and the
+/// name, later ones argument text.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct ToolCallDelta {
+    /// Position of the call in the reply.
+    pub index: u32,
+    /// On the first piece.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// On the first piece: `function`.
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Name (first piece) and/or argument text.
+    pub function: FunctionCallDelta,
+}
+
+/// The function part of a streamed call piece.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct FunctionCallDelta {
+    /// On the first piece.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Argument text to append.
+    pub arguments: String,
 }
 
 /// One choice of a chat completion.
@@ -243,7 +346,7 @@ pub struct ChatChoice {
     pub message: ChatMessageOut,
     /// `{"content": [...]}` or null.
     pub logprobs: Option<Value>,
-    /// `stop` or `length`.
+    /// `stop`, `length` or `tool_calls`.
     pub finish_reason: Option<&'static str>,
 }
 
@@ -275,6 +378,15 @@ pub struct ChatDelta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// New thought text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The same (the newer name clients read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+    /// Call pieces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// One choice of a chat chunk.
