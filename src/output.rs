@@ -233,12 +233,17 @@ impl TextStream {
         if let Some(parser) = &mut self.reply {
             let rest = parser.finish();
             self.made_calls |= !rest.tool_calls.is_empty();
-            if !(rest.content.is_empty() && rest.reasoning.is_empty() && rest.tool_calls.is_empty()) {
+            let tokens = std::mem::take(&mut self.pending_tokens);
+            if !(rest.content.is_empty()
+                && rest.reasoning.is_empty()
+                && rest.tool_calls.is_empty()
+                && tokens.is_empty())
+            {
                 self.queue.push_back(StreamItem::Delta {
                     text: rest.content,
                     reasoning: rest.reasoning,
                     tool_calls: rest.tool_calls,
-                    tokens: Vec::new(),
+                    tokens,
                 });
             }
         }
@@ -268,6 +273,11 @@ impl TextStream {
             return;
         };
         let delta = parser.push(&text);
+        if delta.content.is_empty() && delta.reasoning.is_empty() && delta.tool_calls.is_empty() && !delta.done {
+            // All held back (a possible tag or call): the tokens go with the next delta.
+            self.pending_tokens = tokens;
+            return;
+        }
         self.made_calls |= !delta.tool_calls.is_empty();
         self.queue.push_back(StreamItem::Delta {
             text: delta.content,

@@ -94,10 +94,10 @@ async fn fields_that_do_not_work_are_named_not_ignored() {
         assert_eq!(status, 400, "{field}: {err}");
         assert_eq!(err["error"]["param"], field, "{err}");
     }
-    let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "hi", "tool_call_id": "x"}]});
+    let chat = json!({"model": "stories260k", "messages": [{"role": "user", "content": "hi", "audio": "x"}]});
     let (status, err) = s.post_json("/v1/chat/completions", chat).await;
     assert_eq!(status, 400);
-    assert_eq!(err["error"]["param"], "messages[0].tool_call_id");
+    assert_eq!(err["error"]["param"], "messages[0].audio");
     // Advisory fields pass.
     let (status, _) = s
         .post_json(
@@ -119,7 +119,9 @@ async fn fields_that_do_not_work_are_named_not_ignored() {
             json!({"model": "stories260k", "prompt": "hi", "options": {"temperature": -2}}),
             "options.temperature",
         ),
+        // stories260k's template has no thoughts: thinking is refused, as Ollama refuses it.
         (json!({"model": "stories260k", "prompt": "hi", "think": true}), "think"),
+        (json!({"model": "stories260k", "prompt": "hi", "think": "extreme"}), "think"),
     ];
     for (body, field) in ollama_cases {
         let (status, err) = s.post_json("/api/generate", body).await;

@@ -196,9 +196,17 @@ pub fn validate(
 
 /// Checks a conversation's tools and choice; returns the constraint that forces a call when
 /// the choice requires one (not together with `response_format`).
-fn check_tools(chat: &ChatPrompt, codec: &TextCodec, has_format: bool) -> Result<Option<OutputConstraint>, RequestError> {
+fn check_tools(
+    chat: &ChatPrompt,
+    codec: &TextCodec,
+    has_format: bool,
+) -> Result<Option<OutputConstraint>, RequestError> {
     chat.tools.check().map_err(|(at, message)| {
-        let field = if at == "tool_choice" { Field::ToolChoice } else { Field::Tools };
+        let field = if at == "tool_choice" {
+            Field::ToolChoice
+        } else {
+            Field::Tools
+        };
         RequestError::invalid(field, format!("{at}: {message}"))
     })?;
     let forced = codec.forced_call(&chat.tools);

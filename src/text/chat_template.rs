@@ -115,8 +115,8 @@ impl ChatTemplate {
     /// A template that cannot render user → assistant → user cannot serve chat: say so at load
     /// rather than on every request.
     fn check_renders_a_simple_conversation(&self) -> Result<(), TemplateError> {
-        let conversation =
-            [("user", "Hello!"), ("assistant", "Hi!"), ("user", "How are you?")].map(|(role, content)| ChatMessage::new(role, content));
+        let conversation = [("user", "Hello!"), ("assistant", "Hi!"), ("user", "How are you?")]
+            .map(|(role, content)| ChatMessage::new(role, content));
         self.render(&conversation, true).map(|_| ()).map_err(|e| {
             TemplateError(format!(
                 "chat template cannot render a simple user/assistant conversation: {}",

@@ -21,8 +21,8 @@ pub struct TextCodec {
     add_bos_token: bool,
     eos_ids: Vec<u32>,
     grammar: GrammarCompiler,
-    /// Added tokens that are special (the detokenizer hides them), by their text.
-    specials: std::collections::HashMap<String, u32>,
+    /// Added tokens by their text, with whether each is special (the detokenizer hides those).
+    added: std::collections::HashMap<String, (u32, bool)>,
 }
 
 impl TextCodec {
@@ -67,7 +67,7 @@ impl TextCodec {
             source,
         })?;
         Ok(Self {
-            specials: special_tokens(&tokenizer),
+            added: added_tokens(&tokenizer),
             tokenizer,
             template,
             bos_id,
@@ -130,7 +130,7 @@ impl TextCodec {
             })
             .transpose()?;
         Ok(Self {
-            specials: special_tokens(&tokenizer),
+            added: added_tokens(&tokenizer),
             tokenizer,
             template,
             bos_id: bos.map(|(id, _)| id),
@@ -231,13 +231,19 @@ impl TextCodec {
             .map(|tags| (tags.clone(), tags.prompt_opens_thought(rendered)));
         let syntax = self.tool_syntax();
         let tools = chat.tools.active().then_some((syntax, !chat.tools.parallel));
-        let mut markers: Vec<&str> = thoughts.iter().flat_map(|(t, _)| [t.open.as_str(), t.close.as_str()]).collect();
+        let mut markers: Vec<&str> = thoughts
+            .iter()
+            .flat_map(|(t, _)| [t.open.as_str(), t.close.as_str()])
+            .collect();
         if tools.is_some() {
             markers.extend(syntax.special_markers());
         }
         let shown_specials = markers
             .into_iter()
-            .filter_map(|m| Some((*self.specials.get(m)?, m.to_string())))
+            .filter_map(|m| match self.added.get(m)? {
+                (id, true) => Some((*id, m.to_string())),
+                _ => None,
+            })
             .collect();
         ReplyPlan {
             thoughts,
@@ -253,7 +259,9 @@ impl TextCodec {
         if !tools.active() || tools.choice == ToolChoice::Auto {
             return None;
         }
-        let grammar = forced_call_grammar(self.tool_syntax(), tools, |m| self.specials.get(m).copied());
+        // Markers that are added tokens are named by id: llguidance's trie holds every added
+        // token as a special one, so text alone would never match them.
+        let grammar = forced_call_grammar(self.tool_syntax(), tools, |m| self.added.get(m).map(|(id, _)| *id));
         Some(OutputConstraint::Grammar(grammar))
     }
 
@@ -263,13 +271,12 @@ impl TextCodec {
     }
 }
 
-/// The special added tokens of `tokenizer`, by text.
-fn special_tokens(tokenizer: &Tokenizer) -> std::collections::HashMap<String, u32> {
+/// The added tokens of `tokenizer` by text: id and whether it is special.
+fn added_tokens(tokenizer: &Tokenizer) -> std::collections::HashMap<String, (u32, bool)> {
     tokenizer
         .get_added_tokens_decoder()
         .into_iter()
-        .filter(|(_, t)| t.special)
-        .map(|(id, t)| (t.content, id))
+        .map(|(id, t)| (t.content, (id, t.special)))
         .collect()
 }
 

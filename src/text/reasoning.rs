@@ -195,7 +195,10 @@ mod tests {
 
     #[test]
     fn no_thought_is_all_answer() {
-        assert_eq!(split(&["Hello", " <think> is a tag"], false), (String::new(), "Hello <think> is a tag".into()));
+        assert_eq!(
+            split(&["Hello", " <think> is a tag"], false),
+            (String::new(), "Hello <think> is a tag".into())
+        );
         assert_eq!(split(&["<thi", "s"], false), (String::new(), "<this".into()));
         assert_eq!(split(&["  "], false), (String::new(), "  ".into()));
     }
@@ -203,7 +206,10 @@ mod tests {
     #[test]
     fn a_thought_opened_by_the_prompt() {
         assert_eq!(split(&["hmm</th", "ink>ok"], true), ("hmm".into(), "ok".into()));
-        assert_eq!(split(&["still thinking </thi"], true), ("still thinking </thi".into(), String::new()));
+        assert_eq!(
+            split(&["still thinking </thi"], true),
+            ("still thinking </thi".into(), String::new())
+        );
     }
 
     #[test]

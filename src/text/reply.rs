@@ -155,14 +155,30 @@ mod tests {
 
     #[test]
     fn a_call_inside_a_thought_is_only_thought() {
-        let text = ["<think>maybe <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call></think>", "ok <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>"];
+        let text = [
+            "<think>maybe <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call></think>",
+            "ok <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>",
+        ];
         let (r, c, calls) = run(&plan(ReasoningMode::Separate, false), &text);
-        assert_eq!((r.as_str(), c.as_str(), calls), ("maybe <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>", "ok", 1));
+        assert_eq!(
+            (r.as_str(), c.as_str(), calls),
+            (
+                "maybe <tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>",
+                "ok",
+                1
+            )
+        );
     }
 
     #[test]
     fn modes_keep_drop_or_inline_the_thought() {
-        assert_eq!(run(&plan(ReasoningMode::Drop, true), &["a</think>b"]), (String::new(), "b".into(), 0));
-        assert_eq!(run(&plan(ReasoningMode::Inline, true), &["a</think>b"]), (String::new(), "<think>a</think>b".into(), 0));
+        assert_eq!(
+            run(&plan(ReasoningMode::Drop, true), &["a</think>b"]),
+            (String::new(), "b".into(), 0)
+        );
+        assert_eq!(
+            run(&plan(ReasoningMode::Inline, true), &["a</think>b"]),
+            (String::new(), "<think>a</think>b".into(), 0)
+        );
     }
 }

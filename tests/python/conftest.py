@@ -18,12 +18,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(extra_args):
-    """Starts `mlxd serve` with `extra_args`; yields its base URL, then stops it."""
+def _start(extra_args, model=None):
+    """Starts `mlxd serve` on `model` (default: the repo's stories260k) with `extra_args`;
+    yields its base URL, then stops it."""
     binary = os.environ.get("MLXD_BIN", str(ROOT / "target" / "debug" / "mlxd"))
     port = _free_port()
+    model = model or ROOT / "models" / "stories260k"
     proc = subprocess.Popen(
-        [binary, "serve", "--model", str(ROOT / "models" / "stories260k"), "--port", str(port),
+        [binary, "serve", "--model", str(model), "--port", str(port),
          "--kv-memory", "64MiB", *extra_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -8,7 +8,9 @@ use super::types::{CommonFields, Options};
 use super::OllamaError;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use crate::text::tools::{ToolChoice, ToolSet};
-use crate::text::{ChatMessage, ChatPrompt, OutputConstraint, ReasoningMode};
+use crate::server::AppState;
+use crate::text::reasoning::ThinkTags;
+use crate::text::{ChatMessage, ChatPrompt, OutputConstraint};
 
 /// Ollama's defaults for absent options (its `api.DefaultOptions`).
 const DEFAULT_TEMPERATURE: f32 = 0.8;
@@ -85,18 +87,29 @@ fn output_constraint(format: Option<&Value>) -> Result<Option<OutputConstraint>,
 }
 
 /// A conversation with the request's tools and `think` applied (as template variables:
-/// `enable_thinking`, and `reasoning_effort` for a level); `reasoning` is the server's default
-/// for thoughts.
+/// `enable_thinking`, and `reasoning_effort` for a level). Thinking asked of a model whose
+/// template has no thoughts is refused, as Ollama refuses it.
 pub fn chat_prompt(
     messages: Vec<ChatMessage>,
     tools: Vec<Value>,
     common: &CommonFields,
-    reasoning: ReasoningMode,
+    state: &AppState,
 ) -> Result<ChatPrompt, OllamaError> {
     let mut chat = ChatPrompt::new(messages);
-    chat.reasoning = reasoning;
+    chat.reasoning = state.reasoning;
+    let thinks = ThinkTags::detect(state.codec.chat_template_source().unwrap_or_default()).is_some();
+    if !thinks && matches!(common.think, Some(Value::Bool(true)) | Some(Value::String(_))) {
+        return Err(OllamaError::bad_request(format!(
+            "\"{}\" does not support thinking (think)",
+            common.model
+        )));
+    }
     chat.tools = ToolSet {
-        choice: if tools.is_empty() { ToolChoice::None } else { ToolChoice::Auto },
+        choice: if tools.is_empty() {
+            ToolChoice::None
+        } else {
+            ToolChoice::Auto
+        },
         tools,
         parallel: true,
     };

@@ -149,32 +149,31 @@ fn to_spec(req: &ChatCompletionRequest, reasoning: ReasoningMode) -> Result<Gene
 /// validation).
 fn tool_set(req: &ChatCompletionRequest) -> Result<ToolSet, ApiError> {
     let tools = req.tools.clone().unwrap_or_default();
-    let choice = match &req.tool_choice {
-        None if tools.is_empty() => ToolChoice::None,
-        None => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => ToolChoice::Auto,
-            "none" => ToolChoice::None,
-            "required" => ToolChoice::Required,
-            other => {
-                return Err(ApiError::invalid(
-                    "tool_choice",
-                    format!("tool_choice must be auto, none, required or a function, got '{other}'"),
-                ))
-            }
-        },
-        Some(choice) => match choice.pointer("/function/name").and_then(Value::as_str) {
-            Some(name) if choice.get("type").and_then(Value::as_str) == Some("function") => {
-                ToolChoice::Function(name.to_string())
-            }
-            _ => {
-                return Err(ApiError::invalid(
+    let choice =
+        match &req.tool_choice {
+            None if tools.is_empty() => ToolChoice::None,
+            None => ToolChoice::Auto,
+            Some(Value::String(s)) => match s.as_str() {
+                "auto" => ToolChoice::Auto,
+                "none" => ToolChoice::None,
+                "required" => ToolChoice::Required,
+                other => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        format!("tool_choice must be auto, none, required or a function, got '{other}'"),
+                    ))
+                }
+            },
+            Some(choice) => match choice.pointer("/function/name").and_then(Value::as_str) {
+                Some(name) if choice.get("type").and_then(Value::as_str) == Some("function") => {
+                    ToolChoice::Function(name.to_string())
+                }
+                _ => return Err(ApiError::invalid(
                     "tool_choice",
                     "tool_choice must be auto, none, required or {\"type\": \"function\", \"function\": {\"name\": …}}",
-                ))
-            }
-        },
-    };
+                )),
+            },
+        };
     Ok(ToolSet {
         tools,
         choice,
@@ -220,7 +219,10 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
             message.tool_call_id = m.tool_call_id.clone();
             message.reasoning_content = m.reasoning_content.clone().or_else(|| m.reasoning.clone());
             if let Some(calls) = &m.tool_calls {
-                let calls = calls.iter().enumerate().map(|(j, c)| template_call(c, &format!("messages[{i}].tool_calls[{j}]")));
+                let calls = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(j, c)| template_call(c, &format!("messages[{i}].tool_calls[{j}]")));
                 message.tool_calls = Some(calls.collect::<Result<_, _>>()?);
             }
             Ok(message)
@@ -313,7 +315,8 @@ fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool, by
             } => {
                 let has_logprobs = tokens.iter().any(|t| t.logprobs.is_some());
                 let logprobs = has_logprobs.then(|| logprobs_json(&named_by_id(&tokens, by_id)));
-                let only_calls = text.is_empty() && reasoning.is_empty() && logprobs.is_none() && !tool_calls.is_empty();
+                let only_calls =
+                    text.is_empty() && reasoning.is_empty() && logprobs.is_none() && !tool_calls.is_empty();
                 let mut delta = ChatDelta {
                     content: (!text.is_empty() || reasoning.is_empty()).then_some(text),
                     ..Default::default()

@@ -6,9 +6,9 @@ use serde_json::{json, Value};
 use super::{ToolChoice, ToolSet, ToolSyntax};
 
 /// A Lark grammar (llguidance's dialect) for exactly one call of one of the allowed functions.
-/// `special_id` gives the id of a marker that is a special token of the tokenizer (spelled
-/// `<[id]>`: its text alone would never produce it).
-pub fn forced_call_grammar(syntax: ToolSyntax, tools: &ToolSet, special_id: impl Fn(&str) -> Option<u32>) -> String {
+/// `token_id` gives the id of a marker that is one added token of the tokenizer (spelled
+/// `<[id]>` in the grammar).
+pub fn forced_call_grammar(syntax: ToolSyntax, tools: &ToolSet, token_id: impl Fn(&str) -> Option<u32>) -> String {
     let args_key = syntax.arguments_key();
     let alternatives: Vec<Value> = tools
         .functions()
@@ -29,14 +29,22 @@ pub fn forced_call_grammar(syntax: ToolSyntax, tools: &ToolSet, special_id: impl
         "anyOf": alternatives,
         "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
     });
-    let marker = |text: &str| match special_id(text) {
+    let marker = |text: &str| match token_id(text) {
         Some(id) => format!("<[{id}]>"),
         None => Value::from(text).to_string(),
     };
     let body = match syntax {
-        ToolSyntax::Hermes => format!("{} \"\\n\" call \"\\n\" {}", marker("<tool_call>"), marker("</tool_call>")),
+        ToolSyntax::Hermes => format!(
+            "{} \"\\n\" call \"\\n\" {}",
+            marker("<tool_call>"),
+            marker("</tool_call>")
+        ),
         ToolSyntax::Mistral => format!("{} \"[\" call \"]\"", marker("[TOOL_CALLS]")),
-        ToolSyntax::Phi4 => format!("{} \"[\" call \"]\" {}", marker("<|tool_call|>"), marker("<|/tool_call|>")),
+        ToolSyntax::Phi4 => format!(
+            "{} \"[\" call \"]\" {}",
+            marker("<|tool_call|>"),
+            marker("<|/tool_call|>")
+        ),
         ToolSyntax::Llama3 | ToolSyntax::Generic => "call".to_string(),
     };
     format!("start: {body}\ncall: %json {schema}\n")
@@ -58,8 +66,14 @@ mod tests {
         };
         let g = forced_call_grammar(ToolSyntax::Mistral, &tools, |m| (m == "[TOOL_CALLS]").then_some(5));
         assert!(g.starts_with("start: <[5]> \"[\" call \"]\"\n"), "{g}");
-        assert!(g.contains("{\"const\":\"b\"}") && !g.contains("{\"const\":\"a\"}"), "{g}");
+        assert!(
+            g.contains("{\"const\":\"b\"}") && !g.contains("{\"const\":\"a\"}"),
+            "{g}"
+        );
         let g = forced_call_grammar(ToolSyntax::Hermes, &tools, |_| None);
-        assert!(g.starts_with("start: \"<tool_call>\" \"\\n\" call \"\\n\" \"</tool_call>\"\n"), "{g}");
+        assert!(
+            g.starts_with("start: \"<tool_call>\" \"\\n\" call \"\\n\" \"</tool_call>\"\n"),
+            "{g}"
+        );
     }
 }

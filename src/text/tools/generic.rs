@@ -7,7 +7,8 @@ use serde_json::Value;
 use crate::text::ChatMessage;
 
 /// What the model is told about calling functions, before the tool list.
-pub const GENERIC_INSTRUCTIONS: &str = "You can call the following functions. To call one, reply with only a JSON object \
+pub const GENERIC_INSTRUCTIONS: &str =
+    "You can call the following functions. To call one, reply with only a JSON object \
 of the form {\"name\": <function name>, \"arguments\": <object of argument values>} and nothing else; \
 to call several, write one such object per line. If no function is needed, answer normally.\n\nFunctions:";
 
@@ -20,7 +21,9 @@ pub fn describe_tools_in_messages(messages: &[ChatMessage], tools: &[Value]) -> 
     }
     let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
     match messages.first() {
-        Some(first) if first.role == "system" => out.push(ChatMessage::new("system", format!("{}\n\n{listing}", first.content))),
+        Some(first) if first.role == "system" => {
+            out.push(ChatMessage::new("system", format!("{}\n\n{listing}", first.content)))
+        }
         _ => out.push(ChatMessage::new("system", listing)),
     }
     let skip = usize::from(messages.first().is_some_and(|m| m.role == "system"));
@@ -88,8 +91,15 @@ mod tests {
         let out = describe_tools_in_messages(&messages, &tools);
         let roles: Vec<&str> = out.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "user"]);
-        assert!(out[0].content.ends_with("Functions:\n{\"name\":\"get_weather\"}"), "{}", out[0].content);
-        assert_eq!(out[2].content, "{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}");
+        assert!(
+            out[0].content.ends_with("Functions:\n{\"name\":\"get_weather\"}"),
+            "{}",
+            out[0].content
+        );
+        assert_eq!(
+            out[2].content,
+            "{\"name\":\"get_weather\",\"arguments\":{\"city\":\"Paris\"}}"
+        );
         assert_eq!(out[3].content, "Result of get_weather: 18C");
         assert!(out.iter().all(|m| m.tool_calls.is_none()));
     }

@@ -165,14 +165,18 @@ impl ToolSet {
             }
             if let Some(p) = f.get("parameters") {
                 if !p.is_object() {
-                    return Err((at(".function.parameters"), "parameters must be a JSON schema object".into()));
+                    return Err((
+                        at(".function.parameters"),
+                        "parameters must be a JSON schema object".into(),
+                    ));
                 }
             }
         }
         match &self.choice {
-            ToolChoice::Required if self.tools.is_empty() => {
-                Err(("tool_choice".into(), "'required' needs at least one tool in tools".into()))
-            }
+            ToolChoice::Required if self.tools.is_empty() => Err((
+                "tool_choice".into(),
+                "'required' needs at least one tool in tools".into(),
+            )),
             ToolChoice::Function(name) if !self.functions().any(|(n, _)| n == name) => Err((
                 "tool_choice".into(),
                 format!("names function '{name}', which is not among the tools"),
@@ -204,7 +208,8 @@ mod tests {
             let template = cfg["chat_template"].as_str().expect("template");
             assert_eq!(ToolSyntax::detect(template), syntax, "{family}");
         }
-        let phi = std::fs::read_to_string(dir.join("chat_templates/microsoft-Phi-3.5-mini-instruct.jinja")).expect("phi");
+        let phi =
+            std::fs::read_to_string(dir.join("chat_templates/microsoft-Phi-3.5-mini-instruct.jinja")).expect("phi");
         assert_eq!(ToolSyntax::detect(&phi), ToolSyntax::Generic);
         assert_eq!(ToolSyntax::Mistral.new_call_id().len(), 9);
     }
@@ -220,10 +225,19 @@ mod tests {
         assert_eq!(set(vec![tool.clone()], ToolChoice::Auto).check(), Ok(()));
         let err = |s: ToolSet| s.check().expect_err("refused").0;
         assert_eq!(err(set(vec![], ToolChoice::Required)), "tool_choice");
-        assert_eq!(err(set(vec![tool.clone()], ToolChoice::Function("g".into()))), "tool_choice");
-        assert_eq!(err(set(vec![serde_json::json!({"type": "code"})], ToolChoice::Auto)), "tools[0].type");
         assert_eq!(
-            err(set(vec![serde_json::json!({"type": "function", "function": {"name": ""}})], ToolChoice::Auto)),
+            err(set(vec![tool.clone()], ToolChoice::Function("g".into()))),
+            "tool_choice"
+        );
+        assert_eq!(
+            err(set(vec![serde_json::json!({"type": "code"})], ToolChoice::Auto)),
+            "tools[0].type"
+        );
+        assert_eq!(
+            err(set(
+                vec![serde_json::json!({"type": "function", "function": {"name": ""}})],
+                ToolChoice::Auto
+            )),
             "tools[0].function.name"
         );
     }

@@ -108,12 +108,20 @@ mod tests {
         assert_eq!(hermes, Some(vec![("get_weather".into(), json!({"city": "Paris"}))]));
         // Llama 3: parameters, python tag, several separated by `;`.
         assert_eq!(
-            parse_calls("<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 1}}; {\"name\": \"g\", \"parameters\": {}}"),
+            parse_calls(
+                "<|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 1}}; {\"name\": \"g\", \"parameters\": {}}"
+            ),
             Some(vec![("f".into(), json!({"x": 1})), ("g".into(), json!({}))])
         );
         // Mistral: a list, and the newer name[ARGS]{…} form.
-        assert_eq!(names("[{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {}}]"), Some(vec!["a".into(), "b".into()]));
-        assert_eq!(parse_calls("f[ARGS]{\"x\": 1}[TOOL_CALLS]g{}"), Some(vec![("f".into(), json!({"x": 1})), ("g".into(), json!({}))]));
+        assert_eq!(
+            names("[{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {}}]"),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(
+            parse_calls("f[ARGS]{\"x\": 1}[TOOL_CALLS]g{}"),
+            Some(vec![("f".into(), json!({"x": 1})), ("g".into(), json!({}))])
+        );
         // Arguments as a JSON string, and the OpenAI shape.
         assert_eq!(
             parse_calls("{\"type\": \"function\", \"function\": {\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 2}\"}}"),
@@ -123,7 +131,15 @@ mod tests {
 
     #[test]
     fn anything_else_is_not_a_call() {
-        for body in ["", "{\"name\": \"f\"", "{\"x\": 1}", "{\"name\": \"f\", \"arguments\": 3}", "[1, 2]", "{} trailing", "f[ARGS]"] {
+        for body in [
+            "",
+            "{\"name\": \"f\"",
+            "{\"x\": 1}",
+            "{\"name\": \"f\", \"arguments\": 3}",
+            "[1, 2]",
+            "{} trailing",
+            "f[ARGS]",
+        ] {
             assert_eq!(parse_calls(body), None, "{body}");
         }
     }

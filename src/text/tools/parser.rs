@@ -153,7 +153,8 @@ impl ToolCallParser {
         let Some(mut calls) = calls else {
             let (open, _) = self.syntax.markers();
             let open = if open == "{" { "" } else { open };
-            out.content.push_str(&format!("{blanks}{open}{body}{}", close.unwrap_or_default()));
+            out.content
+                .push_str(&format!("{blanks}{open}{body}{}", close.unwrap_or_default()));
             return;
         };
         self.made_calls = true;
@@ -210,7 +211,7 @@ mod tests {
     }
 
     fn every_step(syntax: ToolSyntax, single: bool, text: &str) -> (String, Vec<(String, String)>, bool) {
-        let whole = run(syntax, single, text, usize::MAX.min(text.len().max(1)));
+        let whole = run(syntax, single, text, text.len().max(1));
         for step in 1..8 {
             assert_eq!(run(syntax, single, text, step), whole, "{syntax:?} in pieces of {step}");
         }
@@ -226,7 +227,10 @@ mod tests {
         let text = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
         let (content, calls, done) = every_step(ToolSyntax::Hermes, false, text);
         assert_eq!(content, "Let me check.");
-        assert_eq!(calls, vec![call("get_weather", "{\"city\":\"Paris\"}"), call("get_time", "{}")]);
+        assert_eq!(
+            calls,
+            vec![call("get_weather", "{\"city\":\"Paris\"}"), call("get_time", "{}")]
+        );
         assert!(!done);
         let (_, calls, done) = every_step(ToolSyntax::Hermes, true, text);
         assert_eq!((calls.len(), done), (1, true));
@@ -242,11 +246,20 @@ mod tests {
     #[test]
     fn llama3_and_generic_replies_that_are_calls() {
         let text = " <|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 1}}";
-        assert_eq!(every_step(ToolSyntax::Llama3, false, text), (String::new(), vec![call("f", "{\"x\":1}")], false));
+        assert_eq!(
+            every_step(ToolSyntax::Llama3, false, text),
+            (String::new(), vec![call("f", "{\"x\":1}")], false)
+        );
         let answer = "The answer is {x}.";
-        assert_eq!(every_step(ToolSyntax::Generic, false, answer), (answer.into(), vec![], false));
+        assert_eq!(
+            every_step(ToolSyntax::Generic, false, answer),
+            (answer.into(), vec![], false)
+        );
         let broken = "{\"name\": \"f\", \"arguments\": ";
-        assert_eq!(every_step(ToolSyntax::Generic, false, broken), (broken.into(), vec![], false));
+        assert_eq!(
+            every_step(ToolSyntax::Generic, false, broken),
+            (broken.into(), vec![], false)
+        );
         let two = "{\"name\": \"f\", \"arguments\": {}}; {\"name\": \"g\", \"arguments\": {}}";
         let (_, calls, done) = every_step(ToolSyntax::Generic, true, two);
         assert_eq!((calls, done), (vec![call("f", "{}")], true));
@@ -254,7 +267,8 @@ mod tests {
 
     #[test]
     fn mistral_and_phi4_calls() {
-        let text = "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"q\": \"x\"}}, {\"name\": \"b\", \"arguments\": {}}]";
+        let text =
+            "[TOOL_CALLS][{\"name\": \"a\", \"arguments\": {\"q\": \"x\"}}, {\"name\": \"b\", \"arguments\": {}}]";
         let (content, calls, _) = every_step(ToolSyntax::Mistral, false, text);
         assert_eq!((content.as_str(), calls.len()), ("", 2));
         let (_, calls, done) = every_step(ToolSyntax::Mistral, true, text);
