@@ -121,7 +121,10 @@ async fn fields_that_do_not_work_are_named_not_ignored() {
         ),
         // stories260k's template has no thoughts: thinking is refused, as Ollama refuses it.
         (json!({"model": "stories260k", "prompt": "hi", "think": true}), "think"),
-        (json!({"model": "stories260k", "prompt": "hi", "think": "extreme"}), "think"),
+        (
+            json!({"model": "stories260k", "prompt": "hi", "think": "extreme"}),
+            "think",
+        ),
     ];
     for (body, field) in ollama_cases {
         let (status, err) = s.post_json("/api/generate", body).await;

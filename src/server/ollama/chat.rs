@@ -27,12 +27,7 @@ pub async fn chat(
 ) -> Result<Response, OllamaError> {
     state.check_ollama_model(&req.common.model)?;
     let messages = to_template_messages(&req)?;
-    let chat = chat_prompt(
-        messages,
-        req.tools.clone().unwrap_or_default(),
-        &req.common,
-        &state,
-    )?;
+    let chat = chat_prompt(messages, req.tools.clone().unwrap_or_default(), &req.common, &state)?;
     let spec = to_spec(Prompt::Chat(chat), &req.common)?;
     let reply = Reply::new(ReplyKind::Chat, &req.common.model, &state);
     if req.messages.is_empty() {

@@ -70,10 +70,5 @@ fn prompt_of(state: &AppState, req: &GenerateRequest) -> Result<Prompt, OllamaEr
         messages.push(ChatMessage::new("system", system.clone()));
     }
     messages.push(ChatMessage::new("user", req.prompt.clone()));
-    Ok(Prompt::Chat(chat_prompt(
-        messages,
-        Vec::new(),
-        &req.common,
-        state,
-    )?))
+    Ok(Prompt::Chat(chat_prompt(messages, Vec::new(), &req.common, state)?))
 }

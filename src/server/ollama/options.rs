@@ -7,9 +7,9 @@ use serde_json::Value;
 use super::types::{CommonFields, Options};
 use super::OllamaError;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
-use crate::text::tools::{ToolChoice, ToolSet};
 use crate::server::AppState;
 use crate::text::reasoning::ThinkTags;
+use crate::text::tools::{ToolChoice, ToolSet};
 use crate::text::{ChatMessage, ChatPrompt, OutputConstraint};
 
 /// Ollama's defaults for absent options (its `api.DefaultOptions`).
