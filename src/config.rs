@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// What happens to a thinking model's thoughts unless a request says otherwise.
     pub reasoning_format: crate::text::ReasoningMode,
+    /// How embeddings are pooled (None: what the model declares, else mean).
+    pub pooling: Option<crate::request::Pooling>,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +61,7 @@ impl Default for ServerConfig {
             metrics_public: false,
             cors_origins: Vec::new(),
             reasoning_format: crate::text::ReasoningMode::Separate,
+            pooling: None,
         }
     }
 }

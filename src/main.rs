@@ -155,6 +155,10 @@ struct ServeArgs {
     /// `thinking`), inline (left in the content) or drop [default: separate].
     #[arg(long, value_enum)]
     reasoning_format: Option<mlxd::text::ReasoningMode>,
+    /// How embeddings pool the hidden states: mean, last (token) or first [default: what the
+    /// model declares (sentence-transformers' pooling config, GGUF pooling_type), else mean].
+    #[arg(long, value_enum)]
+    pooling: Option<mlxd::request::Pooling>,
 }
 
 #[derive(Args, Debug)]
@@ -340,6 +344,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(mode) = args.reasoning_format {
         cfg.server.reasoning_format = mode;
     }
+    if args.pooling.is_some() {
+        cfg.server.pooling = args.pooling;
+    }
     cfg.validate()?;
     // Bind before loading: an address in use fails at once, not after a long load.
     let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
@@ -373,6 +380,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let admission_limit = info.max_num_seqs + cfg.scheduler.max_queue;
     let mut state = AppState::new(engine.clone(), codec, name, admission_limit);
     state.reasoning = cfg.server.reasoning_format;
+    state.pooling = cfg
+        .server
+        .pooling
+        .or_else(|| mlxd::models::pooling::declared_pooling(&model_path))
+        .unwrap_or_default();
     let read_timeout = Duration::from_secs_f64(cfg.server.read_timeout);
     let options = ServerOptions {
         max_body_bytes: cfg.max_body_bytes()?,

@@ -171,6 +171,8 @@ impl TextStream {
             Some(TokenEvent::Token { .. }) if self.stopped => {}
             Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
             Some(TokenEvent::Finished { reason, usage }) => self.finish(reason, usage),
+            // Only embedding requests get vectors; they never come through a text stream.
+            Some(TokenEvent::Embedding(_)) => {}
             Some(TokenEvent::Error(e)) => self.fail(e),
             None => self.fail(EngineError::Unavailable),
         }
@@ -332,4 +334,36 @@ pub async fn collect(mut stream: TextStream) -> Result<Collected, EngineError> {
         }
     }
     Ok(out)
+}
+
+/// One input's embedding.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    /// The pooled, L2-normalised vector.
+    pub vector: Vec<f32>,
+    /// Token accounting (prompt tokens; cached ones from the prefix cache).
+    pub usage: Usage,
+}
+
+/// Submits an embedding request and waits for its vector; `permit` is held until it is done.
+pub async fn embed(
+    engine: &EngineHandle,
+    request: ValidatedRequest,
+    permit: OwnedSemaphorePermit,
+) -> Result<Embedding, EngineError> {
+    let _permit = permit;
+    let mut events = engine.submit(request)?;
+    let mut vector = None;
+    loop {
+        match events.recv().await {
+            Some(TokenEvent::Embedding(v)) => vector = Some(v),
+            Some(TokenEvent::Finished { usage, .. }) => {
+                let vector = vector.ok_or_else(|| EngineError::StepFailed("no embedding was computed".into()))?;
+                return Ok(Embedding { vector, usage });
+            }
+            Some(TokenEvent::Error(e)) => return Err(e),
+            Some(TokenEvent::Scheduled { .. } | TokenEvent::Token { .. }) => {}
+            None => return Err(EngineError::Unavailable),
+        }
+    }
 }

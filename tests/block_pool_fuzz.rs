@@ -77,6 +77,7 @@ fn hundred_thousand_random_operations_keep_every_invariant() {
                     max_tokens: max,
                     stop_tokens: Vec::new(),
                     cache_salt: 0,
+                    reuse_cached_prefix: true,
                 };
                 s.add(Sequence::new(id, spec, BLOCK), ());
                 live.push(id);

@@ -18,7 +18,7 @@ async fn greedy_tokens(engine: &EngineHandle, codec: &TextCodec, prompt: Vec<u32
             TokenEvent::Token { id, .. } => out.push(id),
             TokenEvent::Finished { .. } => break,
             TokenEvent::Error(e) => panic!("engine error: {e}"),
-            TokenEvent::Scheduled { .. } => {}
+            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) => {}
         }
     }
     out

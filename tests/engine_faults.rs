@@ -61,7 +61,7 @@ async fn outcome(engine: &EngineHandle, prompt: Vec<u32>) -> Result<usize, Strin
             TokenEvent::Token { .. } => n += 1,
             TokenEvent::Finished { .. } => return Ok(n),
             TokenEvent::Error(e) => return Err(e.to_string()),
-            TokenEvent::Scheduled { .. } => {}
+            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) => {}
         }
     }
     Err("stream closed".into())

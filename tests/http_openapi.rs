@@ -7,14 +7,17 @@ use common::{engine_config, repo_model, TestServer};
 use serde_json::Value;
 
 /// Every route the README promises, as (method, path).
-const ROUTES: [(&str, &str); 21] = [
+const ROUTES: [(&str, &str); 24] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
+    ("post", "/v1/embeddings"),
     ("get", "/v1/models"),
     ("post", "/tokenize"),
     ("post", "/detokenize"),
     ("post", "/api/generate"),
     ("post", "/api/chat"),
+    ("post", "/api/embed"),
+    ("post", "/api/embeddings"),
     ("get", "/api/tags"),
     ("post", "/api/show"),
     ("get", "/api/ps"),

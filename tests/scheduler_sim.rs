@@ -23,6 +23,7 @@ fn seq(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Sequence {
         max_tokens,
         stop_tokens: vec![2],
         cache_salt: 0,
+        reuse_cached_prefix: true,
     };
     Sequence::new(RequestId(id), spec, BLOCK)
 }

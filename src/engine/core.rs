@@ -19,6 +19,7 @@ use super::batch::HostBatch;
 use super::graphs::DecodeGraphs;
 use super::metrics::EngineMetrics;
 use super::output::TokenEvent;
+use super::pooling::{PoolPlan, Pooled};
 use super::sampler::SamplerState;
 use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, ModelLoader};
 use crate::models::{self, KvLayout, LoadProgress};
@@ -37,6 +38,8 @@ struct RequestState {
     sampler: SamplerState,
     /// The output constraint, following every token emitted.
     constraint: Option<Constraint>,
+    /// An embedding request's pool (prefill only, no token sampled).
+    embedding: Option<Pooled>,
     usage: Usage,
     arrived_at: Instant,
     first_scheduled_at: Option<Instant>,
@@ -260,6 +263,7 @@ impl EngineCore {
             max_tokens: req.max_tokens as usize,
             stop_tokens: req.stop_tokens,
             cache_salt: self.cache_salt,
+            reuse_cached_prefix: req.embed.is_none_or(|p| p.reuses_cached_prefix()),
         };
         let seq = Sequence::new(id, spec, block_size);
         tracing::debug!(request_id = %id, prompt_tokens = usage.prompt_tokens, "admitted to queue");
@@ -267,6 +271,7 @@ impl EngineCore {
             reply,
             sampler: SamplerState::new(req.params),
             constraint: req.constraint,
+            embedding: req.embed.map(Pooled::new),
             usage,
             arrived_at: Instant::now(),
             first_scheduled_at: None,
@@ -357,17 +362,23 @@ impl EngineCore {
 
     fn step(&mut self) -> Result<(), EngineError> {
         let mut clock = PhaseClock::new(self.metrics.clone());
-        let out = self.scheduler.schedule();
+        let mut out = self.scheduler.schedule();
         if out.seqs.is_empty() {
             return Ok(());
         }
         self.step_ids = out.seqs.iter().map(|s| s.id).collect();
         self.stats.peak_batch_seqs.fetch_max(out.seqs.len(), Ordering::Relaxed);
         self.announce_scheduled(&out);
+        self.restart_preempted_pools(&out.preempted);
+        let pools = PoolPlan::new(&mut out, |id| {
+            self.scheduler
+                .entry(id)
+                .and_then(|(_, r)| r.embedding.as_ref().map(Pooled::pooling))
+        });
         clock.lap("schedule");
         let batch = HostBatch::build(&out, &self.scheduler);
         clock.lap("prepare");
-        let logits = self.forward(batch)?;
+        let (logits, hidden) = self.forward(batch, &pools.hidden_rows)?;
         clock.lap("forward");
         let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
         let (masks, broken) = self.constraint_masks(&ids);
@@ -376,19 +387,68 @@ impl EngineCore {
         let results = self.scheduler.update(&out, &sampled);
         self.emit(results, logprobs);
         self.follow_constraints(&ids, &sampled, broken);
+        if let Some(hidden) = hidden {
+            self.pool(&pools, &hidden)?;
+        }
         clock.lap("update");
         self.step_ids.clear();
         Ok(())
     }
 
-    /// The step's logits: replayed from a CUDA graph where one applies, else an eager forward.
-    fn forward(&mut self, batch: HostBatch) -> candle_core::Result<candle_core::Tensor> {
+    /// The step's logits: replayed from a CUDA graph where one applies, else an eager forward;
+    /// with the final hidden states of `hidden_rows` when there are any (embeddings).
+    fn forward(
+        &mut self,
+        batch: HostBatch,
+        hidden_rows: &[u32],
+    ) -> candle_core::Result<(candle_core::Tensor, Option<candle_core::Tensor>)> {
+        if !hidden_rows.is_empty() {
+            let rows = candle_core::Tensor::from_slice(hidden_rows, hidden_rows.len(), &self.device)?;
+            let batch = batch.upload(&self.device)?;
+            let (logits, hidden) = self.model.forward_hidden(&batch, &rows, &mut self.kv)?;
+            return Ok((logits, Some(hidden)));
+        }
         if let Some(graphs) = &mut self.graphs {
             if let Some(logits) = graphs.forward(self.model.as_ref(), &batch, &mut self.kv)? {
-                return Ok(logits);
+                return Ok((logits, None));
             }
         }
-        self.model.forward(&batch.upload(&self.device)?, &mut self.kv)
+        Ok((self.model.forward(&batch.upload(&self.device)?, &mut self.kv)?, None))
+    }
+
+    /// Adds each embedding sequence's rows of `hidden` to its pool; a sequence whose prompt is
+    /// done gets its vector and finishes.
+    fn pool(&mut self, plan: &PoolPlan, hidden: &candle_core::Tensor) -> Result<(), EngineError> {
+        let rows = hidden.to_vec2::<f32>()?;
+        let now = Instant::now();
+        for part in &plan.parts {
+            let Some((_, req)) = self.scheduler.entry_mut(part.id) else {
+                continue;
+            };
+            let Some(pool) = req.embedding.as_mut() else {
+                continue;
+            };
+            pool.add(rows[part.rows.clone()].iter().map(Vec::as_slice));
+            if !part.last_step {
+                continue;
+            }
+            let vector = pool.vector();
+            req.first_token_at = Some(now);
+            let _ = req.reply.send(TokenEvent::Embedding(vector));
+            if let Some((_, req)) = self.scheduler.abort(part.id) {
+                self.finish(part.id, req, FinishReason::Stop, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Preempted embeddings are recomputed from their first token: their pools start over.
+    fn restart_preempted_pools(&mut self, preempted: &[RequestId]) {
+        for &id in preempted {
+            if let Some(pool) = self.scheduler.entry_mut(id).and_then(|(_, r)| r.embedding.as_mut()) {
+                pool.reset();
+            }
+        }
     }
 
     /// One token per sampling sequence of `out`, from `logits` (`[S, vocab]`, one row each).
@@ -400,6 +460,9 @@ impl EngineCore {
         mut masks: Vec<Option<Vec<u32>>>,
         logits: &candle_core::Tensor,
     ) -> Result<(Vec<u32>, Vec<Option<super::output::Logprobs>>), EngineError> {
+        if ids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         if models::runs_kernels(logits.device()) {
             return self.sample_on_device(ids, masks, logits);
         }

@@ -12,6 +12,7 @@ pub mod error;
 mod graphs;
 pub mod metrics;
 pub mod output;
+mod pooling;
 pub mod sampler;
 
 use std::path::PathBuf;

@@ -36,6 +36,8 @@ pub enum TokenEvent {
         /// Present when the request asked for logprobs.
         logprobs: Option<Logprobs>,
     },
+    /// An embedding request's vector (L2-normalised), sent just before `Finished`.
+    Embedding(Vec<f32>),
     /// The sequence ended normally; no further events follow.
     Finished {
         /// Why it ended.

@@ -369,8 +369,56 @@ impl Model for Decoder {
     }
 
     fn forward(&self, batch: &BatchInput, kv: &mut PagedKvCache) -> Result<Tensor> {
-        // 1) embed every scheduled token, 2) per-forward rope rows and attention metadata,
-        // 3) decoder layers, 4) final norm and lm_head on the sampling rows only.
+        let residual = self.layers_forward(batch, kv)?;
+        self.head(&residual, &batch.logits_rows)
+    }
+
+    fn forward_hidden(
+        &self,
+        batch: &BatchInput,
+        hidden_rows: &Tensor,
+        kv: &mut PagedKvCache,
+    ) -> Result<(Tensor, Tensor)> {
+        let residual = self.layers_forward(batch, kv)?;
+        let hidden = residual.normed(&self.norm, hidden_rows)?.to_dtype(DType::F32)?;
+        Ok((self.head(&residual, &batch.logits_rows)?, hidden))
+    }
+}
+
+/// The residual stream after the last layer: `x` plus the last layer's pending `delta` (the
+/// add is fused into the final norm).
+struct Residual {
+    x: Tensor,
+    delta: Option<Tensor>,
+}
+
+impl Residual {
+    /// Final-normed hidden states of `rows`.
+    fn normed(&self, norm: &RmsNorm, rows: &Tensor) -> Result<Tensor> {
+        let pick = |t: &Tensor| t.index_select(rows, 0);
+        let delta = self.delta.as_ref().map(pick).transpose()?;
+        let (_, x) = norm.add_forward(&pick(&self.x)?, delta.as_ref())?;
+        Ok(x)
+    }
+}
+
+impl Decoder {
+    /// Final norm and lm_head on the sampling rows only (none: an empty `[0, vocab]`).
+    fn head(&self, residual: &Residual, rows: &Tensor) -> Result<Tensor> {
+        if rows.dim(0)? == 0 {
+            return Tensor::zeros((0, self.config.vocab_size), DType::F32, residual.x.device());
+        }
+        let x = residual.normed(&self.norm, rows)?;
+        let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        if let Some(cap) = self.final_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
+    /// 1) embeds every scheduled token, 2) per-forward rope rows and attention metadata,
+    /// 3) the decoder layers.
+    fn layers_forward(&self, batch: &BatchInput, kv: &mut PagedKvCache) -> Result<Residual> {
         let mut x = self.embed_tokens.forward(&batch.token_ids)?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
@@ -388,13 +436,6 @@ impl Model for Decoder {
             let (next, h) = layer.forward(&x, delta.as_ref(), rope, layer_kv, &meta)?;
             (x, delta) = (next, Some(h));
         }
-        let rows = |t: &Tensor| t.index_select(&batch.logits_rows, 0);
-        let delta = delta.as_ref().map(rows).transpose()?;
-        let (_, x) = self.norm.add_forward(&rows(&x)?, delta.as_ref())?;
-        let mut logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
-        if let Some(cap) = self.final_softcap {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
-        Ok(logits)
+        Ok(Residual { x, delta })
     }
 }

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod llama;
 pub mod paged_kv;
 pub mod phi3;
+pub mod pooling;
 pub mod quant;
 pub mod source;
 pub mod weights;
@@ -64,6 +65,8 @@ pub enum LoadError {
 pub struct ModelConfig {
     /// `architectures[0]` from config.json, e.g. `LlamaForCausalLM`.
     pub architecture: String,
+    /// Width of the hidden states (the size of an embedding).
+    pub hidden_size: usize,
     /// Decoder layers (each keeps KV).
     pub num_layers: usize,
     /// KV heads per layer.
@@ -95,6 +98,18 @@ pub trait Model: Send {
     /// Runs all tokens of `batch`, writing their K/V into `kv`; returns `[S, vocab]` f32
     /// logits for the rows in `batch.logits_rows`.
     fn forward(&self, batch: &BatchInput, kv: &mut PagedKvCache) -> candle_core::Result<Tensor>;
+
+    /// Like `forward`, and also the final hidden states (after the last norm, f32) of the rows
+    /// in `hidden_rows` (`[H]` u32): what embeddings are pooled from.
+    fn forward_hidden(
+        &self,
+        batch: &BatchInput,
+        hidden_rows: &Tensor,
+        kv: &mut PagedKvCache,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let _ = (batch, hidden_rows, kv);
+        Err(candle_core::Error::Msg("this model does not give hidden states".into()))
+    }
 }
 
 /// Reports load progress (a terminal bar when stderr is a TTY, nothing otherwise).
@@ -234,6 +249,7 @@ fn model_config(
             .cloned()
             .or_else(|| cfg.model_type.clone())
             .unwrap_or_default(),
+        hidden_size: cfg.hidden_size,
         num_layers: cfg.num_hidden_layers,
         num_kv_heads: cfg.num_kv_heads(),
         head_dim: cfg.head_dim(),

@@ -6,6 +6,7 @@
 //! Owner: built on a tokio worker (or `mlxd run`'s task) and moved into the engine by value.
 //! Nothing here knows about HTTP or wire formats; each API maps `Field` to its own names.
 
+mod embedding;
 mod sampling;
 mod spec;
 mod validate;
@@ -13,6 +14,7 @@ mod validate;
 use std::fmt;
 use std::time::Duration;
 
+pub use embedding::{validate_embedding, EmbeddingSpec, Pooling};
 pub use sampling::SamplingParams;
 pub use spec::{Field, GenerationSpec, MaxTokens, Prompt};
 pub use validate::{validate, RequestError, RequestLimits, RequestParts, ValidatedRequest};

@@ -108,6 +108,8 @@ pub enum Field {
     Tools,
     /// What the model may do with them.
     ToolChoice,
+    /// An embedding request's input.
+    Input,
 }
 
 impl Field {
@@ -131,6 +133,7 @@ impl Field {
             Field::ResponseFormat => "response_format",
             Field::Tools => "tools",
             Field::ToolChoice => "tool_choice",
+            Field::Input => "input",
         }
     }
 
@@ -154,6 +157,7 @@ impl Field {
             Field::ResponseFormat => "format",
             Field::Tools => "tools",
             Field::ToolChoice => "tools",
+            Field::Input => "input",
         }
     }
 }

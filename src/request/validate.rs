@@ -109,9 +109,16 @@ pub struct RequestParts {
     pub constraint: Option<Constraint>,
     /// How the reply is read (thoughts, tool calls); the default for plain text prompts.
     pub reply: ReplyPlan,
+    /// An embedding request: prefill only, the hidden states pooled this way.
+    pub embed: Option<super::Pooling>,
 }
 
 impl ValidatedRequest {
+    /// Wraps parts checked by one of this module's validations.
+    pub(super) fn from_parts(parts: RequestParts) -> Self {
+        Self { parts }
+    }
+
     /// Prompt token ids.
     pub fn prompt(&self) -> &[u32] {
         &self.parts.prompt
@@ -190,6 +197,7 @@ pub fn validate(
             stop_strings,
             constraint,
             reply,
+            embed: None,
         },
     })
 }

@@ -148,6 +148,11 @@ impl<T> Scheduler<T> {
         self.seqs.get(&id).map(|e| &e.seq)
     }
 
+    /// A live sequence together with its payload.
+    pub fn entry(&self, id: RequestId) -> Option<(&Sequence, &T)> {
+        self.seqs.get(&id).map(|e| (&e.seq, &e.data))
+    }
+
     /// A live sequence together with its payload, mutable.
     pub fn entry_mut(&mut self, id: RequestId) -> Option<(&Sequence, &mut T)> {
         self.seqs.get_mut(&id).map(|e| (&e.seq, &mut e.data))
@@ -217,7 +222,10 @@ impl<T> Scheduler<T> {
                 break;
             };
             let seq = &self.seqs[&id].seq;
-            let cached = self.blocks.find_cached_prefix(&seq.block_hashes, seq.tokens.len());
+            let cached = match seq.reuse_cached_prefix {
+                true => self.blocks.find_cached_prefix(&seq.block_hashes, seq.tokens.len()),
+                false => Vec::new(),
+            };
             let num_computed = cached.len() * self.blocks.block_size();
             let num_new = (seq.tokens.len() - num_computed).min(*budget);
             let num_total = num_computed + num_new;

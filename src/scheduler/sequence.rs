@@ -29,6 +29,9 @@ pub struct Sequence {
     pub block_hashes: Vec<BlockHash>,
     /// Salt folded into the first block hash (isolates caches of different models/tenants).
     pub cache_salt: u64,
+    /// Whether KV found in the prefix cache may stand in for computing the prompt (not for
+    /// embeddings that need every token's hidden state).
+    pub reuse_cached_prefix: bool,
 }
 
 /// What a new sequence is made of.
@@ -42,6 +45,8 @@ pub struct SequenceSpec {
     pub stop_tokens: Vec<u32>,
     /// Salt of the first block hash.
     pub cache_salt: u64,
+    /// See `Sequence::reuse_cached_prefix`.
+    pub reuse_cached_prefix: bool,
 }
 
 impl Sequence {
@@ -59,6 +64,7 @@ impl Sequence {
             stop_tokens: spec.stop_tokens,
             block_hashes,
             cache_salt: spec.cache_salt,
+            reuse_cached_prefix: spec.reuse_cached_prefix,
         }
     }
 

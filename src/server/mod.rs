@@ -29,8 +29,8 @@ use utoipa_axum::routes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::EngineHandle;
-use crate::output::TextStream;
-use crate::request::{GenerationSpec, RequestError, RequestLimits, ValidatedRequest};
+use crate::output::{Embedding, TextStream};
+use crate::request::{EmbeddingSpec, GenerationSpec, Pooling, RequestError, RequestLimits, ValidatedRequest};
 use crate::text::{ReasoningMode, TextCodec};
 use error::ApiError;
 
@@ -51,6 +51,8 @@ pub struct AppState {
     pub limits: Arc<RequestLimits>,
     /// What happens to a thinking model's thoughts unless a request says otherwise.
     pub reasoning: ReasoningMode,
+    /// How embeddings are pooled (the model's declaration, or the server's override).
+    pub pooling: Pooling,
     /// One permit per request running or queued; none left means 429.
     admission: Arc<Semaphore>,
     /// Set once shutdown began: new generations get 503.
@@ -92,6 +94,7 @@ impl AppState {
             created: openai::unix_now(),
             fingerprint,
             reasoning: ReasoningMode::default(),
+            pooling: Pooling::default(),
             admission: Arc::new(Semaphore::new(admission_limit)),
             draining: Arc::new(AtomicBool::new(false)),
         }
@@ -128,6 +131,36 @@ impl AppState {
         }
     }
 
+    /// Validates the inputs of one embedding request (the embedding twin of `validate`).
+    pub async fn validate_embeddings(&self, specs: Vec<EmbeddingSpec>) -> Result<Vec<ValidatedRequest>, RequestError> {
+        let codec = self.codec.clone();
+        let limits = self.limits.clone();
+        let check = move || {
+            specs
+                .into_iter()
+                .map(|spec| crate::request::validate_embedding(spec, &codec, &limits))
+                .collect()
+        };
+        match tokio::task::spawn_blocking(check).await {
+            Ok(result) => result,
+            Err(e) => Err(RequestError::Invalid {
+                field: crate::request::Field::Input,
+                message: format!("could not be prepared: {e}"),
+            }),
+        }
+    }
+
+    /// Admits every input of an embedding request at once (or none: 429) and waits for all
+    /// their vectors; the engine batches them together.
+    pub async fn embed(&self, requests: Vec<ValidatedRequest>) -> Result<Vec<Embedding>, ApiError> {
+        let permits = requests.iter().map(|_| self.admit()).collect::<Result<Vec<_>, _>>()?;
+        let jobs = requests
+            .into_iter()
+            .zip(permits)
+            .map(|(request, permit)| crate::output::embed(&self.engine, request, permit));
+        Ok(futures::future::try_join_all(jobs).await?)
+    }
+
     /// Admits and submits a validated request: the one path from a handler to a `TextStream`.
     pub fn generate(&self, request: ValidatedRequest) -> Result<TextStream, ApiError> {
         let permit = self.admit()?;
@@ -151,11 +184,14 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base())
         .routes(routes!(openai::chat::chat_completions))
         .routes(routes!(openai::completions::completions))
+        .routes(routes!(openai::embeddings::embeddings))
         .routes(routes!(openai::models::list_models))
         .routes(routes!(openai::tokenize::tokenize))
         .routes(routes!(openai::tokenize::detokenize))
         .routes(routes!(ollama::generate::generate))
         .routes(routes!(ollama::chat::chat))
+        .routes(routes!(ollama::embed::embed))
+        .routes(routes!(ollama::embed::embeddings))
         .routes(routes!(ollama::models::tags))
         .routes(routes!(ollama::models::show))
         .routes(routes!(ollama::models::ps))

@@ -33,8 +33,17 @@ use super::ollama::error::OllamaErrorBody;
 )]
 pub struct ApiDoc;
 
-/// Routes that generate text: they can also be refused for capacity (429) or shutdown (503).
-const GENERATION_ROUTES: [&str; 4] = ["/v1/chat/completions", "/v1/completions", "/api/generate", "/api/chat"];
+/// Routes that run on the engine (generation, embeddings): they can also be refused for
+/// capacity (429) or shutdown (503).
+const ENGINE_ROUTES: [&str; 7] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/api/generate",
+    "/api/chat",
+    "/api/embed",
+    "/api/embeddings",
+];
 
 /// The base document, before the routes add their paths.
 pub fn base() -> OpenApi {
@@ -44,7 +53,7 @@ pub fn base() -> OpenApi {
 /// Adds the shared error answers to every operation of `doc`.
 fn with_error_responses(mut doc: OpenApi) -> OpenApi {
     for (path, item) in doc.paths.paths.iter_mut() {
-        let generates = GENERATION_ROUTES.contains(&path.as_str());
+        let generates = ENGINE_ROUTES.contains(&path.as_str());
         let schema = if path.starts_with("/api/") {
             "OllamaErrorBody"
         } else {

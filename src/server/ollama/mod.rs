@@ -1,10 +1,11 @@
-//! Ollama-compatible routes: `/api/generate`, `/api/chat`, `/api/tags`, `/api/show`,
-//! `/api/ps`, `/api/version` and the `/` liveness probe, with Ollama's NDJSON streaming and
-//! `{"error": "..."}` bodies; `/api/pull`, `push`, `create`, `copy` and `delete` answer what
+//! Ollama-compatible routes: `/api/generate`, `/api/chat`, `/api/embed`, `/api/embeddings`,
+//! `/api/tags`, `/api/show`, `/api/ps`, `/api/version` and the `/` liveness probe, with
+//! Ollama's NDJSON streaming and `{"error": "..."}` bodies; `/api/pull`, `push`, `create`, `copy` and `delete` answer what
 //! mlxd does instead. Each job has its file: wire types, `options` conversion, errors,
 //! replies, and one file per route group.
 
 pub mod chat;
+pub mod embed;
 pub mod error;
 pub mod generate;
 pub mod models;

@@ -21,7 +21,7 @@ const DEFAULT_REPEAT_LAST_N: usize = 64;
 
 /// Options that tune Ollama's runtime on its hardware (threads, GPU layers, memory mapping);
 /// mlxd sizes those itself, so they change nothing here.
-const HARDWARE_OPTIONS: [&str; 9] = [
+pub const HARDWARE_OPTIONS: [&str; 9] = [
     "num_batch",
     "num_gpu",
     "main_gpu",
