@@ -1,4 +1,4 @@
-//! Output constraints (a JSON object, a JSON schema) compiled against the model's tokenizer
+//! Output constraints (a JSON object, a JSON schema, a Lark grammar) compiled against the model's tokenizer
 //! with llguidance, the grammar engine llama.cpp and vLLM use. A `Constraint` is one request's
 //! matcher: it names the tokens that may come next (a bitmask the samplers apply before they
 //! choose) and follows every token chosen, so the output always parses and validates.
@@ -6,8 +6,8 @@
 //! A grammar bounds what is valid, not how long it takes: a weak model can stay inside an
 //! unbounded string until `max_tokens`. So when the budget runs low the mask narrows to the
 //! allowed tokens that close JSON — inside a string a `"` (with closers after it), elsewhere
-//! `}` / `]`, then `,` `:` and the shortest literals — falling back to the whole mask where
-//! none is allowed, so outputs end complete instead of cut.
+//! `}` / `]`, then `,` `:`, then nonzero digits, then the shortest literals — falling back to
+//! the whole mask where none is allowed, so outputs end complete instead of cut.
 
 use std::sync::{Arc, OnceLock};
 
@@ -64,9 +64,10 @@ struct ClosingTiers {
     /// Inside a string: `"` followed only by `}`, `]`, `,`.
     in_string: Vec<u32>,
     /// Elsewhere: only `}`, `]` or end of sequence (a complete value, such as a number, may
-    /// simply end); then also `,`, `:`, spaces or a shortest literal (`0`, `true`, `false`,
-    /// `null`, `""`, `[]`, `{}`).
-    outside: [Vec<u32>; 2],
+    /// simply end); then `,`, `:` or spaces; then nonzero digits (a number that must still
+    /// grow, such as `0.000…` under `exclusiveMinimum: 0`, ends soonest with one); then a
+    /// shortest literal (`0`, `true`, `false`, `null`, `""`, `[]`, `{}`).
+    outside: [Vec<u32>; 4],
     bytes: Vec<Vec<u8>>,
 }
 
@@ -74,7 +75,7 @@ impl ClosingTiers {
     fn new(trie: &llguidance::toktrie::TokTrie) -> Self {
         let words = trie.vocab_size().div_ceil(32);
         let mut in_string = vec![0u32; words];
-        let mut outside = [vec![0u32; words], vec![0u32; words]];
+        let mut outside = [(); 4].map(|_| vec![0u32; words]);
         let mut all_bytes = Vec::with_capacity(trie.vocab_size());
         let eos = trie.eos_token_set();
         for t in 0..trie.vocab_size() as u32 {
@@ -90,8 +91,14 @@ impl ClosingTiers {
             if only(&bytes, b"}]") || eos.is_allowed(t) {
                 outside[0][word] |= bit;
             }
-            if only(&bytes, b"}],: ") || literal {
+            if only(&bytes, b"}],: ") {
                 outside[1][word] |= bit;
+            }
+            if only(&bytes, b"123456789") {
+                outside[2][word] |= bit;
+            }
+            if literal {
+                outside[3][word] |= bit;
             }
             all_bytes.push(bytes);
         }

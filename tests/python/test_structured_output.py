@@ -1,5 +1,5 @@
 """Structured output through the official `openai` and `ollama` packages: 50 generated JSON
-schemas (nested objects, bounded arrays, enums, integer ranges, optional fields, `$ref`,
+schemas (nested objects, bounded arrays, enums, integer and number ranges, optional fields, `$ref`,
 `anyOf`) at several temperatures and seeds all produce output that validates (`jsonschema`),
 and the SDK's `chat.completions.parse` with a Pydantic model returns a parsed object.
 
@@ -25,7 +25,7 @@ def client(server_url):
 
 
 def leaf(rng, bounded=True):
-    kind = rng.choice(["enum", "string", "integer", "boolean", "const"])
+    kind = rng.choice(["enum", "string", "integer", "number", "boolean", "const"])
     if kind == "enum":
         return {"enum": rng.sample(["red", "green", "blue", "cat", "dog", "x", "yes", "no"], rng.randint(1, 4))}
     if kind == "string":
@@ -35,6 +35,11 @@ def leaf(rng, bounded=True):
         if not bounded:
             return {"type": "integer", "minimum": lo}
         return {"type": "integer", "minimum": lo, "maximum": lo + rng.randint(0, 500)}
+    if kind == "number":
+        lo = round(rng.uniform(-10, 10), 2)
+        if not bounded:
+            return {"type": "number", "exclusiveMinimum": lo}
+        return {"type": "number", "minimum": lo, "maximum": round(lo + rng.uniform(0.01, 100), 2)}
     if kind == "const":
         return {"const": rng.choice(["fixed", 7, True])}
     return {"type": "boolean"}
