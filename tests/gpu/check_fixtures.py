@@ -271,6 +271,52 @@ def structured_output(name, server, sequences):
     return ok, f"{'PASS' if ok else 'FAIL'} {name}: 4 temperatures {'; '.join(bad)}"
 
 
+def post(server, path, body):
+    req = urllib.request.Request(server.base + path, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.load(r)
+
+
+def embeddings(name, server, refs):
+    """Every reference prompt embedded in one batched request and alone: mean-pooled final
+    hidden states within 1e-4 of transformers' (tests/data/embeddings)."""
+    names = list(refs)
+    batch = post(server, "/v1/embeddings", {"input": [refs[n]["ids"] for n in names]})["data"]
+    worst = 0.0
+    for n, d in zip(names, batch):
+        single = post(server, "/v1/embeddings", {"input": refs[n]["ids"]})["data"][0]["embedding"]
+        for got in (d["embedding"], single):
+            worst = max(worst, max(abs(a - b) for a, b in zip(got, refs[n]["mean"])))
+    ok = worst <= 1e-4
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: max |diff| {worst:.2e} over {len(names)} prompts, batched and alone"
+
+
+def forced_tool_calls(name, server, sequences):
+    """`tool_choice: required` on the GPU (the call's grammar masked by the device sampler):
+    a call of a given tool whose arguments follow its schema, at several temperatures."""
+    params = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["city", "days"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": params}}]
+    bad = []
+    for temperature, seed in [(0.0, 0), (0.8, 1), (1.2, 2)]:
+        body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": tools, "tool_choice": "required",
+                "temperature": temperature, "seed": seed, "max_tokens": 120}
+        choice = post(server, "/v1/chat/completions", body)["choices"][0]
+        try:
+            call = choice["message"]["tool_calls"][0]["function"]
+            args = json.loads(call["arguments"])
+            ok = (choice["finish_reason"] == "tool_calls" and call["name"] == "forecast" and set(args) == {"city", "days"}
+                  and len(args["city"]) <= 10 and 1 <= args["days"] <= 7)
+        except (KeyError, IndexError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            bad.append(f"t={temperature}: {json.dumps(choice)[:200]}")
+    ok = not bad
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: 3 temperatures {'; '.join(bad)}"
+
+
 def load(path):
     with open(path) as f:
         return json.load(f)
@@ -349,6 +395,13 @@ def main():
             check=lambda name, server, seqs, _tol: batch_invariance(name, server, seqs))
     run("qwen2 safetensors bf16 structured output", f"{fx}/qwen2/f32", ["--dtype", "bf16"], f32["sequences"], 0.0,
         check=lambda name, server, seqs, _tol: structured_output(name, server, seqs))
+    run("qwen3 safetensors bf16 forced tool calls", f"{fx}/qwen3/f32", ["--dtype", "bf16"], f32["sequences"], 0.0,
+        check=lambda name, server, seqs, _tol: forced_tool_calls(name, server, seqs))
+    here = os.path.dirname(os.path.abspath(__file__))
+    for arch in ARCHS:
+        refs = load(f"{here}/../data/embeddings/{arch}.json")["prompts"]
+        run(f"{arch} safetensors f32 embeddings", f"{fx}/{arch}/f32", ["--dtype", "f32"], refs, 0.0,
+            check=lambda name, server, refs, _tol: embeddings(name, server, refs))
     run("qwen2 safetensors f32 device sampler", f"{fx}/qwen2/f32", ["--dtype", "f32"],
         f32["sequences"], 0.0, check=lambda name, server, seqs, _tol: device_sampler(name, server, seqs))
     exact = os.environ.get("MLXD_CUDA_FORCE_DMMV") == "1"
