@@ -3,6 +3,7 @@
 mod common;
 
 use common::{ids, read_json, shared};
+use mlxd::text::tools::{ToolChoice, ToolSet, ToolSyntax};
 use mlxd::text::{ChatMessage, ChatPrompt, IncrementalDetokenizer, TextCodec};
 
 #[test]
@@ -114,4 +115,44 @@ fn served_family_tokenizers_pass_llama_cpp_test_vectors() {
             );
         }
     }
+}
+
+/// Phi-4-mini's template (as published with the model) reads the tool list from the system
+/// turn's `tools` field; its calls come back between `<|tool_call|>` markers.
+#[test]
+fn phi4_mini_templates_get_their_tools_on_the_system_turn() {
+    let template = "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}";
+    let dir = std::env::temp_dir().join(format!("mlxd-phi4-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json"] {
+        std::fs::copy(shared("fixtures/phi3/f32").join(f), dir.join(f)).expect("copy");
+    }
+    std::fs::write(dir.join("chat_template.jinja"), template).expect("template");
+    let codec = TextCodec::load(&dir, &[]).expect("codec");
+    assert_eq!(codec.tool_syntax(), ToolSyntax::Phi4);
+    let mut chat = ChatPrompt::new(vec![ChatMessage::new("user", "Weather?")]);
+    chat.tools = ToolSet {
+        tools: vec![
+            serde_json::json!({"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}),
+        ],
+        choice: ToolChoice::Auto,
+        parallel: true,
+    };
+    let rendered = codec.render_chat(&chat).expect("renders");
+    assert_eq!(
+        rendered,
+        "<|system|><|tool|>[{\"name\":\"get_weather\",\"parameters\":{\"type\":\"object\"}}]<|/tool|><|end|><|user|>Weather?<|end|><|assistant|>"
+    );
+    let plan = codec.reply_plan(&chat, &rendered);
+    let mut parser = mlxd::text::ReplyParser::new(&plan);
+    let mut calls = parser
+        .push("<|tool_call|>[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]<|/tool_call|>")
+        .tool_calls;
+    calls.extend(parser.finish().tool_calls);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(
+        (calls[0].name.as_str(), calls[0].arguments.as_str()),
+        ("get_weather", "{\"city\":\"Oslo\"}")
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -30,6 +30,10 @@ pub struct ChatMessage {
     /// A tool result's function name, or a participant's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The tool list as JSON text, on the system turn of templates that read it there
+    /// (Phi-4-mini's) instead of from the `tools` variable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<String>,
 }
 
 impl ChatMessage {
@@ -42,6 +46,7 @@ impl ChatMessage {
             tool_calls: None,
             tool_call_id: None,
             name: None,
+            tools: None,
         }
     }
 }

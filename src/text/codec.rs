@@ -5,7 +5,7 @@ use std::path::Path;
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
-use super::chat_template::{ChatPrompt, ChatTemplate, TemplateError};
+use super::chat_template::{ChatMessage, ChatPrompt, ChatTemplate, TemplateError};
 use super::grammar::{GrammarCompiler, OutputConstraint};
 use super::reasoning::ThinkTags;
 use super::reply::ReplyPlan;
@@ -212,6 +212,10 @@ impl TextCodec {
                 let messages = describe_tools_in_messages(&chat.messages, &chat.tools.tools);
                 template.render_with(&messages, true, &Json::Object(vars))
             }
+            ToolSyntax::Phi4 if reads_tools_from_messages(template.source()) => {
+                let messages = tools_on_system_turn(&chat.messages, &chat.tools.tools);
+                template.render_with(&messages, true, &Json::Object(vars))
+            }
             _ => {
                 vars.insert("tools".into(), Json::Array(chat.tools.tools.clone()));
                 template.render_with(&chat.messages, true, &Json::Object(vars))
@@ -269,6 +273,29 @@ impl TextCodec {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+}
+
+/// Whether a template takes the tool list from a message (`message['tools']`, Phi-4-mini)
+/// rather than from the `tools` variable.
+fn reads_tools_from_messages(source: &str) -> bool {
+    source.contains("message['tools']") || source.contains("message.tools")
+}
+
+/// `messages` with the function list as JSON text on the system turn (one is added first when
+/// there is none), as Phi-4-mini's template reads it.
+fn tools_on_system_turn(messages: &[ChatMessage], tools: &[Json]) -> Vec<ChatMessage> {
+    let functions: Vec<&Json> = tools.iter().map(|t| t.get("function").unwrap_or(t)).collect();
+    let listing = Json::from(functions.into_iter().cloned().collect::<Vec<_>>()).to_string();
+    let mut out = messages.to_vec();
+    match out.first_mut() {
+        Some(first) if first.role == "system" => first.tools = Some(listing),
+        _ => {
+            let mut system = ChatMessage::new("system", "");
+            system.tools = Some(listing);
+            out.insert(0, system);
+        }
+    }
+    out
 }
 
 /// The added tokens of `tokenizer` by text: id and whether it is special.

@@ -47,7 +47,7 @@ pub struct CommonFields {
     /// Model name (`name` or `name:tag`).
     #[serde(default)]
     pub model: String,
-    /// `"json"` or a JSON schema (structured output; not supported yet).
+    /// `"json"` or a JSON schema: the output is constrained to it.
     pub format: Option<Value>,
     /// Runtime options.
     pub options: Option<Value>,

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use super::choices::{self, check_n, named_by_id, total_usage};
 use super::types::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChatDelta, ChatMessageIn,
-    ChatMessageOut, FunctionCallDelta, FunctionCallOut, MessageContent, ToolCallDelta, ToolCallIn, ToolCallOut,
-    UsageOut,
+    ChatMessageOut, FunctionCallDelta, FunctionCallOut, MessageContent, Thought, ToolCallDelta, ToolCallIn,
+    ToolCallOut, UsageOut,
 };
 use super::{
     check_stream_options, json_event, new_id, reject_unknown, response_constraint, sampling_params, sse_response,
@@ -87,12 +87,10 @@ pub async fn chat_completions(
 
 /// The reply as a response message: content null when the reply is only tool calls.
 fn message_out(content: String, reasoning: String, calls: &[ToolCall]) -> ChatMessageOut {
-    let reasoning = (!reasoning.is_empty()).then_some(reasoning);
     ChatMessageOut {
         role: "assistant",
         content: (!content.is_empty() || calls.is_empty()).then_some(content),
-        reasoning_content: reasoning.clone(),
-        reasoning,
+        thought: Thought::of(reasoning),
         tool_calls: (!calls.is_empty()).then(|| {
             calls
                 .iter()
@@ -317,14 +315,11 @@ fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool, by
                 let logprobs = has_logprobs.then(|| logprobs_json(&named_by_id(&tokens, by_id)));
                 let only_calls =
                     text.is_empty() && reasoning.is_empty() && logprobs.is_none() && !tool_calls.is_empty();
-                let mut delta = ChatDelta {
+                let delta = ChatDelta {
                     content: (!text.is_empty() || reasoning.is_empty()).then_some(text),
+                    thought: Thought::of(reasoning),
                     ..Default::default()
                 };
-                if !reasoning.is_empty() {
-                    delta.reasoning_content = Some(reasoning.clone());
-                    delta.reasoning = Some(reasoning);
-                }
                 if !only_calls {
                     events.push(meta.delta(i, delta, logprobs, None));
                 }

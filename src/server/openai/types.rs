@@ -280,14 +280,36 @@ pub struct ChatMessageOut {
     /// The answer text; null when the reply is only tool calls.
     pub content: Option<String>,
     /// The model's thought, when it thinks and thoughts are kept separate.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reasoning_content: Option<String>,
-    /// The same (the newer name clients read).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reasoning: Option<String>,
+    #[serde(flatten)]
+    pub thought: Thought,
     /// The calls the model made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// Thought text under both names clients read: `reasoning_content` (vLLM, DeepSeek) and
+/// `reasoning` (newer clients); absent when there is none.
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct Thought {
+    /// The thought.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The same.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<String>,
+}
+
+impl Thought {
+    /// `text` under both names, or nothing when it is empty.
+    pub fn of(text: String) -> Self {
+        if text.is_empty() {
+            return Self::default();
+        }
+        Self {
+            reasoning_content: Some(text.clone()),
+            reasoning: Some(text),
+        }
+    }
 }
 
 /// A call the model made.
@@ -379,11 +401,8 @@ pub struct ChatDelta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
     /// New thought text.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reasoning_content: Option<String>,
-    /// The same (the newer name clients read).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reasoning: Option<String>,
+    #[serde(flatten)]
+    pub thought: Thought,
     /// Call pieces.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
