@@ -295,3 +295,13 @@ def test_ollama_think_gives_thinking(opening_thought):
     assert not off.message.thinking and off.message.content
     show = client.show("m")
     assert "thinking" in show.capabilities and "tools" in show.capabilities
+
+
+def test_reasoning_format_inline_keeps_the_thought_in_the_content(tmp_path_factory):
+    template = (SHARED / "tokenizers/chat_templates/deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja").read_text()
+    folder = model_with_template(tmp_path_factory.mktemp("inline"), "qwen3", template)
+    for url in _start(["--served-model-name", "m", "--reasoning-format", "inline"], model=folder):
+        r = ollama.Client(host=url).chat(model="m", messages=[{"role": "user", "content": "Hi"}], think=True,
+                                         options={"temperature": 0, "num_predict": 8})
+        assert not r.message.thinking
+        assert r.message.content.startswith("<think>"), r.message.content
