@@ -45,6 +45,18 @@ pub struct ServerConfig {
     pub reasoning_format: crate::text::ReasoningMode,
     /// How embeddings are pooled (None: what the model declares, else mean).
     pub pooling: Option<crate::request::Pooling>,
+    /// How long a model stays loaded after a request ("5m", "1h", seconds; negative: for
+    /// good; 0: unload when idle). Requests may set their own (`keep_alive`).
+    pub keep_alive: String,
+    /// Most models loaded at once; the least recently used idle one makes room (0: no limit).
+    pub max_loaded_models: usize,
+    /// A folder whose model folders and `.gguf` files can all be served.
+    pub models_dir: Option<PathBuf>,
+    /// The Ollama store to serve from (default: `OLLAMA_MODELS` or `~/.ollama/models`).
+    pub ollama_models: Option<PathBuf>,
+    /// The Hugging Face hub cache to serve from (default: `HF_HUB_CACHE`, `HF_HOME/hub` or
+    /// `~/.cache/huggingface/hub`).
+    pub hf_cache: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +74,11 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             reasoning_format: crate::text::ReasoningMode::Separate,
             pooling: None,
+            keep_alive: "5m".into(),
+            max_loaded_models: 3,
+            models_dir: None,
+            ollama_models: None,
+            hf_cache: None,
         }
     }
 }
@@ -159,9 +176,8 @@ impl Config {
 
     /// Checks every value once, after overlays.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.engine.model.is_none() {
-            return Err(ConfigError("no model given (--model PATH or [engine] model)".into()));
-        }
+        crate::server::registry::KeepAlive::parse(&serde_json::Value::String(self.server.keep_alive.clone()))
+            .map_err(|e| ConfigError(format!("keep_alive {e}")))?;
         self.engine
             .device
             .parse::<crate::device::DeviceChoice>()

@@ -1,9 +1,11 @@
 //! mlxd: a local LLM server speaking the OpenAI and Ollama HTTP APIs.
 //!
 //! `server` (async HTTP) → channels → `engine` (one OS thread owning the model, the KV memory
-//! and the `scheduler`). `models` hold the model families, `text` the tokenizer side.
+//! and the `scheduler`). `models` hold the model families, `text` the tokenizer side,
+//! `catalog` the models that can be served, by name.
 
 pub mod bench;
+pub mod catalog;
 pub mod config;
 pub mod device;
 pub mod engine;

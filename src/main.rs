@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use mlxd::catalog::{default_hf_cache, default_ollama_store, Catalog, CatalogEntry, Sources};
 use mlxd::config::{parse_kv_memory, Config};
 use mlxd::engine::{EngineConfig, EngineHandle};
 use mlxd::output::StreamItem;
 use mlxd::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use mlxd::server::auth::AccessOptions;
+use mlxd::server::registry::{KeepAlive, Loader, ModelRegistry, RegistryOptions, Served};
 use mlxd::server::{router, AppState, ConnectionTimeouts, ServerOptions};
 use mlxd::text::TextCodec;
 
@@ -26,12 +28,37 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve a model over HTTP (OpenAI-compatible routes under /v1).
-    Serve(ServeArgs),
+    /// Serve models over HTTP (OpenAI-compatible routes under /v1, Ollama's under /api).
+    Serve(Box<ServeArgs>),
     /// Generate one completion of PROMPT and stream it to the terminal.
     Run(RunArgs),
     /// Load-test a running server: concurrent streaming clients, TTFT/ITL/throughput table.
     Bench(BenchArgs),
+    /// List the models `serve` would offer (with the same flags) and where each comes from.
+    List(ListArgs),
+}
+
+/// Where `serve` and `list` find models besides `--model`.
+#[derive(Args, Debug)]
+struct CatalogArgs {
+    /// Serve every model folder and .gguf file in this folder too.
+    #[arg(long)]
+    models_dir: Option<PathBuf>,
+    /// The Ollama store [default: $OLLAMA_MODELS or ~/.ollama/models, when present].
+    #[arg(long)]
+    ollama_models: Option<PathBuf>,
+    /// The Hugging Face hub cache [default: $HF_HUB_CACHE, $HF_HOME/hub or
+    /// ~/.cache/huggingface/hub, when present].
+    #[arg(long)]
+    hf_cache: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    catalog: CatalogArgs,
 }
 
 #[derive(Args, Debug)]
@@ -72,10 +99,12 @@ struct BenchArgs {
 /// Options shared by every command that loads a model.
 #[derive(Args, Debug)]
 struct ModelArgs {
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json, ...) or a
-    /// .gguf file.
+    /// The model: a Hugging Face folder (config.json, model.safetensors, tokenizer.json, ...),
+    /// a .gguf file, a repository in the Hugging Face cache (`org/name`, `org/name@revision`)
+    /// or a name in the Ollama store (`qwen2.5:0.5b`). `serve` takes several; the first is
+    /// the default model and is loaded at start.
     #[arg(long, short = 'm')]
-    model: Option<PathBuf>,
+    model: Vec<String>,
     /// TOML configuration file (see config/mlxd.toml); flags override it.
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
@@ -151,6 +180,16 @@ struct ServeArgs {
     /// Browser origin allowed by CORS besides local ones (repeatable; `*` allows all).
     #[arg(long = "cors-origin")]
     cors_origins: Vec<String>,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+    /// How long a model stays loaded after a request: 5m, 1h, seconds; negative: for good;
+    /// 0: unload when idle (requests may set `keep_alive`) [default: 5m, as Ollama].
+    #[arg(long)]
+    keep_alive: Option<String>,
+    /// Most models loaded at once; the least recently used idle one is unloaded to make room
+    /// (0: no limit) [default: 3].
+    #[arg(long)]
+    max_loaded_models: Option<usize>,
     /// What happens to a thinking model's thoughts: separate (`reasoning_content` / Ollama's
     /// `thinking`), inline (left in the content) or drop [default: separate].
     #[arg(long, value_enum)]
@@ -184,7 +223,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     // `mlxd run` writes the generation to stdout; only warnings share the terminal with it.
     let default_filter = match cli.command {
-        Command::Run(_) => "warn",
+        Command::Run(_) | Command::List(_) => "warn",
         _ => "info,tower_http=warn",
     };
     tracing_subscriber::fmt()
@@ -196,9 +235,10 @@ fn main() -> Result<()> {
         .init();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Serve(args) => runtime.block_on(serve(*args)),
         Command::Run(args) => runtime.block_on(run(args)),
         Command::Bench(args) => runtime.block_on(bench(args)),
+        Command::List(args) => list(args),
     }
 }
 
@@ -233,8 +273,8 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
         None => Config::default(),
     };
     let e = &mut cfg.engine;
-    if let Some(m) = &args.model {
-        e.model = Some(m.clone());
+    if let Some(m) = args.model.first() {
+        e.model = Some(PathBuf::from(m));
     }
     if let Some(d) = &args.device {
         e.device = d.clone();
@@ -274,17 +314,19 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     Ok(cfg)
 }
 
-/// Starts the engine thread (loading the model) and loads the tokenizer side.
-fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
-    let model_path = cfg.engine.model.clone().context("no model given")?;
-    if !model_path.is_dir() && !mlxd::models::is_gguf(&model_path) {
+/// Starts the engine thread (loading the model at `model_path`) and loads the tokenizer side.
+fn start_engine(
+    cfg: &Config,
+    model_path: &Path,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
+    if !model_path.is_dir() && !mlxd::models::is_gguf(model_path) {
         bail!(
             "{}: not a model (expected a Hugging Face folder with config.json, or a .gguf file)",
             model_path.display()
         );
     }
     let engine_cfg = EngineConfig {
-        model_path: model_path.clone(),
+        model_path: model_path.to_path_buf(),
         device: cfg.engine.device.parse()?,
         dtype: mlxd::models::parse_dtype(&cfg.engine.dtype),
         kv_memory_bytes: parse_kv_memory(&cfg.engine.kv_memory)?,
@@ -300,19 +342,81 @@ fn start_engine(cfg: &Config) -> Result<(EngineHandle, std::thread::JoinHandle<(
             .then(|| std::time::Duration::from_secs_f64(cfg.scheduler.queue_timeout)),
     };
     let (engine, join) = EngineHandle::spawn(engine_cfg)?;
-    let codec = TextCodec::open(&model_path, &engine.info().model.eos_token_ids)?;
+    let codec = TextCodec::open(model_path, &engine.info().model.eos_token_ids)?;
     Ok((engine, join, Arc::new(codec)))
 }
 
-/// The name the APIs report: the folder's name, or a GGUF file's name without `.gguf`.
-fn model_name(path: &Path) -> String {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let name = if mlxd::models::is_gguf(&path) {
-        path.file_stem()
-    } else {
-        path.file_name()
+/// Where the catalog looks: `--model` values (else the config's model), `--models-dir`, the
+/// Ollama store and the Hugging Face cache (their defaults when not given).
+fn catalog_sources(cfg: &Config, models: &[String], args: &CatalogArgs) -> Sources {
+    let models = match models {
+        [] => cfg.engine.model.iter().map(|p| p.display().to_string()).collect(),
+        given => given.to_vec(),
     };
-    name.map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
+    Sources {
+        models,
+        served_name: cfg.server.served_model_name.clone(),
+        models_dir: args.models_dir.clone().or_else(|| cfg.server.models_dir.clone()),
+        ollama_store: args
+            .ollama_models
+            .clone()
+            .or_else(|| cfg.server.ollama_models.clone())
+            .or_else(default_ollama_store),
+        hf_cache: args
+            .hf_cache
+            .clone()
+            .or_else(|| cfg.server.hf_cache.clone())
+            .or_else(default_hf_cache),
+    }
+}
+
+/// Loads catalog entries for the registry: checks an Ollama blob's digest (once per process),
+/// starts its engine, picks its embedding pooling.
+fn model_loader(cfg: Config) -> Loader {
+    let verified = Arc::new(std::sync::Mutex::new(std::collections::HashSet::<String>::new()));
+    Arc::new(move |entry: &CatalogEntry| {
+        if let Some(ollama) = &entry.ollama {
+            let done = verified.lock().map(|v| v.contains(&ollama.digest)).unwrap_or(false);
+            if !done {
+                mlxd::catalog::verify_digest(&entry.path, &ollama.digest)?;
+                if let Ok(mut v) = verified.lock() {
+                    v.insert(ollama.digest.clone());
+                }
+            }
+        }
+        let (engine, join, codec) = start_engine(&cfg, &entry.path).map_err(|e| format!("{e:#}"))?;
+        let mut served = Served::new(entry.clone(), engine, codec, Some(join));
+        served.pooling = cfg
+            .server
+            .pooling
+            .or_else(|| mlxd::models::pooling::declared_pooling(&entry.path))
+            .unwrap_or_default();
+        let info = served.engine.info();
+        tracing::info!(
+            model = %entry.name,
+            architecture = %info.model.architecture,
+            device = %info.device,
+            dtype = ?info.model.dtype,
+            params = %mlxd::models::parameter_size(info.model.num_params),
+            kv_blocks = info.num_kv_blocks,
+            kv_memory_mib = info.kv_memory_bytes / (1 << 20),
+            max_model_len = info.max_model_len,
+            "loaded"
+        );
+        Ok(served)
+    })
+}
+
+fn list(args: ListArgs) -> Result<()> {
+    let cfg = load_config(&args.model)?;
+    let catalog =
+        Catalog::discover(&catalog_sources(&cfg, &args.model.model, &args.catalog)).map_err(anyhow::Error::msg)?;
+    let width = catalog.entries().iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
+    println!("{:width$}  {:12}  PATH", "NAME", "FROM");
+    for e in catalog.entries() {
+        println!("{:width$}  {:12}  {}", e.name, e.origin.as_str(), e.path.display());
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -344,6 +448,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if let Some(mode) = args.reasoning_format {
         cfg.server.reasoning_format = mode;
     }
+    if let Some(k) = args.keep_alive {
+        cfg.server.keep_alive = k;
+    }
+    if let Some(n) = args.max_loaded_models {
+        cfg.server.max_loaded_models = n;
+    }
     if args.pooling.is_some() {
         cfg.server.pooling = args.pooling;
     }
@@ -356,35 +466,35 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
-    let (engine, join, codec) = start_engine(&cfg)?;
-    let model_path = cfg.engine.model.clone().unwrap_or_default();
-    let name = cfg
-        .server
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| model_name(&model_path));
-    let info = engine.info().clone();
-    tracing::info!(
-        model = %name,
-        architecture = %info.model.architecture,
-        device = %info.device,
-        dtype = ?info.model.dtype,
-        params = %mlxd::models::parameter_size(info.model.num_params),
-        kv_blocks = info.num_kv_blocks,
-        kv_memory_mib = info.kv_memory_bytes / (1 << 20),
-        max_model_len = info.max_model_len,
-        max_batch_tokens = info.max_num_batched_tokens,
-        max_seqs = info.max_num_seqs,
-        "ready: listening on http://{local}"
-    );
+    let catalog =
+        Catalog::discover(&catalog_sources(&cfg, &args.model.model, &args.catalog)).map_err(anyhow::Error::msg)?;
+    if catalog.entries().is_empty() {
+        bail!("no model to serve: give --model PATH (or a Hugging Face / Ollama name), or --models-dir DIR");
+    }
+    let keep_alive = KeepAlive::parse(&serde_json::Value::String(cfg.server.keep_alive.clone()))
+        .map_err(|e| anyhow::anyhow!("--keep-alive {e}"))?;
+    let options = RegistryOptions {
+        max_loaded: cfg.server.max_loaded_models,
+        keep_alive,
+        wait_for_room: Duration::from_secs_f64(cfg.scheduler.queue_timeout.max(1.0)),
+    };
+    tracing::info!(models = catalog.entries().len(), "models that can be served");
+    let models = Arc::new(ModelRegistry::new(catalog, model_loader(cfg.clone()), options));
+    // The default model is loaded now: a model that cannot load fails the start, not a request.
+    let first = models.get(None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = first.engine.info().clone();
+    tracing::info!(model = %first.name(), "ready: listening on http://{local}");
+    drop(first);
     let admission_limit = info.max_num_seqs + cfg.scheduler.max_queue;
-    let mut state = AppState::new(engine.clone(), codec, name, admission_limit);
+    let mut state = AppState::with_models(models.clone(), admission_limit);
     state.reasoning = cfg.server.reasoning_format;
-    state.pooling = cfg
-        .server
-        .pooling
-        .or_else(|| mlxd::models::pooling::declared_pooling(&model_path))
-        .unwrap_or_default();
+    let reaper = models.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            reaper.reap();
+        }
+    });
     let read_timeout = Duration::from_secs_f64(cfg.server.read_timeout);
     let options = ServerOptions {
         max_body_bytes: cfg.max_body_bytes()?,
@@ -406,8 +516,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     mlxd::server::serve(listener, app, shutdown_signal(state, drain), timeouts)
         .await
         .context("server error")?;
-    engine.shutdown();
-    let _ = join.join();
+    tokio::task::spawn_blocking(move || models.unload_all()).await?;
     Ok(())
 }
 
@@ -476,7 +585,8 @@ async fn bench(args: BenchArgs) -> Result<()> {
 
 async fn run(args: RunArgs) -> Result<()> {
     let cfg = load_config(&args.model)?;
-    let (engine, join, codec) = start_engine(&cfg)?;
+    let path = cfg.engine.model.clone().context("no model given (--model PATH)")?;
+    let (engine, join, codec) = start_engine(&cfg, &path)?;
     let mut spec = GenerationSpec::new(Prompt::Text {
         text: args.prompt.clone(),
         add_special_tokens: true,

@@ -87,7 +87,8 @@ pub struct TextStream {
     /// A stop string matched; tokens that still arrive are past it and dropped.
     stopped: bool,
     done: bool,
-    _admission: Option<OwnedSemaphorePermit>,
+    /// What the request holds until it is dropped (its admission permit, its model lease).
+    _held: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl TextStream {
@@ -107,7 +108,7 @@ impl TextStream {
             scheduled: false,
             stopped: false,
             done: false,
-            _admission: None,
+            _held: None,
         }
     }
 
@@ -120,9 +121,10 @@ impl TextStream {
         self
     }
 
-    /// Keeps an admission permit until the stream is dropped (the request's server-side life).
-    pub fn holding(mut self, permit: OwnedSemaphorePermit) -> Self {
-        self._admission = Some(permit);
+    /// Keeps `guard` (an admission permit, a lease on the model) until the stream is dropped:
+    /// the request's server-side life.
+    pub fn holding(mut self, guard: impl Send + 'static) -> Self {
+        self._held = Some(Box::new(guard));
         self
     }
 

@@ -190,6 +190,53 @@ pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress)
     Ok(Box::new(model))
 }
 
+/// What a model is, read from its files without loading its weights (for listings).
+#[derive(Clone, Debug)]
+pub struct ModelSummary {
+    /// `architectures[0]` (or GGUF's architecture).
+    pub architecture: String,
+    /// The family (`model_type`).
+    pub model_type: String,
+    /// Parameters in the weight files.
+    pub num_params: usize,
+    /// Context length.
+    pub max_position_embeddings: usize,
+    /// Format, dtype, size, digest of the weights.
+    pub weights: weights::WeightsSummary,
+}
+
+/// Describes the model at `path` (a Hugging Face folder or a GGUF file) from its headers.
+pub fn describe(path: &Path) -> Result<ModelSummary, LoadError> {
+    let (cfg, num_params, weights) = if is_gguf(path) {
+        let store = gguf::GgufStore::open(path, DType::F32, &Device::Cpu)?;
+        let raw = store.hf_config()?;
+        let cfg: config::HfConfig = serde_json::from_value(raw).map_err(|e| LoadError::Malformed {
+            file: path.display().to_string(),
+            reason: format!("metadata does not describe a supported model: {e}"),
+        })?;
+        let summary = weights::WeightsSummary::of_gguf(path, &store).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        (cfg, store.num_params(), summary)
+    } else {
+        let config_path = path.join("config.json");
+        let text = read_text(&config_path, "model configuration")?;
+        let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
+        let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        let files = weights::WeightFiles::open(path, raw.get("quantization").filter(|q| q.is_object()))?;
+        let summary = files.summary(&text)?;
+        (cfg, files.num_params(), summary)
+    };
+    Ok(ModelSummary {
+        architecture: cfg.architectures.first().cloned().unwrap_or_default(),
+        model_type: cfg.model_type.clone().unwrap_or_else(|| "llama".into()),
+        num_params,
+        max_position_embeddings: cfg.max_position_embeddings,
+        weights,
+    })
+}
+
 /// True when tensors on `device` go through mlxd's own fused CUDA kernels (`models::cuda`)
 /// instead of chains of candle ops: a CUDA device in a `cuda` build.
 pub fn runs_kernels(device: &Device) -> bool {
@@ -198,7 +245,18 @@ pub fn runs_kernels(device: &Device) -> bool {
 
 /// True for a path that names a GGUF file.
 pub fn is_gguf(path: &Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    if !path.is_file() {
+        return false;
+    }
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return true;
+    }
+    // Ollama's blobs have no extension: the magic says.
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
 }
 
 fn load_gguf(path: &Path, device: &Device, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {

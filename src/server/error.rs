@@ -8,6 +8,8 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::registry::ModelError;
+use crate::catalog::NotFound;
 use crate::engine::EngineError;
 use crate::request::RequestError;
 
@@ -68,22 +70,38 @@ pub enum ApiError {
     /// The engine failed this request.
     #[error("{0}")]
     Engine(EngineError),
+    /// The named model exists but could not be loaded.
+    #[error("{0}")]
+    ModelLoadFailed(String),
+    /// The named model cannot be loaded now: every loaded model is busy.
+    #[error("{0}")]
+    ModelUnavailable(String),
+}
+
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::NotFound(miss) => Self::model_not_found(&miss),
+            e @ ModelError::Load { .. } => Self::ModelLoadFailed(e.to_string()),
+            e @ ModelError::NoRoom(_) => Self::ModelUnavailable(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {
-    /// A 404 for `name` that names the close matches among `served` (or all of them).
-    pub fn model_not_found(name: &str, served: &[&str]) -> Self {
-        let close: Vec<&str> = served
-            .iter()
-            .copied()
-            .filter(|m| strsim::normalized_levenshtein(&name.to_lowercase(), &m.to_lowercase()) >= 0.5)
-            .collect();
-        let hint = match close.as_slice() {
-            [] => format!("this server serves: {}", served.join(", ")),
-            close => format!("did you mean {}?", close.join(" or ")),
+    /// A 404 for a name no model has, naming the close matches (`mlxd list` shows them all).
+    pub fn model_not_found(miss: &NotFound) -> Self {
+        let hint = match (miss.close.as_slice(), miss.known.len()) {
+            ([], 0) => "this server has no models".to_string(),
+            ([], n) if n < 10 => format!("this server serves: {}", miss.known.join(", ")),
+            ([], _) => format!(
+                "this server serves {} and more (GET /v1/models lists them all)",
+                miss.known.join(", ")
+            ),
+            (close, _) => format!("did you mean {}?", close.join(" or ")),
         };
         Self::ModelNotFound {
-            name: name.to_string(),
+            name: miss.name.clone(),
             hint,
         }
     }
@@ -110,6 +128,8 @@ impl ApiError {
             Self::Engine(EngineError::QueueTimeout { .. }) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(EngineError::Unavailable) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ModelLoadFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ModelUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -158,6 +178,8 @@ impl ApiError {
             }
             Self::Engine(EngineError::QueueTimeout { .. }) => ("server_error", Some("queue_timeout"), None),
             Self::Engine(_) => ("server_error", Some("internal_error"), None),
+            Self::ModelLoadFailed(_) => ("server_error", Some("model_load_failed"), Some("model".to_string())),
+            Self::ModelUnavailable(_) => ("server_error", Some("model_unavailable"), Some("model".to_string())),
         };
         OpenAiErrorBody {
             error: OpenAiErrorDetail {

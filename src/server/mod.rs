@@ -8,6 +8,7 @@ pub mod listen;
 pub mod ollama;
 pub mod openai;
 pub mod openapi;
+pub mod registry;
 
 pub use listen::{serve, ConnectionTimeouts};
 
@@ -28,31 +29,23 @@ use utoipa_axum::routes;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::catalog::{CatalogEntry, Origin};
 use crate::engine::EngineHandle;
 use crate::output::{Embedding, TextStream};
-use crate::request::{EmbeddingSpec, GenerationSpec, Pooling, RequestError, RequestLimits, ValidatedRequest};
+use crate::request::{EmbeddingSpec, GenerationSpec, RequestError, ValidatedRequest};
 use crate::text::{ReasoningMode, TextCodec};
 use error::ApiError;
+use registry::{ModelLease, ModelRegistry, Served};
 
 /// Shared, read-only state of every handler.
 #[derive(Clone)]
 pub struct AppState {
-    /// The engine.
-    pub engine: EngineHandle,
-    /// Tokenizer and chat template of the served model.
-    pub codec: Arc<TextCodec>,
-    /// Name clients use for the model.
-    pub model_name: String,
-    /// Server start (Unix seconds), reported as the model's creation time.
+    /// The models that can be served and those loaded.
+    pub models: Arc<ModelRegistry>,
+    /// Server start (Unix seconds), reported as the models' creation time.
     pub created: i64,
-    /// `system_fingerprint` of responses: identifies the backend and dtype.
-    pub fingerprint: String,
-    /// What every request is validated against.
-    pub limits: Arc<RequestLimits>,
     /// What happens to a thinking model's thoughts unless a request says otherwise.
     pub reasoning: ReasoningMode,
-    /// How embeddings are pooled (the model's declaration, or the server's override).
-    pub pooling: Pooling,
     /// One permit per request running or queued; none left means 429.
     admission: Arc<Semaphore>,
     /// Set once shutdown began: new generations get 503.
@@ -81,23 +74,36 @@ impl Default for ServerOptions {
 }
 
 impl AppState {
-    /// State for a loaded engine and codec serving `model_name`, admitting at most
-    /// `admission_limit` requests at once (running plus queued).
+    /// State for one loaded engine and codec serving `model_name` (it never unloads),
+    /// admitting at most `admission_limit` requests at once (running plus queued).
     pub fn new(engine: EngineHandle, codec: Arc<TextCodec>, model_name: String, admission_limit: usize) -> Self {
-        let fingerprint = format!("mlxd-{}-{:?}", env!("CARGO_PKG_VERSION"), engine.info().model.dtype).to_lowercase();
-        let limits = Arc::new(engine.info().request_limits(codec.eos_ids()));
+        let entry = CatalogEntry {
+            name: model_name,
+            path: std::path::PathBuf::new(),
+            origin: Origin::Path,
+            ollama: None,
+        };
+        let served = Served::new(entry, engine, codec, None);
+        Self::with_models(Arc::new(ModelRegistry::pinned(served)), admission_limit)
+    }
+
+    /// State over a model registry.
+    pub fn with_models(models: Arc<ModelRegistry>, admission_limit: usize) -> Self {
         Self {
-            engine,
-            codec,
-            limits,
-            model_name,
+            models,
             created: openai::unix_now(),
-            fingerprint,
             reasoning: ReasoningMode::default(),
-            pooling: Pooling::default(),
             admission: Arc::new(Semaphore::new(admission_limit)),
             draining: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// The model a request names (absent or empty: the default one), loaded if need be.
+    pub async fn model(&self, name: Option<&str>) -> Result<ModelLease, ApiError> {
+        if self.draining.load(Ordering::Relaxed) {
+            return Err(ApiError::ShuttingDown);
+        }
+        Ok(self.models.get(name).await?)
     }
 
     /// Takes an admission slot for the lifetime of a generation, or fails at once when the
@@ -117,11 +123,11 @@ impl AppState {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    /// The one validation step, on a blocking thread (templating and tokenizing a long
-    /// conversation takes milliseconds).
-    pub async fn validate(&self, spec: GenerationSpec) -> Result<ValidatedRequest, RequestError> {
-        let codec = self.codec.clone();
-        let limits = self.limits.clone();
+    /// The one validation step, against `model`, on a blocking thread (templating and
+    /// tokenizing a long conversation takes milliseconds).
+    pub async fn validate(&self, model: &ModelLease, spec: GenerationSpec) -> Result<ValidatedRequest, RequestError> {
+        let codec = model.codec.clone();
+        let limits = model.limits.clone();
         match tokio::task::spawn_blocking(move || crate::request::validate(spec, &codec, &limits)).await {
             Ok(result) => result,
             Err(e) => Err(RequestError::Invalid {
@@ -132,9 +138,13 @@ impl AppState {
     }
 
     /// Validates the inputs of one embedding request (the embedding twin of `validate`).
-    pub async fn validate_embeddings(&self, specs: Vec<EmbeddingSpec>) -> Result<Vec<ValidatedRequest>, RequestError> {
-        let codec = self.codec.clone();
-        let limits = self.limits.clone();
+    pub async fn validate_embeddings(
+        &self,
+        model: &ModelLease,
+        specs: Vec<EmbeddingSpec>,
+    ) -> Result<Vec<ValidatedRequest>, RequestError> {
+        let codec = model.codec.clone();
+        let limits = model.limits.clone();
         let check = move || {
             specs
                 .into_iter()
@@ -152,30 +162,21 @@ impl AppState {
 
     /// Admits every input of an embedding request at once (or none: 429) and waits for all
     /// their vectors; the engine batches them together.
-    pub async fn embed(&self, requests: Vec<ValidatedRequest>) -> Result<Vec<Embedding>, ApiError> {
+    pub async fn embed(&self, model: &ModelLease, requests: Vec<ValidatedRequest>) -> Result<Vec<Embedding>, ApiError> {
         let permits = requests.iter().map(|_| self.admit()).collect::<Result<Vec<_>, _>>()?;
         let jobs = requests
             .into_iter()
             .zip(permits)
-            .map(|(request, permit)| crate::output::embed(&self.engine, request, permit));
+            .map(|(request, permit)| crate::output::embed(&model.engine, request, permit));
         Ok(futures::future::try_join_all(jobs).await?)
     }
 
     /// Admits and submits a validated request: the one path from a handler to a `TextStream`.
-    pub fn generate(&self, request: ValidatedRequest) -> Result<TextStream, ApiError> {
+    /// The stream holds its admission and its lease on the model until it is dropped.
+    pub fn generate(&self, model: &ModelLease, request: ValidatedRequest) -> Result<TextStream, ApiError> {
         let permit = self.admit()?;
-        let text = crate::output::generate(&self.engine, self.codec.clone(), request)?;
-        Ok(text.holding(permit))
-    }
-
-    /// Accepts the served name, with or without an Ollama-style `:latest` tag; an absent or
-    /// empty name means the served model.
-    pub fn check_model(&self, requested: Option<&str>) -> Result<(), ApiError> {
-        match requested {
-            None | Some("") => Ok(()),
-            Some(name) if name == self.model_name || name.strip_suffix(":latest") == Some(&self.model_name) => Ok(()),
-            Some(name) => Err(ApiError::model_not_found(name, &[&self.model_name])),
-        }
+        let text = crate::output::generate(&model.engine, model.codec.clone(), request)?;
+        Ok(text.holding((permit, model.clone())))
     }
 }
 
@@ -238,12 +239,12 @@ pub struct HealthResponse {
     pub status: &'static str,
 }
 
-/// 200 while the engine thread runs, 503 otherwise.
+/// 200 while every loaded model's engine thread runs, 503 otherwise.
 #[utoipa::path(get, path = "/health", tag = "operations", responses(
     (status = 200, description = "The engine serves", body = HealthResponse),
     (status = 503, description = "The engine cannot serve", body = HealthResponse)))]
 async fn health(State(state): State<AppState>) -> impl IntoResponse {
-    if state.engine.is_healthy() {
+    if state.models.loaded().iter().all(|m| m.engine.is_healthy()) {
         (StatusCode::OK, Json(HealthResponse { status: "ok" }))
     } else {
         (
@@ -259,7 +260,15 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state.engine.metrics().render(state.engine.stats());
+    // The default model's engine (the first of the catalog), else the first loaded one.
+    let loaded = state.models.loaded();
+    let default = state.models.catalog().entries().first().map(|e| e.name.clone());
+    let body = loaded
+        .iter()
+        .find(|m| Some(m.name()) == default.as_deref())
+        .or(loaded.first())
+        .map(|m| m.engine.metrics().render(m.engine.stats()))
+        .unwrap_or_default();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,

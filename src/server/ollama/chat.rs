@@ -25,14 +25,17 @@ pub async fn chat(
     State(state): State<AppState>,
     OllamaJson(req): OllamaJson<ChatRequest>,
 ) -> Result<Response, OllamaError> {
-    state.check_ollama_model(&req.common.model)?;
+    let model = state
+        .ollama_model(&req.common.model, req.common.keep_alive.as_ref())
+        .await?;
     let messages = to_template_messages(&req)?;
-    let chat = chat_prompt(messages, req.tools.clone().unwrap_or_default(), &req.common, &state)?;
-    let spec = to_spec(Prompt::Chat(chat), &req.common)?;
-    let reply = Reply::new(ReplyKind::Chat, &req.common.model, &state);
+    let mut chat = chat_prompt(messages, req.tools.clone().unwrap_or_default(), &req.common, &model)?;
+    chat.reasoning = state.reasoning;
+    let spec = to_spec(Prompt::Chat(chat), &req.common, &model)?;
+    let reply = Reply::new(ReplyKind::Chat, &req.common.model, model);
     if req.messages.is_empty() {
-        // Ollama's way to load a model: nothing to generate.
-        return Ok(reply.loaded());
+        // Ollama's way to load (or, with keep_alive 0, unload) a model: nothing to generate.
+        return Ok(reply.loaded(&state, req.common.keep_alive.as_ref()));
     }
     reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
 }

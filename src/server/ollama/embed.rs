@@ -13,6 +13,7 @@ use super::{OllamaError, OllamaJson};
 use crate::output::Embedding;
 use crate::request::{EmbeddingSpec, Prompt};
 use crate::server::openai::embeddings::{check_dimensions, shortened, MAX_INPUTS};
+use crate::server::registry::ModelLease;
 use crate::server::AppState;
 
 /// `input` of `/api/embed`: one text or several.
@@ -93,9 +94,9 @@ pub async fn embed(
     OllamaJson(req): OllamaJson<EmbedRequest>,
 ) -> Result<Json<EmbedResponse>, OllamaError> {
     let started = std::time::Instant::now();
-    state.check_ollama_model(&req.model)?;
+    let model = state.ollama_model(&req.model, req.keep_alive.as_ref()).await?;
     check_options(req.options.as_ref())?;
-    let hidden = state.engine.info().model.hidden_size;
+    let hidden = model.engine.info().model.hidden_size;
     let dimensions = check_dimensions(req.dimensions, hidden).map_err(OllamaError::bad_request)?;
     let texts = match req.input {
         EmbedInput::One(t) => vec![t],
@@ -117,7 +118,7 @@ pub async fn embed(
             texts.len()
         )));
     }
-    let vectors = run(&state, texts, req.truncate.unwrap_or(true)).await?;
+    let vectors = run(&state, &model, texts, req.truncate.unwrap_or(true)).await?;
     let load = started.elapsed();
     let usage = vectors.iter().fold(crate::request::Usage::default(), |mut u, e| {
         u.prompt_tokens += e.usage.prompt_tokens;
@@ -141,19 +142,24 @@ pub async fn embeddings(
     State(state): State<AppState>,
     OllamaJson(req): OllamaJson<EmbeddingsRequest>,
 ) -> Result<Json<EmbeddingsResponse>, OllamaError> {
-    state.check_ollama_model(&req.model)?;
+    let model = state.ollama_model(&req.model, req.keep_alive.as_ref()).await?;
     check_options(req.options.as_ref())?;
     if req.prompt.is_empty() {
         // Ollama answers an empty prompt with an empty vector (its way to load the model).
         return Ok(Json(EmbeddingsResponse { embedding: Vec::new() }));
     }
-    let mut vectors = run(&state, vec![req.prompt], true).await?;
+    let mut vectors = run(&state, &model, vec![req.prompt], true).await?;
     Ok(Json(EmbeddingsResponse {
         embedding: vectors.pop().map(|e| e.vector).unwrap_or_default(),
     }))
 }
 
-async fn run(state: &AppState, texts: Vec<String>, truncate: bool) -> Result<Vec<Embedding>, OllamaError> {
+async fn run(
+    state: &AppState,
+    model: &ModelLease,
+    texts: Vec<String>,
+    truncate: bool,
+) -> Result<Vec<Embedding>, OllamaError> {
     let specs = texts
         .into_iter()
         .map(|text| EmbeddingSpec {
@@ -162,11 +168,11 @@ async fn run(state: &AppState, texts: Vec<String>, truncate: bool) -> Result<Vec
                 add_special_tokens: true,
             },
             truncate,
-            pooling: state.pooling,
+            pooling: model.pooling,
         })
         .collect();
-    let requests = state.validate_embeddings(specs).await?;
-    Ok(state.embed(requests).await?)
+    let requests = state.validate_embeddings(model, specs).await?;
+    Ok(state.embed(model, requests).await?)
 }
 
 fn check_options(options: Option<&Value>) -> Result<(), OllamaError> {

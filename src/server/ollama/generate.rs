@@ -8,6 +8,7 @@ use super::reply::{Reply, ReplyKind};
 use super::types::{GenerateRequest, GenerateResponse};
 use super::{OllamaError, OllamaJson};
 use crate::request::Prompt;
+use crate::server::registry::ModelLease;
 use crate::server::AppState;
 use crate::text::ChatMessage;
 
@@ -22,7 +23,9 @@ pub async fn generate(
     State(state): State<AppState>,
     OllamaJson(req): OllamaJson<GenerateRequest>,
 ) -> Result<Response, OllamaError> {
-    state.check_ollama_model(&req.common.model)?;
+    let model = state
+        .ollama_model(&req.common.model, req.common.keep_alive.as_ref())
+        .await?;
     if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
         return Err(OllamaError::bad_request(
             "images are not supported: this model has no vision input",
@@ -40,11 +43,11 @@ pub async fn generate(
         ));
     }
     let context = req.context.clone().unwrap_or_default();
-    let mut spec = to_spec(prompt_of(&state, &req)?, &req.common)?;
-    let reply = Reply::new(ReplyKind::Generate, &req.common.model, &state);
+    let mut spec = to_spec(prompt_of(&state, &model, &req)?, &req.common, &model)?;
+    let reply = Reply::new(ReplyKind::Generate, &req.common.model, model);
     if req.prompt.is_empty() && context.is_empty() {
-        // Ollama's way to load a model: nothing to generate.
-        return Ok(reply.loaded());
+        // Ollama's way to load (or, with keep_alive 0, unload) a model: nothing to generate.
+        return Ok(reply.loaded(&state, req.common.keep_alive.as_ref()));
     }
     spec.context = context;
     reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
@@ -52,8 +55,8 @@ pub async fn generate(
 
 /// The new input: one templated user turn (after an optional system turn), read for thoughts
 /// like a chat reply; or the raw text.
-fn prompt_of(state: &AppState, req: &GenerateRequest) -> Result<Prompt, OllamaError> {
-    let templated = !req.raw && state.codec.chat_template_source().is_some();
+fn prompt_of(state: &AppState, model: &ModelLease, req: &GenerateRequest) -> Result<Prompt, OllamaError> {
+    let templated = !req.raw && model.codec.chat_template_source().is_some();
     if !templated {
         if req.common.think.as_ref().is_some_and(|t| !t.is_null()) {
             return Err(OllamaError::bad_request(
@@ -70,5 +73,7 @@ fn prompt_of(state: &AppState, req: &GenerateRequest) -> Result<Prompt, OllamaEr
         messages.push(ChatMessage::new("system", system.clone()));
     }
     messages.push(ChatMessage::new("user", req.prompt.clone()));
-    Ok(Prompt::Chat(chat_prompt(messages, Vec::new(), &req.common, state)?))
+    let mut chat = chat_prompt(messages, Vec::new(), &req.common, model)?;
+    chat.reasoning = state.reasoning;
+    Ok(Prompt::Chat(chat))
 }

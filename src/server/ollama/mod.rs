@@ -15,25 +15,43 @@ pub mod types;
 
 pub use error::{OllamaError, OllamaJson};
 
+use serde_json::Value;
+
+use super::registry::{KeepAlive, ModelLease};
 use super::AppState;
 
 impl AppState {
-    /// Ollama requests must name a model, and it must be this one (with or without a tag).
-    pub fn check_ollama_model(&self, model: &str) -> Result<(), OllamaError> {
-        if model.is_empty() {
+    /// The model an Ollama request names (it must name one), loaded if need be and kept for
+    /// the request's `keep_alive` (the server's default when absent).
+    pub async fn ollama_model(&self, name: &str, keep_alive: Option<&Value>) -> Result<ModelLease, OllamaError> {
+        if name.is_empty() {
             return Err(OllamaError::bad_request("model is required"));
         }
-        self.check_model(Some(model)).map_err(OllamaError)
+        let keep_alive = keep_alive
+            .filter(|v| !v.is_null())
+            .map(KeepAlive::parse)
+            .transpose()
+            .map_err(|e| OllamaError::bad_request(format!("keep_alive {e}")))?;
+        let model = self.model(Some(name)).await.map_err(OllamaError)?;
+        Ok(match keep_alive {
+            Some(k) => model.keeping(k),
+            None => model,
+        })
     }
+}
 
-    /// The name Ollama listings use: `name:latest`.
-    pub fn ollama_name(&self) -> String {
-        if self.model_name.contains(':') {
-            self.model_name.clone()
-        } else {
-            format!("{}:latest", self.model_name)
-        }
+/// The name Ollama listings use: `name:tag`, `:latest` when the name has no tag.
+pub fn ollama_name(name: &str) -> String {
+    if name.rsplit('/').next().is_some_and(|last| last.contains(':')) {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
     }
+}
+
+/// Whether a request's `keep_alive` asks to unload at once (`0`).
+pub fn unloads_now(keep_alive: Option<&Value>) -> bool {
+    keep_alive.is_some_and(|v| KeepAlive::parse(v) == Ok(KeepAlive::For(std::time::Duration::ZERO)))
 }
 
 /// Current time in RFC 3339 with nanoseconds, as Ollama's `created_at`.

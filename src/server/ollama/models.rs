@@ -7,16 +7,18 @@ use axum::Json;
 use serde_json::{json, Map};
 
 use super::error::OllamaErrorBody;
+use super::ollama_name;
 use super::types::{OllamaModelDetails, OllamaModelEntry, OllamaModelList, ShowRequest, ShowResponse, VersionResponse};
 use super::{OllamaError, OllamaJson};
-use crate::models::parameter_size;
+use crate::models::{parameter_size, ModelSummary};
+use crate::server::registry::Described;
 use crate::server::AppState;
 
 /// The Ollama API version mlxd follows, reported by `/api/version` for clients that gate
 /// features on it.
 pub const OLLAMA_API_VERSION: &str = "0.12.0";
 
-/// How long `/api/ps` says the model stays loaded: mlxd never unloads it.
+/// How far ahead `/api/ps` puts the expiry of a model kept loaded for good.
 const RESIDENT_FOR: jiff::SignedDuration = jiff::SignedDuration::from_hours(24 * 365 * 10);
 
 /// Ollama's (GGUF) architecture name for a Hugging Face `model_type`.
@@ -28,76 +30,93 @@ pub fn ollama_architecture(model_type: &str) -> &str {
     }
 }
 
-fn modified_at(state: &AppState) -> String {
-    state
-        .engine
-        .info()
-        .model
-        .weights
-        .modified
-        .and_then(|t| jiff::Timestamp::try_from(t).ok())
-        .unwrap_or_else(jiff::Timestamp::now)
-        .to_string()
-}
-
-fn details(state: &AppState) -> OllamaModelDetails {
-    let m = &state.engine.info().model;
-    let family = ollama_architecture(&m.model_type).to_string();
+fn details(summary: &ModelSummary) -> OllamaModelDetails {
+    let family = ollama_architecture(&summary.model_type).to_string();
     OllamaModelDetails {
         parent_model: String::new(),
-        format: m.weights.format.to_string(),
+        format: summary.weights.format.to_string(),
         families: vec![family.clone()],
         family,
-        parameter_size: parameter_size(m.num_params),
-        quantization_level: m.weights.dtype.clone(),
+        parameter_size: parameter_size(summary.num_params),
+        quantization_level: summary.weights.dtype.clone(),
     }
 }
 
-fn model_entry(state: &AppState) -> OllamaModelEntry {
-    let name = state.ollama_name();
-    let m = &state.engine.info().model;
+fn model_entry(d: &Described) -> OllamaModelEntry {
+    let name = ollama_name(&d.entry.name);
+    let w = &d.summary.weights;
     OllamaModelEntry {
         model: name.clone(),
         name,
-        modified_at: Some(modified_at(state)),
-        size: m.weights.num_bytes,
-        digest: m.weights.digest.clone(),
-        details: details(state),
+        modified_at: Some(
+            w.modified
+                .and_then(|t| jiff::Timestamp::try_from(t).ok())
+                .unwrap_or_else(jiff::Timestamp::now)
+                .to_string(),
+        ),
+        size: w.num_bytes,
+        digest: match &d.entry.ollama {
+            Some(o) => o.digest.clone(),
+            None => w.digest.clone(),
+        },
+        details: details(&d.summary),
         size_vram: None,
         expires_at: None,
         context_length: None,
     }
 }
 
-/// `GET /api/tags`: the served model.
+/// Every model's description (reads headers of the models not loaded: off the async threads).
+async fn described(state: &AppState) -> Vec<Described> {
+    let models = state.models.clone();
+    tokio::task::spawn_blocking(move || models.describe_all())
+        .await
+        .unwrap_or_default()
+}
+
+/// `GET /api/tags`: every model that can be served, loaded or not.
 #[utoipa::path(get, path = "/api/tags", tag = "ollama",
     responses((status = 200, description = "Models that can be served", body = OllamaModelList)))]
 pub async fn tags(State(state): State<AppState>) -> Json<OllamaModelList> {
     Json(OllamaModelList {
-        models: vec![model_entry(&state)],
+        models: described(&state).await.iter().map(model_entry).collect(),
     })
 }
 
-/// `GET /api/ps`: the (always) loaded model and the memory it holds.
+/// `GET /api/ps`: the loaded models, the memory they hold and when they unload.
 #[utoipa::path(get, path = "/api/ps", tag = "ollama",
     responses((status = 200, description = "Loaded models", body = OllamaModelList)))]
 pub async fn ps(State(state): State<AppState>) -> Json<OllamaModelList> {
-    let info = state.engine.info();
-    let expires = jiff::Timestamp::now()
-        .checked_add(RESIDENT_FOR)
-        .unwrap_or(jiff::Timestamp::MAX);
-    let entry = OllamaModelEntry {
-        modified_at: None,
-        size: info.model.weights.num_bytes + info.kv_memory_bytes,
-        size_vram: Some(0),
-        expires_at: Some(expires.to_string()),
-        context_length: Some(info.max_model_len),
-        ..model_entry(&state)
-    };
-    Json(OllamaModelList { models: vec![entry] })
+    let models = described(&state)
+        .await
+        .iter()
+        .filter_map(|d| {
+            let served = d.served.as_ref()?;
+            let info = served.engine.info();
+            let until = match served.expires_at() {
+                Some(t) => t.saturating_duration_since(std::time::Instant::now()),
+                None => RESIDENT_FOR.unsigned_abs(),
+            };
+            let expires = jiff::Timestamp::now()
+                .checked_add(jiff::SignedDuration::try_from(until).unwrap_or(RESIDENT_FOR))
+                .unwrap_or(jiff::Timestamp::MAX);
+            let on_gpu = !info.device.starts_with("cpu");
+            let size = info.model.weights.num_bytes + info.kv_memory_bytes;
+            Some(OllamaModelEntry {
+                modified_at: None,
+                size,
+                size_vram: Some(if on_gpu { size } else { 0 }),
+                expires_at: Some(expires.to_string()),
+                context_length: Some(info.max_model_len),
+                ..model_entry(d)
+            })
+        })
+        .collect();
+    Json(OllamaModelList { models })
 }
 
-/// `POST /api/show`: details, architecture facts, template, parameters, capabilities.
+/// `POST /api/show`: details, architecture facts, template, parameters, capabilities (the
+/// model is loaded to answer).
 #[utoipa::path(post, path = "/api/show", tag = "ollama", request_body = ShowRequest,
     responses((status = 200, description = "The model's details", body = ShowResponse)))]
 pub async fn show(
@@ -105,15 +124,15 @@ pub async fn show(
     OllamaJson(req): OllamaJson<ShowRequest>,
 ) -> Result<Json<ShowResponse>, OllamaError> {
     let name = req.model.or(req.name).unwrap_or_default();
-    state.check_ollama_model(&name)?;
-    let info = state.engine.info();
+    let model = state.ollama_model(&name, None).await?;
+    let info = model.engine.info();
     let m = &info.model;
     let arch = ollama_architecture(&m.model_type);
     let cfg = &m.hf_config;
     let mut model_info = Map::new();
     model_info.insert("general.architecture".into(), json!(arch));
     model_info.insert("general.parameter_count".into(), json!(m.num_params));
-    model_info.insert("general.basename".into(), json!(state.model_name));
+    model_info.insert("general.basename".into(), json!(model.name()));
     let facts = [
         ("context_length", json!(info.max_model_len)),
         ("embedding_length", cfg["hidden_size"].clone()),
@@ -132,32 +151,52 @@ pub async fn show(
             model_info.insert(format!("{arch}.{key}"), value);
         }
     }
-    let stop_words: Vec<String> = state
+    let stop_words: Vec<String> = model
         .limits
         .eos_token_ids
         .iter()
-        .map(|&id| state.codec.tokenizer().decode(&[id], false).unwrap_or_default())
+        .map(|&id| model.codec.tokenizer().decode(&[id], false).unwrap_or_default())
         .filter(|s| !s.is_empty())
         .collect();
-    let parameters: Vec<String> = stop_words.iter().map(|s| format!("stop {s:?}")).collect();
-    let template = state.codec.chat_template_source().unwrap_or_default();
+    let mut parameters: Vec<String> = stop_words.iter().map(|s| format!("stop {s:?}")).collect();
+    if let Some(o) = &model.entry.ollama {
+        parameters.extend(o.params.iter().map(|(k, v)| format!("{k} {v}")));
+    }
+    let template = model.codec.chat_template_source().unwrap_or_default();
+    let origin = match model.entry.ollama {
+        Some(_) => "# TEMPLATE: the GGUF's own chat template (Jinja); Ollama's Go template is not used\n",
+        None => "",
+    };
     let modelfile = format!(
-        "# Modelfile generated by mlxd\nFROM {}\nTEMPLATE \"\"\"{template}\"\"\"\n{}\n",
-        state.model_name,
+        "# Modelfile generated by mlxd\n{origin}FROM {}\nTEMPLATE \"\"\"{template}\"\"\"\n{}\n",
+        model.entry.path.display(),
         parameters
             .iter()
             .map(|p| format!("PARAMETER {p}"))
             .collect::<Vec<_>>()
             .join("\n")
     );
+    let summary = ModelSummary {
+        architecture: m.architecture.clone(),
+        model_type: m.model_type.clone(),
+        num_params: m.num_params,
+        max_position_embeddings: info.max_model_len,
+        weights: m.weights.clone(),
+    };
     Ok(Json(ShowResponse {
         modelfile,
         parameters: parameters.join("\n"),
         template: template.to_string(),
-        details: details(&state),
+        details: details(&summary),
         model_info,
         capabilities: capabilities(template),
-        modified_at: modified_at(&state),
+        modified_at: m
+            .weights
+            .modified
+            .and_then(|t| jiff::Timestamp::try_from(t).ok())
+            .unwrap_or_else(jiff::Timestamp::now)
+            .to_string(),
+        system: model.entry.ollama.as_ref().and_then(|o| o.system.clone()),
     }))
 }
 

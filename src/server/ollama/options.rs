@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::types::{CommonFields, Options};
 use super::OllamaError;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
-use crate::server::AppState;
+use crate::server::registry::ModelLease;
 use crate::text::reasoning::ThinkTags;
 use crate::text::tools::{ToolChoice, ToolSet};
 use crate::text::{ChatMessage, ChatPrompt, OutputConstraint};
@@ -44,10 +44,12 @@ const OFF_VALUES: [(&str, f64); 6] = [
     ("num_keep", -1.0),
 ];
 
-/// A spec for `prompt` with the request's `options` and shared fields applied.
-pub fn to_spec(prompt: Prompt, common: &CommonFields) -> Result<GenerationSpec, OllamaError> {
+/// A spec for `prompt` with the request's `options` and shared fields applied, over the
+/// model's own defaults (an Ollama manifest's parameters).
+pub fn to_spec(prompt: Prompt, common: &CommonFields, model: &ModelLease) -> Result<GenerationSpec, OllamaError> {
     reject_unsupported(common)?;
-    let opts = parse_options(common.options.as_ref())?;
+    let defaults = model.entry.ollama.as_ref().map(|o| &o.params);
+    let opts = parse_options(&with_model_defaults(common.options.as_ref(), defaults))?;
     let mut spec = GenerationSpec::new(prompt);
     spec.sampling = sampling(&opts);
     spec.max_tokens = match opts.num_predict {
@@ -87,17 +89,23 @@ fn output_constraint(format: Option<&Value>) -> Result<Option<OutputConstraint>,
 }
 
 /// A conversation with the request's tools and `think` applied (as template variables:
-/// `enable_thinking`, and `reasoning_effort` for a level). Thinking asked of a model whose
+/// `enable_thinking`, and `reasoning_effort` for a level), and the model's own system prompt
+/// (an Ollama manifest's) when the conversation has none. Thinking asked of a model whose
 /// template has no thoughts is refused, as Ollama refuses it.
 pub fn chat_prompt(
-    messages: Vec<ChatMessage>,
+    mut messages: Vec<ChatMessage>,
     tools: Vec<Value>,
     common: &CommonFields,
-    state: &AppState,
+    model: &ModelLease,
 ) -> Result<ChatPrompt, OllamaError> {
+    let system = model.entry.ollama.as_ref().and_then(|o| o.system.clone());
+    if let Some(system) = system.filter(|s| !s.is_empty()) {
+        if !messages.iter().any(|m| m.role == "system") {
+            messages.insert(0, ChatMessage::new("system", system));
+        }
+    }
     let mut chat = ChatPrompt::new(messages);
-    chat.reasoning = state.reasoning;
-    let thinks = ThinkTags::detect(state.codec.chat_template_source().unwrap_or_default()).is_some();
+    let thinks = ThinkTags::detect(model.codec.chat_template_source().unwrap_or_default()).is_some();
     if !thinks && matches!(common.think, Some(Value::Bool(true)) | Some(Value::String(_))) {
         return Err(OllamaError::bad_request(format!(
             "\"{}\" does not support thinking (think)",
@@ -142,13 +150,42 @@ fn reject_unsupported(common: &CommonFields) -> Result<(), OllamaError> {
     Ok(())
 }
 
-fn parse_options(options: Option<&Value>) -> Result<Options, OllamaError> {
-    let opts: Options = match options {
-        None | Some(Value::Null) => return Ok(Options::default()),
-        Some(v) => {
-            serde_json::from_value(v.clone()).map_err(|e| OllamaError::bad_request(format!("invalid options: {e}")))?
-        }
-    };
+/// Options a model's parameters may set (the ones mlxd implements); other parameters of a
+/// manifest are left out rather than failing every request to the model.
+const MODEL_DEFAULT_OPTIONS: [&str; 12] = [
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "num_predict",
+    "stop",
+    "seed",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "num_ctx",
+];
+
+/// The request's options over the model's defaults.
+fn with_model_defaults(options: Option<&Value>, defaults: Option<&serde_json::Map<String, Value>>) -> Value {
+    let mut merged: serde_json::Map<String, Value> = defaults
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| MODEL_DEFAULT_OPTIONS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    match options {
+        Some(Value::Object(o)) => merged.extend(o.clone()),
+        Some(Value::Null) | None => {}
+        Some(other) => return other.clone(),
+    }
+    Value::Object(merged)
+}
+
+fn parse_options(options: &Value) -> Result<Options, OllamaError> {
+    let opts: Options = serde_json::from_value(options.clone())
+        .map_err(|e| OllamaError::bad_request(format!("invalid options: {e}")))?;
     for (name, value) in &opts.unknown {
         if HARDWARE_OPTIONS.contains(&name.as_str()) {
             continue;

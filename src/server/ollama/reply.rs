@@ -15,6 +15,7 @@ use super::types::{ChatResponse, FinalStats, FunctionCall, GenerateResponse, Mes
 use super::{now_rfc3339, OllamaError};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, Usage};
+use crate::server::registry::ModelLease;
 use crate::server::AppState;
 use crate::text::tools;
 
@@ -94,7 +95,7 @@ pub struct Reply {
     /// Endpoint shape.
     kind: ReplyKind,
     /// Model name echoed in every object.
-    model: String,
+    name: String,
     /// When the handler started (for `total_duration`).
     started: std::time::Instant,
     /// Template + tokenization time (reported as `load_duration`; the model is resident).
@@ -103,18 +104,21 @@ pub struct Reply {
     prompt: Vec<u32>,
     /// Ids that end generation; left out of `context`.
     stop_ids: Vec<u32>,
+    /// The model the reply comes from.
+    model: ModelLease,
 }
 
 impl Reply {
-    /// A reply for a request to `model` that starts now.
-    pub fn new(kind: ReplyKind, model: &str, state: &AppState) -> Self {
+    /// A reply from `model` (asked for as `name`) that starts now.
+    pub fn new(kind: ReplyKind, name: &str, model: ModelLease) -> Self {
         Self {
             kind,
-            model: model.to_string(),
+            name: name.to_string(),
             started: std::time::Instant::now(),
             load: std::time::Duration::ZERO,
             prompt: Vec::new(),
-            stop_ids: state.limits.eos_token_ids.clone(),
+            stop_ids: model.limits.eos_token_ids.clone(),
+            model,
         }
     }
 
@@ -128,7 +132,7 @@ impl Reply {
         let thinking = (!piece.thinking.is_empty()).then(|| piece.thinking.clone());
         match self.kind {
             ReplyKind::Generate => ReplyObject::Generate(GenerateResponse {
-                model: self.model.clone(),
+                model: self.name.clone(),
                 created_at,
                 response: piece.content.clone(),
                 thinking,
@@ -138,7 +142,7 @@ impl Reply {
                 stats,
             }),
             ReplyKind::Chat => ReplyObject::Chat(ChatResponse {
-                model: self.model.clone(),
+                model: self.name.clone(),
                 created_at,
                 message: MessageOut {
                     role: "assistant",
@@ -163,19 +167,28 @@ impl Reply {
         self.object(piece, Some((reason.ollama_str(), stats)), context)
     }
 
-    /// The immediate answer to an empty prompt: the model is loaded, nothing is generated.
-    pub fn loaded(&self) -> Response {
-        Json(self.object(&Piece::default(), Some(("load", FinalStats::default())), None)).into_response()
+    /// The immediate answer to an empty prompt: the model is loaded, nothing is generated;
+    /// with `keep_alive: 0` it is unloaded instead (once idle).
+    pub fn loaded(self, state: &AppState, keep_alive: Option<&serde_json::Value>) -> Response {
+        let unload = super::unloads_now(keep_alive);
+        let reason = if unload { "unload" } else { "load" };
+        let body = Json(self.object(&Piece::default(), Some((reason, FinalStats::default())), None));
+        if unload {
+            let name = self.model.name().to_string();
+            drop(self);
+            state.models.unload_when_idle(&name);
+        }
+        body.into_response()
     }
 
     /// Validates `spec`, submits it, and answers with NDJSON lines (`stream`) or one object.
     pub async fn run(mut self, state: &AppState, spec: GenerationSpec, stream: bool) -> Result<Response, OllamaError> {
-        let request = state.validate(spec).await?;
+        let request = state.validate(&self.model, spec).await?;
         self.load = self.started.elapsed();
         if self.kind == ReplyKind::Generate {
             self.prompt = request.prompt().to_vec();
         }
-        let mut text = state.generate(request)?;
+        let mut text = state.generate(&self.model, request)?;
         // A queue timeout before the first byte is an HTTP status, not a failed stream.
         text.wait_scheduled().await?;
         self.respond(text, stream).await

@@ -305,6 +305,9 @@ pub struct ShowResponse {
     pub capabilities: Vec<String>,
     /// Weights' modification time.
     pub modified_at: String,
+    /// The model's own system prompt (an Ollama manifest's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
 }
 
 /// `/api/version` response.

@@ -39,17 +39,17 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     AppJson(req): AppJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    state.check_model(req.model.as_deref())?;
     let spec = to_spec(&req, state.reasoning)?;
     let n = check_n(req.sampling.n, 1)?;
-    let request = state.validate(spec).await?;
+    let model = state.model(req.model.as_deref()).await?;
+    let request = state.validate(&model, spec).await?;
     let meta = ChatMeta {
         id: new_id("chatcmpl-"),
         created: unix_now(),
-        model: state.model_name.clone(),
-        fingerprint: state.fingerprint.clone(),
+        model: model.name().to_string(),
+        fingerprint: model.fingerprint.clone(),
     };
-    let streams = choices::start(&state, vec![request], n).await?;
+    let streams = choices::start(&state, &model, vec![request], n).await?;
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return Ok(stream_chat(

@@ -9,6 +9,7 @@ use super::types::UsageOut;
 use crate::output::{collect, Collected, GeneratedToken, StreamItem, TextStream};
 use crate::request::{Usage, ValidatedRequest};
 use crate::server::error::ApiError;
+use crate::server::registry::ModelLease;
 use crate::server::AppState;
 
 /// Most choices one request may ask for (`n` times the number of prompts).
@@ -32,18 +33,23 @@ pub fn check_n(n: Option<u32>, num_prompts: usize) -> Result<usize, ApiError> {
 /// Starts `n` generations of every request; choice `i * n + j` is copy `j` of request `i`.
 /// Copy `j` of a seeded request uses seed + j, so the copies differ but stay reproducible.
 /// Returns once every generation left the queue, so a queue timeout is still an HTTP status.
-pub async fn start(state: &AppState, requests: Vec<ValidatedRequest>, n: usize) -> Result<Vec<TextStream>, ApiError> {
+pub async fn start(
+    state: &AppState,
+    model: &ModelLease,
+    requests: Vec<ValidatedRequest>,
+    n: usize,
+) -> Result<Vec<TextStream>, ApiError> {
     let mut streams = Vec::with_capacity(requests.len() * n);
     for request in requests {
         let seed = request.params().seed;
-        let mut first = state.generate(request.clone())?;
+        let mut first = state.generate(model, request.clone())?;
         if n > 1 {
             first.wait_first_token().await;
         }
         streams.push(first);
         for j in 1..n {
             let copy = request.clone().with_seed(seed.map(|s| s.wrapping_add(j as u64)));
-            streams.push(state.generate(copy)?);
+            streams.push(state.generate(model, copy)?);
         }
     }
     for stream in &mut streams {

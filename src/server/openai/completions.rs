@@ -20,6 +20,7 @@ use super::{
 use crate::output::{GeneratedToken, StreamItem};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage, ValidatedRequest};
 use crate::server::error::{ApiError, AppJson};
+use crate::server::registry::ModelLease;
 use crate::server::AppState;
 
 /// OpenAI's default `max_tokens` for completions.
@@ -35,7 +36,6 @@ pub async fn completions(
     State(state): State<AppState>,
     AppJson(req): AppJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    state.check_model(req.model.as_deref())?;
     let specs = to_specs(&req)?;
     let n = check_n(req.sampling.n, specs.len())?;
     if req.best_of.is_some_and(|b| b as usize != n && b != 1) {
@@ -44,23 +44,24 @@ pub async fn completions(
             "best_of must equal n (no server-side ranking)",
         ));
     }
+    let model = state.model(req.model.as_deref()).await?;
     let mut requests = Vec::with_capacity(specs.len());
     for spec in specs {
-        requests.push(state.validate(spec).await?);
+        requests.push(state.validate(&model, spec).await?);
     }
     let meta = CompletionMeta {
         id: new_id("cmpl-"),
         created: unix_now(),
-        model: state.model_name.clone(),
-        fingerprint: state.fingerprint.clone(),
+        model: model.name().to_string(),
+        fingerprint: model.fingerprint.clone(),
         with_logprobs: req.logprobs.is_some(),
         include_usage: req.stream_options.as_ref().is_some_and(|o| o.include_usage),
         with_token_ids: req.return_token_ids,
         tokens_by_id: req.return_tokens_as_token_ids,
-        prompts: prompt_echoes(&state, &requests, req.echo),
+        prompts: prompt_echoes(&model, &requests, req.echo),
         n,
     };
-    let streams = choices::start(&state, requests, n).await?;
+    let streams = choices::start(&state, &model, requests, n).await?;
     if req.stream {
         return Ok(stream_completion(streams, Arc::new(meta)));
     }
@@ -124,12 +125,12 @@ fn text_prompt(text: &str) -> Prompt {
 }
 
 /// Per prompt: its ids, and its text when `echo` asks for it back.
-fn prompt_echoes(state: &AppState, requests: &[ValidatedRequest], echo: bool) -> Vec<(Vec<u32>, String)> {
+fn prompt_echoes(model: &ModelLease, requests: &[ValidatedRequest], echo: bool) -> Vec<(Vec<u32>, String)> {
     requests
         .iter()
         .map(|r| {
             let text = if echo {
-                state.codec.decode(r.prompt())
+                model.codec.decode(r.prompt())
             } else {
                 String::new()
             };

@@ -86,7 +86,6 @@ pub async fn embeddings(
     State(state): State<AppState>,
     AppJson(req): AppJson<EmbeddingRequest>,
 ) -> Result<Json<EmbeddingResponse>, ApiError> {
-    state.check_model(req.model.as_deref())?;
     reject_unknown(&req.unknown, "")?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -98,7 +97,8 @@ pub async fn embeddings(
             ))
         }
     };
-    let hidden = state.engine.info().model.hidden_size;
+    let model = state.model(req.model.as_deref()).await?;
+    let hidden = model.engine.info().model.hidden_size;
     let dimensions = check_dimensions(req.dimensions, hidden).map_err(|m| ApiError::invalid("dimensions", m))?;
     let inputs = inputs(req.input)?;
     let specs = inputs
@@ -106,11 +106,11 @@ pub async fn embeddings(
         .map(|input| EmbeddingSpec {
             input,
             truncate: false,
-            pooling: state.pooling,
+            pooling: model.pooling,
         })
         .collect();
-    let requests = state.validate_embeddings(specs).await?;
-    let vectors = state.embed(requests).await?;
+    let requests = state.validate_embeddings(&model, specs).await?;
+    let vectors = state.embed(&model, requests).await?;
     let prompt_tokens = vectors.iter().map(|e| e.usage.prompt_tokens).sum();
     let data = vectors
         .into_iter()
@@ -124,7 +124,7 @@ pub async fn embeddings(
     Ok(Json(EmbeddingResponse {
         object: "list",
         data,
-        model: state.model_name.clone(),
+        model: model.name().to_string(),
         usage: EmbeddingUsage {
             prompt_tokens,
             total_tokens: prompt_tokens,

@@ -13,7 +13,7 @@ use crate::server::AppState;
 pub struct ModelList {
     /// Always `list`.
     pub object: &'static str,
-    /// The served model.
+    /// Every model that can be served.
     pub data: Vec<ModelCard>,
 }
 
@@ -51,28 +51,35 @@ pub struct ModelCardDetails {
     pub quantization: String,
 }
 
-/// Lists the one served model, with its family, size and weight format (extensions).
+/// Lists every model that can be served, loaded or not, with its family, size and weight
+/// format (extensions).
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
-    responses((status = 200, description = "The served model", body = ModelList)))]
+    responses((status = 200, description = "The models that can be served", body = ModelList)))]
 pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
-    let info = state.engine.info();
-    let m = &info.model;
-    Json(ModelList {
-        object: "list",
-        data: vec![ModelCard {
-            id: state.model_name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "mlxd",
-            max_model_len: info.max_model_len,
-            details: ModelCardDetails {
-                architecture: m.architecture.clone(),
-                family: m.model_type.clone(),
-                num_params: m.num_params as u64,
-                parameter_size: parameter_size(m.num_params),
-                format: m.weights.format.to_string(),
-                quantization: m.weights.dtype.to_string(),
-            },
-        }],
-    })
+    let models = state.models.clone();
+    let described = tokio::task::spawn_blocking(move || models.describe_all())
+        .await
+        .unwrap_or_default();
+    let data = described
+        .into_iter()
+        .map(|d| {
+            let m = d.summary;
+            ModelCard {
+                id: d.entry.name,
+                object: "model",
+                created: state.created,
+                owned_by: "mlxd",
+                max_model_len: m.max_position_embeddings,
+                details: ModelCardDetails {
+                    architecture: m.architecture,
+                    family: m.model_type,
+                    num_params: m.num_params as u64,
+                    parameter_size: parameter_size(m.num_params),
+                    format: m.weights.format.to_string(),
+                    quantization: m.weights.dtype,
+                },
+            }
+        })
+        .collect();
+    Json(ModelList { object: "list", data })
 }

@@ -59,8 +59,8 @@ pub async fn tokenize(
     State(state): State<AppState>,
     AppJson(req): AppJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    state.check_model(req.model.as_deref())?;
-    let codec = &state.codec;
+    let model = state.model(req.model.as_deref()).await?;
+    let codec = &model.codec;
     let tokens = match (req.prompt, req.messages) {
         (Some(prompt), None) => codec
             .encode(&prompt, req.add_special_tokens.unwrap_or(true))
@@ -80,7 +80,7 @@ pub async fn tokenize(
     };
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
-        max_model_len: state.engine.info().max_model_len,
+        max_model_len: model.engine.info().max_model_len,
         tokens,
         token_strs: None,
     }))
@@ -93,8 +93,8 @@ pub async fn detokenize(
     State(state): State<AppState>,
     AppJson(req): AppJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    state.check_model(req.model.as_deref())?;
-    let vocab = state.engine.info().model.vocab_size;
+    let model = state.model(req.model.as_deref()).await?;
+    let vocab = model.engine.info().model.vocab_size;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
         return Err(ApiError::invalid(
             "tokens",
@@ -102,6 +102,6 @@ pub async fn detokenize(
         ));
     }
     Ok(Json(DetokenizeResponse {
-        prompt: state.codec.decode(&req.tokens),
+        prompt: model.codec.decode(&req.tokens),
     }))
 }
