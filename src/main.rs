@@ -184,7 +184,7 @@ struct ServeArgs {
     catalog: CatalogArgs,
     /// How long a model stays loaded after a request: 5m, 1h, seconds; negative: for good;
     /// 0: unload when idle (requests may set `keep_alive`) [default: 5m, as Ollama].
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     keep_alive: Option<String>,
     /// Most models loaded at once; the least recently used idle one is unloaded to make room
     /// (0: no limit) [default: 3].

@@ -467,15 +467,19 @@ fn idle(slot: &Slot) -> Option<Instant> {
     (Arc::strong_count(served) == 1).then(|| served.keep.lock().map(|k| k.last_used).ok())?
 }
 
-/// Drops a removed slot off the async threads: stopping an engine joins its thread.
+/// Drops a removed slot off the async threads (stopping an engine joins its thread), then
+/// returns the freed memory to the system.
 fn unload(slot: Option<Slot>) {
-    if let Some(slot) = slot {
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn_blocking(move || drop(slot));
-            }
-            Err(_) => drop(slot),
+    let Some(slot) = slot else { return };
+    let release = move || {
+        drop(slot);
+        crate::device::release_freed_memory();
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(release);
         }
+        Err(_) => release(),
     }
 }
 
