@@ -114,8 +114,12 @@ async fn a_request_queued_past_the_timeout_gets_a_clear_error() {
     }
 }
 
-/// Value of the first sample line starting with `name` (`name{labels} value` or `name value`).
+/// Value of the first sample line starting with `name` (`name{labels} value` or `name value`),
+/// read past the `model` label every sample carries.
 fn sample(text: &str, name: &str) -> f64 {
+    let text = text
+        .replace("{model=\"stories260k\"}", "")
+        .replace("model=\"stories260k\",", "");
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))

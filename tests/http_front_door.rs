@@ -191,7 +191,7 @@ async fn n_copies_share_the_prompt_prefill_and_differ_by_seed() {
         .expect("text");
     let hits: u64 = metrics
         .lines()
-        .find_map(|l| l.strip_prefix("mlxd_prefix_cache_hits_total "))
+        .find_map(|l| l.strip_prefix("mlxd_prefix_cache_hits_total{model=\"stories260k\"} "))
         .and_then(|v| v.parse::<f64>().ok())
         .expect("hits") as u64;
     assert!(
@@ -361,7 +361,7 @@ async fn a_stop_string_finishes_with_stop_not_abort() {
         .await
         .expect("text");
     assert!(
-        metrics.contains("mlxd_request_success_total{finished_reason=\"stop\"} 1"),
+        metrics.contains("mlxd_request_success_total{model=\"stories260k\",finished_reason=\"stop\"} 1"),
         "{metrics}"
     );
     assert!(!metrics.contains("finished_reason=\"abort\"} 1"), "{metrics}");

@@ -207,3 +207,64 @@ impl EngineMetrics {
         out
     }
 }
+
+/// One exposition of several engines' metrics (`(model, exposition)` pairs, each as `render`
+/// wrote it): every family once, its samples labelled `model="…"` per engine, one `# EOF`.
+pub fn merge_by_model(parts: &[(String, String)]) -> String {
+    // family name → (header lines, samples), in first-seen order.
+    let mut families: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    for (model, text) in parts {
+        let label = format!("model=\"{}\"", model.replace('\\', "\\\\").replace('"', "\\\""));
+        let mut current = usize::MAX;
+        for line in text.lines() {
+            if line == "# EOF" || line.is_empty() {
+                continue;
+            }
+            if let Some(rest) = line.strip_prefix("# ") {
+                let name = rest.split_whitespace().nth(1).unwrap_or_default().to_string();
+                current = match families.iter().position(|(n, _, _)| *n == name) {
+                    Some(i) => i,
+                    None => {
+                        families.push((name, Vec::new(), Vec::new()));
+                        families.len() - 1
+                    }
+                };
+                let headers = &mut families[current].1;
+                if !headers.iter().any(|h| h == line) {
+                    headers.push(line.to_string());
+                }
+            } else if let Some((_, _, samples)) = families.get_mut(current) {
+                samples.push(match line.find('{') {
+                    Some(i) => format!("{}{{{label},{}", &line[..i], &line[i + 1..]),
+                    None => line.replacen(' ', &format!("{{{label}}} "), 1),
+                });
+            }
+        }
+    }
+    let mut out = String::new();
+    for (_, headers, samples) in families {
+        for line in headers.iter().chain(&samples) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_merge_into_one_labelled_exposition() {
+        let a = "# HELP mlxd_x Things.\n# TYPE mlxd_x counter\nmlxd_x_total 1\n# HELP mlxd_y Y.\n# TYPE mlxd_y histogram\nmlxd_y_bucket{le=\"1\"} 2\n# EOF\n";
+        let b = "# HELP mlxd_x Things.\n# TYPE mlxd_x counter\nmlxd_x_total 5\n# EOF\n";
+        let merged = merge_by_model(&[("a".into(), a.into()), ("q\"b".into(), b.into())]);
+        assert_eq!(
+            merged,
+            "# HELP mlxd_x Things.\n# TYPE mlxd_x counter\nmlxd_x_total{model=\"a\"} 1\nmlxd_x_total{model=\"q\\\"b\"} 5\n\
+             # HELP mlxd_y Y.\n# TYPE mlxd_y histogram\nmlxd_y_bucket{model=\"a\",le=\"1\"} 2\n# EOF\n"
+        );
+    }
+}

@@ -256,19 +256,17 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text exposition of the engine's metrics.
+/// Prometheus text exposition of every loaded model's engine metrics, labelled by model.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    // The default model's engine (the first of the catalog), else the first loaded one.
-    let loaded = state.models.loaded();
-    let default = state.models.catalog().entries().first().map(|e| e.name.clone());
-    let body = loaded
+    let parts: Vec<(String, String)> = state
+        .models
+        .loaded()
         .iter()
-        .find(|m| Some(m.name()) == default.as_deref())
-        .or(loaded.first())
-        .map(|m| m.engine.metrics().render(m.engine.stats()))
-        .unwrap_or_default();
+        .map(|m| (m.name().to_string(), m.engine.metrics().render(m.engine.stats())))
+        .collect();
+    let body = crate::engine::metrics::merge_by_model(&parts);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         body,
