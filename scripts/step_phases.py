@@ -14,8 +14,8 @@ PHASES = ["schedule", "prepare", "forward", "sample", "update"]
 
 def scrape(url):
     text = urllib.request.urlopen(url + "/metrics").read().decode()
-    sums = dict(re.findall(r'mlxd_step_phase_seconds_sum\{phase="(\w+)"\} ([0-9.e+-]+)', text))
-    counts = dict(re.findall(r'mlxd_step_phase_seconds_count\{phase="(\w+)"\} ([0-9]+)', text))
+    sums = dict(re.findall(r'mlxd_step_phase_seconds_sum\{(?:model="[^"]*",)?phase="(\w+)"\} ([0-9.e+-]+)', text))
+    counts = dict(re.findall(r'mlxd_step_phase_seconds_count\{(?:model="[^"]*",)?phase="(\w+)"\} ([0-9]+)', text))
     return {p: (float(sums.get(p, 0)), int(counts.get(p, 0))) for p in PHASES}
 
 
