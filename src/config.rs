@@ -103,6 +103,11 @@ pub struct EngineSection {
     pub max_model_len: usize,
     /// On a CUDA GPU, replay decode steps from captured CUDA graphs.
     pub cuda_graphs: bool,
+    /// A directory the prefix cache's full KV blocks are written through to, and read back
+    /// from after eviction or a restart (None: memory only).
+    pub kv_disk: Option<PathBuf>,
+    /// Most bytes `kv_disk` may hold (oldest blocks first out).
+    pub kv_disk_size: String,
 }
 
 impl Default for EngineSection {
@@ -116,6 +121,8 @@ impl Default for EngineSection {
             prefix_cache: true,
             max_model_len: 0,
             cuda_graphs: true,
+            kv_disk: None,
+            kv_disk_size: "10GiB".into(),
         }
     }
 }
@@ -178,6 +185,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         crate::server::registry::KeepAlive::parse(&serde_json::Value::String(self.server.keep_alive.clone()))
             .map_err(|e| ConfigError(format!("keep_alive {e}")))?;
+        self.kv_disk()?;
         self.engine
             .device
             .parse::<crate::device::DeviceChoice>()
@@ -254,6 +262,20 @@ impl Config {
         parse_size(spec)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| ConfigError(format!("max_body `{spec}` (use a size like 32MiB)")))
+    }
+
+    /// The disk tier of the prefix cache, when `kv_disk` names a directory.
+    pub fn kv_disk(&self) -> Result<Option<crate::engine::kv_disk::KvDiskConfig>, ConfigError> {
+        let Some(dir) = &self.engine.kv_disk else {
+            return Ok(None);
+        };
+        let spec = &self.engine.kv_disk_size;
+        let max_bytes =
+            parse_size(spec).ok_or_else(|| ConfigError(format!("kv_disk_size `{spec}` (use a size like 10GiB)")))?;
+        Ok(Some(crate::engine::kv_disk::KvDiskConfig {
+            dir: dir.clone(),
+            max_bytes,
+        }))
     }
 }
 

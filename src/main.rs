@@ -137,6 +137,13 @@ struct ModelArgs {
     /// --enforce-eager).
     #[arg(long)]
     no_cuda_graphs: bool,
+    /// Write the prefix cache's full KV blocks through to this directory and read them back
+    /// after they were evicted from memory or the server restarted (off by default).
+    #[arg(long)]
+    kv_disk: Option<PathBuf>,
+    /// Most bytes --kv-disk may hold, oldest blocks first out [default: 10GiB].
+    #[arg(long)]
+    kv_disk_size: Option<String>,
     /// Most requests waiting beyond the running ones; more get HTTP 429 [default: 256].
     #[arg(long)]
     max_queue: Option<usize>,
@@ -297,6 +304,12 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if args.no_cuda_graphs {
         e.cuda_graphs = false;
     }
+    if let Some(dir) = &args.kv_disk {
+        e.kv_disk = Some(dir.clone());
+    }
+    if let Some(size) = &args.kv_disk_size {
+        e.kv_disk_size = size.clone();
+    }
     let s = &mut cfg.scheduler;
     if let Some(n) = args.max_seqs {
         s.max_seqs = n;
@@ -337,6 +350,7 @@ fn start_engine(
         max_model_len: (cfg.engine.max_model_len > 0).then_some(cfg.engine.max_model_len),
         enable_prefix_cache: cfg.engine.prefix_cache,
         cuda_graphs: cfg.engine.cuda_graphs,
+        kv_disk: cfg.kv_disk()?,
         show_progress: true,
         queue_timeout: (cfg.scheduler.queue_timeout > 0.0)
             .then(|| std::time::Duration::from_secs_f64(cfg.scheduler.queue_timeout)),

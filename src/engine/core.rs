@@ -7,6 +7,7 @@
 //! that step (their blocks are freed) and the loop goes on; if even that cleanup panics, the
 //! scheduler is rebuilt empty and every request in flight fails. No request stops the thread.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender}
 
 use super::batch::HostBatch;
 use super::graphs::DecodeGraphs;
+use super::kv_disk::{DiskCache, KvDiskConfig, StoreIdentity};
 use super::metrics::EngineMetrics;
 use super::output::TokenEvent;
 use super::pooling::{PoolPlan, Pooled};
@@ -25,7 +27,7 @@ use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, Mo
 use crate::models::{self, KvLayout, LoadProgress};
 use crate::models::{Model, PagedKvCache};
 use crate::request::{FinishReason, RequestId, Usage, ValidatedRequest};
-use crate::scheduler::kv::BlockManager;
+use crate::scheduler::kv::{BlockHash, BlockManager};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec, StepResult};
 use crate::text::Constraint;
 
@@ -63,6 +65,10 @@ pub(crate) struct EngineCore {
     step_ids: Vec<RequestId>,
     /// Decode steps replayed from CUDA graphs (None: every step runs eagerly).
     graphs: Option<DecodeGraphs>,
+    /// The prefix cache's disk tier (None: memory only).
+    disk: Option<DiskCache>,
+    /// Requests waiting for prefix blocks to come back from disk, outside the scheduler.
+    loading: HashMap<RequestId, (Sequence, RequestState)>,
 }
 
 /// Device memory kept free for activations, logits and the allocator's slack when the KV
@@ -162,8 +168,15 @@ impl EngineCore {
             max_num_batched_tokens,
             max_num_seqs,
         };
-        // Prefix-cache entries are only valid for the same weights computed the same way.
-        let salt_source = format!("{}|{:?}", cfg.model_path.display(), dtype);
+        // Prefix-cache entries (in memory and on disk) are only valid for the same weights
+        // computed the same way, by the same version, in the same block layout.
+        let salt_source = format!(
+            "{}|{:?}|{}|{}",
+            info.model.weights.digest,
+            dtype,
+            cfg.block_size,
+            env!("CARGO_PKG_VERSION")
+        );
         let graphs = cfg
             .cuda_graphs
             .then(|| DecodeGraphs::new(&device, max_model_len))
@@ -181,8 +194,27 @@ impl EngineCore {
             cache_salt: xxhash_rust::xxh3::xxh3_64(salt_source.as_bytes()),
             step_ids: Vec::new(),
             graphs,
+            disk: None,
+            loading: HashMap::new(),
         };
         Ok((core, info))
+    }
+
+    /// Adds the disk tier: every block newly cached is written through, and prefixes found on
+    /// disk are read back. Blocks are keyed by hashes salted with this engine's cache salt.
+    pub(crate) fn attach_disk(&mut self, cfg: &KvDiskConfig, commands: UnboundedSender<EngineCommand>) {
+        if !self.prefix_cache {
+            tracing::warn!("--kv-disk needs the prefix cache; it is off, so the disk cache is too");
+            return;
+        }
+        let identity = StoreIdentity {
+            salt: self.cache_salt,
+            block_bytes: self.kv.layout().bytes_per_block(),
+        };
+        self.disk = DiskCache::start(cfg, identity, commands, self.metrics.clone());
+        if self.disk.is_some() {
+            self.scheduler.blocks_mut().record_newly_cached();
+        }
     }
 
     /// Serves commands until shutdown or until every handle is dropped.
@@ -236,6 +268,7 @@ impl EngineCore {
         match cmd {
             EngineCommand::Add { id, request, reply } => self.add(id, *request, reply),
             EngineCommand::Stop { id, completion_tokens } => self.stop(id, completion_tokens),
+            EngineCommand::BlocksLoaded { id, blocks } => self.blocks_loaded(id, blocks),
             EngineCommand::Shutdown => return false,
         }
         true
@@ -267,6 +300,7 @@ impl EngineCore {
         };
         let seq = Sequence::new(id, spec, block_size);
         tracing::debug!(request_id = %id, prompt_tokens = usage.prompt_tokens, "admitted to queue");
+        let on_disk = self.prefix_on_disk(&seq);
         let state = RequestState {
             reply,
             sampler: SamplerState::new(req.params),
@@ -278,7 +312,65 @@ impl EngineCore {
             first_token_at: None,
             last_token_at: None,
         };
+        match (&self.disk, on_disk.is_empty()) {
+            (Some(disk), false) => {
+                disk.read(id, on_disk);
+                self.loading.insert(id, (seq, state));
+            }
+            _ => self.scheduler.add(seq, state),
+        }
+    }
+
+    /// The blocks of `seq`'s prompt that follow its prefix cached in memory and are on disk
+    /// (never the block holding the last prompt token, which is always computed).
+    fn prefix_on_disk(&self, seq: &Sequence) -> Vec<BlockHash> {
+        let Some(disk) = &self.disk else {
+            return Vec::new();
+        };
+        if !seq.reuse_cached_prefix {
+            return Vec::new();
+        }
+        let blocks = self.scheduler.blocks();
+        let in_memory = blocks.find_cached_prefix(&seq.block_hashes, seq.tokens.len()).len();
+        let max_blocks = seq.tokens.len().saturating_sub(1) / blocks.block_size();
+        seq.block_hashes[in_memory.min(max_blocks)..max_blocks]
+            .iter()
+            .take_while(|h| disk.contains(**h))
+            .copied()
+            .collect()
+    }
+
+    /// Blocks read back from disk for a waiting request: each goes into a free block of the
+    /// prefix cache (where the request's lookup finds it), then the request joins the queue.
+    fn blocks_loaded(&mut self, id: RequestId, blocks: Vec<(BlockHash, Vec<u8>)>) {
+        let Some((seq, state)) = self.loading.remove(&id) else {
+            return;
+        };
+        let block_size = self.scheduler.blocks().block_size() as u64;
+        for (hash, bytes) in blocks {
+            let kv = &mut self.kv;
+            let adopted = self.scheduler.blocks_mut().adopt_cached(hash, |block| {
+                kv.write_block(block.0 as usize, &bytes)
+                    .map_err(|e| tracing::warn!(error = %e, "KV disk cache: a block could not be restored"))
+                    .is_ok()
+            });
+            if !adopted {
+                break;
+            }
+            self.metrics.kv_disk_hits.inc_by(block_size);
+        }
         self.scheduler.add(seq, state);
+    }
+
+    /// Hands every block newly cached this step to the disk tier.
+    fn write_through(&mut self) -> Result<(), EngineError> {
+        let Some(disk) = &self.disk else {
+            return Ok(());
+        };
+        for (block, hash) in self.scheduler.blocks_mut().take_newly_cached() {
+            disk.write(hash, self.kv.read_block(block.0 as usize)?);
+        }
+        Ok(())
     }
 
     /// The client left: free the sequence, count it as aborted.
@@ -310,6 +402,17 @@ impl EngineCore {
             .collect();
         for id in gone {
             self.abort(id);
+        }
+        let gone_loading: Vec<RequestId> = self
+            .loading
+            .iter()
+            .filter(|(_, (_, r))| r.reply.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone_loading {
+            self.loading.remove(&id);
+            self.stats.num_aborted.fetch_add(1, Ordering::Relaxed);
+            self.metrics.finished("abort");
         }
     }
 
@@ -385,6 +488,7 @@ impl EngineCore {
         let (sampled, logprobs) = self.sample(&ids, masks, &logits)?;
         clock.lap("sample");
         let results = self.scheduler.update(&out, &sampled);
+        self.write_through()?;
         self.emit(results, logprobs);
         self.follow_constraints(&ids, &sampled, broken);
         if let Some(hidden) = hidden {
@@ -664,10 +768,14 @@ impl EngineCore {
         }
     }
 
-    /// Fails every request in flight.
+    /// Fails every request in flight (and those waiting for blocks from disk).
     fn fail_all(&mut self, err: EngineError) {
         let ids: Vec<RequestId> = self.scheduler.entries().map(|(seq, _)| seq.id).collect();
-        self.fail(&ids, err);
+        self.fail(&ids, err.clone());
+        for (_, (_, req)) in self.loading.drain() {
+            self.metrics.finished("error");
+            let _ = req.reply.send(TokenEvent::Error(err.clone()));
+        }
     }
 
     /// Last resort after a panic in cleanup: a fresh, empty scheduler and block pool. Dropping

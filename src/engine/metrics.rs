@@ -53,8 +53,16 @@ pub struct EngineMetrics {
     num_preemptions: Counter,
     /// Prompt tokens looked up in the prefix cache.
     pub prefix_cache_queries: Counter,
-    /// Prompt tokens found in the prefix cache.
+    /// Prompt tokens found in the prefix cache (in memory, or read back from disk).
     pub prefix_cache_hits: Counter,
+    /// Prompt tokens whose KV was read back from the disk cache.
+    pub kv_disk_hits: Counter,
+    /// Bytes of KV blocks written to the disk cache.
+    pub kv_disk_bytes_written: Counter,
+    /// Bytes of KV blocks read from the disk cache.
+    pub kv_disk_bytes_read: Counter,
+    /// Block files removed to keep the disk cache under its size.
+    pub kv_disk_evictions: Counter,
     /// Prompt tokens of admitted requests.
     pub prompt_tokens: Counter,
     /// Tokens generated.
@@ -96,6 +104,10 @@ impl EngineMetrics {
             num_preemptions: Counter::default(),
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
+            kv_disk_hits: Counter::default(),
+            kv_disk_bytes_written: Counter::default(),
+            kv_disk_bytes_read: Counter::default(),
+            kv_disk_evictions: Counter::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             time_to_first_token: Histogram::new(latency_buckets()),
@@ -141,6 +153,26 @@ impl EngineMetrics {
             "prefix_cache_hits",
             "Prompt tokens served from the prefix cache",
             m.prefix_cache_hits.clone(),
+        );
+        r.register(
+            "kv_disk_hits",
+            "Prompt tokens whose KV was read back from the disk cache (also counted in prefix_cache_hits)",
+            m.kv_disk_hits.clone(),
+        );
+        r.register(
+            "kv_disk_written_bytes",
+            "Bytes of KV blocks written to the disk cache",
+            m.kv_disk_bytes_written.clone(),
+        );
+        r.register(
+            "kv_disk_read_bytes",
+            "Bytes of KV blocks read from the disk cache",
+            m.kv_disk_bytes_read.clone(),
+        );
+        r.register(
+            "kv_disk_evictions",
+            "Block files removed to keep the disk cache under its size",
+            m.kv_disk_evictions.clone(),
         );
         r.register(
             "prompt_tokens",

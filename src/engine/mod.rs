@@ -10,6 +10,7 @@ mod batch;
 mod core;
 pub mod error;
 mod graphs;
+pub mod kv_disk;
 pub mod metrics;
 pub mod output;
 mod pooling;
@@ -66,6 +67,9 @@ pub struct EngineConfig {
     /// On a CUDA device: replay decode steps from captured CUDA graphs (vLLM's default; its
     /// `--enforce-eager` turns them off).
     pub cuda_graphs: bool,
+    /// Write full prefix-cache blocks through to this directory and read them back on a miss
+    /// (None: the prefix cache lives in memory only).
+    pub kv_disk: Option<kv_disk::KvDiskConfig>,
 }
 
 impl ModelInfo {
@@ -136,6 +140,12 @@ pub(crate) enum EngineCommand {
     /// The text stage matched a stop string after `completion_tokens` tokens: finish the
     /// request with reason `stop` and report its usage.
     Stop { id: RequestId, completion_tokens: u32 },
+    /// Blocks of a waiting request's prefix, read back from the disk cache (the leading ones
+    /// that were there), with their contents.
+    BlocksLoaded {
+        id: RequestId,
+        blocks: Vec<(crate::scheduler::kv::BlockHash, Vec<u8>)>,
+    },
     /// Fail what is in flight and end the thread.
     Shutdown,
 }
@@ -155,6 +165,7 @@ impl std::fmt::Debug for EngineCommand {
         match self {
             EngineCommand::Add { id, .. } => write!(f, "Add({id})"),
             EngineCommand::Stop { id, .. } => write!(f, "Stop({id})"),
+            EngineCommand::BlocksLoaded { id, blocks } => write!(f, "BlocksLoaded({id}, {})", blocks.len()),
             EngineCommand::Shutdown => write!(f, "Shutdown"),
         }
     }
@@ -175,11 +186,15 @@ impl EngineHandle {
         let thread_stats = stats.clone();
         let metrics = Arc::new(metrics::EngineMetrics::new());
         let thread_metrics = metrics.clone();
+        let disk_tx = tx.clone();
         let join = std::thread::Builder::new()
             .name("mlxd-engine".into())
             .spawn(
                 move || match core::EngineCore::load(&cfg, loader, thread_stats, thread_metrics) {
-                    Ok((core, info)) => {
+                    Ok((mut core, info)) => {
+                        if let Some(disk) = &cfg.kv_disk {
+                            core.attach_disk(disk, disk_tx);
+                        }
                         let _ = ready_tx.send(Ok(info));
                         core.run(rx);
                     }

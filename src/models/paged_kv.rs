@@ -75,4 +75,73 @@ impl PagedKvCache {
     pub fn layers_mut(&mut self) -> &mut [LayerKv] {
         &mut self.layers
     }
+
+    /// One block's K and V over all layers as bytes (layer by layer, K then V, native
+    /// endianness): what the disk cache stores.
+    pub fn read_block(&self, block: usize) -> Result<Vec<u8>> {
+        let bs = self.layout.block_size;
+        let mut out = Vec::with_capacity(self.layout.bytes_per_block());
+        for layer in &self.layers {
+            for t in [&layer.k, &layer.v] {
+                let rows = t.narrow(0, block * bs, bs)?.flatten_all()?;
+                match self.layout.dtype {
+                    DType::F32 => extend_bytes(&mut out, &rows.to_vec1::<f32>()?),
+                    DType::F16 => extend_bytes(&mut out, &rows.to_vec1::<half::f16>()?),
+                    DType::BF16 => extend_bytes(&mut out, &rows.to_vec1::<half::bf16>()?),
+                    other => candle_core::bail!("KV blocks of {other:?} cannot be saved"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes bytes made by `read_block` (same layout) into `block`.
+    pub fn write_block(&mut self, block: usize, bytes: &[u8]) -> Result<()> {
+        if bytes.len() != self.layout.bytes_per_block() {
+            candle_core::bail!(
+                "a KV block of {} bytes does not fit this cache's {}-byte blocks",
+                bytes.len(),
+                self.layout.bytes_per_block()
+            );
+        }
+        let (bs, width, dtype) = (self.layout.block_size, self.layout.kv_width, self.layout.dtype);
+        let per_tensor = bs * width * dtype.size_in_bytes();
+        let mut chunks = bytes.chunks_exact(per_tensor);
+        for layer in &mut self.layers {
+            for t in [&mut layer.k, &mut layer.v] {
+                let chunk = chunks.next().expect("invariant: the length was checked");
+                let rows = Tensor::from_raw_buffer(chunk, dtype, &[bs, width], &Device::Cpu)?.to_device(t.device())?;
+                t.slice_set(&rows, 0, block * bs)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn extend_bytes<T: Copy>(out: &mut Vec<u8>, values: &[T]) {
+    // SAFETY: plain numeric values (f32, f16, bf16) viewed as their bytes.
+    let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
+    out.extend_from_slice(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_round_trips_through_bytes() {
+        let layout = KvLayout {
+            num_layers: 2,
+            kv_width: 3,
+            block_size: 4,
+            dtype: DType::F32,
+        };
+        let mut kv = PagedKvCache::new(layout, 3, &Device::Cpu).expect("kv");
+        let bytes: Vec<u8> = (0..layout.bytes_per_block() / 4)
+            .flat_map(|i| (i as f32).to_ne_bytes())
+            .collect();
+        kv.write_block(2, &bytes).expect("write");
+        assert_eq!(kv.read_block(2).expect("read"), bytes);
+        assert!(kv.read_block(1).expect("read").iter().all(|&b| b == 0));
+    }
 }

@@ -168,6 +168,12 @@ impl<T> Scheduler<T> {
         &self.blocks
     }
 
+    /// Mutable access to the block manager, for the owner's cache tiers (recording newly
+    /// cached blocks, adopting blocks read from disk); never for tables of live sequences.
+    pub fn blocks_mut(&mut self) -> &mut BlockManager {
+        &mut self.blocks
+    }
+
     /// Block table of a sequence.
     pub fn block_table(&self, id: RequestId) -> &[BlockId] {
         self.blocks.table(id)

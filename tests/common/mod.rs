@@ -196,6 +196,7 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
         cuda_graphs: true,
         show_progress: false,
         queue_timeout: None,
+        kv_disk: None,
     }
 }
 

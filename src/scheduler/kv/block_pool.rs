@@ -145,14 +145,16 @@ impl BlockPool {
         }
     }
 
-    /// Registers a full block whose KV has been written under its content hash. If another
-    /// block already holds that content, the existing entry wins and this block stays unhashed.
-    pub fn register_full(&mut self, id: BlockId, h: BlockHash) {
+    /// Registers a full block whose KV has been written under its content hash; true when it
+    /// is newly cached. If another block already holds that content, the existing entry wins
+    /// and this block stays unhashed.
+    pub fn register_full(&mut self, id: BlockId, h: BlockHash) -> bool {
         if self.blocks[id.0 as usize].hash.is_some() || self.cached.contains_key(&h) {
-            return;
+            return false;
         }
         self.blocks[id.0 as usize].hash = Some(h);
         self.cached.insert(h, id);
+        true
     }
 
     fn push_tail(&mut self, id: u32) {
@@ -216,7 +218,7 @@ mod tests {
         let mut pool = BlockPool::new(3);
         let a = pool.allocate(1).expect("free block");
         let h = BlockHash(42);
-        pool.register_full(a[0], h);
+        assert!(pool.register_full(a[0], h));
         pool.release(a.clone());
         assert_eq!(pool.lookup(h), Some(a[0]));
         // Block 2 is at the head, then the freed block 1.
@@ -248,8 +250,8 @@ mod tests {
     fn duplicate_content_keeps_the_first_registration() {
         let mut pool = BlockPool::new(4);
         let a = pool.allocate(2).expect("free blocks");
-        pool.register_full(a[0], BlockHash(9));
-        pool.register_full(a[1], BlockHash(9));
+        assert!(pool.register_full(a[0], BlockHash(9)));
+        assert!(!pool.register_full(a[1], BlockHash(9)));
         assert_eq!(pool.lookup(BlockHash(9)), Some(a[0]));
         assert_eq!(pool.block_hash(a[1]), None);
     }

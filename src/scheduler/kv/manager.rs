@@ -33,6 +33,9 @@ pub struct BlockManager {
     block_size: usize,
     enable_prefix_cache: bool,
     tables: HashMap<RequestId, BlockTable>,
+    /// Blocks newly registered in the prefix cache since the owner last took them (for a
+    /// disk cache that writes every cached block through).
+    newly_cached: Option<Vec<(BlockId, BlockHash)>>,
 }
 
 impl BlockManager {
@@ -43,7 +46,38 @@ impl BlockManager {
             block_size,
             enable_prefix_cache,
             tables: HashMap::new(),
+            newly_cached: None,
         }
+    }
+
+    /// Starts recording the blocks newly registered in the prefix cache (see
+    /// `take_newly_cached`).
+    pub fn record_newly_cached(&mut self) {
+        self.newly_cached.get_or_insert_with(Vec::new);
+    }
+
+    /// The blocks registered in the prefix cache since the last call, with their hashes.
+    pub fn take_newly_cached(&mut self) -> Vec<(BlockId, BlockHash)> {
+        self.newly_cached.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Takes a free block for content `h` read from elsewhere (the disk cache), lets `fill`
+    /// write it, and on success registers it in the prefix cache, free and most recently used:
+    /// the next lookup finds it. False when `h` is cached already, no block is free, or
+    /// `fill` failed (the block then goes back unhashed).
+    pub fn adopt_cached(&mut self, h: BlockHash, fill: impl FnOnce(BlockId) -> bool) -> bool {
+        if !self.enable_prefix_cache || self.pool.lookup(h).is_some() {
+            return false;
+        }
+        let Some(id) = self.pool.allocate(1).and_then(|mut ids| ids.pop()) else {
+            return false;
+        };
+        let filled = fill(id);
+        if filled {
+            self.pool.register_full(id, h);
+        }
+        self.pool.release([id]);
+        filled
     }
 
     /// Tokens per block.
@@ -119,7 +153,11 @@ impl BlockManager {
             .min(table.blocks.len());
         let newly_full = table.num_registered..num_full.max(table.num_registered);
         for (block, hash) in table.blocks[newly_full.clone()].iter().zip(&hashes[newly_full]) {
-            self.pool.register_full(*block, *hash);
+            if self.pool.register_full(*block, *hash) {
+                if let Some(new) = &mut self.newly_cached {
+                    new.push((*block, *hash));
+                }
+            }
         }
         table.num_registered = table.num_registered.max(num_full);
     }
@@ -159,6 +197,30 @@ mod tests {
         // Exactly 8 tokens: only the first block may be reused.
         assert_eq!(m.find_cached_prefix(&[h0, h1], 8).len(), 1);
         assert_eq!(m.find_cached_prefix(&[h0, h1], 9).len(), 2);
+    }
+
+    #[test]
+    fn blocks_from_elsewhere_are_adopted_into_the_prefix_cache() {
+        let mut m = BlockManager::new(4, 4, true);
+        m.record_newly_cached();
+        let h = hash_block_tokens(None, &[1, 2, 3, 4], 0);
+        assert!(!m.adopt_cached(h, |_| false), "a failed fill is not cached");
+        assert!(m.find_cached_prefix(&[h], 5).is_empty());
+        let mut filled = None;
+        assert!(m.adopt_cached(h, |b| {
+            filled = Some(b);
+            true
+        }));
+        assert_eq!(m.find_cached_prefix(&[h], 5), vec![filled.expect("filled")]);
+        assert_eq!(m.pool().num_free(), 3, "adopted blocks stay free (evictable)");
+        assert!(!m.adopt_cached(h, |_| true), "already cached");
+        // Blocks computed here are recorded for the disk tier; adopted ones are not.
+        let a = RequestId(1);
+        m.allocate_slots(a, 9, &[]).expect("blocks");
+        let h2 = hash_block_tokens(None, &[5, 6, 7, 8], 0);
+        m.register_computed(a, &[h2], 9);
+        assert_eq!(m.take_newly_cached(), vec![(m.table(a)[0], h2)]);
+        assert!(m.take_newly_cached().is_empty());
     }
 
     #[test]
