@@ -29,6 +29,8 @@ def _start(extra_args, model=None):
          "--kv-memory", "64MiB", *extra_args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        # Hermetic: the machine's own Ollama store and Hugging Face cache are not offered.
+        env={**os.environ, "OLLAMA_MODELS": "/nonexistent/mlxd-tests", "HF_HUB_CACHE": "/nonexistent/mlxd-tests"},
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
