@@ -7,10 +7,12 @@ use common::{engine_config, repo_model, TestServer};
 use serde_json::Value;
 
 /// Every route the README promises, as (method, path).
-const ROUTES: [(&str, &str); 24] = [
+const ROUTES: [(&str, &str); 26] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/completions"),
     ("post", "/v1/embeddings"),
+    ("post", "/v1/kv/pin"),
+    ("post", "/v1/kv/unpin"),
     ("get", "/v1/models"),
     ("post", "/tokenize"),
     ("post", "/detokenize"),

@@ -27,6 +27,7 @@ use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, Mo
 use crate::models::{self, KvLayout, LoadProgress};
 use crate::models::{Model, PagedKvCache};
 use crate::request::{FinishReason, RequestId, Usage, ValidatedRequest};
+use crate::scheduler::kv::block_hash::extend_block_hashes;
 use crate::scheduler::kv::{BlockHash, BlockManager};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec, StepResult};
 use crate::text::Constraint;
@@ -269,6 +270,17 @@ impl EngineCore {
             EngineCommand::Add { id, request, reply } => self.add(id, *request, reply),
             EngineCommand::Stop { id, completion_tokens } => self.stop(id, completion_tokens),
             EngineCommand::BlocksLoaded { id, blocks } => self.blocks_loaded(id, blocks),
+            EngineCommand::Pin { prompt, pin, reply } => match &self.disk {
+                Some(disk) => {
+                    let mut hashes = Vec::new();
+                    let block_size = self.scheduler.blocks().block_size();
+                    extend_block_hashes(&mut hashes, &prompt, block_size, self.cache_salt);
+                    disk.pin(hashes, pin, reply);
+                }
+                None => {
+                    let _ = reply.send(Err("pinning needs the disk cache (--kv-disk)".into()));
+                }
+            },
             EngineCommand::Shutdown => return false,
         }
         true

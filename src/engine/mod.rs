@@ -146,6 +146,12 @@ pub(crate) enum EngineCommand {
         id: RequestId,
         blocks: Vec<(crate::scheduler::kv::BlockHash, Vec<u8>)>,
     },
+    /// Pin (or unpin) on disk the full blocks of `prompt` (see `EngineHandle::pin`).
+    Pin {
+        prompt: Vec<u32>,
+        pin: bool,
+        reply: tokio::sync::oneshot::Sender<Result<usize, String>>,
+    },
     /// Fail what is in flight and end the thread.
     Shutdown,
 }
@@ -166,6 +172,7 @@ impl std::fmt::Debug for EngineCommand {
             EngineCommand::Add { id, .. } => write!(f, "Add({id})"),
             EngineCommand::Stop { id, .. } => write!(f, "Stop({id})"),
             EngineCommand::BlocksLoaded { id, blocks } => write!(f, "BlocksLoaded({id}, {})", blocks.len()),
+            EngineCommand::Pin { prompt, pin, .. } => write!(f, "Pin({} tokens, {pin})", prompt.len()),
             EngineCommand::Shutdown => write!(f, "Shutdown"),
         }
     }
@@ -216,6 +223,19 @@ impl EngineHandle {
             },
             join,
         ))
+    }
+
+    /// Pins (or unpins) the full KV blocks of `prompt` in the disk cache: pinned blocks are
+    /// never evicted for room, and outlive restarts. Blocks must have been computed (and so
+    /// written through) before; the answer is how many of the prompt's full blocks are on disk.
+    pub async fn pin(&self, prompt: Vec<u32>, pin: bool) -> Result<usize, EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(EngineCommand::Pin { prompt, pin, reply })
+            .map_err(|_| EngineError::Unavailable)?;
+        rx.await
+            .map_err(|_| EngineError::Unavailable)?
+            .map_err(EngineError::StepFailed)
     }
 
     /// Queues a validated request; its tokens arrive on the returned stream.

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod kv_pin;
 pub mod listen;
 pub mod ollama;
 pub mod openai;
@@ -203,6 +204,8 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(ollama::models::create))
         .routes(routes!(ollama::models::copy))
         .routes(routes!(ollama::models::delete))
+        .routes(routes!(kv_pin::pin))
+        .routes(routes!(kv_pin::unpin))
         .routes(routes!(health))
         .routes(routes!(metrics))
         .routes(routes!(openapi::openapi_json))

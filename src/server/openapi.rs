@@ -35,7 +35,7 @@ pub struct ApiDoc;
 
 /// Routes that run on the engine (generation, embeddings): they can also be refused for
 /// capacity (429) or shutdown (503).
-const ENGINE_ROUTES: [&str; 7] = [
+const ENGINE_ROUTES: [&str; 9] = [
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/embeddings",
@@ -43,6 +43,8 @@ const ENGINE_ROUTES: [&str; 7] = [
     "/api/chat",
     "/api/embed",
     "/api/embeddings",
+    "/v1/kv/pin",
+    "/v1/kv/unpin",
 ];
 
 /// The base document, before the routes add their paths.

@@ -31,6 +31,11 @@ pub struct KvDiskConfig {
 enum Job {
     Write(BlockHash, Vec<u8>),
     Read(RequestId, Vec<BlockHash>),
+    Pin(
+        Vec<BlockHash>,
+        bool,
+        tokio::sync::oneshot::Sender<Result<usize, String>>,
+    ),
 }
 
 /// The engine's side of the disk tier.
@@ -87,6 +92,12 @@ impl DiskCache {
         let _ = self.jobs.send(Job::Write(hash, payload));
     }
 
+    /// Pins (or unpins) blocks after every write queued before: the answer is how many of them
+    /// are on disk.
+    pub fn pin(&self, hashes: Vec<BlockHash>, pin: bool, reply: tokio::sync::oneshot::Sender<Result<usize, String>>) {
+        let _ = self.jobs.send(Job::Pin(hashes, pin, reply));
+    }
+
     /// Queues the reading of `hashes` for request `id` (the leading ones that read back come
     /// to the engine as `BlocksLoaded`).
     pub fn read(&self, id: RequestId, hashes: Vec<BlockHash>) {
@@ -132,6 +143,13 @@ fn serve_jobs(
                 }
                 Err(_) => {}
             },
+            Job::Pin(hashes, pin, reply) => {
+                let hashes: Vec<u64> = hashes.iter().map(|h| h.0).collect();
+                let _ = reply.send(store.pin(&hashes, pin).map_err(|e| e.to_string()));
+                if let Ok(mut set) = index.write() {
+                    set.retain(|h| store.contains(*h));
+                }
+            }
             Job::Read(id, hashes) => {
                 let mut blocks = Vec::new();
                 for hash in hashes {

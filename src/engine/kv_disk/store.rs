@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 8] = b"MLXDKV\0\0";
 const VERSION: u32 = 1;
 const HEADER_BYTES: usize = 48;
+/// The file listing pinned block hashes (hex, one a line).
+const PINS_FILE: &str = "pins";
 
 /// What makes blocks interchangeable: the same weights computed in the same dtype with the
 /// same block layout (folded into one salt), and the block's size in bytes.
@@ -58,6 +60,8 @@ pub struct DiskStore {
     by_age: BTreeMap<u64, u64>,
     total: u64,
     next_age: u64,
+    /// Blocks kept whatever the budget until unpinned (saved in `pins` beside them).
+    pinned: std::collections::HashSet<u64>,
 }
 
 impl DiskStore {
@@ -72,6 +76,11 @@ impl DiskStore {
             by_age: BTreeMap::new(),
             total: 0,
             next_age: 0,
+            pinned: std::fs::read_to_string(dir.join(PINS_FILE))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| u64::from_str_radix(l.trim(), 16).ok())
+                .collect(),
         };
         let mut report = OpenReport::default();
         let mut files: Vec<(std::time::SystemTime, u64, u64)> = Vec::new();
@@ -214,18 +223,46 @@ impl DiskStore {
         }
     }
 
+    /// Pins (or unpins) the blocks `hashes`; returns how many of them are here. The pin set is
+    /// saved beside the blocks (temp file + rename), so it outlives a restart.
+    pub fn pin(&mut self, hashes: &[u64], pin: bool) -> std::io::Result<usize> {
+        for h in hashes {
+            if pin {
+                self.pinned.insert(*h);
+            } else {
+                self.pinned.remove(h);
+            }
+        }
+        let mut list: Vec<String> = self.pinned.iter().map(|h| format!("{h:016x}")).collect();
+        list.sort();
+        let path = self.dir.join(PINS_FILE);
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, list.join("\n"))?;
+        std::fs::rename(&tmp, &path)?;
+        if !pin {
+            self.evict_beyond_budget();
+        }
+        Ok(hashes.iter().filter(|h| self.contains(**h)).count())
+    }
+
     fn evict_beyond_budget(&mut self) -> u64 {
         let mut evicted = 0;
+        let mut kept = Vec::new();
         while self.total > self.max_bytes {
-            let Some((_, hash)) = self.by_age.pop_first() else {
+            let Some((age, hash)) = self.by_age.pop_first() else {
                 break;
             };
+            if self.pinned.contains(&hash) {
+                kept.push((age, hash));
+                continue;
+            }
             if let Some(entry) = self.index.remove(&hash) {
                 self.total -= entry.bytes;
             }
             let _ = std::fs::remove_file(self.path_of(hash));
             evicted += 1;
         }
+        self.by_age.extend(kept);
         evicted
     }
 }
@@ -295,6 +332,28 @@ mod tests {
         std::fs::write(s.path_of(2), &bytes[..bytes.len() - 1]).expect("truncate");
         assert_eq!((s.get(1), s.get(2)), (None, None));
         assert!(!s.contains(1) && !s.contains(2));
+        std::fs::remove_dir_all(&d).expect("cleanup");
+    }
+
+    #[test]
+    fn pinned_blocks_outlive_the_budget_and_a_reopen() {
+        let d = dir("pins");
+        let each = (HEADER_BYTES + 16) as u64;
+        let (mut s, _) = DiskStore::open(&d, ID, 2 * each).expect("open");
+        s.put(1, &[1; 16]).expect("put");
+        assert_eq!(s.pin(&[1, 9], true).expect("pin"), 1);
+        s.put(2, &[2; 16]).expect("put");
+        s.put(3, &[3; 16]).expect("put");
+        assert!(
+            s.contains(1) && !s.contains(2) && s.contains(3),
+            "the oldest unpinned block went"
+        );
+        let (mut s, _) = DiskStore::open(&d, ID, 2 * each).expect("reopen");
+        s.put(4, &[4; 16]).expect("put");
+        assert!(s.contains(1) && s.contains(4) && !s.contains(3));
+        s.pin(&[1], false).expect("unpin");
+        s.put(5, &[5; 16]).expect("put");
+        assert!(!s.contains(1), "unpinned blocks age out again");
         std::fs::remove_dir_all(&d).expect("cleanup");
     }
 
