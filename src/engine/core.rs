@@ -43,6 +43,8 @@ struct RequestState {
     constraint: Option<Constraint>,
     /// An embedding request's pool (prefill only, no token sampled).
     embedding: Option<Pooled>,
+    /// Prompt tokens whose KV was read back from the disk cache for this request.
+    disk_hit_tokens: u32,
     usage: Usage,
     arrived_at: Instant,
     first_scheduled_at: Option<Instant>,
@@ -318,6 +320,7 @@ impl EngineCore {
             sampler: SamplerState::new(req.params),
             constraint: req.constraint,
             embedding: req.embed.map(Pooled::new),
+            disk_hit_tokens: 0,
             usage,
             arrived_at: Instant::now(),
             first_scheduled_at: None,
@@ -355,7 +358,7 @@ impl EngineCore {
     /// Blocks read back from disk for a waiting request: each goes into a free block of the
     /// prefix cache (where the request's lookup finds it), then the request joins the queue.
     fn blocks_loaded(&mut self, id: RequestId, blocks: Vec<(BlockHash, Vec<u8>)>) {
-        let Some((seq, state)) = self.loading.remove(&id) else {
+        let Some((seq, mut state)) = self.loading.remove(&id) else {
             return;
         };
         let block_size = self.scheduler.blocks().block_size() as u64;
@@ -369,7 +372,7 @@ impl EngineCore {
             if !adopted {
                 break;
             }
-            self.metrics.kv_disk_hits.inc_by(block_size);
+            state.disk_hit_tokens += block_size as u32;
         }
         self.scheduler.add(seq, state);
     }
@@ -723,7 +726,10 @@ impl EngineCore {
             let prompt = u64::from(req.usage.prompt_tokens);
             self.metrics.prompt_tokens.inc_by(prompt);
             self.metrics.prefix_cache_queries.inc_by(prompt);
-            self.metrics.prefix_cache_hits.inc_by(u64::from(cached));
+            // Hits split by tier: blocks read back for this request count as disk hits.
+            let from_disk = req.disk_hit_tokens.min(cached);
+            self.metrics.prefix_cache_hits.inc_by(u64::from(cached - from_disk));
+            self.metrics.kv_disk_hits.inc_by(u64::from(from_disk));
             let _ = req.reply.send(TokenEvent::Scheduled { cached_tokens: cached });
         }
     }

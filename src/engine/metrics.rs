@@ -53,7 +53,7 @@ pub struct EngineMetrics {
     num_preemptions: Counter,
     /// Prompt tokens looked up in the prefix cache.
     pub prefix_cache_queries: Counter,
-    /// Prompt tokens found in the prefix cache (in memory, or read back from disk).
+    /// Prompt tokens found in the prefix cache in memory.
     pub prefix_cache_hits: Counter,
     /// Prompt tokens whose KV was read back from the disk cache.
     pub kv_disk_hits: Counter,
@@ -151,12 +151,12 @@ impl EngineMetrics {
         );
         r.register(
             "prefix_cache_hits",
-            "Prompt tokens served from the prefix cache",
+            "Prompt tokens served from the prefix cache in memory (disk hits: kv_disk_hits)",
             m.prefix_cache_hits.clone(),
         );
         r.register(
             "kv_disk_hits",
-            "Prompt tokens whose KV was read back from the disk cache (also counted in prefix_cache_hits)",
+            "Prompt tokens whose KV was read back from the disk cache",
             m.kv_disk_hits.clone(),
         );
         r.register(
