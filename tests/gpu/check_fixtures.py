@@ -317,6 +317,27 @@ def forced_tool_calls(name, server, sequences):
     return ok, f"{'PASS' if ok else 'FAIL'} {name}: 3 temperatures {'; '.join(bad)}"
 
 
+def kv_disk_restart(name, binary, model, args, sequences):
+    """The disk tier on the GPU: a long prompt's blocks written by one server are read back by
+    the next (a restart) into device memory, and the greedy output is the same."""
+    import tempfile
+    prompt = [t for s in sequences for t in s["prompt_ids"]][:70]
+    body = {"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    with tempfile.TemporaryDirectory() as disk:
+        outs = []
+        for _ in range(2):
+            server = Server(binary, model, args + ["--kv-disk", disk])
+            try:
+                r = post(server, "/v1/completions", body)
+                outs.append((r["choices"][0]["token_ids"], r["usage"]["prompt_tokens_details"]["cached_tokens"]))
+            finally:
+                server.close()
+    (cold, cold_cached), (warm, warm_cached) = outs
+    full = (len(prompt) - 1) // 16 * 16
+    ok = cold == warm and cold_cached == 0 and warm_cached == full
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: cached {cold_cached} → {warm_cached} of {full}, same tokens: {cold == warm}"
+
+
 def load(path):
     with open(path) as f:
         return json.load(f)
@@ -397,6 +418,14 @@ def main():
         check=lambda name, server, seqs, _tol: structured_output(name, server, seqs))
     run("qwen3 safetensors bf16 forced tool calls", f"{fx}/qwen3/f32", ["--dtype", "bf16"], f32["sequences"], 0.0,
         check=lambda name, server, seqs, _tol: forced_tool_calls(name, server, seqs))
+    for dtype in ["f32", "bf16"]:
+        name = f"qwen2 safetensors {dtype} kv disk restart"
+        if a.only in name:
+            ok, line = kv_disk_restart(name, a.bin, f"{fx}/qwen2/f32", dev + ["--dtype", dtype],
+                                       f32["sequences"] + f32["batch"]["members"])
+            failed += not ok
+            lines.append(line)
+            print(line, flush=True)
     here = os.path.dirname(os.path.abspath(__file__))
     for arch in ARCHS:
         refs = load(f"{here}/../data/embeddings/{arch}.json")["prompts"]
