@@ -182,15 +182,12 @@ impl DiskStore {
     }
 
     fn checked_payload(&self, hash: u64, bytes: Vec<u8>) -> Option<Vec<u8>> {
-        let head = bytes.get(..HEADER_BYTES)?;
-        let field = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-        let ok = &head[..8] == MAGIC
-            && u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) == VERSION
-            && field(16) == self.identity.salt
-            && field(24) == hash
-            && field(32) as usize == self.identity.block_bytes
+        let h = Header::parse(bytes.get(..HEADER_BYTES)?)?;
+        let ok = h.salt == self.identity.salt
+            && h.hash == hash
+            && h.len as usize == self.identity.block_bytes
             && bytes.len() == HEADER_BYTES + self.identity.block_bytes
-            && xxhash_rust::xxh3::xxh3_64(&bytes[HEADER_BYTES..]) == field(40);
+            && xxhash_rust::xxh3::xxh3_64(&bytes[HEADER_BYTES..]) == h.checksum;
         ok.then(|| bytes[HEADER_BYTES..].to_vec())
     }
 
@@ -282,9 +279,30 @@ fn header(salt: u64, hash: u64, payload: &[u8]) -> [u8; HEADER_BYTES] {
 fn read_header(path: &Path) -> Option<(u64, u64, u64)> {
     let mut head = [0u8; HEADER_BYTES];
     std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
-    let field = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
-    (&head[..8] == MAGIC && u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) == VERSION)
-        .then(|| (field(16), field(24), field(32)))
+    Header::parse(&head).map(|h| (h.salt, h.hash, h.len))
+}
+
+/// A block file's header fields, for a header of this format and version.
+struct Header {
+    salt: u64,
+    hash: u64,
+    len: u64,
+    checksum: u64,
+}
+
+impl Header {
+    fn parse(head: &[u8]) -> Option<Self> {
+        let field = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().expect("8 bytes"));
+        let ours = head.len() == HEADER_BYTES
+            && &head[..8] == MAGIC
+            && u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) == VERSION;
+        ours.then(|| Self {
+            salt: field(16),
+            hash: field(24),
+            len: field(32),
+            checksum: field(40),
+        })
+    }
 }
 
 #[cfg(test)]
