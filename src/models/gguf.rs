@@ -12,47 +12,12 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::json;
 
 use super::LoadError;
-
-/// A block-quantized matrix as stored: rows of whole blocks, so any row can be dequantized alone.
-#[derive(Debug)]
-pub struct QuantizedRows {
-    ggml_dtype: GgmlDType,
-    dims: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl QuantizedRows {
-    fn row_bytes(&self) -> usize {
-        self.dims[1] / self.ggml_dtype.block_size() * self.ggml_dtype.type_size()
-    }
-
-    /// The whole matrix as a candle quantized tensor (for the tied output projection).
-    pub fn to_qtensor(&self, device: &Device) -> Result<QTensor> {
-        qtensor_from_ggml(self.ggml_dtype, &self.data, self.dims.clone(), device)
-    }
-
-    /// Rows `ids` dequantized to f32, `[ids.len(), cols]`.
-    pub fn rows(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
-        let n = self.row_bytes();
-        let mut gathered = Vec::with_capacity(ids.len() * n);
-        for &id in ids {
-            let start = id as usize * n;
-            let row = self
-                .data
-                .get(start..start + n)
-                .ok_or_else(|| candle_core::Error::Msg(format!("token id {id} outside the embedding table")))?;
-            gathered.extend_from_slice(row);
-        }
-        qtensor_from_ggml(self.ggml_dtype, &gathered, vec![ids.len(), self.dims[1]], device)?.dequantize(device)
-    }
-}
 
 /// An open GGUF file.
 pub struct GgufStore {
@@ -157,38 +122,16 @@ impl GgufStore {
         self.read(hf_name)?.dequantize(&self.device)?.to_dtype(self.dtype)
     }
 
-    /// The tensor, when it is block-quantized (float tensors are read with `dense`).
+    /// The tensor, when it is block-quantized, or F16 on the CPU, where it stays f16 (other
+    /// float tensors are read with `dense`).
     pub fn quantized(&self, hf_name: &str) -> Option<Result<QTensor>> {
         let info = self.content.tensor_infos.get(&self.gguf_name(hf_name)?)?;
-        let float = matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        (!float).then(|| self.read(hf_name))
-    }
-
-    /// The raw blocks of a block-quantized tensor (for row-wise dequantization).
-    pub fn quantized_rows(&self, hf_name: &str) -> Option<Result<QuantizedRows>> {
-        let name = self.gguf_name(hf_name)?;
-        let info = self.content.tensor_infos.get(&name)?;
-        if matches!(info.ggml_dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-            return None;
-        }
-        Some(self.read_raw(info).map(|data| QuantizedRows {
-            ggml_dtype: info.ggml_dtype,
-            dims: info.shape.dims().to_vec(),
-            data,
-        }))
-    }
-
-    fn read_raw(&self, info: &candle_core::quantized::gguf_file::TensorInfo) -> Result<Vec<u8>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-        let mut file = self
-            .file
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("GGUF file lock poisoned".into()))?;
-        file.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
-        let mut data = vec![0u8; bytes];
-        file.read_exact(&mut data)?;
-        Ok(data)
+        let dense = match info.ggml_dtype {
+            GgmlDType::F32 | GgmlDType::BF16 => true,
+            GgmlDType::F16 => !self.device.is_cpu(),
+            _ => false,
+        };
+        (!dense).then(|| self.read(hf_name))
     }
 
     /// The per-frequency rope divisors of Llama 3 scaling, when present.

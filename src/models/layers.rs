@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::RopeConfig;
 use super::fused;
-use super::gguf::QuantizedRows;
 use super::quant::mlx::MlxWeights;
 use super::runs_kernels;
 use super::source::WeightSource;
@@ -49,7 +48,11 @@ impl Linear {
                     q.shape()
                 );
             }
-            return Ok(Self::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias));
+            let matrix = match q.device().is_cpu() {
+                true => host_qmatmul(q)?,
+                false => QMatMul::from_qtensor(q)?,
+            };
+            return Ok(Self::Gguf(Arc::new(matrix), bias));
         }
         let weight = vb.get((out_dim, in_dim), "weight")?;
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
@@ -194,9 +197,10 @@ pub enum Embed {
     /// Quantized `[vocab, hidden]` (lookups dequantize only the requested rows) and the dtype
     /// rows are produced in.
     Mlx(Arc<MlxWeights>, DType),
-    /// GGUF block-quantized table kept as blocks (lookups dequantize only the requested rows),
-    /// the quantized matrix for the tied output projection, and the compute dtype.
-    Gguf(Arc<QuantizedRows>, Arc<QMatMul>, DType),
+    /// GGUF table held once, as the matrix of the tied output projection: lookups dequantize
+    /// only the requested rows of its blocks (candle's quantized embedding); and the compute
+    /// dtype.
+    Gguf(Arc<QMatMul>, DType),
     /// GGUF on a GPU: the table dequantized once into device memory (f32, 4 bytes per value:
     /// 0.5 GB for a 150k × 896 table) so lookups never leave the device, which CUDA graphs
     /// need; the quantized matrix stays for the tied output projection.
@@ -214,9 +218,8 @@ impl Embed {
             }
             return Ok(Self::Mlx(Arc::new(packed), vb.dtype()));
         }
-        if let Some(rows) = vb.quantized_rows("weight") {
-            let rows = rows?;
-            let qtensor = rows.to_qtensor(vb.device())?;
+        if let Some(qtensor) = vb.quantized("weight") {
+            let qtensor = qtensor?;
             if !vb.device().is_cpu() {
                 let table = qtensor.dequantize(vb.device())?.to_dtype(vb.dtype())?;
                 let matrix = QMatMul::from_qtensor(qtensor)?;
@@ -225,8 +228,7 @@ impl Embed {
                     Arc::new(matrix),
                 ));
             }
-            let matrix = QMatMul::from_qtensor(qtensor)?;
-            return Ok(Self::Gguf(Arc::new(rows), Arc::new(matrix), vb.dtype()));
+            return Ok(Self::Gguf(Arc::new(host_qmatmul(qtensor)?), vb.dtype()));
         }
         let weight = vb.get((vocab, hidden), "weight")?;
         Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
@@ -242,7 +244,7 @@ impl Embed {
                 let hidden = rows.len() / ids_host.len().max(1);
                 Tensor::from_vec(rows, (ids_host.len(), hidden), ids.device())?.to_dtype(*dtype)
             }
-            Self::Gguf(rows, _, dtype) => rows.rows(&ids.to_vec1::<u32>()?, ids.device())?.to_dtype(*dtype),
+            Self::Gguf(matrix, dtype) => matrix.embedding(ids)?.to_dtype(*dtype),
             Self::GgufOnDevice(e, _) => e.forward(ids),
         }
     }
@@ -252,9 +254,19 @@ impl Embed {
         match self {
             Self::Dense(e) => Linear::from_weight(e.embeddings().clone()),
             Self::Mlx(w, _) => Linear::Mlx(w.clone(), None),
-            Self::Gguf(_, q, _) | Self::GgufOnDevice(_, q) => Linear::Gguf(q.clone(), None),
+            Self::Gguf(q, _) | Self::GgufOnDevice(_, q) => Linear::Gguf(q.clone(), None),
         }
     }
+}
+
+/// A GGUF matrix for the CPU: block-quantized types stay blocks; F16 stays f16 (candle would
+/// widen it to f32, doubling its memory; its f16 matmul rounds activations to f16 as
+/// llama.cpp's does).
+fn host_qmatmul(q: QTensor) -> Result<QMatMul> {
+    if q.dtype() == candle_core::quantized::GgmlDType::F16 {
+        return Ok(QMatMul::TensorF16(q.dequantize_f16(&q.device())?));
+    }
+    QMatMul::from_qtensor(q)
 }
 
 /// Root-mean-square layer norm; Gemma stores `w` and scales by `1 + w` (`unit_offset`).

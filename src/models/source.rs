@@ -86,15 +86,8 @@ impl WeightSource {
         }
     }
 
-    /// `name`'s raw GGUF blocks, when it is block-quantized (embedding tables).
-    pub fn quantized_rows(&self, name: &str) -> Option<Result<super::gguf::QuantizedRows>> {
-        match self {
-            Self::Hf(_) => None,
-            Self::Gguf { store, path } => store.quantized_rows(&join(path, name)),
-        }
-    }
-
-    /// `name` as a block-quantized GGUF tensor, when it is one (float tensors load dense).
+    /// `name` as a GGUF quantized tensor, when it is one (block-quantized, or F16 on the CPU;
+    /// other float tensors load dense).
     pub fn quantized(&self, name: &str) -> Option<Result<QTensor>> {
         match self {
             Self::Hf(_) => None,
