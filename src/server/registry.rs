@@ -40,10 +40,11 @@ impl KeepAlive {
             },
             other => return Err(format!("must be a duration string or seconds, got {other}")),
         };
-        if seconds < 0.0 {
-            Ok(KeepAlive::Forever)
-        } else {
-            Ok(KeepAlive::For(Duration::from_secs_f64(seconds)))
+        // A century or more is for good too (and keeps `Duration` in range).
+        match seconds {
+            s if s.is_nan() => Err(format!("must be a duration, got {value}")),
+            s if s < 0.0 || s >= MAX_KEEP_ALIVE_SECONDS => Ok(KeepAlive::Forever),
+            s => Ok(KeepAlive::For(Duration::from_secs_f64(s))),
         }
     }
 
@@ -54,6 +55,9 @@ impl KeepAlive {
         }
     }
 }
+
+/// Keep-alives this long or longer mean "for good".
+const MAX_KEEP_ALIVE_SECONDS: f64 = 100.0 * 365.0 * 86400.0;
 
 /// Seconds of a Go duration string (`1h2m3.5s`, `300ms`, `-5m`).
 fn parse_go_duration(s: &str) -> Result<f64, String> {
@@ -503,6 +507,9 @@ mod tests {
         assert_eq!(secs(json!(-1)), -1.0);
         assert_eq!(secs(json!("-1m")), -1.0);
         assert!(KeepAlive::parse(&json!("soon")).is_err());
+        assert!(KeepAlive::parse(&json!("NaN")).is_err());
+        assert_eq!(KeepAlive::parse(&json!(1e300)), Ok(KeepAlive::Forever));
+        assert_eq!(KeepAlive::parse(&json!("99999999999h")), Ok(KeepAlive::Forever));
         assert!(KeepAlive::parse(&json!(true)).is_err());
     }
 }

@@ -162,8 +162,10 @@ impl DiskStore {
         }
         let path = self.path_of(hash);
         let read = (|| -> std::io::Result<Vec<u8>> {
-            let mut bytes = Vec::with_capacity(HEADER_BYTES + self.identity.block_bytes);
-            std::fs::File::open(&path)?.read_to_end(&mut bytes)?;
+            // One byte more than a block file holds: a longer file is caught, never read whole.
+            let expected = (HEADER_BYTES + self.identity.block_bytes) as u64;
+            let mut bytes = Vec::with_capacity(expected as usize);
+            std::fs::File::open(&path)?.take(expected + 1).read_to_end(&mut bytes)?;
             Ok(bytes)
         })();
         let payload = read.ok().and_then(|bytes| self.checked_payload(hash, bytes));
