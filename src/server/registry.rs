@@ -43,7 +43,7 @@ impl KeepAlive {
         // A century or more is for good too (and keeps `Duration` in range).
         match seconds {
             s if s.is_nan() => Err(format!("must be a duration, got {value}")),
-            s if s < 0.0 || s >= MAX_KEEP_ALIVE_SECONDS => Ok(KeepAlive::Forever),
+            s if !(0.0..MAX_KEEP_ALIVE_SECONDS).contains(&s) => Ok(KeepAlive::Forever),
             s => Ok(KeepAlive::For(Duration::from_secs_f64(s))),
         }
     }
