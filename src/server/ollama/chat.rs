@@ -77,11 +77,16 @@ fn to_template_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, OllamaErr
                     unanswered.push_back(id.clone());
                     let arguments = match &c.function.arguments {
                         Value::Null => json!({}),
-                        args => args.clone(),
+                        args @ Value::Object(_) => args.clone(),
+                        _ => {
+                            return Err(OllamaError::bad_request(format!(
+                                "messages[{i}].tool_calls: function.arguments must be an object"
+                            )))
+                        }
                     };
-                    json!({"id": id, "type": "function", "function": {"name": c.function.name, "arguments": arguments}})
+                    Ok(json!({"id": id, "type": "function", "function": {"name": c.function.name, "arguments": arguments}}))
                 });
-                message.tool_calls = Some(calls.collect());
+                message.tool_calls = Some(calls.collect::<Result<_, _>>()?);
             }
             if m.role == "tool" {
                 message.tool_call_id = unanswered.pop_front();

@@ -240,6 +240,12 @@ fn template_call(call: &ToolCallIn, at: &str) -> Result<Value, ApiError> {
         })?,
         other => other.clone(),
     };
+    if !arguments.is_object() {
+        return Err(ApiError::invalid(
+            &format!("{at}.function.arguments"),
+            "arguments must be a JSON object (or a string holding one)",
+        ));
+    }
     Ok(json!({
         "id": call.id,
         "type": call.kind.as_deref().unwrap_or("function"),
