@@ -65,7 +65,9 @@ def write(model_dir, out, qtype, cfg, tensors, tok, tok_cfg):
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     added = {t["id"]: t for t in tok["added_tokens"]}
-    size = max(len(vocab), max(added) + 1)
+    # As many tokens as embedding rows (llama.cpp refuses a shorter list): unused ids are
+    # padding, as llama.cpp's own converter writes them.
+    size = max(len(vocab), max(added) + 1, cfg["vocab_size"])
     tokens = [None] * size
     for t, i in vocab:
         tokens[i] = t
