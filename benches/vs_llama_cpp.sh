@@ -73,7 +73,8 @@ quiet() { # wait (up to a minute) until the 1-minute load average is low
     sleep 5
   done
 }
-bench() { "$MLXD" bench --url "http://127.0.0.1:$PORT" "$@" 2>/dev/null; }
+# A failed measurement leaves its cell empty (and says so) instead of ending the comparison.
+bench() { "$MLXD" bench --url "http://127.0.0.1:$PORT" "$@" 2>>"$WORK/bench-errors.log" || echo "bench failed: $*" >&2; }
 col() { # column $2 of the last data row of bench output $1
   echo "$1" | awk -v c="$2" '$1 ~ /^[0-9]+$/ {v=$c} END {print v}'
 }
@@ -108,6 +109,7 @@ for kind in dict.fromkeys(r[0] for r in rows):
     print(f"\n{kind}")
     print(f"{'':44s} {'mlxd':>10s} {'llama':>10s} {'mlxd/llama':>11s}")
     for name, i, higher_better in metrics:
-        med = {s: statistics.median(float(r[i]) for r in rows if r[0] == kind and r[1] == s) for s in ("mlxd", "llama")}
+        vals = {s: [float(r[i]) for r in rows if r[0] == kind and r[1] == s and r[i]] for s in ("mlxd", "llama")}
+        med = {s: statistics.median(v) if v else float("nan") for s, v in vals.items()}
         print(f"{name:44s} {med['mlxd']:10.1f} {med['llama']:10.1f} {med['mlxd'] / med['llama']:11.2f}")
 PY
