@@ -165,21 +165,9 @@ pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress)
     if is_gguf(path) {
         return load_gguf(path, device, progress);
     }
-    let dir = path;
-    let config_path = dir.join("config.json");
-    let text = read_text(&config_path, "model configuration")?;
-    let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
-    let raw_config: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let quantization = raw_config.get("quantization").filter(|q| q.is_object());
+    let (cfg, raw_config, weights, summary) = open_hf(path)?;
     check_quantization_supported(&raw_config)?;
-    let weights = weights::WeightFiles::open(dir, quantization)?;
-    let model_config = model_config(
-        &cfg,
-        dtype,
-        weights.num_params(),
-        weights.summary(&text)?,
-        raw_config.clone(),
-    );
+    let model_config = model_config(&cfg, dtype, weights.num_params(), summary, raw_config);
     let vb = source::WeightSource::Hf(weights.var_builder(dtype, device)?);
     let spec = family_spec(&cfg, &vb)?;
     let model = decoder::Decoder::load(vb, &spec, model_config, progress).map_err(|e| LoadError::Malformed {
@@ -208,24 +196,10 @@ pub struct ModelSummary {
 /// Describes the model at `path` (a Hugging Face folder or a GGUF file) from its headers.
 pub fn describe(path: &Path) -> Result<ModelSummary, LoadError> {
     let (cfg, num_params, weights) = if is_gguf(path) {
-        let store = gguf::GgufStore::open(path, DType::F32, &Device::Cpu)?;
-        let raw = store.hf_config()?;
-        let cfg: config::HfConfig = serde_json::from_value(raw).map_err(|e| LoadError::Malformed {
-            file: path.display().to_string(),
-            reason: format!("metadata does not describe a supported model: {e}"),
-        })?;
-        let summary = weights::WeightsSummary::of_gguf(path, &store).map_err(|source| LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (store, cfg, _, summary) = open_gguf(path, &Device::Cpu)?;
         (cfg, store.num_params(), summary)
     } else {
-        let config_path = path.join("config.json");
-        let text = read_text(&config_path, "model configuration")?;
-        let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
-        let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-        let files = weights::WeightFiles::open(path, raw.get("quantization").filter(|q| q.is_object()))?;
-        let summary = files.summary(&text)?;
+        let (cfg, _, files, summary) = open_hf(path)?;
         (cfg, files.num_params(), summary)
     };
     Ok(ModelSummary {
@@ -259,22 +233,62 @@ pub fn is_gguf(path: &Path) -> bool {
         && &magic == b"GGUF"
 }
 
-fn load_gguf(path: &Path, device: &Device, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
-    let dtype = DType::F32;
-    let store = std::sync::Arc::new(gguf::GgufStore::open(path, dtype, device)?);
-    let raw_config = store.hf_config()?;
-    let cfg: config::HfConfig = serde_json::from_value(raw_config.clone()).map_err(|e| LoadError::Malformed {
+/// A Hugging Face folder's configuration (parsed and raw), weight files and their summary,
+/// read from headers without loading any weight.
+fn open_hf(
+    dir: &Path,
+) -> Result<
+    (
+        config::HfConfig,
+        serde_json::Value,
+        weights::WeightFiles,
+        weights::WeightsSummary,
+    ),
+    LoadError,
+> {
+    let config_path = dir.join("config.json");
+    let text = read_text(&config_path, "model configuration")?;
+    let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
+    let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let files = weights::WeightFiles::open(dir, raw.get("quantization").filter(|q| q.is_object()))?;
+    let summary = files.summary(&text)?;
+    Ok((cfg, raw, files, summary))
+}
+
+/// A GGUF file's store (for `device`, computing in f32), its configuration (parsed and as
+/// config.json) and its summary.
+fn open_gguf(
+    path: &Path,
+    device: &Device,
+) -> Result<
+    (
+        std::sync::Arc<gguf::GgufStore>,
+        config::HfConfig,
+        serde_json::Value,
+        weights::WeightsSummary,
+    ),
+    LoadError,
+> {
+    let store = std::sync::Arc::new(gguf::GgufStore::open(path, DType::F32, device)?);
+    let raw = store.hf_config()?;
+    let cfg: config::HfConfig = serde_json::from_value(raw.clone()).map_err(|e| LoadError::Malformed {
         file: path.display().to_string(),
         reason: format!("metadata does not describe a supported model: {e}"),
     })?;
-    let malformed = |e: candle_core::Error| LoadError::Malformed {
-        file: path.display().to_string(),
-        reason: e.to_string(),
-    };
     let summary = weights::WeightsSummary::of_gguf(path, &store).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;
+    Ok((store, cfg, raw, summary))
+}
+
+fn load_gguf(path: &Path, device: &Device, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
+    let dtype = DType::F32;
+    let (store, cfg, raw_config, summary) = open_gguf(path, device)?;
+    let malformed = |e: candle_core::Error| LoadError::Malformed {
+        file: path.display().to_string(),
+        reason: e.to_string(),
+    };
     let model_config = model_config(&cfg, dtype, store.num_params(), summary, raw_config);
     let src = source::WeightSource::Gguf {
         store: store.clone(),

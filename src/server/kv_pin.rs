@@ -63,12 +63,9 @@ pub async fn unpin(
 }
 
 async fn run(state: AppState, req: PinRequest, pin: bool) -> Result<Json<PinResponse>, ApiError> {
-    let prompt = match (req.prompt, &req.messages) {
-        (Some(PromptInput::Text(text)), None) => Prompt::Text {
-            text,
-            add_special_tokens: true,
-        },
-        (Some(PromptInput::Tokens(ids)), None) => Prompt::Tokens(ids),
+    let prompts = req.prompt.map(PromptInput::into_prompts);
+    let prompt = match (prompts.as_deref(), &req.messages) {
+        (Some([one]), None) => one.clone(),
         (None, Some(messages)) => Prompt::Chat(ChatPrompt::new(to_template_messages(messages)?)),
         _ => {
             return Err(ApiError::invalid(

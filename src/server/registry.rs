@@ -145,6 +145,19 @@ impl Served {
         }
     }
 
+    /// What it is, as listings show it (from the loaded engine; the context it serves).
+    pub fn summary(&self) -> ModelSummary {
+        let info = self.engine.info();
+        let m = &info.model;
+        ModelSummary {
+            architecture: m.architecture.clone(),
+            model_type: m.model_type.clone(),
+            num_params: m.num_params,
+            max_position_embeddings: info.max_model_len,
+            weights: m.weights.clone(),
+        }
+    }
+
     /// The name clients use.
     pub fn name(&self) -> &str {
         &self.entry.name
@@ -321,16 +334,7 @@ impl ModelRegistry {
             .filter_map(|entry| {
                 let served = loaded.iter().find(|s| s.entry.name == entry.name).cloned();
                 let summary = match &served {
-                    Some(s) => {
-                        let m = &s.engine.info().model;
-                        ModelSummary {
-                            architecture: m.architecture.clone(),
-                            model_type: m.model_type.clone(),
-                            num_params: m.num_params,
-                            max_position_embeddings: s.engine.info().max_model_len,
-                            weights: m.weights.clone(),
-                        }
-                    }
+                    Some(s) => s.summary(),
                     None => match crate::models::describe(&entry.path) {
                         Ok(summary) => summary,
                         Err(e) => {

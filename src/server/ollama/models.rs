@@ -176,13 +176,7 @@ pub async fn show(
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let summary = ModelSummary {
-        architecture: m.architecture.clone(),
-        model_type: m.model_type.clone(),
-        num_params: m.num_params,
-        max_position_embeddings: info.max_model_len,
-        weights: m.weights.clone(),
-    };
+    let summary = model.summary();
     Ok(Json(ShowResponse {
         modelfile,
         parameters: parameters.join("\n"),

@@ -12,13 +12,13 @@ use futures::StreamExt;
 use serde_json::{json, Map, Value};
 
 use super::choices::{self, check_n, named_by_id, total_usage};
-use super::types::{Completion, CompletionChoice, CompletionRequest, PromptInput, UsageOut};
+use super::types::{Completion, CompletionChoice, CompletionRequest, UsageOut};
 use super::{
     check_stream_options, json_event, new_id, reject_unknown, response_constraint, sampling_params, sse_response,
     unix_now,
 };
 use crate::output::{GeneratedToken, StreamItem};
-use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage, ValidatedRequest};
+use crate::request::{FinishReason, GenerationSpec, MaxTokens, Usage, ValidatedRequest};
 use crate::server::error::{ApiError, AppJson};
 use crate::server::registry::ModelLease;
 use crate::server::AppState;
@@ -92,12 +92,7 @@ fn to_specs(req: &CompletionRequest) -> Result<Vec<GenerationSpec>, ApiError> {
             "echo together with logprobs is not supported (no prompt logprobs)",
         ));
     }
-    let prompts: Vec<Prompt> = match &req.prompt {
-        PromptInput::Text(t) => vec![text_prompt(t)],
-        PromptInput::Tokens(ids) => vec![Prompt::Tokens(ids.clone())],
-        PromptInput::Texts(v) => v.iter().map(|t| text_prompt(t)).collect(),
-        PromptInput::TokenLists(v) => v.iter().map(|ids| Prompt::Tokens(ids.clone())).collect(),
-    };
+    let prompts = req.prompt.clone().into_prompts();
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt", "prompt must not be an empty list"));
     }
@@ -115,13 +110,6 @@ fn to_specs(req: &CompletionRequest) -> Result<Vec<GenerationSpec>, ApiError> {
             spec
         })
         .collect())
-}
-
-fn text_prompt(text: &str) -> Prompt {
-    Prompt::Text {
-        text: text.to_string(),
-        add_special_tokens: true,
-    }
 }
 
 /// Per prompt: its ids, and its text when `echo` asks for it back.

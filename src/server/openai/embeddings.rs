@@ -163,16 +163,7 @@ fn encode(vector: Vec<f32>, base64: bool) -> EncodedVector {
 }
 
 fn inputs(input: PromptInput) -> Result<Vec<Prompt>, ApiError> {
-    let text = |text: String| Prompt::Text {
-        text,
-        add_special_tokens: true,
-    };
-    let inputs: Vec<Prompt> = match input {
-        PromptInput::Text(t) => vec![text(t)],
-        PromptInput::Tokens(ids) => vec![Prompt::Tokens(ids)],
-        PromptInput::Texts(v) => v.into_iter().map(text).collect(),
-        PromptInput::TokenLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
-    };
+    let inputs = input.into_prompts();
     match inputs.len() {
         0 => Err(ApiError::invalid("input", "input must not be an empty list")),
         n if n > MAX_INPUTS => Err(ApiError::invalid(

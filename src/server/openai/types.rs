@@ -199,6 +199,23 @@ pub enum PromptInput {
     TokenLists(Vec<Vec<u32>>),
 }
 
+impl PromptInput {
+    /// Each prompt as the engine-neutral `Prompt` (texts tokenized with special tokens).
+    pub fn into_prompts(self) -> Vec<crate::request::Prompt> {
+        use crate::request::Prompt;
+        let text = |text: String| Prompt::Text {
+            text,
+            add_special_tokens: true,
+        };
+        match self {
+            Self::Text(t) => vec![text(t)],
+            Self::Tokens(ids) => vec![Prompt::Tokens(ids)],
+            Self::Texts(v) => v.into_iter().map(text).collect(),
+            Self::TokenLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
+        }
+    }
+}
+
 /// `POST /v1/completions` body.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct CompletionRequest {
