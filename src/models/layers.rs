@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::RopeConfig;
 use super::fused;
+use super::quant::ggml;
 use super::quant::mlx::MlxWeights;
+use super::quant::packed::PackedMatrix;
 use super::runs_kernels;
 use super::source::WeightSource;
 
@@ -18,9 +20,11 @@ use super::source::WeightSource;
 pub enum Linear {
     /// Dense weights in the compute dtype.
     Dense(candle_nn::Linear),
-    /// MLX affine-quantized weights, kept packed; the layer's own bias (if any) is dense.
-    Mlx(Arc<MlxWeights>, Option<Tensor>),
-    /// GGUF block-quantized weights through candle's quantized matmul; dense bias.
+    /// Quantized weights on the CPU (MLX affine or GGUF blocks) in the packed kernels' layout;
+    /// the layer's own bias (if any) is dense.
+    Packed(Arc<PackedMatrix>, Option<Tensor>),
+    /// GGUF weights through candle's quantized matmul (a GPU, or a type the packed kernels do
+    /// not take); dense bias.
     Gguf(Arc<QMatMul>, Option<Tensor>),
 }
 
@@ -38,7 +42,7 @@ impl Linear {
                 let dense = dequantized(&packed, vb.device(), vb.dtype())?;
                 return Ok(Self::Dense(candle_nn::Linear::new(dense, bias)));
             }
-            return Ok(Self::Mlx(Arc::new(packed), bias));
+            return Ok(Self::Packed(Arc::new(packed.packed()?), bias));
         }
         if let Some(q) = vb.quantized("weight") {
             let q = q?;
@@ -48,11 +52,13 @@ impl Linear {
                     q.shape()
                 );
             }
-            let matrix = match q.device().is_cpu() {
-                true => host_qmatmul(q)?,
-                false => QMatMul::from_qtensor(q)?,
-            };
-            return Ok(Self::Gguf(Arc::new(matrix), bias));
+            if !q.device().is_cpu() {
+                return Ok(Self::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias));
+            }
+            return Ok(match ggml::pack(&q)? {
+                Some(packed) => Self::Packed(Arc::new(packed), bias),
+                None => Self::Gguf(Arc::new(host_qmatmul(q)?), bias),
+            });
         }
         let weight = vb.get((out_dim, in_dim), "weight")?;
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
@@ -68,7 +74,7 @@ impl Linear {
     pub fn split_rows(&self, sizes: &[usize]) -> Result<Vec<Linear>> {
         let bias = match self {
             Self::Dense(l) => l.bias(),
-            Self::Mlx(_, b) | Self::Gguf(_, b) => b.as_ref(),
+            Self::Packed(_, b) | Self::Gguf(_, b) => b.as_ref(),
         };
         let mut start = 0;
         sizes
@@ -79,7 +85,7 @@ impl Linear {
                     Self::Dense(l) => {
                         Self::Dense(candle_nn::Linear::new(l.weight().narrow(0, start, n)?.contiguous()?, b))
                     }
-                    Self::Mlx(w, _) => Self::Mlx(Arc::new(w.rows(start, n)), b),
+                    Self::Packed(w, _) => Self::Packed(Arc::new(w.rows(start, n)), b),
                     // candle cannot slice a block-quantized tensor: fused GGUF projections
                     // (Phi-3) are split dense, in f32 (GGUF models compute in f32).
                     Self::Gguf(w, _) => Self::Dense(candle_nn::Linear::new(
@@ -104,7 +110,7 @@ impl Linear {
             .iter()
             .map(|p| match p {
                 Self::Dense(l) => l.bias(),
-                Self::Mlx(_, b) | Self::Gguf(_, b) => b.as_ref(),
+                Self::Packed(_, b) | Self::Gguf(_, b) => b.as_ref(),
             })
             .collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
@@ -165,7 +171,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => l.forward(x),
-            Self::Mlx(w, bias) => with_bias(w.matmul(x)?, bias),
+            Self::Packed(w, bias) => with_bias(w.matmul(x)?, bias),
             Self::Gguf(w, bias) => {
                 let dtype = x.dtype();
                 with_bias(w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?, bias)
@@ -194,12 +200,12 @@ fn with_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
 pub enum Embed {
     /// Dense `[vocab, hidden]`.
     Dense(candle_nn::Embedding),
-    /// Quantized `[vocab, hidden]` (lookups dequantize only the requested rows) and the dtype
-    /// rows are produced in.
-    Mlx(Arc<MlxWeights>, DType),
-    /// GGUF table held once, as the matrix of the tied output projection: lookups dequantize
-    /// only the requested rows of its blocks (candle's quantized embedding); and the compute
-    /// dtype.
+    /// Quantized `[vocab, hidden]` on the CPU (MLX or GGUF), held once as the matrix of the
+    /// tied output projection; lookups dequantize only the requested rows. And the dtype rows
+    /// are produced in.
+    Packed(Arc<PackedMatrix>, DType),
+    /// A GGUF table of a type the packed kernels do not take, held once the same way through
+    /// candle's quantized embedding; and the compute dtype.
     Gguf(Arc<QMatMul>, DType),
     /// GGUF on a GPU: the table dequantized once into device memory (f32, 4 bytes per value:
     /// 0.5 GB for a 150k × 896 table) so lookups never leave the device, which CUDA graphs
@@ -216,7 +222,7 @@ impl Embed {
                 let dense = dequantized(&packed, vb.device(), vb.dtype())?;
                 return Ok(Self::Dense(candle_nn::Embedding::new(dense, hidden)));
             }
-            return Ok(Self::Mlx(Arc::new(packed), vb.dtype()));
+            return Ok(Self::Packed(Arc::new(packed.packed()?), vb.dtype()));
         }
         if let Some(qtensor) = vb.quantized("weight") {
             let qtensor = qtensor?;
@@ -228,7 +234,10 @@ impl Embed {
                     Arc::new(matrix),
                 ));
             }
-            return Ok(Self::Gguf(Arc::new(host_qmatmul(qtensor)?), vb.dtype()));
+            return Ok(match ggml::pack(&qtensor)? {
+                Some(packed) => Self::Packed(Arc::new(packed), vb.dtype()),
+                None => Self::Gguf(Arc::new(host_qmatmul(qtensor)?), vb.dtype()),
+            });
         }
         let weight = vb.get((vocab, hidden), "weight")?;
         Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
@@ -238,7 +247,7 @@ impl Embed {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(e) => e.forward(ids),
-            Self::Mlx(w, dtype) => {
+            Self::Packed(w, dtype) => {
                 let ids_host: Vec<u32> = ids.to_vec1()?;
                 let rows = w.dequantize_rows(&ids_host);
                 let hidden = rows.len() / ids_host.len().max(1);
@@ -253,7 +262,7 @@ impl Embed {
     pub fn as_linear(&self) -> Linear {
         match self {
             Self::Dense(e) => Linear::from_weight(e.embeddings().clone()),
-            Self::Mlx(w, _) => Linear::Mlx(w.clone(), None),
+            Self::Packed(w, _) => Linear::Packed(w.clone(), None),
             Self::Gguf(q, _) | Self::GgufOnDevice(_, q) => Linear::Gguf(q.clone(), None),
         }
     }

@@ -124,6 +124,22 @@ impl ModelRunner {
             .expect("logits")
     }
 
+    /// Logits at every step of all `prompts` together, each fed `followed[i]` (teacher
+    /// forcing): `[seq][step]`, step 0 from the prompt, step i after `followed[i][..i]`.
+    pub fn forced(&mut self, prompts: &[Vec<u32>], followed: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+        let mut steps = vec![Vec::new(); prompts.len()];
+        let mut chunks: Vec<(usize, usize, Vec<u32>)> =
+            prompts.iter().enumerate().map(|(i, p)| (i, 0, p.clone())).collect();
+        let n = followed.iter().map(Vec::len).min().unwrap_or(0);
+        for step in 0..n {
+            for ((i, row), fed) in self.forward(&chunks).into_iter().enumerate().zip(followed) {
+                steps[i].push(row);
+                chunks[i] = (i, prompts[i].len() + step, vec![fed[step]]);
+            }
+        }
+        steps
+    }
+
     /// Greedy decoding of all `prompts` together in one batch per step.
     pub fn greedy(&mut self, prompts: &[Vec<u32>], steps: usize) -> GreedyRun {
         let mut run = GreedyRun {
