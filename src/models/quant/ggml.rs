@@ -29,14 +29,14 @@ fn format(dtype: GgmlDType) -> Option<BlockFormat> {
         },
     };
     Some(match dtype {
-        GgmlDType::Q4_0 => f(32, 18, 32, true, Some(8.0)),
+        GgmlDType::Q4_0 => f(32, 18, 32, true, Some(8)),
         GgmlDType::Q4_1 => f(32, 20, 32, true, None),
-        GgmlDType::Q5_0 => f(32, 22, 32, false, Some(16.0)),
+        GgmlDType::Q5_0 => f(32, 22, 32, false, Some(16)),
         GgmlDType::Q5_1 => f(32, 24, 32, false, None),
-        GgmlDType::Q8_0 => f(32, 34, 32, false, Some(128.0)),
+        GgmlDType::Q8_0 => f(32, 34, 32, false, Some(128)),
         GgmlDType::Q4K => f(256, 144, 32, true, None),
         GgmlDType::Q5K => f(256, 176, 32, false, None),
-        GgmlDType::Q6K => f(256, 210, 16, false, Some(32.0)),
+        GgmlDType::Q6K => f(256, 210, 16, false, Some(32)),
         _ => return None,
     })
 }

@@ -15,7 +15,7 @@ use super::kernels;
 
 /// Values per padded run (one 512-bit vector of 8-bit levels).
 pub const RUN: usize = 64;
-/// Extra scales after the last row, so a kernel may load four at once anywhere.
+/// Extra scales (and mins) after the last row, so a kernel may load four at once anywhere.
 const SCALE_PAD: usize = 4;
 
 /// One decoded row (or block run): a level per value, a scale per group, a min per group for
@@ -38,7 +38,7 @@ pub struct PackSpec {
     /// Values per scale (16, 32, or a multiple of 64).
     pub group: usize,
     /// `min = -zero_point · scale` when set; otherwise mins are stored.
-    pub zero_point: Option<f32>,
+    pub zero_point: Option<u8>,
 }
 
 /// A quantized `[rows, cols]` matrix in the kernels' layout.
@@ -70,7 +70,7 @@ impl PackedMatrix {
         let mut values = vec![0u8; rows * row_bytes];
         let mut scales = vec![0f32; rows * groups + SCALE_PAD];
         // Mins are kept only by formats that store them; zero-point formats drop them.
-        let mut mins = vec![0f32; rows * groups];
+        let mut mins = vec![0f32; rows * groups + SCALE_PAD];
         let bad_row = values
             .par_chunks_mut(row_bytes.max(1))
             .zip(scales.par_chunks_mut(groups.max(1)))
@@ -140,7 +140,11 @@ impl PackedMatrix {
             rows: n,
             values: self.values[start * b..(start + n) * b].to_vec(),
             scales,
-            mins: self.mins.as_ref().map(|m| m[start * g..(start + n) * g].to_vec()),
+            mins: self.mins.as_ref().map(|m| {
+                let mut part = m[start * g..(start + n) * g].to_vec();
+                part.resize(n * g + SCALE_PAD, 0.0);
+                part
+            }),
             cols: self.cols,
             padded_cols: self.padded_cols,
             spec: self.spec,
@@ -167,7 +171,7 @@ impl PackedMatrix {
         let at = o * self.groups_per_row() + g;
         match (&self.mins, self.spec.zero_point) {
             (Some(mins), _) => mins[at],
-            (None, zp) => -zp.unwrap_or(0.0) * self.scales[at],
+            (None, zp) => -(zp.unwrap_or(0) as f32) * self.scales[at],
         }
     }
 

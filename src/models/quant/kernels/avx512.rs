@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{min_term, Activations, Output};
+use super::{Activations, Output, LANES};
 use crate::models::quant::packed::{PackedMatrix, RUN};
 
 /// Weight rows per tile.
@@ -23,16 +23,22 @@ pub(super) fn available() -> bool {
 }
 
 /// Products for output columns `range`, every activation row.
-pub(super) fn product(w: &PackedMatrix, a: &Activations, sums: &[f32], range: Range<usize>, out: &Output) {
+pub(super) fn product(w: &PackedMatrix, a: &Activations, range: Range<usize>, out: &Output) {
     assert!(available(), "the AVX-512 VNNI kernel needs AVX-512 F, BW and VNNI");
-    let lanes = scale_lane_groups(w.spec.group);
+    let ctx = Ctx {
+        w,
+        a,
+        out,
+        lanes: scale_lane_groups(w.spec.group),
+    };
     // SAFETY: the instructions are present (asserted above); every load stays inside the
-    // padded rows, scales (padded by four) and activation buffers (see `tile`).
+    // padded rows, scales and mins (padded by four) and activation buffers (see `tile`).
     unsafe {
-        if w.spec.four_bit {
-            rows::<true>(w, a, sums, range, out, &lanes)
-        } else {
-            rows::<false>(w, a, sums, range, out, &lanes)
+        match (w.spec.four_bit, w.mins.is_some()) {
+            (true, true) => rows::<true, true>(&ctx, range),
+            (true, false) => rows::<true, false>(&ctx, range),
+            (false, true) => rows::<false, true>(&ctx, range),
+            (false, false) => rows::<false, false>(&ctx, range),
         }
     }
 }
@@ -43,63 +49,59 @@ fn scale_lane_groups(group: usize) -> [i32; 16] {
     std::array::from_fn(|lane| (lane * 4 / group.min(RUN)) as i32 % (RUN / group.min(RUN)) as i32)
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn rows<const FOUR: bool>(
-    w: &PackedMatrix,
-    a: &Activations,
-    sums: &[f32],
-    range: Range<usize>,
-    out: &Output,
-    lanes: &[i32; 16],
-) {
-    let ctx = Ctx { w, a, sums, out, lanes };
-    let mut o = range.start;
-    while o + TILE_ROWS <= range.end {
-        acts::<FOUR, TILE_ROWS>(&ctx, o);
-        o += TILE_ROWS;
-    }
-    while o < range.end {
-        acts::<FOUR, 1>(&ctx, o);
-        o += 1;
-    }
-}
-
 /// Everything a tile reads.
 struct Ctx<'a> {
     w: &'a PackedMatrix,
     a: &'a Activations,
-    sums: &'a [f32],
     out: &'a Output,
-    lanes: &'a [i32; 16],
+    lanes: [i32; 16],
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn acts<const FOUR: bool, const RM: usize>(ctx: &Ctx, o: usize) {
+unsafe fn rows<const FOUR: bool, const MINS: bool>(ctx: &Ctx, range: Range<usize>) {
+    let mut o = range.start;
+    while o + TILE_ROWS <= range.end {
+        acts::<FOUR, MINS, TILE_ROWS>(ctx, o);
+        o += TILE_ROWS;
+    }
+    while o < range.end {
+        acts::<FOUR, MINS, 1>(ctx, o);
+        o += 1;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn acts<const FOUR: bool, const MINS: bool, const RM: usize>(ctx: &Ctx, o: usize) {
     let mut m = 0;
     while m + TILE_ACTS <= ctx.a.rows {
-        tile::<FOUR, RM, TILE_ACTS>(ctx, o, m);
+        tile::<FOUR, MINS, RM, TILE_ACTS>(ctx, o, m);
         m += TILE_ACTS;
     }
     match ctx.a.rows - m {
-        1 => tile::<FOUR, RM, 1>(ctx, o, m),
-        2 => tile::<FOUR, RM, 2>(ctx, o, m),
-        3 => tile::<FOUR, RM, 3>(ctx, o, m),
+        1 => tile::<FOUR, MINS, RM, 1>(ctx, o, m),
+        2 => tile::<FOUR, MINS, RM, 2>(ctx, o, m),
+        3 => tile::<FOUR, MINS, RM, 3>(ctx, o, m),
         _ => {}
     }
 }
 
-/// Outputs `(m0..m0 + RN, o0..o0 + RM)`.
+/// Outputs `(m0..m0 + RN, o0..o0 + RM)`. Zero-point formats (`!MINS`) start each integer dot at
+/// `-zero_point · Σ levels` of its lane, so the zero point costs nothing; formats with mins add
+/// `min · d · Σ levels` per lane in f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const FOUR: bool, const RM: usize, const RN: usize>(ctx: &Ctx, o0: usize, m0: usize) {
+unsafe fn tile<const FOUR: bool, const MINS: bool, const RM: usize, const RN: usize>(ctx: &Ctx, o0: usize, m0: usize) {
     let (w, a) = (ctx.w, ctx.a);
     let runs = w.padded_cols / RUN;
     let (row_bytes, groups, group) = (w.row_bytes(), w.groups_per_row(), w.spec.group);
     let lane_idx = _mm512_loadu_si512(ctx.lanes.as_ptr().cast());
+    let neg_zero_point = _mm512_set1_epi32(-i32::from(w.spec.zero_point.unwrap_or(0)));
+    let mins = w.mins.as_deref().unwrap_or(&[]);
     let low = _mm256_set1_epi8(0x0F);
     let mut acc = [[_mm512_setzero_ps(); RM]; RN];
     for run in 0..runs {
         let mut levels = [_mm512_setzero_si512(); RM];
         let mut scales = [_mm512_setzero_ps(); RM];
+        let mut min_lanes = [_mm512_setzero_ps(); RM];
         for r in 0..RM {
             let o = o0 + r;
             // In bounds: a row holds `runs` runs of RUN (8-bit) or RUN / 2 (4-bit) bytes.
@@ -111,26 +113,41 @@ unsafe fn tile<const FOUR: bool, const RM: usize, const RN: usize>(ctx: &Ctx, o0
             } else {
                 _mm512_loadu_si512(w.values.as_ptr().add(o * row_bytes + run * RUN).cast())
             };
-            // In bounds: at most four scales from the run's first group; the array has four
-            // spare scales after the last row.
-            let four = _mm_loadu_ps(w.scales.as_ptr().add(o * groups + run * RUN / group));
-            scales[r] = _mm512_permutexvar_ps(lane_idx, _mm512_castps128_ps512(four));
+            // In bounds: at most four values from the run's first group; scales and mins have
+            // four spare values after the last row.
+            let at = o * groups + run * RUN / group;
+            scales[r] = _mm512_permutexvar_ps(
+                lane_idx,
+                _mm512_castps128_ps512(_mm_loadu_ps(w.scales.as_ptr().add(at))),
+            );
+            if MINS {
+                min_lanes[r] =
+                    _mm512_permutexvar_ps(lane_idx, _mm512_castps128_ps512(_mm_loadu_ps(mins.as_ptr().add(at))));
+            }
         }
         for (n, acc_m) in acc.iter_mut().enumerate() {
-            let m = m0 + n;
-            let q = _mm512_loadu_si512(a.q.as_ptr().add(m * a.padded_cols + run * RUN).cast());
-            let d = _mm512_loadu_ps(a.scale_lanes.as_ptr().add((m * runs + run) * 16));
-            for (cell, (&wl, &ws)) in acc_m.iter_mut().zip(levels.iter().zip(&scales)) {
-                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wl, q);
-                *cell = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, d), *cell);
+            let lane = ((m0 + n) * runs + run) * LANES;
+            let q = _mm512_loadu_si512(a.q.as_ptr().add((m0 + n) * a.padded_cols + run * RUN).cast());
+            let d = _mm512_loadu_ps(a.scale_lanes.as_ptr().add(lane));
+            let sums = _mm512_loadu_si512(a.lane_sums.as_ptr().add(lane).cast());
+            let (start, sums_f) = if MINS {
+                (_mm512_setzero_si512(), _mm512_mul_ps(_mm512_cvtepi32_ps(sums), d))
+            } else {
+                (_mm512_mullo_epi32(sums, neg_zero_point), _mm512_setzero_ps())
+            };
+            for r in 0..RM {
+                let dot = _mm512_dpbusd_epi32(start, levels[r], q);
+                let mut cell = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales[r], d), acc_m[r]);
+                if MINS {
+                    cell = _mm512_fmadd_ps(min_lanes[r], sums_f, cell);
+                }
+                acc_m[r] = cell;
             }
         }
     }
     for (n, acc_m) in acc.iter().enumerate() {
         for (r, lanes) in acc_m.iter().enumerate() {
-            let (o, m) = (o0 + r, m0 + n);
-            ctx.out
-                .write(m, o, _mm512_reduce_add_ps(*lanes) + min_term(w, o, ctx.sums, m));
+            ctx.out.write(m0 + n, o0 + r, _mm512_reduce_add_ps(*lanes));
         }
     }
 }

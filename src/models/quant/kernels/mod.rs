@@ -20,8 +20,8 @@ use super::packed::{PackedMatrix, RUN};
 
 /// Values per activation block (one int8 scale each).
 const BLOCK: usize = 32;
-/// Values per activation partial sum (the finest weight group, Q6_K's 16).
-const SUM_SPAN: usize = 16;
+/// Lanes of a 512-bit integer dot product over one run (each sums 4 adjacent values).
+const LANES: usize = 16;
 
 /// The instruction set a product runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,30 +55,30 @@ pub(super) struct Activations {
     /// Per row and run of 64 values, 16 lanes: the first block's scale ×8, the second's ×8
     /// (the lane order of a 512-bit integer dot product).
     pub(super) scale_lanes: Vec<f32>,
-    /// `[rows, padded_cols / SUM_SPAN]` sums of the quantized values (for weight mins), so
-    /// that a product is exactly dequantized weights times dequantized activations.
-    sums: Vec<f32>,
+    /// Per row and run, 16 lanes: the sum of each lane's 4 levels (weight zero points and
+    /// mins multiply them).
+    pub(super) lane_sums: Vec<i32>,
 }
 
 impl Activations {
     /// Quantizes `[rows, cols]` f32 values, zero-padded to `padded_cols` per row.
     pub(super) fn quantize(x: &[f32], rows: usize, cols: usize, padded_cols: usize) -> Self {
-        let runs = padded_cols / RUN;
+        let lanes_per_row = padded_cols / RUN * LANES;
         let mut a = Self {
             rows,
             padded_cols,
             q: vec![0; rows * padded_cols],
-            scale_lanes: vec![0.0; rows * runs * 16],
-            sums: vec![0.0; rows * padded_cols / SUM_SPAN],
+            scale_lanes: vec![0.0; rows * lanes_per_row],
+            lane_sums: vec![0; rows * lanes_per_row],
         };
-        let quantize_row = |((src, q), (lanes, sums))| quantize_row(src, q, lanes, sums);
+        let quantize_row = |((src, q), (scales, sums))| quantize_row(src, q, scales, sums);
         let rows_iter = x
             .chunks_exact(cols.max(1))
             .zip(a.q.chunks_exact_mut(padded_cols.max(1)))
             .zip(
                 a.scale_lanes
-                    .chunks_exact_mut((runs * 16).max(1))
-                    .zip(a.sums.chunks_exact_mut((padded_cols / SUM_SPAN).max(1))),
+                    .chunks_exact_mut(lanes_per_row.max(1))
+                    .zip(a.lane_sums.chunks_exact_mut(lanes_per_row.max(1))),
             );
         if rows >= 8 {
             rows_iter.par_bridge().for_each(quantize_row);
@@ -88,23 +88,15 @@ impl Activations {
         a
     }
 
-    /// `[rows, padded_cols / group]` sums of the quantized values per weight group.
-    fn group_sums(&self, group: usize) -> Vec<f32> {
-        self.sums
-            .chunks_exact((group / SUM_SPAN).max(1))
-            .map(|c| c.iter().sum())
-            .collect()
-    }
-
     /// The scale of block `b` of row `m`.
     pub(super) fn block_scale(&self, m: usize, b: usize) -> f32 {
-        self.scale_lanes[(m * self.padded_cols / RUN + b / 2) * 16 + b % 2 * 8]
+        self.scale_lanes[(m * self.padded_cols / RUN + b / 2) * LANES + b % 2 * 8]
     }
 }
 
-/// One row of activations to int8 blocks: levels `q`, the 16 scale lanes per run, and the
-/// dequantized sums per `SUM_SPAN` values.
-fn quantize_row(src: &[f32], q: &mut [i8], lanes: &mut [f32], sums: &mut [f32]) {
+/// One row of activations to int8 blocks: levels `q`, and per run the 16 scale lanes and the
+/// 16 lane sums.
+fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
     for (b, (block, qb)) in src.chunks(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -113,10 +105,10 @@ fn quantize_row(src: &[f32], q: &mut [i8], lanes: &mut [f32], sums: &mut [f32]) 
             *l = (v * inv).round() as i8;
         }
         // The scale is kept as f16, as llama.cpp's Q8_0 blocks keep it.
-        let d = half::f16::from_f32(d).to_f32();
-        lanes[b / 2 * 16 + b % 2 * 8..][..8].fill(d);
-        for (s, part) in sums[b * BLOCK / SUM_SPAN..].iter_mut().zip(qb.chunks_exact(SUM_SPAN)) {
-            *s = d * part.iter().map(|&v| v as i32).sum::<i32>() as f32;
+        let lanes = b / 2 * LANES + b % 2 * 8..;
+        scales[lanes.clone()][..8].fill(half::f16::from_f32(d).to_f32());
+        for (s, four) in sums[lanes][..8].iter_mut().zip(qb.chunks_exact(4)) {
+            *s = four.iter().map(|&v| v as i32).sum();
         }
     }
 }
@@ -142,30 +134,6 @@ impl Output {
     }
 }
 
-/// The min term of output `(m, o)`: `Σ_g min(o, g) · Σ x over group g of row m`.
-pub(super) fn min_term(w: &PackedMatrix, o: usize, sums: &[f32], m: usize) -> f32 {
-    let g = w.groups_per_row();
-    let sums = &sums[m * g..(m + 1) * g];
-    match &w.mins {
-        Some(mins) => dot(&mins[o * g..(o + 1) * g], sums),
-        None => -w.spec.zero_point.unwrap_or(0.0) * dot(&w.scales[o * g..(o + 1) * g], sums),
-    }
-}
-
-/// `Σ a·b` with independent partial sums (vectorizes).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// `x · Wᵀ` for `rows` rows of `x` (`[rows, w.cols]`), `[rows, w.rows]` out.
 pub fn product(w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     product_with(Kernel::detect(), w, x, rows)
@@ -174,7 +142,6 @@ pub fn product(w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
 /// `product` on a chosen kernel (tests compare them).
 pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     let acts = Activations::quantize(x, rows, w.cols, w.padded_cols);
-    let sums = acts.group_sums(w.spec.group);
     let mut out = vec![0f32; rows * w.rows];
     let output = Output {
         ptr: out.as_mut_ptr(),
@@ -184,8 +151,8 @@ pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) ->
     let chunk = rows_per_task(w.rows);
     let run = |range: Range<usize>| match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => avx512::product(w, &acts, &sums, range, &output),
-        _ => portable::product(w, &acts, &sums, range, &output),
+        Kernel::Avx512Vnni => avx512::product(w, &acts, range, &output),
+        _ => portable::product(w, &acts, range, &output),
     };
     (0..w.rows.div_ceil(chunk))
         .into_par_iter()
@@ -258,12 +225,12 @@ mod tests {
             zero_point,
         };
         vec![
-            (spec(true, 32, Some(8.0)), 96),    // Q4_0, a row not a multiple of 64
-            (spec(true, 32, None), 256),        // Q4_K / Q4_1
-            (spec(false, 32, Some(128.0)), 64), // Q8_0
-            (spec(false, 16, Some(32.0)), 256), // Q6_K
-            (spec(true, 64, None), 192),        // MLX 4-bit, group 64
-            (spec(false, 128, None), 256),      // MLX 8-bit, group 128
+            (spec(true, 32, Some(8)), 96),    // Q4_0, a row not a multiple of 64
+            (spec(true, 32, None), 256),      // Q4_K / Q4_1
+            (spec(false, 32, Some(128)), 64), // Q8_0
+            (spec(false, 16, Some(32)), 256), // Q6_K
+            (spec(true, 64, None), 192),      // MLX 4-bit, group 64
+            (spec(false, 128, None), 256),    // MLX 8-bit, group 128
         ]
     }
 

@@ -1,0 +1,127 @@
+//! The CPU matmul kernels against the memory roofline, on the weight shapes of Qwen2.5-0.5B
+//! (24 layers of q/k/v/o/gate/up/down plus the 151,936-row output projection).
+//!
+//! `RAYON_NUM_THREADS=2 RUSTFLAGS="-C target-cpu=native" cargo bench --bench cpu_kernels`
+//!
+//! First measures the bandwidth of reading a 1 GiB buffer with the same threads, then for each
+//! packed format one forward pass worth of products at 1, 8 and 512 activation rows: time,
+//! weight bytes read per second and the fraction of measured bandwidth (decode is
+//! bandwidth-bound: 1.0 is the roofline), and multiply-adds per second.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use mlxd::models::quant::kernels::{product_with, Kernel};
+use mlxd::models::quant::packed::{PackSpec, PackedMatrix};
+use rayon::prelude::*;
+
+const HIDDEN: usize = 896;
+const KV: usize = 128;
+const INTERMEDIATE: usize = 4864;
+const VOCAB: usize = 151_936;
+const LAYERS: usize = 24;
+
+/// Best of `tries` timings of `f`.
+fn best(tries: usize, mut f: impl FnMut()) -> Duration {
+    (0..tries)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .expect("at least one try")
+}
+
+/// GB/s of summing a 1 GiB buffer on every rayon thread.
+fn read_bandwidth() -> f64 {
+    let words = vec![1u64; (1 << 30) / 8];
+    let time = best(5, || {
+        let sum: u64 = words.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a ^ b)).sum();
+        black_box(sum);
+    });
+    (words.len() * 8) as f64 / time.as_secs_f64() / 1e9
+}
+
+fn matrix(rows: usize, cols: usize, spec: PackSpec, seed: usize) -> PackedMatrix {
+    let levels = if spec.four_bit { 16 } else { 256 };
+    PackedMatrix::from_rows(rows, cols, spec, |o, l| {
+        l.q.extend((0..cols).map(|k| ((o * 131 + k * 31 + seed) % levels) as u8));
+        l.scales.extend((0..cols / spec.group).map(|g| 1e-3 * (1 + (o + g) % 7) as f32));
+        if spec.zero_point.is_none() {
+            l.mins.extend((0..cols / spec.group).map(|g| -1e-3 * (1 + (o * 3 + g) % 5) as f32));
+        }
+    })
+    .expect("packs")
+}
+
+/// Bytes a kernel reads for `m`: levels, scales and mins.
+fn bytes(m: &PackedMatrix, spec: PackSpec) -> usize {
+    let values = m.out_dim() * m.in_dim() / if spec.four_bit { 2 } else { 1 };
+    let params = m.out_dim() * m.in_dim() / spec.group * if spec.zero_point.is_some() { 4 } else { 8 };
+    values + params
+}
+
+fn main() {
+    let bandwidth = read_bandwidth();
+    println!(
+        "threads {}, kernel {:?}, read bandwidth {bandwidth:.1} GB/s",
+        rayon::current_num_threads(),
+        Kernel::detect()
+    );
+    let spec = |four_bit, group, zero_point| PackSpec {
+        four_bit,
+        group,
+        zero_point,
+    };
+    let formats = [
+        ("Q8_0", spec(false, 32, Some(128))),
+        ("Q4_0", spec(true, 32, Some(8))),
+        ("Q4_K", spec(true, 32, None)),
+        ("Q6_K", spec(false, 16, Some(32))),
+        ("MLX 4-bit g64", spec(true, 64, None)),
+        ("MLX 8-bit g64", spec(false, 64, None)),
+    ];
+    println!("format          rows  ms/pass   weight GB/s  of roofline  GMAC/s");
+    for (name, spec) in formats {
+        let shapes = [
+            (HIDDEN, HIDDEN),
+            (KV, HIDDEN),
+            (KV, HIDDEN),
+            (HIDDEN, HIDDEN),
+            (INTERMEDIATE, HIDDEN),
+            (INTERMEDIATE, HIDDEN),
+            (HIDDEN, INTERMEDIATE),
+        ];
+        let layers: Vec<PackedMatrix> = (0..LAYERS)
+            .flat_map(|l| shapes.iter().enumerate().map(move |(i, &(r, c))| (l * 7 + i, r, c)))
+            .map(|(seed, r, c)| matrix(r, c, spec, seed))
+            .collect();
+        let head = matrix(VOCAB, HIDDEN, spec, 999);
+        for rows in [1, 8, 512] {
+            // A prefill computes the output projection for its last row only.
+            let head_rows = if rows > 8 { 1 } else { rows };
+            let input = |cols: usize, n: usize| -> Vec<f32> { (0..n * cols).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect() };
+            let inputs: Vec<Vec<f32>> = layers.iter().map(|m| input(m.in_dim(), rows)).collect();
+            let head_input = input(HIDDEN, head_rows);
+            let tries = if rows > 8 { 2 } else { 5 };
+            let time = best(tries, || {
+                for (m, x) in layers.iter().zip(&inputs) {
+                    black_box(product_with(Kernel::detect(), m, x, rows));
+                }
+                black_box(product_with(Kernel::detect(), &head, &head_input, head_rows));
+            });
+            let read: usize = layers.iter().map(|m| bytes(m, spec)).sum::<usize>() + bytes(&head, spec);
+            let macs: usize = layers.iter().map(|m| m.out_dim() * m.in_dim() * rows).sum::<usize>()
+                + head.out_dim() * head.in_dim() * head_rows;
+            let secs = time.as_secs_f64();
+            let gbs = read as f64 / secs / 1e9;
+            println!(
+                "{name:<15} {rows:>4}  {:>7.2}  {gbs:>11.1}  {:>11.2}  {:>6.1}",
+                secs * 1e3,
+                gbs / bandwidth,
+                macs as f64 / secs / 1e9
+            );
+        }
+    }
+}
