@@ -37,7 +37,10 @@ fn best(tries: usize, mut f: impl FnMut()) -> Duration {
 fn read_bandwidth() -> f64 {
     let words = vec![1u64; (1 << 30) / 8];
     let time = best(5, || {
-        let sum: u64 = words.par_chunks(1 << 16).map(|c| c.iter().fold(0u64, |a, &b| a ^ b)).sum();
+        let sum: u64 = words
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &b| a ^ b))
+            .sum();
         black_box(sum);
     });
     (words.len() * 8) as f64 / time.as_secs_f64() / 1e9
@@ -47,9 +50,11 @@ fn matrix(rows: usize, cols: usize, spec: PackSpec, seed: usize) -> PackedMatrix
     let levels = if spec.four_bit { 16 } else { 256 };
     PackedMatrix::from_rows(rows, cols, spec, |o, l| {
         l.q.extend((0..cols).map(|k| ((o * 131 + k * 31 + seed) % levels) as u8));
-        l.scales.extend((0..cols / spec.group).map(|g| 1e-3 * (1 + (o + g) % 7) as f32));
+        l.scales
+            .extend((0..cols / spec.group).map(|g| 1e-3 * (1 + (o + g) % 7) as f32));
         if spec.zero_point.is_none() {
-            l.mins.extend((0..cols / spec.group).map(|g| -1e-3 * (1 + (o * 3 + g) % 5) as f32));
+            l.mins
+                .extend((0..cols / spec.group).map(|g| -1e-3 * (1 + (o * 3 + g) % 5) as f32));
         }
     })
     .expect("packs")
@@ -101,7 +106,9 @@ fn main() {
         for rows in [1, 8, 512] {
             // A prefill computes the output projection for its last row only.
             let head_rows = if rows > 8 { 1 } else { rows };
-            let input = |cols: usize, n: usize| -> Vec<f32> { (0..n * cols).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect() };
+            let input = |cols: usize, n: usize| -> Vec<f32> {
+                (0..n * cols).map(|i| ((i % 97) as f32 - 48.0) / 50.0).collect()
+            };
             let inputs: Vec<Vec<f32>> = layers.iter().map(|m| input(m.in_dim(), rows)).collect();
             let head_input = input(HIDDEN, head_rows);
             let tries = if rows > 8 { 2 } else { 5 };

@@ -456,7 +456,10 @@ impl EngineCore {
 
     /// One step under [INV_STEP_ISOLATION].
     fn guarded_step(&mut self) {
-        let error = match catch_unwind(AssertUnwindSafe(|| self.step())) {
+        let device = self.device.clone();
+        let error = match catch_unwind(AssertUnwindSafe(|| {
+            crate::device::on_compute_threads(&device, || self.step())
+        })) {
             Ok(Ok(())) => return,
             Ok(Err(e)) => e.to_string(),
             Err(panic) => format!("panic: {}", panic_message(panic.as_ref())),
