@@ -85,7 +85,7 @@ impl Linear {
                     Self::Dense(l) => {
                         Self::Dense(candle_nn::Linear::new(l.weight().narrow(0, start, n)?.contiguous()?, b))
                     }
-                    Self::Packed(w, _) => Self::Packed(Arc::new(w.rows(start, n)), b),
+                    Self::Packed(w, _) => Self::Packed(Arc::new(w.rows(start, n)?), b),
                     // candle cannot slice a block-quantized tensor: fused GGUF projections
                     // (Phi-3) are split dense, in f32 (GGUF models compute in f32).
                     Self::Gguf(w, _) => Self::Dense(candle_nn::Linear::new(

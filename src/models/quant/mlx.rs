@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn split_rows_keep_their_groups() {
         let (w, dense) = weights(3, 6, 64, 64);
-        let part = w.packed().expect("packs").rows(2, 3);
+        let part = w.packed().expect("packs").rows(2, 3).expect("splits");
         let mut row = vec![0f32; 64];
         part.dequantize_row(1, &mut row);
         assert_eq!(row, dense[3 * 64..4 * 64]);

@@ -1,25 +1,29 @@
-//! One CPU layout for every quantized weight format: per row, unsigned levels (4 bits, two per
-//! byte, or 8 bits) with an f32 scale per group and either an f32 min per group or a zero
-//! point, `w = scale · q + min`. GGUF blocks (Q4_0 … Q6_K) and MLX affine weights are repacked
-//! into it once at load, so one kernel family (`kernels`) multiplies them all, reading each
-//! weight once per step for every row of the batch.
+//! One CPU layout for every quantized weight format: unsigned levels (4 bits, two per byte, or
+//! 8 bits) with an f32 scale per group and either an f32 min per group or a zero point,
+//! `w = scale · q + min`. GGUF blocks (Q4_0 … Q6_K) and MLX affine weights are repacked into it
+//! once at load, so one kernel family (`kernels`) multiplies them all.
 //!
-//! Rows are padded to a multiple of 64 values (padding levels and scales are zero). 4-bit rows
-//! keep each run of 64 values as 32 bytes: byte i holds value i (low nibble) and value 32 + i
-//! (high nibble), so one 32-byte load and two masks give the 64 values in order.
-
+//! Rows are kept in panels of 16, interleaved four values at a time: for each run of 4 columns
+//! a panel holds 64 bytes, row r's 4 levels at bytes 4r..4r+4, so one 512-bit load gives 16
+//! rows' 4-value slices and one integer dot-product instruction advances 16 outputs at once
+//! (lanes are output rows; no horizontal sums). 4-bit panels keep columns 8c..8c+4 in the low
+//! nibbles and 8c+4..8c+8 in the high nibbles of the same 64 bytes. Scales and mins are stored
+//! per panel and group as 16 values (one per row). Columns are padded to a multiple of 64 and
+//! rows to a multiple of 64 (four panels); padding levels, scales and mins are zero.
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 use super::kernels;
 
-/// Values per padded run (one 512-bit vector of 8-bit levels).
-pub const RUN: usize = 64;
-/// Extra scales (and mins) after the last row, so a kernel may load four at once anywhere.
-const SCALE_PAD: usize = 4;
+/// Rows per panel (the lanes of one 512-bit vector of i32 sums).
+pub const PANEL: usize = 16;
+/// Columns are padded to a multiple of this; rows too (four panels).
+pub const PAD: usize = 64;
+/// Bytes per panel and run of 4 columns (8-bit), or of 8 columns (4-bit).
+const SLICE: usize = 64;
 
-/// One decoded row (or block run): a level per value, a scale per group, a min per group for
-/// formats that store one.
+/// One decoded row: a level per value, a scale per group, a min per group for formats that
+/// store one.
 #[derive(Debug, Default)]
 pub struct Levels {
     /// Unsigned levels, one per value.
@@ -28,6 +32,14 @@ pub struct Levels {
     pub scales: Vec<f32>,
     /// One min per group (empty for zero-point formats).
     pub mins: Vec<f32>,
+}
+
+impl Levels {
+    fn clear(&mut self) {
+        self.q.clear();
+        self.scales.clear();
+        self.mins.clear();
+    }
 }
 
 /// How a matrix's groups turn levels into weights.
@@ -47,9 +59,13 @@ pub struct PackedMatrix {
     pub(super) rows: usize,
     pub(super) cols: usize,
     pub(super) padded_cols: usize,
+    pub(super) panels: usize,
     pub(super) spec: PackSpec,
+    /// `panels` panels of `panel_bytes()` each.
     pub(super) values: Vec<u8>,
+    /// Per panel and group, 16 scales (one per row).
     pub(super) scales: Vec<f32>,
+    /// Per panel and group, 16 mins; None for zero-point formats.
     pub(super) mins: Option<Vec<f32>>,
 }
 
@@ -61,52 +77,72 @@ impl PackedMatrix {
         F: Fn(usize, &mut Levels) + Sync,
     {
         let g = spec.group;
-        if !(g == 16 || g == 32 || g.is_multiple_of(RUN)) || !cols.is_multiple_of(g) {
+        if !(g == 16 || g == 32 || g.is_multiple_of(PAD)) || !cols.is_multiple_of(g) {
             candle_core::bail!("cannot pack groups of {g} over rows of {cols} values");
         }
-        let padded_cols = cols.next_multiple_of(RUN.max(g));
-        let groups = padded_cols / g;
-        let row_bytes = if spec.four_bit { padded_cols / 2 } else { padded_cols };
-        let mut values = vec![0u8; rows * row_bytes];
-        let mut scales = vec![0f32; rows * groups + SCALE_PAD];
+        let padded_cols = cols.next_multiple_of(PAD.max(g));
+        let panels = rows.next_multiple_of(PAD) / PANEL;
+        let mut m = Self {
+            rows,
+            cols,
+            padded_cols,
+            panels,
+            spec,
+            values: Vec::new(),
+            scales: Vec::new(),
+            mins: None,
+        };
+        let per_panel = m.groups_per_row() * PANEL;
+        let mut values = vec![0u8; panels * m.panel_bytes()];
+        let mut scales = vec![0f32; panels * per_panel];
         // Mins are kept only by formats that store them; zero-point formats drop them.
-        let mut mins = vec![0f32; rows * groups + SCALE_PAD];
+        let mut mins = vec![0f32; panels * per_panel];
+        let n = cols / g;
         let bad_row = values
-            .par_chunks_mut(row_bytes.max(1))
-            .zip(scales.par_chunks_mut(groups.max(1)))
-            .zip(mins.par_chunks_mut(groups.max(1)))
+            .par_chunks_mut(m.panel_bytes())
+            .zip(scales.par_chunks_mut(per_panel))
+            .zip(mins.par_chunks_mut(per_panel))
             .enumerate()
-            .map_init(Levels::default, |levels, (o, ((bytes, row_scales), row_mins))| {
-                levels.q.clear();
-                levels.scales.clear();
-                levels.mins.clear();
-                decode(o, levels);
-                let n = cols / g;
-                let fits = levels.q.len() == cols
-                    && levels.scales.len() == n
-                    && levels.mins.len() == if spec.zero_point.is_some() { 0 } else { n }
-                    && (!spec.four_bit || levels.q.iter().all(|&q| q < 16));
-                if fits {
-                    pack_levels(&levels.q, spec.four_bit, bytes);
-                    row_scales[..n].copy_from_slice(&levels.scales);
-                    row_mins[..levels.mins.len()].copy_from_slice(&levels.mins);
+            .map_init(Levels::default, |levels, (p, ((bytes, panel_scales), panel_mins))| {
+                for r in 0..PANEL {
+                    let o = p * PANEL + r;
+                    if o >= rows {
+                        break;
+                    }
+                    levels.clear();
+                    decode(o, levels);
+                    let fits = levels.q.len() == cols
+                        && levels.scales.len() == n
+                        && levels.mins.len() == if spec.zero_point.is_some() { 0 } else { n }
+                        && (!spec.four_bit || levels.q.iter().all(|&q| q < 16));
+                    if !fits {
+                        return Some(o);
+                    }
+                    for (k, &q) in levels.q.iter().enumerate() {
+                        let (at, shift) = level_at(spec.four_bit, r, k);
+                        bytes[at] |= q << shift;
+                    }
+                    for (group, (&s, m)) in levels
+                        .scales
+                        .iter()
+                        .zip(levels.mins.iter().chain(std::iter::repeat(&0.0)))
+                        .enumerate()
+                    {
+                        panel_scales[group * PANEL + r] = s;
+                        panel_mins[group * PANEL + r] = *m;
+                    }
                 }
-                (!fits).then_some(o)
+                None
             })
             .find_any(|bad| bad.is_some())
             .flatten();
         if let Some(o) = bad_row {
             candle_core::bail!("row {o} did not decode to {cols} levels with its groups");
         }
-        Ok(Self {
-            rows,
-            cols,
-            padded_cols,
-            spec,
-            values,
-            scales,
-            mins: spec.zero_point.is_none().then_some(mins),
-        })
+        m.values = values;
+        m.scales = scales;
+        m.mins = spec.zero_point.is_none().then_some(mins);
+        Ok(m)
     }
 
     /// Output rows.
@@ -123,56 +159,55 @@ impl PackedMatrix {
         self.padded_cols / self.spec.group
     }
 
-    pub(super) fn row_bytes(&self) -> usize {
-        if self.spec.four_bit {
-            self.padded_cols / 2
-        } else {
-            self.padded_cols
-        }
+    pub(super) fn panel_bytes(&self) -> usize {
+        PANEL
+            * if self.spec.four_bit {
+                self.padded_cols / 2
+            } else {
+                self.padded_cols
+            }
     }
 
     /// Rows `start..start + n` as their own matrix (splitting fused projections).
-    pub fn rows(&self, start: usize, n: usize) -> Self {
-        let (b, g) = (self.row_bytes(), self.groups_per_row());
-        let mut scales = self.scales[start * g..(start + n) * g].to_vec();
-        scales.resize(n * g + SCALE_PAD, 0.0);
-        Self {
-            rows: n,
-            values: self.values[start * b..(start + n) * b].to_vec(),
-            scales,
-            mins: self.mins.as_ref().map(|m| {
-                let mut part = m[start * g..(start + n) * g].to_vec();
-                part.resize(n * g + SCALE_PAD, 0.0);
-                part
-            }),
-            cols: self.cols,
-            padded_cols: self.padded_cols,
-            spec: self.spec,
-        }
+    pub fn rows(&self, start: usize, n: usize) -> Result<Self> {
+        let groups = self.cols / self.spec.group;
+        Self::from_rows(n, self.cols, self.spec, |o, levels| {
+            let mut q = vec![0u8; self.padded_cols];
+            self.levels_of_row(start + o, &mut q);
+            levels.q.extend_from_slice(&q[..self.cols]);
+            levels.scales.extend((0..groups).map(|g| self.scale(start + o, g)));
+            if self.mins.is_some() {
+                levels.mins.extend((0..groups).map(|g| self.min(start + o, g)));
+            }
+        })
     }
 
     /// The levels of row `o`, `padded_cols` of them, in order.
     pub(super) fn levels_of_row(&self, o: usize, out: &mut [u8]) {
-        let bytes = &self.values[o * self.row_bytes()..(o + 1) * self.row_bytes()];
-        if !self.spec.four_bit {
-            out.copy_from_slice(bytes);
-            return;
+        let (p, r) = (o / PANEL, o % PANEL);
+        let panel = &self.values[p * self.panel_bytes()..(p + 1) * self.panel_bytes()];
+        let mask = if self.spec.four_bit { 0x0F } else { 0xFF };
+        for (k, level) in out.iter_mut().enumerate() {
+            let (at, shift) = level_at(self.spec.four_bit, r, k);
+            *level = (panel[at] >> shift) & mask;
         }
-        for (run, packed) in out.chunks_exact_mut(RUN).zip(bytes.chunks_exact(RUN / 2)) {
-            for (i, &b) in packed.iter().enumerate() {
-                run[i] = b & 0x0F;
-                run[i + RUN / 2] = b >> 4;
-            }
-        }
+    }
+
+    /// The scale of group `g` of row `o`.
+    pub(super) fn scale(&self, o: usize, g: usize) -> f32 {
+        self.scales[self.param_at(o, g)]
     }
 
     /// The additive term of group `g` of row `o`.
     pub(super) fn min(&self, o: usize, g: usize) -> f32 {
-        let at = o * self.groups_per_row() + g;
         match (&self.mins, self.spec.zero_point) {
-            (Some(mins), _) => mins[at],
-            (None, zp) => -(zp.unwrap_or(0) as f32) * self.scales[at],
+            (Some(mins), _) => mins[self.param_at(o, g)],
+            (None, zp) => -(zp.unwrap_or(0) as f32) * self.scale(o, g),
         }
+    }
+
+    fn param_at(&self, o: usize, g: usize) -> usize {
+        ((o / PANEL) * self.groups_per_row() + g) * PANEL + o % PANEL
     }
 
     /// Row `o` as weights, `cols` of them.
@@ -181,7 +216,7 @@ impl PackedMatrix {
         self.levels_of_row(o, &mut levels);
         let g = self.spec.group;
         for (k, (w, &q)) in out.iter_mut().zip(&levels).enumerate() {
-            *w = self.scales[o * self.groups_per_row() + k / g] * q as f32 + self.min(o, k / g);
+            *w = self.scale(o, k / g) * q as f32 + self.min(o, k / g);
         }
     }
 
@@ -209,16 +244,12 @@ impl PackedMatrix {
     }
 }
 
-/// Writes one row's levels (zero-padded) in the packed layout.
-fn pack_levels(q: &[u8], four_bit: bool, out: &mut [u8]) {
-    if !four_bit {
-        out[..q.len()].copy_from_slice(q);
-        return;
-    }
-    for (c, run) in out.chunks_exact_mut(RUN / 2).enumerate() {
-        for (i, byte) in run.iter_mut().enumerate() {
-            let at = |k: usize| q.get(c * RUN + k).copied().unwrap_or(0);
-            *byte = at(i) | (at(i + RUN / 2) << 4);
-        }
+/// Byte and bit shift of level `k` of row `r` within its panel.
+fn level_at(four_bit: bool, r: usize, k: usize) -> (usize, u32) {
+    if four_bit {
+        let (slice, within) = (k / 8, k % 8);
+        (slice * SLICE + r * 4 + within % 4, 4 * (within / 4) as u32)
+    } else {
+        ((k / 4) * SLICE + r * 4 + k % 4, 0)
     }
 }

@@ -1,153 +1,169 @@
-//! AVX-512 VNNI kernel: tiles of four weight rows × up to four activation rows. Each run of 64
-//! levels is loaded once per tile and multiplied with `vpdpbusd` (unsigned weight levels ×
-//! signed activation levels, 16 lanes of 4-value sums: lanes 0–7 one activation block, 8–15
-//! the next); the lanes are converted to f32 and accumulated with the product of the weight
-//! and activation scales of their lanes.
+//! AVX-512 VNNI kernel over panels of 16 weight rows. For each 4 columns, one 512-bit load holds
+//! the panel's 16 rows × 4 levels and `vpdpbusd` adds, in lane r, row r's 4 levels times one
+//! activation row's 4 levels (broadcast from memory): the lanes are outputs, so a span's
+//! integer sums need no horizontal reduction, and each is scaled in f32 once per span (16
+//! outputs per instruction). A tile is P panels × RN activation rows with P·RN independent
+//! accumulator chains; the weights of a tile are read once for its RN rows.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Activations, Output, LANES};
-use crate::models::quant::packed::{PackedMatrix, RUN};
+use super::{Activations, Output, BLOCK, PANELS_PER_UNIT};
+use crate::models::quant::packed::{PackedMatrix, PANEL};
 
-/// Weight rows per tile.
-const TILE_ROWS: usize = 4;
-/// Activation rows per tile.
+/// Activation rows per tile in the bulk of a large batch.
 const TILE_ACTS: usize = 4;
+/// Activation rows per cache chunk: each panel is reused across this many rows while they
+/// stay in cache.
+const CHUNK_ACTS: usize = 128;
 
-/// True when this CPU has the instructions (checked once per product by the caller's cache).
+/// True when this CPU has the instructions.
 pub(super) fn available() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// Products for output columns `range`, every activation row.
-pub(super) fn product(w: &PackedMatrix, a: &Activations, range: Range<usize>, out: &Output) {
+/// Products for the output columns of `panels` (16 weight rows each), every activation row.
+pub(super) fn product(w: &PackedMatrix, a: &Activations, panels: Range<usize>, out: &Output) {
     assert!(available(), "the AVX-512 VNNI kernel needs AVX-512 F, BW and VNNI");
-    let ctx = Ctx {
-        w,
-        a,
-        out,
-        lanes: scale_lane_groups(w.spec.group),
-    };
+    assert!(
+        panels.start.is_multiple_of(PANELS_PER_UNIT)
+            && panels.len().is_multiple_of(PANELS_PER_UNIT)
+            && panels.end <= w.panels,
+        "panel ranges come in whole units of the matrix"
+    );
     // SAFETY: the instructions are present (asserted above); every load stays inside the
-    // padded rows, scales and mins (padded by four) and activation buffers (see `tile`).
+    // matrix's panels and the activation buffers, every store inside the output (see `tile`).
     unsafe {
         match (w.spec.four_bit, w.mins.is_some()) {
-            (true, true) => rows::<true, true>(&ctx, range),
-            (true, false) => rows::<true, false>(&ctx, range),
-            (false, true) => rows::<false, true>(&ctx, range),
-            (false, false) => rows::<false, false>(&ctx, range),
+            (true, true) => chunks::<true, true>(w, a, panels, out),
+            (true, false) => chunks::<true, false>(w, a, panels, out),
+            (false, true) => chunks::<false, true>(w, a, panels, out),
+            (false, false) => chunks::<false, false>(w, a, panels, out),
         }
     }
 }
 
-/// For each of the 16 lanes of a run, which of the four scales loaded at the run's first group
-/// applies: groups of 16 change every 4 lanes, of 32 every 8, of 64 or more never.
-fn scale_lane_groups(group: usize) -> [i32; 16] {
-    std::array::from_fn(|lane| (lane * 4 / group.min(RUN)) as i32 % (RUN / group.min(RUN)) as i32)
-}
-
-/// Everything a tile reads.
-struct Ctx<'a> {
-    w: &'a PackedMatrix,
-    a: &'a Activations,
-    out: &'a Output,
-    lanes: [i32; 16],
-}
-
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn rows<const FOUR: bool, const MINS: bool>(ctx: &Ctx, range: Range<usize>) {
-    let mut o = range.start;
-    while o + TILE_ROWS <= range.end {
-        acts::<FOUR, MINS, TILE_ROWS>(ctx, o);
-        o += TILE_ROWS;
-    }
-    while o < range.end {
-        acts::<FOUR, MINS, 1>(ctx, o);
-        o += 1;
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn acts<const FOUR: bool, const MINS: bool, const RM: usize>(ctx: &Ctx, o: usize) {
-    let mut m = 0;
-    while m + TILE_ACTS <= ctx.a.rows {
-        tile::<FOUR, MINS, RM, TILE_ACTS>(ctx, o, m);
-        m += TILE_ACTS;
-    }
-    match ctx.a.rows - m {
-        1 => tile::<FOUR, MINS, RM, 1>(ctx, o, m),
-        2 => tile::<FOUR, MINS, RM, 2>(ctx, o, m),
-        3 => tile::<FOUR, MINS, RM, 3>(ctx, o, m),
-        _ => {}
-    }
-}
-
-/// Outputs `(m0..m0 + RN, o0..o0 + RM)`. Zero-point formats (`!MINS`) start each integer dot at
-/// `-zero_point · Σ levels` of its lane, so the zero point costs nothing; formats with mins add
-/// `min · d · Σ levels` per lane in f32.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const FOUR: bool, const MINS: bool, const RM: usize, const RN: usize>(ctx: &Ctx, o0: usize, m0: usize) {
-    let (w, a) = (ctx.w, ctx.a);
-    let runs = w.padded_cols / RUN;
-    let (row_bytes, groups, group) = (w.row_bytes(), w.groups_per_row(), w.spec.group);
-    let lane_idx = _mm512_loadu_si512(ctx.lanes.as_ptr().cast());
-    let neg_zero_point = _mm512_set1_epi32(-i32::from(w.spec.zero_point.unwrap_or(0)));
-    let mins = w.mins.as_deref().unwrap_or(&[]);
-    let low = _mm256_set1_epi8(0x0F);
-    let mut acc = [[_mm512_setzero_ps(); RM]; RN];
-    for run in 0..runs {
-        let mut levels = [_mm512_setzero_si512(); RM];
-        let mut scales = [_mm512_setzero_ps(); RM];
-        let mut min_lanes = [_mm512_setzero_ps(); RM];
-        for r in 0..RM {
-            let o = o0 + r;
-            // In bounds: a row holds `runs` runs of RUN (8-bit) or RUN / 2 (4-bit) bytes.
-            levels[r] = if FOUR {
-                let packed = _mm256_loadu_si256(w.values.as_ptr().add(o * row_bytes + run * RUN / 2).cast());
-                let lo = _mm256_and_si256(packed, low);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
-                _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
-            } else {
-                _mm512_loadu_si512(w.values.as_ptr().add(o * row_bytes + run * RUN).cast())
-            };
-            // In bounds: at most four values from the run's first group; scales and mins have
-            // four spare values after the last row.
-            let at = o * groups + run * RUN / group;
-            scales[r] = _mm512_permutexvar_ps(
-                lane_idx,
-                _mm512_castps128_ps512(_mm_loadu_ps(w.scales.as_ptr().add(at))),
-            );
-            if MINS {
-                min_lanes[r] =
-                    _mm512_permutexvar_ps(lane_idx, _mm512_castps128_ps512(_mm_loadu_ps(mins.as_ptr().add(at))));
+unsafe fn chunks<const FOUR: bool, const MINS: bool>(
+    w: &PackedMatrix,
+    a: &Activations,
+    panels: Range<usize>,
+    out: &Output,
+) {
+    for m0 in (0..a.rows).step_by(CHUNK_ACTS) {
+        let m_end = (m0 + CHUNK_ACTS).min(a.rows);
+        let bulk_end = m0 + (m_end - m0) / TILE_ACTS * TILE_ACTS;
+        for p in panels.clone().step_by(PANELS_PER_UNIT) {
+            for m in (m0..bulk_end).step_by(TILE_ACTS) {
+                tile::<FOUR, MINS, 2, TILE_ACTS>(w, a, p, m, out);
+                tile::<FOUR, MINS, 2, TILE_ACTS>(w, a, p + 2, m, out);
             }
-        }
-        for (n, acc_m) in acc.iter_mut().enumerate() {
-            let lane = ((m0 + n) * runs + run) * LANES;
-            let q = _mm512_loadu_si512(a.q.as_ptr().add((m0 + n) * a.padded_cols + run * RUN).cast());
-            let d = _mm512_loadu_ps(a.scale_lanes.as_ptr().add(lane));
-            let sums = _mm512_loadu_si512(a.lane_sums.as_ptr().add(lane).cast());
-            let (start, sums_f) = if MINS {
-                (_mm512_setzero_si512(), _mm512_mul_ps(_mm512_cvtepi32_ps(sums), d))
-            } else {
-                (_mm512_mullo_epi32(sums, neg_zero_point), _mm512_setzero_ps())
-            };
-            for r in 0..RM {
-                let dot = _mm512_dpbusd_epi32(start, levels[r], q);
-                let mut cell = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(scales[r], d), acc_m[r]);
-                if MINS {
-                    cell = _mm512_fmadd_ps(min_lanes[r], sums_f, cell);
+            match m_end - bulk_end {
+                1 => tile::<FOUR, MINS, 4, 1>(w, a, p, bulk_end, out),
+                2 => {
+                    tile::<FOUR, MINS, 2, 2>(w, a, p, bulk_end, out);
+                    tile::<FOUR, MINS, 2, 2>(w, a, p + 2, bulk_end, out);
                 }
-                acc_m[r] = cell;
+                3 => {
+                    tile::<FOUR, MINS, 2, 3>(w, a, p, bulk_end, out);
+                    tile::<FOUR, MINS, 2, 3>(w, a, p + 2, bulk_end, out);
+                }
+                _ => {}
             }
         }
     }
-    for (n, acc_m) in acc.iter().enumerate() {
-        for (r, lanes) in acc_m.iter().enumerate() {
-            ctx.out.write(m0 + n, o0 + r, _mm512_reduce_add_ps(*lanes));
+}
+
+/// Four activation levels at `q[at..at + 4]` broadcast to every lane.
+#[inline(always)]
+unsafe fn broadcast4(q: &[i8], at: usize) -> __m512i {
+    debug_assert!(at + 4 <= q.len());
+    _mm512_set1_epi32(std::ptr::read_unaligned(q.as_ptr().add(at).cast::<i32>()))
+}
+
+/// Outputs of panels `p0..p0 + P` for activation rows `m0..m0 + RN`. Zero-point formats start
+/// each span's integer dot at `-zero_point · Σ levels`; formats with mins add `min · Σ x` per
+/// span in f32.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usize>(
+    w: &PackedMatrix,
+    a: &Activations,
+    p0: usize,
+    m0: usize,
+    out: &Output,
+) {
+    let (span, spans) = (a.span, a.spans());
+    let blocks = a.padded_cols / BLOCK;
+    let (panel_bytes, groups) = (w.panel_bytes(), w.groups_per_row());
+    let low = _mm512_set1_epi8(0x0F);
+    let mins = w.mins.as_deref().unwrap_or(&[]);
+    let mut acc = [[_mm512_setzero_ps(); P]; RN];
+    for s in 0..spans {
+        let mut ints = [[_mm512_setzero_si512(); P]; RN];
+        if !MINS {
+            for (n, row) in ints.iter_mut().enumerate() {
+                *row = [_mm512_set1_epi32(a.starts[(m0 + n) * spans + s]); P];
+            }
+        }
+        let first_col = s * span;
+        if FOUR {
+            // 64 bytes per panel hold 8 columns: 4 in the low nibbles, 4 in the high.
+            for c in (first_col..first_col + span).step_by(8) {
+                for p in 0..P {
+                    // In bounds: the panel holds padded_cols / 8 slices of 64 bytes.
+                    let x = _mm512_loadu_si512(w.values.as_ptr().add((p0 + p) * panel_bytes + c / 8 * 64).cast());
+                    let lo = _mm512_and_si512(x, low);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+                    for (n, row) in ints.iter_mut().enumerate() {
+                        let q = (m0 + n) * a.padded_cols + c;
+                        row[p] = _mm512_dpbusd_epi32(row[p], lo, broadcast4(&a.q, q));
+                        row[p] = _mm512_dpbusd_epi32(row[p], hi, broadcast4(&a.q, q + 4));
+                    }
+                }
+            }
+        } else {
+            for c in (first_col..first_col + span).step_by(4) {
+                for p in 0..P {
+                    // In bounds: the panel holds padded_cols / 4 slices of 64 bytes.
+                    let x = _mm512_loadu_si512(w.values.as_ptr().add((p0 + p) * panel_bytes + c / 4 * 64).cast());
+                    for (n, row) in ints.iter_mut().enumerate() {
+                        row[p] = _mm512_dpbusd_epi32(row[p], x, broadcast4(&a.q, (m0 + n) * a.padded_cols + c));
+                    }
+                }
+            }
+        }
+        let g = first_col / w.spec.group;
+        let mut scales = [_mm512_setzero_ps(); P];
+        let mut min_lanes = [_mm512_setzero_ps(); P];
+        for p in 0..P {
+            // In bounds: 16 scales (and mins) per panel and group.
+            let at = ((p0 + p) * groups + g) * PANEL;
+            scales[p] = _mm512_loadu_ps(w.scales.as_ptr().add(at));
+            if MINS {
+                min_lanes[p] = _mm512_loadu_ps(mins.as_ptr().add(at));
+            }
+        }
+        for (n, (row, ints)) in acc.iter_mut().zip(&ints).enumerate() {
+            let d = _mm512_set1_ps(a.scales[(m0 + n) * blocks + first_col / BLOCK]);
+            let sum = _mm512_set1_ps(if MINS { a.span_sums[(m0 + n) * spans + s] } else { 0.0 });
+            for p in 0..P {
+                row[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints[p]), _mm512_mul_ps(scales[p], d), row[p]);
+                if MINS {
+                    row[p] = _mm512_fmadd_ps(min_lanes[p], sum, row[p]);
+                }
+            }
+        }
+    }
+    for (n, row) in acc.iter().enumerate() {
+        for (p, &lanes) in row.iter().enumerate() {
+            let first = (p0 + p) * PANEL;
+            let n_valid = out.cols().saturating_sub(first).min(PANEL);
+            if n_valid > 0 {
+                let mask = (1u32 << n_valid).wrapping_sub(1) as u16;
+                _mm512_mask_storeu_ps(out.at(m0 + n, first, n_valid), mask, lanes);
+            }
         }
     }
 }

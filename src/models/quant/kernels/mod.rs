@@ -1,8 +1,9 @@
 //! `x · Wᵀ` for packed quantized weights on the CPU. Activations are quantized once per product
-//! to int8 in blocks of 32 with an f16 scale (llama.cpp's Q8_0), then every weight run is read once and
-//! multiplied with all rows of the batch (weight-stationary tiles), integer dot products per
-//! block scaled in f32. The instruction set is picked at run time: AVX-512 VNNI where the CPU
-//! has it, otherwise a portable kernel (any x86-64, arm64), so one binary runs everywhere.
+//! to int8 in blocks of 32 with an f16 scale (llama.cpp's Q8_0); each weight panel (16 rows) is
+//! then read once per tile of activation rows and multiplied with integer dot products whose
+//! lanes are the panel's rows, scaled in f32 once per block. The instruction set is picked at run
+//! time: AVX-512 VNNI where the CPU has it, otherwise a portable kernel (any x86-64, arm64), so
+//! one binary runs everywhere.
 //!
 //! Hand-written: no maintained Rust crate multiplies block-quantized weights with per-block
 //! scales (gemm and candle's quantized matmul treat a batch as repeated vector products).
@@ -16,12 +17,12 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::packed::{PackedMatrix, RUN};
+use super::packed::{PackedMatrix, PANEL};
 
 /// Values per activation block (one int8 scale each).
 const BLOCK: usize = 32;
-/// Lanes of a 512-bit integer dot product over one run (each sums 4 adjacent values).
-const LANES: usize = 16;
+/// Panels per task unit: tiles take up to four panels at once.
+const PANELS_PER_UNIT: usize = 4;
 
 /// The instruction set a product runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,58 +47,80 @@ impl Kernel {
     }
 }
 
-/// A batch of activation rows quantized to int8 blocks.
+/// A batch of activation rows quantized to int8 blocks for one matrix.
 pub(super) struct Activations {
     pub(super) rows: usize,
     pub(super) padded_cols: usize,
+    /// Values per integer partial dot: a block, or a weight group when groups are finer.
+    pub(super) span: usize,
     /// `[rows, padded_cols]` levels.
     pub(super) q: Vec<i8>,
-    /// Per row and run of 64 values, 16 lanes: the first block's scale ×8, the second's ×8
-    /// (the lane order of a 512-bit integer dot product).
-    pub(super) scale_lanes: Vec<f32>,
-    /// Per row and run, 16 lanes: the sum of each lane's 4 levels (weight zero points and
-    /// mins multiply them).
-    pub(super) lane_sums: Vec<i32>,
+    /// `[rows, padded_cols / BLOCK]` block scales.
+    pub(super) scales: Vec<f32>,
+    /// `[rows, padded_cols / span]`: `-zero_point · Σ levels` of each span, where a
+    /// zero-point format's integer dot starts.
+    pub(super) starts: Vec<i32>,
+    /// `[rows, padded_cols / span]`: `scale · Σ levels` of each span, which formats with
+    /// mins multiply by the min.
+    pub(super) span_sums: Vec<f32>,
 }
 
 impl Activations {
-    /// Quantizes `[rows, cols]` f32 values, zero-padded to `padded_cols` per row.
-    pub(super) fn quantize(x: &[f32], rows: usize, cols: usize, padded_cols: usize) -> Self {
-        let lanes_per_row = padded_cols / RUN * LANES;
+    /// Quantizes `[rows, w.cols]` f32 values for products with `w`.
+    pub(super) fn quantize(x: &[f32], rows: usize, w: &PackedMatrix) -> Self {
+        let (cols, padded_cols) = (w.cols, w.padded_cols);
+        let span = w.spec.group.min(BLOCK);
+        let spans = padded_cols / span;
         let mut a = Self {
             rows,
             padded_cols,
+            span,
             q: vec![0; rows * padded_cols],
-            scale_lanes: vec![0.0; rows * lanes_per_row],
-            lane_sums: vec![0; rows * lanes_per_row],
+            scales: vec![0.0; rows * padded_cols / BLOCK],
+            starts: vec![0; rows * spans],
+            span_sums: vec![0.0; rows * spans],
         };
-        let quantize_row = |((src, q), (scales, sums))| quantize_row(src, q, scales, sums);
+        let zero_point = i32::from(w.spec.zero_point.unwrap_or(0));
+        let per_row = |((src, q), ((scales, starts), sums)): RowParts| {
+            quantize_row(src, q, scales);
+            for (s, part) in q.chunks_exact(span).enumerate() {
+                let levels: i32 = part.iter().map(|&v| v as i32).sum();
+                starts[s] = -zero_point * levels;
+                sums[s] = scales[s * span / BLOCK] * levels as f32;
+            }
+        };
         let rows_iter = x
             .chunks_exact(cols.max(1))
             .zip(a.q.chunks_exact_mut(padded_cols.max(1)))
             .zip(
-                a.scale_lanes
-                    .chunks_exact_mut(lanes_per_row.max(1))
-                    .zip(a.lane_sums.chunks_exact_mut(lanes_per_row.max(1))),
+                a.scales
+                    .chunks_exact_mut((padded_cols / BLOCK).max(1))
+                    .zip(a.starts.chunks_exact_mut(spans.max(1)))
+                    .zip(a.span_sums.chunks_exact_mut(spans.max(1))),
             );
         if rows >= 8 {
-            rows_iter.par_bridge().for_each(quantize_row);
+            rows_iter.par_bridge().for_each(per_row);
         } else {
-            rows_iter.for_each(quantize_row);
+            rows_iter.for_each(per_row);
         }
         a
     }
 
-    /// The scale of block `b` of row `m`.
-    pub(super) fn block_scale(&self, m: usize, b: usize) -> f32 {
-        self.scale_lanes[(m * self.padded_cols / RUN + b / 2) * LANES + b % 2 * 8]
+    /// Spans per row.
+    pub(super) fn spans(&self) -> usize {
+        self.padded_cols / self.span
     }
 }
 
-/// One row of activations to int8 blocks: levels `q`, and per run the 16 scale lanes and the
-/// 16 lane sums.
-fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
-    for (b, (block, qb)) in src.chunks(BLOCK).zip(q.chunks_exact_mut(BLOCK)).enumerate() {
+/// One row's slices of the activation buffers.
+type RowParts<'a> = (
+    (&'a [f32], &'a mut [i8]),
+    ((&'a mut [f32], &'a mut [i32]), &'a mut [f32]),
+);
+
+/// One row of activations to int8 blocks: levels `q` and a scale per block.
+fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32]) {
+    for ((block, qb), scale) in src.chunks(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -105,19 +128,15 @@ fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32])
             *l = (v * inv).round() as i8;
         }
         // The scale is kept as f16, as llama.cpp's Q8_0 blocks keep it.
-        let lanes = b / 2 * LANES + b % 2 * 8..;
-        scales[lanes.clone()][..8].fill(half::f16::from_f32(d).to_f32());
-        for (s, four) in sums[lanes][..8].iter_mut().zip(qb.chunks_exact(4)) {
-            *s = four.iter().map(|&v| v as i32).sum();
-        }
+        *scale = half::f16::from_f32(d).to_f32();
     }
 }
 
 /// Where products land: `[rows, cols]` written by tasks that own disjoint column ranges.
 pub(super) struct Output {
     ptr: *mut f32,
+    rows: usize,
     cols: usize,
-    len: usize,
 }
 
 // SAFETY: tasks write disjoint elements (each owns a range of output columns), and the buffer
@@ -125,12 +144,24 @@ pub(super) struct Output {
 unsafe impl Sync for Output {}
 
 impl Output {
+    /// Output columns.
+    pub(super) fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// Writes element `(m, o)`.
     pub(super) fn write(&self, m: usize, o: usize, v: f32) {
-        let at = m * self.cols + o;
-        assert!(at < self.len && o < self.cols, "output element out of range");
+        assert!(m < self.rows && o < self.cols, "output element out of range");
         // SAFETY: in bounds (checked), and no other task writes column `o` (see `Sync`).
-        unsafe { *self.ptr.add(at) = v }
+        unsafe { *self.ptr.add(m * self.cols + o) = v }
+    }
+
+    /// Where row `m`'s columns `o..o + n` start, for a kernel's vector store; `o + n` must not
+    /// pass the row's end.
+    pub(super) fn at(&self, m: usize, o: usize, n: usize) -> *mut f32 {
+        assert!(m < self.rows && o + n <= self.cols, "output run out of range");
+        // SAFETY: in bounds (checked above); the caller writes only `n` values from here.
+        unsafe { self.ptr.add(m * self.cols + o) }
     }
 }
 
@@ -139,31 +170,32 @@ pub fn product(w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     product_with(Kernel::detect(), w, x, rows)
 }
 
-/// `product` on a chosen kernel (tests compare them).
+/// `product` on a chosen kernel (tests and benchmarks compare them).
 pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
-    let acts = Activations::quantize(x, rows, w.cols, w.padded_cols);
+    let acts = Activations::quantize(x, rows, w);
     let mut out = vec![0f32; rows * w.rows];
     let output = Output {
         ptr: out.as_mut_ptr(),
+        rows,
         cols: w.rows,
-        len: out.len(),
     };
-    let chunk = rows_per_task(w.rows);
-    let run = |range: Range<usize>| match kernel {
+    let units = w.panels / PANELS_PER_UNIT;
+    let per_task = units.div_ceil(rayon::current_num_threads() * 8).max(1);
+    let run = |panels: Range<usize>| match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => avx512::product(w, &acts, range, &output),
-        _ => portable::product(w, &acts, range, &output),
+        Kernel::Avx512Vnni => avx512::product(w, &acts, panels, &output),
+        _ => portable::product(
+            w,
+            &acts,
+            (panels.start * PANEL).min(w.rows)..(panels.end * PANEL).min(w.rows),
+            &output,
+        ),
     };
-    (0..w.rows.div_ceil(chunk))
-        .into_par_iter()
-        .for_each(|c| run(c * chunk..((c + 1) * chunk).min(w.rows)));
+    (0..units.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let units = t * per_task..((t + 1) * per_task).min(units);
+        run(units.start * PANELS_PER_UNIT..units.end * PANELS_PER_UNIT)
+    });
     out
-}
-
-/// Output rows per task: about eight tasks per thread for balance, in whole tiles of four.
-fn rows_per_task(rows: usize) -> usize {
-    let tasks = rayon::current_num_threads() * 8;
-    rows.div_ceil(tasks).next_multiple_of(4).max(4)
 }
 
 #[cfg(test)]
@@ -190,7 +222,7 @@ mod tests {
     }
 
     fn inputs(rows: usize, cols: usize) -> Vec<f32> {
-        // One large value per row makes block scales differ.
+        // Some large values make block scales differ.
         (0..rows * cols)
             .map(|i| (noise(i + 99) - 0.5) * if i % 37 == 0 { 8.0 } else { 1.0 })
             .collect()
@@ -199,18 +231,19 @@ mod tests {
     /// The exact value both kernels compute: dequantized weights times dequantized int8
     /// activations, in f64.
     fn exact(w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f64> {
-        let a = Activations::quantize(x, rows, w.cols, w.padded_cols);
+        let a = Activations::quantize(x, rows, w);
         let mut levels = vec![0u8; w.padded_cols];
         let mut out = vec![0f64; rows * w.rows];
+        let blocks = w.padded_cols / BLOCK;
         for o in 0..w.rows {
             w.levels_of_row(o, &mut levels);
             for m in 0..rows {
                 let mut y = 0f64;
                 for (k, &q) in levels.iter().enumerate().take(w.cols) {
                     let g = k / w.spec.group;
-                    let scale = w.scales[o * w.groups_per_row() + g] as f64;
-                    let act = a.q[m * w.padded_cols + k] as f64 * a.block_scale(m, k / BLOCK) as f64;
-                    y += (scale * q as f64 + w.min(o, g) as f64) * act;
+                    let weight = w.scale(o, g) as f64 * q as f64 + w.min(o, g) as f64;
+                    let act = a.q[m * w.padded_cols + k] as f64 * a.scales[m * blocks + k / BLOCK] as f64;
+                    y += weight * act;
                 }
                 out[m * w.rows + o] = y;
             }
@@ -241,9 +274,9 @@ mod tests {
             kernels.push(Kernel::detect());
         }
         for (spec, cols) in specs() {
-            for out_rows in [1, 6, 13] {
+            for out_rows in [1, 6, 17, 70] {
                 let w = matrix(out_rows, cols, spec);
-                for rows in [1, 2, 3, 4, 5, 9] {
+                for rows in [1, 2, 3, 4, 5, 9, 131] {
                     let x = inputs(rows, cols);
                     let want = exact(&w, &x, rows);
                     for &kernel in &kernels {
@@ -286,8 +319,22 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_padded_activations_give_exact_zero_products() {
+    fn zero_activations_give_exact_zero_products() {
         let w = matrix(5, 96, specs()[0].0);
-        assert!(product(&w, &vec![0.0; 2 * 96], 2).iter().all(|&v| v == 0.0));
+        assert!(product(&w, &[0.0; 2 * 96], 2).iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn split_rows_keep_their_levels_and_groups() {
+        for (spec, cols) in specs() {
+            let w = matrix(40, cols, spec);
+            let part = w.rows(7, 20).expect("splits");
+            let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+            for o in 0..20 {
+                w.dequantize_row(7 + o, &mut a);
+                part.dequantize_row(o, &mut b);
+                assert_eq!(a, b, "{spec:?} row {o}");
+            }
+        }
     }
 }
