@@ -11,8 +11,9 @@ use std::ops::Range;
 use super::{Activations, Output, BLOCK, PANELS_PER_UNIT};
 use crate::models::quant::packed::{PackedMatrix, PANEL};
 
-/// Activation rows per tile in the bulk of a large batch.
-const TILE_ACTS: usize = 4;
+/// Activation rows per tile in the bulk of a batch (one panel each: 8 integer and 8 float
+/// accumulators).
+const TILE_ACTS: usize = 8;
 /// Activation rows per cache chunk: each panel is reused across this many rows while they
 /// stay in cache.
 const CHUNK_ACTS: usize = 128;
@@ -54,21 +55,28 @@ unsafe fn chunks<const FOUR: bool, const MINS: bool>(
 ) {
     for m0 in (0..a.rows).step_by(CHUNK_ACTS) {
         let m_end = (m0 + CHUNK_ACTS).min(a.rows);
-        let bulk_end = m0 + (m_end - m0) / TILE_ACTS * TILE_ACTS;
         for p in panels.clone().step_by(PANELS_PER_UNIT) {
-            for m in (m0..bulk_end).step_by(TILE_ACTS) {
-                tile::<FOUR, MINS, 2, TILE_ACTS>(w, a, p, m, out);
-                tile::<FOUR, MINS, 2, TILE_ACTS>(w, a, p + 2, m, out);
+            let mut m = m0;
+            while m + TILE_ACTS <= m_end {
+                for q in 0..PANELS_PER_UNIT {
+                    tile::<FOUR, MINS, 1, TILE_ACTS>(w, a, p + q, m, out);
+                }
+                m += TILE_ACTS;
             }
-            match m_end - bulk_end {
-                1 => tile::<FOUR, MINS, 4, 1>(w, a, p, bulk_end, out),
+            if m + 4 <= m_end {
+                tile::<FOUR, MINS, 2, 4>(w, a, p, m, out);
+                tile::<FOUR, MINS, 2, 4>(w, a, p + 2, m, out);
+                m += 4;
+            }
+            match m_end - m {
+                1 => tile::<FOUR, MINS, 4, 1>(w, a, p, m, out),
                 2 => {
-                    tile::<FOUR, MINS, 2, 2>(w, a, p, bulk_end, out);
-                    tile::<FOUR, MINS, 2, 2>(w, a, p + 2, bulk_end, out);
+                    tile::<FOUR, MINS, 2, 2>(w, a, p, m, out);
+                    tile::<FOUR, MINS, 2, 2>(w, a, p + 2, m, out);
                 }
                 3 => {
-                    tile::<FOUR, MINS, 2, 3>(w, a, p, bulk_end, out);
-                    tile::<FOUR, MINS, 2, 3>(w, a, p + 2, bulk_end, out);
+                    tile::<FOUR, MINS, 2, 3>(w, a, p, m, out);
+                    tile::<FOUR, MINS, 2, 3>(w, a, p + 2, m, out);
                 }
                 _ => {}
             }

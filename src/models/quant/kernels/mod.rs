@@ -81,28 +81,20 @@ impl Activations {
             span_sums: vec![0.0; rows * spans],
         };
         let zero_point = i32::from(w.spec.zero_point.unwrap_or(0));
-        let per_row = |((src, q), ((scales, starts), sums)): RowParts| {
-            quantize_row(src, q, scales);
-            for (s, part) in q.chunks_exact(span).enumerate() {
-                let levels: i32 = part.iter().map(|&v| v as i32).sum();
-                starts[s] = -zero_point * levels;
-                sums[s] = scales[s * span / BLOCK] * levels as f32;
-            }
-        };
-        let rows_iter = x
-            .chunks_exact(cols.max(1))
-            .zip(a.q.chunks_exact_mut(padded_cols.max(1)))
-            .zip(
-                a.scales
-                    .chunks_exact_mut((padded_cols / BLOCK).max(1))
-                    .zip(a.starts.chunks_exact_mut(spans.max(1)))
-                    .zip(a.span_sums.chunks_exact_mut(spans.max(1))),
-            );
-        if rows >= 8 {
-            rows_iter.par_bridge().for_each(per_row);
-        } else {
-            rows_iter.for_each(per_row);
-        }
+        a.q.par_chunks_exact_mut(padded_cols.max(1))
+            .zip(x.par_chunks_exact(cols.max(1)))
+            .zip(a.scales.par_chunks_exact_mut((padded_cols / BLOCK).max(1)))
+            .zip(a.starts.par_chunks_exact_mut(spans.max(1)))
+            .zip(a.span_sums.par_chunks_exact_mut(spans.max(1)))
+            .with_min_len(8)
+            .for_each(|((((q, src), scales), starts), sums)| {
+                quantize_row(src, q, scales);
+                for (s, part) in q.chunks_exact(span).enumerate() {
+                    let levels: i32 = part.iter().map(|&v| v as i32).sum();
+                    starts[s] = -zero_point * levels;
+                    sums[s] = scales[s * span / BLOCK] * levels as f32;
+                }
+            });
         a
     }
 
@@ -112,24 +104,33 @@ impl Activations {
     }
 }
 
-/// One row's slices of the activation buffers.
-type RowParts<'a> = (
-    (&'a [f32], &'a mut [i8]),
-    ((&'a mut [f32], &'a mut [i32]), &'a mut [f32]),
-);
-
 /// One row of activations to int8 blocks: levels `q` and a scale per block.
 fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32]) {
     for ((block, qb), scale) in src.chunks(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
+        let d = abs_max(block) / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (l, &v) in qb.iter_mut().zip(block) {
-            *l = (v * inv).round() as i8;
+            // Ties to even (one vector instruction) where llama.cpp rounds ties away from zero:
+            // the two differ only on exact halves.
+            *l = (v * inv).round_ties_even() as i8;
         }
         // The scale is kept as f16, as llama.cpp's Q8_0 blocks keep it.
         *scale = half::f16::from_f32(d).to_f32();
     }
+}
+
+/// The largest magnitude in `v`, with independent lanes (vectorizes; NaN is ignored).
+fn abs_max(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(0f32, |m, x| m.max(x.abs()));
+    for c in chunks {
+        for (m, x) in lanes.iter_mut().zip(c) {
+            let a = x.abs();
+            *m = if a > *m { a } else { *m };
+        }
+    }
+    lanes.iter().fold(tail, |m, &x| m.max(x))
 }
 
 /// Where products land: `[rows, cols]` written by tasks that own disjoint column ranges.
@@ -173,7 +174,9 @@ pub fn product(w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
 /// `product` on a chosen kernel (tests and benchmarks compare them).
 pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     let acts = Activations::quantize(x, rows, w);
-    let mut out = vec![0f32; rows * w.rows];
+    // Every element is written below (tasks cover every panel; each writes all its columns
+    // for every activation row), so the buffer is not zeroed first.
+    let mut out: Vec<f32> = Vec::with_capacity(rows * w.rows);
     let output = Output {
         ptr: out.as_mut_ptr(),
         rows,
@@ -195,6 +198,8 @@ pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) ->
         let units = t * per_task..((t + 1) * per_task).min(units);
         run(units.start * PANELS_PER_UNIT..units.end * PANELS_PER_UNIT)
     });
+    // SAFETY: the capacity is `rows * w.rows` and every element was written (see above).
+    unsafe { out.set_len(rows * w.rows) };
     out
 }
 
