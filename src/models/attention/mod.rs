@@ -6,12 +6,14 @@
 //!    query heads share their KV head), optionally limited to a sliding window and with tanh
 //!    soft-capping of the scores.
 //!
-//! Two implementations behind one [`AttentionMeta`]: on CUDA, mlxd's kernels (through
+//! Three implementations behind one [`AttentionMeta`]: on CUDA, mlxd's kernels (through
 //! `models::fused`) do step 1 in one launch and step 2 in another, reading K/V from the cache
-//! in place; on other devices (CPU, Metal) `gathered` does both in plain candle ops, gathering
-//! each context first.
+//! in place; on the CPU with f32 KV, `host` reads the cache in place too (one online-softmax
+//! pass per block of queries); elsewhere (Metal, other KV dtypes) `gathered` does both in plain
+//! candle ops, gathering each context first.
 
 mod gathered;
+mod host;
 
 use candle_core::{DType, Result, Tensor};
 
@@ -20,6 +22,7 @@ use super::fused::KernelAttention;
 use super::layers::{RmsNorm, RotaryAtPositions};
 use super::paged_kv::LayerKv;
 use gathered::GatheredPlan;
+use host::HostPlan;
 
 /// Head layout of one attention layer.
 #[derive(Clone, Copy, Debug)]
@@ -77,13 +80,16 @@ pub struct AttentionMeta {
 enum Plan {
     /// mlxd's CUDA kernels.
     Kernels(KernelAttention),
+    /// The CPU path over the cache in place.
+    Host(HostPlan),
     /// Plain candle ops.
     Gathered(GatheredPlan),
 }
 
 impl AttentionMeta {
-    /// Builds what every layer of this forward needs: the kernels' plan on CUDA, otherwise the
-    /// scatter indices and masks of every window setting the model uses.
+    /// Builds what every layer of this forward needs: the kernels' plan on CUDA, the host plan
+    /// on the CPU with f32 KV, otherwise the scatter indices and masks of every window setting
+    /// the model uses.
     pub fn new(batch: &BatchInput, dims: HeadDims, windows: &[Option<usize>], dtype: DType) -> Result<Self> {
         if let Some(kernels) = KernelAttention::plan(batch, dims)? {
             return Ok(Self {
@@ -92,6 +98,9 @@ impl AttentionMeta {
         }
         if batch.fixed.is_some() {
             candle_core::bail!("a batch in fixed device buffers needs mlxd's CUDA attention kernels");
+        }
+        if let Some(host) = HostPlan::new(batch, dims, dtype)? {
+            return Ok(Self { plan: Plan::Host(host) });
         }
         Ok(Self {
             plan: Plan::Gathered(GatheredPlan::new(batch, dims, windows, dtype)?),
@@ -104,33 +113,45 @@ impl AttentionMeta {
 pub fn store_kv(p: &Projected, rope: &RotaryAtPositions, kv: &mut LayerKv, meta: &AttentionMeta) -> Result<Tensor> {
     match &meta.plan {
         Plan::Kernels(kernels) => kernels.store_kv(p, rope, kv),
+        Plan::Host(plan) => {
+            let (q, k, v) = prepared(p, rope, plan.dims())?;
+            host::store(&k, &v, kv, plan)?;
+            Ok(q)
+        }
         Plan::Gathered(plan) => {
-            let HeadDims {
-                num_heads,
-                num_kv_heads,
-                head_dim,
-            } = plan.dims();
-            let t = p.q.dim(0)?;
-            let (q_w, kv_w) = (num_heads * head_dim, num_kv_heads * head_dim);
-            let with_bias = |x: &Tensor, start: usize, len: usize| -> Result<Tensor> {
-                match &p.bias {
-                    Some(b) => x.broadcast_add(&b.narrow(0, start, len)?),
-                    None => Ok(x.clone()),
-                }
-            };
-            let mut q = with_bias(&p.q, 0, q_w)?.reshape((t, num_heads, head_dim))?;
-            let mut k = with_bias(&p.k, q_w, kv_w)?.reshape((t, num_kv_heads, head_dim))?;
-            let v = with_bias(&p.v, q_w + kv_w, kv_w)?;
-            if let Some(n) = p.norms {
-                q = n.q.forward(&q)?;
-                k = n.k.forward(&k)?;
-            }
-            let q = rope.apply(&q)?;
-            let k = rope.apply(&k)?.reshape((t, kv_w))?;
+            let (q, k, v) = prepared(p, rope, plan.dims())?;
             gathered::store(&k, &v, kv, plan)?;
             Ok(q)
         }
     }
+}
+
+/// Bias, head norms and rope in candle ops: rotated q `[T, heads, head_dim]`, and k and v
+/// `[T, kv_heads * head_dim]` ready for their slots.
+fn prepared(p: &Projected, rope: &RotaryAtPositions, dims: HeadDims) -> Result<(Tensor, Tensor, Tensor)> {
+    let HeadDims {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = dims;
+    let t = p.q.dim(0)?;
+    let (q_w, kv_w) = (num_heads * head_dim, num_kv_heads * head_dim);
+    let with_bias = |x: &Tensor, start: usize, len: usize| -> Result<Tensor> {
+        match &p.bias {
+            Some(b) => x.broadcast_add(&b.narrow(0, start, len)?),
+            None => Ok(x.clone()),
+        }
+    };
+    let mut q = with_bias(&p.q, 0, q_w)?.reshape((t, num_heads, head_dim))?;
+    let mut k = with_bias(&p.k, q_w, kv_w)?.reshape((t, num_kv_heads, head_dim))?;
+    let v = with_bias(&p.v, q_w + kv_w, kv_w)?;
+    if let Some(n) = p.norms {
+        q = n.q.forward(&q)?;
+        k = n.k.forward(&k)?;
+    }
+    let q = rope.apply(&q)?;
+    let k = rope.apply(&k)?.reshape((t, kv_w))?;
+    Ok((q, k, v))
 }
 
 /// Step 2: attends every sequence's rotated queries (`[T, heads, head_dim]`) over its context.
@@ -138,6 +159,85 @@ pub fn store_kv(p: &Projected, rope: &RotaryAtPositions, kv: &mut LayerKv, meta:
 pub fn attend(q: &Tensor, kv: &LayerKv, meta: &AttentionMeta, opts: AttentionOpts) -> Result<Tensor> {
     match &meta.plan {
         Plan::Kernels(kernels) => kernels.attend(q, kv, opts),
+        Plan::Host(plan) => host::attend(q, kv, plan, opts),
         Plan::Gathered(plan) => gathered::attend(q, kv, plan, opts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A batch of sequences `(q_len, kv_len)` whose contexts live in scattered slots.
+    fn batch(seqs: &[(usize, usize)]) -> BatchInput {
+        let dev = Device::Cpu;
+        let (mut slots, mut ctx, mut pos) = (vec![], vec![], vec![]);
+        for (i, &(q_len, kv_len)) in seqs.iter().enumerate() {
+            // Sequence i's position p lives in slot 7 + 3 · (p · 5 + i) (interleaved, not in order).
+            let slot = |p: usize| (7 + 3 * (p * seqs.len() + i)) as u32;
+            ctx.extend((0..kv_len).map(slot));
+            slots.extend((kv_len - q_len..kv_len).map(slot));
+            pos.extend((kv_len - q_len..kv_len).map(|p| p as u32));
+        }
+        let t = |v: Vec<u32>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, &dev).expect("tensor")
+        };
+        let tokens = slots.len();
+        BatchInput {
+            token_ids: t(vec![0; tokens]),
+            positions: t(pos),
+            slot_mapping: t(slots),
+            context_slots: t(ctx),
+            q_lens: seqs.iter().map(|s| s.0).collect(),
+            kv_lens: seqs.iter().map(|s| s.1).collect(),
+            logits_rows: t(vec![0]),
+            fixed: None,
+        }
+    }
+
+    fn noise(n: usize, seed: usize, dims: (usize, usize)) -> Tensor {
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 2003.0 - 0.5) * 2.0)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).expect("tensor")
+    }
+
+    #[test]
+    fn the_host_path_equals_the_gathered_path() -> Result<()> {
+        let dims = HeadDims {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 32,
+        };
+        let kv_w = dims.num_kv_heads * dims.head_dim;
+        // Decode steps, prefill chunks (one longer than a key tile and a query block), a chunk
+        // continuing a cached prefix, and a lone token.
+        let shapes: [&[(usize, usize)]; 3] = [&[(1, 40), (1, 3), (70, 70), (20, 90), (1, 1)], &[(33, 33)], &[(1, 130)]];
+        for seqs in shapes {
+            let b = batch(seqs);
+            let t = b.num_tokens();
+            let slots = 8 + 3 * seqs.len() * 140;
+            let kv = LayerKv {
+                k: noise(slots * kv_w, 1, (slots, kv_w)),
+                v: noise(slots * kv_w, 2, (slots, kv_w)),
+            };
+            let q = noise(t * 6 * 32, 3, (t, 6 * 32)).reshape((t, 6, 32))?;
+            for (window, softcap) in [(None, None), (Some(17), None), (None, Some(0.7)), (Some(5), Some(2.0))] {
+                let opts = AttentionOpts {
+                    scale: 0.3,
+                    window,
+                    softcap,
+                };
+                let host = HostPlan::new(&b, dims, DType::F32)?.expect("CPU f32");
+                let gathered = GatheredPlan::new(&b, dims, &[window], DType::F32)?;
+                let want = gathered::attend(&q, &kv, &gathered, opts)?;
+                let got = host::attend(&q, &kv, &host, opts)?;
+                let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff < 2e-5, "{seqs:?} window {window:?} softcap {softcap:?}: {diff}");
+            }
+        }
+        Ok(())
     }
 }
