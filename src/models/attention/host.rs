@@ -185,19 +185,33 @@ impl Cache<'_> {
         let mut acc = vec![0f32; rows * hd];
         let mut scores = vec![0f32; rows * KEY_TILE];
         let head_offset = item.kv_head * hd;
+        // The tile's keys transposed, [hd, KEY_TILE]: a query row's scores for the whole tile
+        // are then hd multiply-adds of whole tile rows (no horizontal sums).
+        let mut keys_t = vec![0f32; hd * KEY_TILE];
         for tile in (first_key..=last_key).step_by(KEY_TILE) {
             let tile_end = (tile + KEY_TILE).min(last_key + 1);
-            // Scores of every visible (query, key) pair of the tile.
             for j in tile..tile_end {
                 let k_row = &self.k[slots[j] as usize * kv_width + head_offset..][..hd];
-                for i in 0..item.queries {
-                    let (lo, hi) = bounds(i);
-                    if j < lo || j > hi {
-                        continue;
-                    }
-                    for r in 0..n_rep {
-                        let row = i * n_rep + r;
-                        scores[row * KEY_TILE + j - tile] = dot(&q[row * hd..(row + 1) * hd], k_row);
+                for (d, &x) in k_row.iter().enumerate() {
+                    keys_t[d * KEY_TILE + j - tile] = x;
+                }
+            }
+            // Scores of every query row that sees any key of the tile.
+            for i in 0..item.queries {
+                let (lo, hi) = bounds(i);
+                if hi < tile || lo >= tile_end {
+                    continue;
+                }
+                for r in 0..n_rep {
+                    let row = i * n_rep + r;
+                    let out: &mut [f32; KEY_TILE] = (&mut scores[row * KEY_TILE..(row + 1) * KEY_TILE])
+                        .try_into()
+                        .expect("a tile row");
+                    *out = [0.0; KEY_TILE];
+                    for (&qd, kd) in q[row * hd..(row + 1) * hd].iter().zip(keys_t.chunks_exact(KEY_TILE)) {
+                        for (o, &k) in out.iter_mut().zip(kd) {
+                            *o += qd * k;
+                        }
                     }
                 }
             }
@@ -249,20 +263,6 @@ impl Cache<'_> {
         }
         acc
     }
-}
-
-/// `Σ a·b` with independent partial sums (vectorizes).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 /// e^x for x ≤ 0 (scores less their running max) in plain arithmetic the compiler vectorizes:
