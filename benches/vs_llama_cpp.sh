@@ -9,7 +9,8 @@
 # -C target-cpu=native, then for each file and round serves it with each server (2 threads) and
 # measures with `mlxd bench`: decode time per token at 1 stream, total tok/s at 8 streams,
 # TTFT of a 512-token prompt, warm TTFT of 8 requests sharing a 1000-token prefix, peak RSS.
-# Prints the medians and mlxd ÷ llama.
+# The `mlx4` rows serve an MLX 4-bit copy (benches/make_mlx.py) with mlxd against llama.cpp's
+# Q4_0 file. Prints the medians and mlxd ÷ llama.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -41,18 +42,26 @@ if [ ! -x "$LLAMA" ]; then
   cmake --build "$WORK/llama.cpp/build" --target llama-server -j2 >/dev/null
 fi
 
-# The model and its GGUF files.
+# The model, its GGUF files and its MLX 4-bit folder.
 if [ ! -f "$WORK/q05-q8_0.gguf" ]; then
   python "$SHARED/tools/bench/make_random_qwen25.py" --tokenizer-dir "$SHARED/tokenizers/qwen2.5" --out "$WORK/q05"
   python benches/make_gguf.py "$WORK/q05" "$WORK/q05"
 fi
+[ -f "$WORK/q05-mlx4/model.safetensors" ] || python benches/make_mlx.py "$WORK/q05" "$WORK/q05-mlx4" 4 64
 
 # mlxd, release, native.
 RUSTFLAGS="-C target-cpu=native" cargo build --release --bin mlxd
 MLXD="$ROOT/target/release/mlxd"
 PORT=18777
 
-start() { # $1 = server, $2 = gguf
+model() { # $1 = server, $2 = kind: the file (or folder) that server serves
+  if [ "$2" = mlx4 ]; then
+    if [ "$1" = mlxd ]; then echo "$WORK/q05-mlx4"; else echo "$WORK/q05-q4_0.gguf"; fi
+  else
+    echo "$WORK/q05-$2.gguf"
+  fi
+}
+start() { # $1 = server, $2 = model file or folder
   if [ "$1" = mlxd ]; then
     RAYON_NUM_THREADS=2 "$MLXD" serve --model "$2" --port $PORT --kv-memory 1GiB >"$WORK/server.log" 2>&1 &
   else
@@ -81,11 +90,11 @@ col() { # column $2 of the last data row of bench output $1
 
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
-for kind in q8_0 q4_0 f16; do
+for kind in q8_0 q4_0 mlx4 f16; do
   for round in $(seq 1 "$ROUNDS"); do
     for server in mlxd llama; do
       quiet
-      start "$server" "$WORK/q05-$kind.gguf"
+      start "$server" "$(model "$server" "$kind")"
       one=$(bench --concurrency 1 --requests-per-client 2 --prompt-tokens 200 --output-tokens 64)
       eight=$(bench --concurrency 8 --requests-per-client 1 --prompt-tokens 200 --output-tokens 128)
       ttft=$(bench --concurrency 1 --requests-per-client 1 --prompt-tokens 512 --output-tokens 1)
