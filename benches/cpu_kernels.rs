@@ -11,7 +11,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use mlxd::models::quant::kernels::{product_with, Kernel};
+use mlxd::models::quant::half::HalfMatrix;
+use mlxd::models::quant::kernels::{half_product_with, product_with, Kernel};
 use mlxd::models::quant::packed::{PackSpec, PackedMatrix};
 use rayon::prelude::*;
 
@@ -130,5 +131,52 @@ fn main() {
                 macs as f64 / secs / 1e9
             );
         }
+    }
+    half_rows(bandwidth);
+}
+
+/// The f16 kernel on the same shapes (2 bytes per weight).
+fn half_rows(bandwidth: f64) {
+    let half = |rows: usize, cols: usize, seed: usize| {
+        let values: Vec<half::f16> = (0..rows * cols)
+            .map(|i| half::f16::from_f32(((i * 31 + seed) % 97) as f32 / 970.0 - 0.05))
+            .collect();
+        HalfMatrix::from_row_major(&values, rows, cols).expect("packs")
+    };
+    let shapes = [
+        (HIDDEN, HIDDEN),
+        (KV, HIDDEN),
+        (KV, HIDDEN),
+        (HIDDEN, HIDDEN),
+        (INTERMEDIATE, HIDDEN),
+        (INTERMEDIATE, HIDDEN),
+        (HIDDEN, INTERMEDIATE),
+    ];
+    let layers: Vec<(HalfMatrix, usize)> = (0..LAYERS)
+        .flat_map(|l| shapes.iter().map(move |&(r, c)| (half(r, c, l), c)))
+        .collect();
+    let head = half(VOCAB, HIDDEN, 999);
+    for rows in [1, 8, 512] {
+        let head_rows = if rows > 8 { 1 } else { rows };
+        let inputs: Vec<Vec<f32>> = layers.iter().map(|(_, c)| vec![0.01; rows * c]).collect();
+        let head_input = vec![0.01; head_rows * HIDDEN];
+        let time = best(if rows > 8 { 2 } else { 5 }, || {
+            for ((m, _), x) in layers.iter().zip(&inputs) {
+                black_box(half_product_with(Kernel::detect(), m, x, rows));
+            }
+            black_box(half_product_with(Kernel::detect(), &head, &head_input, head_rows));
+        });
+        let params: usize = layers.iter().map(|(m, c)| m.out_dim() * c).sum::<usize>() + VOCAB * HIDDEN;
+        let macs: usize =
+            layers.iter().map(|(m, c)| m.out_dim() * c * rows).sum::<usize>() + VOCAB * HIDDEN * head_rows;
+        let secs = time.as_secs_f64();
+        let gbs = (params * 2) as f64 / secs / 1e9;
+        println!(
+            "{:<15} {rows:>4}  {:>7.2}  {gbs:>11.1}  {:>11.2}  {:>6.1}",
+            "F16",
+            secs * 1e3,
+            gbs / bandwidth,
+            macs as f64 / secs / 1e9
+        );
     }
 }

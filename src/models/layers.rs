@@ -8,9 +8,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::RopeConfig;
 use super::fused;
-use super::quant::ggml;
 use super::quant::mlx::MlxWeights;
-use super::quant::packed::PackedMatrix;
+use super::quant::HostMatrix;
 use super::runs_kernels;
 use super::source::WeightSource;
 
@@ -20,9 +19,9 @@ use super::source::WeightSource;
 pub enum Linear {
     /// Dense weights in the compute dtype.
     Dense(candle_nn::Linear),
-    /// Quantized weights on the CPU (MLX affine or GGUF blocks) in the packed kernels' layout;
-    /// the layer's own bias (if any) is dense.
-    Packed(Arc<PackedMatrix>, Option<Tensor>),
+    /// Quantized or f16 weights on the CPU (MLX affine, GGUF blocks or F16) in the CPU kernels'
+    /// layouts; the layer's own bias (if any) is dense.
+    Packed(Arc<HostMatrix>, Option<Tensor>),
     /// GGUF weights through candle's quantized matmul (a GPU, or a type the packed kernels do
     /// not take); dense bias.
     Gguf(Arc<QMatMul>, Option<Tensor>),
@@ -42,7 +41,7 @@ impl Linear {
                 let dense = dequantized(&packed, vb.device(), vb.dtype())?;
                 return Ok(Self::Dense(candle_nn::Linear::new(dense, bias)));
             }
-            return Ok(Self::Packed(Arc::new(packed.packed()?), bias));
+            return Ok(Self::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), bias));
         }
         if let Some(q) = vb.quantized("weight") {
             let q = q?;
@@ -55,9 +54,9 @@ impl Linear {
             if !q.device().is_cpu() {
                 return Ok(Self::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias));
             }
-            return Ok(match ggml::pack(&q)? {
+            return Ok(match HostMatrix::from_gguf(&q)? {
                 Some(packed) => Self::Packed(Arc::new(packed), bias),
-                None => Self::Gguf(Arc::new(host_qmatmul(q)?), bias),
+                None => Self::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias),
             });
         }
         let weight = vb.get((out_dim, in_dim), "weight")?;
@@ -200,10 +199,10 @@ fn with_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
 pub enum Embed {
     /// Dense `[vocab, hidden]`.
     Dense(candle_nn::Embedding),
-    /// Quantized `[vocab, hidden]` on the CPU (MLX or GGUF), held once as the matrix of the
-    /// tied output projection; lookups dequantize only the requested rows. And the dtype rows
-    /// are produced in.
-    Packed(Arc<PackedMatrix>, DType),
+    /// Quantized or f16 `[vocab, hidden]` on the CPU (MLX or GGUF), held once as the matrix of
+    /// the tied output projection; lookups dequantize only the requested rows. And the dtype
+    /// rows are produced in.
+    Packed(Arc<HostMatrix>, DType),
     /// A GGUF table of a type the packed kernels do not take, held once the same way through
     /// candle's quantized embedding; and the compute dtype.
     Gguf(Arc<QMatMul>, DType),
@@ -222,7 +221,7 @@ impl Embed {
                 let dense = dequantized(&packed, vb.device(), vb.dtype())?;
                 return Ok(Self::Dense(candle_nn::Embedding::new(dense, hidden)));
             }
-            return Ok(Self::Packed(Arc::new(packed.packed()?), vb.dtype()));
+            return Ok(Self::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), vb.dtype()));
         }
         if let Some(qtensor) = vb.quantized("weight") {
             let qtensor = qtensor?;
@@ -234,9 +233,9 @@ impl Embed {
                     Arc::new(matrix),
                 ));
             }
-            return Ok(match ggml::pack(&qtensor)? {
+            return Ok(match HostMatrix::from_gguf(&qtensor)? {
                 Some(packed) => Self::Packed(Arc::new(packed), vb.dtype()),
-                None => Self::Gguf(Arc::new(host_qmatmul(qtensor)?), vb.dtype()),
+                None => Self::Gguf(Arc::new(QMatMul::from_qtensor(qtensor)?), vb.dtype()),
             });
         }
         let weight = vb.get((vocab, hidden), "weight")?;
@@ -249,9 +248,8 @@ impl Embed {
             Self::Dense(e) => e.forward(ids),
             Self::Packed(w, dtype) => {
                 let ids_host: Vec<u32> = ids.to_vec1()?;
-                let rows = w.dequantize_rows(&ids_host);
-                let hidden = rows.len() / ids_host.len().max(1);
-                Tensor::from_vec(rows, (ids_host.len(), hidden), ids.device())?.to_dtype(*dtype)
+                let rows = w.dequantize_rows(&ids_host)?;
+                Tensor::from_vec(rows, (ids_host.len(), w.in_dim()), ids.device())?.to_dtype(*dtype)
             }
             Self::Gguf(matrix, dtype) => matrix.embedding(ids)?.to_dtype(*dtype),
             Self::GgufOnDevice(e, _) => e.forward(ids),
@@ -266,16 +264,6 @@ impl Embed {
             Self::Gguf(q, _) | Self::GgufOnDevice(_, q) => Linear::Gguf(q.clone(), None),
         }
     }
-}
-
-/// A GGUF matrix for the CPU: block-quantized types stay blocks; F16 stays f16 (candle would
-/// widen it to f32, doubling its memory; its f16 matmul rounds activations to f16 as
-/// llama.cpp's does).
-fn host_qmatmul(q: QTensor) -> Result<QMatMul> {
-    if q.dtype() == candle_core::quantized::GgmlDType::F16 {
-        return Ok(QMatMul::TensorF16(q.dequantize_f16(&q.device())?));
-    }
-    QMatMul::from_qtensor(q)
 }
 
 /// Root-mean-square layer norm; Gemma stores `w` and scales by `1 + w` (`unit_offset`).

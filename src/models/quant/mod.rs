@@ -1,8 +1,83 @@
-//! Quantized weight formats kept packed in memory. On the CPU every format is repacked into one
-//! layout (`packed`) multiplied by one kernel family (`kernels`); `mlx` and `ggml` decode the
-//! file formats into it.
+//! Quantized and f16 weights on the CPU, kept packed in memory. Every block format is repacked
+//! into one layout (`packed`) and f16 into another (`half`), both multiplied by the
+//! weight-stationary kernels of `kernels`; `mlx` and `ggml` decode the file formats.
 
 pub mod ggml;
+pub mod half;
 pub mod kernels;
 pub mod mlx;
 pub mod packed;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Result, Tensor};
+
+use half::HalfMatrix;
+use packed::PackedMatrix;
+
+/// A weight matrix in one of the CPU kernels' layouts.
+#[derive(Debug, Clone)]
+pub enum HostMatrix {
+    /// Block-quantized levels (GGUF blocks, MLX affine).
+    Blocks(PackedMatrix),
+    /// f16 values (GGUF F16).
+    Half(HalfMatrix),
+}
+
+impl HostMatrix {
+    /// A GGUF tensor in a CPU layout, or None for types left to candle (Q2_K, Q3_K, F32, …).
+    pub fn from_gguf(q: &QTensor) -> Result<Option<Self>> {
+        if q.dtype() == GgmlDType::F16 {
+            let (rows, cols) = q.shape().dims2()?;
+            let data = q.data()?;
+            let values: Vec<::half::f16> = data
+                .chunks_exact(2)
+                .map(|b| ::half::f16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            return Ok(Some(Self::Half(HalfMatrix::from_row_major(&values, rows, cols)?)));
+        }
+        Ok(ggml::pack(q)?.map(Self::Blocks))
+    }
+
+    /// `x · Wᵀ` for `x` of shape `[T, cols]`; returns `[T, rows]` in x's dtype.
+    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Blocks(m) => m.matmul(x),
+            Self::Half(m) => m.matmul(x),
+        }
+    }
+
+    /// Input columns.
+    pub fn in_dim(&self) -> usize {
+        match self {
+            Self::Blocks(m) => m.in_dim(),
+            Self::Half(m) => m.cols,
+        }
+    }
+
+    /// Rows `ids` as weights, `[ids.len(), cols]` row-major (embedding lookups).
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (rows, cols) = match self {
+            Self::Blocks(m) => (m.out_dim(), m.in_dim()),
+            Self::Half(m) => (m.out_dim(), m.cols),
+        };
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= rows) {
+            candle_core::bail!("row {bad} of a {rows}-row matrix");
+        }
+        let mut out = vec![0f32; ids.len() * cols];
+        for (row, &id) in out.chunks_mut(cols.max(1)).zip(ids) {
+            match self {
+                Self::Blocks(m) => m.dequantize_row(id as usize, row),
+                Self::Half(m) => m.dequantize_row(id as usize, row),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rows `start..start + n` as their own matrix (splitting fused projections).
+    pub fn rows(&self, start: usize, n: usize) -> Result<Self> {
+        Ok(match self {
+            Self::Blocks(m) => Self::Blocks(m.rows(start, n)?),
+            Self::Half(m) => Self::Half(m.rows(start, n)?),
+        })
+    }
+}

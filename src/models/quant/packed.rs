@@ -220,15 +220,6 @@ impl PackedMatrix {
         }
     }
 
-    /// Rows `ids` as weights, `[ids.len(), cols]` row-major (embedding lookups).
-    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
-        let mut out = vec![0f32; ids.len() * self.cols];
-        out.par_chunks_mut(self.cols.max(1))
-            .zip(ids)
-            .for_each(|(row, &id)| self.dequantize_row(id as usize, row));
-        out
-    }
-
     /// `x · Wᵀ` for `x` of shape `[T, cols]`; returns `[T, rows]` in x's dtype.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let (t, cols) = x.dims2()?;

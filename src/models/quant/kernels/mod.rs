@@ -10,6 +10,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_half;
 mod portable;
 
 use std::ops::Range;
@@ -17,6 +19,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::half::HalfMatrix;
 use super::packed::{PackedMatrix, PANEL};
 
 /// Values per activation block (one int8 scale each).
@@ -174,32 +177,59 @@ pub fn product(w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
 /// `product` on a chosen kernel (tests and benchmarks compare them).
 pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     let acts = Activations::quantize(x, rows, w);
-    // Every element is written below (tasks cover every panel; each writes all its columns
-    // for every activation row), so the buffer is not zeroed first.
-    let mut out: Vec<f32> = Vec::with_capacity(rows * w.rows);
-    let output = Output {
-        ptr: out.as_mut_ptr(),
-        rows,
-        cols: w.rows,
-    };
-    let units = w.panels / PANELS_PER_UNIT;
-    let per_task = units.div_ceil(rayon::current_num_threads() * 8).max(1);
-    let run = |panels: Range<usize>| match kernel {
+    over_panels(w.panels, rows, w.rows, |panels, output| match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => avx512::product(w, &acts, panels, &output),
+        Kernel::Avx512Vnni => avx512::product(w, &acts, panels, output),
         _ => portable::product(
             w,
             &acts,
             (panels.start * PANEL).min(w.rows)..(panels.end * PANEL).min(w.rows),
-            &output,
+            output,
         ),
+    })
+}
+
+/// `x · Wᵀ` for f16 weights, `rows` rows of `x` (`[rows, w.cols]`), `[rows, w.rows]` out.
+pub fn half_product(w: &HalfMatrix, x: &[f32], rows: usize) -> Vec<f32> {
+    half_product_with(Kernel::detect(), w, x, rows)
+}
+
+/// `half_product` on a chosen kernel.
+pub fn half_product_with(kernel: Kernel, w: &HalfMatrix, x: &[f32], rows: usize) -> Vec<f32> {
+    // Activations rounded to f16, as llama.cpp's F16 matmul rounds them.
+    let x: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    over_panels(w.panels, rows, w.rows, |panels, output| match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Vnni => avx512_half::product(w, &x, rows, panels, output),
+        _ => portable::half_product(
+            w,
+            &x,
+            rows,
+            (panels.start * PANEL).min(w.rows)..(panels.end * PANEL).min(w.rows),
+            output,
+        ),
+    })
+}
+
+/// A `[rows, cols]` output computed by tasks that each own a range of whole panel units
+/// (`run(panels, output)` writes every column of its panels for every row).
+fn over_panels(panels: usize, rows: usize, cols: usize, run: impl Fn(Range<usize>, &Output) + Sync) -> Vec<f32> {
+    // Every element is written below (tasks cover every panel; each writes all its columns
+    // for every activation row), so the buffer is not zeroed first.
+    let mut out: Vec<f32> = Vec::with_capacity(rows * cols);
+    let output = Output {
+        ptr: out.as_mut_ptr(),
+        rows,
+        cols,
     };
+    let units = panels / PANELS_PER_UNIT;
+    let per_task = units.div_ceil(rayon::current_num_threads() * 8).max(1);
     (0..units.div_ceil(per_task)).into_par_iter().for_each(|t| {
         let units = t * per_task..((t + 1) * per_task).min(units);
-        run(units.start * PANELS_PER_UNIT..units.end * PANELS_PER_UNIT)
+        run(units.start * PANELS_PER_UNIT..units.end * PANELS_PER_UNIT, &output)
     });
-    // SAFETY: the capacity is `rows * w.rows` and every element was written (see above).
-    unsafe { out.set_len(rows * w.rows) };
+    // SAFETY: the capacity is `rows * cols` and every element was written (see above).
+    unsafe { out.set_len(rows * cols) };
     out
 }
 
@@ -339,6 +369,40 @@ mod tests {
                 w.dequantize_row(7 + o, &mut a);
                 part.dequantize_row(o, &mut b);
                 assert_eq!(a, b, "{spec:?} row {o}");
+            }
+        }
+    }
+
+    #[test]
+    fn f16_kernels_multiply_f16_weights_with_f16_rounded_activations() {
+        use ::half::f16;
+        let mut kernels = vec![Kernel::Portable];
+        if Kernel::detect() != Kernel::Portable {
+            kernels.push(Kernel::detect());
+        }
+        for (out_rows, cols) in [(1, 8), (17, 96), (70, 40)] {
+            let values: Vec<f16> = (0..out_rows * cols).map(|i| f16::from_f32(noise(i) - 0.5)).collect();
+            let w = HalfMatrix::from_row_major(&values, out_rows, cols).expect("packs");
+            for rows in [1, 2, 3, 5, 9, 12] {
+                let x = inputs(rows, cols);
+                for &kernel in &kernels {
+                    let got = half_product_with(kernel, &w, &x, rows);
+                    for m in 0..rows {
+                        for o in 0..out_rows {
+                            let want: f64 = (0..cols)
+                                .map(|k| {
+                                    let xk = f16::from_f32(x[m * cols + k]).to_f32();
+                                    values[o * cols + k].to_f32() as f64 * xk as f64
+                                })
+                                .sum();
+                            let g = got[m * out_rows + o] as f64;
+                            assert!(
+                                (g - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                "{kernel:?} ({m}, {o}): {g} vs {want}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

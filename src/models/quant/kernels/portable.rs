@@ -4,6 +4,7 @@
 use std::ops::Range;
 
 use super::{Activations, Output, BLOCK};
+use crate::models::quant::half::HalfMatrix;
 use crate::models::quant::packed::PackedMatrix;
 
 /// Products for output columns (weight rows) `range`, every activation row.
@@ -26,6 +27,17 @@ pub(super) fn product(w: &PackedMatrix, a: &Activations, range: Range<usize>, ou
                 }
             }
             out.write(m, o, total);
+        }
+    }
+}
+
+/// f16 products for output columns (weight rows) `range`, every activation row.
+pub(super) fn half_product(w: &HalfMatrix, x: &[f32], rows: usize, range: Range<usize>, out: &Output) {
+    let mut row = vec![0f32; w.cols];
+    for o in range {
+        w.dequantize_row(o, &mut row);
+        for (m, xs) in x.chunks_exact(w.cols).take(rows).enumerate() {
+            out.write(m, o, row.iter().zip(xs).map(|(a, b)| a * b).sum());
         }
     }
 }
