@@ -15,6 +15,8 @@ use crate::models::paged_kv::LayerKv;
 const QUERY_BLOCK: usize = 16;
 /// Keys scored at once per item.
 const KEY_TILE: usize = 64;
+/// Query rows (queries × heads sharing a KV head) from which a key tile is transposed.
+const TRANSPOSE_ROWS: usize = 16;
 
 /// One sequence of the batch: its query rows and its context's slots.
 #[derive(Debug, Clone, Copy)]
@@ -185,15 +187,20 @@ impl Cache<'_> {
         let mut acc = vec![0f32; rows * hd];
         let mut scores = vec![0f32; rows * KEY_TILE];
         let head_offset = item.kv_head * hd;
-        // The tile's keys transposed, [hd, KEY_TILE]: a query row's scores for the whole tile
-        // are then hd multiply-adds of whole tile rows (no horizontal sums).
-        let mut keys_t = vec![0f32; hd * KEY_TILE];
+        // Many rows (prefill blocks): the tile's keys transposed, [hd, KEY_TILE], so a row's
+        // scores for the whole tile are hd multiply-adds of whole tile rows (no horizontal
+        // sums). Few rows (decode): the transpose would cost more than it saves; one dot
+        // product per (row, key) instead.
+        let transpose = rows >= TRANSPOSE_ROWS;
+        let mut keys_t = vec![0f32; if transpose { hd * KEY_TILE } else { 0 }];
         for tile in (first_key..=last_key).step_by(KEY_TILE) {
             let tile_end = (tile + KEY_TILE).min(last_key + 1);
-            for j in tile..tile_end {
-                let k_row = &self.k[slots[j] as usize * kv_width + head_offset..][..hd];
-                for (d, &x) in k_row.iter().enumerate() {
-                    keys_t[d * KEY_TILE + j - tile] = x;
+            let key = |j: usize| &self.k[slots[j] as usize * kv_width + head_offset..][..hd];
+            if transpose {
+                for j in tile..tile_end {
+                    for (d, &x) in key(j).iter().enumerate() {
+                        keys_t[d * KEY_TILE + j - tile] = x;
+                    }
                 }
             }
             // Scores of every query row that sees any key of the tile.
@@ -204,11 +211,18 @@ impl Cache<'_> {
                 }
                 for r in 0..n_rep {
                     let row = i * n_rep + r;
+                    let q_row = &q[row * hd..(row + 1) * hd];
                     let out: &mut [f32; KEY_TILE] = (&mut scores[row * KEY_TILE..(row + 1) * KEY_TILE])
                         .try_into()
                         .expect("a tile row");
+                    if !transpose {
+                        for j in lo.max(tile)..=hi.min(tile_end - 1) {
+                            out[j - tile] = dot(q_row, key(j));
+                        }
+                        continue;
+                    }
                     *out = [0.0; KEY_TILE];
-                    for (&qd, kd) in q[row * hd..(row + 1) * hd].iter().zip(keys_t.chunks_exact(KEY_TILE)) {
+                    for (&qd, kd) in q_row.iter().zip(keys_t.chunks_exact(KEY_TILE)) {
                         for (o, &k) in out.iter_mut().zip(kd) {
                             *o += qd * k;
                         }
@@ -238,22 +252,19 @@ impl Cache<'_> {
                     acc[row * hd..(row + 1) * hd].iter_mut().for_each(|x| *x *= keep);
                 }
             }
-            // Values weighted by the probabilities.
-            for j in tile..tile_end {
-                let v_row = &self.v[slots[j] as usize * kv_width + head_offset..][..hd];
-                for i in 0..item.queries {
-                    let (lo, hi) = bounds(i);
-                    if j < lo || j > hi {
-                        continue;
-                    }
-                    for r in 0..n_rep {
-                        let row = i * n_rep + r;
-                        let p = scores[row * KEY_TILE + j - tile];
-                        acc[row * hd..(row + 1) * hd]
-                            .iter_mut()
-                            .zip(v_row)
-                            .for_each(|(a, v)| *a += p * v);
-                    }
+            // Values weighted by the probabilities: per row, 16 output lanes at a time stay in
+            // registers across the tile's keys.
+            let value = |j: usize| &self.v[slots[j] as usize * kv_width + head_offset..][..hd];
+            for i in 0..item.queries {
+                let (lo, hi) = bounds(i);
+                let (a, b) = (lo.max(tile), hi.min(tile_end - 1));
+                if a > b {
+                    continue;
+                }
+                for r in 0..n_rep {
+                    let row = i * n_rep + r;
+                    let probs = &scores[row * KEY_TILE + a - tile..row * KEY_TILE + b - tile + 1];
+                    add_weighted(&mut acc[row * hd..(row + 1) * hd], probs, |n| value(a + n));
                 }
             }
         }
@@ -262,6 +273,43 @@ impl Cache<'_> {
             out.iter_mut().for_each(|x| *x *= inv);
         }
         acc
+    }
+}
+
+/// `Σ a·b` with two independent 16-lane partial sums (vectorizes; no single dependency chain).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (mut l0, mut l1) = ([0f32; 16], [0f32; 16]);
+    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            l0[i] += x[i] * y[i];
+            l1[i] += x[16 + i] * y[16 + i];
+        }
+    }
+    l0.iter().zip(&l1).map(|(p, q)| p + q).sum::<f32>() + tail
+}
+
+/// `acc += Σ_n weights[n] · row(n)`, 16 lanes of `acc` at a time held across all rows.
+#[inline(always)]
+fn add_weighted<'r>(acc: &mut [f32], weights: &[f32], row: impl Fn(usize) -> &'r [f32]) {
+    let lanes = acc.len() / 16 * 16;
+    for (c, out) in acc[..lanes].chunks_exact_mut(16).enumerate() {
+        let mut sum = [0f32; 16];
+        for (n, &w) in weights.iter().enumerate() {
+            let v = &row(n)[c * 16..c * 16 + 16];
+            for i in 0..16 {
+                sum[i] += w * v[i];
+            }
+        }
+        out.iter_mut().zip(&sum).for_each(|(o, s)| *o += s);
+    }
+    for (n, &w) in weights.iter().enumerate() {
+        acc[lanes..]
+            .iter_mut()
+            .zip(&row(n)[lanes..])
+            .for_each(|(o, v)| *o += w * v);
     }
 }
 

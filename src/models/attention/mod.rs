@@ -206,36 +206,43 @@ mod tests {
 
     #[test]
     fn the_host_path_equals_the_gathered_path() -> Result<()> {
-        let dims = HeadDims {
-            num_heads: 6,
-            num_kv_heads: 2,
-            head_dim: 32,
-        };
-        let kv_w = dims.num_kv_heads * dims.head_dim;
-        // Decode steps, prefill chunks (one longer than a key tile and a query block), a chunk
-        // continuing a cached prefix, and a lone token.
-        let shapes: [&[(usize, usize)]; 3] = [&[(1, 40), (1, 3), (70, 70), (20, 90), (1, 1)], &[(33, 33)], &[(1, 130)]];
-        for seqs in shapes {
-            let b = batch(seqs);
-            let t = b.num_tokens();
-            let slots = 8 + 3 * seqs.len() * 140;
-            let kv = LayerKv {
-                k: noise(slots * kv_w, 1, (slots, kv_w)),
-                v: noise(slots * kv_w, 2, (slots, kv_w)),
+        // Head sizes with and without a whole number of 16-lane chunks.
+        for head_dim in [32, 20] {
+            let dims = HeadDims {
+                num_heads: 6,
+                num_kv_heads: 2,
+                head_dim,
             };
-            let q = noise(t * 6 * 32, 3, (t, 6 * 32)).reshape((t, 6, 32))?;
-            for (window, softcap) in [(None, None), (Some(17), None), (None, Some(0.7)), (Some(5), Some(2.0))] {
-                let opts = AttentionOpts {
-                    scale: 0.3,
-                    window,
-                    softcap,
+            let kv_w = dims.num_kv_heads * head_dim;
+            // Decode steps, prefill chunks (one longer than a key tile and a query block), a
+            // chunk continuing a cached prefix, and a lone token.
+            let shapes: [&[(usize, usize)]; 3] =
+                [&[(1, 40), (1, 3), (70, 70), (20, 90), (1, 1)], &[(33, 33)], &[(1, 130)]];
+            for seqs in shapes {
+                let b = batch(seqs);
+                let t = b.num_tokens();
+                let slots = 8 + 3 * seqs.len() * 140;
+                let kv = LayerKv {
+                    k: noise(slots * kv_w, 1, (slots, kv_w)),
+                    v: noise(slots * kv_w, 2, (slots, kv_w)),
                 };
-                let host = HostPlan::new(&b, dims, DType::F32)?.expect("CPU f32");
-                let gathered = GatheredPlan::new(&b, dims, &[window], DType::F32)?;
-                let want = gathered::attend(&q, &kv, &gathered, opts)?;
-                let got = host::attend(&q, &kv, &host, opts)?;
-                let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 2e-5, "{seqs:?} window {window:?} softcap {softcap:?}: {diff}");
+                let q = noise(t * 6 * head_dim, 3, (t, 6 * head_dim)).reshape((t, 6, head_dim))?;
+                for (window, softcap) in [(None, None), (Some(17), None), (None, Some(0.7)), (Some(5), Some(2.0))] {
+                    let opts = AttentionOpts {
+                        scale: 0.3,
+                        window,
+                        softcap,
+                    };
+                    let host = HostPlan::new(&b, dims, DType::F32)?.expect("CPU f32");
+                    let gathered = GatheredPlan::new(&b, dims, &[window], DType::F32)?;
+                    let want = gathered::attend(&q, &kv, &gathered, opts)?;
+                    let got = host::attend(&q, &kv, &host, opts)?;
+                    let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(
+                        diff < 2e-5,
+                        "hd {head_dim} {seqs:?} window {window:?} softcap {softcap:?}: {diff}"
+                    );
+                }
             }
         }
         Ok(())
