@@ -65,7 +65,10 @@ const PROMPT_ID_RANGE: std::ops::Range<u32> = 3..259;
 
 /// Runs every level and returns one report per level.
 pub async fn run(cfg: &BenchConfig) -> anyhow::Result<Vec<LevelReport>> {
-    let client = reqwest::Client::new();
+    // A fresh connection per request: a server may close an idle keep-alive connection just
+    // as a pooled one is reused ("connection closed before message completed", seen with
+    // llama-server), failing a measurement; a loopback connect costs far less than a token.
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
     let mut reports = Vec::new();
     for (level, &concurrency) in cfg.concurrency.iter().enumerate() {
         // A fresh seed per level: nothing of an earlier level can be cached.
