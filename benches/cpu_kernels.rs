@@ -61,6 +61,32 @@ fn matrix(rows: usize, cols: usize, spec: PackSpec, seed: usize) -> PackedMatrix
     .expect("packs")
 }
 
+/// One small product per layout on the detected kernel, compared with the portable one.
+fn smoke() {
+    for (four_bit, group, zero_point) in [(false, 32, Some(128)), (true, 32, Some(8)), (true, 64, None)] {
+        let m = matrix(
+            70,
+            128,
+            PackSpec {
+                four_bit,
+                group,
+                zero_point,
+            },
+            1,
+        );
+        let x: Vec<f32> = (0..3 * 128).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+        let (got, want) = (
+            product_with(Kernel::detect(), &m, &x, 3),
+            product_with(Kernel::Portable, &m, &x, 3),
+        );
+        assert!(got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| (a - b).abs() <= 1e-4 * (1.0 + b.abs())));
+    }
+    println!("cpu_kernels: every layout multiplies (run `cargo bench --bench cpu_kernels` to time them)");
+}
+
 /// Bytes a kernel reads for `m`: levels, scales and mins.
 fn bytes(m: &PackedMatrix, spec: PackSpec) -> usize {
     let values = m.out_dim() * m.in_dim() / if spec.four_bit { 2 } else { 1 };
@@ -69,6 +95,12 @@ fn bytes(m: &PackedMatrix, spec: PackSpec) -> usize {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs this binary without `--bench` (a debug build): check that
+    // every layout multiplies, once and small, instead of timing the full model.
+    if !std::env::args().any(|a| a == "--bench") {
+        smoke();
+        return;
+    }
     let bandwidth = read_bandwidth();
     println!(
         "threads {}, kernel {:?}, read bandwidth {bandwidth:.1} GB/s",
