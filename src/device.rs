@@ -189,12 +189,21 @@ pub fn memory_info(_: &Device) -> Option<(u64, u64)> {
 /// threads directly instead of waking them from the engine thread and sleeping until they
 /// finish (a context switch per product, about 170 per token); elsewhere in place (a GPU
 /// context stays bound to the engine thread).
+#[cfg(not(feature = "cuda"))]
 pub fn on_compute_threads<R: Send>(device: &Device, f: impl FnOnce() -> R + Send) -> R {
     if device.is_cpu() {
         rayon::scope(|_| f())
     } else {
         f()
     }
+}
+
+/// Runs `f` (an engine step) in place: a CUDA build's engine state holds CUDA graphs, which
+/// must stay on the engine thread, so its steps never move to the compute pool (a CUDA build
+/// serving from the CPU keeps the per-product wake-ups).
+#[cfg(feature = "cuda")]
+pub fn on_compute_threads<R>(_device: &Device, f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// Hands heap memory freed by an unloaded model back to the system: glibc keeps freed small
