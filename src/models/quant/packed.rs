@@ -11,6 +11,7 @@
 //! per panel and group as 16 values (one per row). Columns are padded to a multiple of 64 and
 //! rows to a multiple of 64 (four panels); padding levels, scales and mins are zero.
 use candle_core::{DType, Result, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 use super::kernels;
@@ -64,9 +65,37 @@ pub struct PackedMatrix {
     /// `panels` panels of `panel_bytes()` each.
     pub(super) values: Vec<u8>,
     /// Per panel and group, 16 scales (one per row).
-    pub(super) scales: Vec<f32>,
+    pub(super) scales: Params,
     /// Per panel and group, 16 mins; None for zero-point formats.
-    pub(super) mins: Option<Vec<f32>>,
+    pub(super) mins: Option<Params>,
+}
+
+/// Scales or mins, kept as f16 when every value is exactly an f16 (GGUF's Q4_0, Q5_0, Q8_0
+/// scales; most MLX parameters): half the bytes a decode step reads for them.
+#[derive(Debug, Clone)]
+pub enum Params {
+    /// Values that f16 holds exactly.
+    F16(Vec<f16>),
+    /// Any other values.
+    F32(Vec<f32>),
+}
+
+impl Params {
+    fn compact(values: Vec<f32>) -> Self {
+        if values.iter().all(|&v| f16::from_f32(v).to_f32() == v) {
+            Self::F16(values.iter().map(|&v| f16::from_f32(v)).collect())
+        } else {
+            Self::F32(values)
+        }
+    }
+
+    /// Value `i`.
+    pub(super) fn get(&self, i: usize) -> f32 {
+        match self {
+            Self::F16(v) => v[i].to_f32(),
+            Self::F32(v) => v[i],
+        }
+    }
 }
 
 impl PackedMatrix {
@@ -89,7 +118,7 @@ impl PackedMatrix {
             panels,
             spec,
             values: Vec::new(),
-            scales: Vec::new(),
+            scales: Params::F32(Vec::new()),
             mins: None,
         };
         let per_panel = m.groups_per_row() * PANEL;
@@ -140,8 +169,8 @@ impl PackedMatrix {
             candle_core::bail!("row {o} did not decode to {cols} levels with its groups");
         }
         m.values = values;
-        m.scales = scales;
-        m.mins = spec.zero_point.is_none().then_some(mins);
+        m.scales = Params::compact(scales);
+        m.mins = spec.zero_point.is_none().then(|| Params::compact(mins));
         Ok(m)
     }
 
@@ -153,6 +182,15 @@ impl PackedMatrix {
     /// Input columns.
     pub fn in_dim(&self) -> usize {
         self.cols
+    }
+
+    /// Bytes held: levels, scales and mins (what a product reads).
+    pub fn bytes(&self) -> usize {
+        let params = |p: &Params| match p {
+            Params::F16(v) => v.len() * 2,
+            Params::F32(v) => v.len() * 4,
+        };
+        self.values.len() + params(&self.scales) + self.mins.as_ref().map_or(0, params)
     }
 
     pub(super) fn groups_per_row(&self) -> usize {
@@ -195,13 +233,13 @@ impl PackedMatrix {
 
     /// The scale of group `g` of row `o`.
     pub(super) fn scale(&self, o: usize, g: usize) -> f32 {
-        self.scales[self.param_at(o, g)]
+        self.scales.get(self.param_at(o, g))
     }
 
     /// The additive term of group `g` of row `o`.
     pub(super) fn min(&self, o: usize, g: usize) -> f32 {
         match (&self.mins, self.spec.zero_point) {
-            (Some(mins), _) => mins[self.param_at(o, g)],
+            (Some(mins), _) => mins.get(self.param_at(o, g)),
             (None, zp) => -(zp.unwrap_or(0) as f32) * self.scale(o, g),
         }
     }

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{Activations, Output, BLOCK, PANELS_PER_UNIT};
-use crate::models::quant::packed::{PackedMatrix, PANEL};
+use crate::models::quant::packed::{PackedMatrix, Params, PANEL};
 
 /// Activation rows per tile in the bulk of a batch (one panel each: 8 integer and 8 float
 /// accumulators).
@@ -84,6 +84,21 @@ unsafe fn chunks<const FOUR: bool, const MINS: bool>(
     }
 }
 
+/// Values `at..at + 16` of scales or mins as f32 lanes.
+#[inline(always)]
+unsafe fn sixteen(params: &Params, at: usize) -> __m512 {
+    match params {
+        Params::F32(v) => {
+            assert!(at + 16 <= v.len());
+            _mm512_loadu_ps(v.as_ptr().add(at))
+        }
+        Params::F16(v) => {
+            assert!(at + 16 <= v.len());
+            _mm512_cvtph_ps(_mm256_loadu_si256(v.as_ptr().add(at).cast()))
+        }
+    }
+}
+
 /// Four activation levels at `q[at..at + 4]` broadcast to every lane.
 #[inline(always)]
 unsafe fn broadcast4(q: &[i8], at: usize) -> __m512i {
@@ -106,7 +121,6 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
     let blocks = a.padded_cols / BLOCK;
     let (panel_bytes, groups) = (w.panel_bytes(), w.groups_per_row());
     let low = _mm512_set1_epi8(0x0F);
-    let mins = w.mins.as_deref().unwrap_or(&[]);
     let mut acc = [[_mm512_setzero_ps(); P]; RN];
     for s in 0..spans {
         let mut ints = [[_mm512_setzero_si512(); P]; RN];
@@ -148,9 +162,9 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
         for p in 0..P {
             // In bounds: 16 scales (and mins) per panel and group.
             let at = ((p0 + p) * groups + g) * PANEL;
-            scales[p] = _mm512_loadu_ps(w.scales.as_ptr().add(at));
-            if MINS {
-                min_lanes[p] = _mm512_loadu_ps(mins.as_ptr().add(at));
+            scales[p] = sixteen(&w.scales, at);
+            if let (true, Some(mins)) = (MINS, &w.mins) {
+                min_lanes[p] = sixteen(mins, at);
             }
         }
         for (n, (row, ints)) in acc.iter_mut().zip(&ints).enumerate() {

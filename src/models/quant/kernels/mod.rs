@@ -248,9 +248,15 @@ mod tests {
         PackedMatrix::from_rows(rows, cols, spec, |o, l: &mut Levels| {
             l.q.extend((0..cols).map(|k| ((o * 31 + k * 17 + k * k) % levels) as u8));
             let groups = cols / spec.group;
-            l.scales.extend((0..groups).map(|g| 0.01 + 0.02 * noise(o * 7 + g)));
+            // f16-exact parameters (kept as f16) for Q4_0/Q8_0-like and group-64 matrices, as
+            // GGUF's f16 scales and most MLX parameters are; f32 for the others.
+            let half = matches!(spec.zero_point, Some(8 | 128)) || spec.group == 64;
+            let param = |v: f32| if half { ::half::f16::from_f32(v).to_f32() } else { v };
+            l.scales
+                .extend((0..groups).map(|g| param(0.01 + 0.02 * noise(o * 7 + g))));
             if spec.zero_point.is_none() {
-                l.mins.extend((0..groups).map(|g| -0.1 + 0.05 * noise(o * 13 + g + 1)));
+                l.mins
+                    .extend((0..groups).map(|g| param(-0.1 + 0.05 * noise(o * 13 + g + 1))));
             }
         })
         .expect("packs")
@@ -351,6 +357,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn parameters_that_f16_holds_exactly_are_kept_as_f16() {
+        use crate::models::quant::packed::Params;
+        let kinds: Vec<bool> = specs()
+            .into_iter()
+            .map(|(spec, cols)| matches!(matrix(4, cols, spec).scales, Params::F16(_)))
+            .collect();
+        assert_eq!(kinds, [true, false, true, false, true, false]);
     }
 
     #[test]
