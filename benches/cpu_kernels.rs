@@ -21,6 +21,16 @@ const KV: usize = 128;
 const INTERMEDIATE: usize = 4864;
 const VOCAB: usize = 151_936;
 const LAYERS: usize = 24;
+/// `[out, in]` of one layer's q, k, v, o, gate, up and down projections.
+const LAYER_SHAPES: [(usize, usize); 7] = [
+    (HIDDEN, HIDDEN),
+    (KV, HIDDEN),
+    (KV, HIDDEN),
+    (HIDDEN, HIDDEN),
+    (INTERMEDIATE, HIDDEN),
+    (INTERMEDIATE, HIDDEN),
+    (HIDDEN, INTERMEDIATE),
+];
 
 /// Best of `tries` timings of `f`.
 fn best(tries: usize, mut f: impl FnMut()) -> Duration {
@@ -119,17 +129,13 @@ fn main() {
     ];
     println!("format          rows  ms/pass   weight GB/s  of roofline  GMAC/s");
     for (name, spec) in formats {
-        let shapes = [
-            (HIDDEN, HIDDEN),
-            (KV, HIDDEN),
-            (KV, HIDDEN),
-            (HIDDEN, HIDDEN),
-            (INTERMEDIATE, HIDDEN),
-            (INTERMEDIATE, HIDDEN),
-            (HIDDEN, INTERMEDIATE),
-        ];
         let layers: Vec<PackedMatrix> = (0..LAYERS)
-            .flat_map(|l| shapes.iter().enumerate().map(move |(i, &(r, c))| (l * 7 + i, r, c)))
+            .flat_map(|l| {
+                LAYER_SHAPES
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, &(r, c))| (l * 7 + i, r, c))
+            })
             .map(|(seed, r, c)| matrix(r, c, spec, seed))
             .collect();
         let head = matrix(VOCAB, HIDDEN, spec, 999);
@@ -172,17 +178,8 @@ fn half_rows(bandwidth: f64) {
             .collect();
         HalfMatrix::from_row_major(&values, rows, cols).expect("packs")
     };
-    let shapes = [
-        (HIDDEN, HIDDEN),
-        (KV, HIDDEN),
-        (KV, HIDDEN),
-        (HIDDEN, HIDDEN),
-        (INTERMEDIATE, HIDDEN),
-        (INTERMEDIATE, HIDDEN),
-        (HIDDEN, INTERMEDIATE),
-    ];
     let layers: Vec<(HalfMatrix, usize)> = (0..LAYERS)
-        .flat_map(|l| shapes.iter().map(move |&(r, c)| (half(r, c, l), c)))
+        .flat_map(|l| LAYER_SHAPES.iter().map(move |&(r, c)| (half(r, c, l), c)))
         .collect();
     let head = half(VOCAB, HIDDEN, 999);
     for rows in [1, 8, 512] {

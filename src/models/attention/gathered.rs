@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::{AttentionOpts, HeadDims};
+use super::{AttentionOpts, HeadDims, SlotWriter};
 use crate::models::batch::BatchInput;
 use crate::models::paged_kv::LayerKv;
 
@@ -42,7 +42,7 @@ struct SeqSpan {
 #[derive(Debug)]
 pub struct GatheredPlan {
     dims: HeadDims,
-    scatter_index: Tensor,
+    slots: SlotWriter,
     context_slots: Tensor,
     spans: Vec<SeqSpan>,
     /// Single-token (decode) sequences attended together, one entry per window setting.
@@ -243,17 +243,16 @@ impl GatheredPlan {
         self.dims
     }
 
+    /// Where this step's K/V rows go.
+    pub(super) fn slots(&self) -> &SlotWriter {
+        &self.slots
+    }
+
     /// Builds scatter indices and the masks of every window setting the model uses, once per
     /// forward.
     pub fn new(batch: &BatchInput, dims: HeadDims, windows: &[Option<usize>], dtype: DType) -> Result<Self> {
         let device = batch.slot_mapping.device();
-        let kv_width = dims.num_kv_heads * dims.head_dim;
         let n_rep = dims.num_heads / dims.num_kv_heads;
-        let scatter_index = batch
-            .slot_mapping
-            .unsqueeze(1)?
-            .broadcast_as((batch.num_tokens(), kv_width))?
-            .contiguous()?;
         let mut spans = Vec::with_capacity(batch.q_lens.len());
         let (mut q_start, mut kv_start) = (0, 0);
         for (&q_len, &kv_len) in batch.q_lens.iter().zip(&batch.kv_lens) {
@@ -320,7 +319,7 @@ impl GatheredPlan {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             dims,
-            scatter_index,
+            slots: SlotWriter::new(batch, dims)?,
             context_slots: batch.context_slots.clone(),
             spans,
             decode,
@@ -456,12 +455,6 @@ fn attend_prefill_batch(
         .contiguous()?
         .reshape((b * p.max_q, num_heads * head_dim))?
         .index_select(&p.out_rows, 0)
-}
-
-/// Writes this step's K/V rows (`[T, kv_heads * head_dim]` each) into their slots.
-pub fn store(k: &Tensor, v: &Tensor, kv: &mut LayerKv, plan: &GatheredPlan) -> Result<()> {
-    kv.k.scatter_set(&plan.scatter_index, &k.contiguous()?, 0)?;
-    kv.v.scatter_set(&plan.scatter_index, &v.contiguous()?, 0)
 }
 
 /// Attends every sequence's queries (`[T, heads, head_dim]`, rotated) over its context.

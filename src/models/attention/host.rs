@@ -7,7 +7,7 @@
 use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::{AttentionOpts, HeadDims};
+use super::{AttentionOpts, HeadDims, SlotWriter};
 use crate::models::batch::BatchInput;
 use crate::models::paged_kv::LayerKv;
 
@@ -32,7 +32,7 @@ struct HostSeq {
 #[derive(Debug)]
 pub struct HostPlan {
     dims: HeadDims,
-    scatter_index: Tensor,
+    slots: SlotWriter,
     context_slots: Vec<u32>,
     seqs: Vec<HostSeq>,
 }
@@ -43,12 +43,6 @@ impl HostPlan {
         if !batch.slot_mapping.device().is_cpu() || dtype != DType::F32 {
             return Ok(None);
         }
-        let kv_width = dims.num_kv_heads * dims.head_dim;
-        let scatter_index = batch
-            .slot_mapping
-            .unsqueeze(1)?
-            .broadcast_as((batch.num_tokens(), kv_width))?
-            .contiguous()?;
         let mut seqs = Vec::with_capacity(batch.q_lens.len());
         let (mut q_start, mut ctx_start) = (0, 0);
         for (&q_len, &kv_len) in batch.q_lens.iter().zip(&batch.kv_lens) {
@@ -63,7 +57,7 @@ impl HostPlan {
         }
         Ok(Some(Self {
             dims,
-            scatter_index,
+            slots: SlotWriter::new(batch, dims)?,
             context_slots: batch.context_slots.to_vec1()?,
             seqs,
         }))
@@ -73,12 +67,11 @@ impl HostPlan {
     pub fn dims(&self) -> HeadDims {
         self.dims
     }
-}
 
-/// Writes this step's K/V rows (`[T, kv_heads * head_dim]` each) into their slots.
-pub fn store(k: &Tensor, v: &Tensor, kv: &mut LayerKv, plan: &HostPlan) -> Result<()> {
-    kv.k.scatter_set(&plan.scatter_index, &k.contiguous()?, 0)?;
-    kv.v.scatter_set(&plan.scatter_index, &v.contiguous()?, 0)
+    /// Where this step's K/V rows go.
+    pub(super) fn slots(&self) -> &SlotWriter {
+        &self.slots
+    }
 }
 
 /// One unit of work: a block of one sequence's queries under one KV head.
@@ -229,7 +222,10 @@ impl Cache<'_> {
                     }
                 }
             }
-            // Online softmax update of each row over its visible part of the tile.
+            // Per row over its visible part of the tile: the online softmax update, then the
+            // values weighted by the probabilities (16 output lanes at a time stay in registers
+            // across the tile's keys).
+            let value = |j: usize| &self.v[slots[j] as usize * kv_width + head_offset..][..hd];
             for i in 0..item.queries {
                 let (lo, hi) = bounds(i);
                 let (a, b) = (lo.max(tile), hi.min(tile_end - 1));
@@ -249,22 +245,9 @@ impl Cache<'_> {
                     part.iter_mut().for_each(|x| *x = exp(*x - new_max));
                     sum[row] = sum[row] * keep + part.iter().sum::<f32>();
                     max[row] = new_max;
-                    acc[row * hd..(row + 1) * hd].iter_mut().for_each(|x| *x *= keep);
-                }
-            }
-            // Values weighted by the probabilities: per row, 16 output lanes at a time stay in
-            // registers across the tile's keys.
-            let value = |j: usize| &self.v[slots[j] as usize * kv_width + head_offset..][..hd];
-            for i in 0..item.queries {
-                let (lo, hi) = bounds(i);
-                let (a, b) = (lo.max(tile), hi.min(tile_end - 1));
-                if a > b {
-                    continue;
-                }
-                for r in 0..n_rep {
-                    let row = i * n_rep + r;
-                    let probs = &scores[row * KEY_TILE + a - tile..row * KEY_TILE + b - tile + 1];
-                    add_weighted(&mut acc[row * hd..(row + 1) * hd], probs, |n| value(a + n));
+                    let out = &mut acc[row * hd..(row + 1) * hd];
+                    out.iter_mut().for_each(|x| *x *= keep);
+                    add_weighted(out, part, |n| value(a + n));
                 }
             }
         }

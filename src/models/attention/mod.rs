@@ -115,14 +115,39 @@ pub fn store_kv(p: &Projected, rope: &RotaryAtPositions, kv: &mut LayerKv, meta:
         Plan::Kernels(kernels) => kernels.store_kv(p, rope, kv),
         Plan::Host(plan) => {
             let (q, k, v) = prepared(p, rope, plan.dims())?;
-            host::store(&k, &v, kv, plan)?;
+            plan.slots().write(&k, &v, kv)?;
             Ok(q)
         }
         Plan::Gathered(plan) => {
             let (q, k, v) = prepared(p, rope, plan.dims())?;
-            gathered::store(&k, &v, kv, plan)?;
+            plan.slots().write(&k, &v, kv)?;
             Ok(q)
         }
+    }
+}
+
+/// Where this step's K/V rows go, for the paths that write them with candle ops: each token's
+/// slot repeated across the KV width (`scatter_set` indexes element by element).
+#[derive(Debug)]
+struct SlotWriter {
+    index: Tensor,
+}
+
+impl SlotWriter {
+    fn new(batch: &BatchInput, dims: HeadDims) -> Result<Self> {
+        let kv_width = dims.num_kv_heads * dims.head_dim;
+        let index = batch
+            .slot_mapping
+            .unsqueeze(1)?
+            .broadcast_as((batch.num_tokens(), kv_width))?
+            .contiguous()?;
+        Ok(Self { index })
+    }
+
+    /// Writes this step's K/V rows (`[T, kv_heads * head_dim]` each) into their slots.
+    fn write(&self, k: &Tensor, v: &Tensor, kv: &mut LayerKv) -> Result<()> {
+        kv.k.scatter_set(&self.index, &k.contiguous()?, 0)?;
+        kv.v.scatter_set(&self.index, &v.contiguous()?, 0)
     }
 }
 

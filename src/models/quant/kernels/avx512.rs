@@ -178,12 +178,25 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
             }
         }
     }
+    store_tile(&acc, p0, m0, out);
+}
+
+/// Stores a tile's accumulators (`acc[n][p]`: activation row `m0 + n`, the 16 rows of panel
+/// `p0 + p`), masking off the padding rows past the matrix's last.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_tile<const P: usize, const RN: usize>(
+    acc: &[[__m512; P]; RN],
+    p0: usize,
+    m0: usize,
+    out: &Output,
+) {
     for (n, row) in acc.iter().enumerate() {
         for (p, &lanes) in row.iter().enumerate() {
             let first = (p0 + p) * PANEL;
             let n_valid = out.cols().saturating_sub(first).min(PANEL);
             if n_valid > 0 {
                 let mask = (1u32 << n_valid).wrapping_sub(1) as u16;
+                // In bounds: `out.at` checks the run of `n_valid` values it returns.
                 _mm512_mask_storeu_ps(out.at(m0 + n, first, n_valid), mask, lanes);
             }
         }

@@ -5,6 +5,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use super::avx512::store_tile;
 use super::{Output, PANELS_PER_UNIT};
 use crate::models::quant::half::HalfMatrix;
 use crate::models::quant::packed::PANEL;
@@ -81,14 +82,5 @@ unsafe fn tile<const P: usize, const RN: usize>(w: &HalfMatrix, x: &[f32], p0: u
             }
         }
     }
-    for (n, row) in acc.iter().enumerate() {
-        for (p, &lanes) in row.iter().enumerate() {
-            let first = (p0 + p) * PANEL;
-            let n_valid = out.cols().saturating_sub(first).min(PANEL);
-            if n_valid > 0 {
-                let mask = (1u32 << n_valid).wrapping_sub(1) as u16;
-                _mm512_mask_storeu_ps(out.at(m0 + n, first, n_valid), mask, lanes);
-            }
-        }
-    }
+    store_tile(&acc, p0, m0, out);
 }
