@@ -11,7 +11,6 @@ use super::batch::BatchInput;
 use super::config::{HfConfig, LayerType, RopeConfig};
 use super::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
 use super::paged_kv::{LayerKv, PagedKvCache};
-use super::runs_kernels;
 use super::source::WeightSource;
 use super::{LoadError, LoadProgress, Model, ModelConfig};
 
@@ -201,11 +200,7 @@ impl Attention {
                 .then(|| RmsNorm::load(vb.pp(name), d.head_dim, spec.rms_eps, spec.norm_unit_offset))
                 .transpose()
         };
-        let fused = if runs_kernels(vb.device()) {
-            Linear::concat(&[&q_proj, &k_proj, &v_proj])?
-        } else {
-            None
-        };
+        let fused = Linear::fuse(&[&q_proj, &k_proj, &v_proj], vb.device())?;
         let qkv = match fused {
             Some(qkv) => QkvProjection::Fused {
                 qkv,

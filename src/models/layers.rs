@@ -101,10 +101,23 @@ impl Linear {
             .collect()
     }
 
-    /// One layer whose output rows are those of `parts` in order (a fused projection: one
-    /// matmul launch instead of several), or None unless the parts are all dense or all GGUF
-    /// blocks of one type. Biases are concatenated when every part has one.
-    pub fn concat(parts: &[&Linear]) -> Result<Option<Linear>> {
+    /// The fused projection of `parts` (they read the same input) where fusing pays: on CUDA
+    /// any concatenation (one launch instead of several); on the CPU only quantized parts (one
+    /// activation quantization and one parallel product instead of several; dense CPU weights
+    /// gain nothing from candle's gemm and stay apart). None where the parts stay separate.
+    pub fn fuse(parts: &[&Linear], device: &Device) -> Result<Option<Linear>> {
+        let packed = parts.iter().all(|p| matches!(p, Self::Packed(..)));
+        if runs_kernels(device) || packed {
+            Self::concat(parts)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// One layer whose output rows are those of `parts` in order, or None unless the parts
+    /// are all dense, all packed alike or all GGUF blocks of one type. Biases are concatenated
+    /// when every part has one.
+    fn concat(parts: &[&Linear]) -> Result<Option<Linear>> {
         let biases: Option<Vec<&Tensor>> = parts
             .iter()
             .map(|p| match p {
@@ -125,6 +138,16 @@ impl Linear {
                 Tensor::cat(&weights, 0)?,
                 bias,
             ))));
+        }
+        let packed: Option<Vec<&HostMatrix>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Packed(m, _) => Some(m.as_ref()),
+                _ => None,
+            })
+            .collect();
+        if let Some(packed) = packed {
+            return Ok(HostMatrix::stack(&packed)?.map(|m| Self::Packed(Arc::new(m), bias)));
         }
         let blocks: Option<Vec<&QTensor>> = parts
             .iter()
@@ -485,8 +508,8 @@ pub struct GatedMlp {
     activation: Activation,
 }
 
-/// The gate and up projections: two layers, or (dense or GGUF weights on CUDA) one layer whose
-/// output is `[gate | up]`, one matmul launch instead of two.
+/// The gate and up projections: two layers, or (on CUDA; quantized weights on the CPU) one
+/// layer whose output is `[gate | up]`, one product instead of two.
 #[derive(Debug, Clone)]
 enum GateUp {
     Separate { gate: Linear, up: Linear },
@@ -523,11 +546,7 @@ impl GatedMlp {
                 Linear::load(vb.pp("up_proj"), h, i, spec.bias)?,
             )
         };
-        let fused = if runs_kernels(vb.device()) {
-            Linear::concat(&[&gate, &up])?
-        } else {
-            None
-        };
+        let fused = Linear::fuse(&[&gate, &up], vb.device())?;
         let gate_up = match fused {
             Some(gate_up) => GateUp::Fused {
                 gate_up,

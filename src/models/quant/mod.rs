@@ -73,6 +73,22 @@ impl HostMatrix {
         Ok(out)
     }
 
+    /// The rows of `parts` one after the other, or None unless they are all block-quantized
+    /// alike (see `PackedMatrix::stack`).
+    pub fn stack(parts: &[&Self]) -> Result<Option<Self>> {
+        let blocks: Option<Vec<&PackedMatrix>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Blocks(m) => Some(m),
+                Self::Half(_) => None,
+            })
+            .collect();
+        match blocks {
+            Some(blocks) => Ok(PackedMatrix::stack(&blocks)?.map(Self::Blocks)),
+            None => Ok(None),
+        }
+    }
+
     /// Rows `start..start + n` as their own matrix (splitting fused projections).
     pub fn rows(&self, start: usize, n: usize) -> Result<Self> {
         Ok(match self {

@@ -208,16 +208,45 @@ impl PackedMatrix {
 
     /// Rows `start..start + n` as their own matrix (splitting fused projections).
     pub fn rows(&self, start: usize, n: usize) -> Result<Self> {
-        let groups = self.cols / self.spec.group;
-        Self::from_rows(n, self.cols, self.spec, |o, levels| {
-            let mut q = vec![0u8; self.padded_cols];
-            self.levels_of_row(start + o, &mut q);
-            levels.q.extend_from_slice(&q[..self.cols]);
-            levels.scales.extend((0..groups).map(|g| self.scale(start + o, g)));
-            if self.mins.is_some() {
-                levels.mins.extend((0..groups).map(|g| self.min(start + o, g)));
+        Self::from_rows(n, self.cols, self.spec, |o, levels| self.decode_row(start + o, levels))
+    }
+
+    /// The rows of `parts` one after the other (fusing projections that read the same input:
+    /// one activation quantization and one product instead of several), or None unless the
+    /// parts share their width and format.
+    pub fn stack(parts: &[&Self]) -> Result<Option<Self>> {
+        let first = parts.first().expect("at least one part");
+        let same = |m: &&Self| {
+            m.cols == first.cols
+                && m.spec.four_bit == first.spec.four_bit
+                && m.spec.group == first.spec.group
+                && m.spec.zero_point == first.spec.zero_point
+        };
+        if !parts.iter().all(same) {
+            return Ok(None);
+        }
+        let rows = parts.iter().map(|m| m.rows).sum();
+        Self::from_rows(rows, first.cols, first.spec, |mut o, levels| {
+            for part in parts {
+                if o < part.rows {
+                    return part.decode_row(o, levels);
+                }
+                o -= part.rows;
             }
         })
+        .map(Some)
+    }
+
+    /// Row `o` back in its decoded form.
+    fn decode_row(&self, o: usize, levels: &mut Levels) {
+        let groups = self.cols / self.spec.group;
+        let mut q = vec![0u8; self.padded_cols];
+        self.levels_of_row(o, &mut q);
+        levels.q.extend_from_slice(&q[..self.cols]);
+        levels.scales.extend((0..groups).map(|g| self.scale(o, g)));
+        if self.mins.is_some() {
+            levels.mins.extend((0..groups).map(|g| self.min(o, g)));
+        }
     }
 
     /// The levels of row `o`, `padded_cols` of them, in order.

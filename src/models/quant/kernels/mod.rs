@@ -386,7 +386,17 @@ mod tests {
                 part.dequantize_row(o, &mut b);
                 assert_eq!(a, b, "{spec:?} row {o}");
             }
+            // Stacking the parts back gives the same rows, and the same products.
+            let (head, tail) = (w.rows(0, 7).expect("splits"), w.rows(7, 33).expect("splits"));
+            let both = PackedMatrix::stack(&[&head, &tail]).expect("stacks").expect("alike");
+            let x = inputs(3, cols);
+            assert_eq!(product(&both, &x, 3), product(&w, &x, 3), "{spec:?}");
         }
+        let (a, b) = (matrix(4, 64, specs()[2].0), matrix(4, 64, specs()[1].0));
+        assert!(
+            PackedMatrix::stack(&[&a, &b]).expect("checks").is_none(),
+            "different formats stay apart"
+        );
     }
 
     #[test]
