@@ -16,7 +16,7 @@ WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
 
 if ! compgen -G "$VENV/lib/python3*/site-packages/nvidia/cu13/bin/nvcc" >/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "${WHEELS[@]}"
+  "$VENV/bin/pip" install --quiet --no-cache-dir --disable-pip-version-check "${WHEELS[@]}"
 fi
 NV="$(echo "$VENV"/lib/python3*/site-packages/nvidia/cu13)"
 
