@@ -7,7 +7,11 @@
 #      and 8 requests sharing a 1000-token prefix, cold then warm.
 # Results land in $OUT (default target/gpu-results). From a bundle made by
 # scripts/gpu-bundle.sh: MLXD_BUNDLE=.gpu bash scripts/test-gpu.sh
-#   bash scripts/test-gpu.sh [check|bench|gguf|all]   (bench: bf16; gguf: Q8_0)
+#   3. (`sanitize`, not part of `all`) the GGUF Q8_0 server under compute-sanitizer, tracking
+#      use-after-free of stream-ordered memory, through steps that capture decode graphs and
+#      then grow every batch size: a graph must never touch memory freed after its capture.
+#      Needs compute-sanitizer on PATH or in $SANITIZER.
+#   bash scripts/test-gpu.sh [check|bench|gguf|sanitize|all]   (bench: bf16; gguf: Q8_0)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-all}"
@@ -72,6 +76,32 @@ serve_and_bench() {  # name, model, extra serve flags...
   kill "$pid"; wait "$pid" 2>/dev/null
 }
 
+sanitize() {  # model
+  local port=18081 log="$OUT/sanitize.log" url="http://127.0.0.1:18081"
+  "${SANITIZER:-compute-sanitizer}" --tool memcheck --track-stream-ordered-races all \
+    --error-exitcode 86 --log-file "$OUT/sanitizer.txt" \
+    "$BIN" serve --model "$1" --device cuda --port $port --max-seqs 64 --max-batch-tokens 1024 \
+    --max-model-len 1024 2> "$log" &
+  local pid=$!
+  for _ in $(seq 3000); do
+    curl -sf localhost:$port/health > /dev/null && break
+    kill -0 "$pid" 2> /dev/null || break
+    sleep 0.2
+  done
+  # Batch sizes up, down and up again, so that graphs captured at small sizes replay after
+  # larger steps ran.
+  for c in 1 8 1 32 2 64 4; do
+    "$BIN" bench --url "$url" --concurrency $c --requests-per-client 1 --prompt-tokens 100 \
+      --output-tokens 6 > /dev/null || status=1
+  done
+  curl -s -m 5 "$url/health"; echo
+  pkill -INT -x mlxd; wait "$pid"; local rc=$?  # the server, not the sanitizer around it
+  echo "compute-sanitizer exit $rc (86: errors found)"
+  grep -E "ERROR SUMMARY|Invalid|freed|race" "$OUT/sanitizer.txt" | head -20
+  grep -E " (WARN|ERROR) " "$log" | cut -c1-300 | head -10
+  [ "$rc" = 0 ] || status=1
+}
+
 M=/tmp/qwen25-0.5b
 if [ "$MODE" != check ] && [ ! -d "$M" ]; then
   python3 "$SHARED/tools/bench/make_random_qwen25.py" \
@@ -83,5 +113,9 @@ fi
 if [ "$MODE" = gguf ] || [ "$MODE" = all ]; then
   python3 benches/make_gguf.py "$M" "$M" > "$OUT/make-gguf.log" 2>&1 || status=1
   serve_and_bench gguf-q8_0 "$M-q8_0.gguf"
+fi
+if [ "$MODE" = sanitize ]; then
+  [ -f "$M-q8_0.gguf" ] || python3 benches/make_gguf.py "$M" "$M" > "$OUT/make-gguf.log" 2>&1 || status=1
+  sanitize "$M-q8_0.gguf"
 fi
 exit $status

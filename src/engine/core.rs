@@ -152,7 +152,7 @@ impl EngineCore {
                 layout.bytes_per_block()
             )));
         }
-        let kv = PagedKvCache::new(layout, num_blocks, &device)?;
+        let mut kv = PagedKvCache::new(layout, num_blocks, &device)?;
         let scheduler_cfg = SchedulerConfig {
             max_num_seqs,
             max_num_batched_tokens,
@@ -183,7 +183,14 @@ impl EngineCore {
         let graphs = cfg
             .cuda_graphs
             .then(|| DecodeGraphs::new(&device, max_model_len))
-            .flatten();
+            .flatten()
+            .filter(|graphs| {
+                let settled = graphs.settle_scratch(model.as_ref(), &mut kv, max_num_batched_tokens, max_num_seqs);
+                if let Err(e) = &settled {
+                    tracing::warn!(error = %e, "warm-up steps failed; CUDA graphs are off, steps run eagerly");
+                }
+                settled.is_ok()
+            });
         let core = Self {
             model,
             kv,

@@ -55,6 +55,38 @@ impl DecodeGraphs {
         }
     }
 
+    /// Runs one eager step of every power-of-two row count up to `max_rows` (and `max_rows`
+    /// itself) before any graph is captured. candle's quantized matmuls keep per-device scratch
+    /// buffers that only grow, freeing the old buffer when a larger step needs more: a graph
+    /// captured before that growth would go on writing to the freed address (illegal-address
+    /// faults or silent corruption under load). After these steps every buffer is at its
+    /// largest, so the addresses graphs bake in stay valid. Each row is a padding row (token 0
+    /// at position 0 in slot 0 of the null block); at most `max_logits_rows` rows get logits,
+    /// as in a real step.
+    pub fn settle_scratch(
+        &self,
+        model: &dyn Model,
+        kv: &mut PagedKvCache,
+        max_rows: usize,
+        max_logits_rows: usize,
+    ) -> Result<()> {
+        let device = Device::Cuda(self.device.clone());
+        let sizes = std::iter::successors(Some(1usize), |&r| (r < max_rows).then_some(r * 2));
+        for rows in sizes.map(|r| r.min(max_rows)) {
+            let padding = HostBatch {
+                token_ids: vec![0; rows],
+                positions: vec![0; rows],
+                slot_mapping: vec![0; rows],
+                context_slots: vec![0; rows],
+                q_lens: vec![1; rows],
+                kv_lens: vec![1; rows],
+                logits_rows: (0..rows.min(max_logits_rows) as u32).collect(),
+            };
+            model.forward(&padding.upload(&device)?, kv)?;
+        }
+        device.synchronize()
+    }
+
     /// The logits (`[S, vocab]`) of a decode step replayed from its bucket's graph (captured
     /// on first use), or None when the step does not qualify and must run eagerly.
     pub fn forward(&mut self, model: &dyn Model, host: &HostBatch, kv: &mut PagedKvCache) -> Result<Option<Tensor>> {

@@ -26,6 +26,11 @@ mod off {
         }
 
         /// Unreachable: no value of this type exists.
+        pub fn settle_scratch(&self, _: &dyn Model, _: &mut PagedKvCache, _: usize, _: usize) -> Result<()> {
+            match *self {}
+        }
+
+        /// Unreachable: no value of this type exists.
         pub fn forward(&mut self, _: &dyn Model, _: &HostBatch, _: &mut PagedKvCache) -> Result<Option<Tensor>> {
             match *self {}
         }
