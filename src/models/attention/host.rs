@@ -1,8 +1,10 @@
-//! CPU attention over the paged cache in place (f32 KV): every sequence's queries, decode and
-//! prefill chunks alike, attend by reading their context's K/V rows straight from the cache
-//! slots, with an online softmax (one pass over the keys, as flash attention) and a vectorizable
-//! exp. Work is split into (sequence, KV head, block of queries) items run in parallel; each
-//! key row loaded serves every query head that shares its KV head and every query of the block.
+//! CPU attention over the paged cache (f32 KV): every sequence's queries, decode and prefill
+//! chunks alike, attend over their context's K/V rows read from the cache slots (no gathered
+//! context tensor), with an online softmax (one pass over the keys, as flash attention) and a
+//! vectorizable exp. Work is split into (sequence, KV head, block of queries) items run in
+//! parallel; per tile of keys, the scores and the value sums are two small GEMMs (`gemm`
+//! crate) over every query row of the item: the query heads sharing the KV head and the
+//! queries of the block.
 
 use candle_core::{DType, Result, Storage, Tensor};
 use rayon::prelude::*;
@@ -15,8 +17,6 @@ use crate::models::paged_kv::LayerKv;
 const QUERY_BLOCK: usize = 16;
 /// Keys scored at once per item.
 const KEY_TILE: usize = 64;
-/// Query rows (queries × heads sharing a KV head) from which a key tile is transposed.
-const TRANSPOSE_ROWS: usize = 16;
 
 /// One sequence of the batch: its query rows and its context's slots.
 #[derive(Debug, Clone, Copy)]
@@ -179,77 +179,62 @@ impl Cache<'_> {
         let mut sum = vec![0f32; rows];
         let mut acc = vec![0f32; rows * hd];
         let mut scores = vec![0f32; rows * KEY_TILE];
+        let mut keys = vec![0f32; KEY_TILE * hd];
+        let mut values = vec![0f32; KEY_TILE * hd];
         let head_offset = item.kv_head * hd;
-        // Many rows (prefill blocks): the tile's keys transposed, [hd, KEY_TILE], so a row's
-        // scores for the whole tile are hd multiply-adds of whole tile rows (no horizontal
-        // sums). Few rows (decode): the transpose would cost more than it saves; one dot
-        // product per (row, key) instead.
-        let transpose = rows >= TRANSPOSE_ROWS;
-        let mut keys_t = vec![0f32; if transpose { hd * KEY_TILE } else { 0 }];
         for tile in (first_key..=last_key).step_by(KEY_TILE) {
-            let tile_end = (tile + KEY_TILE).min(last_key + 1);
-            let key = |j: usize| &self.k[slots[j] as usize * kv_width + head_offset..][..hd];
-            if transpose {
-                for j in tile..tile_end {
-                    for (d, &x) in key(j).iter().enumerate() {
-                        keys_t[d * KEY_TILE + j - tile] = x;
-                    }
-                }
+            let n = (tile + KEY_TILE).min(last_key + 1) - tile;
+            // The tile's K and V rows side by side, so both products below are plain GEMMs.
+            for (j, &slot) in slots[tile..tile + n].iter().enumerate() {
+                let at = slot as usize * kv_width + head_offset;
+                keys[j * hd..(j + 1) * hd].copy_from_slice(&self.k[at..at + hd]);
+                values[j * hd..(j + 1) * hd].copy_from_slice(&self.v[at..at + hd]);
             }
-            // Scores of every query row that sees any key of the tile.
+            // scores[rows, n] = q · keysᵀ
+            gemm_into(
+                MatMut::rows(&mut scores, (rows, n), KEY_TILE),
+                Mat::rows(&q, (rows, hd), hd),
+                Mat::columns(&keys, (hd, n), hd),
+                false,
+            );
+            // Per row: the online softmax update over its visible keys of the tile; the scores
+            // become probabilities (0 for keys it must not see) and its output so far is
+            // rescaled to the new running max.
             for i in 0..item.queries {
                 let (lo, hi) = bounds(i);
-                if hi < tile || lo >= tile_end {
-                    continue;
-                }
+                let (a, b) = (lo.max(tile), hi.min(tile + n - 1));
                 for r in 0..n_rep {
                     let row = i * n_rep + r;
-                    let q_row = &q[row * hd..(row + 1) * hd];
-                    let out: &mut [f32; KEY_TILE] = (&mut scores[row * KEY_TILE..(row + 1) * KEY_TILE])
-                        .try_into()
-                        .expect("a tile row");
-                    if !transpose {
-                        for j in lo.max(tile)..=hi.min(tile_end - 1) {
-                            out[j - tile] = dot(q_row, key(j));
-                        }
+                    let probs = &mut scores[row * KEY_TILE..row * KEY_TILE + n];
+                    if a > b {
+                        probs.fill(0.0);
                         continue;
                     }
-                    *out = [0.0; KEY_TILE];
-                    for (&qd, kd) in q_row.iter().zip(keys_t.chunks_exact(KEY_TILE)) {
-                        for (o, &k) in out.iter_mut().zip(kd) {
-                            *o += qd * k;
-                        }
-                    }
-                }
-            }
-            // Per row over its visible part of the tile: the online softmax update, then the
-            // values weighted by the probabilities (16 output lanes at a time stay in registers
-            // across the tile's keys).
-            let value = |j: usize| &self.v[slots[j] as usize * kv_width + head_offset..][..hd];
-            for i in 0..item.queries {
-                let (lo, hi) = bounds(i);
-                let (a, b) = (lo.max(tile), hi.min(tile_end - 1));
-                if a > b {
-                    continue;
-                }
-                for r in 0..n_rep {
-                    let row = i * n_rep + r;
-                    let part = &mut scores[row * KEY_TILE + a - tile..row * KEY_TILE + b - tile + 1];
+                    let visible = &mut probs[a - tile..=b - tile];
                     if let Some(cap) = self.opts.softcap {
                         let cap = cap as f32;
-                        part.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+                        visible.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
                     }
-                    let tile_max = part.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let tile_max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     let new_max = max[row].max(tile_max);
                     let keep = exp(max[row] - new_max);
-                    part.iter_mut().for_each(|x| *x = exp(*x - new_max));
-                    sum[row] = sum[row] * keep + part.iter().sum::<f32>();
+                    visible.iter_mut().for_each(|x| *x = exp(*x - new_max));
+                    sum[row] = sum[row] * keep + visible.iter().sum::<f32>();
                     max[row] = new_max;
-                    let out = &mut acc[row * hd..(row + 1) * hd];
-                    out.iter_mut().for_each(|x| *x *= keep);
-                    add_weighted(out, part, |n| value(a + n));
+                    probs[..a - tile].fill(0.0);
+                    probs[b - tile + 1..].fill(0.0);
+                    if keep != 1.0 {
+                        acc[row * hd..(row + 1) * hd].iter_mut().for_each(|x| *x *= keep);
+                    }
                 }
             }
+            // acc[rows, hd] += probabilities · values
+            gemm_into(
+                MatMut::rows(&mut acc, (rows, hd), hd),
+                Mat::rows(&scores, (rows, n), KEY_TILE),
+                Mat::rows(&values, (n, hd), hd),
+                true,
+            );
         }
         for (row, out) in acc.chunks_exact_mut(hd).enumerate() {
             let inv = 1.0 / sum[row];
@@ -259,40 +244,91 @@ impl Cache<'_> {
     }
 }
 
-/// `Σ a·b` with two independent 16-lane partial sums (vectorizes; no single dependency chain).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (mut l0, mut l1) = ([0f32; 16], [0f32; 16]);
-    let (ca, cb) = (a.chunks_exact(32), b.chunks_exact(32));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            l0[i] += x[i] * y[i];
-            l1[i] += x[16 + i] * y[16 + i];
-        }
-    }
-    l0.iter().zip(&l1).map(|(p, q)| p + q).sum::<f32>() + tail
+/// A read-only matrix view: element (r, c) at `data[r * row_stride + c * col_stride]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    shape: (usize, usize),
+    strides: (usize, usize),
 }
 
-/// `acc += Σ_n weights[n] · row(n)`, 16 lanes of `acc` at a time held across all rows.
-#[inline(always)]
-fn add_weighted<'r>(acc: &mut [f32], weights: &[f32], row: impl Fn(usize) -> &'r [f32]) {
-    let lanes = acc.len() / 16 * 16;
-    for (c, out) in acc[..lanes].chunks_exact_mut(16).enumerate() {
-        let mut sum = [0f32; 16];
-        for (n, &w) in weights.iter().enumerate() {
-            let v = &row(n)[c * 16..c * 16 + 16];
-            for i in 0..16 {
-                sum[i] += w * v[i];
-            }
-        }
-        out.iter_mut().zip(&sum).for_each(|(o, s)| *o += s);
+impl<'a> Mat<'a> {
+    /// Rows stored one after another, `row_stride` apart.
+    fn rows(data: &'a [f32], shape: (usize, usize), row_stride: usize) -> Self {
+        Self::checked(data, shape, (row_stride, 1))
     }
-    for (n, &w) in weights.iter().enumerate() {
-        acc[lanes..]
-            .iter_mut()
-            .zip(&row(n)[lanes..])
-            .for_each(|(o, v)| *o += w * v);
+
+    /// Columns stored one after another, `col_stride` apart (the transpose of [`Mat::rows`]).
+    fn columns(data: &'a [f32], shape: (usize, usize), col_stride: usize) -> Self {
+        Self::checked(data, shape, (1, col_stride))
+    }
+
+    fn checked(data: &'a [f32], shape: (usize, usize), strides: (usize, usize)) -> Self {
+        let last = (shape.0.max(1) - 1) * strides.0 + (shape.1.max(1) - 1) * strides.1;
+        assert!(
+            last < data.len(),
+            "a {shape:?} view with strides {strides:?} overruns {} values",
+            data.len()
+        );
+        Self { data, shape, strides }
+    }
+}
+
+/// A writable matrix view, rows `row_stride` apart.
+struct MatMut<'a> {
+    data: &'a mut [f32],
+    shape: (usize, usize),
+    row_stride: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// Rows stored one after another, `row_stride` apart.
+    fn rows(data: &'a mut [f32], shape: (usize, usize), row_stride: usize) -> Self {
+        Mat::rows(data, shape, row_stride);
+        Self {
+            data,
+            shape,
+            row_stride,
+        }
+    }
+}
+
+/// `dst = lhs · rhs`, or `dst += lhs · rhs` when `accumulate`, on this thread (attention items
+/// already run in parallel), with the `gemm` crate's SIMD kernels.
+fn gemm_into(dst: MatMut, lhs: Mat, rhs: Mat, accumulate: bool) {
+    let (m, k) = lhs.shape;
+    let n = rhs.shape.1;
+    assert!(
+        rhs.shape.0 == k && dst.shape == (m, n),
+        "gemm shapes {:?} · {:?} -> {:?}",
+        lhs.shape,
+        rhs.shape,
+        dst.shape
+    );
+    // SAFETY: the three views were checked to lie inside their slices (`Mat::checked`), `dst`
+    // is borrowed mutably and so overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr(),
+            1,
+            dst.row_stride as isize,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs.strides.1 as isize,
+            lhs.strides.0 as isize,
+            rhs.data.as_ptr(),
+            rhs.strides.1 as isize,
+            rhs.strides.0 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 

@@ -239,14 +239,19 @@ mod tests {
                 head_dim,
             };
             let kv_w = dims.num_kv_heads * head_dim;
-            // Decode steps, prefill chunks (one longer than a key tile and a query block), a
-            // chunk continuing a cached prefix, and a lone token.
-            let shapes: [&[(usize, usize)]; 3] =
-                [&[(1, 40), (1, 3), (70, 70), (20, 90), (1, 1)], &[(33, 33)], &[(1, 130)]];
+            // Decode steps, prefill chunks (longer than a query block), a chunk continuing a
+            // cached prefix, a lone token, and contexts of several key tiles.
+            let shapes: [&[(usize, usize)]; 4] = [
+                &[(1, 40), (1, 3), (70, 70), (20, 90), (1, 1)],
+                &[(33, 33)],
+                &[(1, 130)],
+                &[(1, 300), (40, 290)],
+            ];
             for seqs in shapes {
                 let b = batch(seqs);
                 let t = b.num_tokens();
-                let slots = 8 + 3 * seqs.len() * 140;
+                let longest = seqs.iter().map(|s| s.1).max().unwrap_or(0);
+                let slots = 8 + 3 * seqs.len() * longest;
                 let kv = LayerKv {
                     k: noise(slots * kv_w, 1, (slots, kv_w)),
                     v: noise(slots * kv_w, 2, (slots, kv_w)),
