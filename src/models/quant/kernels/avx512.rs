@@ -11,9 +11,9 @@ use std::ops::Range;
 use super::{Activations, Output, BLOCK, PANELS_PER_UNIT};
 use crate::models::quant::packed::{PackedMatrix, Params, PANEL};
 
-/// Activation rows per tile in the bulk of a batch (one panel each: 8 integer and 8 float
-/// accumulators).
-const TILE_ACTS: usize = 8;
+/// Activation rows per tile in the bulk of a batch, each tile two panels wide: 12 integer and
+/// 12 float accumulators, and two weight loads serve 12 broadcast activations.
+const TILE_ACTS: usize = 6;
 /// Activation rows per cache chunk: each panel is reused across this many rows while they
 /// stay in cache.
 const CHUNK_ACTS: usize = 128;
@@ -58,8 +58,8 @@ unsafe fn chunks<const FOUR: bool, const MINS: bool>(
         for p in panels.clone().step_by(PANELS_PER_UNIT) {
             let mut m = m0;
             while m + TILE_ACTS <= m_end {
-                for q in 0..PANELS_PER_UNIT {
-                    tile::<FOUR, MINS, 1, TILE_ACTS>(w, a, p + q, m, out);
+                for q in (0..PANELS_PER_UNIT).step_by(2) {
+                    tile::<FOUR, MINS, 2, TILE_ACTS>(w, a, p + q, m, out);
                 }
                 m += TILE_ACTS;
             }

@@ -1,6 +1,6 @@
 //! AVX-512 kernel for f16 panels: per column, one 32-byte load widened to 16 f32 lanes (the
 //! panel's rows) is multiplied with each activation row's value of that column, broadcast from
-//! memory, into per-row accumulators; tiles as in the integer kernel.
+//! memory, into per-row accumulators; the bulk tile is 2 panels × 8 rows (16 accumulators).
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -38,8 +38,8 @@ unsafe fn tiles(w: &HalfMatrix, x: &[f32], rows: usize, panels: Range<usize>, ou
     for p in panels.step_by(PANELS_PER_UNIT) {
         let mut m = 0;
         while m + TILE_ACTS <= rows {
-            for q in 0..PANELS_PER_UNIT {
-                tile::<1, TILE_ACTS>(w, x, p + q, m, out);
+            for q in (0..PANELS_PER_UNIT).step_by(2) {
+                tile::<2, TILE_ACTS>(w, x, p + q, m, out);
             }
             m += TILE_ACTS;
         }
@@ -67,16 +67,18 @@ unsafe fn tiles(w: &HalfMatrix, x: &[f32], rows: usize, panels: Range<usize>, ou
 #[target_feature(enable = "avx512f")]
 unsafe fn tile<const P: usize, const RN: usize>(w: &HalfMatrix, x: &[f32], p0: usize, m0: usize, out: &Output) {
     let cols = w.cols;
+    assert!((p0 + P) * cols * PANEL <= w.values.len() && (m0 + RN) * cols <= x.len());
     let mut acc = [[_mm512_setzero_ps(); P]; RN];
     for k in 0..cols {
         let mut lanes = [_mm512_setzero_ps(); P];
         for (p, l) in lanes.iter_mut().enumerate() {
-            // In bounds: panel p0 + p holds cols × 16 values.
+            // In bounds (asserted): panel p0 + p holds cols × 16 values.
             let at = ((p0 + p) * cols + k) * PANEL;
             *l = _mm512_cvtph_ps(_mm256_loadu_si256(w.values.as_ptr().add(at).cast()));
         }
         for (n, row) in acc.iter_mut().enumerate() {
-            let xv = _mm512_set1_ps(x[(m0 + n) * cols + k]);
+            // In bounds (asserted): activation row m0 + n holds cols values.
+            let xv = _mm512_set1_ps(*x.as_ptr().add((m0 + n) * cols + k));
             for (a, &l) in row.iter_mut().zip(&lanes) {
                 *a = _mm512_fmadd_ps(l, xv, *a);
             }
