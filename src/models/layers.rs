@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::config::RopeConfig;
 use super::fused;
+use super::host_ops;
 use super::quant::mlx::MlxWeights;
 use super::quant::HostMatrix;
 use super::runs_kernels;
@@ -487,10 +488,15 @@ impl Activation {
         }
     }
 
-    /// `act(gate) * up`; one kernel on CUDA.
+    /// `act(gate) * up`; one kernel on CUDA, one pass on the CPU for SiLU.
     fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         if let Some(fused) = fused::gated_act(gate, up, self == Self::GeluTanh)? {
             return Ok(fused);
+        }
+        if self == Self::Silu {
+            if let Some(host) = host_ops::silu_mul(gate, up)? {
+                return Ok(host);
+            }
         }
         let activated = match self {
             Self::Silu => candle_nn::ops::silu(gate)?,

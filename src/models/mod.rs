@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod fused;
 pub mod gemma3;
 pub mod gguf;
+pub mod host_ops;
 pub mod layers;
 pub mod llama;
 pub mod paged_kv;

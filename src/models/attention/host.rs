@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::{AttentionOpts, HeadDims, SlotWriter};
 use crate::models::batch::BatchInput;
+use crate::models::host_ops::exp;
 use crate::models::paged_kv::LayerKv;
 
 /// Queries per work item (times the query heads of one KV head).
@@ -329,36 +330,5 @@ fn gemm_into(dst: MatMut, lhs: Mat, rhs: Mat, accumulate: bool) {
             false,
             gemm::Parallelism::None,
         )
-    }
-}
-
-/// e^x for x ≤ 0 (scores less their running max) in plain arithmetic the compiler vectorizes:
-/// x = n·ln 2 + r with |r| ≤ ln 2 / 2, e^r by its degree-6 Taylor polynomial (relative error
-/// below 2e-7), 2^n through the exponent bits; below -87 (and -inf) the result is 0.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    if x < -87.0 {
-        return 0.0;
-    }
-    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r / 720.0)))));
-    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp;
-
-    #[test]
-    fn the_vectorizable_exp_matches_the_library_exp() {
-        for i in 0..=100_000 {
-            let x = -90.0 * i as f32 / 100_000.0;
-            let (got, want) = (exp(x), x.exp());
-            assert!((got - want).abs() <= 3e-7 * want + 1e-37, "e^{x}: {got} vs {want}");
-        }
-        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
     }
 }
