@@ -57,6 +57,45 @@ async fn a_shared_system_prompt_is_served_from_the_cache_with_identical_output()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_prompt_reuses_all_but_its_last_token_with_identical_output() {
+    let s = TestServer::start(engine_config(&repo_model())).await;
+    let complete = |prompt: String| {
+        let url = s.url("/v1/completions");
+        async move {
+            // 24 new tokens fill the block holding the prompt's last token, so it is cached.
+            let body = json!({"prompt": prompt, "max_tokens": 24, "ignore_eos": true, "temperature": 0});
+            let resp = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.status(), 200);
+            resp.json::<Value>().await.expect("json")
+        }
+    };
+    for words in [37, 64, 90] {
+        let prompt = system_prompt().split(' ').take(words).collect::<Vec<_>>().join(" ");
+        let first = complete(prompt.clone()).await;
+        let again = complete(prompt).await;
+        let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+        // Whole blocks are shared; the rest but the last token comes from the block the first
+        // request left behind, taken over.
+        assert_eq!(
+            again["usage"]["prompt_tokens_details"]["cached_tokens"],
+            prompt_tokens - 1,
+            "{words} words"
+        );
+        assert_eq!(
+            again["choices"][0]["text"], first["choices"][0]["text"],
+            "{words} words"
+        );
+    }
+    let (free, total) = s.wait_pool_all_free().await;
+    assert_eq!(free, total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_streams_cancelled_at_random_points_leave_the_pool_all_free() {
     let s = TestServer::start(engine_config(&repo_model())).await;
     let mut rng = rand::rngs::StdRng::seed_from_u64(50);

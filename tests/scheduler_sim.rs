@@ -96,10 +96,12 @@ fn a_prefix_hit_reduces_the_work_and_never_covers_the_last_token() {
     s.add(seq(1, prompt.clone(), 1), ());
     let (_, r) = step(&mut s, 9);
     assert_eq!(r[0].finished, Some(FinishReason::Length));
-    // 48 tokens = 3 full blocks, but the last token must be recomputed: 2 blocks reused.
+    // 48 tokens = 3 full blocks, but the last token must be recomputed: 2 blocks are shared,
+    // and the third, free again, is taken over for its first 15 slots.
     s.add(seq(2, prompt.clone(), 1), ());
     let (out, _) = step(&mut s, 9);
-    assert_eq!(planned(&out), vec![(2, 32, 16, true)]);
+    assert_eq!(planned(&out), vec![(2, 47, 1, true)]);
+    // Recomputed, that block is cached again under the same hash.
     let mut longer = prompt;
     longer.extend([60, 61]);
     s.add(seq(3, longer, 1), ());

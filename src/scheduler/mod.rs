@@ -16,7 +16,7 @@ pub mod sequence;
 use std::collections::{HashMap, VecDeque};
 
 use crate::request::{FinishReason, RequestId};
-use kv::{BlockId, BlockManager};
+use kv::{BlockId, BlockManager, PrefixHit};
 pub use sequence::{Sequence, SequenceSpec};
 
 /// Scheduling limits.
@@ -198,7 +198,11 @@ impl<T> Scheduler<T> {
             let num_new = (seq.tokens.len() - seq.num_computed).min(*budget);
             let num_total = seq.num_computed + num_new;
             let mut self_preempted = false;
-            while self.blocks.allocate_slots(id, num_total, &[]).is_err() {
+            while self
+                .blocks
+                .allocate_slots(id, num_total, &PrefixHit::default())
+                .is_err()
+            {
                 let victim = *self.running.last().expect("invariant: `id` is running");
                 self.preempt(victim);
                 out.preempted.push(victim);
@@ -228,14 +232,14 @@ impl<T> Scheduler<T> {
                 break;
             };
             let seq = &self.seqs[&id].seq;
-            let cached = match seq.reuse_cached_prefix {
-                true => self.blocks.find_cached_prefix(&seq.block_hashes, seq.tokens.len()),
-                false => Vec::new(),
+            let hit = match seq.reuse_cached_prefix {
+                true => self.blocks.find_prefix_hit(seq.prefix_keys()),
+                false => PrefixHit::default(),
             };
-            let num_computed = cached.len() * self.blocks.block_size();
+            let num_computed = hit.num_tokens(self.blocks.block_size());
             let num_new = (seq.tokens.len() - num_computed).min(*budget);
             let num_total = num_computed + num_new;
-            if self.blocks.allocate_slots(id, num_total, &cached).is_err() {
+            if self.blocks.allocate_slots(id, num_total, &hit).is_err() {
                 break;
             }
             self.waiting.pop_front();
@@ -280,7 +284,7 @@ impl<T> Scheduler<T> {
                 continue;
             };
             seq.num_computed = s.num_computed + s.num_new;
-            self.blocks.register_computed(s.id, &seq.block_hashes, seq.num_computed);
+            self.blocks.register_computed(s.id, seq.prefix_keys(), seq.num_computed);
             let Some(token) = token else {
                 continue;
             };

@@ -1,6 +1,7 @@
 //! Engine-side state of one request: its tokens and how many of them have KV computed.
 
 use super::kv::block_hash::{extend_block_hashes, BlockHash};
+use super::kv::PrefixKeys;
 use crate::request::{FinishReason, RequestId};
 
 /// One sequence as the scheduler sees it.
@@ -65,6 +66,15 @@ impl Sequence {
             block_hashes,
             cache_salt: spec.cache_salt,
             reuse_cached_prefix: spec.reuse_cached_prefix,
+        }
+    }
+
+    /// Its tokens and block hashes as prefix-cache keys.
+    pub fn prefix_keys(&self) -> PrefixKeys<'_> {
+        PrefixKeys {
+            tokens: &self.tokens,
+            hashes: &self.block_hashes,
+            salt: self.cache_salt,
         }
     }
 

@@ -102,14 +102,7 @@ impl BlockPool {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let id = self.head;
-            self.unlink(id);
-            let meta = &mut self.blocks[id as usize];
-            meta.ref_count = 1;
-            if let Some(h) = meta.hash.take() {
-                if self.cached.get(&h) == Some(&BlockId(id)) {
-                    self.cached.remove(&h);
-                }
-            }
+            self.hand_out(id);
             out.push(BlockId(id));
         }
         Some(out)
@@ -118,6 +111,29 @@ impl BlockPool {
     /// The cached block holding exactly the prefix hashed as `h`, if any.
     pub fn lookup(&self, h: BlockHash) -> Option<BlockId> {
         self.cached.get(&h).copied()
+    }
+
+    /// Hands out the free block `id` itself, with ref count 1 and out of the prefix cache: a
+    /// sequence reuses its leading slots and overwrites the rest (a partial prefix hit).
+    /// False (and no change) unless the block is free.
+    pub fn take_free(&mut self, id: BlockId) -> bool {
+        if id.0 == 0 || self.blocks[id.0 as usize].ref_count != 0 {
+            return false;
+        }
+        self.hand_out(id.0);
+        true
+    }
+
+    /// Moves free block `id` out of the queue to ref count 1, evicting its stale hash.
+    fn hand_out(&mut self, id: u32) {
+        self.unlink(id);
+        let meta = &mut self.blocks[id as usize];
+        meta.ref_count = 1;
+        if let Some(h) = meta.hash.take() {
+            if self.cached.get(&h) == Some(&BlockId(id)) {
+                self.cached.remove(&h);
+            }
+        }
     }
 
     /// Takes one more reference on each block; a block at ref 0 leaves the free queue.

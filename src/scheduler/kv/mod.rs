@@ -9,4 +9,4 @@ pub mod manager;
 
 pub use block_hash::{hash_block_tokens, BlockHash};
 pub use block_pool::{BlockId, BlockPool};
-pub use manager::{BlockManager, NoFreeBlocks};
+pub use manager::{BlockManager, NoFreeBlocks, PrefixHit, PrefixKeys};
