@@ -20,8 +20,8 @@ use super::source::WeightSource;
 pub enum Linear {
     /// Dense weights in the compute dtype.
     Dense(candle_nn::Linear),
-    /// Quantized or f16 weights on the CPU (MLX affine, GGUF blocks or F16) in the CPU kernels'
-    /// layouts; the layer's own bias (if any) is dense.
+    /// Quantized or f16 weights on the CPU (MLX affine, GGUF blocks or F16, bf16/f16
+    /// checkpoints) in the CPU kernels' layouts; the layer's own bias (if any) is dense.
     Packed(Arc<HostMatrix>, Option<Tensor>),
     /// GGUF weights through candle's quantized matmul (a GPU, or a type the packed kernels do
     /// not take); dense bias.
@@ -61,6 +61,11 @@ impl Linear {
             });
         }
         let weight = vb.get((out_dim, in_dim), "weight")?;
+        if let Some(half) = HostMatrix::from_dense(&weight)? {
+            // A bf16/f16 checkpoint on the CPU: f16 panels read half the bytes of f32 and run
+            // the f16 kernel instead of candle's f32 gemm.
+            return Ok(Self::Packed(Arc::new(half), bias));
+        }
         Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
     }
 
@@ -103,9 +108,10 @@ impl Linear {
     }
 
     /// The fused projection of `parts` (they read the same input) where fusing pays: on CUDA
-    /// any concatenation (one launch instead of several); on the CPU only quantized parts (one
-    /// activation quantization and one parallel product instead of several; dense CPU weights
-    /// gain nothing from candle's gemm and stay apart). None where the parts stay separate.
+    /// any concatenation (one launch instead of several); on the CPU only packed parts
+    /// (quantized or f16: one activation pass and one parallel product instead of several;
+    /// f32 weights gain nothing from candle's gemm and stay apart). None where the parts stay
+    /// separate.
     pub fn fuse(parts: &[&Linear], device: &Device) -> Result<Option<Linear>> {
         let packed = parts.iter().all(|p| matches!(p, Self::Packed(..)));
         if runs_kernels(device) || packed {
@@ -263,6 +269,10 @@ impl Embed {
             });
         }
         let weight = vb.get((vocab, hidden), "weight")?;
+        if let Some(half) = HostMatrix::from_dense(&weight)? {
+            // A bf16/f16 checkpoint on the CPU: held once in f16, also as the tied head.
+            return Ok(Self::Packed(Arc::new(half), vb.dtype()));
+        }
         Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
     }
 

@@ -9,7 +9,7 @@ pub mod mlx;
 pub mod packed;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use half::HalfMatrix;
 use packed::PackedMatrix;
@@ -19,7 +19,7 @@ use packed::PackedMatrix;
 pub enum HostMatrix {
     /// Block-quantized levels (GGUF blocks, MLX affine).
     Blocks(PackedMatrix),
-    /// f16 values (GGUF F16).
+    /// f16 values (GGUF F16, dense bf16/f16 checkpoints).
     Half(HalfMatrix),
 }
 
@@ -36,6 +36,17 @@ impl HostMatrix {
             return Ok(Some(Self::Half(HalfMatrix::from_row_major(&values, rows, cols)?)));
         }
         Ok(ggml::pack(q)?.map(Self::Blocks))
+    }
+
+    /// A dense `[rows, cols]` f32 CPU matrix as f16 panels, when f16 holds its values
+    /// (`HalfMatrix::from_f32_if_exact`: bf16 and f16 checkpoints); None otherwise.
+    pub fn from_dense(weight: &Tensor) -> Result<Option<Self>> {
+        if !weight.device().is_cpu() || weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (rows, cols) = weight.dims2()?;
+        let values: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+        Ok(HalfMatrix::from_f32_if_exact(&values, rows, cols)?.map(Self::Half))
     }
 
     /// `x · Wᵀ` for `x` of shape `[T, cols]`; returns `[T, rows]` in x's dtype.
@@ -83,10 +94,17 @@ impl HostMatrix {
                 Self::Half(_) => None,
             })
             .collect();
-        match blocks {
-            Some(blocks) => Ok(PackedMatrix::stack(&blocks)?.map(Self::Blocks)),
-            None => Ok(None),
+        if let Some(blocks) = blocks {
+            return Ok(PackedMatrix::stack(&blocks)?.map(Self::Blocks));
         }
+        let halves: Option<Vec<&HalfMatrix>> = parts
+            .iter()
+            .map(|p| match p {
+                Self::Half(m) => Some(m),
+                Self::Blocks(_) => None,
+            })
+            .collect();
+        Ok(halves.and_then(|h| HalfMatrix::stack(&h).map(Self::Half)))
     }
 
     /// Rows `start..start + n` as their own matrix (splitting fused projections).

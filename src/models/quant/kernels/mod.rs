@@ -196,14 +196,20 @@ pub fn half_product(w: &HalfMatrix, x: &[f32], rows: usize) -> Vec<f32> {
 
 /// `half_product` on a chosen kernel.
 pub fn half_product_with(kernel: Kernel, w: &HalfMatrix, x: &[f32], rows: usize) -> Vec<f32> {
-    // Activations rounded to f16, as llama.cpp's F16 matmul rounds them.
-    let x: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    // Activations rounded to f16 where llama.cpp's F16 matmul rounds them (GGUF F16).
+    let rounded: Vec<f32>;
+    let x = if w.rounds_inputs {
+        rounded = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        &rounded
+    } else {
+        x
+    };
     over_panels(w.panels, rows, w.rows, |panels, output| match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => avx512_half::product(w, &x, rows, panels, output),
+        Kernel::Avx512Vnni => avx512_half::product(w, x, rows, panels, output),
         _ => portable::half_product(
             w,
-            &x,
+            x,
             rows,
             (panels.start * PANEL).min(w.rows)..(panels.end * PANEL).min(w.rows),
             output,
