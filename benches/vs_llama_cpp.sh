@@ -10,7 +10,8 @@
 # measures with `mlxd bench`: decode time per token at 1 stream, total tok/s at 8 streams,
 # TTFT of a 512-token prompt, warm TTFT of 8 requests sharing a 1000-token prefix, peak RSS.
 # The `mlx4` rows serve an MLX 4-bit copy (benches/make_mlx.py) with mlxd against llama.cpp's
-# Q4_0 file. Prints the medians and mlxd ÷ llama.
+# Q4_0 file; the `bf16` rows serve the Hugging Face bf16 folder itself with mlxd against
+# llama.cpp's F16 file. Prints the medians and mlxd ÷ llama.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -57,6 +58,8 @@ PORT=18777
 model() { # $1 = server, $2 = kind: the file (or folder) that server serves
   if [ "$2" = mlx4 ]; then
     if [ "$1" = mlxd ]; then echo "$WORK/q05-mlx4"; else echo "$WORK/q05-q4_0.gguf"; fi
+  elif [ "$2" = bf16 ]; then
+    if [ "$1" = mlxd ]; then echo "$WORK/q05"; else echo "$WORK/q05-f16.gguf"; fi
   else
     echo "$WORK/q05-$2.gguf"
   fi
@@ -90,7 +93,7 @@ col() { # column $2 of the last data row of bench output $1
 
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
-for kind in q8_0 q4_0 mlx4 f16; do
+for kind in q8_0 q4_0 mlx4 f16 bf16; do
   for round in $(seq 1 "$ROUNDS"); do
     for server in mlxd llama; do
       quiet
