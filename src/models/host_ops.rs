@@ -19,6 +19,9 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     if up.dims2()? != (rows, cols) {
         candle_core::bail!("silu_mul: gate {:?} and up {:?} differ", gate.shape(), up.shape());
     }
+    if rows * cols == 0 {
+        return Ok(None);
+    }
     let mut out = vec![0f32; rows * cols];
     let (gate_storage, gate_layout) = gate.storage_and_layout();
     let (up_storage, up_layout) = up.storage_and_layout();

@@ -4,7 +4,9 @@
 //! - block 0 is the null block (padding in block tables); it is never handed out;
 //! - a block is in the free queue iff its ref count is 0;
 //! - a free block keeps its hash (a prefix-cache entry) until it is handed out again, and
-//!   blocks are handed out from the head of the queue, so the least recently freed go first;
+//!   blocks are handed out from the head of the queue: freed cached blocks join the tail (the
+//!   least recently freed go first), freed blocks without a hash the head (they hold nothing
+//!   reusable, so they go before any cached block, and memory already touched is reused);
 //! - `cached[h] == id` implies `blocks[id].hash == Some(h)`.
 
 use std::collections::HashMap;
@@ -146,8 +148,9 @@ impl BlockPool {
         }
     }
 
-    /// Drops one reference on each block, in order; blocks reaching 0 go to the queue's tail
-    /// (so pass a sequence's blocks last-first: its tail is evicted before its shared prefix).
+    /// Drops one reference on each block, in order. Cached blocks reaching 0 go to the queue's
+    /// tail (so pass a sequence's blocks last-first: its tail is evicted before its shared
+    /// prefix); blocks without a hash go to the head, to be handed out before any cached one.
     pub fn release(&mut self, ids: impl IntoIterator<Item = BlockId>) {
         for BlockId(id) in ids {
             let meta = &mut self.blocks[id as usize];
@@ -156,7 +159,11 @@ impl BlockPool {
                 .checked_sub(1)
                 .expect("invariant: released block has a reference");
             if meta.ref_count == 0 {
-                self.push_tail(id);
+                if meta.hash.is_some() {
+                    self.push_tail(id);
+                } else {
+                    self.push_head(id);
+                }
             }
         }
     }
@@ -171,6 +178,19 @@ impl BlockPool {
         self.blocks[id.0 as usize].hash = Some(h);
         self.cached.insert(h, id);
         true
+    }
+
+    fn push_head(&mut self, id: u32) {
+        let meta = &mut self.blocks[id as usize];
+        meta.prev = NIL;
+        meta.next = self.head;
+        if self.head == NIL {
+            self.tail = id;
+        } else {
+            self.blocks[self.head as usize].prev = id;
+        }
+        self.head = id;
+        self.num_free += 1;
     }
 
     fn push_tail(&mut self, id: u32) {
@@ -221,12 +241,14 @@ mod tests {
     }
 
     #[test]
-    fn released_blocks_join_the_tail_in_release_order() {
+    fn released_cached_blocks_join_the_tail_and_the_others_the_head() {
         let mut pool = BlockPool::new(6);
         let a = pool.allocate(3).expect("free blocks");
         assert_eq!(pool.free_order(), ids(&[4, 5]));
+        assert!(pool.register_full(a[1], BlockHash(7)));
         pool.release(a.iter().rev().copied());
-        assert_eq!(pool.free_order(), ids(&[4, 5, 3, 2, 1]));
+        // 3 and 1 hold nothing reusable: handed out first. 2 is cached: evicted last.
+        assert_eq!(pool.free_order(), ids(&[1, 3, 4, 5, 2]));
     }
 
     #[test]
@@ -250,16 +272,16 @@ mod tests {
         let mut pool = BlockPool::new(4);
         let a = pool.allocate(2).expect("free blocks");
         pool.release(a.iter().rev().copied());
-        assert_eq!(pool.free_order(), ids(&[3, 2, 1]));
+        assert_eq!(pool.free_order(), ids(&[1, 2, 3]));
         pool.touch(&ids(&[2]));
-        assert_eq!(pool.free_order(), ids(&[3, 1]));
+        assert_eq!(pool.free_order(), ids(&[1, 3]));
         assert_eq!(pool.ref_count(BlockId(2)), 1);
         pool.touch(&ids(&[2]));
         assert_eq!(pool.ref_count(BlockId(2)), 2);
         pool.release(ids(&[2]));
-        assert_eq!(pool.free_order(), ids(&[3, 1]));
+        assert_eq!(pool.free_order(), ids(&[1, 3]));
         pool.release(ids(&[2]));
-        assert_eq!(pool.free_order(), ids(&[3, 1, 2]));
+        assert_eq!(pool.free_order(), ids(&[2, 1, 3]));
     }
 
     #[test]
