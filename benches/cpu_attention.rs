@@ -7,13 +7,16 @@
 //! Prints ms per pass and the multiply-adds per second of the visible (causal) score and value
 //! products.
 
+mod common;
+
 use std::hint::black_box;
-use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use mlxd::models::attention::{attend, AttentionMeta, AttentionOpts, HeadDims};
 use mlxd::models::paged_kv::LayerKv;
 use mlxd::models::BatchInput;
+
+use common::best;
 
 const DIMS: HeadDims = HeadDims {
     num_heads: 14,
@@ -51,18 +54,6 @@ fn noise(n: usize, seed: usize) -> Vec<f32> {
     (0..n)
         .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 2003.0 - 0.5) * 2.0)
         .collect()
-}
-
-/// Best of `tries` timings of `f`.
-fn best(tries: usize, mut f: impl FnMut()) -> Duration {
-    (0..tries)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .min()
-        .expect("at least one try")
 }
 
 /// Times one pass (`layers` calls) of attention for `seqs`; returns (ms, GMAC/s).

@@ -8,9 +8,11 @@
 //! weight bytes read per second and the fraction of measured bandwidth (decode is
 //! bandwidth-bound: 1.0 is the roofline), and multiply-adds per second.
 
-use std::hint::black_box;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::hint::black_box;
+
+use common::best;
 use mlxd::models::quant::half::HalfMatrix;
 use mlxd::models::quant::kernels::{half_product_with, product_with, Kernel};
 use mlxd::models::quant::packed::{PackSpec, PackedMatrix};
@@ -31,18 +33,6 @@ const LAYER_SHAPES: [(usize, usize); 7] = [
     (INTERMEDIATE, HIDDEN),
     (HIDDEN, INTERMEDIATE),
 ];
-
-/// Best of `tries` timings of `f`.
-fn best(tries: usize, mut f: impl FnMut()) -> Duration {
-    (0..tries)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .min()
-        .expect("at least one try")
-}
 
 /// GB/s of summing a 1 GiB buffer on every rayon thread.
 fn read_bandwidth() -> f64 {
