@@ -56,13 +56,14 @@ impl DecodeGraphs {
     }
 
     /// Runs one eager step of every power-of-two row count up to `max_rows` (and `max_rows`
-    /// itself) before any graph is captured. candle's quantized matmuls keep per-device scratch
-    /// buffers that only grow, freeing the old buffer when a larger step needs more: a graph
-    /// captured before that growth would go on writing to the freed address (illegal-address
-    /// faults or silent corruption under load). After these steps every buffer is at its
-    /// largest, so the addresses graphs bake in stay valid. Each row is a padding row (token 0
-    /// at position 0 in slot 0 of the null block); at most `max_logits_rows` rows get logits,
-    /// as in a real step.
+    /// itself, or the bucket the widest decode batch pads to, if larger) before any graph is
+    /// captured. candle's quantized matmuls keep per-device scratch buffers that only grow,
+    /// freeing the old buffer when a larger step needs more: a graph captured before that
+    /// growth would go on writing to the freed address (illegal-address faults or silent
+    /// corruption under load). After these steps every buffer is at its largest, so the
+    /// addresses graphs bake in stay valid. Each row is a padding row (token 0 at position 0
+    /// in slot 0 of the null block); at most `max_logits_rows` rows get logits, as in a real
+    /// step (or a bucket's rows, as in a capture).
     pub fn settle_scratch(
         &self,
         model: &dyn Model,
@@ -71,8 +72,17 @@ impl DecodeGraphs {
         max_logits_rows: usize,
     ) -> Result<()> {
         let device = Device::Cuda(self.device.clone());
-        let sizes = std::iter::successors(Some(1usize), |&r| (r < max_rows).then_some(r * 2));
-        for rows in sizes.map(|r| r.min(max_rows)) {
+        // A capture runs its bucket's padded rows, every one with logits: that can be more than
+        // the token budget and the sequence limit allow a real step.
+        let widest_bucket = BUCKETS
+            .iter()
+            .copied()
+            .find(|&b| b >= max_rows.min(max_logits_rows))
+            .unwrap_or(0);
+        let top = max_rows.max(widest_bucket);
+        let logits_cap = max_logits_rows.max(widest_bucket);
+        let sizes = std::iter::successors(Some(1usize), |&r| (r < top).then_some(r * 2));
+        for rows in sizes.map(|r| r.min(top)) {
             let padding = HostBatch {
                 token_ids: vec![0; rows],
                 positions: vec![0; rows],
@@ -80,7 +90,7 @@ impl DecodeGraphs {
                 context_slots: vec![0; rows],
                 q_lens: vec![1; rows],
                 kv_lens: vec![1; rows],
-                logits_rows: (0..rows.min(max_logits_rows) as u32).collect(),
+                logits_rows: (0..rows.min(logits_cap) as u32).collect(),
             };
             model.forward(&padding.upload(&device)?, kv)?;
         }
