@@ -180,17 +180,16 @@ impl EngineCore {
             cfg.block_size,
             env!("CARGO_PKG_VERSION")
         );
-        let graphs = cfg
+        let mut graphs = cfg
             .cuda_graphs
             .then(|| DecodeGraphs::new(&device, max_model_len))
-            .flatten()
-            .filter(|graphs| {
-                let settled = graphs.settle_scratch(model.as_ref(), &mut kv, max_num_batched_tokens, max_num_seqs);
-                if let Err(e) = &settled {
-                    tracing::warn!(error = %e, "warm-up steps failed; CUDA graphs are off, steps run eagerly");
-                }
-                settled.is_ok()
-            });
+            .flatten();
+        if let Some(g) = &graphs {
+            if let Err(e) = g.settle_scratch(model.as_ref(), &mut kv, max_num_batched_tokens, max_num_seqs) {
+                tracing::warn!(error = %e, "warm-up steps failed; CUDA graphs are off, steps run eagerly");
+                graphs = None;
+            }
+        }
         let core = Self {
             model,
             kv,

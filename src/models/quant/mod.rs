@@ -85,26 +85,27 @@ impl HostMatrix {
     }
 
     /// The rows of `parts` one after the other, or None unless they are all block-quantized
-    /// alike (see `PackedMatrix::stack`).
+    /// alike (`PackedMatrix::stack`) or all f16 alike (`HalfMatrix::stack`).
     pub fn stack(parts: &[&Self]) -> Result<Option<Self>> {
-        let blocks: Option<Vec<&PackedMatrix>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::Blocks(m) => Some(m),
-                Self::Half(_) => None,
-            })
-            .collect();
-        if let Some(blocks) = blocks {
+        if let Some(blocks) = parts.iter().map(|p| p.as_blocks()).collect::<Option<Vec<_>>>() {
             return Ok(PackedMatrix::stack(&blocks)?.map(Self::Blocks));
         }
-        let halves: Option<Vec<&HalfMatrix>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::Half(m) => Some(m),
-                Self::Blocks(_) => None,
-            })
-            .collect();
-        Ok(halves.and_then(|h| HalfMatrix::stack(&h).map(Self::Half)))
+        let halves = parts.iter().map(|p| p.as_half()).collect::<Option<Vec<_>>>();
+        Ok(halves.and_then(|h| HalfMatrix::stack(&h)).map(Self::Half))
+    }
+
+    fn as_blocks(&self) -> Option<&PackedMatrix> {
+        match self {
+            Self::Blocks(m) => Some(m),
+            Self::Half(_) => None,
+        }
+    }
+
+    fn as_half(&self) -> Option<&HalfMatrix> {
+        match self {
+            Self::Half(m) => Some(m),
+            Self::Blocks(_) => None,
+        }
     }
 
     /// Rows `start..start + n` as their own matrix (splitting fused projections).
