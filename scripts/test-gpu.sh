@@ -80,7 +80,7 @@ sanitize() {  # model
   local port=18081 log="$OUT/sanitize.log" url="http://127.0.0.1:18081"
   "${SANITIZER:-compute-sanitizer}" --tool memcheck --track-stream-ordered-races all \
     --error-exitcode 86 --log-file "$OUT/sanitizer.txt" \
-    "$BIN" serve --model "$1" --device cuda --port $port --max-seqs 128 --max-batch-tokens 120 \
+    "$BIN" serve --model "$1" --device cuda --port $port --max-seqs 100 --max-batch-tokens 120 \
     --max-model-len 1024 2> "$log" &
   local pid=$!
   for _ in $(seq 3000); do
@@ -89,12 +89,14 @@ sanitize() {  # model
     sleep 0.2
   done
   # Batch sizes up, down and up again, so that graphs captured at small sizes replay after
-  # larger steps ran; 100 streams pad to the 128-row bucket, past the 120-token budget.
+  # larger steps ran; 100 streams (48 tokens each, so they decode together) pad to the
+  # 128-row bucket, past the 120-token budget.
   for c in 1 8 1 32 2 100 4; do
     "$BIN" bench --url "$url" --concurrency $c --requests-per-client 1 --prompt-tokens 24 \
-      --output-tokens 6 > /dev/null || status=1
+      --output-tokens 48 > /dev/null || status=1
   done
   curl -s -m 5 "$url/health"; echo
+  grep -o "decode steps batch=[0-9]*" "$log" | sort -u | tr '\n' ' '; echo
   pkill -INT -x mlxd; wait "$pid"; local rc=$?  # the server, not the sanitizer around it
   echo "compute-sanitizer exit $rc (86: errors found)"
   grep -E "ERROR SUMMARY|Invalid|freed|race" "$OUT/sanitizer.txt" | head -20
