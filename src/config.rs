@@ -93,6 +93,9 @@ pub struct EngineSection {
     pub device: String,
     /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16.
     pub dtype: String,
+    /// KV cache dtype: auto (the compute dtype; f16 on the CPU for weights that are not f32),
+    /// f32, f16 or bf16.
+    pub kv_dtype: String,
     /// With an automatic KV budget on a GPU: the share of device memory mlxd may use.
     pub gpu_memory_utilization: f64,
     /// KV budget: "auto" or a size such as "512MiB", "2GiB", "1000000".
@@ -116,6 +119,7 @@ impl Default for EngineSection {
             model: None,
             device: "auto".into(),
             dtype: "auto".into(),
+            kv_dtype: "auto".into(),
             gpu_memory_utilization: 0.9,
             kv_memory: "auto".into(),
             prefix_cache: true,
@@ -196,11 +200,10 @@ impl Config {
                 "gpu_memory_utilization must be in (0, 1], got {u}"
             )));
         }
-        if self.engine.dtype != "auto" && crate::models::parse_dtype(&self.engine.dtype).is_none() {
-            return Err(ConfigError(format!(
-                "dtype `{}` (use auto, f32, f16 or bf16)",
-                self.engine.dtype
-            )));
+        for (name, value) in [("dtype", &self.engine.dtype), ("kv_dtype", &self.engine.kv_dtype)] {
+            if value != "auto" && crate::models::parse_dtype(value).is_none() {
+                return Err(ConfigError(format!("{name} `{value}` (use auto, f32, f16 or bf16)")));
+            }
         }
         parse_kv_memory(&self.engine.kv_memory)?;
         let s = &self.scheduler;
@@ -348,6 +351,7 @@ mod tests {
         assert_eq!(cfg.engine.kv_memory, defaults.engine.kv_memory);
         assert_eq!(cfg.engine.device, defaults.engine.device);
         assert_eq!(cfg.engine.dtype, defaults.engine.dtype);
+        assert_eq!(cfg.engine.kv_dtype, defaults.engine.kv_dtype);
         assert_eq!(cfg.engine.cuda_graphs, defaults.engine.cuda_graphs);
         assert_eq!(
             cfg.engine.gpu_memory_utilization,

@@ -115,6 +115,10 @@ struct ModelArgs {
     /// Compute dtype: auto, f32, f16 or bf16 [default: auto: f32 on CPU, bf16 on GPU].
     #[arg(long)]
     dtype: Option<String>,
+    /// KV cache dtype: auto, f32, f16 or bf16 [default: auto: the compute dtype, but f16 on the
+    /// CPU when the weights are not f32 (quantized or half)].
+    #[arg(long)]
+    kv_dtype: Option<String>,
     /// With an automatic KV budget on a GPU: the share of device memory mlxd may use [default: 0.9].
     #[arg(long)]
     gpu_memory_utilization: Option<f64>,
@@ -289,6 +293,9 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if let Some(d) = &args.dtype {
         e.dtype = d.clone();
     }
+    if let Some(d) = &args.kv_dtype {
+        e.kv_dtype = d.clone();
+    }
     if let Some(u) = args.gpu_memory_utilization {
         e.gpu_memory_utilization = u;
     }
@@ -342,6 +349,7 @@ fn start_engine(
         model_path: model_path.to_path_buf(),
         device: cfg.engine.device.parse()?,
         dtype: mlxd::models::parse_dtype(&cfg.engine.dtype),
+        kv_dtype: mlxd::models::parse_dtype(&cfg.engine.kv_dtype),
         kv_memory_bytes: parse_kv_memory(&cfg.engine.kv_memory)?,
         gpu_memory_utilization: cfg.engine.gpu_memory_utilization,
         block_size: cfg.scheduler.block_size,
@@ -411,6 +419,7 @@ fn model_loader(cfg: Config) -> Loader {
             architecture = %info.model.architecture,
             device = %info.device,
             dtype = ?info.model.dtype,
+            kv_dtype = ?info.kv_dtype,
             params = %mlxd::models::parameter_size(info.model.num_params),
             kv_blocks = info.num_kv_blocks,
             kv_memory_mib = info.kv_memory_bytes / (1 << 20),

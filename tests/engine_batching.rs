@@ -235,3 +235,41 @@ async fn running_streams_keep_receiving_tokens_while_a_long_prompt_is_prefilled(
         "the running stream got {tokens_during_prefill} tokens while the long prompt was prefilled"
     );
 }
+
+#[test]
+fn the_kv_cache_dtype_follows_the_weights_on_the_cpu_and_can_be_set() {
+    use candle_core::DType;
+    let info = |cfg| {
+        let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
+        let info = engine.info().clone();
+        engine.shutdown();
+        info
+    };
+    let q8 = shared("fixtures/gguf/stories260k-q8_0.gguf");
+    let engine_config = |model: &std::path::Path| {
+        let mut cfg = engine_config(model);
+        cfg.kv_memory_bytes = Some(1 << 20); // fewer blocks than the sequences could use
+        cfg
+    };
+    let cpu = common::test_device().is_cpu();
+    // f32 weights keep f32 KV; quantized weights computed in f32 on the CPU keep f16 KV.
+    assert_eq!(info(engine_config(&repo_model())).kv_dtype, DType::F32);
+    let auto = info(engine_config(&q8));
+    assert_eq!(auto.kv_dtype, if cpu { DType::F16 } else { DType::F32 });
+    let mut asked = engine_config(&q8);
+    asked.kv_dtype = Some(DType::F32);
+    let f32_kv = info(asked);
+    assert_eq!(f32_kv.kv_dtype, DType::F32);
+    if cpu {
+        // Same budget, blocks of half the bytes.
+        assert_eq!(auto.num_kv_blocks + 1, 2 * (f32_kv.num_kv_blocks + 1));
+    }
+    // Half compute cannot read KV of another dtype (GGUF files always compute in f32).
+    let mut mismatched = engine_config(&repo_model());
+    mismatched.dtype = Some(DType::F16);
+    mismatched.kv_dtype = Some(DType::F32);
+    let Err(err) = EngineHandle::spawn(mismatched) else {
+        panic!("f16 compute over an f32 cache loaded");
+    };
+    assert!(err.to_string().contains("KV dtype F32"), "{err}");
+}

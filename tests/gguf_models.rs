@@ -12,13 +12,21 @@ struct Reference {
     margins: Vec<Vec<Option<f64>>>,
 }
 
-/// The llama.cpp reference run to compare with: float32 attention for float files (mlxd computes
-/// in f32), the main run (llama.cpp's quantized kernels) for quantized files.
-fn reference(model: &str, kind: &str) -> Reference {
+/// Which of llama.cpp's runs of a file to compare with.
+#[derive(Clone, Copy)]
+enum LlamaRun {
+    /// Its defaults: f16 KV cache, flash attention in half precision.
+    Main,
+    /// `-fa off -ctk f32 -ctv f32`: float32 attention.
+    F32Attention,
+}
+
+/// llama.cpp's `run` of `model`-`kind`.gguf.
+fn reference(model: &str, kind: &str, run: LlamaRun) -> Reference {
     let refs = read_json(&shared(&format!("fixtures/gguf/refs/{model}-{kind}.json")));
-    let run = match kind {
-        "f32" | "f16" => &refs["other_runs"]["f32_attention"],
-        _ => &refs,
+    let run = match run {
+        LlamaRun::F32Attention => &refs["other_runs"]["f32_attention"],
+        LlamaRun::Main => &refs,
     };
     let prompts = refs["sequences"]
         .as_array()
@@ -44,28 +52,28 @@ fn reference(model: &str, kind: &str) -> Reference {
     }
 }
 
-/// Greedy tokens of every reference prompt, all prompts in one batch per step.
-fn run(model: &str, kind: &str, steps: usize) -> Vec<Vec<u32>> {
+/// Greedy tokens of every reference prompt, all prompts in one batch per step, with f32
+/// compute and a KV cache of `kv_dtype`.
+fn run(model: &str, kind: &str, kv_dtype: DType) -> Vec<Vec<u32>> {
     let path = shared(&format!("fixtures/gguf/{model}-{kind}.gguf"));
-    let prompts = reference(model, kind).prompts;
-    let mut runner = ModelRunner::load(&path, DType::F32, prompts.len(), 128);
-    runner.greedy(&prompts, steps).tokens
+    let prompts = reference(model, kind, LlamaRun::Main).prompts;
+    let mut runner = ModelRunner::load(&path, DType::F32, prompts.len(), 128).with_kv_dtype(kv_dtype);
+    runner.greedy(&prompts, 32).tokens
 }
 
-/// Our greedy tokens equal llama.cpp's until the end, or until a step where llama.cpp's own
-/// top-2 margin is below `tie` (a near-tie that rounding differences may flip).
-fn assert_matches_up_to_ties(model: &str, kind: &str, tie: f64) {
+/// Our greedy tokens `got` of `what` equal llama.cpp's until the end, or until a step where
+/// llama.cpp's own top-2 margin is below `tie` (a near-tie that rounding differences may flip).
+fn assert_matches_up_to_ties(reference: Reference, got: &[Vec<u32>], tie: f64, what: &str) {
     let Reference {
         greedy: want, margins, ..
-    } = reference(model, kind);
-    let got = run(model, kind, 32);
+    } = reference;
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         if let Some(step) = g.iter().zip(w).position(|(a, b)| a != b) {
             let margin = margins[i].get(step).copied().flatten();
             // llama-server leaves out probabilities of tokens ending mid-UTF-8: no margin known.
             assert!(
                 margin.is_none_or(|m| m < tie),
-                "{model}-{kind} sequence {i} diverges at step {step} where llama.cpp's margin is {margin:?}\n got {g:?}\nwant {w:?}"
+                "{what} sequence {i} diverges at step {step} where llama.cpp's margin is {margin:?}\n got {g:?}\nwant {w:?}"
             );
         }
     }
@@ -74,7 +82,8 @@ fn assert_matches_up_to_ties(model: &str, kind: &str, tie: f64) {
 #[test]
 fn f32_gguf_files_reproduce_llama_cpp_greedy_tokens_exactly() {
     for model in ["stories260k", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"] {
-        assert_eq!(run(model, "f32", 32), reference(model, "f32").greedy, "{model}-f32");
+        let want = reference(model, "f32", LlamaRun::F32Attention).greedy;
+        assert_eq!(run(model, "f32", DType::F32), want, "{model}-f32");
     }
 }
 
@@ -84,7 +93,19 @@ fn f16_gguf_files_reproduce_llama_cpp_up_to_exact_ties() {
     // stay f16); attention runs in f32 in both (the f32_attention run). Summation orders differ,
     // so near-ties (margins below 1e-2) may still go either way.
     for model in ["stories260k", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"] {
-        assert_matches_up_to_ties(model, "f16", 1e-2);
+        let reference = reference(model, "f16", LlamaRun::F32Attention);
+        assert_matches_up_to_ties(reference, &run(model, "f16", DType::F32), 1e-2, &format!("{model}-f16"));
+    }
+}
+
+#[test]
+fn an_f16_kv_cache_follows_llama_cpp_s_own_f16_cache() {
+    // f32 weights and compute, f16 KV (the server's default for quantized and half weights on
+    // the CPU), against llama.cpp's main run: f16 KV, half-precision flash attention. Rounding
+    // differs between the two, so near-ties (margins below 1e-2) may go either way.
+    for model in ["stories260k", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"] {
+        let reference = reference(model, "f32", LlamaRun::Main);
+        assert_matches_up_to_ties(reference, &run(model, "f32", DType::F16), 1e-2, &format!("{model}-f32"));
     }
 }
 
@@ -93,9 +114,16 @@ fn quantized_gguf_files_follow_llama_cpp_kernels() {
     for model in ["stories260k", "llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"] {
         // Both quantize activations to Q8_0 blocks, with different rounding details; greedy
         // paths may part where llama.cpp's own top-2 margin is small (the fixture README's
-        // dequantized runs part from llama.cpp's kernels the same way).
+        // dequantized runs part from llama.cpp's kernels the same way). f32 KV, so that only
+        // the kernels differ.
         for kind in ["q8_0", "q4_0", "q4_k_m"] {
-            assert_matches_up_to_ties(model, kind, 0.15);
+            let reference = reference(model, kind, LlamaRun::Main);
+            assert_matches_up_to_ties(
+                reference,
+                &run(model, kind, DType::F32),
+                0.15,
+                &format!("{model}-{kind}"),
+            );
         }
     }
 }

@@ -312,7 +312,8 @@ fn deviation(
 /// mlxd multiplies MLX weights with int8-quantized activations (as llama.cpp does for GGUF), so
 /// it is held to mlx-lm's own standard: teacher-forced along the exact reference's tokens, its
 /// logits stay at least as close to the exactly dequantized f32 model as mlx-lm's native compute
-/// does over the same steps.
+/// does over the same steps. Checked with an f32 KV cache and with the f16 one the server keeps
+/// for quantized weights on the CPU.
 fn check_mlx_folder(arch: &str, folder: &str) {
     let exact_set = format!("{folder}-f32");
     let steps = shared_steps(arch, folder, &exact_set);
@@ -330,15 +331,19 @@ fn check_mlx_folder(arch: &str, folder: &str) {
         .collect();
     let bound = deviation(&native_rows, &exact, &steps);
     let dir = shared(&format!("fixtures/{arch}/{folder}"));
-    let mut runner = ModelRunner::load(&dir, DType::F32, prompts.len(), 128);
-    let got = runner.forced(&prompts, &followed);
-    let ours = deviation(&got, &exact, &steps);
-    let all_steps = deviation(&got, &exact, &[usize::MAX; 5]);
-    eprintln!("{arch}/{folder}: mlxd {ours:.3} (all 32 steps {all_steps:.3}) vs mlx-lm native {bound:.3}");
-    assert!(
-        ours <= bound,
-        "{arch}/{folder}: logits {ours} from exact, mlx-lm's own compute {bound}"
-    );
+    for kv_dtype in [DType::F32, DType::F16] {
+        let mut runner = ModelRunner::load(&dir, DType::F32, prompts.len(), 128).with_kv_dtype(kv_dtype);
+        let got = runner.forced(&prompts, &followed);
+        let ours = deviation(&got, &exact, &steps);
+        let all_steps = deviation(&got, &exact, &[usize::MAX; 5]);
+        eprintln!(
+            "{arch}/{folder} ({kv_dtype:?} KV): mlxd {ours:.3} (all 32 steps {all_steps:.3}) vs mlx-lm native {bound:.3}"
+        );
+        assert!(
+            ours <= bound,
+            "{arch}/{folder} ({kv_dtype:?} KV): logits {ours} from exact, mlx-lm's own compute {bound}"
+        );
+    }
 }
 
 #[test]

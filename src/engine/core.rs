@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender};
 
 use super::batch::HostBatch;
@@ -25,7 +25,7 @@ use super::pooling::{PoolPlan, Pooled};
 use super::sampler::SamplerState;
 use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, ModelLoader};
 use crate::models::{self, KvLayout, LoadProgress};
-use crate::models::{Model, PagedKvCache};
+use crate::models::{Model, ModelConfig, PagedKvCache};
 use crate::request::{FinishReason, RequestId, Usage, ValidatedRequest};
 use crate::scheduler::kv::block_hash::extend_block_hashes;
 use crate::scheduler::kv::{BlockHash, BlockManager};
@@ -106,6 +106,24 @@ fn kv_budget(cfg: &EngineConfig, device: &Device) -> u64 {
     }
 }
 
+/// The KV cache's element type: the one asked for, else the compute dtype, except with f32
+/// compute on the CPU of weights that are not f32 (quantized or half), where f16 KV (llama.cpp's
+/// default) halves the KV memory and attention's reads for precision the weights never had.
+/// A KV dtype other than the compute dtype works only there (the CPU attention widens it).
+fn kv_dtype(asked: Option<DType>, device: &Device, mc: &ModelConfig) -> Result<DType, EngineError> {
+    let widening = device.is_cpu() && mc.dtype == DType::F32;
+    match asked {
+        Some(d) if d != mc.dtype && !widening => Err(EngineError::Load(format!(
+            "KV dtype {d:?} differs from the compute dtype {:?}: only f32 compute on the CPU reads \
+             another KV dtype (leave --kv-dtype at auto, or set it to the compute dtype)",
+            mc.dtype
+        ))),
+        Some(d) => Ok(d),
+        None if widening && mc.weights.dtype != "F32" => Ok(DType::F16),
+        None => Ok(mc.dtype),
+    }
+}
+
 impl EngineCore {
     /// Loads the model, sizes and allocates the KV pool, and builds the scheduler.
     pub(crate) fn load(
@@ -117,7 +135,6 @@ impl EngineCore {
         let device = cfg.device.open().map_err(|e| EngineError::Load(e.to_string()))?;
         let model = loader(cfg, &device)?;
         let mc = model.config().clone();
-        let dtype = mc.dtype;
         let (default_seqs, default_tokens) = if device.is_cpu() {
             (
                 crate::config::DEFAULT_MAX_SEQS_CPU,
@@ -134,11 +151,12 @@ impl EngineCore {
         let max_model_len = cfg
             .max_model_len
             .map_or(mc.max_position_embeddings, |m| m.min(mc.max_position_embeddings));
+        let kv_dtype = kv_dtype(cfg.kv_dtype, &device, &mc)?;
         let layout = KvLayout {
             num_layers: mc.num_layers,
             kv_width: mc.num_kv_heads * mc.head_dim,
             block_size: cfg.block_size,
-            dtype,
+            dtype: kv_dtype,
         };
         let kv_memory_bytes = kv_budget(cfg, &device);
         // +1: block 0 is the null block. Never more than every sequence at full length needs.
@@ -167,6 +185,7 @@ impl EngineCore {
             num_kv_blocks: num_blocks - 1,
             block_size: cfg.block_size,
             kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
+            kv_dtype,
             device: crate::device::describe(&device),
             max_num_batched_tokens,
             max_num_seqs,
@@ -176,7 +195,7 @@ impl EngineCore {
         let salt_source = format!(
             "{}|{:?}|{}|{}",
             info.model.weights.digest,
-            dtype,
+            kv_dtype,
             cfg.block_size,
             env!("CARGO_PKG_VERSION")
         );

@@ -42,8 +42,11 @@ pub struct EngineConfig {
     pub model_path: PathBuf,
     /// The device the engine thread opens and owns.
     pub device: DeviceChoice,
-    /// Compute (and KV) dtype; None = the device's default (f32 on CPU, bf16 on GPU).
+    /// Compute dtype; None = the device's default (f32 on CPU, bf16 on GPU).
     pub dtype: Option<DType>,
+    /// KV cache dtype; None = the compute dtype, except f16 on the CPU for weights that are
+    /// not f32.
+    pub kv_dtype: Option<DType>,
     /// KV memory budget in bytes; None = automatic (a share of free RAM on the CPU, of free
     /// device memory after the weights on a GPU).
     pub kv_memory_bytes: Option<u64>,
@@ -99,6 +102,8 @@ pub struct ModelInfo {
     pub block_size: usize,
     /// Bytes of KV memory allocated.
     pub kv_memory_bytes: u64,
+    /// Element type of the KV cache.
+    pub kv_dtype: DType,
     /// The device the engine computes on (`cpu`, `cuda:0`, ...).
     pub device: String,
     /// Most tokens per forward pass.

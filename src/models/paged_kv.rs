@@ -46,11 +46,12 @@ impl PagedKvCache {
     /// Allocates zeroed KV storage for `num_blocks` blocks.
     pub fn new(layout: KvLayout, num_blocks: usize, device: &Device) -> Result<Self> {
         let num_slots = num_blocks * layout.block_size;
+        let shape = (num_slots, layout.kv_width);
         let layers = (0..layout.num_layers)
             .map(|_| {
                 Ok(LayerKv {
-                    k: Tensor::zeros((num_slots, layout.kv_width), layout.dtype, device)?,
-                    v: Tensor::zeros((num_slots, layout.kv_width), layout.dtype, device)?,
+                    k: zeroed(shape, layout.dtype, device)?,
+                    v: zeroed(shape, layout.dtype, device)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -118,6 +119,22 @@ impl PagedKvCache {
     }
 }
 
+/// A zero tensor whose memory stays untouched until used. On the CPU candle fills half-precision
+/// zeros element by element, which makes the whole pool resident at start; zeroed `u16`s come
+/// from the allocator's zeroed pages instead, and reinterpret as f16/bf16 zeros.
+fn zeroed(shape: (usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    use half::vec::HalfBitsVecExt;
+    if !device.is_cpu() {
+        return Tensor::zeros(shape, dtype, device);
+    }
+    let bits = || vec![0u16; shape.0 * shape.1];
+    match dtype {
+        DType::F16 => Tensor::from_vec(bits().reinterpret_into::<half::f16>(), shape, device),
+        DType::BF16 => Tensor::from_vec(bits().reinterpret_into::<half::bf16>(), shape, device),
+        _ => Tensor::zeros(shape, dtype, device),
+    }
+}
+
 fn extend_bytes<T: Copy>(out: &mut Vec<u8>, values: &[T]) {
     // SAFETY: plain numeric values (f32, f16, bf16) viewed as their bytes.
     let bytes = unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) };
@@ -129,19 +146,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_block_round_trips_through_bytes() {
-        let layout = KvLayout {
-            num_layers: 2,
-            kv_width: 3,
-            block_size: 4,
-            dtype: DType::F32,
-        };
-        let mut kv = PagedKvCache::new(layout, 3, &Device::Cpu).expect("kv");
-        let bytes: Vec<u8> = (0..layout.bytes_per_block() / 4)
-            .flat_map(|i| (i as f32).to_ne_bytes())
-            .collect();
-        kv.write_block(2, &bytes).expect("write");
-        assert_eq!(kv.read_block(2).expect("read"), bytes);
-        assert!(kv.read_block(1).expect("read").iter().all(|&b| b == 0));
+    fn a_block_round_trips_through_bytes_and_new_blocks_are_zero() {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let layout = KvLayout {
+                num_layers: 2,
+                kv_width: 3,
+                block_size: 4,
+                dtype,
+            };
+            let mut kv = PagedKvCache::new(layout, 3, &Device::Cpu).expect("kv");
+            assert_eq!(kv.layers_mut()[0].k.dtype(), dtype);
+            let bytes: Vec<u8> = (0..layout.bytes_per_block()).map(|i| (i % 251) as u8).collect();
+            kv.write_block(2, &bytes).expect("write");
+            assert_eq!(kv.read_block(2).expect("read"), bytes, "{dtype:?}");
+            assert!(kv.read_block(1).expect("read").iter().all(|&b| b == 0), "{dtype:?}");
+        }
     }
 }

@@ -81,6 +81,16 @@ impl ModelRunner {
         }
     }
 
+    /// The same runner with a fresh KV cache of `dtype` (the model keeps its compute dtype).
+    pub fn with_kv_dtype(mut self, dtype: DType) -> Self {
+        let layout = KvLayout {
+            dtype,
+            ..self.kv.layout()
+        };
+        self.kv = PagedKvCache::new(layout, self.kv.num_blocks(), &self.device).expect("kv");
+        self
+    }
+
     fn slot(&self, seq: usize, pos: usize) -> u32 {
         ((1 + seq * self.blocks_per_seq) * self.block_size + pos) as u32
     }
@@ -202,6 +212,7 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
         model_path: model.to_path_buf(),
         device: test_device_choice(),
         dtype: Some(DType::F32),
+        kv_dtype: None,
         kv_memory_bytes: Some(64 << 20),
         gpu_memory_utilization: 0.9,
         block_size: 16,

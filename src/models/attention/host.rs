@@ -1,12 +1,14 @@
-//! CPU attention over the paged cache (f32 KV): every sequence's queries, decode and prefill
-//! chunks alike, attend over their context's K/V rows read from the cache slots (no gathered
-//! context tensor), with an online softmax (one pass over the keys, as flash attention) and a
+//! CPU attention over the paged cache (f32 queries; f32, f16 or bf16 KV, widened to f32 as
+//! each tile is copied): every sequence's queries, decode and prefill chunks alike, attend over
+//! their context's K/V rows read from the cache slots (no gathered context tensor), with an
+//! online softmax (one pass over the keys, as flash attention) and a
 //! vectorizable exp. Work is split into (sequence, KV head, block of queries) items run in
 //! parallel; per tile of keys, the scores and the value sums are two small GEMMs (`gemm`
 //! crate) over every query row of the item: the query heads sharing the KV head and the
 //! queries of the block.
 
-use candle_core::{DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Storage, Tensor, WithDType};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use super::{AttentionOpts, HeadDims, SlotWriter};
@@ -39,7 +41,7 @@ pub struct HostPlan {
 }
 
 impl HostPlan {
-    /// The plan for `batch`, or None unless it runs on the CPU with f32 KV.
+    /// The plan for `batch`, or None unless it runs on the CPU with f32 compute (`dtype`).
     pub fn new(batch: &BatchInput, dims: HeadDims, dtype: DType) -> Result<Option<Self>> {
         if !batch.slot_mapping.device().is_cpu() || dtype != DType::F32 {
             return Ok(None);
@@ -109,13 +111,16 @@ pub fn attend(q: &Tensor, kv: &LayerKv, plan: &HostPlan, opts: AttentionOpts) ->
             })
         })
         .collect();
-    let outputs: Vec<Vec<f32>> = with_f32(&q, |q| {
-        with_f32(&kv.k, |k| {
-            with_f32(&kv.v, |v| {
-                let cache = Cache { k, v, plan, opts };
-                Ok(items.par_iter().map(|item| cache.attend_item(q, *item)).collect())
-            })
-        })
+    let job = Job {
+        plan,
+        opts,
+        items: &items,
+    };
+    let outputs = with_slice(&q, |q: &[f32]| match kv.k.dtype() {
+        DType::F32 => job.run::<f32>(q, kv),
+        DType::F16 => job.run::<f16>(q, kv),
+        DType::BF16 => job.run::<bf16>(q, kv),
+        other => candle_core::bail!("host attention reads f32, f16 or bf16 KV, not {other:?}"),
     })?;
     let n_rep = num_heads / num_kv_heads;
     let mut out = vec![0f32; t * num_heads * head_dim];
@@ -129,8 +134,8 @@ pub fn attend(q: &Tensor, kv: &LayerKv, plan: &HostPlan, opts: AttentionOpts) ->
     Tensor::from_vec(out, (t, num_heads * head_dim), q.device())
 }
 
-/// Runs `f` on the f32 values of a contiguous CPU tensor, without copying them.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+/// Runs `f` on the values of a contiguous CPU tensor, without copying them.
+fn with_slice<T: WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("host attention reads CPU tensors");
@@ -138,18 +143,66 @@ fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("host attention reads contiguous tensors");
     };
-    f(&cpu.as_slice::<f32>()?[start..end])
+    f(&cpu.as_slice::<T>()?[start..end])
+}
+
+/// A KV element type the host path reads.
+trait KvElement: WithDType {
+    /// Writes `src` widened to f32 into `dst` (same length).
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+impl KvElement for f32 {
+    fn widen(src: &[f32], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElement for f16 {
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+impl KvElement for bf16 {
+    fn widen(src: &[bf16], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+/// This layer's work items and how to attend.
+struct Job<'a> {
+    plan: &'a HostPlan,
+    opts: AttentionOpts,
+    items: &'a [Item],
+}
+
+impl Job<'_> {
+    /// Every item's outputs, in parallel, over a cache of `T` values.
+    fn run<T: KvElement>(&self, q: &[f32], kv: &LayerKv) -> Result<Vec<Vec<f32>>> {
+        with_slice(&kv.k, |k: &[T]| {
+            with_slice(&kv.v, |v: &[T]| {
+                let cache = Cache {
+                    k,
+                    v,
+                    plan: self.plan,
+                    opts: self.opts,
+                };
+                Ok(self.items.par_iter().map(|item| cache.attend_item(q, *item)).collect())
+            })
+        })
+    }
 }
 
 /// The cache of one layer and how to attend over it.
-struct Cache<'a> {
-    k: &'a [f32],
-    v: &'a [f32],
+struct Cache<'a, T> {
+    k: &'a [T],
+    v: &'a [T],
     plan: &'a HostPlan,
     opts: AttentionOpts,
 }
 
-impl Cache<'_> {
+impl<T: KvElement> Cache<'_, T> {
     /// `[queries, n_rep, head_dim]` outputs of one item.
     fn attend_item(&self, q_all: &[f32], item: Item) -> Vec<f32> {
         let HeadDims {
@@ -188,8 +241,8 @@ impl Cache<'_> {
             // The tile's K and V rows side by side, so both products below are plain GEMMs.
             for (j, &slot) in slots[tile..tile + n].iter().enumerate() {
                 let at = slot as usize * kv_width + head_offset;
-                keys[j * hd..(j + 1) * hd].copy_from_slice(&self.k[at..at + hd]);
-                values[j * hd..(j + 1) * hd].copy_from_slice(&self.v[at..at + hd]);
+                T::widen(&self.k[at..at + hd], &mut keys[j * hd..(j + 1) * hd]);
+                T::widen(&self.v[at..at + hd], &mut values[j * hd..(j + 1) * hd]);
             }
             // scores[rows, n] = q · keysᵀ
             gemm_into(

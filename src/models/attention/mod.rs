@@ -8,9 +8,9 @@
 //!
 //! Three implementations behind one [`AttentionMeta`]: on CUDA, mlxd's kernels (through
 //! `models::fused`) do step 1 in one launch and step 2 in another, reading K/V from the cache
-//! in place; on the CPU with f32 KV, `host` reads the cache in place too (one online-softmax
-//! pass per block of queries); elsewhere (Metal, other KV dtypes) `gathered` does both in plain
-//! candle ops, gathering each context first.
+//! in place; on the CPU with f32 compute, `host` reads the cache in place too (f32, f16 or bf16
+//! KV; one online-softmax pass per block of queries); elsewhere (Metal, half compute on the
+//! CPU) `gathered` does both in plain candle ops, gathering each context first.
 
 mod gathered;
 mod host;
@@ -88,7 +88,7 @@ enum Plan {
 
 impl AttentionMeta {
     /// Builds what every layer of this forward needs: the kernels' plan on CUDA, the host plan
-    /// on the CPU with f32 KV, otherwise the scatter indices and masks of every window setting
+    /// on the CPU with f32 compute (`dtype`), otherwise the scatter indices and masks of every window setting
     /// the model uses.
     pub fn new(batch: &BatchInput, dims: HeadDims, windows: &[Option<usize>], dtype: DType) -> Result<Self> {
         if let Some(kernels) = KernelAttention::plan(batch, dims)? {
@@ -144,10 +144,12 @@ impl SlotWriter {
         Ok(Self { index })
     }
 
-    /// Writes this step's K/V rows (`[T, kv_heads * head_dim]` each) into their slots.
+    /// Writes this step's K/V rows (`[T, kv_heads * head_dim]` each) into their slots, in the
+    /// cache's dtype.
     fn write(&self, k: &Tensor, v: &Tensor, kv: &mut LayerKv) -> Result<()> {
-        kv.k.scatter_set(&self.index, &k.contiguous()?, 0)?;
-        kv.v.scatter_set(&self.index, &v.contiguous()?, 0)
+        let dtype = kv.k.dtype();
+        kv.k.scatter_set(&self.index, &k.to_dtype(dtype)?.contiguous()?, 0)?;
+        kv.v.scatter_set(&self.index, &v.to_dtype(dtype)?.contiguous()?, 0)
     }
 }
 
@@ -230,6 +232,33 @@ mod tests {
     }
 
     #[test]
+    fn stored_rows_take_the_cache_dtype() -> Result<()> {
+        let dims = HeadDims {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+        };
+        let b = batch(&[(2, 2)]);
+        let slots = 8 + 3 * 2;
+        let mut kv = LayerKv {
+            k: Tensor::zeros((slots, 4), DType::F16, &Device::Cpu)?,
+            v: Tensor::zeros((slots, 4), DType::F16, &Device::Cpu)?,
+        };
+        let k = noise(8, 4, (2, 4));
+        let v = noise(8, 5, (2, 4));
+        SlotWriter::new(&b, dims)?.write(&k, &v, &mut kv)?;
+        // The one sequence's positions 0 and 1 live in slots 7 and 10.
+        for (got, want) in [(&kv.k, &k), (&kv.v, &v)] {
+            let rows = Tensor::cat(&[got.get(7)?, got.get(10)?], 0)?.reshape((2, 4))?;
+            assert_eq!(
+                rows.to_vec2::<half::f16>()?,
+                want.to_dtype(DType::F16)?.to_vec2::<half::f16>()?
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
     fn the_host_path_equals_the_gathered_path() -> Result<()> {
         // Head sizes with and without a whole number of 16-lane chunks.
         for head_dim in [32, 20] {
@@ -252,26 +281,35 @@ mod tests {
                 let t = b.num_tokens();
                 let longest = seqs.iter().map(|s| s.1).max().unwrap_or(0);
                 let slots = 8 + 3 * seqs.len() * longest;
-                let kv = LayerKv {
-                    k: noise(slots * kv_w, 1, (slots, kv_w)),
-                    v: noise(slots * kv_w, 2, (slots, kv_w)),
-                };
                 let q = noise(t * 6 * head_dim, 3, (t, 6 * head_dim)).reshape((t, 6, head_dim))?;
-                for (window, softcap) in [(None, None), (Some(17), None), (None, Some(0.7)), (Some(5), Some(2.0))] {
-                    let opts = AttentionOpts {
-                        scale: 0.3,
-                        window,
-                        softcap,
+                // The host path reads half KV as its exact f32 values: the gathered path gets
+                // those values in f32.
+                for kv_dtype in [DType::F32, DType::F16, DType::BF16] {
+                    let cache = |seed| noise(slots * kv_w, seed, (slots, kv_w)).to_dtype(kv_dtype);
+                    let kv = LayerKv {
+                        k: cache(1)?,
+                        v: cache(2)?,
                     };
-                    let host = HostPlan::new(&b, dims, DType::F32)?.expect("CPU f32");
-                    let gathered = GatheredPlan::new(&b, dims, &[window], DType::F32)?;
-                    let want = gathered::attend(&q, &kv, &gathered, opts)?;
-                    let got = host::attend(&q, &kv, &host, opts)?;
-                    let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                    assert!(
-                        diff < 2e-5,
-                        "hd {head_dim} {seqs:?} window {window:?} softcap {softcap:?}: {diff}"
-                    );
+                    let widened = LayerKv {
+                        k: kv.k.to_dtype(DType::F32)?,
+                        v: kv.v.to_dtype(DType::F32)?,
+                    };
+                    for (window, softcap) in [(None, None), (Some(17), None), (None, Some(0.7)), (Some(5), Some(2.0))] {
+                        let opts = AttentionOpts {
+                            scale: 0.3,
+                            window,
+                            softcap,
+                        };
+                        let host = HostPlan::new(&b, dims, DType::F32)?.expect("CPU f32");
+                        let gathered = GatheredPlan::new(&b, dims, &[window], DType::F32)?;
+                        let want = gathered::attend(&q, &widened, &gathered, opts)?;
+                        let got = host::attend(&q, &kv, &host, opts)?;
+                        let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                        assert!(
+                            diff < 2e-5,
+                            "hd {head_dim} {seqs:?} {kv_dtype:?} window {window:?} softcap {softcap:?}: {diff}"
+                        );
+                    }
                 }
             }
         }
