@@ -1,4 +1,4 @@
-//! CPU attention over the paged KV cache (f32) on Qwen2.5-0.5B's heads (14 query heads, 2 KV
+//! CPU attention over the paged KV cache (f32 and f16) on Qwen2.5-0.5B's heads (14 query heads, 2 KV
 //! heads of 64), 24 layers per pass, for the shapes a server meets: decode batches at short and
 //! long contexts, a prompt prefilled from scratch, and short prompt tails over a cached prefix.
 //!
@@ -56,13 +56,18 @@ fn noise(n: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Times one pass (`layers` calls) of attention for `seqs`; returns (ms, GMAC/s).
-fn run(seqs: &[(usize, usize)], layers: usize, tries: usize) -> (f64, f64) {
+/// Times one pass (`layers` calls) of attention for `seqs` over a cache of `kv_dtype`; returns
+/// (ms, GMAC/s).
+fn run(seqs: &[(usize, usize)], kv_dtype: DType, (layers, tries): (usize, usize)) -> (f64, f64) {
     let batch = step(seqs);
     let tokens: usize = seqs.iter().map(|s| s.0).sum();
     let slots = 1 + seqs.len() * seqs.iter().map(|s| s.1).max().unwrap_or(0);
     let kv_w = DIMS.num_kv_heads * DIMS.head_dim;
-    let cache = |seed| Tensor::from_vec(noise(slots * kv_w, seed), (slots, kv_w), &Device::Cpu).expect("kv");
+    let cache = |seed| {
+        Tensor::from_vec(noise(slots * kv_w, seed), (slots, kv_w), &Device::Cpu)
+            .and_then(|t| t.to_dtype(kv_dtype))
+            .expect("kv")
+    };
     let kv = LayerKv {
         k: cache(1),
         v: cache(2),
@@ -97,7 +102,7 @@ fn run(seqs: &[(usize, usize)], layers: usize, tries: usize) -> (f64, f64) {
 fn main() {
     // Under `cargo test --all-targets` (no `--bench`): every shape once, one layer.
     let timed = std::env::args().any(|a| a == "--bench");
-    let (layers, tries) = if timed { (LAYERS, 5) } else { (1, 1) };
+    let repeats = if timed { (LAYERS, 5) } else { (1, 1) };
     let cases: [(&str, Vec<(usize, usize)>); 6] = [
         ("decode, 1 x 256 context", vec![(1, 256)]),
         ("decode, 8 x 256 context", vec![(1, 256); 8]),
@@ -107,9 +112,13 @@ fn main() {
         ("8 x 8-token tails, 1000 cached", vec![(8, 1000); 8]),
     ];
     println!("threads {}", rayon::current_num_threads());
-    println!("{:<32} {:>9} {:>8}", "shape", "ms/pass", "GMAC/s");
+    println!(
+        "{:<32} {:>13} {:>10} {:>13} {:>10}",
+        "shape", "f32 ms/pass", "GMAC/s", "f16 ms/pass", "GMAC/s"
+    );
     for (name, seqs) in cases {
-        let (ms, gmacs) = run(&seqs, layers, tries);
-        println!("{name:<32} {ms:>9.2} {gmacs:>8.1}");
+        let (ms, gmacs) = run(&seqs, DType::F32, repeats);
+        let (ms16, gmacs16) = run(&seqs, DType::F16, repeats);
+        println!("{name:<32} {ms:>13.2} {gmacs:>10.1} {ms16:>13.2} {gmacs16:>10.1}");
     }
 }
