@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Activations, Output, BLOCK, PANELS_PER_UNIT};
+use super::{Activations, Output, PANELS_PER_UNIT};
 use crate::models::quant::packed::{PackedMatrix, Params, PANEL};
 
 /// Activation rows per tile in the bulk of a batch, each tile two panels wide: 12 integer and
@@ -117,8 +117,7 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
     m0: usize,
     out: &Output,
 ) {
-    let (span, spans) = (a.span, a.spans());
-    let blocks = a.padded_cols / BLOCK;
+    let (span, spans, blocks) = (a.span, a.spans(), a.blocks());
     let (panel_bytes, groups) = (w.panel_bytes(), w.groups_per_row());
     let low = _mm512_set1_epi8(0x0F);
     let mut acc = [[_mm512_setzero_ps(); P]; RN];
@@ -167,8 +166,9 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
                 min_lanes[p] = sixteen(mins, at);
             }
         }
+        let block = first_col / a.block;
         for (n, (row, ints)) in acc.iter_mut().zip(&ints).enumerate() {
-            let d = _mm512_set1_ps(a.scales[(m0 + n) * blocks + first_col / BLOCK]);
+            let d = _mm512_set1_ps(a.scales[(m0 + n) * blocks + block]);
             let sum = _mm512_set1_ps(if MINS { a.span_sums[(m0 + n) * spans + s] } else { 0.0 });
             for p in 0..P {
                 row[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints[p]), _mm512_mul_ps(scales[p], d), row[p]);

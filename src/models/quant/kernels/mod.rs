@@ -1,5 +1,8 @@
 //! `x · Wᵀ` for packed quantized weights on the CPU. Activations are quantized once per product
-//! to int8 in blocks of 32 with an f16 scale (llama.cpp's Q8_0); each weight panel (16 rows) is
+//! to int8 in blocks with an f16 scale: blocks of 32 (llama.cpp's Q8_0) for weights in groups
+//! of up to 32, blocks of 64 for coarser groups (MLX's usual 64; llama.cpp's K-quants likewise
+//! quantize activations in blocks of 256), so that one integer span covers a whole weight
+//! group and is scaled once; each weight panel (16 rows) is
 //! then read once per tile of activation rows and multiplied with integer dot products whose
 //! lanes are the panel's rows, scaled in f32 once per block. The instruction set is picked at run
 //! time: AVX-512 VNNI where the CPU has it, otherwise a portable kernel (any x86-64, arm64), so
@@ -22,8 +25,10 @@ use rayon::prelude::*;
 use super::half::HalfMatrix;
 use super::packed::{PackedMatrix, PANEL};
 
-/// Values per activation block (one int8 scale each).
-const BLOCK: usize = 32;
+/// Fewest values per activation block (one int8 scale each).
+const MIN_BLOCK: usize = 32;
+/// Most values per activation block.
+const MAX_BLOCK: usize = 64;
 /// Panels per task unit: tiles take up to four panels at once.
 const PANELS_PER_UNIT: usize = 4;
 
@@ -54,11 +59,13 @@ impl Kernel {
 pub(super) struct Activations {
     pub(super) rows: usize,
     pub(super) padded_cols: usize,
+    /// Values per block (one scale each).
+    pub(super) block: usize,
     /// Values per integer partial dot: a block, or a weight group when groups are finer.
     pub(super) span: usize,
     /// `[rows, padded_cols]` levels.
     pub(super) q: Vec<i8>,
-    /// `[rows, padded_cols / BLOCK]` block scales.
+    /// `[rows, padded_cols / block]` block scales.
     pub(super) scales: Vec<f32>,
     /// `[rows, padded_cols / span]`: `-zero_point · Σ levels` of each span, where a
     /// zero-point format's integer dot starts.
@@ -72,21 +79,23 @@ impl Activations {
     /// Quantizes `[rows, w.cols]` f32 values for products with `w`.
     pub(super) fn quantize(x: &[f32], rows: usize, w: &PackedMatrix) -> Self {
         let (cols, padded_cols) = (w.cols, w.padded_cols);
-        let span = w.spec.group.min(BLOCK);
+        let block = w.spec.group.clamp(MIN_BLOCK, MAX_BLOCK);
+        let span = w.spec.group.min(block);
         let spans = padded_cols / span;
         let mut a = Self {
             rows,
             padded_cols,
+            block,
             span,
             q: vec![0; rows * padded_cols],
-            scales: vec![0.0; rows * padded_cols / BLOCK],
+            scales: vec![0.0; rows * padded_cols / block],
             starts: vec![0; rows * spans],
             span_sums: vec![0.0; rows * spans],
         };
         let zero_point = i32::from(w.spec.zero_point.unwrap_or(0));
         a.q.par_chunks_exact_mut(padded_cols.max(1))
             .zip(x.par_chunks_exact(cols.max(1)))
-            .zip(a.scales.par_chunks_exact_mut((padded_cols / BLOCK).max(1)))
+            .zip(a.scales.par_chunks_exact_mut((padded_cols / block).max(1)))
             .zip(a.starts.par_chunks_exact_mut(spans.max(1)))
             .zip(a.span_sums.par_chunks_exact_mut(spans.max(1)))
             .with_min_len(8)
@@ -95,7 +104,7 @@ impl Activations {
                 for (s, part) in q.chunks_exact(span).enumerate() {
                     let levels: i32 = part.iter().map(|&v| v as i32).sum();
                     starts[s] = -zero_point * levels;
-                    sums[s] = scales[s * span / BLOCK] * levels as f32;
+                    sums[s] = scales[s * span / block] * levels as f32;
                 }
             });
         a
@@ -105,11 +114,23 @@ impl Activations {
     pub(super) fn spans(&self) -> usize {
         self.padded_cols / self.span
     }
+
+    /// Blocks per row.
+    pub(super) fn blocks(&self) -> usize {
+        self.padded_cols / self.block
+    }
+
+    /// The scale of the block holding column `k` of row `m`.
+    pub(super) fn scale(&self, m: usize, k: usize) -> f32 {
+        self.scales[m * self.blocks() + k / self.block]
+    }
 }
 
-/// One row of activations to int8 blocks: levels `q` and a scale per block.
+/// One row of activations to int8 blocks: levels `q` and a scale per block (of `q.len() /
+/// scales.len()` values).
 fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32]) {
-    for ((block, qb), scale) in src.chunks(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(scales.iter_mut()) {
+    let size = q.len() / scales.len();
+    for ((block, qb), scale) in src.chunks(size).zip(q.chunks_exact_mut(size)).zip(scales.iter_mut()) {
         let d = abs_max(block) / 127.0;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (l, &v) in qb.iter_mut().zip(block) {
@@ -281,7 +302,6 @@ mod tests {
         let a = Activations::quantize(x, rows, w);
         let mut levels = vec![0u8; w.padded_cols];
         let mut out = vec![0f64; rows * w.rows];
-        let blocks = w.padded_cols / BLOCK;
         for o in 0..w.rows {
             w.levels_of_row(o, &mut levels);
             for m in 0..rows {
@@ -289,7 +309,7 @@ mod tests {
                 for (k, &q) in levels.iter().enumerate().take(w.cols) {
                     let g = k / w.spec.group;
                     let weight = w.scale(o, g) as f64 * q as f64 + w.min(o, g) as f64;
-                    let act = a.q[m * w.padded_cols + k] as f64 * a.scales[m * blocks + k / BLOCK] as f64;
+                    let act = a.q[m * w.padded_cols + k] as f64 * a.scale(m, k) as f64;
                     y += weight * act;
                 }
                 out[m * w.rows + o] = y;

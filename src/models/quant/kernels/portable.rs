@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use super::{Activations, Output, BLOCK};
+use super::{Activations, Output};
 use crate::models::quant::half::HalfMatrix;
 use crate::models::quant::packed::PackedMatrix;
 
@@ -11,7 +11,6 @@ use crate::models::quant::packed::PackedMatrix;
 pub(super) fn product(w: &PackedMatrix, a: &Activations, range: Range<usize>, out: &Output) {
     let mut levels = vec![0u8; w.padded_cols];
     let (span, spans) = (a.span, a.spans());
-    let blocks = w.padded_cols / BLOCK;
     for o in range {
         w.levels_of_row(o, &mut levels);
         for m in 0..a.rows {
@@ -21,7 +20,7 @@ pub(super) fn product(w: &PackedMatrix, a: &Activations, range: Range<usize>, ou
                 let group = s * span / w.spec.group;
                 let dot: i32 = wl.iter().zip(al).map(|(&x, &y)| x as i32 * y as i32).sum();
                 let int = dot + a.starts[m * spans + s];
-                total += a.scales[m * blocks + s * span / BLOCK] * w.scale(o, group) * int as f32;
+                total += a.scale(m, s * span) * w.scale(o, group) * int as f32;
                 if w.mins.is_some() {
                     total += w.min(o, group) * a.span_sums[m * spans + s];
                 }
