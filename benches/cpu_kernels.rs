@@ -98,6 +98,9 @@ fn main() {
         smoke();
         return;
     }
+    // Words after `--` pick formats by name (`cargo bench --bench cpu_kernels -- F16 MLX`).
+    let picked: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wanted = |name: &str| picked.is_empty() || picked.iter().any(|p| name.contains(p.as_str()));
     let bandwidth = read_bandwidth();
     println!(
         "threads {}, kernel {:?}, read bandwidth {bandwidth:.1} GB/s",
@@ -118,7 +121,7 @@ fn main() {
         ("MLX 8-bit g64", spec(false, 64, None)),
     ];
     println!("format          rows  ms/pass   weight GB/s  of roofline  GMAC/s");
-    for (name, spec) in formats {
+    for (name, spec) in formats.into_iter().filter(|(name, _)| wanted(name)) {
         let layers: Vec<PackedMatrix> = (0..LAYERS)
             .flat_map(|l| {
                 LAYER_SHAPES
@@ -157,7 +160,9 @@ fn main() {
             );
         }
     }
-    half_rows(bandwidth);
+    if wanted("F16") {
+        half_rows(bandwidth);
+    }
 }
 
 /// The f16 kernel on the same shapes (2 bytes per weight).

@@ -17,6 +17,9 @@ const TILE_ACTS: usize = 6;
 /// Activation rows per cache chunk: each panel is reused across this many rows while they
 /// stay in cache.
 const CHUNK_ACTS: usize = 128;
+/// Bytes ahead of the current position in a panel that are prefetched: the hardware
+/// prefetchers alone leave decode tiles waiting on memory.
+const PREFETCH: usize = 8192;
 
 /// True when this CPU has the instructions.
 pub(super) fn available() -> bool {
@@ -134,7 +137,9 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
             for c in (first_col..first_col + span).step_by(8) {
                 for p in 0..P {
                     // In bounds: the panel holds padded_cols / 8 slices of 64 bytes.
-                    let x = _mm512_loadu_si512(w.values.as_ptr().add((p0 + p) * panel_bytes + c / 8 * 64).cast());
+                    let at = (p0 + p) * panel_bytes + c / 8 * 64;
+                    _mm_prefetch::<_MM_HINT_T0>(w.values.as_ptr().wrapping_add(at + PREFETCH).cast());
+                    let x = _mm512_loadu_si512(w.values.as_ptr().add(at).cast());
                     let lo = _mm512_and_si512(x, low);
                     let hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
                     for (n, row) in ints.iter_mut().enumerate() {
@@ -148,7 +153,9 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
             for c in (first_col..first_col + span).step_by(4) {
                 for p in 0..P {
                     // In bounds: the panel holds padded_cols / 4 slices of 64 bytes.
-                    let x = _mm512_loadu_si512(w.values.as_ptr().add((p0 + p) * panel_bytes + c / 4 * 64).cast());
+                    let at = (p0 + p) * panel_bytes + c / 4 * 64;
+                    _mm_prefetch::<_MM_HINT_T0>(w.values.as_ptr().wrapping_add(at + PREFETCH).cast());
+                    let x = _mm512_loadu_si512(w.values.as_ptr().add(at).cast());
                     for (n, row) in ints.iter_mut().enumerate() {
                         row[p] = _mm512_dpbusd_epi32(row[p], x, broadcast4(&a.q, (m0 + n) * a.padded_cols + c));
                     }

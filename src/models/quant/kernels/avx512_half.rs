@@ -12,6 +12,9 @@ use crate::models::quant::packed::PANEL;
 
 /// Activation rows per tile in the bulk of a batch.
 const TILE_ACTS: usize = 8;
+/// Values (4 KiB) ahead of the current column that are prefetched: the hardware prefetchers alone
+/// leave decode tiles waiting on memory.
+const PREFETCH: usize = 2048;
 
 /// True when this CPU has the instructions (AVX-512 F widens f16).
 fn available() -> bool {
@@ -71,6 +74,12 @@ unsafe fn tile<const P: usize, const RN: usize>(w: &HalfMatrix, x: &[f32], p0: u
     let mut acc = [[_mm512_setzero_ps(); P]; RN];
     for k in 0..cols {
         let mut lanes = [_mm512_setzero_ps(); P];
+        if k % 2 == 0 {
+            for p in 0..P {
+                let ahead = ((p0 + p) * cols + k) * PANEL + PREFETCH;
+                _mm_prefetch::<_MM_HINT_T0>(w.values.as_ptr().wrapping_add(ahead).cast());
+            }
+        }
         for (p, l) in lanes.iter_mut().enumerate() {
             // In bounds (asserted): panel p0 + p holds cols × 16 values.
             let at = ((p0 + p) * cols + k) * PANEL;
