@@ -5,12 +5,14 @@
 //! group and is scaled once; each weight panel (16 rows) is
 //! then read once per tile of activation rows and multiplied with integer dot products whose
 //! lanes are the panel's rows, scaled in f32 once per block. The instruction set is picked at run
-//! time: AVX-512 VNNI where the CPU has it, otherwise a portable kernel (any x86-64, arm64), so
-//! one binary runs everywhere.
+//! time: AVX-512 VNNI where the CPU has it, else AVX-VNNI or AVX2 (256-bit), else a portable
+//! kernel (any CPU, arm64 included), so one binary runs everywhere; `MLXD_CPU_KERNEL` pins one.
 //!
 //! Hand-written: no maintained Rust crate multiplies block-quantized weights with per-block
 //! scales (gemm and candle's quantized matmul treat a batch as repeated vector products).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 #[cfg(target_arch = "x86_64")]
@@ -37,21 +39,62 @@ const PANELS_PER_UNIT: usize = 4;
 pub enum Kernel {
     /// 512-bit integer dot products (`vpdpbusd`).
     Avx512Vnni,
+    /// 256-bit integer dot products (`vpdpbusd`, VEX-encoded).
+    AvxVnni,
+    /// 256-bit AVX2 (`vpmaddubsw` + `vpmaddwd`).
+    Avx2,
     /// Plain Rust, for any CPU.
     Portable,
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The kernel products use: the one `MLXD_CPU_KERNEL` names if this CPU runs it, else the
+    /// fastest this CPU runs. Chosen once per process.
     pub fn detect() -> Self {
         static CHOSEN: OnceLock<Kernel> = OnceLock::new();
         *CHOSEN.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if avx512::available() {
-                return Kernel::Avx512Vnni;
+            let available = Self::available();
+            let Ok(asked) = std::env::var("MLXD_CPU_KERNEL") else {
+                return available[0];
+            };
+            match available.iter().find(|k| k.name() == asked) {
+                Some(&kernel) => kernel,
+                None => {
+                    let names: Vec<&str> = available.iter().map(|k| k.name()).collect();
+                    tracing::warn!(%asked, ?names, "MLXD_CPU_KERNEL names no kernel this CPU runs; using the fastest");
+                    available[0]
+                }
             }
-            Kernel::Portable
         })
+    }
+
+    /// Every kernel this CPU runs, fastest first (the portable one last).
+    pub fn available() -> Vec<Self> {
+        let mut kernels = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx512::available() {
+                kernels.push(Kernel::Avx512Vnni);
+            }
+            if avx2::vnni_available() {
+                kernels.push(Kernel::AvxVnni);
+            }
+            if avx2::available() {
+                kernels.push(Kernel::Avx2);
+            }
+        }
+        kernels.push(Kernel::Portable);
+        kernels
+    }
+
+    /// The name `MLXD_CPU_KERNEL` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Avx512Vnni => "avx512vnni",
+            Kernel::AvxVnni => "avxvnni",
+            Kernel::Avx2 => "avx2",
+            Kernel::Portable => "portable",
+        }
     }
 }
 
@@ -201,6 +244,10 @@ pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) ->
     over_panels(w.panels, rows, w.rows, |panels, output| match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => avx512::product(w, &acts, panels, output),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::AvxVnni => avx2::product::<true>(w, &acts, panels, output),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx2 => avx2::product::<false>(w, &acts, panels, output),
         _ => portable::product(
             w,
             &acts,
@@ -228,6 +275,8 @@ pub fn half_product_with(kernel: Kernel, w: &HalfMatrix, x: &[f32], rows: usize)
     over_panels(w.panels, rows, w.rows, |panels, output| match kernel {
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx512Vnni => avx512_half::product(w, x, rows, panels, output),
+        #[cfg(target_arch = "x86_64")]
+        Kernel::AvxVnni | Kernel::Avx2 => avx2::half_product(w, x, rows, panels, output),
         _ => portable::half_product(
             w,
             x,
@@ -336,10 +385,7 @@ mod tests {
 
     #[test]
     fn every_kernel_computes_the_exact_blockwise_product() {
-        let mut kernels = vec![Kernel::Portable];
-        if Kernel::detect() != Kernel::Portable {
-            kernels.push(Kernel::detect());
-        }
+        let kernels = Kernel::available();
         for (spec, cols) in specs() {
             for out_rows in [1, 6, 17, 70] {
                 let w = matrix(out_rows, cols, spec);
@@ -428,10 +474,7 @@ mod tests {
     #[test]
     fn f16_kernels_multiply_f16_weights_with_f16_rounded_activations() {
         use ::half::f16;
-        let mut kernels = vec![Kernel::Portable];
-        if Kernel::detect() != Kernel::Portable {
-            kernels.push(Kernel::detect());
-        }
+        let kernels = Kernel::available();
         for (out_rows, cols) in [(1, 8), (17, 96), (70, 40)] {
             let values: Vec<f16> = (0..out_rows * cols).map(|i| f16::from_f32(noise(i) - 0.5)).collect();
             let w = HalfMatrix::from_row_major(&values, out_rows, cols).expect("packs");
