@@ -1,15 +1,16 @@
 //! The prefix cache's disk tier, engine by engine: blocks written by one engine are read back by
 //! the next one on the same directory (a restart), and outputs with disk hits equal the outputs
-//! computed from scratch, for every fixture family; a corrupt block file and another model's
-//! directory are misses, never wrong output.
+//! computed from scratch, for every fixture family; a corrupt block file, another model's
+//! directory and blocks computed in another dtype are misses, never wrong output.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
+use candle_core::DType;
 use common::{codec, engine_config, read_json, shared, token_request};
 use mlxd::engine::kv_disk::KvDiskConfig;
-use mlxd::engine::{EngineHandle, TokenEvent};
+use mlxd::engine::{EngineConfig, EngineHandle, TokenEvent};
 use mlxd::request::{SamplingParams, Usage};
 
 /// A fresh directory for one test.
@@ -33,18 +34,29 @@ fn long_prompt(arch: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Greedy tokens and usage of one request on a fresh engine over `dir`, which is then shut
-/// down (flushing the disk tier); also the engine's disk hits in tokens.
-async fn run_once(model: &Path, dir: &Path, prompt: &[u32]) -> (Vec<u32>, Usage, f64) {
+/// The test engine settings for `model` with its disk tier in `dir`.
+fn disk_config(model: &Path, dir: &Path) -> EngineConfig {
     let mut cfg = engine_config(model);
     cfg.kv_disk = Some(KvDiskConfig {
         dir: dir.to_path_buf(),
         max_bytes: 1 << 30,
     });
+    cfg
+}
+
+/// Greedy tokens and usage of one request on a fresh engine over `dir`, which is then shut
+/// down (flushing the disk tier); also the engine's disk hits in tokens.
+async fn run_once(model: &Path, dir: &Path, prompt: &[u32]) -> (Vec<u32>, Usage, f64) {
+    run_with(disk_config(model, dir), prompt).await
+}
+
+/// `run_once` with any settings.
+async fn run_with(cfg: EngineConfig, prompt: &[u32]) -> (Vec<u32>, Usage, f64) {
+    let model = cfg.model_path.clone();
     let (engine, join) = EngineHandle::spawn(cfg).expect("engine");
     let request = token_request(
         &engine,
-        &codec(model),
+        &codec(&model),
         prompt.to_vec(),
         SamplingParams::greedy(),
         8,
@@ -130,5 +142,31 @@ async fn corrupt_files_and_other_models_are_misses() {
     let other = shared("fixtures/llama/f32");
     let (_, usage, hits) = run_once(&other, &dir, &long_prompt("llama")).await;
     assert_eq!((usage.cached_tokens, hits), (0, 0.0));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_computed_in_another_dtype_are_misses() {
+    // The same weights and the same f16 cache, computed in f32 and then in f16: the KV values
+    // differ, so the second engine must not read the first one's blocks. (Only the CPU reads a
+    // KV dtype other than its compute dtype.)
+    if !common::test_device().is_cpu() {
+        return;
+    }
+    let model = shared("fixtures/qwen2/f32");
+    let dir = disk_dir("dtypes");
+    let prompt = long_prompt("qwen2");
+    let config = |dtype| {
+        let mut cfg = disk_config(&model, &dir);
+        cfg.dtype = Some(dtype);
+        cfg.kv_dtype = Some(DType::F16);
+        cfg
+    };
+    run_with(config(DType::F32), &prompt).await;
+    let (_, usage, hits) = run_with(config(DType::F16), &prompt).await;
+    assert_eq!((usage.cached_tokens, hits), (0, 0.0));
+    // The first setting still finds its own.
+    let (_, usage, _) = run_with(config(DType::F32), &prompt).await;
+    assert_eq!(usage.cached_tokens as usize, (prompt.len() - 1) / 16 * 16);
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

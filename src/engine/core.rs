@@ -193,8 +193,9 @@ impl EngineCore {
         // Prefix-cache entries (in memory and on disk) are only valid for the same weights
         // computed the same way, by the same version, in the same block layout.
         let salt_source = format!(
-            "{}|{:?}|{}|{}",
+            "{}|{:?}|{:?}|{}|{}",
             info.model.weights.digest,
+            info.model.dtype,
             kv_dtype,
             cfg.block_size,
             env!("CARGO_PKG_VERSION")
