@@ -414,10 +414,12 @@ fn model_loader(cfg: Config) -> Loader {
             .or_else(|| mlxd::models::pooling::declared_pooling(&entry.path))
             .unwrap_or_default();
         let info = served.engine.info();
+        let cpu_kernel = (info.device == "cpu").then(|| mlxd::models::quant::kernels::Kernel::detect().name());
         tracing::info!(
             model = %entry.name,
             architecture = %info.model.architecture,
             device = %info.device,
+            cpu_kernel = cpu_kernel.unwrap_or("-"),
             dtype = ?info.model.dtype,
             kv_dtype = ?info.kv_dtype,
             params = %mlxd::models::parameter_size(info.model.num_params),

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Activations, Output, PANELS_PER_UNIT};
+use super::{check_units, Activations, Output};
 use crate::models::quant::half::HalfMatrix;
 use crate::models::quant::packed::{PackedMatrix, Params, PANEL};
 
@@ -44,12 +44,7 @@ pub(super) fn product<const VNNI: bool>(w: &PackedMatrix, a: &Activations, panel
         if VNNI { vnni_available() } else { available() },
         "the 256-bit kernel needs AVX2, FMA and F16C (and AVX-VNNI for its VNNI form)"
     );
-    assert!(
-        panels.start.is_multiple_of(PANELS_PER_UNIT)
-            && panels.len().is_multiple_of(PANELS_PER_UNIT)
-            && panels.end <= w.panels,
-        "panel ranges come in whole units of the matrix"
-    );
+    check_units(&panels, w.panels);
     // SAFETY: the instructions are present (asserted above); every load stays inside the
     // matrix's panels and the activation buffers, every store inside the output (see `tile`).
     unsafe {
@@ -250,7 +245,7 @@ unsafe fn store_tile<const RN: usize>(acc: &[[__m256; 2]; RN], p: usize, m0: usi
 /// cols]`).
 pub(super) fn half_product(w: &HalfMatrix, x: &[f32], rows: usize, panels: Range<usize>, out: &Output) {
     assert!(available(), "the 256-bit f16 kernel needs AVX2, FMA and F16C");
-    assert!(panels.end <= w.panels, "panels of the matrix");
+    check_units(&panels, w.panels);
     assert_eq!(x.len(), rows * w.cols, "activations are [rows, cols]");
     // SAFETY: the instructions are present (asserted above); loads stay inside the panels and
     // `x`, stores inside the output (see `half_tile`).

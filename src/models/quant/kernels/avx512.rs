@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Activations, Output, PANELS_PER_UNIT};
+use super::{check_units, Activations, Output, PANELS_PER_UNIT};
 use crate::models::quant::packed::{PackedMatrix, Params, PANEL};
 
 /// Activation rows per tile in the bulk of a batch, each tile two panels wide: 12 integer and
@@ -31,12 +31,7 @@ pub(super) fn available() -> bool {
 /// Products for the output columns of `panels` (16 weight rows each), every activation row.
 pub(super) fn product(w: &PackedMatrix, a: &Activations, panels: Range<usize>, out: &Output) {
     assert!(available(), "the AVX-512 VNNI kernel needs AVX-512 F, BW and VNNI");
-    assert!(
-        panels.start.is_multiple_of(PANELS_PER_UNIT)
-            && panels.len().is_multiple_of(PANELS_PER_UNIT)
-            && panels.end <= w.panels,
-        "panel ranges come in whole units of the matrix"
-    );
+    check_units(&panels, w.panels);
     // SAFETY: the instructions are present (asserted above); every load stays inside the
     // matrix's panels and the activation buffers, every store inside the output (see `tile`).
     unsafe {

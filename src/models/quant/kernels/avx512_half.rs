@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::avx512::store_tile;
-use super::{Output, PANELS_PER_UNIT};
+use super::{check_units, Output, PANELS_PER_UNIT};
 use crate::models::quant::half::HalfMatrix;
 use crate::models::quant::packed::PANEL;
 
@@ -24,12 +24,7 @@ fn available() -> bool {
 /// Products for the output columns of `panels`, every activation row of `x` (`[rows, cols]`).
 pub(super) fn product(w: &HalfMatrix, x: &[f32], rows: usize, panels: Range<usize>, out: &Output) {
     assert!(available(), "the f16 kernel needs AVX-512 F");
-    assert!(
-        panels.start.is_multiple_of(PANELS_PER_UNIT)
-            && panels.len().is_multiple_of(PANELS_PER_UNIT)
-            && panels.end <= w.panels,
-        "panel ranges come in whole units of the matrix"
-    );
+    check_units(&panels, w.panels);
     assert_eq!(x.len(), rows * w.cols, "activations are [rows, cols]");
     // SAFETY: AVX-512 F is present (asserted above); loads stay inside the panels and `x`, stores
     // inside the output (see `tile`).

@@ -287,6 +287,17 @@ pub fn half_product_with(kernel: Kernel, w: &HalfMatrix, x: &[f32], rows: usize)
     })
 }
 
+/// Checks that `panels` is a range of whole task units inside a matrix of `total` panels, as
+/// `over_panels` hands them out: the kernels' loads rely on it.
+fn check_units(panels: &Range<usize>, total: usize) {
+    assert!(
+        panels.start.is_multiple_of(PANELS_PER_UNIT)
+            && panels.len().is_multiple_of(PANELS_PER_UNIT)
+            && panels.end <= total,
+        "panel ranges come in whole units of the matrix"
+    );
+}
+
 /// A `[rows, cols]` output computed by tasks that each own a range of whole panel units
 /// (`run(panels, output)` writes every column of its panels for every row).
 fn over_panels(panels: usize, rows: usize, cols: usize, run: impl Fn(Range<usize>, &Output) + Sync) -> Vec<f32> {
