@@ -1,8 +1,11 @@
 //! f32 element-wise work on the CPU that candle would run as several passes over memory (and
-//! with libm's scalar exp): the MLP's SiLU·up in one parallel pass, and the exp the compiler
-//! vectorizes that it and the CPU attention use.
+//! with libm's scalar exp): the MLP's SiLU·up in one parallel pass, the softmax numerators of
+//! the CPU attention, and the exp the compiler vectorizes that both use. The loops are
+//! compiled for each SIMD level and picked at run time (`multiversion`), so a binary built for
+//! baseline x86-64 still runs them in AVX2 or AVX-512.
 
 use candle_core::{DType, Result, Storage, Tensor};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Elements per parallel task (a decode step's few rows stay on one thread).
@@ -40,13 +43,41 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         .for_each(|(task, chunk)| {
             for (i, out_row) in chunk.chunks_exact_mut(cols).enumerate() {
                 let row = task * rows_per_task + i;
-                for ((o, &x), &y) in out_row.iter_mut().zip(g.row(row)).zip(u.row(row)) {
-                    *o = x / (1.0 + exp((-x).min(88.0))) * y;
-                }
+                silu_mul_row(out_row, g.row(row), u.row(row));
             }
         });
     drop((gate_storage, up_storage));
     Ok(Some(Tensor::from_vec(out, (rows, cols), gate.device())?))
+}
+
+/// `out = silu(gate) · up` element by element, compiled for each SIMD level and chosen at run
+/// time (a build for baseline x86-64 would not vectorize it).
+#[multiversion(targets = "simd")]
+fn silu_mul_row(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &x), &y) in out.iter_mut().zip(gate).zip(up) {
+        *o = x / (1.0 + exp((-x).min(88.0))) * y;
+    }
+}
+
+/// Replaces every value `x` by `exp(x - shift)` and returns their sum: the numerators of a
+/// softmax whose running max is `shift`. Compiled for each SIMD level, chosen at run time.
+#[multiversion(targets = "simd")]
+pub fn exp_shifted_sum(values: &mut [f32], shift: f32) -> f32 {
+    // Sixteen independent partial sums, so the loop vectorizes.
+    let mut lanes = [0f32; 16];
+    let mut chunks = values.chunks_exact_mut(16);
+    for chunk in &mut chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *x = exp(*x - shift);
+            *lane += *x;
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp(*x - shift);
+        tail += *x;
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 /// Rows of a 2-D view: `cols` values each, `stride` apart from `start`.
@@ -108,6 +139,25 @@ mod tests {
             assert!((got - want).abs() <= 3e-7 * want + 1e-37, "e^{x}: {got} vs {want}");
         }
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn softmax_numerators_and_their_sum_match_the_library_exp() {
+        // Lengths below, at and past the 16 lanes, with a tail.
+        for n in [1, 15, 16, 37, 64] {
+            let values: Vec<f32> = (0..n).map(|i| (i * 37 % 23) as f32 / 3.0 - 4.0).collect();
+            let mut got = values.clone();
+            let sum = exp_shifted_sum(&mut got, 2.5);
+            let want: Vec<f32> = values.iter().map(|x| (x - 2.5).exp()).collect();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 3e-7 * w, "{n}: {g} vs {w}");
+            }
+            let want_sum: f32 = want.iter().sum();
+            assert!(
+                (sum - want_sum).abs() <= 1e-6 * want_sum,
+                "{n}: sum {sum} vs {want_sum}"
+            );
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::{AttentionOpts, HeadDims, SlotWriter};
 use crate::models::batch::BatchInput;
-use crate::models::host_ops::exp;
+use crate::models::host_ops::{exp, exp_shifted_sum};
 use crate::models::paged_kv::LayerKv;
 
 /// Queries per work item (times the query heads of one KV head).
@@ -272,8 +272,7 @@ impl<T: KvElement> Cache<'_, T> {
                     let tile_max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
                     let new_max = max[row].max(tile_max);
                     let keep = exp(max[row] - new_max);
-                    visible.iter_mut().for_each(|x| *x = exp(*x - new_max));
-                    sum[row] = sum[row] * keep + visible.iter().sum::<f32>();
+                    sum[row] = sum[row] * keep + exp_shifted_sum(visible, new_max);
                     max[row] = new_max;
                     probs[..a - tile].fill(0.0);
                     probs[b - tile + 1..].fill(0.0);

@@ -22,6 +22,7 @@ mod portable;
 use std::ops::Range;
 use std::sync::OnceLock;
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::half::HalfMatrix;
@@ -170,7 +171,9 @@ impl Activations {
 }
 
 /// One row of activations to int8 blocks: levels `q` and a scale per block (of `q.len() /
-/// scales.len()` values).
+/// scales.len()` values). Compiled for each SIMD level and chosen at run time, like the
+/// kernels: a build for baseline x86-64 would otherwise round with a libm call per value.
+#[multiversion(targets = "simd")]
 fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32]) {
     let size = q.len() / scales.len();
     for ((block, qb), scale) in src.chunks(size).zip(q.chunks_exact_mut(size)).zip(scales.iter_mut()) {
@@ -187,6 +190,7 @@ fn quantize_row(src: &[f32], q: &mut [i8], scales: &mut [f32]) {
 }
 
 /// The largest magnitude in `v`, with independent lanes (vectorizes; NaN is ignored).
+#[inline(always)]
 fn abs_max(v: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let chunks = v.chunks_exact(8);
