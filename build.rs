@@ -1,4 +1,4 @@
-//! Compiles mlxd's own CUDA kernels (`src/models/cuda/kernels.cu`) to PTX when the `cuda`
+//! Compiles mlxd's own CUDA kernels (`src/compute/cuda/kernels.cu`) to PTX when the `cuda`
 //! feature is on, with candle's kernel builder (nvcc from CUDA_ROOT / PATH, the GPU generation
 //! from CUDA_COMPUTE_CAP). Without the feature there is nothing to build.
 
@@ -8,12 +8,12 @@ fn main() {
     {
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
         cudaforge::KernelBuilder::new()
-            .source_files(["src/models/cuda/kernels.cu"])
+            .source_files(["src/compute/cuda/kernels.cu"])
             .arg("--expt-relaxed-constexpr")
             .arg("-std=c++17")
             .arg("-O3")
             .build_ptx()
             .and_then(|ptx| ptx.write(out.join("ptx.rs")))
-            .expect("compiling src/models/cuda/kernels.cu with nvcc");
+            .expect("compiling src/compute/cuda/kernels.cu with nvcc");
     }
 }

@@ -12,8 +12,8 @@ mod common;
 use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
-use mlxd::models::attention::{attend, AttentionMeta, AttentionOpts, HeadDims};
-use mlxd::models::paged_kv::LayerKv;
+use mlxd::compute::attention::{attend, AttentionMeta, AttentionOpts, HeadDims};
+use mlxd::compute::paged_kv::LayerKv;
 use mlxd::models::BatchInput;
 
 use common::best;

@@ -13,9 +13,9 @@ mod common;
 use std::hint::black_box;
 
 use common::best;
-use mlxd::models::quant::half::HalfMatrix;
-use mlxd::models::quant::kernels::{half_product_with, product_with, Kernel};
-use mlxd::models::quant::packed::{PackSpec, PackedMatrix};
+use mlxd::compute::cpu::half::HalfMatrix;
+use mlxd::compute::cpu::kernels::{half_product_with, product_with, Kernel};
+use mlxd::compute::cpu::packed::{PackSpec, PackedMatrix};
 use rayon::prelude::*;
 
 const HIDDEN: usize = 896;

@@ -6,9 +6,11 @@
 
 pub mod bench;
 pub mod catalog;
+pub mod compute;
 pub mod config;
 pub mod device;
 pub mod engine;
+pub mod formats;
 pub mod models;
 pub mod output;
 pub mod request;

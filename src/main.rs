@@ -411,10 +411,10 @@ fn model_loader(cfg: Config) -> Loader {
         served.pooling = cfg
             .server
             .pooling
-            .or_else(|| mlxd::models::pooling::declared_pooling(&entry.path))
+            .or_else(|| mlxd::formats::pooling::declared_pooling(&entry.path))
             .unwrap_or_default();
         let info = served.engine.info();
-        let cpu_kernel = (info.device == "cpu").then(|| mlxd::models::quant::kernels::Kernel::detect().name());
+        let cpu_kernel = (info.device == "cpu").then(|| mlxd::compute::cpu::kernels::Kernel::detect().name());
         tracing::info!(
             model = %entry.name,
             architecture = %info.model.architecture,

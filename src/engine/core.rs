@@ -673,7 +673,7 @@ impl EngineCore {
                 row
             })
             .collect();
-        let samples = models::fused::sample_rows(logits, &rows)?
+        let samples = crate::compute::fused::sample_rows(logits, &rows)?
             .ok_or_else(|| EngineError::StepFailed("the device sampler did not run".into()))?;
         Ok(samples
             .into_iter()

@@ -6,13 +6,13 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
-use super::batch::BatchInput;
 use super::config::{HfConfig, LayerType, RopeConfig};
-use super::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
-use super::paged_kv::{LayerKv, PagedKvCache};
-use super::source::WeightSource;
 use super::{LoadError, LoadProgress, Model, ModelConfig};
+use crate::compute::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
+use crate::compute::batch::BatchInput;
+use crate::compute::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
+use crate::compute::paged_kv::{LayerKv, PagedKvCache};
+use crate::formats::source::WeightSource;
 
 /// Where a layer's norms sit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,31 +3,18 @@
 //! Owner: the engine thread. Models are stateless (`&self`): KV lives in `PagedKvCache` and
 //! positions come from `BatchInput`, so one model serves any mix of sequences.
 
-pub mod attention;
-pub mod batch;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
 pub mod decoder;
-pub mod fused;
 pub mod gemma3;
-pub mod gguf;
-pub mod host_ops;
-pub mod layers;
 pub mod llama;
-pub mod paged_kv;
 pub mod phi3;
-pub mod pooling;
-pub mod quant;
-pub mod source;
-pub mod weights;
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-pub use batch::{BatchInput, FixedDecode};
-pub use paged_kv::{KvLayout, PagedKvCache};
+pub use crate::compute::batch::{BatchInput, FixedDecode};
+pub use crate::compute::paged_kv::{KvLayout, PagedKvCache};
 
 /// Why a model folder could not be loaded; every variant names the file or feature involved.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +74,7 @@ pub struct ModelConfig {
     /// `model_type` from config.json (the family, e.g. `llama`).
     pub model_type: String,
     /// What the weight files are (format, dtype, size, digest).
-    pub weights: weights::WeightsSummary,
+    pub weights: crate::formats::weights::WeightsSummary,
     /// config.json as loaded, for APIs that report architecture details.
     pub hf_config: serde_json::Value,
 }
@@ -169,7 +156,7 @@ pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress)
     let (cfg, raw_config, weights, summary) = open_hf(path)?;
     check_quantization_supported(&raw_config)?;
     let model_config = model_config(&cfg, dtype, weights.num_params(), summary, raw_config);
-    let vb = source::WeightSource::Hf(weights.var_builder(dtype, device)?);
+    let vb = crate::formats::source::WeightSource::Hf(weights.var_builder(dtype, device)?);
     let spec = family_spec(&cfg, &vb)?;
     let model = decoder::Decoder::load(vb, &spec, model_config, progress).map_err(|e| LoadError::Malformed {
         file: weights.describe(),
@@ -191,7 +178,7 @@ pub struct ModelSummary {
     /// Context length.
     pub max_position_embeddings: usize,
     /// Format, dtype, size, digest of the weights.
-    pub weights: weights::WeightsSummary,
+    pub weights: crate::formats::weights::WeightsSummary,
 }
 
 /// Describes the model at `path` (a Hugging Face folder or a GGUF file) from its headers.
@@ -242,8 +229,8 @@ fn open_hf(
     (
         config::HfConfig,
         serde_json::Value,
-        weights::WeightFiles,
-        weights::WeightsSummary,
+        crate::formats::weights::WeightFiles,
+        crate::formats::weights::WeightsSummary,
     ),
     LoadError,
 > {
@@ -251,7 +238,7 @@ fn open_hf(
     let text = read_text(&config_path, "model configuration")?;
     let cfg = config::HfConfig::parse(&text, &config_path.display().to_string())?;
     let raw: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let files = weights::WeightFiles::open(dir, raw.get("quantization").filter(|q| q.is_object()))?;
+    let files = crate::formats::weights::WeightFiles::open(dir, raw.get("quantization").filter(|q| q.is_object()))?;
     let summary = files.summary(&text)?;
     Ok((cfg, raw, files, summary))
 }
@@ -263,20 +250,20 @@ fn open_gguf(
     device: &Device,
 ) -> Result<
     (
-        std::sync::Arc<gguf::GgufStore>,
+        std::sync::Arc<crate::formats::gguf::GgufStore>,
         config::HfConfig,
         serde_json::Value,
-        weights::WeightsSummary,
+        crate::formats::weights::WeightsSummary,
     ),
     LoadError,
 > {
-    let store = std::sync::Arc::new(gguf::GgufStore::open(path, DType::F32, device)?);
+    let store = std::sync::Arc::new(crate::formats::gguf::GgufStore::open(path, DType::F32, device)?);
     let raw = store.hf_config()?;
     let cfg: config::HfConfig = serde_json::from_value(raw.clone()).map_err(|e| LoadError::Malformed {
         file: path.display().to_string(),
         reason: format!("metadata does not describe a supported model: {e}"),
     })?;
-    let summary = weights::WeightsSummary::of_gguf(path, &store).map_err(|source| LoadError::Io {
+    let summary = crate::formats::weights::WeightsSummary::of_gguf(path, &store).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -291,7 +278,7 @@ fn load_gguf(path: &Path, device: &Device, progress: &LoadProgress) -> Result<Bo
         reason: e.to_string(),
     };
     let model_config = model_config(&cfg, dtype, store.num_params(), summary, raw_config);
-    let src = source::WeightSource::Gguf {
+    let src = crate::formats::source::WeightSource::Gguf {
         store: store.clone(),
         path: String::new(),
     };
@@ -312,7 +299,7 @@ fn model_config(
     cfg: &config::HfConfig,
     dtype: DType,
     num_params: usize,
-    weights: weights::WeightsSummary,
+    weights: crate::formats::weights::WeightsSummary,
     hf_config: serde_json::Value,
 ) -> ModelConfig {
     ModelConfig {
@@ -338,7 +325,10 @@ fn model_config(
 }
 
 /// The decoder spec of a config's architecture.
-fn family_spec(cfg: &config::HfConfig, src: &source::WeightSource) -> Result<decoder::DecoderSpec, LoadError> {
+fn family_spec(
+    cfg: &config::HfConfig,
+    src: &crate::formats::source::WeightSource,
+) -> Result<decoder::DecoderSpec, LoadError> {
     let arch = cfg
         .architectures
         .first()

@@ -8,7 +8,7 @@ use super::LoadError;
 /// The decoder spec of a Phi-3 config.
 pub fn spec(cfg: &HfConfig) -> Result<DecoderSpec, LoadError> {
     let base = DecoderSpec::base(cfg, false)?.with_uniform_sliding_window(cfg);
-    let mlp = super::layers::MlpSpec {
+    let mlp = crate::compute::layers::MlpSpec {
         fused_gate_up: true,
         ..base.mlp
     };

@@ -16,8 +16,9 @@ use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::compute::cuda;
 use crate::engine::batch::HostBatch;
-use crate::models::{cuda, BatchInput, FixedDecode, Model, PagedKvCache};
+use crate::models::{BatchInput, FixedDecode, Model, PagedKvCache};
 
 /// Batch sizes with a graph of their own; a batch runs in the smallest that holds it.
 const BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];

@@ -17,7 +17,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::json;
 
-use super::LoadError;
+use crate::models::LoadError;
 
 /// An open GGUF file.
 pub struct GgufStore {

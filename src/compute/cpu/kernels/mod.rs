@@ -327,7 +327,7 @@ fn over_panels(panels: usize, rows: usize, cols: usize, run: impl Fn(Range<usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::quant::packed::{Levels, PackSpec};
+    use crate::compute::cpu::packed::{Levels, PackSpec};
 
     /// A pseudo-random value in [0, 1) from an index.
     fn noise(i: usize) -> f32 {
@@ -448,7 +448,7 @@ mod tests {
 
     #[test]
     fn parameters_that_f16_holds_exactly_are_kept_as_f16() {
-        use crate::models::quant::packed::Params;
+        use crate::compute::cpu::packed::Params;
         let kinds: Vec<bool> = specs()
             .into_iter()
             .map(|(spec, cols)| matches!(matrix(4, cols, spec).scales, Params::F16(_)))

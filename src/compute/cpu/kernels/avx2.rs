@@ -9,8 +9,8 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{check_units, Activations, Output};
-use crate::models::quant::half::HalfMatrix;
-use crate::models::quant::packed::{PackedMatrix, Params, PANEL};
+use crate::compute::cpu::half::HalfMatrix;
+use crate::compute::cpu::packed::{PackedMatrix, Params, PANEL};
 
 /// Weight rows per 256-bit register (half a panel).
 const HALF: usize = PANEL / 2;

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
-use super::config::RopeConfig;
+use super::cpu::host_ops;
+use super::cpu::HostMatrix;
 use super::fused;
-use super::host_ops;
-use super::quant::mlx::MlxWeights;
-use super::quant::HostMatrix;
-use super::runs_kernels;
-use super::source::WeightSource;
+use crate::formats::mlx::MlxWeights;
+use crate::formats::source::WeightSource;
+use crate::models::config::RopeConfig;
+use crate::models::runs_kernels;
 
 /// A linear layer `y = x Wᵀ + b`. An enum so quantized weight formats slot in beside the dense
 /// one without changing model code.

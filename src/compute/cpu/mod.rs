@@ -2,10 +2,9 @@
 //! into one layout (`packed`) and f16 into another (`half`), both multiplied by the
 //! weight-stationary kernels of `kernels`; `mlx` and `ggml` decode the file formats.
 
-pub mod ggml;
 pub mod half;
+pub mod host_ops;
 pub mod kernels;
-pub mod mlx;
 pub mod packed;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -35,7 +34,7 @@ impl HostMatrix {
                 .collect();
             return Ok(Some(Self::Half(HalfMatrix::from_row_major(&values, rows, cols)?)));
         }
-        Ok(ggml::pack(q)?.map(Self::Blocks))
+        Ok(crate::formats::ggml::pack(q)?.map(Self::Blocks))
     }
 
     /// A dense `[rows, cols]` f32 CPU matrix as f16 panels, when f16 holds its values

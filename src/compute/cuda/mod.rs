@@ -20,9 +20,9 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, Devic
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 
+use super::batch::BatchInput;
 use super::fused::{DeviceSample, DeviceSampleRow};
 use super::paged_kv::LayerKv;
-use super::BatchInput;
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));

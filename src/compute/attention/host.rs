@@ -12,9 +12,9 @@ use half::{bf16, f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use super::{AttentionOpts, HeadDims, SlotWriter};
-use crate::models::batch::BatchInput;
-use crate::models::host_ops::{exp, exp_shifted_sum};
-use crate::models::paged_kv::LayerKv;
+use crate::compute::batch::BatchInput;
+use crate::compute::cpu::host_ops::{exp, exp_shifted_sum};
+use crate::compute::paged_kv::LayerKv;
 
 /// Queries per work item (times the query heads of one KV head).
 const QUERY_BLOCK: usize = 16;

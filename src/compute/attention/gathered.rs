@@ -13,8 +13,8 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{AttentionOpts, HeadDims, SlotWriter};
-use crate::models::batch::BatchInput;
-use crate::models::paged_kv::LayerKv;
+use crate::compute::batch::BatchInput;
+use crate::compute::paged_kv::LayerKv;
 
 /// What one sequence sees under one window setting.
 #[derive(Debug)]

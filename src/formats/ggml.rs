@@ -6,7 +6,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 use half::f16;
 
-use super::packed::{Levels, PackSpec, PackedMatrix};
+use crate::compute::cpu::packed::{Levels, PackSpec, PackedMatrix};
 
 /// How a ggml type decodes: values and bytes per block, and the packed form of its levels.
 #[derive(Clone, Copy, Debug)]

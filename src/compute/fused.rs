@@ -56,10 +56,12 @@ pub struct DeviceSample {
 mod imp {
     use candle_core::{Result, Tensor};
 
-    use crate::models::attention::{AttentionOpts, HeadDims, Projected};
-    use crate::models::layers::RotaryAtPositions;
-    use crate::models::paged_kv::LayerKv;
-    use crate::models::{cuda, runs_kernels, BatchInput};
+    use crate::compute::attention::{AttentionOpts, HeadDims, Projected};
+    use crate::compute::batch::BatchInput;
+    use crate::compute::cuda;
+    use crate::compute::layers::RotaryAtPositions;
+    use crate::compute::paged_kv::LayerKv;
+    use crate::models::runs_kernels;
 
     /// `(x + delta, rms_norm(x + delta) · weight)` (weight f32; `x` itself without a delta) in
     /// one kernel, or None.
@@ -149,10 +151,10 @@ mod imp {
 mod imp {
     use candle_core::{Result, Tensor};
 
-    use crate::models::attention::{AttentionOpts, HeadDims, Projected};
-    use crate::models::layers::RotaryAtPositions;
-    use crate::models::paged_kv::LayerKv;
-    use crate::models::BatchInput;
+    use crate::compute::attention::{AttentionOpts, HeadDims, Projected};
+    use crate::compute::batch::BatchInput;
+    use crate::compute::layers::RotaryAtPositions;
+    use crate::compute::paged_kv::LayerKv;
 
     /// No kernels in this build: always None.
     pub fn add_rms_norm(_: &Tensor, _: Option<&Tensor>, _: &Tensor, _: f32) -> Result<Option<(Tensor, Tensor)>> {

@@ -4,8 +4,8 @@
 use std::ops::Range;
 
 use super::{Activations, Output};
-use crate::models::quant::half::HalfMatrix;
-use crate::models::quant::packed::PackedMatrix;
+use crate::compute::cpu::half::HalfMatrix;
+use crate::compute::cpu::packed::PackedMatrix;
 
 /// Products for output columns (weight rows) `range`, every activation row.
 pub(super) fn product(w: &PackedMatrix, a: &Activations, range: Range<usize>, out: &Output) {

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::{check_units, Activations, Output, PANELS_PER_UNIT};
-use crate::models::quant::packed::{PackedMatrix, Params, PANEL};
+use crate::compute::cpu::packed::{PackedMatrix, Params, PANEL};
 
 /// Activation rows per tile in the bulk of a batch, each tile two panels wide: 12 integer and
 /// 12 float accumulators, and two weight loads serve 12 broadcast activations.

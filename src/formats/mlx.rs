@@ -9,7 +9,7 @@ use candle_core::{DType, Result};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::packed::{PackSpec, PackedMatrix};
+use crate::compute::cpu::packed::{PackSpec, PackedMatrix};
 
 /// One quantized matrix `[out_dim, in_dim]`.
 #[derive(Debug, Clone)]

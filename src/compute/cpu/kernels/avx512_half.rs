@@ -7,8 +7,8 @@ use std::ops::Range;
 
 use super::avx512::store_tile;
 use super::{check_units, Output, PANELS_PER_UNIT};
-use crate::models::quant::half::HalfMatrix;
-use crate::models::quant::packed::PANEL;
+use crate::compute::cpu::half::HalfMatrix;
+use crate::compute::cpu::packed::PANEL;
 
 /// Activation rows per tile in the bulk of a batch.
 const TILE_ACTS: usize = 8;
