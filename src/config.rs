@@ -201,7 +201,7 @@ impl Config {
             )));
         }
         for (name, value) in [("dtype", &self.engine.dtype), ("kv_dtype", &self.engine.kv_dtype)] {
-            if value != "auto" && crate::models::parse_dtype(value).is_none() {
+            if value != "auto" && crate::device::parse_dtype(value).is_none() {
                 return Err(ConfigError(format!("{name} `{value}` (use auto, f32, f16 or bf16)")));
             }
         }

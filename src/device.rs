@@ -220,6 +220,16 @@ pub fn release_freed_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn release_freed_memory() {}
 
+/// Parses a dtype name as used on the command line and in config files.
+pub fn parse_dtype(name: &str) -> Option<DType> {
+    match name {
+        "f32" | "float32" => Some(DType::F32),
+        "f16" | "float16" => Some(DType::F16),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -339,7 +339,7 @@ fn start_engine(
     cfg: &Config,
     model_path: &Path,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
-    if !model_path.is_dir() && !mlxd::models::is_gguf(model_path) {
+    if !model_path.is_dir() && !mlxd::formats::is_gguf(model_path) {
         bail!(
             "{}: not a model (expected a Hugging Face folder with config.json, or a .gguf file)",
             model_path.display()
@@ -348,8 +348,8 @@ fn start_engine(
     let engine_cfg = EngineConfig {
         model_path: model_path.to_path_buf(),
         device: cfg.engine.device.parse()?,
-        dtype: mlxd::models::parse_dtype(&cfg.engine.dtype),
-        kv_dtype: mlxd::models::parse_dtype(&cfg.engine.kv_dtype),
+        dtype: mlxd::device::parse_dtype(&cfg.engine.dtype),
+        kv_dtype: mlxd::device::parse_dtype(&cfg.engine.kv_dtype),
         kv_memory_bytes: parse_kv_memory(&cfg.engine.kv_memory)?,
         gpu_memory_utilization: cfg.engine.gpu_memory_utilization,
         block_size: cfg.scheduler.block_size,

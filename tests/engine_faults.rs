@@ -44,7 +44,7 @@ fn faulty_loader() -> ModelLoader {
             &cfg.model_path,
             device,
             cfg.dtype.unwrap_or(candle_core::DType::F32),
-            &mlxd::models::LoadProgress::hidden(),
+            &mlxd::formats::LoadProgress::hidden(),
         )
         .map_err(|e| mlxd::engine::EngineError::Load(e.to_string()))?;
         Ok(Box::new(FaultyModel(model)) as Box<dyn Model>)

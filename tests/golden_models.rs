@@ -372,7 +372,7 @@ fn quantized_folders_report_their_format_and_true_parameter_count() {
             &shared(&format!("fixtures/llama/{folder}")),
             &Device::Cpu,
             DType::F32,
-            &mlxd::models::LoadProgress::hidden(),
+            &mlxd::formats::LoadProgress::hidden(),
         )
         .expect("loads")
         .config()

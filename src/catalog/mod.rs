@@ -188,7 +188,7 @@ fn explicit(spec: &str, hf: Option<&Path>, store: Option<&Path>) -> Result<Catal
 
 /// A Hugging Face folder (config.json) or a GGUF file.
 pub fn is_model(path: &Path) -> bool {
-    path.join("config.json").is_file() || crate::models::is_gguf(path)
+    path.join("config.json").is_file() || crate::formats::is_gguf(path)
 }
 
 /// Every model folder and GGUF file directly in `dir`, named after it.
@@ -215,7 +215,7 @@ fn models_in_dir(dir: &Path) -> Result<Vec<CatalogEntry>, String> {
 /// The name of a model path: the folder's name, or a GGUF file's without `.gguf`.
 pub fn model_name(path: &Path) -> String {
     let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let name = if crate::models::is_gguf(&path) {
+    let name = if crate::formats::is_gguf(&path) {
         path.file_stem()
     } else {
         path.file_name()

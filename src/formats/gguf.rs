@@ -17,7 +17,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::json;
 
-use crate::models::LoadError;
+use super::LoadError;
 
 /// An open GGUF file.
 pub struct GgufStore {

@@ -10,7 +10,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use crate::models::{read_text, LoadError};
+use super::{read_text, LoadError};
 
 /// The validated weight files of one model folder.
 #[derive(Debug)]

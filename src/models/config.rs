@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::LoadError;
+use crate::formats::LoadError;
 
 /// Rotary embedding of one attention layer type.
 #[derive(Clone, Debug, PartialEq)]
@@ -396,14 +396,5 @@ impl HfConfig {
                 )))
             }
         })
-    }
-}
-
-/// Reads a token id or list of ids from a JSON value (`eos_token_id` may be either).
-pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
-    match value {
-        Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
-        _ => Vec::new(),
     }
 }

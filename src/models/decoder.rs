@@ -7,12 +7,13 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::config::{HfConfig, LayerType, RopeConfig};
-use super::{LoadError, LoadProgress, Model, ModelConfig};
+use super::{Model, ModelConfig};
 use crate::compute::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
 use crate::compute::batch::BatchInput;
 use crate::compute::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
 use crate::compute::paged_kv::{LayerKv, PagedKvCache};
 use crate::formats::source::WeightSource;
+use crate::formats::{LoadError, LoadProgress};
 
 /// Where a layer's norms sit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 
 use super::config::{HfConfig, LayerType};
 use super::decoder::{DecoderSpec, NormPlacement};
-use super::LoadError;
 use crate::formats::source::WeightSource;
+use crate::formats::LoadError;
 
 /// Where the decoder's tensors live in the checkpoints that exist in the wild.
 const PREFIXES: [&str; 3] = ["model", "model.language_model", "language_model.model"];

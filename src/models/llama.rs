@@ -3,7 +3,7 @@
 
 use super::config::HfConfig;
 use super::decoder::DecoderSpec;
-use super::LoadError;
+use crate::formats::LoadError;
 
 /// The decoder spec of a Llama-shaped `model_type`.
 pub fn spec(cfg: &HfConfig, model_type: &str) -> Result<DecoderSpec, LoadError> {

@@ -9,44 +9,13 @@ pub mod gemma3;
 pub mod llama;
 pub mod phi3;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
 pub use crate::compute::batch::{BatchInput, FixedDecode};
 pub use crate::compute::paged_kv::{KvLayout, PagedKvCache};
-
-/// Why a model folder could not be loaded; every variant names the file or feature involved.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// A required file is absent.
-    #[error("{path}: file not found ({what})")]
-    Missing {
-        /// The path looked for.
-        path: PathBuf,
-        /// What the file is for.
-        what: String,
-    },
-    /// A file exists but cannot be parsed or is inconsistent.
-    #[error("{file}: {reason}")]
-    Malformed {
-        /// The file.
-        file: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// The model uses something mlxd does not implement.
-    #[error("unsupported: {0}")]
-    Unsupported(String),
-    /// Reading a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-}
+use crate::formats::{is_gguf, read_text, LoadError, LoadProgress};
 
 /// Architecture facts the engine and server need, independent of the family.
 #[derive(Clone, Debug)]
@@ -97,42 +66,6 @@ pub trait Model: Send {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let _ = (batch, hidden_rows, kv);
         Err(candle_core::Error::Msg("this model does not give hidden states".into()))
-    }
-}
-
-/// Reports load progress (a terminal bar when stderr is a TTY, nothing otherwise).
-pub struct LoadProgress {
-    bar: indicatif::ProgressBar,
-}
-
-impl LoadProgress {
-    /// A progress reporter drawing to stderr only when it is a terminal.
-    pub fn stderr() -> Self {
-        let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) = indicatif::ProgressStyle::with_template("loading layers {bar:30} {pos}/{len}") {
-            bar.set_style(style);
-        }
-        Self { bar }
-    }
-
-    /// A reporter that draws nothing (tests).
-    pub fn hidden() -> Self {
-        Self {
-            bar: indicatif::ProgressBar::hidden(),
-        }
-    }
-
-    fn set_length(&self, n: u64) {
-        self.bar.set_length(n);
-    }
-
-    fn inc(&self) {
-        self.bar.inc(1);
-    }
-
-    /// Removes the bar once loading is done.
-    pub fn finish(&self) {
-        self.bar.finish_and_clear();
     }
 }
 
@@ -203,22 +136,6 @@ pub fn describe(path: &Path) -> Result<ModelSummary, LoadError> {
 /// instead of chains of candle ops: a CUDA device in a `cuda` build.
 pub fn runs_kernels(device: &Device) -> bool {
     cfg!(feature = "cuda") && device.is_cuda()
-}
-
-/// True for a path that names a GGUF file.
-pub fn is_gguf(path: &Path) -> bool {
-    if !path.is_file() {
-        return false;
-    }
-    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-        return true;
-    }
-    // Ollama's blobs have no extension: the magic says.
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
 }
 
 /// A Hugging Face folder's configuration (parsed and raw), weight files and their summary,
@@ -317,7 +234,7 @@ fn model_config(
         max_position_embeddings: cfg.max_position_embeddings,
         num_params,
         dtype,
-        eos_token_ids: config::token_ids(cfg.eos_token_id.as_ref()),
+        eos_token_ids: crate::formats::token_ids(cfg.eos_token_id.as_ref()),
         model_type: cfg.model_type.clone().unwrap_or_else(|| "llama".into()),
         weights,
         hf_config,
@@ -367,21 +284,6 @@ fn check_quantization_supported(config: &serde_json::Value) -> Result<(), LoadEr
     Ok(())
 }
 
-/// Reads a UTF-8 file, naming it and its role on failure.
-pub fn read_text(path: &Path, what: &str) -> Result<String, LoadError> {
-    match std::fs::read_to_string(path) {
-        Ok(t) => Ok(t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(LoadError::Missing {
-            path: path.to_path_buf(),
-            what: what.to_string(),
-        }),
-        Err(source) => Err(LoadError::Io {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
 /// "260K", "494.0M", "1.2B": parameter counts as model cards and Ollama write them.
 pub fn parameter_size(n: usize) -> String {
     match n {
@@ -389,15 +291,5 @@ pub fn parameter_size(n: usize) -> String {
         n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
         n if n >= 1_000 => format!("{}K", n / 1000),
         n => n.to_string(),
-    }
-}
-
-/// Parses a dtype name as used on the command line and in config files.
-pub fn parse_dtype(name: &str) -> Option<DType> {
-    match name {
-        "f32" | "float32" => Some(DType::F32),
-        "f16" | "float16" => Some(DType::F16),
-        "bf16" | "bfloat16" => Some(DType::BF16),
-        _ => None,
     }
 }

@@ -3,7 +3,7 @@
 
 use super::config::HfConfig;
 use super::decoder::DecoderSpec;
-use super::LoadError;
+use crate::formats::LoadError;
 
 /// The decoder spec of a Phi-3 config.
 pub fn spec(cfg: &HfConfig) -> Result<DecoderSpec, LoadError> {

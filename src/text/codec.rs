@@ -10,7 +10,7 @@ use super::grammar::{GrammarCompiler, OutputConstraint};
 use super::reasoning::ThinkTags;
 use super::reply::ReplyPlan;
 use super::tools::{describe_tools_in_messages, forced_call_grammar, ToolChoice, ToolSet, ToolSyntax};
-use crate::models::{config::token_ids, read_text, LoadError};
+use crate::formats::{read_text, token_ids, LoadError};
 
 /// Encoding, decoding and chat rendering for one model.
 #[derive(Debug)]
@@ -79,7 +79,7 @@ impl TextCodec {
 
     /// The text side of a model path: a Hugging Face folder or a `.gguf` file.
     pub fn open(path: &Path, config_eos: &[u32]) -> Result<Self, LoadError> {
-        if crate::models::is_gguf(path) {
+        if crate::formats::is_gguf(path) {
             Self::from_gguf(path)
         } else {
             Self::load(path, config_eos)

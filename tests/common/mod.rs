@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use mlxd::models::{self, BatchInput, KvLayout, LoadProgress, Model, PagedKvCache};
+use mlxd::formats::LoadProgress;
+use mlxd::models::{self, BatchInput, KvLayout, Model, PagedKvCache};
 
 /// `../shared/<rel>` from the crate root.
 pub fn shared(rel: &str) -> PathBuf {
