@@ -3,7 +3,15 @@
 //! build, and otherwise answers None so the caller does the same work with candle ops or on
 //! the host. The one place models see `cfg(feature = "cuda")`.
 
+use candle_core::Device;
+
 pub use imp::*;
+
+/// True when tensors on `device` go through mlxd's own fused CUDA kernels (`compute::cuda`)
+/// instead of chains of candle ops: a CUDA device in a `cuda` build.
+pub fn runs_kernels(device: &Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda()
+}
 
 /// One row for the device sampler: the request's parameters, this step's uniform draw from
 /// its seeded RNG, and the per-token adjustments its penalties and logit bias make.
@@ -56,12 +64,12 @@ pub struct DeviceSample {
 mod imp {
     use candle_core::{Result, Tensor};
 
+    use super::runs_kernels;
     use crate::compute::attention::{AttentionOpts, HeadDims, Projected};
     use crate::compute::batch::BatchInput;
     use crate::compute::cuda;
     use crate::compute::layers::RotaryAtPositions;
     use crate::compute::paged_kv::LayerKv;
-    use crate::models::runs_kernels;
 
     /// `(x + delta, rms_norm(x + delta) · weight)` (weight f32; `x` itself without a delta) in
     /// one kernel, or None.

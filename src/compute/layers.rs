@@ -8,11 +8,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::cpu::host_ops;
 use super::cpu::HostMatrix;
-use super::fused;
-use crate::formats::mlx::MlxWeights;
-use crate::formats::source::WeightSource;
-use crate::models::config::RopeConfig;
-use crate::models::runs_kernels;
+use super::fused::{self, runs_kernels};
 
 /// A linear layer `y = x Wᵀ + b`. An enum so quantized weight formats slot in beside the dense
 /// one without changing model code.
@@ -29,44 +25,14 @@ pub enum Linear {
 }
 
 impl Linear {
-    /// Loads `<prefix>.weight` (`[out, in]`, or MLX-packed with `scales`/`biases`) and, if
-    /// `bias`, `<prefix>.bias`.
-    pub fn load(vb: WeightSource, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        if let Some(hf) = vb.as_hf().filter(|hf| MlxWeights::present(hf)) {
-            let packed = MlxWeights::load(hf, in_dim, out_dim)?;
-            if !vb.device().is_cpu() {
-                // The packed kernels are CPU code; on a GPU the weights are dequantized once at
-                // load into the compute dtype and multiplied by cuBLAS (memory for speed: a
-                // 0.5B model is ~1 GB in bf16 instead of ~0.3 GB in 4 bits).
-                let dense = dequantized(&packed, vb.device(), vb.dtype())?;
-                return Ok(Self::Dense(candle_nn::Linear::new(dense, bias)));
-            }
-            return Ok(Self::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), bias));
-        }
-        if let Some(q) = vb.quantized("weight") {
-            let q = q?;
-            if q.shape().dims() != [out_dim, in_dim] {
-                candle_core::bail!(
-                    "quantized weight has shape {:?}, expected [{out_dim}, {in_dim}]",
-                    q.shape()
-                );
-            }
-            if !q.device().is_cpu() {
-                return Ok(Self::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias));
-            }
-            return Ok(match HostMatrix::from_gguf(&q)? {
-                Some(packed) => Self::Packed(Arc::new(packed), bias),
-                None => Self::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias),
-            });
-        }
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        if let Some(half) = HostMatrix::from_dense(&weight)? {
-            // A bf16/f16 checkpoint on the CPU: f16 panels read half the bytes of f32 and run
-            // the f16 kernel instead of candle's f32 gemm.
-            return Ok(Self::Packed(Arc::new(half), bias));
-        }
-        Ok(Self::Dense(candle_nn::Linear::new(weight, bias)))
+    /// A dense layer from a `[out, in]` weight in the compute dtype; on the CPU a bf16/f16
+    /// checkpoint's weight becomes f16 panels, which read half the bytes of f32 and run the f16
+    /// kernel instead of candle's f32 gemm.
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(match HostMatrix::from_dense(&weight)? {
+            Some(half) => Self::Packed(Arc::new(half), bias),
+            None => Self::Dense(candle_nn::Linear::new(weight, bias)),
+        })
     }
 
     /// A dense layer over an existing weight (tied embeddings).
@@ -209,14 +175,6 @@ impl Linear {
     }
 }
 
-/// The whole `[out, in]` matrix of MLX-packed weights, on `device` in `dtype`.
-fn dequantized(w: &MlxWeights, device: &Device, dtype: DType) -> Result<Tensor> {
-    let rows: Vec<u32> = (0..w.out_dim() as u32).collect();
-    let values = w.dequantize_rows(&rows);
-    let in_dim = values.len() / w.out_dim().max(1);
-    Tensor::from_vec(values, (w.out_dim(), in_dim), device)?.to_dtype(dtype)
-}
-
 fn with_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
     match bias {
         Some(b) => y.broadcast_add(b),
@@ -243,37 +201,14 @@ pub enum Embed {
 }
 
 impl Embed {
-    /// Loads `<prefix>.weight` (dense or MLX-packed) of a `[vocab, hidden]` table.
-    pub fn load(vb: WeightSource, vocab: usize, hidden: usize) -> Result<Self> {
-        if let Some(hf) = vb.as_hf().filter(|hf| MlxWeights::present(hf)) {
-            let packed = MlxWeights::load(hf, hidden, vocab)?;
-            if !vb.device().is_cpu() {
-                let dense = dequantized(&packed, vb.device(), vb.dtype())?;
-                return Ok(Self::Dense(candle_nn::Embedding::new(dense, hidden)));
-            }
-            return Ok(Self::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), vb.dtype()));
-        }
-        if let Some(qtensor) = vb.quantized("weight") {
-            let qtensor = qtensor?;
-            if !vb.device().is_cpu() {
-                let table = qtensor.dequantize(vb.device())?.to_dtype(vb.dtype())?;
-                let matrix = QMatMul::from_qtensor(qtensor)?;
-                return Ok(Self::GgufOnDevice(
-                    candle_nn::Embedding::new(table, hidden),
-                    Arc::new(matrix),
-                ));
-            }
-            return Ok(match HostMatrix::from_gguf(&qtensor)? {
-                Some(packed) => Self::Packed(Arc::new(packed), vb.dtype()),
-                None => Self::Gguf(Arc::new(QMatMul::from_qtensor(qtensor)?), vb.dtype()),
-            });
-        }
-        let weight = vb.get((vocab, hidden), "weight")?;
-        if let Some(half) = HostMatrix::from_dense(&weight)? {
-            // A bf16/f16 checkpoint on the CPU: held once in f16, also as the tied head.
-            return Ok(Self::Packed(Arc::new(half), vb.dtype()));
-        }
-        Ok(Self::Dense(candle_nn::Embedding::new(weight, hidden)))
+    /// A dense `[vocab, hidden]` table in the compute dtype; on the CPU a bf16/f16 checkpoint's
+    /// table is held once in f16, also as the tied head.
+    pub fn from_dense(table: Tensor, dtype: DType) -> Result<Self> {
+        let hidden = table.dim(1)?;
+        Ok(match HostMatrix::from_dense(&table)? {
+            Some(half) => Self::Packed(Arc::new(half), dtype),
+            None => Self::Dense(candle_nn::Embedding::new(table, hidden)),
+        })
     }
 
     /// Rows for `ids` (`[T]` u32) → `[T, hidden]`.
@@ -308,14 +243,13 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// Loads `<prefix>.weight` of size `dim`.
-    pub fn load(vb: WeightSource, dim: usize, eps: f64, unit_offset: bool) -> Result<Self> {
-        let mut weight = vb.get(dim, "weight")?;
+    /// A norm scaling by `weight` (or by `1 + weight` with `unit_offset`).
+    pub fn new(mut weight: Tensor, eps: f64, unit_offset: bool) -> Result<Self> {
         if unit_offset {
             // Gemma's `1 + w` rounded to bf16 loses the small `w` (up to 0.1 in logits):
             // keep it in f32 and normalize in f32, as transformers does.
             weight = (weight.to_dtype(DType::F32)? + 1.0)?;
-        } else if runs_kernels(vb.device()) {
+        } else if runs_kernels(weight.device()) {
             // The fused kernels take f32 weights for every compute dtype.
             weight = weight.to_dtype(DType::F32)?;
         }
@@ -366,6 +300,18 @@ impl RmsNorm {
     }
 }
 
+/// Cos/sin tables `[max_positions, rotary_dim / 2]`, row-major: what a model's rope
+/// configuration computes and a `Rotary` holds.
+#[derive(Clone, Debug)]
+pub struct RopeTables {
+    /// cos(position · inv_freq) per row.
+    pub cos: Vec<f32>,
+    /// sin(position · inv_freq) per row.
+    pub sin: Vec<f32>,
+    /// Columns per row (`rotary_dim / 2`).
+    pub half_dim: usize,
+}
+
 /// Precomputed rotary cos/sin tables for every position up to the model's context.
 #[derive(Debug, Clone)]
 pub struct Rotary {
@@ -386,14 +332,13 @@ pub struct RotaryAtPositions {
 }
 
 impl Rotary {
-    /// Tables `[max_positions, rotary_dim / 2]` from a rope configuration.
-    pub fn new(rope: &RopeConfig, max_positions: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let t = rope.tables(max_positions);
-        let shape = (max_positions, t.half_dim);
+    /// The rotation by `tables` (one row per position), held on `device` in `dtype`.
+    pub fn new(tables: RopeTables, dtype: DType, device: &Device) -> Result<Self> {
+        let shape = (tables.cos.len() / tables.half_dim.max(1), tables.half_dim);
         Ok(Self {
-            cos: Tensor::from_vec(t.cos, shape, device)?.to_dtype(dtype)?,
-            sin: Tensor::from_vec(t.sin, shape, device)?.to_dtype(dtype)?,
-            rotary_dim: rope.rotary_dim,
+            cos: Tensor::from_vec(tables.cos, shape, device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(tables.sin, shape, device)?.to_dtype(dtype)?,
+            rotary_dim: 2 * tables.half_dim,
             interleaved: false,
         })
     }
@@ -532,49 +477,23 @@ enum GateUp {
     Fused { gate_up: Linear, intermediate: usize },
 }
 
-/// Shape and naming of a gated MLP.
-#[derive(Clone, Copy, Debug)]
-pub struct MlpSpec {
-    /// Residual width.
-    pub hidden: usize,
-    /// Inner width.
-    pub intermediate: usize,
-    /// Projections carry biases.
-    pub bias: bool,
-    /// One `gate_up_proj` (rows: gate, then up) instead of two projections.
-    pub fused_gate_up: bool,
-    /// Gate activation.
-    pub activation: Activation,
-}
-
 impl GatedMlp {
-    /// Loads `gate_proj` + `up_proj` (or `gate_up_proj`) and `down_proj` under `vb`.
-    pub fn load(vb: WeightSource, spec: MlpSpec) -> Result<Self> {
-        let (h, i) = (spec.hidden, spec.intermediate);
-        let (gate, up) = if spec.fused_gate_up {
-            let fused = Linear::load(vb.pp("gate_up_proj"), h, 2 * i, spec.bias)?;
-            let mut parts = fused.split_rows(&[i, i])?.into_iter();
-            let gate = parts.next().expect("two parts");
-            (gate, parts.next().expect("two parts"))
-        } else {
-            (
-                Linear::load(vb.pp("gate_proj"), h, i, spec.bias)?,
-                Linear::load(vb.pp("up_proj"), h, i, spec.bias)?,
-            )
-        };
-        let fused = Linear::fuse(&[&gate, &up], vb.device())?;
-        let gate_up = match fused {
-            Some(gate_up) => GateUp::Fused {
-                gate_up,
-                intermediate: i,
-            },
-            None => GateUp::Separate { gate, up },
-        };
-        Ok(Self {
-            gate_up,
-            down: Linear::load(vb.pp("down_proj"), i, h, spec.bias)?,
-            activation: spec.activation,
-        })
+    /// An MLP over separate gate and up projections.
+    pub fn separate(gate: Linear, up: Linear, down: Linear, activation: Activation) -> Self {
+        Self {
+            gate_up: GateUp::Separate { gate, up },
+            down,
+            activation,
+        }
+    }
+
+    /// An MLP over one projection whose output is `[gate | up]`, `intermediate` wide each.
+    pub fn fused(gate_up: Linear, intermediate: usize, down: Linear, activation: Activation) -> Self {
+        Self {
+            gate_up: GateUp::Fused { gate_up, intermediate },
+            down,
+            activation,
+        }
     }
 
     /// Applies the MLP to `[T, hidden]`.

@@ -612,7 +612,7 @@ impl EngineCore {
         if ids.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if models::runs_kernels(logits.device()) {
+        if crate::compute::fused::runs_kernels(logits.device()) {
             return self.sample_on_device(ids, masks, logits);
         }
         let host_rows: Vec<u32> = ids

@@ -6,7 +6,9 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Result;
 use half::f16;
 
+use crate::compute::cpu::half::HalfMatrix;
 use crate::compute::cpu::packed::{Levels, PackSpec, PackedMatrix};
+use crate::compute::cpu::HostMatrix;
 
 /// How a ggml type decodes: values and bytes per block, and the packed form of its levels.
 #[derive(Clone, Copy, Debug)]
@@ -39,6 +41,18 @@ fn format(dtype: GgmlDType) -> Option<BlockFormat> {
         GgmlDType::Q6K => f(256, 210, 16, false, Some(32)),
         _ => return None,
     })
+}
+
+/// A GGUF tensor in a CPU kernels' layout, or None for types left to candle (Q2_K, Q3_K, F32,
+/// …).
+pub fn host_matrix(q: &QTensor) -> Result<Option<HostMatrix>> {
+    if q.dtype() == GgmlDType::F16 {
+        let (rows, cols) = q.shape().dims2()?;
+        let data = q.data()?;
+        let values: Vec<f16> = data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect();
+        return Ok(Some(HostMatrix::Half(HalfMatrix::from_row_major(&values, rows, cols)?)));
+    }
+    Ok(pack(q)?.map(HostMatrix::Blocks))
 }
 
 /// `q` (a `[rows, cols]` matrix of ggml blocks) repacked for the CPU kernels, or None for

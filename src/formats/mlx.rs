@@ -5,7 +5,7 @@
 //! CPU kernels' layout (`packed`), where levels of up to 4 bits stay two per byte and wider
 //! ones take a byte each.
 
-use candle_core::{DType, Result};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -128,6 +128,13 @@ impl MlxWeights {
             .zip(ids)
             .for_each(|(row, &id)| self.dequantize_row(id as usize, row));
         out
+    }
+
+    /// The whole `[out, in]` matrix, on `device` in `dtype`.
+    pub fn dequantized(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        let rows: Vec<u32> = (0..self.out_dim as u32).collect();
+        let values = self.dequantize_rows(&rows);
+        Tensor::from_vec(values, (self.out_dim, self.in_dim), device)?.to_dtype(dtype)
     }
 
     /// The matrix in the CPU kernels' layout.

@@ -2,6 +2,7 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod layers;
 pub mod mlx;
 pub mod pooling;
 pub mod source;

@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::compute::layers::RopeTables;
 use crate::formats::LoadError;
 
 /// Rotary embedding of one attention layer type.
@@ -52,17 +53,6 @@ pub enum RopeScaling {
         /// Multiplier of cos and sin.
         attention_factor: f32,
     },
-}
-
-/// Cos/sin tables `[max_positions, rotary_dim / 2]`, row-major.
-#[derive(Clone, Debug)]
-pub struct RopeTables {
-    /// cos(position · inv_freq) per row.
-    pub cos: Vec<f32>,
-    /// sin(position · inv_freq) per row.
-    pub sin: Vec<f32>,
-    /// Columns per row (`rotary_dim / 2`).
-    pub half_dim: usize,
 }
 
 impl RopeConfig {

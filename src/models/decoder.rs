@@ -10,7 +10,7 @@ use super::config::{HfConfig, LayerType, RopeConfig};
 use super::{Model, ModelConfig};
 use crate::compute::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
 use crate::compute::batch::BatchInput;
-use crate::compute::layers::{Activation, Embed, GatedMlp, Linear, MlpSpec, RmsNorm, Rotary, RotaryAtPositions};
+use crate::compute::layers::{Activation, Embed, GatedMlp, Linear, RmsNorm, Rotary, RotaryAtPositions};
 use crate::compute::paged_kv::{LayerKv, PagedKvCache};
 use crate::formats::source::WeightSource;
 use crate::formats::{LoadError, LoadProgress};
@@ -185,20 +185,20 @@ impl Attention {
         let (q_out, kv_out) = (d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim);
         let h = spec.hidden;
         let (q_proj, k_proj, v_proj) = if spec.fused_qkv {
-            let fused = Linear::load(vb.pp("qkv_proj"), h, q_out + 2 * kv_out, spec.qkv_bias)?;
+            let fused = vb.pp("qkv_proj").linear(h, q_out + 2 * kv_out, spec.qkv_bias)?;
             let mut p = fused.split_rows(&[q_out, kv_out, kv_out])?.into_iter();
             let mut next = || p.next().expect("three parts");
             (next(), next(), next())
         } else {
             (
-                Linear::load(vb.pp("q_proj"), h, q_out, spec.qkv_bias)?,
-                Linear::load(vb.pp("k_proj"), h, kv_out, spec.qkv_bias)?,
-                Linear::load(vb.pp("v_proj"), h, kv_out, spec.qkv_bias)?,
+                vb.pp("q_proj").linear(h, q_out, spec.qkv_bias)?,
+                vb.pp("k_proj").linear(h, kv_out, spec.qkv_bias)?,
+                vb.pp("v_proj").linear(h, kv_out, spec.qkv_bias)?,
             )
         };
         let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
             spec.qk_norm
-                .then(|| RmsNorm::load(vb.pp(name), d.head_dim, spec.rms_eps, spec.norm_unit_offset))
+                .then(|| vb.pp(name).rms_norm(d.head_dim, spec.rms_eps, spec.norm_unit_offset))
                 .transpose()
         };
         let fused = Linear::fuse(&[&q_proj, &k_proj, &v_proj], vb.device())?;
@@ -216,7 +216,7 @@ impl Attention {
         let sliding = layer == LayerType::Sliding;
         Ok(Self {
             qkv,
-            o_proj: Linear::load(vb.pp("o_proj"), q_out, h, spec.o_bias)?,
+            o_proj: vb.pp("o_proj").linear(q_out, h, spec.o_bias)?,
             q_norm: head_norm("q_norm")?,
             k_norm: head_norm("k_norm")?,
             opts: AttentionOpts {
@@ -242,6 +242,43 @@ impl Attention {
     }
 }
 
+/// Shape and naming of a gated MLP.
+#[derive(Clone, Copy, Debug)]
+pub struct MlpSpec {
+    /// Residual width.
+    pub hidden: usize,
+    /// Inner width.
+    pub intermediate: usize,
+    /// Projections carry biases.
+    pub bias: bool,
+    /// One `gate_up_proj` (rows: gate, then up) instead of two projections.
+    pub fused_gate_up: bool,
+    /// Gate activation.
+    pub activation: Activation,
+}
+
+/// Loads `gate_proj` + `up_proj` (or `gate_up_proj`) and `down_proj` under `vb`, the gate and
+/// up projections fused into one product where that pays (`Linear::fuse`).
+fn load_mlp(vb: WeightSource, spec: MlpSpec) -> Result<GatedMlp> {
+    let (h, i) = (spec.hidden, spec.intermediate);
+    let (gate, up) = if spec.fused_gate_up {
+        let fused = vb.pp("gate_up_proj").linear(h, 2 * i, spec.bias)?;
+        let mut parts = fused.split_rows(&[i, i])?.into_iter();
+        let gate = parts.next().expect("two parts");
+        (gate, parts.next().expect("two parts"))
+    } else {
+        (
+            vb.pp("gate_proj").linear(h, i, spec.bias)?,
+            vb.pp("up_proj").linear(h, i, spec.bias)?,
+        )
+    };
+    let down = vb.pp("down_proj").linear(i, h, spec.bias)?;
+    Ok(match Linear::fuse(&[&gate, &up], vb.device())? {
+        Some(gate_up) => GatedMlp::fused(gate_up, i, down, spec.activation),
+        None => GatedMlp::separate(gate, up, down, spec.activation),
+    })
+}
+
 #[derive(Debug)]
 struct DecoderLayer {
     attn_norm: RmsNorm,
@@ -254,7 +291,7 @@ struct DecoderLayer {
 
 impl DecoderLayer {
     fn load(vb: WeightSource, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
-        let norm = |name: &str| RmsNorm::load(vb.pp(name), spec.hidden, spec.rms_eps, spec.norm_unit_offset);
+        let norm = |name: &str| vb.pp(name).rms_norm(spec.hidden, spec.rms_eps, spec.norm_unit_offset);
         let sandwich = spec.norm_placement == NormPlacement::Sandwich;
         Ok(Self {
             attn_norm: norm("input_layernorm")?,
@@ -265,7 +302,7 @@ impl DecoderLayer {
             } else {
                 "post_attention_layernorm"
             })?,
-            mlp: GatedMlp::load(vb.pp("mlp"), spec.mlp)?,
+            mlp: load_mlp(vb.pp("mlp"), spec.mlp)?,
             mlp_out_norm: sandwich.then(|| norm("post_feedforward_layernorm")).transpose()?,
         })
     }
@@ -316,7 +353,7 @@ impl Decoder {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let m = vb.pp(&spec.prefix);
-        let embed_tokens = Embed::load(m.pp("embed_tokens"), spec.vocab, spec.hidden)?;
+        let embed_tokens = m.pp("embed_tokens").embed(spec.vocab, spec.hidden)?;
         progress.set_length(spec.num_layers as u64);
         let layers = spec
             .layer_types
@@ -331,7 +368,7 @@ impl Decoder {
         let lm_head = if spec.tie_embeddings || !vb.contains_tensor("lm_head.weight") {
             embed_tokens.as_linear()
         } else {
-            Linear::load(vb.pp("lm_head"), spec.hidden, spec.vocab, false)?
+            vb.pp("lm_head").linear(spec.hidden, spec.vocab, false)?
         };
         let mut windows: Vec<Option<usize>> = layers.iter().map(|l| l.attn.opts.window).collect();
         windows.sort_unstable();
@@ -340,16 +377,19 @@ impl Decoder {
             embed_tokens,
             embed_scale: spec.embed_scale,
             layers,
-            norm: RmsNorm::load(m.pp("norm"), spec.hidden, spec.rms_eps, spec.norm_unit_offset)?,
+            norm: m
+                .pp("norm")
+                .rms_norm(spec.hidden, spec.rms_eps, spec.norm_unit_offset)?,
             lm_head,
             final_softcap: spec.final_softcap,
-            rope_full: Rotary::new(&spec.rope_full, spec.max_positions, dtype, &device)?
+            rope_full: Rotary::new(spec.rope_full.tables(spec.max_positions), dtype, &device)?
                 .interleaved(spec.rope_interleaved),
             rope_sliding: spec
                 .rope_sliding
                 .as_ref()
                 .map(|r| {
-                    Rotary::new(r, spec.max_positions, dtype, &device).map(|r| r.interleaved(spec.rope_interleaved))
+                    Rotary::new(r.tables(spec.max_positions), dtype, &device)
+                        .map(|r| r.interleaved(spec.rope_interleaved))
                 })
                 .transpose()?,
             windows,

@@ -132,12 +132,6 @@ pub fn describe(path: &Path) -> Result<ModelSummary, LoadError> {
     })
 }
 
-/// True when tensors on `device` go through mlxd's own fused CUDA kernels (`models::cuda`)
-/// instead of chains of candle ops: a CUDA device in a `cuda` build.
-pub fn runs_kernels(device: &Device) -> bool {
-    cfg!(feature = "cuda") && device.is_cuda()
-}
-
 /// A Hugging Face folder's configuration (parsed and raw), weight files and their summary,
 /// read from headers without loading any weight.
 fn open_hf(

@@ -7,7 +7,6 @@ pub mod host_ops;
 pub mod kernels;
 pub mod packed;
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
 use half::HalfMatrix;
@@ -23,20 +22,6 @@ pub enum HostMatrix {
 }
 
 impl HostMatrix {
-    /// A GGUF tensor in a CPU layout, or None for types left to candle (Q2_K, Q3_K, F32, …).
-    pub fn from_gguf(q: &QTensor) -> Result<Option<Self>> {
-        if q.dtype() == GgmlDType::F16 {
-            let (rows, cols) = q.shape().dims2()?;
-            let data = q.data()?;
-            let values: Vec<::half::f16> = data
-                .chunks_exact(2)
-                .map(|b| ::half::f16::from_le_bytes([b[0], b[1]]))
-                .collect();
-            return Ok(Some(Self::Half(HalfMatrix::from_row_major(&values, rows, cols)?)));
-        }
-        Ok(crate::formats::ggml::pack(q)?.map(Self::Blocks))
-    }
-
     /// A dense `[rows, cols]` f32 CPU matrix as f16 panels, when f16 holds its values
     /// (`HalfMatrix::from_f32_if_exact`: bf16 and f16 checkpoints); None otherwise.
     pub fn from_dense(weight: &Tensor) -> Result<Option<Self>> {
