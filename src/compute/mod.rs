@@ -8,3 +8,4 @@ pub mod cuda;
 pub mod fused;
 pub mod layers;
 pub mod paged_kv;
+pub mod sampling;

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::output::{Logprobs, TokenLogprob};
-use crate::compute::fused::{DeviceSampleRow, TokenAdjust};
+use crate::compute::sampling::{DeviceSampleRow, TokenAdjust};
 use crate::request::SamplingParams;
 
 /// Scaled-logit distance below the best token beyond which a token's probability is

@@ -14,15 +14,16 @@
 
 mod gathered;
 mod host;
+mod kernel;
 
 use candle_core::{DType, Result, Tensor};
 
 use super::batch::BatchInput;
-use super::fused::KernelAttention;
 use super::layers::{RmsNorm, RotaryAtPositions};
 use super::paged_kv::LayerKv;
 use gathered::GatheredPlan;
 use host::HostPlan;
+use kernel::KernelAttention;
 
 /// Head layout of one attention layer.
 #[derive(Clone, Copy, Debug)]

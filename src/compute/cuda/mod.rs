@@ -21,8 +21,8 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 
 use super::batch::BatchInput;
-use super::fused::{DeviceSample, DeviceSampleRow};
 use super::paged_kv::LayerKv;
+use super::sampling::{DeviceSample, DeviceSampleRow};
 
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
