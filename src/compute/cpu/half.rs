@@ -5,11 +5,10 @@
 //! activations are rounded to f16 first, as llama.cpp's F16 matmul does; dense checkpoints keep
 //! them f32. Rows are padded to a multiple of 64 (four panels) with zeros.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::Result;
 use half::f16;
 use rayon::prelude::*;
 
-use super::kernels;
 use super::packed::{PAD, PANEL};
 
 /// An f16 `[rows, cols]` matrix in the kernels' layout.
@@ -115,22 +114,13 @@ impl HalfMatrix {
             rounds_inputs: first.rounds_inputs,
         })
     }
-
-    /// `x · Wᵀ` for `x` of shape `[T, cols]`; returns `[T, rows]` in x's dtype.
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, cols) = x.dims2()?;
-        if cols != self.cols {
-            candle_core::bail!("f16 matmul: input has {cols} columns, weights expect {}", self.cols);
-        }
-        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let out = kernels::half_product(self, &xs, t);
-        Tensor::from_vec(out, (t, self.rows), x.device())?.to_dtype(x.dtype())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute::cpu::HostMatrix;
+    use candle_core::Tensor;
 
     /// A `[rows, cols]` pseudo-random matrix scaled by `scale`.
     fn values(rows: usize, cols: usize, scale: f32) -> Vec<f32> {
@@ -159,7 +149,7 @@ mod tests {
         }
         let x = values(t, cols, 3.0);
         let dev = candle_core::Device::Cpu;
-        let got = m.matmul(&Tensor::from_vec(x.clone(), (t, cols), &dev)?)?;
+        let got = HostMatrix::Half(m).matmul(&Tensor::from_vec(x.clone(), (t, cols), &dev)?)?;
         let want = Tensor::from_vec(x, (t, cols), &dev)?.matmul(&Tensor::from_vec(w, (rows, cols), &dev)?.t()?)?;
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "f16 panels vs f32 matmul: {diff}");
@@ -175,7 +165,7 @@ mod tests {
         let (a, b, c) = (part(0, 64)?, part(64, 64)?, part(128, 37)?);
         let stacked = HalfMatrix::stack(&[&a, &b, &c]).expect("whole panels before the last part");
         let x = Tensor::from_vec(values(3, cols, 2.0), (3, cols), &candle_core::Device::Cpu)?;
-        let diff = (stacked.matmul(&x)? - whole.matmul(&x)?)?
+        let diff = (HostMatrix::Half(stacked).matmul(&x)? - HostMatrix::Half(whole).matmul(&x)?)?
             .abs()?
             .max_all()?
             .to_scalar::<f32>()?;

@@ -35,10 +35,16 @@ impl HostMatrix {
 
     /// `x · Wᵀ` for `x` of shape `[T, cols]`; returns `[T, rows]` in x's dtype.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Blocks(m) => m.matmul(x),
-            Self::Half(m) => m.matmul(x),
+        let (t, cols) = x.dims2()?;
+        if cols != self.in_dim() {
+            candle_core::bail!("CPU matmul: input has {cols} columns, weights expect {}", self.in_dim());
         }
+        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let (out, rows) = match self {
+            Self::Blocks(m) => (kernels::product(m, &xs, t), m.out_dim()),
+            Self::Half(m) => (kernels::half_product(m, &xs, t), m.out_dim()),
+        };
+        Tensor::from_vec(out, (t, rows), x.device())?.to_dtype(x.dtype())
     }
 
     /// Input columns.

@@ -10,11 +10,9 @@
 //! nibbles and 8c+4..8c+8 in the high nibbles of the same 64 bytes. Scales and mins are stored
 //! per panel and group as 16 values (one per row). Columns are padded to a multiple of 64 and
 //! rows to a multiple of 64 (four panels); padding levels, scales and mins are zero.
-use candle_core::{DType, Result, Tensor};
+use candle_core::Result;
 use half::f16;
 use rayon::prelude::*;
-
-use super::kernels;
 
 /// Rows per panel (the lanes of one 512-bit vector of i32 sums).
 pub const PANEL: usize = 16;
@@ -285,20 +283,6 @@ impl PackedMatrix {
         for (k, (w, &q)) in out.iter_mut().zip(&levels).enumerate() {
             *w = self.scale(o, k / g) * q as f32 + self.min(o, k / g);
         }
-    }
-
-    /// `x · Wᵀ` for `x` of shape `[T, cols]`; returns `[T, rows]` in x's dtype.
-    pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let (t, cols) = x.dims2()?;
-        if cols != self.cols {
-            candle_core::bail!(
-                "quantized matmul: input has {cols} columns, weights expect {}",
-                self.cols
-            );
-        }
-        let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let out = kernels::product(self, &xs, t);
-        Tensor::from_vec(out, (t, self.rows), x.device())?.to_dtype(x.dtype())
     }
 }
 
