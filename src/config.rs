@@ -187,7 +187,7 @@ impl Config {
 
     /// Checks every value once, after overlays.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::server::registry::KeepAlive::parse(&serde_json::Value::String(self.server.keep_alive.clone()))
+        crate::request::KeepAlive::parse(&serde_json::Value::String(self.server.keep_alive.clone()))
             .map_err(|e| ConfigError(format!("keep_alive {e}")))?;
         self.kv_disk()?;
         self.engine

@@ -12,9 +12,10 @@ use mlxd::catalog::{default_hf_cache, default_ollama_store, Catalog, CatalogEntr
 use mlxd::config::{parse_kv_memory, Config};
 use mlxd::engine::{EngineConfig, EngineHandle};
 use mlxd::output::StreamItem;
+use mlxd::request::KeepAlive;
 use mlxd::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use mlxd::server::auth::AccessOptions;
-use mlxd::server::registry::{KeepAlive, Loader, ModelRegistry, RegistryOptions, Served};
+use mlxd::server::registry::{Loader, ModelRegistry, RegistryOptions, Served};
 use mlxd::server::{router, AppState, ConnectionTimeouts, ServerOptions};
 use mlxd::text::TextCodec;
 

@@ -7,6 +7,7 @@
 //! Nothing here knows about HTTP or wire formats; each API maps `Field` to its own names.
 
 mod embedding;
+mod keep_alive;
 mod sampling;
 mod spec;
 mod validate;
@@ -15,6 +16,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use embedding::{validate_embedding, EmbeddingSpec, Pooling};
+pub use keep_alive::KeepAlive;
 pub use sampling::SamplingParams;
 pub use spec::{Field, GenerationSpec, MaxTokens, Prompt};
 pub use validate::{validate, RequestError, RequestLimits, RequestParts, ValidatedRequest};

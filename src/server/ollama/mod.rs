@@ -17,8 +17,9 @@ pub use error::{OllamaError, OllamaJson};
 
 use serde_json::Value;
 
-use super::registry::{KeepAlive, ModelLease};
+use super::registry::ModelLease;
 use super::AppState;
+use crate::request::KeepAlive;
 
 impl AppState {
     /// The model an Ollama request names (it must name one), loaded if need be and kept for
