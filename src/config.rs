@@ -159,20 +159,6 @@ impl Default for SchedulerSection {
     }
 }
 
-/// Tokens per forward pass by default on the CPU. A step of N prompt tokens stalls every running
-/// stream for the whole step: measured on the Qwen2.5-0.5B shape (2 cores), 256 prompt tokens
-/// take 1.3 s and 1024 take 9 s, so 512 bounds the stall to a few seconds while keeping prefill
-/// in efficient chunks.
-pub const DEFAULT_MAX_BATCH_TOKENS_CPU: usize = 512;
-/// Sequences decoded together by default on the CPU (each decode row costs a full pass over
-/// the weights' bandwidth budget there) and on a GPU (vLLM's default).
-pub const DEFAULT_MAX_SEQS_CPU: usize = 64;
-/// See `DEFAULT_MAX_SEQS_CPU`.
-pub const DEFAULT_MAX_SEQS_GPU: usize = 256;
-/// The same on a GPU, where a step's cost grows slowly with its tokens: the H200 runs 256
-/// streams of 200-token prompts with 4096 (TTFT p50 0.52 s for the 256).
-pub const DEFAULT_MAX_BATCH_TOKENS_GPU: usize = 4096;
-
 /// A configuration value that is out of range or unparsable.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -235,9 +221,6 @@ impl Config {
     }
 }
 
-/// Share of available memory the KV pool takes with `kv_memory = "auto"`.
-const AUTO_KV_FRACTION: f64 = 0.2;
-
 impl Config {
     /// Every API key: the listed ones and those of `api_key_file`.
     pub fn api_keys(&self) -> Result<Vec<String>, ConfigError> {
@@ -283,7 +266,7 @@ impl Config {
 }
 
 /// Resolves a KV budget: `auto` (a fraction of available RAM) or an explicit size.
-/// None means automatic: see `auto_host_kv_bytes` and the engine's GPU budget.
+/// None means automatic: the engine sizes the pool (`engine::core::kv_budget`).
 pub fn parse_kv_memory(spec: &str) -> Result<Option<u64>, ConfigError> {
     if spec.eq_ignore_ascii_case("auto") {
         return Ok(None);
@@ -291,12 +274,6 @@ pub fn parse_kv_memory(spec: &str) -> Result<Option<u64>, ConfigError> {
     parse_size(spec)
         .map(Some)
         .ok_or_else(|| ConfigError(format!("kv_memory `{spec}` (use auto, or a size like 512MiB or 2GiB)")))
-}
-
-/// The automatic KV budget in host memory: a share of the RAM available now.
-pub fn auto_host_kv_bytes() -> u64 {
-    let available = available_memory_bytes().unwrap_or(4 << 30);
-    (available as f64 * AUTO_KV_FRACTION) as u64
 }
 
 /// Parses `123`, `64K`, `512MiB`, `2GB`, `1.5GiB` (K/M/G are powers of 1024 either way).
@@ -313,14 +290,6 @@ pub fn parse_size(spec: &str) -> Option<u64> {
         _ => return None,
     };
     (value >= 0.0).then_some((value * mult as f64) as u64)
-}
-
-/// `MemAvailable` from /proc/meminfo (Linux); None elsewhere.
-fn available_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 #[cfg(test)]
