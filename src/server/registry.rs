@@ -30,8 +30,6 @@ pub struct Served {
     pub fingerprint: String,
     /// How its embeddings are pooled.
     pub pooling: Pooling,
-    /// When it was loaded (Unix seconds).
-    pub loaded_at: i64,
     join: Mutex<Option<std::thread::JoinHandle<()>>>,
     keep: Mutex<Keep>,
 }
@@ -60,7 +58,6 @@ impl Served {
             limits,
             fingerprint,
             pooling: Pooling::default(),
-            loaded_at: crate::server::openai::unix_now(),
             join: Mutex::new(join),
             keep: Mutex::new(Keep {
                 expires: None,
