@@ -412,7 +412,7 @@ fn model_loader(cfg: Config) -> Loader {
         served.pooling = cfg
             .server
             .pooling
-            .or_else(|| mlxd::formats::pooling::declared_pooling(&entry.path))
+            .or_else(|| mlxd::catalog::pooling::declared_pooling(&entry.path))
             .unwrap_or_default();
         let info = served.engine.info();
         let cpu_kernel = (info.device == "cpu").then(|| mlxd::compute::cpu::kernels::Kernel::detect().name());

@@ -5,6 +5,7 @@
 
 mod hf_cache;
 mod ollama_store;
+pub mod pooling;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

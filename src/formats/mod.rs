@@ -4,7 +4,6 @@ pub mod ggml;
 pub mod gguf;
 pub mod layers;
 pub mod mlx;
-pub mod pooling;
 pub mod source;
 pub mod weights;
 

@@ -5,7 +5,7 @@
 use super::spec::{Field, Prompt};
 use super::validate::{RequestError, RequestLimits, RequestParts, ValidatedRequest};
 use super::SamplingParams;
-pub use crate::formats::pooling::Pooling;
+pub use crate::catalog::pooling::Pooling;
 use crate::text::{ReplyPlan, TextCodec};
 
 /// An API-neutral embedding request, not yet checked.

@@ -27,7 +27,7 @@ impl Pooling {
 
 /// The pooling the model at `path` declares, if any.
 pub fn declared_pooling(path: &Path) -> Option<Pooling> {
-    if super::is_gguf(path) {
+    if crate::formats::is_gguf(path) {
         return gguf_pooling(path);
     }
     let modules: serde_json::Value =
