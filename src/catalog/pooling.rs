@@ -1,29 +1,10 @@
-//! The pooling an embedding model declares for itself: sentence-transformers' `modules.json`
-//! and its pooling module's `config.json` in a Hugging Face folder, `<arch>.pooling_type` in a
-//! GGUF file.
+//! The pooling (`request::Pooling`) an embedding model declares for itself:
+//! sentence-transformers' `modules.json` and its pooling module's `config.json` in a Hugging
+//! Face folder, `<arch>.pooling_type` in a GGUF file.
 
 use std::path::Path;
 
-/// How a sequence's hidden states become one vector.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Pooling {
-    /// The mean over every token (sentence-transformers' default).
-    #[default]
-    Mean,
-    /// The last token's (decoder embedding models such as Qwen3-Embedding).
-    Last,
-    /// The first token's (CLS pooling).
-    First,
-}
-
-impl Pooling {
-    /// Whether KV reused from the prefix cache serves this pooling: only the last token's
-    /// hidden state is needed, and it is always computed.
-    pub fn reuses_cached_prefix(self) -> bool {
-        self == Pooling::Last
-    }
-}
+use crate::request::Pooling;
 
 /// The pooling the model at `path` declares, if any.
 pub fn declared_pooling(path: &Path) -> Option<Pooling> {

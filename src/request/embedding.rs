@@ -5,8 +5,28 @@
 use super::spec::{Field, Prompt};
 use super::validate::{RequestError, RequestLimits, RequestParts, ValidatedRequest};
 use super::SamplingParams;
-pub use crate::catalog::pooling::Pooling;
 use crate::text::{ReplyPlan, TextCodec};
+
+/// How a sequence's hidden states become one vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// The mean over every token (sentence-transformers' default).
+    #[default]
+    Mean,
+    /// The last token's (decoder embedding models such as Qwen3-Embedding).
+    Last,
+    /// The first token's (CLS pooling).
+    First,
+}
+
+impl Pooling {
+    /// Whether KV reused from the prefix cache serves this pooling: only the last token's
+    /// hidden state is needed, and it is always computed.
+    pub fn reuses_cached_prefix(self) -> bool {
+        self == Pooling::Last
+    }
+}
 
 /// An API-neutral embedding request, not yet checked.
 #[derive(Clone, Debug, PartialEq)]
