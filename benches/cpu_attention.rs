@@ -13,8 +13,8 @@ use std::hint::black_box;
 
 use candle_core::{DType, Device, Tensor};
 use mlxd::compute::attention::{attend, AttentionMeta, AttentionOpts, HeadDims};
+use mlxd::compute::batch::BatchInput;
 use mlxd::compute::paged_kv::LayerKv;
-use mlxd::models::BatchInput;
 
 use common::best;
 

@@ -8,8 +8,10 @@ use std::sync::atomic::Ordering;
 
 use candle_core::Tensor;
 use common::{codec, engine_config, repo_model, token_request, TestServer};
+use mlxd::compute::batch::BatchInput;
+use mlxd::compute::paged_kv::PagedKvCache;
 use mlxd::engine::{EngineHandle, ModelLoader, TokenEvent};
-use mlxd::models::{BatchInput, Model, ModelConfig, PagedKvCache};
+use mlxd::models::{Model, ModelConfig};
 use mlxd::request::SamplingParams;
 use serde_json::json;
 

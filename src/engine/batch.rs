@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Result, Tensor};
 
-use crate::models::BatchInput;
+use crate::compute::batch::BatchInput;
 use crate::scheduler::{Scheduler, SchedulerOutput};
 
 /// One step's inputs on the host (see `BatchInput` for each field's meaning).

@@ -13,8 +13,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use crate::compute::batch::{BatchInput, FixedDecode};
-pub use crate::compute::paged_kv::{KvLayout, PagedKvCache};
+use crate::compute::batch::BatchInput;
+use crate::compute::paged_kv::PagedKvCache;
 use crate::formats::{is_gguf, read_text, LoadError, LoadProgress};
 
 /// Architecture facts the engine and server need, independent of the family.

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+use mlxd::compute::batch::BatchInput;
+use mlxd::compute::paged_kv::{KvLayout, PagedKvCache};
 use mlxd::formats::LoadProgress;
-use mlxd::models::{self, BatchInput, KvLayout, Model, PagedKvCache};
+use mlxd::models::{self, Model};
 
 /// `../shared/<rel>` from the crate root.
 pub fn shared(rel: &str) -> PathBuf {

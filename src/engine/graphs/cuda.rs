@@ -16,9 +16,11 @@ use candle_core::cuda_backend::cudarc::driver::CudaGraph;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::compute::batch::{BatchInput, FixedDecode};
 use crate::compute::cuda;
+use crate::compute::paged_kv::PagedKvCache;
 use crate::engine::batch::HostBatch;
-use crate::models::{BatchInput, FixedDecode, Model, PagedKvCache};
+use crate::models::Model;
 
 /// Batch sizes with a graph of their own; a batch runs in the smallest that holds it.
 const BUCKETS: [usize; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];

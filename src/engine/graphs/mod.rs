@@ -13,8 +13,9 @@ pub use off::DecodeGraphs;
 mod off {
     use candle_core::{Device, Result, Tensor};
 
+    use crate::compute::paged_kv::PagedKvCache;
     use crate::engine::batch::HostBatch;
-    use crate::models::{Model, PagedKvCache};
+    use crate::models::Model;
 
     /// Cannot exist without the `cuda` feature.
     pub enum DecodeGraphs {}
