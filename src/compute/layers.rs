@@ -1,5 +1,7 @@
-//! Building blocks shared by every model family: linear layers, RMSNorm, rotary embeddings,
-//! the gated MLP.
+//! The layer types every model family is written in: linear layers, token embeddings,
+//! RMSNorm, rotary embeddings, the gated MLP. Each holds its weights in the form its device
+//! computes fastest (`formats::layers` decides that form at load) and runs on candle ops, the
+//! CPU kernels (`cpu`) or the fused CUDA kernels (`fused`).
 
 use std::sync::Arc;
 

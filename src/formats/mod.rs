@@ -1,4 +1,11 @@
-//! Weight files and how they load.
+//! Weight files and how they load: Hugging Face safetensors folders (`weights`), GGUF files
+//! (`gguf`, their block layouts in `ggml`), MLX affine-quantized weights (`mlx`), all addressed
+//! by Hugging Face tensor names through one `WeightSource` (`source`), from which
+//! `formats::layers` builds compute's layer types (which in-memory form each format takes on
+//! each device). Also what every loader shares: `LoadError`, `LoadProgress`, `read_text`.
+//!
+//! Owner: the engine thread while a model loads (and the catalog or `mlxd list` reading
+//! headers). Nothing here knows a family: `models` decides which tensors a family needs.
 
 pub mod ggml;
 pub mod gguf;

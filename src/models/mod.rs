@@ -1,4 +1,8 @@
-//! Model families on candle tensors, weight loading and the forward contract the engine uses.
+//! What a model is: the forward contract the engine uses (`Model`), the one transformer
+//! (`decoder`, driven by a `DecoderSpec`), the family files that map a config.json onto a spec
+//! (`llama`, `gemma3`, `phi3`), and `load()`, which opens a folder or GGUF file (`formats`) and
+//! picks the family. Families are written in compute's layer types (`compute::layers`,
+//! `compute::attention`) and never see a device, a kernel or a file format.
 //!
 //! Owner: the engine thread. Models are stateless (`&self`): KV lives in `PagedKvCache` and
 //! positions come from `BatchInput`, so one model serves any mix of sequences.

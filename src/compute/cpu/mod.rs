@@ -1,6 +1,8 @@
-//! Quantized and f16 weights on the CPU, kept packed in memory. Every block format is repacked
-//! into one layout (`packed`) and f16 into another (`half`), both multiplied by the
-//! weight-stationary kernels of `kernels`; `mlx` and `ggml` decode the file formats.
+//! The CPU's own compute. Quantized and f16 weights are kept packed in memory: every block
+//! format is repacked into one layout (`packed`) and f16 into another (`half`), both multiplied
+//! by the weight-stationary kernels of `kernels` (`HostMatrix::matmul`); `formats::mlx` and
+//! `formats::ggml` decode the file formats into them. `host_ops` holds the f32 element-wise
+//! passes (SiLU·up, the vectorizable exp attention shares).
 
 pub mod half;
 pub mod host_ops;
