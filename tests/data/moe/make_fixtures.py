@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Tiny random-weight mixture-of-experts models and their transformers references, for
+tests/moe_models.rs. Pinned: transformers 5.25.0, torch 2.15.0 (CPU float32).
+
+    python3 -m venv /tmp/refs && /tmp/refs/bin/pip install torch==2.15.0 transformers==5.25.0
+    /tmp/refs/bin/python tests/data/moe/make_fixtures.py --out tests/data/moe
+
+For each architecture it writes <arch>/f32/ (config.json in the Hub's classic keys and
+model.safetensors as `save_pretrained` writes it: one tensor per expert, as the Hub's
+checkpoints hold them) and <arch>/refs/transformers-f32.{json,safetensors}: per prompt, the
+greedy continuation and the logits of every greedy step (each prompt computed alone, no
+padding). The seed is the first from SEED_BASE whose every greedy step has a top-1/top-2 logit
+margin of at least MIN_MARGIN, so the greedy ids are robust to float32 rounding.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
+
+SEED_BASE = 1000
+MIN_MARGIN = 2e-3
+GREEDY_STEPS = 16
+VOCAB = 512
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+ARCHS = {
+    # Qwen3-30B-A3B's shape in small: q/k norms, head_dim 32 != hidden / heads, 8 experts of
+    # which 2 per token, top-k weights NOT renormalized, and one dense layer (mlp_only_layers)
+    # to exercise the mix.
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        dict(
+            COMMON,
+            head_dim=32,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            rope_theta=1e6,
+        ),
+    ),
+    # Mixtral: every layer sparse (`block_sparse_moe`, experts w1/w2/w3), top-2 renormalized.
+    "mixtral": (
+        MixtralConfig,
+        dict(COMMON, head_dim=16, intermediate_size=48, num_local_experts=6, num_experts_per_tok=2, rope_theta=1e6),
+    ),
+}
+
+
+def init_weights(model, seed):
+    """Every parameter matters: norms random around 1, linear weights ~ N(0, 1/fan_in), q/k
+    scaled so attention is far from uniform, the router scaled so routing is decisive."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("q_norm.weight") or name.endswith("k_norm.weight"):
+                v = 2.0 + 0.3 * r
+            elif name.endswith("norm.weight"):
+                v = 1.0 + 0.3 * r
+            elif name.endswith("embed_tokens.weight"):
+                v = r
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                v = r * (3.0 / p.shape[-1] ** 0.5)
+            elif p.ndim in (2, 3):
+                gain = 2.0 if any(k in name for k in ("q_proj", "k_proj")) else 1.0
+                v = r * (gain / p.shape[-1] ** 0.5)
+            else:
+                raise ValueError(f"unhandled parameter {name} {tuple(p.shape)}")
+            p.copy_(v.to(p.dtype))
+
+
+def prompts(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
+    return [("p1", ids(1)), ("p7", ids(7)), ("p33", ids(33)), ("b0", ids(12)), ("b1", ids(5))]
+
+
+def greedy(model, ids):
+    """Greedy steps from `ids`, each a full forward of the sequence so far (no cache)."""
+    seq, out, logits, margin = list(ids), [], [], float("inf")
+    with torch.no_grad():
+        for _ in range(GREEDY_STEPS):
+            last = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+            top = torch.topk(last, 2).values
+            margin = min(margin, float(top[0] - top[1]))
+            nxt = int(torch.argmax(last))
+            logits.append(last)
+            out.append(nxt)
+            seq.append(nxt)
+    return out, torch.stack(logits), margin
+
+
+def build(arch, out):
+    cls, kwargs = ARCHS[arch]
+    for seed in range(SEED_BASE, SEED_BASE + 200):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cls(**kwargs), dtype=torch.float32).eval()
+        init_weights(model, seed)
+        runs = [(name, ids, *greedy(model, ids)) for name, ids in prompts(seed)]
+        worst = min(r[4] for r in runs)
+        distinct = min(len(set(r[2])) for r in runs)
+        if worst >= MIN_MARGIN and distinct >= 4:
+            break
+    else:
+        raise SystemExit(f"{arch}: no seed with margin {MIN_MARGIN}")
+    folder = out / arch / "f32"
+    model.save_pretrained(folder, safe_serialization=True)
+    # The Hub's classic config keys, as real checkpoints ship them.
+    config = {"architectures": [model.config.architectures[0]], "model_type": model.config.model_type}
+    config.update(kwargs)
+    config["torch_dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "generation_config.json").unlink(missing_ok=True)
+    refs = out / arch / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "seed": seed,
+        "greedy_steps": GREEDY_STEPS,
+        "min_margin": worst,
+        "sequences": [{"name": n, "prompt_ids": ids, "greedy_ids": toks} for n, ids, toks, _, _ in runs],
+    }
+    (refs / "transformers-f32.json").write_text(json.dumps(meta) + "\n")
+    save_file({f"{n}.step_logits": lg.contiguous() for n, _, _, lg, _ in runs}, refs / "transformers-f32.safetensors")
+    print(f"{arch}: seed {seed}, min margin {worst:.4f}, {sum(p.numel() for p in model.parameters())} parameters")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("archs", nargs="*", default=list(ARCHS))
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    for arch in args.archs:
+        build(arch, args.out)
+
+
+if __name__ == "__main__":
+    main()
