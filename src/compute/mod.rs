@@ -1,5 +1,5 @@
 //! How each device computes what the model families describe: the layer types a family is
-//! written in (`layers`: `Linear`, `Embed`, `RmsNorm`, `Rotary`, `GatedMlp`), the one paged
+//! written in (`layers`: `Linear`, `Embed`, `RmsNorm`, `Rotary`, `GatedMlp`; `experts`: `SparseMoe`), the one paged
 //! attention path (`attention`) over the KV memory (`paged_kv`), a step's packed input
 //! (`batch`), and below them each device's own code: the CPU's weight layouts and kernels
 //! (`cpu`), mlxd's CUDA kernels (`cuda`, behind the `fused` and `attention::kernel` facades
@@ -14,6 +14,7 @@ pub mod batch;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod experts;
 pub mod fused;
 pub mod layers;
 pub mod paged_kv;

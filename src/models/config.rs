@@ -216,6 +216,21 @@ pub struct HfConfig {
     /// EOS id(s) as in config.json (an int or a list).
     #[serde(default)]
     pub eos_token_id: Option<Value>,
+    /// Experts per sparse layer (Qwen-MoE's name).
+    pub num_experts: Option<usize>,
+    /// Experts per sparse layer (Mixtral's name).
+    pub num_local_experts: Option<usize>,
+    /// Experts each token is routed to.
+    pub num_experts_per_tok: Option<usize>,
+    /// Inner width of each expert (Qwen-MoE; Mixtral's experts use `intermediate_size`).
+    pub moe_intermediate_size: Option<usize>,
+    /// Renormalize the kept experts' probabilities (Qwen-MoE).
+    pub norm_topk_prob: Option<bool>,
+    /// Every n-th layer is sparse (Qwen-MoE).
+    pub decoder_sparse_step: Option<usize>,
+    /// Layers that keep the dense MLP (Qwen-MoE).
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
 }
 
 fn default_max_position() -> usize {

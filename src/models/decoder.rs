@@ -10,6 +10,7 @@ use super::config::{HfConfig, LayerType, RopeConfig};
 use super::{Model, ModelConfig};
 use crate::compute::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
 use crate::compute::batch::BatchInput;
+use crate::compute::experts::{Routing, SparseMoe};
 use crate::compute::layers::{Activation, Embed, GatedMlp, Linear, RmsNorm, Rotary, RotaryAtPositions};
 use crate::compute::paged_kv::{LayerKv, PagedKvCache};
 use crate::formats::source::WeightSource;
@@ -50,8 +51,10 @@ pub struct DecoderSpec {
     pub fused_qkv: bool,
     /// RMSNorm over each head of q and k before rope (`q_norm`, `k_norm`).
     pub qk_norm: bool,
-    /// The MLP.
+    /// The MLP (of every layer, or of the layers `moe` leaves dense).
     pub mlp: MlpSpec,
+    /// The mixture-of-experts block and the layers that use it instead of the MLP.
+    pub moe: Option<MoeSpec>,
     /// Embeddings are multiplied by this (Gemma: √hidden).
     pub embed_scale: Option<f64>,
     /// Attention score multiplier.
@@ -110,8 +113,10 @@ impl DecoderSpec {
                 intermediate: cfg.intermediate_size,
                 bias: cfg.mlp_bias,
                 fused_gate_up: false,
+                names: MlpNames::HF,
                 activation,
             },
+            moe: None,
             embed_scale: None,
             attn_scale: 1.0 / (dims.head_dim as f64).sqrt(),
             attn_softcap: cfg.attn_logit_softcapping,
@@ -253,14 +258,60 @@ pub struct MlpSpec {
     pub bias: bool,
     /// One `gate_up_proj` (rows: gate, then up) instead of two projections.
     pub fused_gate_up: bool,
+    /// Tensor names of the projections.
+    pub names: MlpNames,
     /// Gate activation.
     pub activation: Activation,
+}
+
+/// The tensor names of a gated MLP's projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlpNames {
+    /// The gate projection (or, with `fused_gate_up`, the fused one).
+    pub gate: &'static str,
+    /// The up projection.
+    pub up: &'static str,
+    /// The down projection.
+    pub down: &'static str,
+}
+
+impl MlpNames {
+    /// Hugging Face's usual names (`gate_up_proj` when fused).
+    pub const HF: MlpNames = MlpNames {
+        gate: "gate_proj",
+        up: "up_proj",
+        down: "down_proj",
+    };
+    /// Mixtral's experts: `w1` gate, `w3` up, `w2` down.
+    pub const MIXTRAL: MlpNames = MlpNames {
+        gate: "w1",
+        up: "w3",
+        down: "w2",
+    };
+}
+
+/// A sparse mixture-of-experts block (`compute::experts::SparseMoe`): its shape, routing,
+/// tensor names and the layers that have one.
+#[derive(Clone, Debug)]
+pub struct MoeSpec {
+    /// Experts in each sparse layer.
+    pub num_experts: usize,
+    /// How the router's scores pick and weigh experts.
+    pub routing: Routing,
+    /// Each expert's MLP (hidden, inner width, names, activation).
+    pub expert: MlpSpec,
+    /// The block's name in a layer (`mlp`, Mixtral's `block_sparse_moe`); the router is
+    /// `<block>.gate`, expert `e` is `<block>.experts.<e>`.
+    pub block: &'static str,
+    /// Per layer: sparse (true) or the dense MLP.
+    pub sparse_layers: Vec<bool>,
 }
 
 /// Loads `gate_proj` + `up_proj` (or `gate_up_proj`) and `down_proj` under `vb`, the gate and
 /// up projections fused into one product where that pays (`Linear::fuse`).
 fn load_mlp(vb: WeightSource, spec: MlpSpec) -> Result<GatedMlp> {
     let (h, i) = (spec.hidden, spec.intermediate);
+    let names = spec.names;
     let (gate, up) = if spec.fused_gate_up {
         let fused = vb.pp("gate_up_proj").linear(h, 2 * i, spec.bias)?;
         let mut parts = fused.split_rows(&[i, i])?.into_iter();
@@ -268,15 +319,48 @@ fn load_mlp(vb: WeightSource, spec: MlpSpec) -> Result<GatedMlp> {
         (gate, parts.next().expect("two parts"))
     } else {
         (
-            vb.pp("gate_proj").linear(h, i, spec.bias)?,
-            vb.pp("up_proj").linear(h, i, spec.bias)?,
+            vb.pp(names.gate).linear(h, i, spec.bias)?,
+            vb.pp(names.up).linear(h, i, spec.bias)?,
         )
     };
-    let down = vb.pp("down_proj").linear(i, h, spec.bias)?;
+    let down = vb.pp(names.down).linear(i, h, spec.bias)?;
     Ok(match Linear::fuse(&[&gate, &up], vb.device())? {
         Some(gate_up) => GatedMlp::fused(gate_up, i, down, spec.activation),
         None => GatedMlp::separate(gate, up, down, spec.activation),
     })
+}
+
+/// Loads a layer's mixture-of-experts block under `vb` (the layer).
+fn load_moe(vb: WeightSource, spec: &MoeSpec) -> Result<SparseMoe> {
+    let block = vb.pp(spec.block);
+    let router = block.pp("gate").linear(spec.expert.hidden, spec.num_experts, false)?;
+    let experts = (0..spec.num_experts)
+        .map(|e| load_mlp(block.pp(format!("experts.{e}")), spec.expert))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SparseMoe::new(router, experts, spec.routing))
+}
+
+/// A layer's feed-forward block.
+#[derive(Debug)]
+enum FeedForward {
+    Dense(GatedMlp),
+    Sparse(SparseMoe),
+}
+
+impl FeedForward {
+    fn load(vb: WeightSource, spec: &DecoderSpec, layer: usize) -> Result<Self> {
+        match &spec.moe {
+            Some(moe) if moe.sparse_layers[layer] => Ok(Self::Sparse(load_moe(vb, moe)?)),
+            _ => Ok(Self::Dense(load_mlp(vb.pp("mlp"), spec.mlp)?)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(mlp) => mlp.forward(x),
+            Self::Sparse(moe) => moe.forward(x),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -285,12 +369,12 @@ struct DecoderLayer {
     attn: Attention,
     attn_out_norm: Option<RmsNorm>,
     mlp_norm: RmsNorm,
-    mlp: GatedMlp,
+    mlp: FeedForward,
     mlp_out_norm: Option<RmsNorm>,
 }
 
 impl DecoderLayer {
-    fn load(vb: WeightSource, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
+    fn load(vb: WeightSource, spec: &DecoderSpec, index: usize, layer: LayerType) -> Result<Self> {
         let norm = |name: &str| vb.pp(name).rms_norm(spec.hidden, spec.rms_eps, spec.norm_unit_offset);
         let sandwich = spec.norm_placement == NormPlacement::Sandwich;
         Ok(Self {
@@ -302,7 +386,7 @@ impl DecoderLayer {
             } else {
                 "post_attention_layernorm"
             })?,
-            mlp: load_mlp(vb.pp("mlp"), spec.mlp)?,
+            mlp: FeedForward::load(vb.clone(), spec, index)?,
             mlp_out_norm: sandwich.then(|| norm("post_feedforward_layernorm")).transpose()?,
         })
     }
@@ -360,7 +444,7 @@ impl Decoder {
             .iter()
             .enumerate()
             .map(|(i, &kind)| {
-                let layer = DecoderLayer::load(m.pp(format!("layers.{i}")), spec, kind);
+                let layer = DecoderLayer::load(m.pp(format!("layers.{i}")), spec, i, kind);
                 progress.inc();
                 layer
             })

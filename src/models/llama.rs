@@ -1,8 +1,10 @@
 //! Llama-shaped families: Llama 2/3.x (incl. `llama3` rope scaling), TinyLlama, Mistral,
-//! Qwen2/2.5 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+//! Qwen2/2.5 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), and their mixture-of-experts kin:
+//! Qwen3-MoE (Qwen3 with sparse layers) and Mixtral (Mistral with sparse layers).
 
 use super::config::HfConfig;
-use super::decoder::DecoderSpec;
+use super::decoder::{DecoderSpec, MlpNames, MlpSpec, MoeSpec};
+use crate::compute::experts::Routing;
 use crate::formats::LoadError;
 
 /// The decoder spec of a Llama-shaped `model_type`.
@@ -20,6 +22,15 @@ pub fn spec(cfg: &HfConfig, model_type: &str) -> Result<DecoderSpec, LoadError> 
             qk_norm: true,
             ..sliding_if_enabled(base, cfg)
         },
+        "qwen3_moe" => DecoderSpec {
+            qk_norm: true,
+            moe: Some(qwen_moe(cfg, &base.mlp)?),
+            ..sliding_if_enabled(base, cfg)
+        },
+        "mixtral" => DecoderSpec {
+            moe: Some(mixtral_moe(cfg, &base.mlp)?),
+            ..base.with_uniform_sliding_window(cfg)
+        },
         _ => base,
     })
 }
@@ -31,4 +42,59 @@ fn sliding_if_enabled(base: DecoderSpec, cfg: &HfConfig) -> DecoderSpec {
     } else {
         base
     }
+}
+
+/// A required MoE key of config.json.
+fn moe_key(value: Option<usize>, key: &str) -> Result<usize, LoadError> {
+    value
+        .filter(|&v| v > 0)
+        .ok_or_else(|| LoadError::Unsupported(format!("a mixture-of-experts config without `{key}`")))
+}
+
+/// Qwen-MoE's sparse layers: every `decoder_sparse_step`-th layer not in `mlp_only_layers`,
+/// each with `num_experts` experts of `moe_intermediate_size`.
+fn qwen_moe(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
+    let num_experts = moe_key(cfg.num_experts, "num_experts")?;
+    let step = cfg.decoder_sparse_step.unwrap_or(1).max(1);
+    Ok(MoeSpec {
+        num_experts,
+        routing: routing(cfg, num_experts, cfg.norm_topk_prob.unwrap_or(false))?,
+        expert: MlpSpec {
+            intermediate: moe_key(cfg.moe_intermediate_size, "moe_intermediate_size")?,
+            bias: false,
+            ..*mlp
+        },
+        block: "mlp",
+        sparse_layers: (0..cfg.num_hidden_layers)
+            .map(|i| !cfg.mlp_only_layers.contains(&i) && (i + 1) % step == 0)
+            .collect(),
+    })
+}
+
+/// Mixtral: every layer sparse (`block_sparse_moe`), experts `w1`/`w3`/`w2` of
+/// `intermediate_size`, the kept probabilities renormalized.
+fn mixtral_moe(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
+    let num_experts = moe_key(cfg.num_local_experts, "num_local_experts")?;
+    Ok(MoeSpec {
+        num_experts,
+        routing: routing(cfg, num_experts, true)?,
+        expert: MlpSpec {
+            bias: false,
+            names: MlpNames::MIXTRAL,
+            ..*mlp
+        },
+        block: "block_sparse_moe",
+        sparse_layers: vec![true; cfg.num_hidden_layers],
+    })
+}
+
+/// The top-k routing of config.json's `num_experts_per_tok`.
+fn routing(cfg: &HfConfig, num_experts: usize, normalize: bool) -> Result<Routing, LoadError> {
+    let top_k = moe_key(cfg.num_experts_per_tok, "num_experts_per_tok")?;
+    if top_k > num_experts {
+        return Err(LoadError::Unsupported(format!(
+            "num_experts_per_tok {top_k} is more than the {num_experts} experts"
+        )));
+    }
+    Ok(Routing { top_k, normalize })
 }

@@ -74,11 +74,13 @@ pub trait Model: Send {
 }
 
 /// `architectures[0]` values mlxd can load.
-pub const SUPPORTED_ARCHITECTURES: [&str; 7] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
+    "MixtralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",
     "Phi3ForCausalLM",
@@ -251,9 +253,12 @@ fn family_spec(
         .or_else(|| cfg.model_type.clone())
         .unwrap_or_default();
     match arch.as_str() {
-        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" => {
-            llama::spec(cfg, cfg.model_type.as_deref().unwrap_or("llama"))
-        }
+        "LlamaForCausalLM"
+        | "MistralForCausalLM"
+        | "MixtralForCausalLM"
+        | "Qwen2ForCausalLM"
+        | "Qwen3ForCausalLM"
+        | "Qwen3MoeForCausalLM" => llama::spec(cfg, cfg.model_type.as_deref().unwrap_or("llama")),
         "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => gemma3::spec(cfg, src),
         "Phi3ForCausalLM" => phi3::spec(cfg),
         other => Err(LoadError::Unsupported(format!(

@@ -1,0 +1,146 @@
+//! A sparse mixture-of-experts feed-forward block: a router picks `top_k` of `num_experts`
+//! gated MLPs per token and the block returns their outputs weighted by the router's
+//! probabilities (Qwen3-MoE, Mixtral; transformers' `*SparseMoeBlock`).
+//!
+//! Experts run grouped: the rows routed to an expert are gathered and multiplied by that
+//! expert's weights in one product, so each expert's weights are read once per step for all
+//! its rows (weight-stationary, whatever the batch) and no expert without rows is touched.
+//! Outputs are added back in ascending expert order, as transformers does.
+//!
+//! The routing (softmax and top-k over a few experts per token) is decided on the host; on a
+//! GPU that is one small copy per layer, which keeps such steps out of CUDA graphs.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::layers::{GatedMlp, Linear};
+
+/// How the router's scores become per-token expert weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Routing {
+    /// Experts per token.
+    pub top_k: usize,
+    /// Divide the kept probabilities by their sum (Mixtral; Qwen3-MoE's `norm_topk_prob`).
+    pub normalize: bool,
+}
+
+/// The router and the experts of one layer.
+#[derive(Debug)]
+pub struct SparseMoe {
+    router: Linear,
+    experts: Vec<GatedMlp>,
+    routing: Routing,
+}
+
+/// The rows routed to one expert and their weights.
+#[derive(Debug, Default, PartialEq)]
+struct ExpertRows {
+    rows: Vec<u32>,
+    weights: Vec<f32>,
+}
+
+impl SparseMoe {
+    /// A block over `experts` (one gated MLP each) chosen by `router` (`[num_experts, hidden]`).
+    pub fn new(router: Linear, experts: Vec<GatedMlp>, routing: Routing) -> Self {
+        Self {
+            router,
+            experts,
+            routing,
+        }
+    }
+
+    /// Applies the block to `[T, hidden]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let scores: Vec<Vec<f32>> = self.router.forward(x)?.to_dtype(DType::F32)?.to_vec2()?;
+        let groups = route(&scores, self.experts.len(), self.routing)?;
+        let mut out = x.zeros_like()?;
+        for (expert, group) in self.experts.iter().zip(&groups) {
+            if group.rows.is_empty() {
+                continue;
+            }
+            let n = group.rows.len();
+            let rows = Tensor::from_slice(&group.rows, n, x.device())?;
+            let y = expert.forward(&x.index_select(&rows, 0)?)?;
+            let weights = Tensor::from_slice(&group.weights, (n, 1), x.device())?.to_dtype(y.dtype())?;
+            out = out.index_add(&rows, &y.broadcast_mul(&weights)?, 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Each expert's rows and weights: per row, the softmax of its scores, the `top_k` largest
+/// (ties to the lower expert), renormalized when the routing says so.
+fn route(scores: &[Vec<f32>], num_experts: usize, routing: Routing) -> Result<Vec<ExpertRows>> {
+    if routing.top_k == 0 || routing.top_k > num_experts {
+        candle_core::bail!("top-{} routing over {num_experts} experts", routing.top_k);
+    }
+    let mut groups: Vec<ExpertRows> = (0..num_experts).map(|_| ExpertRows::default()).collect();
+    let mut order: Vec<usize> = Vec::with_capacity(num_experts);
+    for (row, s) in scores.iter().enumerate() {
+        if s.len() != num_experts {
+            candle_core::bail!("router gives {} scores for {num_experts} experts", s.len());
+        }
+        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f32> = s.iter().map(|&v| (v - max).exp()).collect();
+        let total: f32 = exp.iter().sum();
+        order.clear();
+        order.extend(0..num_experts);
+        order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+        let kept = &order[..routing.top_k];
+        let kept_sum: f32 = kept.iter().map(|&e| exp[e] / total).sum();
+        for &e in kept {
+            let p = exp[e] / total;
+            groups[e].rows.push(row as u32);
+            groups[e].weights.push(if routing.normalize { p / kept_sum } else { p });
+        }
+    }
+    Ok(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_keeps_the_top_k_probabilities_per_row() -> Result<()> {
+        // Row 0: experts 2 and 0 win; row 1: expert 1 then a tie between 0 and 2 (lower wins).
+        let scores = vec![vec![1.0, 0.0, 2.0], vec![0.0, 3.0, 0.0]];
+        let plain = route(
+            &scores,
+            3,
+            Routing {
+                top_k: 2,
+                normalize: false,
+            },
+        )?;
+        let e = |v: f32| v.exp();
+        let (z0, z1) = (e(1.0) + e(0.0) + e(2.0), e(0.0) + e(3.0) + e(0.0));
+        assert_eq!(plain[0].rows, vec![0, 1]);
+        assert_eq!(plain[1].rows, vec![1]);
+        assert_eq!(plain[2].rows, vec![0]);
+        assert!((plain[0].weights[0] - e(1.0) / z0).abs() < 1e-6);
+        assert!((plain[0].weights[1] - 1.0 / z1).abs() < 1e-6);
+        assert!((plain[1].weights[0] - e(3.0) / z1).abs() < 1e-6);
+        assert!((plain[2].weights[0] - e(2.0) / z0).abs() < 1e-6);
+        let normalized = route(
+            &scores,
+            3,
+            Routing {
+                top_k: 2,
+                normalize: true,
+            },
+        )?;
+        let sum0 = normalized[0].weights[0] + normalized[2].weights[0];
+        let sum1 = normalized[0].weights[1] + normalized[1].weights[0];
+        assert!((sum0 - 1.0).abs() < 1e-6 && (sum1 - 1.0).abs() < 1e-6);
+        assert!(route(
+            &scores,
+            3,
+            Routing {
+                top_k: 4,
+                normalize: false
+            }
+        )
+        .is_err());
+        Ok(())
+    }
+}

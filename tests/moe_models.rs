@@ -1,0 +1,88 @@
+//! Mixture-of-experts families (Qwen3-MoE, Mixtral) against transformers' float32 references
+//! (`tests/data/moe/make_fixtures.py`): every greedy step's logits and ids, and batch
+//! invariance of the routed experts.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use common::{ids, max_abs_diff, read_json, ModelRunner};
+
+/// Two float32 implementations agree to ~1e-5; the fixtures' greedy margins are ≥ 2e-3.
+const F32_TOL: f32 = 2e-4;
+
+fn fixture(arch: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/moe")
+        .join(arch)
+}
+
+/// Every prompt of the reference set, run together in one batch per step.
+fn check_against_transformers(arch: &str) {
+    let refs = fixture(arch).join("refs");
+    let json = read_json(&refs.join("transformers-f32.json"));
+    let tensors = candle_core::safetensors::load(refs.join("transformers-f32.safetensors"), &Device::Cpu)
+        .expect("reference tensors");
+    let seqs = json["sequences"].as_array().expect("sequences");
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
+    let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
+    let mut runner = ModelRunner::load(&fixture(arch).join("f32"), DType::F32, prompts.len(), 128);
+    let run = runner.greedy(&prompts, steps);
+    for (i, s) in seqs.iter().enumerate() {
+        let name = s["name"].as_str().expect("name");
+        assert_eq!(run.tokens[i], ids(&s["greedy_ids"]), "{arch} {name}: greedy tokens");
+        let want = tensors[&format!("{name}.step_logits")]
+            .to_vec2::<f32>()
+            .expect("step logits");
+        for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
+            let diff = max_abs_diff(got, want);
+            assert!(diff < F32_TOL, "{arch} {name} step {step}: logits differ by {diff}");
+        }
+    }
+}
+
+#[test]
+fn qwen3_moe_matches_transformers_f32_batched() {
+    check_against_transformers("qwen3_moe");
+}
+
+#[test]
+fn mixtral_matches_transformers_f32_batched() {
+    check_against_transformers("mixtral");
+}
+
+/// A request alone and among 7 others (whose tokens reach other experts, and the same experts
+/// in other row counts) gets the same greedy tokens.
+#[test]
+fn routed_experts_are_batch_invariant() {
+    for arch in ["qwen3_moe", "mixtral"] {
+        let refs = read_json(&fixture(arch).join("refs/transformers-f32.json"));
+        let seqs = refs["sequences"].as_array().expect("sequences");
+        let probe = ids(&seqs[2]["prompt_ids"]);
+        let others: Vec<Vec<u32>> = (0..7u32)
+            .map(|k| (0..5 + 3 * k).map(|j| 3 + (k * 97 + j * 31) % 500).collect())
+            .collect();
+        let alone = ModelRunner::load(&fixture(arch).join("f32"), DType::F32, 1, 128).greedy(&[probe.clone()], 16);
+        let mut batch = vec![probe];
+        batch.extend(others);
+        let together = ModelRunner::load(&fixture(arch).join("f32"), DType::F32, 8, 128).greedy(&batch, 16);
+        assert_eq!(alone.tokens[0], together.tokens[0], "{arch}: alone vs among 7 others");
+    }
+}
+
+#[test]
+fn a_moe_config_without_its_expert_count_is_a_load_error_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("mlxd-moe-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let src = fixture("qwen3_moe").join("f32");
+    let mut config: serde_json::Value = read_json(&src.join("config.json"));
+    config.as_object_mut().expect("object").remove("num_experts");
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).expect("weights");
+    let err = mlxd::models::load(&dir, &Device::Cpu, DType::F32, &mlxd::formats::LoadProgress::hidden())
+        .err()
+        .expect("load error");
+    assert!(err.to_string().contains("num_experts"), "{err}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
