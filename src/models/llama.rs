@@ -98,3 +98,28 @@ fn routing(cfg: &HfConfig, num_experts: usize, normalize: bool) -> Result<Routin
     }
     Ok(Routing { top_k, normalize })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qwen_moe_layers_are_sparse_by_step_except_the_dense_ones() {
+        let text = r#"{"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "vocab_size": 512, "num_experts": 8,
+            "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 2,
+            "mlp_only_layers": [3]}"#;
+        let cfg = HfConfig::parse(text, "config.json").expect("config");
+        let moe = spec(&cfg, "qwen3_moe").expect("spec").moe.expect("moe");
+        assert_eq!(moe.sparse_layers, [false, true, false, false, false, true]);
+        assert_eq!(
+            moe.routing,
+            Routing {
+                top_k: 2,
+                normalize: false
+            }
+        );
+        assert_eq!(moe.expert.intermediate, 32);
+    }
+}

@@ -3,17 +3,19 @@
 tests/moe_models.rs. Pinned: transformers 5.25.0, torch 2.15.0 (CPU float32).
 
     python3 -m venv /tmp/refs && /tmp/refs/bin/pip install torch==2.15.0 transformers==5.25.0
-    /tmp/refs/bin/python tests/data/moe/make_fixtures.py --out tests/data/moe
+    /tmp/refs/bin/python tests/data/moe/make_fixtures.py --out tests/data/moe --tokenizers ../shared/fixtures
 
 For each architecture it writes <arch>/f32/ (config.json in the Hub's classic keys and
 model.safetensors as `save_pretrained` writes it: one tensor per expert, as the Hub's
-checkpoints hold them) and <arch>/refs/transformers-f32.{json,safetensors}: per prompt, the
+checkpoints hold them; the tokenizer and generation config of the dense fixture of the same
+family, whose vocabulary of 512 the models share, so the folders can be served and converted) and <arch>/refs/transformers-f32.{json,safetensors}: per prompt, the
 greedy continuation and the logits of every greedy step (each prompt computed alone, no
 padding). The seed is the first from SEED_BASE whose every greedy step has a top-1/top-2 logit
 margin of at least MIN_MARGIN, so the greedy ids are robust to float32 rounding.
 """
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +28,10 @@ MIN_MARGIN = 2e-3
 GREEDY_STEPS = 16
 VOCAB = 512
 
+# The dense fixture whose tokenizer each architecture takes.
+TOKENIZER_FROM = {"qwen3_moe": "qwen3", "mixtral": "mistral"}
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=64,
@@ -35,14 +41,12 @@ COMMON = dict(
     max_position_embeddings=256,
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
 )
 
 ARCHS = {
     # Qwen3-30B-A3B's shape in small: q/k norms, head_dim 32 != hidden / heads, 8 experts of
-    # which 2 per token, top-k weights NOT renormalized, and one dense layer (mlp_only_layers)
-    # to exercise the mix.
+    # which 2 per token, top-k weights NOT renormalized, every layer sparse (as the released
+    # models and llama.cpp's `qwen3moe` have them).
     "qwen3_moe": (
         Qwen3MoeConfig,
         dict(
@@ -54,7 +58,7 @@ ARCHS = {
             num_experts_per_tok=2,
             norm_topk_prob=False,
             decoder_sparse_step=1,
-            mlp_only_layers=[1],
+            mlp_only_layers=[],
             rope_theta=1e6,
         ),
     ),
@@ -110,8 +114,11 @@ def greedy(model, ids):
     return out, torch.stack(logits), margin
 
 
-def build(arch, out):
+def build(arch, out, tokenizers):
     cls, kwargs = ARCHS[arch]
+    source = tokenizers / TOKENIZER_FROM[arch] / "f32"
+    source_config = json.loads((source / "config.json").read_text())
+    kwargs = dict(kwargs, **{k: source_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     for seed in range(SEED_BASE, SEED_BASE + 200):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(cls(**kwargs), dtype=torch.float32).eval()
@@ -130,7 +137,8 @@ def build(arch, out):
     config.update(kwargs)
     config["torch_dtype"] = "float32"
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "generation_config.json").unlink(missing_ok=True)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, folder / name)
     refs = out / arch / "refs"
     refs.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -148,11 +156,12 @@ def build(arch, out):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokenizers", type=Path, required=True, help="the shared fixtures folder")
     p.add_argument("archs", nargs="*", default=list(ARCHS))
     args = p.parse_args()
     torch.set_num_threads(2)
     for arch in args.archs:
-        build(arch, args.out)
+        build(arch, args.out, args.tokenizers)
 
 
 if __name__ == "__main__":
