@@ -45,8 +45,8 @@ COMMON = dict(
 
 ARCHS = {
     # Qwen3-30B-A3B's shape in small: q/k norms, head_dim 32 != hidden / heads, 8 experts of
-    # which 2 per token, top-k weights NOT renormalized, every layer sparse (as the released
-    # models and llama.cpp's `qwen3moe` have them).
+    # which 2 per token, top-k weights renormalized (`norm_topk_prob`), every layer sparse (as
+    # the released models and llama.cpp's `qwen3moe` have them).
     "qwen3_moe": (
         Qwen3MoeConfig,
         dict(
@@ -56,7 +56,7 @@ ARCHS = {
             moe_intermediate_size=32,
             num_experts=8,
             num_experts_per_tok=2,
-            norm_topk_prob=False,
+            norm_topk_prob=True,
             decoder_sparse_step=1,
             mlp_only_layers=[],
             rope_theta=1e6,
