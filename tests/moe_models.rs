@@ -63,7 +63,8 @@ fn routed_experts_are_batch_invariant() {
         let others: Vec<Vec<u32>> = (0..7u32)
             .map(|k| (0..5 + 3 * k).map(|j| 3 + (k * 97 + j * 31) % 500).collect())
             .collect();
-        let alone = ModelRunner::load(&fixture(arch).join("f32"), DType::F32, 1, 128).greedy(&[probe.clone()], 16);
+        let alone =
+            ModelRunner::load(&fixture(arch).join("f32"), DType::F32, 1, 128).greedy(std::slice::from_ref(&probe), 16);
         let mut batch = vec![probe];
         batch.extend(others);
         let together = ModelRunner::load(&fixture(arch).join("f32"), DType::F32, 8, 128).greedy(&batch, 16);
@@ -85,4 +86,32 @@ fn a_moe_config_without_its_expert_count_is_a_load_error_naming_the_key() {
         .expect("load error");
     assert!(err.to_string().contains("num_experts"), "{err}");
     std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+/// The F32 GGUF that llama.cpp's converter writes of each fixture (experts as 3-D tensors, read
+/// one expert at a time) gives transformers' logits.
+#[test]
+fn f32_gguf_files_match_transformers() {
+    for arch in ["qwen3_moe", "mixtral"] {
+        let refs = fixture(arch).join("refs");
+        let json = read_json(&refs.join("transformers-f32.json"));
+        let tensors = candle_core::safetensors::load(refs.join("transformers-f32.safetensors"), &Device::Cpu)
+            .expect("reference tensors");
+        let seqs = json["sequences"].as_array().expect("sequences");
+        let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
+        let path = fixture(arch).join(format!("gguf/{arch}-f32.gguf"));
+        let run = ModelRunner::load(&path, DType::F32, prompts.len(), 128).greedy(&prompts, 16);
+        for (i, s) in seqs.iter().enumerate() {
+            let name = s["name"].as_str().expect("name");
+            assert_eq!(run.tokens[i], ids(&s["greedy_ids"]), "{arch}-f32.gguf {name}");
+            let want = tensors[&format!("{name}.step_logits")]
+                .to_vec2::<f32>()
+                .expect("logits");
+            let diff = max_abs_diff(&run.step_logits[i][0], &want[0]);
+            assert!(
+                diff < F32_TOL,
+                "{arch}-f32.gguf {name}: first-step logits differ by {diff}"
+            );
+        }
+    }
 }

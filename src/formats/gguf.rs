@@ -5,15 +5,19 @@
 //! llama.cpp conventions honoured here: the `llama` architecture's q/k rows are permuted for
 //! interleaved ("normal") rope; Gemma norms are stored with the +1 already added; Llama 3 rope
 //! scaling is a `rope_freqs` tensor of per-frequency divisors; a missing `output.weight` means
-//! tied embeddings.
+//! tied embeddings; a mixture of experts stores each projection of all experts as one 3-D
+//! tensor (`blk.N.ffn_gate_exps`, `[experts, out, in]`), read here one expert at a time
+//! (`model.layers.N.mlp.experts.E.gate_proj` is expert E's rows), and a `llama` file with
+//! experts is Mixtral.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::json;
 
@@ -102,8 +106,10 @@ impl GgufStore {
 
     /// True when the Hugging Face-named tensor exists in the file.
     pub fn contains(&self, hf_name: &str) -> bool {
-        self.gguf_name(hf_name)
-            .is_some_and(|n| self.content.tensor_infos.contains_key(&n))
+        let Some(info) = self.gguf_name(hf_name).and_then(|n| self.content.tensor_infos.get(&n)) else {
+            return false;
+        };
+        expert_of(hf_name).is_none_or(|e| info.shape.dims().first().is_some_and(|&n| e < n))
     }
 
     fn read(&self, hf_name: &str) -> Result<QTensor> {
@@ -114,7 +120,37 @@ impl GgufStore {
             .file
             .lock()
             .map_err(|_| candle_core::Error::Msg("GGUF file lock poisoned".into()))?;
-        self.content.tensor(&mut *file, &name, &self.device)
+        match expert_of(hf_name) {
+            Some(expert) => self.read_expert(&mut file, &name, expert),
+            None => self.content.tensor(&mut *file, &name, &self.device),
+        }
+    }
+
+    /// Expert `expert`'s `[out, in]` rows of the 3-D tensor `name`: its blocks are one
+    /// contiguous run of the file, read alone.
+    fn read_expert(&self, file: &mut File, name: &str, expert: usize) -> Result<QTensor> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("GGUF tensor `{name}` is missing")))?;
+        let &[experts, out, cols] = info.shape.dims() else {
+            candle_core::bail!(
+                "GGUF tensor `{name}` has shape {:?}, expected [experts, out, in]",
+                info.shape
+            );
+        };
+        if expert >= experts {
+            candle_core::bail!("GGUF tensor `{name}` holds {experts} experts, not expert {expert}");
+        }
+        let dtype = info.ggml_dtype;
+        let bytes = out * cols / dtype.block_size() * dtype.type_size();
+        let start = self.content.tensor_data_offset + info.offset + (expert * bytes) as u64;
+        let mut data = vec![0u8; bytes];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut data)?;
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &self.device, dtype)?;
+        QTensor::new(storage, (out, cols))
     }
 
     /// A float tensor (or any tensor, dequantized) in the compute dtype.
@@ -126,6 +162,9 @@ impl GgufStore {
     /// float tensors are read with `dense`).
     pub fn quantized(&self, hf_name: &str) -> Option<Result<QTensor>> {
         let info = self.content.tensor_infos.get(&self.gguf_name(hf_name)?)?;
+        if expert_of(hf_name).is_some_and(|e| info.shape.dims().first().is_none_or(|&n| e >= n)) {
+            return None;
+        }
         let dense = match info.ggml_dtype {
             GgmlDType::F32 | GgmlDType::BF16 => true,
             GgmlDType::F16 => !self.device.is_cpu(),
@@ -165,6 +204,14 @@ impl GgufStore {
 
     fn block_module(&self, module: &str) -> Option<&'static str> {
         let sandwich = self.arch.starts_with("gemma");
+        if let Some((_, projection)) = expert_parts(module) {
+            return Some(match projection {
+                "gate_proj" | "w1" => "ffn_gate_exps",
+                "up_proj" | "w3" => "ffn_up_exps",
+                "down_proj" | "w2" => "ffn_down_exps",
+                _ => return None,
+            });
+        }
         Some(match module {
             "input_layernorm" => "attn_norm",
             "post_attention_layernorm" if sandwich => "post_attention_norm",
@@ -180,6 +227,7 @@ impl GgufStore {
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
+            "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
             _ => return None,
         })
     }
@@ -200,15 +248,19 @@ impl GgufStore {
     /// builders serve GGUF too.
     pub fn hf_config(&self) -> std::result::Result<serde_json::Value, LoadError> {
         let a = self.arch.as_str();
+        let experts = self.meta_u64(&format!("{a}.expert_count")).filter(|&n| n > 0);
         let (architecture, model_type) = match a {
+            "llama" if experts.is_some() => ("MixtralForCausalLM", "mixtral"),
             "llama" => ("LlamaForCausalLM", "llama"),
             "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
             "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
+            "qwen3moe" => ("Qwen3MoeForCausalLM", "qwen3_moe"),
             "gemma3" => ("Gemma3ForCausalLM", "gemma3_text"),
             "phi3" => ("Phi3ForCausalLM", "phi3"),
             other => {
                 return Err(LoadError::Unsupported(format!(
-                    "GGUF architecture `{other}` (supported: llama, qwen2, qwen3, gemma3, phi3)"
+                    "GGUF architecture `{other}` (supported: llama (and Mixtral), qwen2, qwen3, qwen3moe, gemma3, \
+                     phi3)"
                 )))
             }
         };
@@ -258,6 +310,16 @@ impl GgufStore {
             "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
             "eos_token_id": self.meta_u64("tokenizer.ggml.eos_token_id"),
         });
+        if let Some(experts) = experts {
+            // llama.cpp renormalizes the kept experts' weights of both families.
+            cfg["num_experts"] = json!(experts);
+            cfg["num_local_experts"] = json!(experts);
+            cfg["num_experts_per_tok"] = json!(need("expert_used_count")?);
+            cfg["norm_topk_prob"] = json!(true);
+            if let Some(width) = self.meta_u64(&format!("{a}.expert_feed_forward_length")) {
+                cfg["moe_intermediate_size"] = json!(width);
+            }
+        }
         if let Some(dims) = self.meta_u64(&format!("{a}.rope.dimension_count")) {
             cfg["partial_rotary_factor"] = json!(dims as f64 / head_dim as f64);
         }
@@ -285,4 +347,21 @@ impl GgufStore {
         }
         Ok(cfg)
     }
+}
+
+/// The expert and projection named by a layer module `mlp.experts.E.gate_proj` (Qwen-MoE) or
+/// `block_sparse_moe.experts.E.w1` (Mixtral).
+fn expert_parts(module: &str) -> Option<(usize, &str)> {
+    let rest = module
+        .strip_prefix("mlp.experts.")
+        .or_else(|| module.strip_prefix("block_sparse_moe.experts."))?;
+    let (expert, projection) = rest.split_once('.')?;
+    Some((expert.parse().ok()?, projection))
+}
+
+/// The expert a Hugging Face tensor name belongs to, if any.
+fn expert_of(hf_name: &str) -> Option<usize> {
+    let rest = hf_name.strip_prefix("model.layers.")?;
+    let (_, module) = rest.split_once('.')?;
+    expert_parts(module).map(|(e, _)| e)
 }
