@@ -16,17 +16,36 @@ use super::source::WeightSource;
 use crate::compute::cpu::HostMatrix;
 use crate::compute::layers::{Embed, Linear, RmsNorm};
 
+/// Which projection of a mixture's experts (mlx-lm stacks each as `switch_mlp.<gate|up|down>_proj`
+/// whatever the family calls it per expert).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertProjection {
+    /// The gate.
+    Gate,
+    /// The up projection.
+    Up,
+    /// The down projection.
+    Down,
+}
+
+/// The experts of one projection: how many, and each one's `[out_dim, in_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpertShape {
+    /// Experts in the layer.
+    pub experts: usize,
+    /// Input width.
+    pub in_dim: usize,
+    /// Output width.
+    pub out_dim: usize,
+}
+
 impl WeightSource {
     /// The linear layer `<prefix>.weight` (`[out, in]`, MLX-packed with `scales`/`biases`, or
     /// GGUF blocks) and, if `bias`, `<prefix>.bias`.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let bias = if bias { Some(self.get(out_dim, "bias")?) } else { None };
         if let Some(hf) = self.as_hf().filter(|hf| MlxWeights::present(hf)) {
-            let packed = MlxWeights::load(hf, in_dim, out_dim)?;
-            if !self.device().is_cpu() {
-                return Linear::from_dense(packed.dequantized(self.device(), self.dtype())?, bias);
-            }
-            return Ok(Linear::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), bias));
+            return self.mlx_linear(MlxWeights::load(hf, in_dim, out_dim)?, bias);
         }
         if let Some(q) = self.quantized("weight") {
             let q = q?;
@@ -73,6 +92,47 @@ impl WeightSource {
             });
         }
         Embed::from_dense(self.get((vocab, hidden), "weight")?, dtype)
+    }
+
+    /// One projection of every expert of a mixture under this block: `experts.<e>.<name>`, one
+    /// tensor per expert (Hugging Face folders; GGUF's 3-D tensors are read through the same
+    /// names), or mlx-lm's stacked `switch_mlp.<gate|up|down>_proj` (`[experts, out, in]`,
+    /// quantized or dense), read once and split.
+    pub fn expert_linears(&self, name: &str, projection: ExpertProjection, shape: ExpertShape) -> Result<Vec<Linear>> {
+        let ExpertShape {
+            experts,
+            in_dim,
+            out_dim,
+        } = shape;
+        let stacked = self.pp("switch_mlp").pp(match projection {
+            ExpertProjection::Gate => "gate_proj",
+            ExpertProjection::Up => "up_proj",
+            ExpertProjection::Down => "down_proj",
+        });
+        if let Some(hf) = stacked.as_hf() {
+            if MlxWeights::present(hf) {
+                return MlxWeights::load_stacked(hf, experts, in_dim, out_dim)?
+                    .into_iter()
+                    .map(|w| self.mlx_linear(w, None))
+                    .collect();
+            }
+            if hf.contains_tensor("weight") {
+                let all = stacked.get((experts, out_dim, in_dim), "weight")?;
+                return (0..experts).map(|e| Linear::from_dense(all.get(e)?, None)).collect();
+            }
+        }
+        (0..experts)
+            .map(|e| self.pp(format!("experts.{e}")).pp(name).linear(in_dim, out_dim, false))
+            .collect()
+    }
+
+    /// MLX-packed weights as this source's device computes them: CPU panels, or dequantized once
+    /// for a GPU.
+    fn mlx_linear(&self, packed: MlxWeights, bias: Option<candle_core::Tensor>) -> Result<Linear> {
+        if !self.device().is_cpu() {
+            return Linear::from_dense(packed.dequantized(self.device(), self.dtype())?, bias);
+        }
+        Ok(Linear::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), bias))
     }
 
     /// The RMS norm `<prefix>.weight` of size `dim` (Gemma's `1 + w` with `unit_offset`).

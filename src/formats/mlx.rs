@@ -32,14 +32,33 @@ impl MlxWeights {
     /// Loads `weight` (u32), `scales` and `biases` under `vb`; bits and group size follow from
     /// the shapes, as mlx-lm infers them.
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let mut one = Self::read(vb, None, in_dim, out_dim)?;
+        Ok(one.remove(0))
+    }
+
+    /// The `experts` matrices `[out_dim, in_dim]` that mlx-lm stacks into one `[experts, out,
+    /// in]` module (`switch_mlp.gate_proj`), read once and split.
+    pub fn load_stacked(vb: &VarBuilder, experts: usize, in_dim: usize, out_dim: usize) -> Result<Vec<Self>> {
+        Self::read(vb, Some(experts), in_dim, out_dim)
+    }
+
+    /// One matrix (`stacked` None, 2-D tensors) or `stacked` of them (3-D tensors).
+    fn read(vb: &VarBuilder, stacked: Option<usize>, in_dim: usize, out_dim: usize) -> Result<Vec<Self>> {
         let packed = vb.get_unchecked_dtype("weight", DType::U32)?;
         let scales = vb.get_unchecked_dtype("scales", DType::F32)?;
         let biases = vb.get_unchecked_dtype("biases", DType::F32)?;
-        let (rows, words) = packed.dims2()?;
-        let (s_rows, groups) = scales.dims2()?;
-        if rows != out_dim || s_rows != out_dim || biases.dims2()? != (out_dim, groups) || groups == 0 {
+        let count = stacked.unwrap_or(1);
+        let lead: &[usize] = if stacked.is_some() { &[count] } else { &[] };
+        let shape_of = |last: usize| [lead, &[out_dim, last]].concat();
+        let words = packed.dims().last().copied().unwrap_or(0);
+        let groups = scales.dims().last().copied().unwrap_or(0);
+        if packed.dims() != shape_of(words)
+            || scales.dims() != shape_of(groups)
+            || biases.dims() != shape_of(groups)
+            || groups == 0
+        {
             candle_core::bail!(
-                "{}: quantized shapes {:?}/{:?}/{:?} do not fit a [{out_dim}, {in_dim}] matrix",
+                "{}: quantized shapes {:?}/{:?}/{:?} do not fit {count} [{out_dim}, {in_dim}] matrices",
                 vb.prefix(),
                 packed.shape(),
                 scales.shape(),
@@ -55,15 +74,21 @@ impl MlxWeights {
                 vb.prefix()
             );
         }
-        Ok(Self {
-            packed: packed.flatten_all()?.to_vec1()?,
-            scales: scales.flatten_all()?.to_vec1()?,
-            biases: biases.flatten_all()?.to_vec1()?,
-            out_dim,
-            in_dim,
-            bits,
-            group_size,
-        })
+        let packed: Vec<u32> = packed.flatten_all()?.to_vec1()?;
+        let scales: Vec<f32> = scales.flatten_all()?.to_vec1()?;
+        let biases: Vec<f32> = biases.flatten_all()?.to_vec1()?;
+        let (pw, gw) = (out_dim * words, out_dim * groups);
+        Ok((0..count)
+            .map(|e| Self {
+                packed: packed[e * pw..(e + 1) * pw].to_vec(),
+                scales: scales[e * gw..(e + 1) * gw].to_vec(),
+                biases: biases[e * gw..(e + 1) * gw].to_vec(),
+                out_dim,
+                in_dim,
+                bits,
+                group_size,
+            })
+            .collect())
     }
 
     /// Output rows.

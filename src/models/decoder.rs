@@ -4,7 +4,7 @@
 //! sliding windows, scales and soft-capping. Stateless: KV lives in the `PagedKvCache`,
 //! positions come from the `BatchInput`.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::config::{HfConfig, LayerType, RopeConfig};
 use super::{Model, ModelConfig};
@@ -13,6 +13,7 @@ use crate::compute::batch::BatchInput;
 use crate::compute::experts::{Routing, SparseMoe};
 use crate::compute::layers::{Activation, Embed, GatedMlp, Linear, RmsNorm, Rotary, RotaryAtPositions};
 use crate::compute::paged_kv::{LayerKv, PagedKvCache};
+use crate::formats::layers::{ExpertProjection, ExpertShape};
 use crate::formats::source::WeightSource;
 use crate::formats::{LoadError, LoadProgress};
 
@@ -324,8 +325,13 @@ fn load_mlp(vb: WeightSource, spec: MlpSpec) -> Result<GatedMlp> {
         )
     };
     let down = vb.pp(names.down).linear(i, h, spec.bias)?;
-    Ok(match Linear::fuse(&[&gate, &up], vb.device())? {
-        Some(gate_up) => GatedMlp::fused(gate_up, i, down, spec.activation),
+    gated_mlp([gate, up, down], spec, vb.device())
+}
+
+/// The MLP over `[gate, up, down]`, gate and up fused into one product where that pays.
+fn gated_mlp([gate, up, down]: [Linear; 3], spec: MlpSpec, device: &Device) -> Result<GatedMlp> {
+    Ok(match Linear::fuse(&[&gate, &up], device)? {
+        Some(gate_up) => GatedMlp::fused(gate_up, spec.intermediate, down, spec.activation),
         None => GatedMlp::separate(gate, up, down, spec.activation),
     })
 }
@@ -333,9 +339,21 @@ fn load_mlp(vb: WeightSource, spec: MlpSpec) -> Result<GatedMlp> {
 /// Loads a layer's mixture-of-experts block under `vb` (the layer).
 fn load_moe(vb: WeightSource, spec: &MoeSpec) -> Result<SparseMoe> {
     let block = vb.pp(spec.block);
-    let router = block.pp("gate").linear(spec.expert.hidden, spec.num_experts, false)?;
-    let experts = (0..spec.num_experts)
-        .map(|e| load_mlp(block.pp(format!("experts.{e}")), spec.expert))
+    let (h, i, names) = (spec.expert.hidden, spec.expert.intermediate, spec.expert.names);
+    let router = block.pp("gate").linear(h, spec.num_experts, false)?;
+    let shape = |in_dim, out_dim| ExpertShape {
+        experts: spec.num_experts,
+        in_dim,
+        out_dim,
+    };
+    let gates = block.expert_linears(names.gate, ExpertProjection::Gate, shape(h, i))?;
+    let ups = block.expert_linears(names.up, ExpertProjection::Up, shape(h, i))?;
+    let downs = block.expert_linears(names.down, ExpertProjection::Down, shape(i, h))?;
+    let experts = gates
+        .into_iter()
+        .zip(ups)
+        .zip(downs)
+        .map(|((gate, up), down)| gated_mlp([gate, up, down], spec.expert, block.device()))
         .collect::<Result<Vec<_>>>()?;
     Ok(SparseMoe::new(router, experts, spec.routing))
 }

@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""MLX 4-bit copies of the MoE fixtures and mlx-lm's references for them, for
+tests/moe_models.rs. Pinned: mlx 0.32.4 (CPU), mlx-lm 0.32.2.
+
+    /tmp/refs/bin/pip install "mlx[cpu]==0.32.4" mlx-lm==0.32.2
+    /tmp/refs/bin/python tests/data/moe/make_mlx.py --out tests/data/moe
+
+Per architecture: <arch>/mlx-q4/ as `mlx_lm.convert -q --q-bits 4 --q-group-size 64` writes it
+from f32/ (experts stacked as `switch_mlp`, the router at 8 bits), and in <arch>/refs/
+mlx-q4-exact.{json,safetensors}: the same 4-bit weights dequantized exactly (`mlx_lm.convert -d`)
+and computed in float32 by mlx-lm: greedy ids and every step's logits. mlx-lm's own quantized
+compute of these experts runs only in float32 on a CPU (its gather_mm takes no bfloat16 there),
+where it equals the exact logits; the script checks that and keeps only the exact set.
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm import load
+from safetensors.numpy import save_file
+
+ARCHS = ["qwen3_moe", "mixtral"]
+
+
+def convert(args):
+    subprocess.run([sys.executable, "-m", "mlx_lm", "convert", *args], check=True, capture_output=True)
+
+
+def logits_along(model, prompt, forced):
+    """Every step's last-position logits (float32) of `prompt` followed by `forced`, one full
+    forward per step (no cache)."""
+    rows = []
+    seq = list(prompt)
+    for tok in forced:
+        out = model(mx.array([seq]))[0, -1].astype(mx.float32)
+        rows.append(np.array(out))
+        seq.append(tok)
+    return np.stack(rows)
+
+
+def greedy(model, prompt, steps):
+    seq, ids, rows = list(prompt), [], []
+    for _ in range(steps):
+        out = np.array(model(mx.array([seq]))[0, -1].astype(mx.float32))
+        nxt = int(out.argmax())
+        rows.append(out)
+        ids.append(nxt)
+        seq.append(nxt)
+    return ids, np.stack(rows)
+
+
+def build(arch, out):
+    src, q4, refs = out / arch / "f32", out / arch / "mlx-q4", out / arch / "refs"
+    scratch = out / arch / "mlx-q4-exact.tmp"
+    for d in (q4, scratch):
+        shutil.rmtree(d, ignore_errors=True)
+    convert(["--hf-path", str(src), "--mlx-path", str(q4), "-q", "--q-bits", "4", "--q-group-size", "64",
+             "--dtype", "float32"])
+    (q4 / "README.md").unlink(missing_ok=True)
+    convert(["--hf-path", str(q4), "--mlx-path", str(scratch), "-d", "--dtype", "float32"])
+    tf = json.loads((refs / "transformers-f32.json").read_text())
+    steps = tf["greedy_steps"]
+    exact_model, _ = load(str(scratch))
+    native_model, _ = load(str(q4))
+    seqs, exact_t, native_t = [], {}, {}
+    for s in tf["sequences"]:
+        ids, rows = greedy(exact_model, s["prompt_ids"], steps)
+        seqs.append({"name": s["name"], "prompt_ids": s["prompt_ids"], "greedy_ids": ids})
+        exact_t[f"{s['name']}.step_logits"] = rows
+        native_t[f"{s['name']}.step_logits"] = logits_along(native_model, s["prompt_ids"], ids)
+    import mlx_lm
+    meta = {"versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}, "greedy_steps": steps,
+            "sequences": seqs}
+    (refs / "mlx-q4-exact.json").write_text(json.dumps(meta) + "\n")
+    save_file(exact_t, str(refs / "mlx-q4-exact.safetensors"))
+    shutil.rmtree(scratch)
+    worst = max(float(np.abs(native_t[k] - exact_t[k]).max()) for k in exact_t)
+    assert worst < 1e-3, f"{arch}: mlx-lm's quantized compute is {worst} from its exact dequantization"
+    print(f"{arch}: mlx-lm quantized vs exact, largest logit difference {worst:.5f}")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("archs", nargs="*", default=ARCHS)
+    a = p.parse_args()
+    for arch in a.archs:
+        build(arch, a.out)
+
+
+if __name__ == "__main__":
+    main()
