@@ -149,3 +149,59 @@ fn mlx_4bit_folders_follow_mlx_lm_s_exact_dequantization() {
         assert!(mean < 0.3 && worst < 1.5, "{arch}/mlx-q4: mean {mean}, largest {worst}");
     }
 }
+
+/// Loads `path` on the CPU in f32, for the error it gives.
+fn load_error(path: &std::path::Path) -> String {
+    mlxd::models::load(path, &Device::Cpu, DType::F32, &mlxd::formats::LoadProgress::hidden())
+        .err()
+        .expect("load error")
+        .to_string()
+}
+
+#[test]
+fn a_gguf_or_folder_with_an_expert_tensor_missing_is_a_load_error_naming_it() {
+    use candle_core::quantized::gguf_file;
+    let dir = std::env::temp_dir().join(format!("mlxd-moe-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // GGUF: Mixtral without layer 2's up-projection experts.
+    let src = fixture("mixtral").join("gguf/mixtral-f32.gguf");
+    let mut file = std::fs::File::open(&src).expect("gguf");
+    let content = gguf_file::Content::read(&mut file).expect("content");
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .filter(|name| *name != "blk.2.ffn_up_exps.weight")
+        .map(|name| {
+            (
+                name.clone(),
+                content.tensor(&mut file, name, &Device::Cpu).expect("tensor"),
+            )
+        })
+        .collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let gguf = dir.join("mixtral-missing.gguf");
+    gguf_file::write(
+        &mut std::fs::File::create(&gguf).expect("create"),
+        &metadata,
+        &tensor_refs,
+    )
+    .expect("write");
+    let err = load_error(&gguf);
+    assert!(err.contains("blk.2.ffn_up_exps.weight"), "{err}");
+    // A Hugging Face folder without one expert's tensor.
+    let folder = dir.join("qwen3_moe");
+    std::fs::create_dir_all(&folder).expect("folder");
+    let hf = fixture("qwen3_moe").join("f32");
+    std::fs::copy(hf.join("config.json"), folder.join("config.json")).expect("config");
+    let weights = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu).expect("weights");
+    let kept: std::collections::HashMap<String, candle_core::Tensor> = weights
+        .into_iter()
+        .filter(|(name, _)| name != "model.layers.1.mlp.experts.5.down_proj.weight")
+        .collect();
+    candle_core::safetensors::save(&kept, folder.join("model.safetensors")).expect("save");
+    let err = load_error(&folder);
+    assert!(err.contains("model.layers.1.mlp.experts.5.down_proj.weight"), "{err}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
