@@ -53,21 +53,14 @@ def gguf_name(hf):
     return f"blk.{layer}.{NAMES[module]}.{suffix}"
 
 
-def write(model_dir, out, qtype, cfg, tensors, tok, tok_cfg):
-    w = gguf.GGUFWriter(out, "qwen2")
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+def add_tokenizer(w, tok, tok_cfg, vocab_size):
+    """The byte-level BPE vocabulary of tokenizer.json (`tokenizer.ggml.pre = qwen2`), its EOS
+    (also BOS, not added) and chat template, padded to `vocab_size` embedding rows."""
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
     added = {t["id"]: t for t in tok["added_tokens"]}
     # As many tokens as embedding rows (llama.cpp refuses a shorter list): unused ids are
     # padding, as llama.cpp's own converter writes them.
-    size = max(len(vocab), max(added) + 1, cfg["vocab_size"])
+    size = max(len(vocab), max(added) + 1, vocab_size)
     tokens = [None] * size
     for t, i in vocab:
         tokens[i] = t
@@ -90,6 +83,19 @@ def write(model_dir, out, qtype, cfg, tensors, tok, tok_cfg):
     w.add_add_bos_token(False)
     if tok_cfg.get("chat_template"):
         w.add_chat_template(tok_cfg["chat_template"])
+
+
+def write(model_dir, out, qtype, cfg, tensors, tok, tok_cfg):
+    w = gguf.GGUFWriter(out, "qwen2")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    add_tokenizer(w, tok, tok_cfg, cfg["vocab_size"])
     for name, t in tensors.items():
         data = t.astype(np.float32)
         if data.ndim == 1:

@@ -12,12 +12,18 @@
 # The `mlx4` rows serve an MLX 4-bit copy (benches/make_mlx.py) with mlxd against llama.cpp's
 # Q4_0 file; the `bf16` rows serve the Hugging Face bf16 folder itself with mlxd against
 # llama.cpp's F16 file. Prints the medians and mlxd ÷ llama.
+#
+# Other files: PREFIX names existing PREFIX-<kind>.gguf files and KINDS the kinds to compare,
+# e.g. the Qwen3-30B-A3B-shaped mixture of experts of benches/make_moe_gguf.py:
+#   PREFIX=$WORK/moe8 KINDS="q8_0 q4_0" bash benches/vs_llama_cpp.sh 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 SHARED="${MLXD_SHARED:-$ROOT/../shared}"
 WORK="${WORK:-/tmp/mlxd-vs-llama}"
 ROUNDS="${1:-2}"
+PREFIX="${PREFIX:-$WORK/q05}"
+KINDS="${KINDS:-q8_0 q4_0 mlx4 f16 bf16}"
 SDIST_URL="https://pypi.org/packages/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-0.3.36.tar.gz"
 SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 mkdir -p "$WORK"
@@ -43,12 +49,16 @@ if [ ! -x "$LLAMA" ]; then
   cmake --build "$WORK/llama.cpp/build" --target llama-server -j2 >/dev/null
 fi
 
-# The model, its GGUF files and its MLX 4-bit folder.
-if [ ! -f "$WORK/q05-q8_0.gguf" ]; then
+# The model, its GGUF files and its MLX 4-bit folder (unless PREFIX names other files).
+if [ "$PREFIX" != "$WORK/q05" ]; then
+  :
+elif [ ! -f "$WORK/q05-q8_0.gguf" ]; then
   python "$SHARED/tools/bench/make_random_qwen25.py" --tokenizer-dir "$SHARED/tokenizers/qwen2.5" --out "$WORK/q05"
   python benches/make_gguf.py "$WORK/q05" "$WORK/q05"
 fi
-[ -f "$WORK/q05-mlx4/model.safetensors" ] || python benches/make_mlx.py "$WORK/q05" "$WORK/q05-mlx4" 4 64
+if [ "$PREFIX" = "$WORK/q05" ] && [ ! -f "$WORK/q05-mlx4/model.safetensors" ]; then
+  python benches/make_mlx.py "$WORK/q05" "$WORK/q05-mlx4" 4 64
+fi
 
 # mlxd, release, native.
 RUSTFLAGS="-C target-cpu=native" cargo build --release --bin mlxd
@@ -61,7 +71,7 @@ model() { # $1 = server, $2 = kind: the file (or folder) that server serves
   elif [ "$2" = bf16 ]; then
     if [ "$1" = mlxd ]; then echo "$WORK/q05"; else echo "$WORK/q05-f16.gguf"; fi
   else
-    echo "$WORK/q05-$2.gguf"
+    echo "$PREFIX-$2.gguf"
   fi
 }
 start() { # $1 = server, $2 = model file or folder
@@ -93,7 +103,7 @@ col() { # column $2 of the last data row of bench output $1
 
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
-for kind in q8_0 q4_0 mlx4 f16 bf16; do
+for kind in $KINDS; do
   for round in $(seq 1 "$ROUNDS"); do
     for server in mlxd llama; do
       quiet
