@@ -18,38 +18,67 @@ fn fixture(arch: &str) -> PathBuf {
         .join(arch)
 }
 
-/// Every prompt of the reference set, run together in one batch per step.
-fn check_against_transformers(arch: &str) {
+/// A reference set of `tests/data/moe/<arch>/refs`: per sequence its name, prompt, greedy ids
+/// and the logits of every greedy step.
+struct RefSet {
+    names: Vec<String>,
+    prompts: Vec<Vec<u32>>,
+    greedy: Vec<Vec<u32>>,
+    logits: Vec<Vec<Vec<f32>>>,
+}
+
+fn ref_set(arch: &str, set: &str) -> RefSet {
     let refs = fixture(arch).join("refs");
-    let json = read_json(&refs.join("transformers-f32.json"));
-    let tensors = candle_core::safetensors::load(refs.join("transformers-f32.safetensors"), &Device::Cpu)
+    let json = read_json(&refs.join(format!("{set}.json")));
+    let tensors = candle_core::safetensors::load(refs.join(format!("{set}.safetensors")), &Device::Cpu)
         .expect("reference tensors");
     let seqs = json["sequences"].as_array().expect("sequences");
-    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
-    let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
-    let mut runner = ModelRunner::load(&fixture(arch).join("f32"), DType::F32, prompts.len(), 128);
-    let run = runner.greedy(&prompts, steps);
-    for (i, s) in seqs.iter().enumerate() {
-        let name = s["name"].as_str().expect("name");
-        assert_eq!(run.tokens[i], ids(&s["greedy_ids"]), "{arch} {name}: greedy tokens");
-        let want = tensors[&format!("{name}.step_logits")]
-            .to_vec2::<f32>()
-            .expect("step logits");
-        for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
+    let names: Vec<String> = seqs
+        .iter()
+        .map(|s| s["name"].as_str().expect("name").to_string())
+        .collect();
+    RefSet {
+        prompts: seqs.iter().map(|s| ids(&s["prompt_ids"])).collect(),
+        greedy: seqs.iter().map(|s| ids(&s["greedy_ids"])).collect(),
+        logits: names
+            .iter()
+            .map(|n| {
+                tensors[&format!("{n}.step_logits")]
+                    .to_vec2::<f32>()
+                    .expect("step logits")
+            })
+            .collect(),
+        names,
+    }
+}
+
+/// Every prompt of transformers' f32 set through `model` (a folder or file of the fixture),
+/// together in one batch per step: the greedy ids and every step's logits.
+fn check_against_transformers(arch: &str, model: &str) {
+    let want = ref_set(arch, "transformers-f32");
+    let steps = want.greedy[0].len();
+    let mut runner = ModelRunner::load(&fixture(arch).join(model), DType::F32, want.prompts.len(), 128);
+    let run = runner.greedy(&want.prompts, steps);
+    for (i, name) in want.names.iter().enumerate() {
+        assert_eq!(run.tokens[i], want.greedy[i], "{arch}/{model} {name}: greedy tokens");
+        for (step, (got, want)) in run.step_logits[i].iter().zip(&want.logits[i]).enumerate() {
             let diff = max_abs_diff(got, want);
-            assert!(diff < F32_TOL, "{arch} {name} step {step}: logits differ by {diff}");
+            assert!(
+                diff < F32_TOL,
+                "{arch}/{model} {name} step {step}: logits differ by {diff}"
+            );
         }
     }
 }
 
 #[test]
 fn qwen3_moe_matches_transformers_f32_batched() {
-    check_against_transformers("qwen3_moe");
+    check_against_transformers("qwen3_moe", "f32");
 }
 
 #[test]
 fn mixtral_matches_transformers_f32_batched() {
-    check_against_transformers("mixtral");
+    check_against_transformers("mixtral", "f32");
 }
 
 /// A request alone and among 7 others (whose tokens reach other experts, and the same experts
@@ -91,26 +120,7 @@ fn a_moe_config_without_its_expert_count_is_a_load_error_naming_the_key() {
 #[test]
 fn f32_gguf_files_match_transformers() {
     for arch in ["qwen3_moe", "mixtral"] {
-        let refs = fixture(arch).join("refs");
-        let json = read_json(&refs.join("transformers-f32.json"));
-        let tensors = candle_core::safetensors::load(refs.join("transformers-f32.safetensors"), &Device::Cpu)
-            .expect("reference tensors");
-        let seqs = json["sequences"].as_array().expect("sequences");
-        let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
-        let path = fixture(arch).join(format!("gguf/{arch}-f32.gguf"));
-        let run = ModelRunner::load(&path, DType::F32, prompts.len(), 128).greedy(&prompts, 16);
-        for (i, s) in seqs.iter().enumerate() {
-            let name = s["name"].as_str().expect("name");
-            assert_eq!(run.tokens[i], ids(&s["greedy_ids"]), "{arch}-f32.gguf {name}");
-            let want = tensors[&format!("{name}.step_logits")]
-                .to_vec2::<f32>()
-                .expect("logits");
-            let diff = max_abs_diff(&run.step_logits[i][0], &want[0]);
-            assert!(
-                diff < F32_TOL,
-                "{arch}-f32.gguf {name}: first-step logits differ by {diff}"
-            );
-        }
+        check_against_transformers(arch, &format!("gguf/{arch}-f32.gguf"));
     }
 }
 
@@ -124,22 +134,13 @@ fn f32_gguf_files_match_transformers() {
 #[test]
 fn mlx_4bit_folders_follow_mlx_lm_s_exact_dequantization() {
     for arch in ["qwen3_moe", "mixtral"] {
-        let refs = fixture(arch).join("refs");
-        let json = read_json(&refs.join("mlx-q4-exact.json"));
-        let exact = candle_core::safetensors::load(refs.join("mlx-q4-exact.safetensors"), &Device::Cpu)
-            .expect("reference tensors");
-        let seqs = json["sequences"].as_array().expect("sequences");
-        let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
-        let followed: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["greedy_ids"])).collect();
-        let mut runner = ModelRunner::load(&fixture(arch).join("mlx-q4"), DType::F32, prompts.len(), 128);
-        let got = runner.forced(&prompts, &followed);
+        let exact = ref_set(arch, "mlx-q4-exact");
+        let mut runner = ModelRunner::load(&fixture(arch).join("mlx-q4"), DType::F32, exact.prompts.len(), 128);
+        let got = runner.forced(&exact.prompts, &exact.greedy);
         let mut diffs = Vec::new();
-        for (s, rows) in seqs.iter().zip(&got) {
-            let want = exact[&format!("{}.step_logits", s["name"].as_str().expect("name"))]
-                .to_vec2::<f32>()
-                .expect("logits");
+        for (rows, want) in got.iter().zip(&exact.logits) {
             assert_eq!(rows.len(), want.len(), "{arch}: steps");
-            diffs.extend(rows.iter().zip(&want).map(|(g, w)| max_abs_diff(g, w)));
+            diffs.extend(rows.iter().zip(want).map(|(g, w)| max_abs_diff(g, w)));
         }
         let worst = diffs.iter().copied().fold(0f32, f32::max);
         let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
