@@ -40,13 +40,18 @@ if [ ! -x "$LLAMA" ]; then
   echo "$SDIST_SHA256  $WORK/sdist.tar.gz" | sha256sum -c -
   tar xzf "$WORK/sdist.tar.gz" -C "$WORK"
   rm -rf "$WORK/llama.cpp" && mv "$WORK"/llama_cpp_python-*/vendor/llama.cpp "$WORK/llama.cpp"
-  # AVX-512 with VNNI/BF16 as -march=native would pick, but no AMX: these VMs report AMX tiles
-  # that the kernel does not enable (a native build dies with SIGILL).
+  # The instruction sets this CPU reports, as -march=native would pick them, but never AMX:
+  # some of these VMs report AMX tiles that the kernel does not enable (a native build dies
+  # with SIGILL there), and AVX-512 only where the CPU has it (the AMD EPYC machines do not).
+  cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  has() { case "$cpu_flags" in *" $1 "*) echo ON ;; *) echo OFF ;; esac; }
   cmake -S "$WORK/llama.cpp" -B "$WORK/llama.cpp/build" -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
-    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
-    -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+    -DGGML_NATIVE=OFF -DGGML_AVX="$(has avx)" -DGGML_AVX2="$(has avx2)" -DGGML_FMA="$(has fma)" \
+    -DGGML_F16C="$(has f16c)" -DGGML_AVX_VNNI="$(has avx_vnni)" -DGGML_AVX512="$(has avx512f)" \
+    -DGGML_AVX512_VBMI="$(has avx512vbmi)" -DGGML_AVX512_VNNI="$(has avx512_vnni)" \
+    -DGGML_AVX512_BF16="$(has avx512_bf16)" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-  cmake --build "$WORK/llama.cpp/build" --target llama-server -j2 >/dev/null
+  cmake --build "$WORK/llama.cpp/build" --target llama-server llama-quantize -j2 >/dev/null
 fi
 
 # The model, its GGUF files and its MLX 4-bit folder (unless PREFIX names other files).
