@@ -115,8 +115,7 @@ type KernelKey = (&'static str, Option<DType>);
 thread_local! {
     /// Loaded kernel handles: looking one up in candle's module store costs a lock, a string
     /// and a driver call per launch.
-    static FUNCTIONS: RefCell<HashMap<(DeviceId, &'static str, Option<DType>), CudaFunction>> =
-        RefCell::new(HashMap::new());
+    static FUNCTIONS: RefCell<HashMap<(DeviceId, KernelKey), CudaFunction>> = RefCell::new(HashMap::new());
 }
 
 /// Queues `name` (dtype-suffixed) with `args` on the device's stream.
@@ -130,7 +129,7 @@ fn launch_untyped(device: &CudaDevice, name: &'static str, cfg: LaunchConfig, ar
 }
 
 fn launch_named(device: &CudaDevice, kernel: KernelKey, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
-    let key = (device.id(), kernel.0, kernel.1);
+    let key = (device.id(), kernel);
     let func = match FUNCTIONS.with(|f| f.borrow().get(&key).cloned()) {
         Some(func) => func,
         None => {
@@ -285,7 +284,10 @@ impl AttentionTiling {
     /// The tiling for `num_heads` query heads over `num_kv_heads` KV heads.
     fn new(num_heads: usize, num_kv_heads: usize) -> Self {
         let n_rep = num_heads / num_kv_heads;
-        let heads_per_block = (1..=n_rep.min(MAX_ROWS)).rev().find(|h| n_rep % h == 0).unwrap_or(1);
+        let heads_per_block = (1..=n_rep.min(MAX_ROWS))
+            .rev()
+            .find(|h| n_rep.is_multiple_of(*h))
+            .unwrap_or(1);
         Self {
             heads_per_block,
             tokens_per_tile: MAX_ROWS / heads_per_block,
