@@ -179,3 +179,20 @@ def test_a_corrupt_blob_is_refused_by_its_digest(stores):
         # The server and its other models keep working.
         assert client.generate(model="qwen2:tiny", prompt="Hi", options={"num_predict": 2}).done
         assert "broken:latest" not in loaded(client)
+
+
+def test_mixture_of_experts_models_resolve_from_the_store_like_the_others(tmp_path):
+    """Qwen3-MoE and Mixtral GGUF files (llama.cpp's qwen3moe, and llama with experts) under
+    Ollama names: listed, chatted with through the ollama package, described by /api/show."""
+    store = tmp_path / "ollama"
+    moe = ROOT / "tests/data/moe"
+    add_model(store, "qwen3moe", "tiny", moe / "qwen3_moe/gguf/qwen3_moe-q4_0.gguf")
+    add_model(store, "mixtral", "tiny", moe / "mixtral/gguf/mixtral-q8_0.gguf")
+    for url in _start(["--ollama-models", str(store)], model="qwen3moe:tiny"):
+        client = ollama.Client(host=url)
+        assert sorted(m.model for m in client.list().models) == ["mixtral:tiny", "qwen3moe:tiny"]
+        for name in ["qwen3moe:tiny", "mixtral:tiny"]:
+            reply = client.chat(model=name, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 4})
+            assert reply.done_reason in ("stop", "length") and reply.eval_count <= 6, reply
+        show = post(url + "/api/show", {"model": "qwen3moe:tiny"})
+        assert show["details"]["family"] == "qwen3moe", show["details"]

@@ -24,8 +24,9 @@ const RESIDENT_FOR: jiff::SignedDuration = jiff::SignedDuration::from_hours(24 *
 /// Ollama's (GGUF) architecture name for a Hugging Face `model_type`.
 pub fn ollama_architecture(model_type: &str) -> &str {
     match model_type {
-        "mistral" => "llama",
+        "mistral" | "mixtral" => "llama",
         "gemma3_text" => "gemma3",
+        "qwen3_moe" => "qwen3moe",
         other => other,
     }
 }
