@@ -440,6 +440,20 @@ async fn tokenize_and_detokenize_use_the_served_tokenizer() {
         .post_json("/detokenize", json!({"tokens": case["ids_with_bos"]}))
         .await;
     assert_eq!(d["prompt"], case["decoded"]);
+    // llama.cpp's field names for the same request; fields neither server has are refused.
+    let (status, c) = s.post_json("/tokenize", json!({"content": case["text"]})).await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["tokens"], case["ids_with_bos"]);
+    let (_, plain) = s
+        .post_json("/tokenize", json!({"content": case["text"], "add_special": false}))
+        .await;
+    let without_bos = &case["ids_with_bos"].as_array().expect("ids")[1..];
+    assert_eq!(plain["tokens"], Value::from(without_bos), "{plain}");
+    let (status, err) = s
+        .post_json("/tokenize", json!({"content": "hi", "with_pieces": true}))
+        .await;
+    assert_eq!(status, 400);
+    assert_openai_error(&err, Some("with_pieces"));
     let example = &reference["chat_template_example"];
     let (_, chat) = s.post_json("/tokenize", json!({"messages": example["messages"]})).await;
     assert_eq!(chat["tokens"], example["ids_no_extra_special_tokens"]);

@@ -1,4 +1,6 @@
 //! vLLM's `POST /tokenize` and `POST /detokenize`: the served model's tokenizer over HTTP.
+//! llama.cpp's names for the same fields (`content`, `add_special`) are accepted too; any other
+//! field is refused by name.
 
 use axum::extract::State;
 use axum::Json;
@@ -6,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::chat::to_template_messages;
-use super::types::ChatMessageIn;
+use super::reject_unknown;
+use super::types::{ChatMessageIn, UnknownFields};
 use crate::server::error::{ApiError, AppJson};
 use crate::server::AppState;
 
@@ -15,12 +18,18 @@ use crate::server::AppState;
 pub struct TokenizeRequest {
     /// Model name.
     pub model: Option<String>,
-    /// Text to tokenize.
+    /// Text to tokenize (llama.cpp's `content`).
+    #[serde(alias = "content")]
     pub prompt: Option<String>,
     /// Conversation to render and tokenize.
     pub messages: Option<Vec<ChatMessageIn>>,
-    /// Add BOS and the like (text prompts; default true).
+    /// Add BOS and the like (text prompts; default true; llama.cpp's `add_special`).
+    #[serde(alias = "add_special")]
     pub add_special_tokens: Option<bool>,
+    /// Any other field: refused by name.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: UnknownFields,
 }
 
 /// `/detokenize` body.
@@ -30,6 +39,10 @@ pub struct DetokenizeRequest {
     pub model: Option<String>,
     /// Ids to decode.
     pub tokens: Vec<u32>,
+    /// Any other field: refused by name.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: UnknownFields,
 }
 
 /// `/tokenize` response.
@@ -59,6 +72,7 @@ pub async fn tokenize(
     State(state): State<AppState>,
     AppJson(req): AppJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
+    reject_unknown(&req.unknown, "")?;
     let model = state.model(req.model.as_deref()).await?;
     let codec = &model.codec;
     let tokens = match (req.prompt, req.messages) {
@@ -93,6 +107,7 @@ pub async fn detokenize(
     State(state): State<AppState>,
     AppJson(req): AppJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
+    reject_unknown(&req.unknown, "")?;
     let model = state.model(req.model.as_deref()).await?;
     let vocab = model.engine.info().model.vocab_size;
     if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
