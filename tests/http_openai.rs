@@ -222,6 +222,28 @@ async fn same_seed_same_text_over_http() {
     let (_, a) = s.post_json("/v1/completions", body.clone()).await;
     let (_, b) = s.post_json("/v1/completions", body).await;
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    // Seeds are signed 64-bit integers, as vLLM takes them: negative ones work, and the same
+    // negative seed repeats itself; one past either end is refused.
+    let negative = json!({"prompt": "The dog", "max_tokens": 30, "temperature": 1.0, "seed": -77});
+    let (status, c) = s.post_json("/v1/completions", negative.clone()).await;
+    assert_eq!(status, 200, "{c}");
+    let (_, d) = s.post_json("/v1/completions", negative).await;
+    assert_eq!(c["choices"][0]["text"], d["choices"][0]["text"]);
+    for seed in ["9223372036854775808", "-9223372036854775809"] {
+        let resp = reqwest::Client::new()
+            .post(s.url("/v1/completions"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"prompt": "The dog", "max_tokens": 3, "seed": {seed}}}"#))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 400, "seed {seed}");
+        let err: Value = resp.json().await.expect("json");
+        assert!(
+            err["error"]["message"].as_str().expect("message").contains("seed"),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,10 +53,18 @@ pub fn sampling_params(f: &SamplingFields, logprobs: Option<u8>) -> Result<Sampl
         repeat_last_n: None,
         presence_penalty: f.presence_penalty.unwrap_or(0.0),
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
-        seed: f.seed,
+        seed: f.seed.as_ref().map(signed_seed).transpose()?,
         logprobs,
         logit_bias,
     })
+}
+
+/// A wire seed as the sampler's: any signed 64-bit integer, each its own RNG stream (two's
+/// complement keeps them distinct); anything else is refused by name.
+fn signed_seed(n: &serde_json::Number) -> Result<u64, ApiError> {
+    n.as_i64()
+        .map(|s| s as u64)
+        .ok_or_else(|| ApiError::invalid("seed", format!("seed must be an integer from -2^63 to 2^63-1, got {n}")))
 }
 
 /// Refuses, by name, any field this server does not implement, except the advisory ones.

@@ -55,8 +55,10 @@ pub struct SamplingFields {
     pub frequency_penalty: Option<f32>,
     /// Extension: > 0, 1 = off.
     pub repetition_penalty: Option<f32>,
-    /// Deterministic sampling seed.
-    pub seed: Option<u64>,
+    /// Deterministic sampling seed: a signed 64-bit integer, as vLLM takes it (any other number
+    /// is a 400 naming `seed`).
+    #[schema(value_type = Option<i64>)]
+    pub seed: Option<serde_json::Number>,
     /// Stop strings.
     pub stop: Option<StopSpec>,
     /// Number of choices; only 1 is supported.
