@@ -48,22 +48,31 @@ impl SparseMoe {
         }
     }
 
-    /// Applies the block to `[T, hidden]`.
+    /// Applies the block to `[T, hidden]`: every expert's weighted rows, gathered in ascending
+    /// expert order, are added into the output by one `index_add` (rows are added in that
+    /// order, as transformers adds them), not one copy of the output per expert.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let scores: Vec<Vec<f32>> = self.router.forward(x)?.to_dtype(DType::F32)?.to_vec2()?;
         let groups = route(&scores, self.experts.len(), self.routing)?;
-        let mut out = x.zeros_like()?;
+        let mut outputs = Vec::new();
+        let mut rows: Vec<u32> = Vec::new();
         for (expert, group) in self.experts.iter().zip(&groups) {
             if group.rows.is_empty() {
                 continue;
             }
             let n = group.rows.len();
-            let rows = Tensor::from_slice(&group.rows, n, x.device())?;
-            let y = expert.forward(&x.index_select(&rows, 0)?)?;
+            let ids = Tensor::from_slice(&group.rows, n, x.device())?;
+            let y = expert.forward(&x.index_select(&ids, 0)?)?;
             let weights = Tensor::from_slice(&group.weights, (n, 1), x.device())?.to_dtype(y.dtype())?;
-            out = out.index_add(&rows, &y.broadcast_mul(&weights)?, 0)?;
+            outputs.push(y.broadcast_mul(&weights)?);
+            rows.extend_from_slice(&group.rows);
         }
-        Ok(out)
+        let out = x.zeros_like()?;
+        if outputs.is_empty() {
+            return Ok(out); // no rows at all
+        }
+        let n = rows.len();
+        out.index_add(&Tensor::from_vec(rows, n, x.device())?, &Tensor::cat(&outputs, 0)?, 0)
     }
 }
 
