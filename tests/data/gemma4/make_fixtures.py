@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Tiny random-weight Gemma 4 models and their transformers references, for
+tests/gemma4_models.rs. Pinned: transformers 5.25.0, torch 2.15.0 (CPU float32).
+
+    python3 -m venv /tmp/refs && /tmp/refs/bin/pip install torch==2.15.0 transformers==5.25.0
+    /tmp/refs/bin/python tests/data/gemma4/make_fixtures.py --out tests/data/gemma4 --tokenizers ../shared/fixtures
+
+Two variants, each the shape of a released model in small:
+- `dense` (Gemma 4 E2B/E4B): per-layer input embeddings (PLE), the last layers reading the KV
+  of the last earlier layer of their type (`num_kv_shared_layers`), double-wide MLPs on those
+  layers, global layers with their own head_dim and proportional partial RoPE, sliding
+  windows, final logit soft-capping. Saved as `Gemma4ForCausalLM` (`model.*` tensors).
+- `moe` (Gemma 4 26B-A4B): every layer's dense MLP beside a routed mixture of experts (router
+  with scale and per-expert scale, fused `gate_up_proj` experts), global layers whose values are
+  their keys (`attention_k_eq_v`) with their own KV-head count, no PLE. Saved as
+  `Gemma4ForConditionalGeneration` with a tiny vision tower (`model.language_model.*`,
+  `model.vision_tower.*`), as the Hub's checkpoints are, and their config.json keys.
+
+For each it writes <variant>/f32/ (config.json: the dense one as transformers 5.25 saves it,
+with `per_layer_config`; model.safetensors as `save_pretrained` writes it, the tokenizer of the Gemma 3 fixture whose
+vocabulary of 512 the models share) and <variant>/refs/transformers-f32.{json,safetensors}: per
+prompt, the greedy continuation and the logits of every greedy step (each prompt computed alone,
+no padding, no cache). The seed is the first from SEED_BASE whose every greedy step has a
+top-1/top-2 logit margin of at least MIN_MARGIN.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
+
+SEED_BASE = 1000
+MIN_MARGIN = 2e-3
+GREEDY_STEPS = 16
+VOCAB = 512
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_attention_heads=4,
+    head_dim=16,
+    global_head_dim=32,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    hidden_activation="gelu_pytorch_tanh",
+    sliding_window=8,
+    rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    },
+    tie_word_embeddings=True,
+)
+
+VARIANTS = {
+    # Layers 0-3 keep KV; 4 (sliding) reads layer 3's, 5 (full) reads layer 2's.
+    "dense": dict(
+        COMMON,
+        num_hidden_layers=6,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=VOCAB,
+        final_logit_softcapping=30.0,
+        attention_k_eq_v=False,
+    ),
+    "moe": dict(
+        COMMON,
+        num_hidden_layers=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        intermediate_size=48,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0,
+        attention_k_eq_v=True,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=24,
+        final_logit_softcapping=30.0,
+    ),
+}
+
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    patch_size=4,
+    pooling_kernel_size=2,
+    position_embedding_size=64,
+)
+
+
+def init_weights(model, seed):
+    """Every parameter matters: norms and scales random around 1 (the norms of each block's
+    output around 2, and the embedding small, so that the layers and not the embedding decide
+    the next token), linear weights ~ N(0, 1/fan_in), the router scaled so routing is
+    decisive, each layer's scalar around 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "vision" in name:
+                continue  # the tower mlxd skips keeps its own initialization
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("layer_scalar"):
+                v = 1.0 + 0.2 * r
+            elif name.endswith(("inv_freq", "embed_scale")):
+                continue
+            elif "post_" in name and name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight")):
+                v = 2.0 + 0.5 * r
+            elif name.endswith(("norm.weight", "norm_2.weight", "router.scale", "per_expert_scale")):
+                v = 1.0 + 0.3 * r
+            elif name.endswith("embed_tokens.weight"):
+                v = 0.25 * r
+            elif name.endswith("embed_tokens_per_layer.weight"):
+                v = r
+            elif name.endswith("router.proj.weight"):
+                v = r * (3.0 / p.shape[-1] ** 0.5)
+            elif p.ndim in (2, 3):
+                v = r * (1.0 / p.shape[-1] ** 0.5)
+            else:
+                raise ValueError(f"unhandled parameter {name} {tuple(p.shape)}")
+            p.copy_(v.to(p.dtype))
+
+
+def prompts(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
+    return [("p1", ids(1)), ("p7", ids(7)), ("p33", ids(33)), ("b0", ids(12)), ("b1", ids(5))]
+
+
+def greedy(model, ids):
+    """Greedy steps from `ids`, each a full forward of the sequence so far (no cache)."""
+    seq, out, logits, margin = list(ids), [], [], float("inf")
+    with torch.no_grad():
+        for _ in range(GREEDY_STEPS):
+            last = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].float()
+            top = torch.topk(last, 2).values
+            margin = min(margin, float(top[0] - top[1]))
+            nxt = int(torch.argmax(last))
+            logits.append(last)
+            out.append(nxt)
+            seq.append(nxt)
+    return out, torch.stack(logits), margin
+
+
+def make_model(variant, text):
+    if variant == "moe":
+        config = Gemma4Config(text_config=Gemma4TextConfig(**text), vision_config=dict(VISION), audio_config=None)
+        return Gemma4ForConditionalGeneration(config).float().eval()
+    return Gemma4ForCausalLM(Gemma4TextConfig(**text)).float().eval()
+
+
+def hub_config(text):
+    """config.json of a multimodal checkpoint as the Hub's spell it (`global_head_dim`,
+    `num_global_key_value_heads`, per-type `rope_parameters`, the language model under
+    `text_config`)."""
+    text = dict(text, model_type="gemma4_text", torch_dtype="float32")
+    vision = dict(VISION, model_type="gemma4_vision")
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "model_type": "gemma4",
+        "text_config": text,
+        "vision_config": vision,
+        "audio_config": None,
+        "eos_token_id": text["eos_token_id"],
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+def build(variant, out, tokenizers):
+    source = tokenizers / "gemma3" / "f32"
+    source_config = json.loads((source / "config.json").read_text())
+    text = dict(VARIANTS[variant], **{k: source_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    for seed in range(SEED_BASE, SEED_BASE + 200):
+        torch.manual_seed(seed)
+        model = make_model(variant, text)
+        init_weights(model, seed)
+        runs = [(name, ids, *greedy(model, ids)) for name, ids in prompts(seed)]
+        worst = min(r[4] for r in runs)
+        distinct = min(len(set(r[2])) for r in runs)
+        if worst >= MIN_MARGIN and distinct >= 4:
+            break
+    else:
+        raise SystemExit(f"{variant}: no seed with margin {MIN_MARGIN}")
+    folder = out / variant / "f32"
+    model.save_pretrained(folder, safe_serialization=True)
+    if variant == "moe":
+        # The dense model keeps the config.json transformers 5.25 writes (`per_layer_config`
+        # instead of `global_head_dim`), so both spellings are read.
+        (folder / "config.json").write_text(json.dumps(hub_config(text), indent=2) + "\n")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, folder / name)
+    refs = out / variant / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
+        "seed": seed,
+        "greedy_steps": GREEDY_STEPS,
+        "min_margin": worst,
+        "sequences": [{"name": n, "prompt_ids": ids, "greedy_ids": toks} for n, ids, toks, _, _ in runs],
+    }
+    (refs / "transformers-f32.json").write_text(json.dumps(meta) + "\n")
+    save_file({f"{n}.step_logits": lg.contiguous() for n, _, _, lg, _ in runs}, refs / "transformers-f32.safetensors")
+    print(f"{variant}: seed {seed}, min margin {worst:.4f}, {sum(p.numel() for p in model.parameters())} parameters")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokenizers", type=Path, required=True, help="the shared fixtures folder")
+    p.add_argument("variants", nargs="*", default=list(VARIANTS))
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    for variant in args.variants:
+        build(variant, args.out, args.tokenizers)
+
+
+if __name__ == "__main__":
+    main()
