@@ -78,3 +78,16 @@ async fn mixtures_of_experts_reproduce_transformers_through_the_engine() {
         check_family(dir.join("f32"), dir.join("refs/transformers-f32.json")).await;
     }
 }
+
+/// Gemma 4's dense shape (layers reading shared KV, per-layer inputs, global layers with their
+/// own head width: KV cache layers of two widths, fewer than the decoder's layers) and its
+/// mixture-of-experts shape, with chunked prefill and prefix-cache hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma4_reproduces_transformers_through_the_engine() {
+    for variant in ["dense", "moe"] {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/gemma4")
+            .join(variant);
+        check_family(dir.join("f32"), dir.join("refs/transformers-f32.json")).await;
+    }
+}

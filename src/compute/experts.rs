@@ -1,6 +1,7 @@
 //! A sparse mixture-of-experts feed-forward block: a router picks `top_k` of `num_experts`
 //! gated MLPs per token and the block returns their outputs weighted by the router's
-//! probabilities (Qwen3-MoE, Mixtral; transformers' `*SparseMoeBlock`).
+//! probabilities (Qwen3-MoE, Mixtral; transformers' `*SparseMoeBlock`), optionally with a norm
+//! before the router and a learned scale per expert (Gemma 4's `Gemma4TextRouter`).
 //!
 //! Experts run grouped: the rows routed to an expert are gathered and multiplied by that
 //! expert's weights in one product, so each expert's weights are read once per step for all
@@ -12,7 +13,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::layers::{GatedMlp, Linear};
+use super::layers::{GatedMlp, Linear, RmsNorm};
 
 /// How the router's scores become per-token expert weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +28,8 @@ pub struct Routing {
 #[derive(Debug)]
 pub struct SparseMoe {
     router: Linear,
+    router_norm: Option<RmsNorm>,
+    expert_scales: Option<Vec<f32>>,
     experts: Vec<GatedMlp>,
     routing: Routing,
 }
@@ -43,17 +46,45 @@ impl SparseMoe {
     pub fn new(router: Linear, experts: Vec<GatedMlp>, routing: Routing) -> Self {
         Self {
             router,
+            router_norm: None,
+            expert_scales: None,
             experts,
             routing,
         }
     }
 
-    /// Applies the block to `[T, hidden]`: every expert's weighted rows, gathered in ascending
-    /// expert order, are added into the output by one `index_add` (rows are added in that
-    /// order, as transformers adds them), not one copy of the output per expert.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let scores: Vec<Vec<f32>> = self.router.forward(x)?.to_dtype(DType::F32)?.to_vec2()?;
-        let groups = route(&scores, self.experts.len(), self.routing)?;
+    /// The router reads its input through `norm` (Gemma 4: an RMSNorm whose scale folds in
+    /// the router's `scale` and `hidden^-0.5`).
+    pub fn with_router_norm(mut self, norm: RmsNorm) -> Self {
+        self.router_norm = Some(norm);
+        self
+    }
+
+    /// Each kept expert's weight is multiplied by its scale, after any renormalization
+    /// (Gemma 4's `per_expert_scale`).
+    pub fn with_expert_scales(mut self, scales: Vec<f32>) -> Self {
+        self.expert_scales = Some(scales);
+        self
+    }
+
+    /// Applies the block to `x` (`[T, hidden]`), routed by the router's scores of
+    /// `router_input` (the same rows; `x` itself in most families, Gemma 4 routes on the
+    /// residual and feeds the experts its own norm of it). Every expert's weighted rows,
+    /// gathered in ascending expert order, are added into the output by one `index_add` (rows
+    /// are added in that order, as transformers adds them), not one copy of the output per
+    /// expert.
+    pub fn forward(&self, router_input: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let router_input = match &self.router_norm {
+            Some(norm) => norm.forward(router_input)?,
+            None => router_input.clone(),
+        };
+        let scores: Vec<Vec<f32>> = self.router.forward(&router_input)?.to_dtype(DType::F32)?.to_vec2()?;
+        let mut groups = route(&scores, self.experts.len(), self.routing)?;
+        if let Some(scales) = &self.expert_scales {
+            for (group, &scale) in groups.iter_mut().zip(scales) {
+                group.weights.iter_mut().for_each(|w| *w *= scale);
+            }
+        }
         let mut outputs = Vec::new();
         let mut rows: Vec<u32> = Vec::new();
         for (expert, group) in self.experts.iter().zip(&groups) {

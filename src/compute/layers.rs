@@ -446,7 +446,7 @@ impl Activation {
     }
 
     /// `act(gate) * up`; one kernel on CUDA, one pass on the CPU for SiLU.
-    fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    pub fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         if let Some(fused) = fused::gated_act(gate, up, self == Self::GeluTanh)? {
             return Ok(fused);
         }

@@ -1,7 +1,11 @@
-//! The KV memory: per layer, one K and one V tensor of `num_blocks * block_size` slots.
+//! The KV memory: per layer that keeps KV, one K and one V tensor of `num_blocks * block_size`
+//! slots. Layers that read another layer's KV (Gemma 4's shared-KV layers) have none: a block
+//! holds one slot range in every KV-keeping layer, so sharing needs nothing of the block
+//! manager but the byte count of a block, which counts only the layers that keep KV.
 //!
 //! Owner: the engine thread. Sized once at start from the byte budget and never grown. Slot
-//! `block * block_size + offset` holds one token's keys (all KV heads, `kv_width` values).
+//! `block * block_size + offset` holds one token's keys (all KV heads of the layer, its
+//! `width` values).
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -15,12 +19,11 @@ pub struct LayerKv {
 }
 
 /// Shape of the KV cache, independent of where it lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvLayout {
-    /// Attention layers that keep KV.
-    pub num_layers: usize,
-    /// KV heads times head dimension: values per token per layer for K (and for V).
-    pub kv_width: usize,
+    /// Per attention layer that keeps KV, in order: KV heads times head dimension, the values
+    /// per token for K (and for V).
+    pub widths: Vec<usize>,
     /// Tokens per block.
     pub block_size: usize,
     /// Element type of the cache.
@@ -30,7 +33,7 @@ pub struct KvLayout {
 impl KvLayout {
     /// Bytes one block takes over all layers, K and V.
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.num_layers * self.block_size * self.kv_width * self.dtype.size_in_bytes()
+        2 * self.block_size * self.widths.iter().sum::<usize>() * self.dtype.size_in_bytes()
     }
 }
 
@@ -46,9 +49,11 @@ impl PagedKvCache {
     /// Allocates zeroed KV storage for `num_blocks` blocks.
     pub fn new(layout: KvLayout, num_blocks: usize, device: &Device) -> Result<Self> {
         let num_slots = num_blocks * layout.block_size;
-        let shape = (num_slots, layout.kv_width);
-        let layers = (0..layout.num_layers)
-            .map(|_| {
+        let layers = layout
+            .widths
+            .iter()
+            .map(|&width| {
+                let shape = (num_slots, width);
                 Ok(LayerKv {
                     k: zeroed(shape, layout.dtype, device)?,
                     v: zeroed(shape, layout.dtype, device)?,
@@ -63,8 +68,8 @@ impl PagedKvCache {
     }
 
     /// The cache's shape.
-    pub fn layout(&self) -> KvLayout {
-        self.layout
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
     }
 
     /// Blocks in the cache (including the null block).
@@ -72,7 +77,7 @@ impl PagedKvCache {
         self.num_blocks
     }
 
-    /// Mutable access to every layer's storage, in layer order.
+    /// Mutable access to every KV-keeping layer's storage, in layer order.
     pub fn layers_mut(&mut self) -> &mut [LayerKv] {
         &mut self.layers
     }
@@ -105,12 +110,12 @@ impl PagedKvCache {
                 self.layout.bytes_per_block()
             );
         }
-        let (bs, width, dtype) = (self.layout.block_size, self.layout.kv_width, self.layout.dtype);
-        let per_tensor = bs * width * dtype.size_in_bytes();
-        let mut chunks = bytes.chunks_exact(per_tensor);
-        for layer in &mut self.layers {
+        let (bs, dtype) = (self.layout.block_size, self.layout.dtype);
+        let mut rest = bytes;
+        for (layer, &width) in self.layers.iter_mut().zip(&self.layout.widths) {
             for t in [&mut layer.k, &mut layer.v] {
-                let chunk = chunks.next().expect("invariant: the length was checked");
+                let (chunk, tail) = rest.split_at(bs * width * dtype.size_in_bytes());
+                rest = tail;
                 let rows = Tensor::from_raw_buffer(chunk, dtype, &[bs, width], &Device::Cpu)?.to_device(t.device())?;
                 t.slice_set(&rows, 0, block * bs)?;
             }
@@ -148,13 +153,13 @@ mod tests {
     #[test]
     fn a_block_round_trips_through_bytes_and_new_blocks_are_zero() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
+            // Layers of different widths (Gemma 4's sliding and global layers).
             let layout = KvLayout {
-                num_layers: 2,
-                kv_width: 3,
+                widths: vec![3, 5],
                 block_size: 4,
                 dtype,
             };
-            let mut kv = PagedKvCache::new(layout, 3, &Device::Cpu).expect("kv");
+            let mut kv = PagedKvCache::new(layout.clone(), 3, &Device::Cpu).expect("kv");
             assert_eq!(kv.layers_mut()[0].k.dtype(), dtype);
             let bytes: Vec<u8> = (0..layout.bytes_per_block()).map(|i| (i % 251) as u8).collect();
             kv.write_block(2, &bytes).expect("write");

@@ -179,8 +179,7 @@ impl EngineCore {
             .map_or(mc.max_position_embeddings, |m| m.min(mc.max_position_embeddings));
         let kv_dtype = kv_dtype(cfg.kv_dtype, &device, &mc)?;
         let layout = KvLayout {
-            num_layers: mc.num_layers,
-            kv_width: mc.num_kv_heads * mc.head_dim,
+            widths: mc.kv_widths.clone(),
             block_size: cfg.block_size,
             dtype: kv_dtype,
         };
@@ -196,6 +195,7 @@ impl EngineCore {
                 layout.bytes_per_block()
             )));
         }
+        let block_bytes = layout.bytes_per_block();
         let mut kv = PagedKvCache::new(layout, num_blocks, &device)?;
         let scheduler_cfg = SchedulerConfig {
             max_num_seqs,
@@ -210,7 +210,7 @@ impl EngineCore {
             max_model_len,
             num_kv_blocks: num_blocks - 1,
             block_size: cfg.block_size,
-            kv_memory_bytes: (num_blocks * layout.bytes_per_block()) as u64,
+            kv_memory_bytes: (num_blocks * block_bytes) as u64,
             kv_dtype,
             device: crate::device::describe(&device),
             max_num_batched_tokens,

@@ -126,6 +126,16 @@ impl WeightSource {
             .collect()
     }
 
+    /// Every expert's `[out_dim, in_dim]` slice of the stacked tensor `<prefix>.<name>`
+    /// (`[experts, out_dim, in_dim]`, no `.weight`: transformers 5's fused experts, e.g. Gemma
+    /// 4's `experts.gate_up_proj`), one dense layer each.
+    pub fn stacked_expert_linears(&self, name: &str, shape: ExpertShape) -> Result<Vec<Linear>> {
+        let all = self.get((shape.experts, shape.out_dim, shape.in_dim), name)?;
+        (0..shape.experts)
+            .map(|e| Linear::from_dense(all.get(e)?, None))
+            .collect()
+    }
+
     /// MLX-packed weights as this source's device computes them: CPU panels, or dequantized once
     /// for a GPU.
     fn mlx_linear(&self, packed: MlxWeights, bias: Option<candle_core::Tensor>) -> Result<Linear> {

@@ -41,6 +41,15 @@ pub enum RopeScaling {
     },
     /// Per-frequency divisors (llama.cpp's `rope_freqs` tensor, e.g. Llama 3 scaling).
     Divisors(Vec<f32>),
+    /// Gemma 4's global layers: the whole head is one rotation of `rotary_dim / 2` pairs
+    /// (dimension `i` with `i + rotary_dim / 2`), of which only the first `rotated` turn, at
+    /// the frequencies of a full-width rope divided by `factor`; the other pairs stand still.
+    Proportional {
+        /// Pairs that turn (`partial_rotary_factor · head_dim / 2`).
+        rotated: usize,
+        /// Frequency divisor.
+        factor: f32,
+    },
     /// Phi-3 LongRoPE: per-frequency divisors, short below the original context and long
     /// beyond it, and cos/sin scaled by an attention factor.
     LongRope {
@@ -64,14 +73,23 @@ impl RopeConfig {
                 let base = self.theta.powf((2 * i) as f32 / d as f32);
                 1.0 / (divisors.map_or(1.0, |f| f[i]) * base)
             })
-            .map(|f| self.scale_frequency(f))
+            .enumerate()
+            .map(|(i, f)| self.scale_frequency(i, f))
             .collect()
     }
 
-    fn scale_frequency(&self, f: f32) -> f32 {
+    /// Frequency `i` (of value `f` before scaling) as the scaling has it.
+    fn scale_frequency(&self, i: usize, f: f32) -> f32 {
         match self.scaling {
             RopeScaling::None | RopeScaling::LongRope { .. } | RopeScaling::Divisors(_) => f,
             RopeScaling::Linear { factor } => f / factor,
+            RopeScaling::Proportional { rotated, factor } => {
+                if i < rotated {
+                    f / factor
+                } else {
+                    0.0
+                }
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -231,6 +249,44 @@ pub struct HfConfig {
     /// Layers that keep the dense MLP (Qwen-MoE).
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
+    /// Experts each token is routed to (Gemma 4's name).
+    pub top_k_experts: Option<usize>,
+    /// A routed mixture of experts beside every layer's dense MLP (Gemma 4).
+    #[serde(default)]
+    pub enable_moe_block: bool,
+    /// Head dimension of full-attention layers (Gemma 4, as the Hub's configs spell it).
+    pub global_head_dim: Option<usize>,
+    /// KV heads of full-attention layers whose values are their keys (Gemma 4).
+    pub num_global_key_value_heads: Option<usize>,
+    /// Full-attention layers have no `v_proj`: their values are their keys (Gemma 4).
+    #[serde(default)]
+    pub attention_k_eq_v: bool,
+    /// The last this many layers read the KV of the last earlier layer of their type (Gemma 4).
+    #[serde(default)]
+    pub num_kv_shared_layers: usize,
+    /// Layers that read shared KV have MLPs twice as wide (Gemma 4).
+    #[serde(default)]
+    pub use_double_wide_mlp: bool,
+    /// Width of each layer's slice of the per-layer input embeddings; 0 or absent: none
+    /// (Gemma 4).
+    pub hidden_size_per_layer_input: Option<usize>,
+    /// Rows of the per-layer input embedding table (Gemma 4).
+    pub vocab_size_per_layer_input: Option<usize>,
+    /// `all` makes Gemma 4 an encoder; `vision` concerns image tokens only.
+    pub use_bidirectional_attention: Option<String>,
+    /// Per-layer overrides of `head_dim` / `num_key_value_heads`, keyed by layer index, as
+    /// transformers 5.25 saves Gemma 4 configs.
+    #[serde(default)]
+    pub per_layer_config: std::collections::BTreeMap<String, LayerOverride>,
+}
+
+/// One layer's entry of `per_layer_config`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LayerOverride {
+    /// The layer's head dimension.
+    pub head_dim: Option<usize>,
+    /// The layer's KV heads.
+    pub num_key_value_heads: Option<usize>,
 }
 
 fn default_max_position() -> usize {
@@ -316,6 +372,11 @@ impl HfConfig {
             .collect())
     }
 
+    /// config.json has a `rope_parameters` object (transformers 5).
+    pub fn has_rope_parameters(&self) -> bool {
+        self.rope_parameters.is_some()
+    }
+
     /// The rope object for a layer type: transformers 5 may key `rope_parameters` by type.
     fn raw_rope(&self, layer: LayerType) -> Option<RawRope> {
         if let Some(params) = &self.rope_parameters {
@@ -332,6 +393,12 @@ impl HfConfig {
     /// Rotary configuration of a layer type. Gemma 3's sliding layers use
     /// `rope_local_base_freq` without scaling (classic keys).
     pub fn rope(&self, layer: LayerType) -> Result<RopeConfig, LoadError> {
+        self.rope_for_head(layer, self.head_dim())
+    }
+
+    /// Rotary configuration of a layer type whose heads are `head_dim` wide (Gemma 4's global
+    /// layers have their own).
+    pub fn rope_for_head(&self, layer: LayerType, head_dim: usize) -> Result<RopeConfig, LoadError> {
         let local_classic = layer == LayerType::Sliding && self.rope_parameters.is_none();
         let raw = if local_classic { None } else { self.raw_rope(layer) };
         let theta = match (local_classic, self.rope_local_base_freq) {
@@ -347,8 +414,13 @@ impl HfConfig {
             .and_then(|r| r.partial_rotary_factor)
             .or(self.partial_rotary_factor)
             .unwrap_or(1.0);
-        let rotary_dim = (self.head_dim() as f32 * partial) as usize;
-        let scaling = self.rope_scaling_of(raw.as_ref())?;
+        let mut rotary_dim = (head_dim as f32 * partial) as usize;
+        let mut scaling = self.rope_scaling_of(raw.as_ref())?;
+        if let RopeScaling::Proportional { rotated, .. } = &mut scaling {
+            // transformers: `int(partial_rotary_factor * head_dim // 2)` pairs turn.
+            *rotated = rotary_dim / 2;
+            rotary_dim = head_dim;
+        }
         Ok(RopeConfig {
             theta,
             scaling,
@@ -368,6 +440,10 @@ impl HfConfig {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear {
                 factor: r.factor.ok_or_else(|| bad("factor"))?,
+            },
+            "proportional" => RopeScaling::Proportional {
+                rotated: 0, // set from the head width by `rope_for_head`
+                factor: r.factor.unwrap_or(1.0),
             },
             "llama3" => RopeScaling::Llama3 {
                 factor: r.factor.ok_or_else(|| bad("factor"))?,
@@ -397,7 +473,7 @@ impl HfConfig {
             }
             other => {
                 return Err(LoadError::Unsupported(format!(
-                    "rope scaling type `{other}` (supported: default, linear, llama3, longrope)"
+                    "rope scaling type `{other}` (supported: default, linear, llama3, longrope, proportional)"
                 )))
             }
         })

@@ -1,8 +1,9 @@
 //! The decoder-only transformer every supported family is an instance of. Families differ
-//! only in their `DecoderSpec` (built from config.json by `llama.rs`, `gemma3.rs`, `phi3.rs`):
-//! biases, fused projections, q/k norms, norm placement, activation, rope per layer type,
-//! sliding windows, scales and soft-capping. Stateless: KV lives in the `PagedKvCache`,
-//! positions come from the `BatchInput`.
+//! only in their `DecoderSpec` (built from config.json by `llama.rs`, `gemma3.rs`, `gemma4.rs`,
+//! `phi3.rs`): biases, fused projections, q/k/v norms, norm placement, activation, rope and
+//! head layout per layer type, sliding windows, scales and soft-capping, mixtures of experts,
+//! layers that read an earlier layer's KV, per-layer input embeddings. Stateless: KV lives in
+//! the `PagedKvCache`, positions come from the `BatchInput`.
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -80,6 +81,33 @@ pub struct DecoderSpec {
     pub rope_interleaved: bool,
     /// Tensor name prefix of the decoder (`model`, or `model.language_model` …).
     pub prefix: String,
+    /// Head layout of full-attention layers where it differs from `dims` (Gemma 4).
+    pub global_dims: Option<HeadDims>,
+    /// Full-attention layers have no v projection: their values are the keys' projection
+    /// before norm and rope (Gemma 4's `attention_k_eq_v`).
+    pub global_values_are_keys: bool,
+    /// RMSNorm without scale over each head of v (Gemma 4).
+    pub v_norm: bool,
+    /// Per layer: the earlier layer whose KV it reads instead of keeping its own (Gemma 4's
+    /// `num_kv_shared_layers`); empty when every layer keeps KV.
+    pub kv_source: Vec<Option<usize>>,
+    /// Layers that read another layer's KV have MLPs twice as wide (Gemma 4).
+    pub double_wide_shared_mlp: bool,
+    /// Each layer's output is multiplied by its `layer_scalar` (Gemma 4).
+    pub layer_scalar: bool,
+    /// Per-layer input embeddings (Gemma 4's PLE).
+    pub per_layer_input: Option<PerLayerInputSpec>,
+}
+
+/// Gemma 4's per-layer input embeddings: a table of `vocab` rows of `num_layers · width`
+/// values (one slice per layer) and a projection of the embeddings to the same width, mixed
+/// into each layer's output through a gate.
+#[derive(Clone, Copy, Debug)]
+pub struct PerLayerInputSpec {
+    /// Each layer's slice.
+    pub width: usize,
+    /// Rows of the table.
+    pub vocab: usize,
 }
 
 impl DecoderSpec {
@@ -130,7 +158,51 @@ impl DecoderSpec {
             max_positions: cfg.max_position_embeddings,
             rope_interleaved: false,
             prefix: "model".into(),
+            global_dims: None,
+            global_values_are_keys: false,
+            v_norm: false,
+            kv_source: Vec::new(),
+            double_wide_shared_mlp: false,
+            layer_scalar: false,
+            per_layer_input: None,
         })
+    }
+
+    /// The head layout of a layer of type `kind`.
+    pub fn dims_of(&self, kind: LayerType) -> HeadDims {
+        match (kind, self.global_dims) {
+            (LayerType::Full, Some(global)) => global,
+            _ => self.dims,
+        }
+    }
+
+    /// The earlier layer whose KV layer `index` reads, if it keeps none of its own.
+    fn kv_source_of(&self, index: usize) -> Option<usize> {
+        self.kv_source.get(index).copied().flatten()
+    }
+
+    /// Which KV cache layer each decoder layer uses, and the width of every cache layer: layers
+    /// that read shared KV use their source's. A source must be an earlier layer of the same
+    /// type that keeps its own KV.
+    fn kv_plan(&self) -> Result<(Vec<usize>, Vec<usize>)> {
+        let mut cache_layer = Vec::with_capacity(self.num_layers);
+        let mut widths = Vec::new();
+        for (i, &kind) in self.layer_types.iter().enumerate() {
+            match self.kv_source_of(i) {
+                Some(src) => {
+                    if src >= i || self.layer_types[src] != kind || self.kv_source_of(src).is_some() {
+                        candle_core::bail!("layer {i} cannot read the KV of layer {src}");
+                    }
+                    cache_layer.push(cache_layer[src]);
+                }
+                None => {
+                    let d = self.dims_of(kind);
+                    cache_layer.push(widths.len());
+                    widths.push(d.num_kv_heads * d.head_dim);
+                }
+            }
+        }
+        Ok((cache_layer, widths))
     }
 
     /// Makes every layer attend through `cfg.sliding_window` when the config sets one.
@@ -144,16 +216,31 @@ impl DecoderSpec {
 }
 
 /// The q, k and v projections: three layers, or (dense or GGUF weights on CUDA) one layer whose
-/// output is `[q | k | v]`, one matmul launch instead of three.
+/// output is `[q | k | v]`, one matmul launch instead of three; Gemma 4's layers whose values
+/// are their keys; and the queries alone of a layer that reads another layer's KV.
 #[derive(Debug)]
 enum QkvProjection {
     Separate { q: Linear, k: Linear, v: Linear },
     Fused { qkv: Linear, widths: [usize; 3] },
+    KeysAsValues { q: Linear, k: Linear },
+    QueriesOnly { q: Linear },
 }
 
 impl QkvProjection {
+    /// q, k and v of a layer that keeps KV.
     fn forward(&self, x: &Tensor) -> Result<Projected<'_>> {
         match self {
+            Self::KeysAsValues { q, k } => {
+                let k = k.forward(x)?;
+                Ok(Projected {
+                    q: q.forward(x)?,
+                    v: k.clone(),
+                    k,
+                    bias: None,
+                    norms: None,
+                })
+            }
+            Self::QueriesOnly { .. } => candle_core::bail!("a layer reading shared KV projects no keys"),
             Self::Separate { q, k, v } => Ok(Projected {
                 q: q.forward(x)?,
                 k: k.forward(x)?,
@@ -181,14 +268,60 @@ struct Attention {
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    v_norm: Option<RmsNorm>,
     opts: AttentionOpts,
     sliding: bool,
+    dims: HeadDims,
 }
 
 impl Attention {
-    fn load(vb: WeightSource, spec: &DecoderSpec, layer: LayerType) -> Result<Self> {
-        let d = spec.dims;
+    fn load(vb: WeightSource, spec: &DecoderSpec, index: usize, layer: LayerType) -> Result<Self> {
+        let d = spec.dims_of(layer);
         let (q_out, kv_out) = (d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim);
+        let h = spec.hidden;
+        let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
+            spec.qk_norm
+                .then(|| vb.pp(name).rms_norm(d.head_dim, spec.rms_eps, spec.norm_unit_offset))
+                .transpose()
+        };
+        let shared = spec.kv_source_of(index).is_some();
+        let v_norm = (spec.v_norm && !shared)
+            .then(|| RmsNorm::new(Tensor::ones(d.head_dim, vb.dtype(), vb.device())?, spec.rms_eps, false))
+            .transpose()?;
+        if v_norm.is_some() && spec.qkv_bias {
+            candle_core::bail!("a value norm with q/k/v biases is not supported");
+        }
+        let sliding = layer == LayerType::Sliding;
+        let qkv = if shared {
+            QkvProjection::QueriesOnly {
+                q: vb.pp("q_proj").linear(h, q_out, spec.qkv_bias)?,
+            }
+        } else if spec.global_values_are_keys && !sliding {
+            QkvProjection::KeysAsValues {
+                q: vb.pp("q_proj").linear(h, q_out, spec.qkv_bias)?,
+                k: vb.pp("k_proj").linear(h, kv_out, spec.qkv_bias)?,
+            }
+        } else {
+            Self::load_qkv(&vb, spec, q_out, kv_out)?
+        };
+        Ok(Self {
+            qkv,
+            o_proj: vb.pp("o_proj").linear(q_out, h, spec.o_bias)?,
+            q_norm: head_norm("q_norm")?,
+            k_norm: if shared { None } else { head_norm("k_norm")? },
+            v_norm,
+            opts: AttentionOpts {
+                scale: spec.attn_scale,
+                window: if sliding { spec.sliding_window } else { None },
+                softcap: spec.attn_softcap,
+            },
+            sliding,
+            dims: d,
+        })
+    }
+
+    /// Separate or fused q, k and v projections, fused into one product where that pays.
+    fn load_qkv(vb: &WeightSource, spec: &DecoderSpec, q_out: usize, kv_out: usize) -> Result<QkvProjection> {
         let h = spec.hidden;
         let (q_proj, k_proj, v_proj) = if spec.fused_qkv {
             let fused = vb.pp("qkv_proj").linear(h, q_out + 2 * kv_out, spec.qkv_bias)?;
@@ -202,13 +335,8 @@ impl Attention {
                 vb.pp("v_proj").linear(h, kv_out, spec.qkv_bias)?,
             )
         };
-        let head_norm = |name: &str| -> Result<Option<RmsNorm>> {
-            spec.qk_norm
-                .then(|| vb.pp(name).rms_norm(d.head_dim, spec.rms_eps, spec.norm_unit_offset))
-                .transpose()
-        };
         let fused = Linear::fuse(&[&q_proj, &k_proj, &v_proj], vb.device())?;
-        let qkv = match fused {
+        Ok(match fused {
             Some(qkv) => QkvProjection::Fused {
                 qkv,
                 widths: [q_out, kv_out, kv_out],
@@ -218,31 +346,27 @@ impl Attention {
                 k: k_proj,
                 v: v_proj,
             },
-        };
-        let sliding = layer == LayerType::Sliding;
-        Ok(Self {
-            qkv,
-            o_proj: vb.pp("o_proj").linear(q_out, h, spec.o_bias)?,
-            q_norm: head_norm("q_norm")?,
-            k_norm: head_norm("k_norm")?,
-            opts: AttentionOpts {
-                scale: spec.attn_scale,
-                window: if sliding { spec.sliding_window } else { None },
-                softcap: spec.attn_softcap,
-            },
-            sliding,
         })
     }
 
     fn forward(&self, x: &Tensor, rope: &RotaryAtPositions, kv: &mut LayerKv, meta: &AttentionMeta) -> Result<Tensor> {
-        // 1) project, 2) bias, per-head norms, rope and the KV write, 3) paged attention,
-        // 4) output projection.
-        let mut projected = self.qkv.forward(x)?;
-        projected.norms = match (&self.q_norm, &self.k_norm) {
-            (Some(q), Some(k)) => Some(HeadNorms { q, k }),
-            _ => None,
+        // 1) project, 2) bias, per-head norms, rope and the KV write (a layer reading shared
+        // KV: its queries only), 3) paged attention, 4) output projection.
+        let q = if let QkvProjection::QueriesOnly { q } = &self.qkv {
+            attention::queries(&q.forward(x)?, self.q_norm.as_ref(), rope, self.dims)?
+        } else {
+            let mut projected = self.qkv.forward(x)?;
+            projected.norms = match (&self.q_norm, &self.k_norm) {
+                (Some(q), Some(k)) => Some(HeadNorms { q, k }),
+                _ => None,
+            };
+            if let Some(norm) = &self.v_norm {
+                let d = self.dims;
+                let heads = projected.v.reshape((projected.v.dim(0)?, d.num_kv_heads, d.head_dim))?;
+                projected.v = norm.forward(&heads)?.flatten_from(1)?;
+            }
+            attention::store_kv(&projected, rope, kv, meta)?
         };
-        let q = attention::store_kv(&projected, rope, kv, meta)?;
         let o = attention::attend(&q, kv, meta, self.opts)?;
         self.o_proj.forward(&o)
     }
@@ -301,11 +425,28 @@ pub struct MoeSpec {
     pub routing: Routing,
     /// Each expert's MLP (hidden, inner width, names, activation).
     pub expert: MlpSpec,
-    /// The block's name in a layer (`mlp`, Mixtral's `block_sparse_moe`); the router is
-    /// `<block>.gate`, expert `e` is `<block>.experts.<e>`.
-    pub block: &'static str,
+    /// Where the block sits and how its tensors are named.
+    pub layout: MoeLayout,
     /// Per layer: sparse (true) or the dense MLP.
     pub sparse_layers: Vec<bool>,
+}
+
+/// Where a mixture-of-experts block sits in a layer and how its tensors are named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeLayout {
+    /// The block replaces the dense MLP: the router is `<block>.gate`, expert `e` is
+    /// `<block>.experts.<e>` (`mlp`, Mixtral's `block_sparse_moe`).
+    Replacing {
+        /// The block's name in a layer.
+        block: &'static str,
+    },
+    /// Gemma 4: the block runs beside the layer's dense MLP, each between norms of its own
+    /// (`post_feedforward_layernorm_1` after the MLP, `pre_`/`post_feedforward_layernorm_2`
+    /// around the experts), their outputs summed. The router (`router.proj`) reads the layer's
+    /// residual through a norm scaled by `router.scale · hidden^-0.5` and weighs each kept
+    /// expert by `router.per_expert_scale`; the experts are stacked `experts.gate_up_proj` and
+    /// `experts.down_proj`.
+    BesideDense,
 }
 
 /// Loads `gate_proj` + `up_proj` (or `gate_up_proj`) and `down_proj` under `vb`, the gate and
@@ -336,9 +477,10 @@ fn gated_mlp([gate, up, down]: [Linear; 3], spec: MlpSpec, device: &Device) -> R
     })
 }
 
-/// Loads a layer's mixture-of-experts block under `vb` (the layer).
-fn load_moe(vb: WeightSource, spec: &MoeSpec) -> Result<SparseMoe> {
-    let block = vb.pp(spec.block);
+/// Loads a layer's mixture-of-experts block under `vb` (the layer), laid out as `block` names
+/// it.
+fn load_moe(vb: &WeightSource, spec: &MoeSpec, block: &str) -> Result<SparseMoe> {
+    let block = vb.pp(block);
     let (h, i, names) = (spec.expert.hidden, spec.expert.intermediate, spec.expert.names);
     let router = block.pp("gate").linear(h, spec.num_experts, false)?;
     let shape = |in_dim, out_dim| ExpertShape {
@@ -358,26 +500,113 @@ fn load_moe(vb: WeightSource, spec: &MoeSpec) -> Result<SparseMoe> {
     Ok(SparseMoe::new(router, experts, spec.routing))
 }
 
+/// Loads Gemma 4's router and stacked experts under `vb` (the layer).
+fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: f64) -> Result<SparseMoe> {
+    let (h, i, e) = (spec.expert.hidden, spec.expert.intermediate, spec.num_experts);
+    let router = vb.pp("router");
+    let scale = (router.get(h, "scale")?.to_dtype(DType::F32)? * (h as f64).powf(-0.5))?;
+    let expert_scales = router.get(e, "per_expert_scale")?.to_dtype(DType::F32)?.to_vec1()?;
+    let experts = vb.pp("experts");
+    let shape = |in_dim, out_dim| ExpertShape {
+        experts: e,
+        in_dim,
+        out_dim,
+    };
+    let gate_ups = experts.stacked_expert_linears("gate_up_proj", shape(h, 2 * i))?;
+    let downs = experts.stacked_expert_linears("down_proj", shape(i, h))?;
+    let mlps = gate_ups
+        .into_iter()
+        .zip(downs)
+        .map(|(gate_up, down)| GatedMlp::fused(gate_up, i, down, spec.expert.activation))
+        .collect();
+    Ok(
+        SparseMoe::new(router.pp("proj").linear(h, e, false)?, mlps, spec.routing)
+            .with_router_norm(RmsNorm::new(scale.to_dtype(vb.dtype())?, rms_eps, false)?)
+            .with_expert_scales(expert_scales),
+    )
+}
+
 /// A layer's feed-forward block.
 #[derive(Debug)]
 enum FeedForward {
     Dense(GatedMlp),
     Sparse(SparseMoe),
+    DenseAndSparse(Box<DenseAndSparse>),
+}
+
+/// Gemma 4's feed-forward: the dense MLP and the experts side by side (`MoeLayout::BesideDense`).
+#[derive(Debug)]
+struct DenseAndSparse {
+    mlp: GatedMlp,
+    mlp_out_norm: RmsNorm,
+    experts_in_norm: RmsNorm,
+    experts: SparseMoe,
+    experts_out_norm: RmsNorm,
 }
 
 impl FeedForward {
     fn load(vb: WeightSource, spec: &DecoderSpec, layer: usize) -> Result<Self> {
+        let mut mlp = spec.mlp;
+        if spec.double_wide_shared_mlp && spec.kv_source_of(layer).is_some() {
+            mlp.intermediate *= 2;
+        }
+        let norm = |name: &str| vb.pp(name).rms_norm(spec.hidden, spec.rms_eps, spec.norm_unit_offset);
         match &spec.moe {
-            Some(moe) if moe.sparse_layers[layer] => Ok(Self::Sparse(load_moe(vb, moe)?)),
-            _ => Ok(Self::Dense(load_mlp(vb.pp("mlp"), spec.mlp)?)),
+            Some(moe) if moe.sparse_layers[layer] => match moe.layout {
+                MoeLayout::Replacing { block } => Ok(Self::Sparse(load_moe(&vb, moe, block)?)),
+                MoeLayout::BesideDense => Ok(Self::DenseAndSparse(Box::new(DenseAndSparse {
+                    mlp: load_mlp(vb.pp("mlp"), mlp)?,
+                    mlp_out_norm: norm("post_feedforward_layernorm_1")?,
+                    experts_in_norm: norm("pre_feedforward_layernorm_2")?,
+                    experts: load_moe_beside_dense(&vb, moe, spec.rms_eps)?,
+                    experts_out_norm: norm("post_feedforward_layernorm_2")?,
+                }))),
+            },
+            _ => Ok(Self::Dense(load_mlp(vb.pp("mlp"), mlp)?)),
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The block's output for `normed`, the layer's norm of its `residual` (Gemma 4's experts
+    /// read the residual through norms of their own).
+    fn forward(&self, residual: &Tensor, normed: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(mlp) => mlp.forward(x),
-            Self::Sparse(moe) => moe.forward(x),
+            Self::Dense(mlp) => mlp.forward(normed),
+            Self::Sparse(moe) => moe.forward(normed, normed),
+            Self::DenseAndSparse(block) => {
+                let dense = block.mlp_out_norm.forward(&block.mlp.forward(normed)?)?;
+                let experts_in = block.experts_in_norm.forward(residual)?;
+                let sparse = block.experts.forward(residual, &experts_in)?;
+                dense + block.experts_out_norm.forward(&sparse)?
+            }
         }
+    }
+}
+
+/// Gemma 4's per-layer input: `norm(projection(act(gate(x)) · input))`, added to the layer's
+/// output.
+#[derive(Debug)]
+struct PerLayerInputGate {
+    gate: Linear,
+    projection: Linear,
+    norm: RmsNorm,
+    activation: Activation,
+}
+
+impl PerLayerInputGate {
+    fn load(vb: &WeightSource, spec: &DecoderSpec, width: usize) -> Result<Self> {
+        Ok(Self {
+            gate: vb.pp("per_layer_input_gate").linear(spec.hidden, width, false)?,
+            projection: vb.pp("per_layer_projection").linear(width, spec.hidden, false)?,
+            norm: vb
+                .pp("post_per_layer_input_norm")
+                .rms_norm(spec.hidden, spec.rms_eps, spec.norm_unit_offset)?,
+            activation: spec.mlp.activation,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, input: &Tensor) -> Result<Tensor> {
+        let gated = self.activation.gated(&self.gate.forward(x)?, &input.contiguous()?)?;
+        self.norm.forward(&self.projection.forward(&gated)?)
     }
 }
 
@@ -389,15 +618,31 @@ struct DecoderLayer {
     mlp_norm: RmsNorm,
     mlp: FeedForward,
     mlp_out_norm: Option<RmsNorm>,
+    per_layer_input: Option<PerLayerInputGate>,
+    scalar: Option<f64>,
+    cache_layer: usize,
 }
 
 impl DecoderLayer {
-    fn load(vb: WeightSource, spec: &DecoderSpec, index: usize, layer: LayerType) -> Result<Self> {
+    fn load(vb: WeightSource, spec: &DecoderSpec, index: usize, layer: LayerType, cache_layer: usize) -> Result<Self> {
         let norm = |name: &str| vb.pp(name).rms_norm(spec.hidden, spec.rms_eps, spec.norm_unit_offset);
         let sandwich = spec.norm_placement == NormPlacement::Sandwich;
+        let scalar = if spec.layer_scalar {
+            Some(f64::from(
+                vb.get(1, "layer_scalar")?.to_dtype(DType::F32)?.to_vec1::<f32>()?[0],
+            ))
+        } else {
+            None
+        };
         Ok(Self {
+            per_layer_input: spec
+                .per_layer_input
+                .map(|p| PerLayerInputGate::load(&vb, spec, p.width))
+                .transpose()?,
+            scalar,
+            cache_layer,
             attn_norm: norm("input_layernorm")?,
-            attn: Attention::load(vb.pp("self_attn"), spec, layer)?,
+            attn: Attention::load(vb.pp("self_attn"), spec, index, layer)?,
             attn_out_norm: sandwich.then(|| norm("post_attention_layernorm")).transpose()?,
             mlp_norm: norm(if sandwich {
                 "pre_feedforward_layernorm"
@@ -411,25 +656,78 @@ impl DecoderLayer {
 
     /// The residual stream arrives as `x` plus the previous layer's not yet added output
     /// `delta`, and leaves the same way: each residual add runs fused into the norm after it.
+    /// Gemma 4's layers end with their per-layer input (`per_layer_input`, `[T, width]`) and
+    /// scalar, and leave nothing pending.
     fn forward(
         &self,
         x: &Tensor,
         delta: Option<&Tensor>,
+        per_layer_input: Option<&Tensor>,
         rope: &RotaryAtPositions,
         kv: &mut LayerKv,
         meta: &AttentionMeta,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (x, normed) = self.attn_norm.add_forward(x, delta)?;
         let mut h = self.attn.forward(&normed, rope, kv, meta)?;
         if let Some(n) = &self.attn_out_norm {
             h = n.forward(&h)?;
         }
         let (x, normed) = self.mlp_norm.add_forward(&x, Some(&h))?;
-        let mut h = self.mlp.forward(&normed)?;
+        let mut h = self.mlp.forward(&x, &normed)?;
         if let Some(n) = &self.mlp_out_norm {
             h = n.forward(&h)?;
         }
-        Ok((x, h))
+        if self.per_layer_input.is_none() && self.scalar.is_none() {
+            return Ok((x, Some(h)));
+        }
+        let mut x = (x + h)?;
+        if let Some(gate) = &self.per_layer_input {
+            let input = per_layer_input.ok_or_else(|| candle_core::Error::Msg("no per-layer input".into()))?;
+            x = (&x + gate.forward(&x, input)?)?;
+        }
+        if let Some(scalar) = self.scalar {
+            x = (x * scalar)?;
+        }
+        Ok((x, None))
+    }
+}
+
+/// Gemma 4's per-layer input embeddings: the table, the projection of the embeddings and its
+/// norm (`PerLayerInputSpec`).
+#[derive(Debug)]
+struct PerLayerInputs {
+    table: Embed,
+    projection: Linear,
+    norm: RmsNorm,
+    width: usize,
+    num_layers: usize,
+    hidden: usize,
+}
+
+impl PerLayerInputs {
+    fn load(m: &WeightSource, spec: &DecoderSpec, p: PerLayerInputSpec) -> Result<Self> {
+        let packed = spec.num_layers * p.width;
+        Ok(Self {
+            table: m.pp("embed_tokens_per_layer").embed(p.vocab, packed)?,
+            projection: m.pp("per_layer_model_projection").linear(spec.hidden, packed, false)?,
+            norm: m
+                .pp("per_layer_projection_norm")
+                .rms_norm(p.width, spec.rms_eps, spec.norm_unit_offset)?,
+            width: p.width,
+            num_layers: spec.num_layers,
+            hidden: spec.hidden,
+        })
+    }
+
+    /// Every layer's input `[T, layers, width]`: `(norm(projection(embedded) · hidden^-0.5) +
+    /// table[ids] · √width) · 2^-0.5`, as transformers' `get_per_layer_inputs` and
+    /// `project_per_layer_inputs`.
+    fn forward(&self, ids: &Tensor, embedded: &Tensor) -> Result<Tensor> {
+        let shape = (ids.dim(0)?, self.num_layers, self.width);
+        let tokens = (self.table.forward(ids)? * (self.width as f64).sqrt())?.reshape(shape)?;
+        let projected = (self.projection.forward(embedded)? * (self.hidden as f64).powf(-0.5))?.reshape(shape)?;
+        let projected = self.norm.forward(&projected)?;
+        (projected + tokens.to_dtype(embedded.dtype())?)? * std::f64::consts::FRAC_1_SQRT_2
     }
 }
 
@@ -445,24 +743,32 @@ pub struct Decoder {
     rope_full: Rotary,
     rope_sliding: Option<Rotary>,
     windows: Vec<Option<usize>>,
-    dims: HeadDims,
+    per_layer_inputs: Option<PerLayerInputs>,
     config: ModelConfig,
 }
 
 impl Decoder {
     /// Builds the model from a family's spec and weights under `vb` (HF tensor names).
-    pub fn load(vb: WeightSource, spec: &DecoderSpec, config: ModelConfig, progress: &LoadProgress) -> Result<Self> {
+    /// `config.kv_widths` is set from the spec: the width of every layer that keeps KV.
+    pub fn load(
+        vb: WeightSource,
+        spec: &DecoderSpec,
+        mut config: ModelConfig,
+        progress: &LoadProgress,
+    ) -> Result<Self> {
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let m = vb.pp(&spec.prefix);
         let embed_tokens = m.pp("embed_tokens").embed(spec.vocab, spec.hidden)?;
+        let (cache_layers, kv_widths) = spec.kv_plan()?;
+        config.kv_widths = kv_widths;
         progress.set_length(spec.num_layers as u64);
         let layers = spec
             .layer_types
             .iter()
             .enumerate()
             .map(|(i, &kind)| {
-                let layer = DecoderLayer::load(m.pp(format!("layers.{i}")), spec, i, kind);
+                let layer = DecoderLayer::load(m.pp(format!("layers.{i}")), spec, i, kind, cache_layers[i]);
                 progress.inc();
                 layer
             })
@@ -495,7 +801,10 @@ impl Decoder {
                 })
                 .transpose()?,
             windows,
-            dims: spec.dims,
+            per_layer_inputs: spec
+                .per_layer_input
+                .map(|p| PerLayerInputs::load(&m, spec, p))
+                .transpose()?,
             config,
         })
     }
@@ -554,25 +863,46 @@ impl Decoder {
         Ok(logits)
     }
 
-    /// 1) embeds every scheduled token, 2) per-forward rope rows and attention metadata,
-    /// 3) the decoder layers.
+    /// Embeds every scheduled token (and Gemma 4's per-layer inputs); builds the per-forward
+    /// rope rows and attention metadata (one per head layout); runs the decoder layers, each on
+    /// its KV cache layer.
     fn layers_forward(&self, batch: &BatchInput, kv: &mut PagedKvCache) -> Result<Residual> {
         let mut x = self.embed_tokens.forward(&batch.token_ids)?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
         }
+        let per_layer_inputs = self
+            .per_layer_inputs
+            .as_ref()
+            .map(|p| p.forward(&batch.token_ids, &x))
+            .transpose()?;
         let dtype = x.dtype();
         let rope_full = self.rope_full.at(&batch.positions)?;
         let rope_sliding = self.rope_sliding.as_ref().map(|r| r.at(&batch.positions)).transpose()?;
-        let meta = AttentionMeta::new(batch, self.dims, &self.windows, dtype)?;
+        let mut metas: Vec<(HeadDims, AttentionMeta)> = Vec::new();
+        for layer in &self.layers {
+            if !metas.iter().any(|(d, _)| *d == layer.attn.dims) {
+                let meta = AttentionMeta::new(batch, layer.attn.dims, &self.windows, dtype)?;
+                metas.push((layer.attn.dims, meta));
+            }
+        }
         let mut delta = None;
-        for (layer, layer_kv) in self.layers.iter().zip(kv.layers_mut()) {
+        for (i, layer) in self.layers.iter().enumerate() {
             let rope = match &rope_sliding {
                 Some(sliding) if layer.attn.sliding => sliding,
                 _ => &rope_full,
             };
-            let (next, h) = layer.forward(&x, delta.as_ref(), rope, layer_kv, &meta)?;
-            (x, delta) = (next, Some(h));
+            let meta = &metas
+                .iter()
+                .find(|(d, _)| *d == layer.attn.dims)
+                .expect("invariant: a plan per head layout")
+                .1;
+            let input = per_layer_inputs
+                .as_ref()
+                .map(|p| p.narrow(1, i, 1)?.squeeze(1))
+                .transpose()?;
+            let layer_kv = &mut kv.layers_mut()[layer.cache_layer];
+            (x, delta) = layer.forward(&x, delta.as_ref(), input.as_ref(), rope, layer_kv, meta)?;
         }
         Ok(Residual { x, delta })
     }

@@ -14,13 +14,7 @@ const PREFIXES: [&str; 3] = ["model", "model.language_model", "language_model.mo
 /// The decoder spec of a Gemma 3 config; `vb` tells which tensor prefix the file uses.
 pub fn spec(cfg: &HfConfig, vb: &WeightSource) -> Result<DecoderSpec, LoadError> {
     let base = DecoderSpec::base(cfg, true)?;
-    let prefix = PREFIXES
-        .iter()
-        .find(|p| vb.contains_tensor(&format!("{p}.embed_tokens.weight")))
-        .ok_or_else(|| LoadError::Malformed {
-            file: "model weights".into(),
-            reason: format!("no Gemma 3 embedding under any of {PREFIXES:?}"),
-        })?;
+    let prefix = language_model_prefix(vb, "Gemma 3")?;
     let query_scalar = cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim() as f64);
     Ok(DecoderSpec {
         norm_unit_offset: true,
@@ -31,7 +25,20 @@ pub fn spec(cfg: &HfConfig, vb: &WeightSource) -> Result<DecoderSpec, LoadError>
         layer_types: cfg.layer_types()?,
         rope_sliding: Some(cfg.rope(LayerType::Sliding)?),
         sliding_window: cfg.sliding_window,
-        prefix: prefix.to_string(),
+        prefix,
         ..base
     })
+}
+
+/// The tensor prefix of the language model in a Gemma checkpoint (`family` names it in the
+/// error when no embedding is found under any).
+pub(super) fn language_model_prefix(vb: &WeightSource, family: &str) -> Result<String, LoadError> {
+    PREFIXES
+        .iter()
+        .find(|p| vb.contains_tensor(&format!("{p}.embed_tokens.weight")))
+        .map(|p| p.to_string())
+        .ok_or_else(|| LoadError::Malformed {
+            file: "model weights".into(),
+            reason: format!("no {family} embedding under any of {PREFIXES:?}"),
+        })
 }

@@ -3,7 +3,7 @@
 //! Qwen3-MoE (Qwen3 with sparse layers) and Mixtral (Mistral with sparse layers).
 
 use super::config::HfConfig;
-use super::decoder::{DecoderSpec, MlpNames, MlpSpec, MoeSpec};
+use super::decoder::{DecoderSpec, MlpNames, MlpSpec, MoeLayout, MoeSpec};
 use crate::compute::experts::Routing;
 use crate::formats::LoadError;
 
@@ -45,7 +45,7 @@ fn sliding_if_enabled(base: DecoderSpec, cfg: &HfConfig) -> DecoderSpec {
 }
 
 /// A required MoE key of config.json.
-fn moe_key(value: Option<usize>, key: &str) -> Result<usize, LoadError> {
+pub(super) fn moe_key(value: Option<usize>, key: &str) -> Result<usize, LoadError> {
     value
         .filter(|&v| v > 0)
         .ok_or_else(|| LoadError::Unsupported(format!("a mixture-of-experts config without `{key}`")))
@@ -64,7 +64,7 @@ fn qwen_moe(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
             bias: false,
             ..*mlp
         },
-        block: "mlp",
+        layout: MoeLayout::Replacing { block: "mlp" },
         sparse_layers: (0..cfg.num_hidden_layers)
             .map(|i| !cfg.mlp_only_layers.contains(&i) && (i + 1) % step == 0)
             .collect(),
@@ -83,7 +83,9 @@ fn mixtral_moe(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
             names: MlpNames::MIXTRAL,
             ..*mlp
         },
-        block: "block_sparse_moe",
+        layout: MoeLayout::Replacing {
+            block: "block_sparse_moe",
+        },
         sparse_layers: vec![true; cfg.num_hidden_layers],
     })
 }

@@ -1,6 +1,6 @@
 //! What a model is: the forward contract the engine uses (`Model`), the one transformer
 //! (`decoder`, driven by a `DecoderSpec`), the family files that map a config.json onto a spec
-//! (`llama`, `gemma3`, `phi3`), and `load()`, which opens a folder or GGUF file (`formats`) and
+//! (`llama`, `gemma3`, `gemma4`, `phi3`), and `load()`, which opens a folder or GGUF file (`formats`) and
 //! picks the family. Families are written in compute's layer types (`compute::layers`,
 //! `compute::attention`) and never see a device, a kernel or a file format.
 //!
@@ -10,6 +10,7 @@
 pub mod config;
 pub mod decoder;
 pub mod gemma3;
+pub mod gemma4;
 pub mod llama;
 pub mod phi3;
 
@@ -30,10 +31,13 @@ pub struct ModelConfig {
     pub hidden_size: usize,
     /// Decoder layers (each keeps KV).
     pub num_layers: usize,
-    /// KV heads per layer.
+    /// KV heads per layer (of the sliding layers where global ones differ).
     pub num_kv_heads: usize,
-    /// Head dimension.
+    /// Head dimension (of the sliding layers where global ones differ).
     pub head_dim: usize,
+    /// Per layer that keeps KV, in order: its KV heads times head dimension. Layers reading
+    /// another layer's KV (Gemma 4) have no entry. Set by the decoder as it loads.
+    pub kv_widths: Vec<usize>,
     /// Vocabulary size (logit width).
     pub vocab_size: usize,
     /// Context length.
@@ -74,7 +78,7 @@ pub trait Model: Send {
 }
 
 /// `architectures[0]` values mlxd can load.
-pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 11] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "MixtralForCausalLM",
@@ -83,6 +87,8 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 9] = [
     "Qwen3MoeForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",
+    "Gemma4ForCausalLM",
+    "Gemma4ForConditionalGeneration",
     "Phi3ForCausalLM",
 ];
 
@@ -230,6 +236,7 @@ fn model_config(
         num_layers: cfg.num_hidden_layers,
         num_kv_heads: cfg.num_kv_heads(),
         head_dim: cfg.head_dim(),
+        kv_widths: Vec::new(),
         vocab_size: cfg.vocab_size,
         max_position_embeddings: cfg.max_position_embeddings,
         num_params,
@@ -260,6 +267,7 @@ fn family_spec(
         | "Qwen3ForCausalLM"
         | "Qwen3MoeForCausalLM" => llama::spec(cfg, cfg.model_type.as_deref().unwrap_or("llama")),
         "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => gemma3::spec(cfg, src),
+        "Gemma4ForCausalLM" | "Gemma4ForConditionalGeneration" => gemma4::spec(cfg, src),
         "Phi3ForCausalLM" => phi3::spec(cfg),
         other => Err(LoadError::Unsupported(format!(
             "architecture `{other}` (supported: {})",

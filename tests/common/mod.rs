@@ -69,8 +69,7 @@ impl ModelRunner {
         let block_size = 16;
         let blocks_per_seq = max_len.div_ceil(block_size);
         let layout = KvLayout {
-            num_layers: c.num_layers,
-            kv_width: c.num_kv_heads * c.head_dim,
+            widths: c.kv_widths.clone(),
             block_size,
             dtype,
         };
@@ -88,7 +87,7 @@ impl ModelRunner {
     pub fn with_kv_dtype(mut self, dtype: DType) -> Self {
         let layout = KvLayout {
             dtype,
-            ..self.kv.layout()
+            ..self.kv.layout().clone()
         };
         self.kv = PagedKvCache::new(layout, self.kv.num_blocks(), &self.device).expect("kv");
         self

@@ -26,7 +26,7 @@ use host::HostPlan;
 use kernel::KernelAttention;
 
 /// Head layout of one attention layer.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadDims {
     /// Query heads.
     pub num_heads: usize,
@@ -125,6 +125,17 @@ pub fn store_kv(p: &Projected, rope: &RotaryAtPositions, kv: &mut LayerKv, meta:
             Ok(q)
         }
     }
+}
+
+/// The rotated queries `[T, heads, head_dim]` of a layer that reads another layer's KV (Gemma
+/// 4's shared-KV layers): its head norm and rope on `q` (`[T, heads * head_dim]`, no bias),
+/// nothing stored.
+pub fn queries(q: &Tensor, norm: Option<&RmsNorm>, rope: &RotaryAtPositions, dims: HeadDims) -> Result<Tensor> {
+    let mut q = q.reshape((q.dim(0)?, dims.num_heads, dims.head_dim))?;
+    if let Some(norm) = norm {
+        q = norm.forward(&q)?;
+    }
+    rope.apply(&q)?.contiguous()
 }
 
 /// Where this step's K/V rows go, for the paths that write them with candle ops: each token's
