@@ -5,6 +5,8 @@ tests/gemma4_models.rs. Pinned: transformers 5.25.0, torch 2.15.0 (CPU float32).
     python3 -m venv /tmp/refs && /tmp/refs/bin/pip install torch==2.15.0 transformers==5.25.0
     /tmp/refs/bin/python tests/data/gemma4/make_fixtures.py --out tests/data/gemma4 --tokenizers ../shared/fixtures
 
+Their MLX 4-bit copies and mlx-lm's references: tests/data/moe/make_mlx.py (see there).
+
 Two variants, each the shape of a released model in small:
 - `dense` (Gemma 4 E2B/E4B): per-layer input embeddings (PLE), the last layers reading the KV
   of the last earlier layer of their type (`num_kv_shared_layers`), double-wide MLPs on those
@@ -14,10 +16,10 @@ Two variants, each the shape of a released model in small:
   with scale and per-expert scale, fused `gate_up_proj` experts), global layers whose values are
   their keys (`attention_k_eq_v`) with their own KV-head count, no PLE. Saved as
   `Gemma4ForConditionalGeneration` with a tiny vision tower (`model.language_model.*`,
-  `model.vision_tower.*`), as the Hub's checkpoints are, and their config.json keys.
+  `model.vision_tower.*`), as the Hub's checkpoints are.
 
-For each it writes <variant>/f32/ (config.json: the dense one as transformers 5.25 saves it,
-with `per_layer_config`; model.safetensors as `save_pretrained` writes it, the tokenizer of the Gemma 3 fixture whose
+For each it writes <variant>/f32/ (config.json as the Hub's checkpoints spell it,
+model.safetensors as `save_pretrained` writes it, the tokenizer of the Gemma 3 fixture whose
 vocabulary of 512 the models share) and <variant>/refs/transformers-f32.{json,safetensors}: per
 prompt, the greedy continuation and the logits of every greedy step (each prompt computed alone,
 no padding, no cache). The seed is the first from SEED_BASE whose every greedy step has a
@@ -162,11 +164,14 @@ def make_model(variant, text):
     return Gemma4ForCausalLM(Gemma4TextConfig(**text)).float().eval()
 
 
-def hub_config(text):
-    """config.json of a multimodal checkpoint as the Hub's spell it (`global_head_dim`,
-    `num_global_key_value_heads`, per-type `rope_parameters`, the language model under
-    `text_config`)."""
+def hub_config(variant, text):
+    """config.json as the Hub's checkpoints spell it (`global_head_dim`,
+    `num_global_key_value_heads`, per-type `rope_parameters`; a multimodal one nests the
+    language model under `text_config`), which mlx-lm and llama.cpp's converter read
+    (transformers 5.25 itself saves `per_layer_config` instead)."""
     text = dict(text, model_type="gemma4_text", torch_dtype="float32")
+    if variant != "moe":
+        return dict(text, architectures=["Gemma4ForCausalLM"])
     vision = dict(VISION, model_type="gemma4_vision")
     return {
         "architectures": ["Gemma4ForConditionalGeneration"],
@@ -174,6 +179,7 @@ def hub_config(text):
         "text_config": text,
         "vision_config": vision,
         "audio_config": None,
+        "vocab_size": text["vocab_size"],
         "eos_token_id": text["eos_token_id"],
         "tie_word_embeddings": True,
         "torch_dtype": "float32",
@@ -197,10 +203,7 @@ def build(variant, out, tokenizers):
         raise SystemExit(f"{variant}: no seed with margin {MIN_MARGIN}")
     folder = out / variant / "f32"
     model.save_pretrained(folder, safe_serialization=True)
-    if variant == "moe":
-        # The dense model keeps the config.json transformers 5.25 writes (`per_layer_config`
-        # instead of `global_head_dim`), so both spellings are read.
-        (folder / "config.json").write_text(json.dumps(hub_config(text), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(hub_config(variant, text), indent=2) + "\n")
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, folder / name)
     refs = out / variant / "refs"

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""MLX 4-bit copies of the MoE fixtures and mlx-lm's references for them, for
-tests/moe_models.rs. Pinned: mlx 0.32.4 (CPU), mlx-lm 0.32.2.
+"""MLX 4-bit copies of the MoE and Gemma 4 fixtures and mlx-lm's references for them, for
+tests/moe_models.rs and tests/gemma4_models.rs. Pinned: mlx 0.32.4 (CPU), mlx-lm 0.32.2.
 
     /tmp/refs/bin/pip install "mlx[cpu]==0.32.4" mlx-lm==0.32.2
     /tmp/refs/bin/python tests/data/moe/make_mlx.py --out tests/data/moe
+    /tmp/refs/bin/python tests/data/moe/make_mlx.py --out tests/data/gemma4 dense moe
 
-Per architecture: <arch>/mlx-q4/ as `mlx_lm.convert -q --q-bits 4 --q-group-size 64` writes it
+Per architecture (or Gemma 4 variant): <arch>/mlx-q4/ as `mlx_lm.convert -q --q-bits 4 --q-group-size 64` writes it
 from f32/ (experts stacked as `switch_mlp`, the router at 8 bits), and in <arch>/refs/
 mlx-q4-exact.{json,safetensors}: the same 4-bit weights dequantized exactly (`mlx_lm.convert -d`)
 and computed in float32 by mlx-lm: greedy ids and every step's logits. mlx-lm's own quantized
