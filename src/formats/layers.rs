@@ -96,19 +96,24 @@ impl WeightSource {
 
     /// One projection of every expert of a mixture under this block: `experts.<e>.<name>`, one
     /// tensor per expert (Hugging Face folders; GGUF's 3-D tensors are read through the same
-    /// names), or mlx-lm's stacked `switch_mlp.<gate|up|down>_proj` (`[experts, out, in]`,
-    /// quantized or dense), read once and split.
+    /// names), or mlx-lm's stacked `switch_mlp.<gate|up|down>_proj` (Gemma 4:
+    /// `switch_glu.<…>`; `[experts, out, in]`, quantized or dense), read once and split.
     pub fn expert_linears(&self, name: &str, projection: ExpertProjection, shape: ExpertShape) -> Result<Vec<Linear>> {
         let ExpertShape {
             experts,
             in_dim,
             out_dim,
         } = shape;
-        let stacked = self.pp("switch_mlp").pp(match projection {
+        let projection_name = match projection {
             ExpertProjection::Gate => "gate_proj",
             ExpertProjection::Up => "up_proj",
             ExpertProjection::Down => "down_proj",
-        });
+        };
+        let stacked_block = ["switch_mlp", "switch_glu"]
+            .into_iter()
+            .find(|block| self.contains_tensor(&format!("{block}.{projection_name}.weight")))
+            .unwrap_or("switch_mlp");
+        let stacked = self.pp(stacked_block).pp(projection_name);
         if let Some(hf) = stacked.as_hf() {
             if MlxWeights::present(hf) {
                 return MlxWeights::load_stacked(hf, experts, in_dim, out_dim)?

@@ -500,7 +500,8 @@ fn load_moe(vb: &WeightSource, spec: &MoeSpec, block: &str) -> Result<SparseMoe>
     Ok(SparseMoe::new(router, experts, spec.routing))
 }
 
-/// Loads Gemma 4's router and stacked experts under `vb` (the layer).
+/// Loads Gemma 4's router and stacked experts under `vb` (the layer): transformers'
+/// `experts.gate_up_proj` / `experts.down_proj`, or mlx-lm's `experts.switch_glu`.
 fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: f64) -> Result<SparseMoe> {
     let (h, i, e) = (spec.expert.hidden, spec.expert.intermediate, spec.num_experts);
     let router = vb.pp("router");
@@ -512,13 +513,26 @@ fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: f64) -> Res
         in_dim,
         out_dim,
     };
-    let gate_ups = experts.stacked_expert_linears("gate_up_proj", shape(h, 2 * i))?;
-    let downs = experts.stacked_expert_linears("down_proj", shape(i, h))?;
-    let mlps = gate_ups
-        .into_iter()
-        .zip(downs)
-        .map(|(gate_up, down)| GatedMlp::fused(gate_up, i, down, spec.expert.activation))
-        .collect();
+    let mlps = if experts.contains_tensor("gate_up_proj") {
+        let gate_ups = experts.stacked_expert_linears("gate_up_proj", shape(h, 2 * i))?;
+        let downs = experts.stacked_expert_linears("down_proj", shape(i, h))?;
+        gate_ups
+            .into_iter()
+            .zip(downs)
+            .map(|(gate_up, down)| Ok(GatedMlp::fused(gate_up, i, down, spec.expert.activation)))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        // mlx-lm's `experts.switch_glu.{gate,up,down}_proj`.
+        let gates = experts.expert_linears("gate_proj", ExpertProjection::Gate, shape(h, i))?;
+        let ups = experts.expert_linears("up_proj", ExpertProjection::Up, shape(h, i))?;
+        let downs = experts.expert_linears("down_proj", ExpertProjection::Down, shape(i, h))?;
+        gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((gate, up), down)| gated_mlp([gate, up, down], spec.expert, vb.device()))
+            .collect::<Result<Vec<_>>>()?
+    };
     Ok(
         SparseMoe::new(router.pp("proj").linear(h, e, false)?, mlps, spec.routing)
             .with_router_norm(RmsNorm::new(scale.to_dtype(vb.dtype())?, rms_eps, false)?)

@@ -198,6 +198,40 @@ fn experts(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
 mod tests {
     use super::*;
 
+    fn config(extra: serde_json::Value) -> HfConfig {
+        let mut json = serde_json::json!({
+            "architectures": ["Gemma4ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "vocab_size": 512,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        });
+        json.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        HfConfig::parse(&json.to_string(), "config.json").expect("config")
+    }
+
+    #[test]
+    fn global_heads_come_from_either_spelling() {
+        let dims = |extra| {
+            let cfg = config(extra);
+            global_dims(&cfg, &cfg.layer_types().expect("types")).map(|d| (d.num_kv_heads, d.head_dim))
+        };
+        // The Hub's keys: the KV-head override applies only where values are keys.
+        let hub = serde_json::json!({"global_head_dim": 32, "num_global_key_value_heads": 1});
+        assert_eq!(dims(hub.clone()).expect("hub"), (2, 32));
+        let mut k_eq_v = hub;
+        k_eq_v["attention_k_eq_v"] = true.into();
+        assert_eq!(dims(k_eq_v).expect("k_eq_v"), (1, 32));
+        // transformers 5.25's `per_layer_config`.
+        let saved = serde_json::json!({"per_layer_config": {
+            "1": {"head_dim": 32, "num_key_value_heads": 1}, "3": {"head_dim": 32, "num_key_value_heads": 1}}});
+        assert_eq!(dims(saved).expect("saved"), (1, 32));
+        // transformers' default width, and overrides that disagree or touch a sliding layer.
+        assert_eq!(dims(serde_json::json!({})).expect("default"), (2, 512));
+        let uneven = serde_json::json!({"per_layer_config": {"1": {"head_dim": 32}, "3": {"head_dim": 64}}});
+        assert!(dims(uneven).is_err());
+        assert!(dims(serde_json::json!({"per_layer_config": {"0": {"head_dim": 32}}})).is_err());
+    }
+
     #[test]
     fn the_last_layers_read_the_last_earlier_layer_of_their_type() {
         use LayerType::{Full as F, Sliding as S};
