@@ -59,14 +59,16 @@ COMMON = dict(
 )
 
 VARIANTS = {
-    # Layers 0-3 keep KV; 4 (sliding) reads layer 3's, 5 (full) reads layer 2's.
+    # Layers 0-2 keep KV; 3 and 4 (sliding) read layer 1's, 5 (full) reads layer 2's. As in the
+    # released E2B/E4B the last layer keeping KV is a full one after a sliding one, which
+    # llama.cpp requires.
     "dense": dict(
         COMMON,
         num_hidden_layers=6,
         num_key_value_heads=2,
         intermediate_size=96,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-        num_kv_shared_layers=2,
+        num_kv_shared_layers=3,
         use_double_wide_mlp=True,
         hidden_size_per_layer_input=8,
         vocab_size_per_layer_input=VOCAB,
@@ -107,7 +109,7 @@ VISION = dict(
 def init_weights(model, seed):
     """Every parameter matters: norms and scales random around 1 (the norms of each block's
     output around 2, and the embedding small, so that the layers and not the embedding decide
-    the next token), linear weights ~ N(0, 1/fan_in), the router scaled so routing is
+    the next token; q/k norms around 0.6), linear weights ~ N(0, 1/fan_in), the router scaled so routing is
     decisive, each layer's scalar around 1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -119,6 +121,10 @@ def init_weights(model, seed):
                 v = 1.0 + 0.2 * r
             elif name.endswith(("inv_freq", "embed_scale")):
                 continue
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                # Scores are not scaled by head_dim^-0.5: small head norms keep attention from
+                # being nearly one-hot, which would make the references fragile to rounding.
+                v = 0.6 + 0.1 * r
             elif "post_" in name and name.endswith(("norm.weight", "norm_1.weight", "norm_2.weight")):
                 v = 2.0 + 0.5 * r
             elif name.endswith(("norm.weight", "norm_2.weight", "router.scale", "per_expert_scale")):

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""GGUF copies of the MoE fixtures, made by llama.cpp's own tools, and llama.cpp's greedy
-references for them, for tests/moe_models.rs.
+"""GGUF copies of the MoE and Gemma 4 fixtures, made by llama.cpp's own tools, and llama.cpp's
+greedy references for them, for tests/moe_models.rs and tests/gemma4_models.rs.
 
     # llama.cpp from the pinned tree benches/vs_llama_cpp.sh builds (WORK=/work/bench there),
     # with llama-server and llama-quantize built; a Python with torch and transformers.
     python tests/data/moe/make_gguf.py --llama-cpp /work/bench/llama.cpp --out tests/data/moe
+    python tests/data/moe/make_gguf.py --llama-cpp /work/bench/llama.cpp --out tests/data/gemma4 dense moe
 
 Per architecture: <arch>/gguf/<arch>-{f32,q8_0,q4_0}.gguf (convert_hf_to_gguf.py to F32 and
 Q8_0, llama-quantize F32 -> Q4_0) and <arch>/refs/llamacpp-<type>.json: for every prompt of
 transformers-f32.json, llama-server's greedy ids (temperature 0, top-k 1, no prompt cache,
 float32 KV and attention) and llama.cpp's own top-1/top-2 log-probability gap at each step, so a
 test can tell a real divergence from a near-tie. The converter's pre-tokenizer lookup does not
-know the fixtures' tiny tokenizers: the family's name is pinned instead (`PIN_PRE`).
+know the fixtures' tiny tokenizers: the family's name is pinned instead (`PIN_PRE`; Gemma 4's
+converter names its own tokenizer).
 """
 import argparse
 import json
@@ -113,8 +115,8 @@ def main():
         folder, gdir, refs = a.out / arch / "f32", a.out / arch / "gguf", a.out / arch / "refs"
         gdir.mkdir(parents=True, exist_ok=True)
         files = {t: gdir / f"{arch}-{t}.gguf" for t in TYPES}
-        convert(a.llama_cpp, folder, "f32", files["f32"], PIN_PRE[arch])
-        convert(a.llama_cpp, folder, "q8_0", files["q8_0"], PIN_PRE[arch])
+        convert(a.llama_cpp, folder, "f32", files["f32"], PIN_PRE.get(arch))
+        convert(a.llama_cpp, folder, "q8_0", files["q8_0"], PIN_PRE.get(arch))
         subprocess.run([str(bins / "llama-quantize"), str(files["f32"]), str(files["q4_0"]), "Q4_0"],
                        check=True, capture_output=True)
         tf = json.loads((refs / "transformers-f32.json").read_text())
