@@ -188,11 +188,26 @@ impl GgufStore {
 
     /// Maps a Hugging Face tensor name to the GGUF one.
     fn gguf_name(&self, hf: &str) -> Option<String> {
+        // Gemma 4's layer tensors whose Hugging Face names have no `.weight`.
+        if let Some((layer, leaf)) = hf.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
+            let gguf = match leaf {
+                "layer_scalar" => Some("layer_output_scale.weight"),
+                "router.scale" => Some("ffn_gate_inp.scale"),
+                "router.per_expert_scale" => Some("ffn_down_exps.scale"),
+                _ => None,
+            };
+            if let Some(gguf) = gguf {
+                return Some(format!("blk.{layer}.{gguf}"));
+            }
+        }
         let (stem, suffix) = hf.rsplit_once('.')?;
         let mapped = match stem {
             "model.embed_tokens" => "token_embd".to_string(),
             "model.norm" => "output_norm".to_string(),
             "lm_head" => "output".to_string(),
+            "model.embed_tokens_per_layer" => "per_layer_token_embd".to_string(),
+            "model.per_layer_model_projection" => "per_layer_model_proj".to_string(),
+            "model.per_layer_projection_norm" => "per_layer_proj_norm".to_string(),
             _ => {
                 let rest = stem.strip_prefix("model.layers.")?;
                 let (layer, module) = rest.split_once('.')?;
@@ -208,6 +223,7 @@ impl GgufStore {
             return Some(match projection {
                 "gate_proj" | "w1" => "ffn_gate_exps",
                 "up_proj" | "w3" => "ffn_up_exps",
+                "gate_up_proj" => "ffn_gate_up_exps",
                 "down_proj" | "w2" => "ffn_down_exps",
                 _ => return None,
             });
@@ -227,7 +243,13 @@ impl GgufStore {
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
-            "mlp.gate" | "block_sparse_moe.gate" => "ffn_gate_inp",
+            "mlp.gate" | "block_sparse_moe.gate" | "router.proj" => "ffn_gate_inp",
+            "pre_feedforward_layernorm_2" => "pre_ffw_norm_2",
+            "post_feedforward_layernorm_1" => "post_ffw_norm_1",
+            "post_feedforward_layernorm_2" => "post_ffw_norm_2",
+            "per_layer_input_gate" => "inp_gate",
+            "per_layer_projection" => "proj",
+            "post_per_layer_input_norm" => "post_norm",
             _ => return None,
         })
     }
@@ -238,6 +260,23 @@ impl GgufStore {
             .ok()
             .or_else(|| v.to_u32().ok().map(u64::from))
             .or_else(|| v.to_i32().ok().map(|x| x as u64))
+    }
+
+    /// A per-layer integer key: an array, or one value for every layer.
+    fn meta_u64s(&self, key: &str) -> Option<Vec<u64>> {
+        if let Some(v) = self.meta_u64(key) {
+            return Some(vec![v]);
+        }
+        let values = self.content.metadata.get(key)?.to_vec().ok()?;
+        values
+            .iter()
+            .map(|v| {
+                v.to_u32()
+                    .ok()
+                    .map(u64::from)
+                    .or_else(|| v.to_i32().ok().map(|x| x as u64))
+            })
+            .collect()
     }
 
     fn meta_f32(&self, key: &str) -> Option<f32> {
@@ -256,11 +295,12 @@ impl GgufStore {
             "qwen3" => ("Qwen3ForCausalLM", "qwen3"),
             "qwen3moe" => ("Qwen3MoeForCausalLM", "qwen3_moe"),
             "gemma3" => ("Gemma3ForCausalLM", "gemma3_text"),
+            "gemma4" => ("Gemma4ForCausalLM", "gemma4_text"),
             "phi3" => ("Phi3ForCausalLM", "phi3"),
             other => {
                 return Err(LoadError::Unsupported(format!(
                     "GGUF architecture `{other}` (supported: llama (and Mixtral), qwen2, qwen3, qwen3moe, gemma3, \
-                     phi3)"
+                     gemma4, phi3)"
                 )))
             }
         };
@@ -298,7 +338,14 @@ impl GgufStore {
             "architectures": [architecture],
             "model_type": model_type,
             "hidden_size": hidden,
-            "intermediate_size": need("feed_forward_length")?,
+            // Gemma 4 lists it per layer (double-wide MLPs): the narrowest is the base width.
+            "intermediate_size": self
+                .meta_u64s(&format!("{a}.feed_forward_length"))
+                .and_then(|w| w.into_iter().min())
+                .ok_or_else(|| LoadError::Malformed {
+                    file: "GGUF metadata".into(),
+                    reason: format!("missing `{a}.feed_forward_length`"),
+                })?,
             "num_hidden_layers": need("block_count")?,
             "num_attention_heads": heads,
             "num_key_value_heads": self.meta_u64(&format!("{a}.attention.head_count_kv")).unwrap_or(heads),
@@ -345,16 +392,114 @@ impl GgufStore {
             cfg["rope_local_base_freq"] = json!(self.meta_f32("gemma3.rope.freq_base_swa").unwrap_or(10_000.0));
             cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
         }
+        if a == "gemma4" {
+            self.gemma4_config(&mut cfg)?;
+        }
         Ok(cfg)
+    }
+
+    /// Gemma 4's keys in transformers' terms: layer types from the sliding-window pattern,
+    /// global layers' head width (`key_length`; sliding ones: `key_length_swa`) and KV heads
+    /// (`head_count_kv` per layer) as `per_layer_config`, values equal to keys where a global
+    /// layer has no `attn_v`, double-wide MLPs from the per-layer widths, shared-KV layers,
+    /// per-layer inputs and experts. The proportional rope of global layers is the
+    /// `rope_freqs` divisors (1e30 where a pair stands still), applied as for Llama 3.
+    fn gemma4_config(&self, cfg: &mut serde_json::Value) -> std::result::Result<(), LoadError> {
+        let malformed = |key: &str| LoadError::Malformed {
+            file: "GGUF metadata".into(),
+            reason: format!("missing or malformed `gemma4.{key}`"),
+        };
+        let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+        let sliding: Vec<bool> = self
+            .content
+            .metadata
+            .get("gemma4.attention.sliding_window_pattern")
+            .and_then(|v| v.to_vec().ok())
+            .and_then(|vs| vs.iter().map(|v| v.to_bool().ok()).collect::<Option<Vec<bool>>>())
+            .filter(|p| p.len() == layers)
+            .ok_or_else(|| malformed("attention.sliding_window_pattern"))?;
+        let head_full = self
+            .meta_u64("gemma4.attention.key_length")
+            .ok_or_else(|| malformed("attention.key_length"))?;
+        let head_swa = self
+            .meta_u64("gemma4.attention.key_length_swa")
+            .ok_or_else(|| malformed("attention.key_length_swa"))?;
+        let kv_heads = self
+            .meta_u64s("gemma4.attention.head_count_kv")
+            .map(|v| if v.len() == 1 { vec![v[0]; layers] } else { v })
+            .filter(|v| v.len() == layers)
+            .ok_or_else(|| malformed("attention.head_count_kv"))?;
+        let widths = self.meta_u64s("gemma4.feed_forward_length").unwrap_or_default();
+        let base_width = cfg["intermediate_size"].as_u64().unwrap_or(0);
+        let first_full = sliding.iter().position(|s| !s);
+        let per_layer: serde_json::Map<String, serde_json::Value> = (0..layers)
+            .filter(|&i| !sliding[i])
+            .map(|i| {
+                (
+                    i.to_string(),
+                    json!({"head_dim": head_full, "num_key_value_heads": kv_heads[i]}),
+                )
+            })
+            .collect();
+        let rope = |key: &str, head: u64| {
+            let dims = self.meta_u64(&format!("gemma4.{key}")).unwrap_or(head);
+            dims as f64 / head as f64
+        };
+        cfg["layer_types"] = json!(sliding
+            .iter()
+            .map(|&s| if s { "sliding_attention" } else { "full_attention" })
+            .collect::<Vec<_>>());
+        cfg["head_dim"] = json!(head_swa);
+        cfg["num_key_value_heads"] = json!(sliding.iter().position(|&s| s).map_or(kv_heads[0], |i| kv_heads[i]));
+        cfg["per_layer_config"] = json!(per_layer);
+        cfg["attention_k_eq_v"] = json!(first_full.is_some_and(|i| {
+            let has = |t: &str| self.content.tensor_infos.contains_key(&format!("blk.{i}.{t}.weight"));
+            has("attn_k") && !has("attn_v")
+        }));
+        cfg["rope_parameters"] = json!({
+            "full_attention": {"rope_type": "default", "rope_theta": self.meta_f32("gemma4.rope.freq_base").unwrap_or(1e6),
+                               "partial_rotary_factor": rope("rope.dimension_count", head_full)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": self.meta_f32("gemma4.rope.freq_base_swa").unwrap_or(1e4),
+                                  "partial_rotary_factor": rope("rope.dimension_count_swa", head_swa)},
+        });
+        if let Some(obj) = cfg.as_object_mut() {
+            obj.remove("partial_rotary_factor");
+            obj.remove("rope_theta");
+        }
+        cfg["use_double_wide_mlp"] = json!(widths.iter().any(|&w| w == 2 * base_width));
+        cfg["num_kv_shared_layers"] = json!(self.meta_u64("gemma4.attention.shared_kv_layers").unwrap_or(0));
+        if let Some(width) = self
+            .meta_u64("gemma4.embedding_length_per_layer_input")
+            .filter(|&w| w > 0)
+        {
+            cfg["hidden_size_per_layer_input"] = json!(width);
+            let rows = self
+                .content
+                .tensor_infos
+                .get("per_layer_token_embd.weight")
+                .and_then(|t| t.shape.dims().first().copied())
+                .ok_or_else(|| malformed("per_layer_token_embd (tensor)"))?;
+            cfg["vocab_size_per_layer_input"] = json!(rows);
+        }
+        if let Some(cap) = self.meta_f32("gemma4.final_logit_softcapping") {
+            cfg["final_logit_softcapping"] = json!(cap);
+        }
+        cfg["hidden_activation"] = json!("gelu_pytorch_tanh");
+        if cfg.get("num_experts").is_some() {
+            cfg["enable_moe_block"] = json!(true);
+            cfg["top_k_experts"] = cfg["num_experts_per_tok"].clone();
+        }
+        Ok(())
     }
 }
 
-/// The expert and projection named by a layer module `mlp.experts.E.gate_proj` (Qwen-MoE) or
-/// `block_sparse_moe.experts.E.w1` (Mixtral).
+/// The expert and projection named by a layer module `mlp.experts.E.gate_proj` (Qwen-MoE),
+/// `block_sparse_moe.experts.E.w1` (Mixtral) or `experts.E.gate_up_proj` (Gemma 4).
 fn expert_parts(module: &str) -> Option<(usize, &str)> {
     let rest = module
         .strip_prefix("mlp.experts.")
-        .or_else(|| module.strip_prefix("block_sparse_moe.experts."))?;
+        .or_else(|| module.strip_prefix("block_sparse_moe.experts."))
+        .or_else(|| module.strip_prefix("experts."))?;
     let (expert, projection) = rest.split_once('.')?;
     Some((expert.parse().ok()?, projection))
 }

@@ -501,7 +501,8 @@ fn load_moe(vb: &WeightSource, spec: &MoeSpec, block: &str) -> Result<SparseMoe>
 }
 
 /// Loads Gemma 4's router and stacked experts under `vb` (the layer): transformers'
-/// `experts.gate_up_proj` / `experts.down_proj`, or mlx-lm's `experts.switch_glu`.
+/// `experts.gate_up_proj` / `experts.down_proj`, GGUF's per-expert slices of them, or mlx-lm's
+/// `experts.switch_glu`.
 fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: f64) -> Result<SparseMoe> {
     let (h, i, e) = (spec.expert.hidden, spec.expert.intermediate, spec.num_experts);
     let router = vb.pp("router");
@@ -520,6 +521,16 @@ fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: f64) -> Res
             .into_iter()
             .zip(downs)
             .map(|(gate_up, down)| Ok(GatedMlp::fused(gate_up, i, down, spec.expert.activation)))
+            .collect::<Result<Vec<_>>>()?
+    } else if experts.contains_tensor("0.gate_up_proj.weight") {
+        // GGUF's `ffn_gate_up_exps` / `ffn_down_exps`, one expert at a time.
+        (0..e)
+            .map(|expert| {
+                let x = experts.pp(expert);
+                let gate_up = x.pp("gate_up_proj").linear(h, 2 * i, false)?;
+                let down = x.pp("down_proj").linear(i, h, false)?;
+                Ok(GatedMlp::fused(gate_up, i, down, spec.expert.activation))
+            })
             .collect::<Result<Vec<_>>>()?
     } else {
         // mlx-lm's `experts.switch_glu.{gate,up,down}_proj`.

@@ -205,7 +205,9 @@ mod tests {
             "head_dim": 16, "vocab_size": 512,
             "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         });
-        json.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+        json.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
         HfConfig::parse(&json.to_string(), "config.json").expect("config")
     }
 

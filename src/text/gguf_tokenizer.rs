@@ -1,6 +1,7 @@
 //! A `tokenizers` tokenizer rebuilt from a GGUF file's `tokenizer.ggml.*` metadata, the way
 //! llama.cpp's converter wrote it: SentencePiece-style vocabularies (`llama`: pieces, scores,
-//! types) and byte-level BPE ones (`gpt2`: tokens and merges, with a named pre-tokenizer).
+//! types), byte-level BPE ones (`gpt2`: tokens and merges, with a named pre-tokenizer) and
+//! Gemma 4's SentencePiece-style BPE (`gemma4`: tokens and merges).
 //!
 //! Written by hand: no crate converts GGUF vocabularies; the JSON built here is the
 //! `tokenizer.json` the Hugging Face converters write for the same families.
@@ -99,10 +100,12 @@ pub fn tokenizer_json(meta: &HashMap<String, Value>) -> Result<Json, String> {
     let vocab = Vocab { tokens, types, scores };
     let mut doc = match model.as_str() {
         "llama" => spm_json(meta, &vocab)?,
-        "gpt2" => bpe_json(meta, &vocab)?,
+        "gpt2" => bpe_json(meta, &vocab, "default")?,
+        // Gemma 4's own model name: SentencePiece-style BPE with stored merges.
+        "gemma4" => bpe_json(meta, &vocab, "gemma4")?,
         other => {
             return Err(format!(
-                "tokenizer model `{other}` is not supported (supported: llama, gpt2)"
+                "tokenizer model `{other}` is not supported (supported: llama, gpt2, gemma4)"
             ))
         }
     };
@@ -218,13 +221,13 @@ fn spm_json(meta: &HashMap<String, Value>, v: &Vocab) -> Result<Json, String> {
 }
 
 /// Byte-level BPE (or, for `gemma4`, SentencePiece-style BPE) with the merges stored in the
-/// file and the pre-tokenizer named by `tokenizer.ggml.pre`.
-fn bpe_json(meta: &HashMap<String, Value>, v: &Vocab) -> Result<Json, String> {
+/// file and the pre-tokenizer named by `tokenizer.ggml.pre` (`default_pre` without one).
+fn bpe_json(meta: &HashMap<String, Value>, v: &Vocab, default_pre: &str) -> Result<Json, String> {
     let merges = strings(meta, "tokenizer.ggml.merges")?;
     let pre = meta
         .get("tokenizer.ggml.pre")
         .and_then(|p| p.to_string().ok())
-        .map_or("default", String::as_str);
+        .map_or(default_pre, String::as_str);
     let vocab: serde_json::Map<String, Json> = v
         .tokens
         .iter()

@@ -182,17 +182,24 @@ def test_a_corrupt_blob_is_refused_by_its_digest(stores):
 
 
 def test_mixture_of_experts_models_resolve_from_the_store_like_the_others(tmp_path):
-    """Qwen3-MoE and Mixtral GGUF files (llama.cpp's qwen3moe, and llama with experts) under
-    Ollama names: listed, chatted with through the ollama package, described by /api/show."""
+    """Qwen3-MoE, Mixtral and Gemma 4 GGUF files (llama.cpp's qwen3moe, llama with experts, and
+    gemma4 dense and with experts) under Ollama names: listed, chatted with through the ollama
+    package, described by /api/show."""
     store = tmp_path / "ollama"
     moe = ROOT / "tests/data/moe"
+    gemma4 = ROOT / "tests/data/gemma4"
     add_model(store, "qwen3moe", "tiny", moe / "qwen3_moe/gguf/qwen3_moe-q4_0.gguf")
     add_model(store, "mixtral", "tiny", moe / "mixtral/gguf/mixtral-q8_0.gguf")
+    add_model(store, "gemma4", "tiny", gemma4 / "dense/gguf/dense-q4_0.gguf")
+    add_model(store, "gemma4", "tiny-moe", gemma4 / "moe/gguf/moe-q8_0.gguf")
+    names = ["gemma4:tiny", "gemma4:tiny-moe", "mixtral:tiny", "qwen3moe:tiny"]
     for url in _start(["--ollama-models", str(store)], model="qwen3moe:tiny"):
         client = ollama.Client(host=url)
-        assert sorted(m.model for m in client.list().models) == ["mixtral:tiny", "qwen3moe:tiny"]
-        for name in ["qwen3moe:tiny", "mixtral:tiny"]:
+        assert sorted(m.model for m in client.list().models) == names
+        for name in names:
             reply = client.chat(model=name, messages=[{"role": "user", "content": "Hi"}], options={"num_predict": 4})
             assert reply.done_reason in ("stop", "length") and reply.eval_count <= 6, reply
         show = post(url + "/api/show", {"model": "qwen3moe:tiny"})
         assert show["details"]["family"] == "qwen3moe", show["details"]
+        show = post(url + "/api/show", {"model": "gemma4:tiny-moe"})
+        assert show["details"]["family"] == "gemma4", show["details"]

@@ -26,6 +26,7 @@ pub fn ollama_architecture(model_type: &str) -> &str {
     match model_type {
         "mistral" | "mixtral" => "llama",
         "gemma3_text" => "gemma3",
+        "gemma4_text" => "gemma4",
         "qwen3_moe" => "qwen3moe",
         other => other,
     }
