@@ -235,10 +235,7 @@ impl TextCodec {
             .map(|tags| (tags.clone(), tags.prompt_opens_thought(rendered)));
         let syntax = self.tool_syntax();
         let tools = chat.tools.active().then_some((syntax, !chat.tools.parallel));
-        let mut markers: Vec<&str> = thoughts
-            .iter()
-            .flat_map(|(t, _)| [t.open.as_str(), t.close.as_str()])
-            .collect();
+        let mut markers: Vec<&str> = thoughts.iter().flat_map(|(t, _)| t.tokens).collect();
         if tools.is_some() {
             markers.extend(syntax.special_markers());
         }

@@ -1,6 +1,7 @@
 //! Thoughts split from the answer, for models that think between tags (Qwen3's
-//! `<think>…</think>`, DeepSeek-R1 and their descendants): a streaming state machine over the
-//! generated text, so a tag cut across chunks is still found and never shown.
+//! `<think>…</think>`, DeepSeek-R1 and their descendants; Gemma 4's thought channel
+//! `<|channel>thought…<channel|>`): a streaming state machine over the generated text, so a tag
+//! cut across chunks is still found and never shown.
 
 /// The tags a model's thoughts are enclosed in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -9,16 +10,27 @@ pub struct ThinkTags {
     pub open: String,
     /// Closes it (`</think>`).
     pub close: String,
+    /// The tokens the tags are made of, which the detokenizer must show where they are
+    /// special tokens (`<|channel>` of Gemma 4's `<|channel>thought`).
+    pub tokens: [&'static str; 2],
 }
 
 impl ThinkTags {
-    /// The `<think>` / `</think>` pair, when the chat template uses both (the tags that Qwen3,
-    /// QwQ, DeepSeek-R1 and most thinking models share).
+    /// The tags the chat template uses: the `<think>` / `</think>` pair that Qwen3, QwQ,
+    /// DeepSeek-R1 and most thinking models share, or Gemma 4's thought channel.
     pub fn detect(template_source: &str) -> Option<Self> {
+        if template_source.contains("<|channel>") {
+            return Some(Self {
+                open: "<|channel>thought".into(),
+                close: "<channel|>".into(),
+                tokens: ["<|channel>", "<channel|>"],
+            });
+        }
         let (open, close) = ("<think>", "</think>");
         (template_source.contains(open) || template_source.contains(close)).then(|| Self {
             open: open.into(),
             close: close.into(),
+            tokens: [open, close],
         })
     }
 
@@ -210,6 +222,19 @@ mod tests {
             split(&["still thinking </thi"], true),
             ("still thinking </thi".into(), String::new())
         );
+    }
+
+    #[test]
+    fn gemma4_thinks_in_a_channel() {
+        let tags = ThinkTags::detect("{{- '<|channel>thought\\n' + thinking_text + '\\n<channel|>' -}}").expect("tags");
+        let mut s = ThoughtSplitter::new(tags.clone(), false);
+        let mut got = s.push("<|channel>thought\nAdd them.\n<chan");
+        let rest = s.push("nel|>4");
+        got.reasoning += &rest.reasoning;
+        got.content += &rest.content;
+        assert_eq!((got.reasoning.trim_end(), got.content.as_str()), ("Add them.", "4"));
+        // With thinking off the template closes an empty thought in the prompt.
+        assert!(!tags.prompt_opens_thought("<|turn>model\n<|channel>thought\n<channel|>"));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 random-weight fixtures of each family served with that family's real chat template
 (`../shared/tokenizers`): Qwen2.5 and Qwen3 (`<tool_call>`), Llama 3.2 (JSON with
 `parameters`, `<|python_tag|>` a special token), Mistral Nemo (`[TOOL_CALLS]`, a special
-token), and Gemma 3 and Phi-3.5, whose templates know no tools (mlxd describes them itself).
+token), Gemma 4 (`<|tool_call>call:name{…}<tool_call|>` in its own value syntax), and Gemma 3
+and Phi-3.5, whose templates know no tools (mlxd describes them itself).
 
 A random model never calls a tool of its own accord, so calls are forced with `tool_choice`
 (constrained decoding in the family's syntax, then parsed back like any reply); the round trip
@@ -31,7 +32,10 @@ FAMILIES = {
     "mistral": ("tokenizers/mistral-nemo/tokenizer_config.json", None),
     "gemma3": ("tokenizers/gemma3/tokenizer_config.json", None),
     "phi3": (None, "tokenizers/chat_templates/microsoft-Phi-3.5-mini-instruct.jinja"),
+    "gemma4": (None, ROOT / "tests/data/gemma4/chat_template.jinja"),
 }
+#: fixtures that are not in ../shared/fixtures
+FIXTURES = {"gemma4": ROOT / "tests/data/gemma4/dense/f32"}
 
 WEATHER = {
     "type": "object",
@@ -59,7 +63,9 @@ def model_with_template(tmp: Path, arch: str, template: str) -> Path:
     """The fixture `arch` (f32) with `template` as its chat_template.jinja."""
     folder = tmp / arch
     folder.mkdir()
-    for f in (SHARED / "fixtures" / arch / "f32").iterdir():
+    for f in FIXTURES.get(arch, SHARED / "fixtures" / arch / "f32").iterdir():
+        if f.name == "chat_template.jinja":
+            continue
         (folder / f.name).symlink_to(f)
     (folder / "chat_template.jinja").write_text(template)
     return folder

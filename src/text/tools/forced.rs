@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::{ToolChoice, ToolSet, ToolSyntax};
+use super::{gemma, ToolChoice, ToolSet, ToolSyntax};
 
 /// A Lark grammar (llguidance's dialect) for exactly one call of one of the allowed functions.
 /// `token_id` gives the id of a marker that is one added token of the tokenizer (spelled
@@ -45,6 +45,21 @@ pub fn forced_call_grammar(syntax: ToolSyntax, tools: &ToolSet, token_id: impl F
             marker("<|tool_call|>"),
             marker("<|/tool_call|>")
         ),
+        ToolSyntax::Gemma4 => {
+            let functions: Vec<(&str, Value)> = tools
+                .functions()
+                .filter(|(name, _)| match &tools.choice {
+                    ToolChoice::Function(wanted) => name == wanted,
+                    _ => true,
+                })
+                .collect();
+            return gemma::forced_call_rules(
+                &functions,
+                &marker("<|tool_call>"),
+                &marker("<tool_call|>"),
+                &marker(gemma::QUOTE),
+            );
+        }
         ToolSyntax::Llama3 | ToolSyntax::Generic => "call".to_string(),
     };
     format!("start: {body}\ncall: %json {schema}\n")

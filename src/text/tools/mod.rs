@@ -4,6 +4,7 @@
 //! for the constrained decoder), and how tools reach templates that know nothing of them.
 
 mod forced;
+mod gemma;
 mod generic;
 mod parse;
 mod parser;
@@ -29,6 +30,9 @@ pub enum ToolSyntax {
     Mistral,
     /// Phi-4-mini: `<|tool_call|>[{"name": …, "arguments": {…}}]<|/tool_call|>`.
     Phi4,
+    /// Gemma 4: `<|tool_call>call:name{key:value,…}<tool_call|>` in its own value syntax
+    /// (strings between `<|"|>` delimiters, bare keys), one block per call.
+    Gemma4,
     /// A template without tool support (Gemma 3, Phi-3): mlxd describes the tools in the system
     /// message and asks for `{"name": …, "arguments": {…}}` as the whole reply.
     Generic,
@@ -38,7 +42,9 @@ impl ToolSyntax {
     /// The syntax a chat template's tool instructions and history rendering use.
     pub fn detect(template_source: &str) -> Self {
         let has = |s: &str| template_source.contains(s);
-        if has("<tool_call>") {
+        if has("<|tool_call>") {
+            Self::Gemma4
+        } else if has("<tool_call>") {
             Self::Hermes
         } else if has("[TOOL_CALLS]") {
             Self::Mistral
@@ -58,6 +64,7 @@ impl ToolSyntax {
             Self::Hermes => ("<tool_call>", Some("</tool_call>")),
             Self::Mistral => ("[TOOL_CALLS]", None),
             Self::Phi4 => ("<|tool_call|>", Some("<|/tool_call|>")),
+            Self::Gemma4 => ("<|tool_call>", Some("<tool_call|>")),
             Self::Llama3 | Self::Generic => ("{", None),
         }
     }
@@ -76,6 +83,7 @@ impl ToolSyntax {
             Self::Hermes => &["<tool_call>", "</tool_call>"],
             Self::Mistral => &["[TOOL_CALLS]", "[ARGS]"],
             Self::Phi4 => &["<|tool_call|>", "<|/tool_call|>"],
+            Self::Gemma4 => &["<|tool_call>", "<tool_call|>", gemma::QUOTE],
             Self::Llama3 => &["<|python_tag|>"],
             Self::Generic => &[],
         }
@@ -211,6 +219,9 @@ mod tests {
         let phi =
             std::fs::read_to_string(dir.join("chat_templates/microsoft-Phi-3.5-mini-instruct.jinja")).expect("phi");
         assert_eq!(ToolSyntax::detect(&phi), ToolSyntax::Generic);
+        let gemma4 = std::fs::read_to_string("tests/data/gemma4/chat_template.jinja").expect("gemma 4");
+        assert_eq!(ToolSyntax::detect(&gemma4), ToolSyntax::Gemma4);
+        assert!(crate::text::reasoning::ThinkTags::detect(&gemma4).is_some_and(|t| t.close == "<channel|>"));
         assert_eq!(ToolSyntax::Mistral.new_call_id().len(), 9);
     }
 

@@ -1,5 +1,6 @@
 //! Reading calls out of the text of a call block: JSON objects (one, several separated by
-//! `,` or `;`, or a list of them) with a name and arguments, or Mistral's `name[ARGS]{…}`.
+//! `,` or `;`, or a list of them) with a name and arguments, Mistral's `name[ARGS]{…}`, or
+//! Gemma 4's `call:name{…}`.
 
 use serde_json::{Map, Value};
 
@@ -7,6 +8,9 @@ use serde_json::{Map, Value};
 /// (name, arguments object); None when it is not a well-formed call, so the text stays content.
 pub fn parse_calls(body: &str) -> Option<Vec<(String, Value)>> {
     let body = strip_python_tag(body);
+    if body.starts_with("call:") {
+        return super::gemma::parse_call(body).map(|call| vec![call]);
+    }
     if body.starts_with(|c: char| c.is_alphabetic() || c == '_') {
         return body.split("[TOOL_CALLS]").map(named_call).collect();
     }
@@ -121,6 +125,11 @@ mod tests {
         assert_eq!(
             parse_calls("f[ARGS]{\"x\": 1}[TOOL_CALLS]g{}"),
             Some(vec![("f".into(), json!({"x": 1})), ("g".into(), json!({}))])
+        );
+        // Gemma 4.
+        assert_eq!(
+            parse_calls("call:f{x:<|\"|>y<|\"|>}"),
+            Some(vec![("f".into(), json!({"x": "y"}))])
         );
         // Arguments as a JSON string, and the OpenAI shape.
         assert_eq!(
