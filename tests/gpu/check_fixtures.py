@@ -343,6 +343,41 @@ def load(path):
         return json.load(f)
 
 
+def step_logits(path):
+    """The float32 tensors of a safetensors file (its format read directly: no safetensors
+    package on the GPU machine), by name, as lists of rows."""
+    import numpy as np
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        assert t["dtype"] == "F32", t
+        a, b = t["data_offsets"]
+        out[name] = np.frombuffer(data[a:b], dtype=np.float32).reshape(t["shape"])
+    return out
+
+
+def data_refs(refs_dir, name):
+    """A reference set of tests/data (`<name>.json` and its step logits): the sequences with the
+    top-2 margin of every greedy step and the top 20 logits of the first, as the shared
+    fixtures' references carry them."""
+    meta = load(f"{refs_dir}/{name}.json")
+    logits = step_logits(f"{refs_dir}/{name}.safetensors")
+    seqs = []
+    for s in meta["sequences"]:
+        rows = logits[f"{s['name']}.step_logits"]
+        order = rows.argsort(axis=1)[:, ::-1]
+        margins = [float(r[o[0]] - r[o[1]]) for r, o in zip(rows, order)]
+        top = order[0][:20]
+        seqs.append(dict(s, greedy_top2_margins=margins,
+                         last_logits_top20={"ids": [int(i) for i in top], "values": [float(rows[0][i]) for i in top]}))
+    return seqs
+
+
 def quant_tolerance(fx, kind):
     """The largest top-2 margin (of either run) at the first step where llama.cpp's main run
     and its dequantized-f32 run of a `kind` file part ways, over every family."""
@@ -427,6 +462,23 @@ def main():
             lines.append(line)
             print(line, flush=True)
     here = os.path.dirname(os.path.abspath(__file__))
+    # The families whose fixtures live in tests/data: transformers' f32 logits, mlx-lm's exact
+    # logits of the 4-bit folders (dequantized on a GPU, so the same arithmetic), and
+    # llama.cpp's runs of the quantized GGUF files up to the near-ties the CPU tests allow.
+    for family, variant, tie in [("gemma4", "dense", 0.4), ("gemma4", "moe", 1.0),
+                                 ("moe", "qwen3_moe", 0.15), ("moe", "mixtral", 0.15)]:
+        root = f"{here}/../data/{family}/{variant}"
+        run(f"{variant} ({family}) safetensors f32", f"{root}/f32", ["--dtype", "f32"],
+            data_refs(f"{root}/refs", "transformers-f32"), F32_TOL)
+        if os.path.exists(f"{root}/refs/mlx-q4-exact.json"):
+            run(f"{variant} ({family}) mlx-q4 (dequantized) f32", f"{root}/mlx-q4", ["--dtype", "f32"],
+                data_refs(f"{root}/refs", "mlx-q4-exact"), F32_TOL)
+        for kind in ["f32", "q8_0"]:
+            path = f"{root}/refs/llamacpp-{kind}.json"
+            if os.path.exists(path):
+                run(f"{variant} ({family}) gguf {kind}", f"{root}/gguf/{variant}-{kind}.gguf", [],
+                    load(path)["sequences"], 1e-9 if kind == "f32" else tie,
+                    margins_key="llamacpp_top2_logit_margins")
     for arch in ARCHS:
         refs = load(f"{here}/../data/embeddings/{arch}.json")["prompts"]
         run(f"{arch} safetensors f32 embeddings", f"{fx}/{arch}/f32", ["--dtype", "f32"], refs, 0.0,
