@@ -294,3 +294,92 @@ fn a_gguf_s_gemma4_tokenizer_encodes_as_its_source_folder() {
         "BOS"
     );
 }
+
+/// Loads `path` on the CPU in f32, for the error it gives.
+fn load_error(path: &std::path::Path) -> String {
+    mlxd::models::load(path, &Device::Cpu, DType::F32, &mlxd::formats::LoadProgress::hidden())
+        .err()
+        .expect("load error")
+        .to_string()
+}
+
+/// A copy of the `variant`'s f32 folder in a fresh directory, its config edited by `edit`
+/// and its tensors filtered by `keep`.
+fn edited_copy(
+    variant: &str,
+    tag: &str,
+    edit: impl Fn(&mut serde_json::Value),
+    keep: impl Fn(&str) -> bool,
+) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mlxd-gemma4-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let src = fixture(variant).join("f32");
+    let mut config = read_json(&src.join("config.json"));
+    edit(&mut config);
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+    let weights = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).expect("weights");
+    let kept: std::collections::HashMap<String, candle_core::Tensor> =
+        weights.into_iter().filter(|(name, _)| keep(name)).collect();
+    candle_core::safetensors::save(&kept, dir.join("model.safetensors")).expect("save");
+    dir
+}
+
+/// Variants mlxd does not cover, and incomplete files, fail to load with an error naming the
+/// config key or tensor; nothing half-loads.
+#[test]
+fn uncovered_variants_and_missing_tensors_are_load_errors_naming_them() {
+    // Only the vision tower of a multimodal checkpoint.
+    let towers_only = edited_copy(
+        "moe",
+        "towers",
+        |_| {},
+        |name| !name.starts_with("model.language_model."),
+    );
+    let err = load_error(&towers_only);
+    assert!(
+        err.contains("no Gemma 4 embedding") && err.contains("model.language_model"),
+        "{err}"
+    );
+    // Experts without their top-k.
+    let no_top_k = edited_copy(
+        "moe",
+        "topk",
+        |c| {
+            c["text_config"]
+                .as_object_mut()
+                .expect("text config")
+                .remove("top_k_experts");
+        },
+        |_| true,
+    );
+    assert!(load_error(&no_top_k).contains("top_k_experts"));
+    // An encoder variant, and a layer with no earlier layer of its type to read KV from.
+    let encoder = edited_copy(
+        "dense",
+        "encoder",
+        |c| c["use_bidirectional_attention"] = "all".into(),
+        |_| true,
+    );
+    assert!(load_error(&encoder).contains("use_bidirectional_attention"));
+    let all_shared = edited_copy("dense", "shared", |c| c["num_kv_shared_layers"] = 5.into(), |_| true);
+    assert!(load_error(&all_shared).contains("num_kv_shared_layers"));
+    // A missing tensor: the per-layer input table, and one layer's stacked experts.
+    let no_ple = edited_copy(
+        "dense",
+        "ple",
+        |_| {},
+        |name| name != "model.embed_tokens_per_layer.weight",
+    );
+    assert!(load_error(&no_ple).contains("model.embed_tokens_per_layer.weight"));
+    let no_experts = edited_copy(
+        "moe",
+        "experts",
+        |_| {},
+        |name| name != "model.language_model.layers.2.experts.down_proj",
+    );
+    let err = load_error(&no_experts);
+    assert!(err.contains("experts.down_proj"), "{err}");
+    for dir in [towers_only, no_top_k, encoder, all_shared, no_ple, no_experts] {
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
