@@ -11,7 +11,10 @@ Per architecture: <arch>/gguf/<arch>-{f32,q8_0,q4_0}.gguf (convert_hf_to_gguf.py
 Q8_0, llama-quantize F32 -> Q4_0) and <arch>/refs/llamacpp-<type>.json: for every prompt of
 transformers-f32.json, llama-server's greedy ids (temperature 0, top-k 1, no prompt cache,
 float32 KV and attention) and llama.cpp's own top-1/top-2 log-probability gap at each step, so a
-test can tell a real divergence from a near-tie. The converter's pre-tokenizer lookup does not
+test can tell a real divergence from a near-tie; for the quantized files also
+`other_runs.dequantized_f32`, the same run of the file's weights dequantized exactly
+(`llama-quantize --allow-requantize … F32`), which computes in float32 as a GPU's exact
+dequantizing matmuls do. The converter's pre-tokenizer lookup does not
 know the fixtures' tiny tokenizers: the family's name is pinned instead (`PIN_PRE`; Gemma 4's
 converter names its own tokenizer).
 """
@@ -124,6 +127,13 @@ def main():
             seqs = references(bins / "llama-server", files[t], tf["sequences"], tf["greedy_steps"])
             meta = {"llama_cpp": "llama-cpp-python 0.3.36 sdist (benches/vs_llama_cpp.sh)",
                     "run": "-fa off -ctk f32 -ctv f32", "greedy_steps": tf["greedy_steps"], "sequences": seqs}
+            if t != "f32":
+                deq = gdir / f"{arch}-{t}-dequantized.gguf.tmp"
+                subprocess.run([str(bins / "llama-quantize"), "--allow-requantize", str(files[t]), str(deq), "F32"],
+                               check=True, capture_output=True)
+                deq_seqs = references(bins / "llama-server", deq, tf["sequences"], tf["greedy_steps"])
+                meta["other_runs"] = {"dequantized_f32": {"sequences": deq_seqs}}
+                deq.unlink()
             (refs / f"llamacpp-{t}.json").write_text(json.dumps(meta) + "\n")
             print(f"{arch}-{t}: {[s['greedy_ids'][:6] for s in seqs]}")
 
