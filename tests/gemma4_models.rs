@@ -20,9 +20,9 @@ fn fixture(variant: &str) -> PathBuf {
         .join(variant)
 }
 
-/// Every prompt of transformers' f32 set through the `variant`'s folder, together in one batch
-/// per step: the greedy ids and every step's logits.
-fn check_against_transformers(variant: &str) {
+/// Every prompt of transformers' f32 set through `model` (the `variant`'s folder or a file in
+/// it), together in one batch per step: the greedy ids and every step's logits.
+fn check_against_transformers(variant: &str, model: &str) {
     let refs = fixture(variant).join("refs");
     let json = read_json(&refs.join("transformers-f32.json"));
     let tensors = candle_core::safetensors::load(refs.join("transformers-f32.safetensors"), &Device::Cpu)
@@ -30,33 +30,36 @@ fn check_against_transformers(variant: &str) {
     let seqs = json["sequences"].as_array().expect("sequences");
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
     let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
-    let mut runner = ModelRunner::load(&fixture(variant).join("f32"), DType::F32, prompts.len(), 128);
+    let mut runner = ModelRunner::load(&fixture(variant).join(model), DType::F32, prompts.len(), 128);
     let run = runner.greedy(&prompts, steps);
     for (i, seq) in seqs.iter().enumerate() {
         let name = seq["name"].as_str().expect("name");
         assert_eq!(
             run.tokens[i],
             ids(&seq["greedy_ids"]),
-            "{variant} {name}: greedy tokens"
+            "{variant}/{model} {name}: greedy tokens"
         );
         let want = tensors[&format!("{name}.step_logits")]
             .to_vec2::<f32>()
             .expect("step logits");
         for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
             let diff = max_abs_diff(got, want);
-            assert!(diff < F32_TOL, "{variant} {name} step {step}: logits differ by {diff}");
+            assert!(
+                diff < F32_TOL,
+                "{variant}/{model} {name} step {step}: logits differ by {diff}"
+            );
         }
     }
 }
 
 #[test]
 fn gemma4_dense_matches_transformers_f32_batched() {
-    check_against_transformers("dense");
+    check_against_transformers("dense", "f32");
 }
 
 #[test]
 fn gemma4_moe_matches_transformers_f32_batched() {
-    check_against_transformers("moe");
+    check_against_transformers("moe", "f32");
 }
 
 /// Per sequence: its prompt, its greedy ids and every greedy step's logits.
@@ -209,32 +212,7 @@ fn mlx_4bit_folders_compute_within_activation_rounding() {
 #[test]
 fn f32_gguf_files_match_transformers() {
     for variant in ["dense", "moe"] {
-        let refs = fixture(variant).join("refs");
-        let json = read_json(&refs.join("transformers-f32.json"));
-        let tensors =
-            candle_core::safetensors::load(refs.join("transformers-f32.safetensors"), &Device::Cpu).expect("refs");
-        let seqs = json["sequences"].as_array().expect("sequences");
-        let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
-        let path = fixture(variant).join(format!("gguf/{variant}-f32.gguf"));
-        let run = ModelRunner::load(&path, DType::F32, prompts.len(), 128).greedy(&prompts, 16);
-        for (i, seq) in seqs.iter().enumerate() {
-            let name = seq["name"].as_str().expect("name");
-            assert_eq!(
-                run.tokens[i],
-                ids(&seq["greedy_ids"]),
-                "{variant} gguf {name}: greedy tokens"
-            );
-            let want = tensors[&format!("{name}.step_logits")]
-                .to_vec2::<f32>()
-                .expect("logits");
-            for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
-                let diff = max_abs_diff(got, want);
-                assert!(
-                    diff < F32_TOL,
-                    "{variant} gguf {name} step {step}: logits differ by {diff}"
-                );
-            }
-        }
+        check_against_transformers(variant, &format!("gguf/{variant}-f32.gguf"));
     }
 }
 
