@@ -22,22 +22,21 @@ For each it writes <variant>/f32/ (config.json as the Hub's checkpoints spell it
 model.safetensors as `save_pretrained` writes it, the tokenizer of the Gemma 3 fixture whose
 vocabulary of 512 the models share) and <variant>/refs/transformers-f32.{json,safetensors}: per
 prompt, the greedy continuation and the logits of every greedy step (each prompt computed alone,
-no padding, no cache). The seed is the first from SEED_BASE whose every greedy step has a
+no padding, no cache; tests/data/reference_runs.py). The seed is the first whose every greedy step has a
 top-1/top-2 logit margin of at least MIN_MARGIN.
 """
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-import transformers
-from safetensors.torch import save_file
 from transformers import Gemma4Config, Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Gemma4TextConfig
 
-SEED_BASE = 1000
-MIN_MARGIN = 2e-3
-GREEDY_STEPS = 16
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from reference_runs import decisive_model, write_references  # noqa: E402
+
 VOCAB = 512
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 
@@ -142,27 +141,6 @@ def init_weights(model, seed):
             p.copy_(v.to(p.dtype))
 
 
-def prompts(seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
-    return [("p1", ids(1)), ("p7", ids(7)), ("p33", ids(33)), ("b0", ids(12)), ("b1", ids(5))]
-
-
-def greedy(model, ids):
-    """Greedy steps from `ids`, each a full forward of the sequence so far (no cache)."""
-    seq, out, logits, margin = list(ids), [], [], float("inf")
-    with torch.no_grad():
-        for _ in range(GREEDY_STEPS):
-            last = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].float()
-            top = torch.topk(last, 2).values
-            margin = min(margin, float(top[0] - top[1]))
-            nxt = int(torch.argmax(last))
-            logits.append(last)
-            out.append(nxt)
-            seq.append(nxt)
-    return out, torch.stack(logits), margin
-
-
 def make_model(variant, text):
     if variant == "moe":
         config = Gemma4Config(text_config=Gemma4TextConfig(**text), vision_config=dict(VISION), audio_config=None)
@@ -196,34 +174,20 @@ def build(variant, out, tokenizers):
     source = tokenizers / "gemma3" / "f32"
     source_config = json.loads((source / "config.json").read_text())
     text = dict(VARIANTS[variant], **{k: source_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
-    for seed in range(SEED_BASE, SEED_BASE + 200):
-        torch.manual_seed(seed)
+
+    def make(seed):
         model = make_model(variant, text)
         init_weights(model, seed)
-        runs = [(name, ids, *greedy(model, ids)) for name, ids in prompts(seed)]
-        worst = min(r[4] for r in runs)
-        distinct = min(len(set(r[2])) for r in runs)
-        if worst >= MIN_MARGIN and distinct >= 4:
-            break
-    else:
-        raise SystemExit(f"{variant}: no seed with margin {MIN_MARGIN}")
+        return model
+
+    seed, model, runs = decisive_model(variant, make, VOCAB)
     folder = out / variant / "f32"
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "config.json").write_text(json.dumps(hub_config(variant, text), indent=2) + "\n")
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, folder / name)
-    refs = out / variant / "refs"
-    refs.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
-        "seed": seed,
-        "greedy_steps": GREEDY_STEPS,
-        "min_margin": worst,
-        "sequences": [{"name": n, "prompt_ids": ids, "greedy_ids": toks} for n, ids, toks, _, _ in runs],
-    }
-    (refs / "transformers-f32.json").write_text(json.dumps(meta) + "\n")
-    save_file({f"{n}.step_logits": lg.contiguous() for n, _, _, lg, _ in runs}, refs / "transformers-f32.safetensors")
-    print(f"{variant}: seed {seed}, min margin {worst:.4f}, {sum(p.numel() for p in model.parameters())} parameters")
+    write_references(out / variant / "refs", seed, runs)
+    print(f"{variant}: seed {seed}, min margin {min(r[4] for r in runs):.4f}, {sum(p.numel() for p in model.parameters())} parameters")
 
 
 def main():

@@ -10,22 +10,21 @@ model.safetensors as `save_pretrained` writes it: one tensor per expert, as the 
 checkpoints hold them; the tokenizer and generation config of the dense fixture of the same
 family, whose vocabulary of 512 the models share, so the folders can be served and converted) and <arch>/refs/transformers-f32.{json,safetensors}: per prompt, the
 greedy continuation and the logits of every greedy step (each prompt computed alone, no
-padding). The seed is the first from SEED_BASE whose every greedy step has a top-1/top-2 logit
+padding; tests/data/reference_runs.py). The seed is the first whose every greedy step has a top-1/top-2 logit
 margin of at least MIN_MARGIN, so the greedy ids are robust to float32 rounding.
 """
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-import transformers
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen3MoeConfig
 
-SEED_BASE = 1000
-MIN_MARGIN = 2e-3
-GREEDY_STEPS = 16
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from reference_runs import decisive_model, write_references  # noqa: E402
+
 VOCAB = 512
 
 # The dense fixture whose tokenizer each architecture takes.
@@ -93,43 +92,18 @@ def init_weights(model, seed):
             p.copy_(v.to(p.dtype))
 
 
-def prompts(seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()
-    return [("p1", ids(1)), ("p7", ids(7)), ("p33", ids(33)), ("b0", ids(12)), ("b1", ids(5))]
-
-
-def greedy(model, ids):
-    """Greedy steps from `ids`, each a full forward of the sequence so far (no cache)."""
-    seq, out, logits, margin = list(ids), [], [], float("inf")
-    with torch.no_grad():
-        for _ in range(GREEDY_STEPS):
-            last = model(input_ids=torch.tensor([seq])).logits[0, -1].float()
-            top = torch.topk(last, 2).values
-            margin = min(margin, float(top[0] - top[1]))
-            nxt = int(torch.argmax(last))
-            logits.append(last)
-            out.append(nxt)
-            seq.append(nxt)
-    return out, torch.stack(logits), margin
-
-
 def build(arch, out, tokenizers):
     cls, kwargs = ARCHS[arch]
     source = tokenizers / TOKENIZER_FROM[arch] / "f32"
     source_config = json.loads((source / "config.json").read_text())
     kwargs = dict(kwargs, **{k: source_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
-    for seed in range(SEED_BASE, SEED_BASE + 200):
-        torch.manual_seed(seed)
+
+    def make(seed):
         model = AutoModelForCausalLM.from_config(cls(**kwargs), dtype=torch.float32).eval()
         init_weights(model, seed)
-        runs = [(name, ids, *greedy(model, ids)) for name, ids in prompts(seed)]
-        worst = min(r[4] for r in runs)
-        distinct = min(len(set(r[2])) for r in runs)
-        if worst >= MIN_MARGIN and distinct >= 4:
-            break
-    else:
-        raise SystemExit(f"{arch}: no seed with margin {MIN_MARGIN}")
+        return model
+
+    seed, model, runs = decisive_model(arch, make, VOCAB)
     folder = out / arch / "f32"
     model.save_pretrained(folder, safe_serialization=True)
     # The Hub's classic config keys, as real checkpoints ship them.
@@ -139,18 +113,8 @@ def build(arch, out, tokenizers):
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, folder / name)
-    refs = out / arch / "refs"
-    refs.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
-        "seed": seed,
-        "greedy_steps": GREEDY_STEPS,
-        "min_margin": worst,
-        "sequences": [{"name": n, "prompt_ids": ids, "greedy_ids": toks} for n, ids, toks, _, _ in runs],
-    }
-    (refs / "transformers-f32.json").write_text(json.dumps(meta) + "\n")
-    save_file({f"{n}.step_logits": lg.contiguous() for n, _, _, lg, _ in runs}, refs / "transformers-f32.safetensors")
-    print(f"{arch}: seed {seed}, min margin {worst:.4f}, {sum(p.numel() for p in model.parameters())} parameters")
+    write_references(out / arch / "refs", seed, runs)
+    print(f"{arch}: seed {seed}, min margin {min(r[4] for r in runs):.4f}, {sum(p.numel() for p in model.parameters())} parameters")
 
 
 def main():
