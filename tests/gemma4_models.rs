@@ -361,3 +361,58 @@ fn uncovered_variants_and_missing_tensors_are_load_errors_naming_them() {
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }
+
+/// `src` (a GGUF file) rewritten to `dst` without the tensor `drop` and with `metadata`
+/// entries replaced.
+fn rewritten_gguf(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    drop: &str,
+    metadata: &[(&str, candle_core::quantized::gguf_file::Value)],
+) {
+    use candle_core::quantized::gguf_file;
+    let mut file = std::fs::File::open(src).expect("gguf");
+    let content = gguf_file::Content::read(&mut file).expect("content");
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .filter(|name| *name != drop)
+        .map(|name| {
+            (
+                name.clone(),
+                content.tensor(&mut file, name, &Device::Cpu).expect("tensor"),
+            )
+        })
+        .collect();
+    let mut meta = content.metadata.clone();
+    for (k, v) in metadata {
+        meta.insert(k.to_string(), v.clone());
+    }
+    let meta: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensors: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(dst).expect("create"), &meta, &tensors).expect("write");
+}
+
+/// A gemma4 GGUF without the `rope_freqs` divisors (the only place its global layers'
+/// proportional rope is written) is a load error naming the tensor, and its tokenizer adds BOS
+/// even where the file says not to, as llama.cpp does for Gemma 4.
+#[test]
+fn gemma4_gguf_needs_its_rope_divisors_and_always_adds_bos() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = std::env::temp_dir().join(format!("mlxd-gemma4-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let src = fixture("dense").join("gguf/dense-f32.gguf");
+    let no_rope = dir.join("no-rope.gguf");
+    rewritten_gguf(&src, &no_rope, "rope_freqs.weight", &[]);
+    assert!(load_error(&no_rope).contains("rope_freqs.weight"));
+    let no_bos = dir.join("no-bos.gguf");
+    rewritten_gguf(
+        &src,
+        &no_bos,
+        "",
+        &[("tokenizer.ggml.add_bos_token", Value::Bool(false))],
+    );
+    let codec = mlxd::text::TextCodec::from_gguf(&no_bos).expect("codec");
+    assert_eq!(codec.encode("Hi", true).expect("encodes").first(), Some(&2), "BOS");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

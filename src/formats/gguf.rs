@@ -410,6 +410,13 @@ impl GgufStore {
             reason: format!("missing or malformed `gemma4.{key}`"),
         };
         let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            // The global layers' proportional rope lives only there (llama.cpp requires it too).
+            return Err(LoadError::Malformed {
+                file: "GGUF tensors".into(),
+                reason: "a gemma4 file without `rope_freqs.weight`".into(),
+            });
+        }
         let sliding: Vec<bool> = self
             .content
             .metadata

@@ -110,7 +110,8 @@ pub fn tokenizer_json(meta: &HashMap<String, Value>) -> Result<Json, String> {
         }
     };
     doc["added_tokens"] = added_tokens(&vocab);
-    doc["post_processor"] = post_processor(meta, &vocab);
+    // llama.cpp always adds BOS for Gemma 4, whatever the file says.
+    doc["post_processor"] = post_processor(meta, &vocab, model == "gemma4");
     Ok(doc)
 }
 
@@ -129,11 +130,12 @@ fn added_tokens(v: &Vocab) -> Json {
     Json::Array(added)
 }
 
-/// BOS (and EOS) around every sequence, as `add_bos_token` / `add_eos_token` say.
-fn post_processor(meta: &HashMap<String, Value>, v: &Vocab) -> Json {
+/// BOS (and EOS) around every sequence, as `add_bos_token` / `add_eos_token` say (BOS always
+/// with `always_bos`).
+fn post_processor(meta: &HashMap<String, Value>, v: &Vocab, always_bos: bool) -> Json {
     let token = |key: &str| meta_u32(meta, key).and_then(|id| Some((id, v.tokens.get(id as usize)?.clone())));
     let bos = token("tokenizer.ggml.bos_token_id")
-        .filter(|_| meta_bool(meta, "tokenizer.ggml.add_bos_token").unwrap_or(false));
+        .filter(|_| always_bos || meta_bool(meta, "tokenizer.ggml.add_bos_token").unwrap_or(false));
     let eos = token("tokenizer.ggml.eos_token_id")
         .filter(|_| meta_bool(meta, "tokenizer.ggml.add_eos_token").unwrap_or(false));
     if bos.is_none() && eos.is_none() {
