@@ -16,6 +16,8 @@
 # Other files: PREFIX names existing PREFIX-<kind>.gguf files and KINDS the kinds to compare,
 # e.g. the Qwen3-30B-A3B-shaped mixture of experts of benches/make_moe_gguf.py:
 #   PREFIX=$WORK/moe8 KINDS="q8_0 q4_0" bash benches/vs_llama_cpp.sh 1
+# or the Gemma 4 E2B-shaped model of benches/make_gemma4_gguf.py:
+#   PREFIX=$WORK/g4e2b KINDS=q4_0 bash benches/vs_llama_cpp.sh 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
