@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use common::{ids, max_abs_diff, read_json, ModelRunner};
+use common::{assert_matches_reference, ids, max_abs_diff, read_json, ModelRunner};
 
 /// Two float32 implementations agree to ~1e-5; the fixtures' greedy margins are ≥ 2e-3.
 const F32_TOL: f32 = 2e-4;
@@ -30,26 +30,10 @@ fn check_against_transformers(variant: &str, model: &str) {
     let seqs = json["sequences"].as_array().expect("sequences");
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
     let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
-    let mut runner = ModelRunner::load(&fixture(variant).join(model), DType::F32, prompts.len(), 128);
-    let run = runner.greedy(&prompts, steps);
-    for (i, seq) in seqs.iter().enumerate() {
-        let name = seq["name"].as_str().expect("name");
-        assert_eq!(
-            run.tokens[i],
-            ids(&seq["greedy_ids"]),
-            "{variant}/{model} {name}: greedy tokens"
-        );
-        let want = tensors[&format!("{name}.step_logits")]
-            .to_vec2::<f32>()
-            .expect("step logits");
-        for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
-            let diff = max_abs_diff(got, want);
-            assert!(
-                diff < F32_TOL,
-                "{variant}/{model} {name} step {step}: logits differ by {diff}"
-            );
-        }
-    }
+    let run = ModelRunner::load(&fixture(variant).join(model), DType::F32, prompts.len(), 128).greedy(&prompts, steps);
+    let names: Vec<&str> = seqs.iter().map(|s| s["name"].as_str().expect("name")).collect();
+    let greedy: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["greedy_ids"])).collect();
+    assert_matches_reference(&run, &names, &greedy, &tensors, F32_TOL, &format!("{variant}/{model}"));
 }
 
 #[test]

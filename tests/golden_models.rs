@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{floats, ids, max_abs_diff, read_json, shared, ModelRunner};
+use common::{assert_matches_reference, floats, ids, max_abs_diff, read_json, shared, ModelRunner};
 
 /// The float32 bound the fixtures README recommends (two f32 implementations agree to ~1e-5).
 const F32_TOL: f32 = 2e-4;
@@ -68,26 +68,9 @@ fn check_fixture(arch: &str, folder: &str, set: &str, names: &[&str]) {
         .collect();
     let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
     let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
-    let mut runner = ModelRunner::load(&dir, DType::F32, prompts.len(), 128);
-    let run = runner.greedy(&prompts, steps);
-    for (i, s) in seqs.iter().enumerate() {
-        let name = names[i];
-        assert_eq!(
-            run.tokens[i],
-            ids(&s["greedy_ids"]),
-            "{arch}/{set} {name}: greedy tokens"
-        );
-        let want = tensors[&format!("{name}.step_logits")]
-            .to_vec2::<f32>()
-            .expect("step logits");
-        for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
-            let diff = max_abs_diff(got, want);
-            assert!(
-                diff < F32_TOL,
-                "{arch}/{set} {name} step {step}: logits differ by {diff}"
-            );
-        }
-    }
+    let run = ModelRunner::load(&dir, DType::F32, prompts.len(), 128).greedy(&prompts, steps);
+    let greedy: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["greedy_ids"])).collect();
+    assert_matches_reference(&run, names, &greedy, &tensors, F32_TOL, &format!("{arch}/{set}"));
 }
 
 #[test]

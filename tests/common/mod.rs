@@ -44,6 +44,29 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
+/// Asserts `run` against a reference of the same sequences: sequence `i` (named `names[i]`,
+/// `label` naming the model in messages) chose `greedy[i]`, and the logits of its every step
+/// are within `tol` of the reference's `<name>.step_logits` in `logits`.
+pub fn assert_matches_reference(
+    run: &GreedyRun,
+    names: &[&str],
+    greedy: &[Vec<u32>],
+    logits: &std::collections::HashMap<String, candle_core::Tensor>,
+    tol: f32,
+    label: &str,
+) {
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(run.tokens[i], greedy[i], "{label} {name}: greedy tokens");
+        let want = logits[&format!("{name}.step_logits")]
+            .to_vec2::<f32>()
+            .expect("step logits");
+        for (step, (got, want)) in run.step_logits[i].iter().zip(&want).enumerate() {
+            let diff = max_abs_diff(got, want);
+            assert!(diff < tol, "{label} {name} step {step}: logits differ by {diff}");
+        }
+    }
+}
+
 /// Drives a model directly (no engine): every sequence gets its own contiguous run of blocks.
 pub struct ModelRunner {
     pub model: Box<dyn Model>,
