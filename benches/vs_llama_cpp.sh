@@ -16,8 +16,9 @@
 # Other files: PREFIX names existing PREFIX-<kind>.gguf files and KINDS the kinds to compare,
 # e.g. the Qwen3-30B-A3B-shaped mixture of experts of benches/make_moe_gguf.py:
 #   PREFIX=$WORK/moe8 KINDS="q8_0 q4_0" bash benches/vs_llama_cpp.sh 1
-# or the Gemma 4 E2B-shaped model of benches/make_gemma4_gguf.py:
-#   PREFIX=$WORK/g4e2b KINDS=q4_0 bash benches/vs_llama_cpp.sh 1
+# or the Gemma 4 E2B-shaped model of benches/make_gemma4_gguf.py (and make_gemma4_mlx.py's
+# PREFIX-mlx4 folder for the mlx4 row):
+#   PREFIX=$WORK/g4e2b KINDS="q4_0 mlx4" bash benches/vs_llama_cpp.sh 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -74,7 +75,7 @@ PORT=18777
 
 model() { # $1 = server, $2 = kind: the file (or folder) that server serves
   if [ "$2" = mlx4 ]; then
-    if [ "$1" = mlxd ]; then echo "$WORK/q05-mlx4"; else echo "$WORK/q05-q4_0.gguf"; fi
+    if [ "$1" = mlxd ]; then echo "$PREFIX-mlx4"; else echo "$PREFIX-q4_0.gguf"; fi
   elif [ "$2" = bf16 ]; then
     if [ "$1" = mlxd ]; then echo "$WORK/q05"; else echo "$WORK/q05-f16.gguf"; fi
   else
