@@ -123,7 +123,8 @@ impl Reader<'_> {
 /// Lark rules for one call of one of `functions` (name, parameter schema) between the `open`
 /// and `close` markers (already written as grammar items), `quote` the string delimiter.
 /// Keys come in sorted order, as the template writes them, every property present; strings
-/// are delimited text without `<` (within `maxLength`), enums and consts are their literals,
+/// are delimited text without `<` (within `maxLength`, or matching `pattern`; keys that are not
+/// bare words are delimited too), enums and consts are their literals,
 /// other scalars are llguidance's JSON rules for their schema (the same text in both
 /// syntaxes), lists and objects recurse; anything the schema leaves open is a generic value.
 pub fn forced_call_rules(functions: &[(&str, Value)], open: &str, close: &str, quote: &str) -> String {
@@ -183,7 +184,13 @@ impl GrammarBuilder {
             .iter()
             .map(|k| {
                 let value = self.value(&props[k.as_str()]);
-                format!("{} {value}", Value::from(format!("{k}:")))
+                // A key that is not a bare word is delimited, so it reads back whole.
+                let bare = !k.is_empty() && k.chars().all(|c| c.is_alphanumeric() || c == '_');
+                let key = match bare {
+                    true => Value::from(format!("{k}:")).to_string(),
+                    false => format!("{q} {} {q} \":\"", Value::from(k.as_str()), q = self.quote),
+                };
+                format!("{key} {value}")
             })
             .collect();
         pairs.join(" \",\" ")
@@ -212,6 +219,19 @@ impl GrammarBuilder {
             }
         }
         match schema.get("type").and_then(Value::as_str) {
+            Some("string") if schema.get("pattern").and_then(Value::as_str).is_some() => {
+                // JSON Schema patterns match anywhere unless anchored; the text holds no `<`.
+                let pattern = schema["pattern"].as_str().unwrap_or_default();
+                let start = pattern.strip_prefix('^');
+                let end = start.unwrap_or(pattern).strip_suffix('$');
+                let core = end.unwrap_or(start.unwrap_or(pattern));
+                let (lead, tail) = (
+                    if start.is_some() { "" } else { "[^<]*" },
+                    if end.is_some() { "" } else { "[^<]*" },
+                );
+                let text = self.rule(format!("/{lead}(?:{core}){tail}/"));
+                format!("{q} {text} {q}")
+            }
             Some("string") => {
                 let min = schema.get("minLength").and_then(Value::as_u64).unwrap_or(0);
                 let max = schema.get("maxLength").and_then(Value::as_u64);
@@ -283,6 +303,14 @@ mod tests {
         assert!(g.contains("r0: /[^<]{0,12}/\n"), "{g}");
         assert!(
             g.contains("r1: %json {\"type\":\"integer\",\"minimum\":-12,\"maximum\":14}\n"),
+            "{g}"
+        );
+        let odd = json!({"type": "object", "properties": {
+            "a:b": {"type": "string", "pattern": "^[A-Z]{3}$"}, "c": {"type": "string", "pattern": "x+"}}});
+        let g = forced_call_rules(&[("f", odd)], "<[7]>", "<[8]>", "<[9]>");
+        assert!(g.contains("<[9]> \"a:b\" <[9]> \":\" <[9]> r0 <[9]>"), "{g}");
+        assert!(
+            g.contains("r0: /(?:[A-Z]{3})/\n") && g.contains("r1: /[^<]*(?:x+)[^<]*/\n"),
             "{g}"
         );
     }
