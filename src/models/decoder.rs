@@ -481,8 +481,15 @@ fn gated_mlp([gate, up, down]: [Linear; 3], spec: MlpSpec, device: &Device) -> R
 /// it.
 fn load_moe(vb: &WeightSource, spec: &MoeSpec, block: &str) -> Result<SparseMoe> {
     let block = vb.pp(block);
+    let router = block.pp("gate").linear(spec.expert.hidden, spec.num_experts, false)?;
+    Ok(SparseMoe::new(router, expert_mlps(&block, spec)?, spec.routing))
+}
+
+/// The experts under `block`, each a gated MLP of separate gate, up and down projections named
+/// as `spec.expert.names` says (per-expert tensors, or mlx-lm's stacked `switch_mlp` /
+/// `switch_glu`; `WeightSource::expert_linears`).
+fn expert_mlps(block: &WeightSource, spec: &MoeSpec) -> Result<Vec<GatedMlp>> {
     let (h, i, names) = (spec.expert.hidden, spec.expert.intermediate, spec.expert.names);
-    let router = block.pp("gate").linear(h, spec.num_experts, false)?;
     let shape = |in_dim, out_dim| ExpertShape {
         experts: spec.num_experts,
         in_dim,
@@ -491,13 +498,12 @@ fn load_moe(vb: &WeightSource, spec: &MoeSpec, block: &str) -> Result<SparseMoe>
     let gates = block.expert_linears(names.gate, ExpertProjection::Gate, shape(h, i))?;
     let ups = block.expert_linears(names.up, ExpertProjection::Up, shape(h, i))?;
     let downs = block.expert_linears(names.down, ExpertProjection::Down, shape(i, h))?;
-    let experts = gates
+    gates
         .into_iter()
         .zip(ups)
         .zip(downs)
         .map(|((gate, up), down)| gated_mlp([gate, up, down], spec.expert, block.device()))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(SparseMoe::new(router, experts, spec.routing))
+        .collect()
 }
 
 /// Loads Gemma 4's router and stacked experts under `vb` (the layer): transformers'
@@ -534,15 +540,7 @@ fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: f64) -> Res
             .collect::<Result<Vec<_>>>()?
     } else {
         // mlx-lm's `experts.switch_glu.{gate,up,down}_proj`.
-        let gates = experts.expert_linears("gate_proj", ExpertProjection::Gate, shape(h, i))?;
-        let ups = experts.expert_linears("up_proj", ExpertProjection::Up, shape(h, i))?;
-        let downs = experts.expert_linears("down_proj", ExpertProjection::Down, shape(i, h))?;
-        gates
-            .into_iter()
-            .zip(ups)
-            .zip(downs)
-            .map(|((gate, up), down)| gated_mlp([gate, up, down], spec.expert, vb.device()))
-            .collect::<Result<Vec<_>>>()?
+        expert_mlps(&experts, spec)?
     };
     Ok(
         SparseMoe::new(router.pp("proj").linear(h, e, false)?, mlps, spec.routing)
