@@ -10,9 +10,8 @@
 use super::config::{HfConfig, LayerType, RopeConfig, RopeScaling};
 use super::decoder::{DecoderSpec, MlpSpec, MoeLayout, MoeSpec, NormPlacement, PerLayerInputSpec};
 use super::gemma3::language_model_prefix;
-use super::llama::moe_key;
+use super::llama::{moe_key, routing};
 use crate::compute::attention::HeadDims;
-use crate::compute::experts::Routing;
 use crate::formats::source::WeightSource;
 use crate::formats::LoadError;
 
@@ -174,15 +173,9 @@ fn rope(cfg: &HfConfig, kind: LayerType, head_dim: usize) -> Result<RopeConfig, 
 /// renormalized, beside the dense MLP of every layer.
 fn experts(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
     let num_experts = moe_key(cfg.num_experts, "num_experts")?;
-    let top_k = moe_key(cfg.top_k_experts, "top_k_experts")?;
-    if top_k > num_experts {
-        return Err(LoadError::Unsupported(format!(
-            "top_k_experts {top_k} is more than the {num_experts} experts"
-        )));
-    }
     Ok(MoeSpec {
         num_experts,
-        routing: Routing { top_k, normalize: true },
+        routing: routing((cfg.top_k_experts, "top_k_experts"), num_experts, true)?,
         expert: MlpSpec {
             intermediate: moe_key(cfg.moe_intermediate_size, "moe_intermediate_size")?,
             bias: false,

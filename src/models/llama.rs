@@ -58,7 +58,11 @@ fn qwen_moe(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
     let step = cfg.decoder_sparse_step.unwrap_or(1).max(1);
     Ok(MoeSpec {
         num_experts,
-        routing: routing(cfg, num_experts, cfg.norm_topk_prob.unwrap_or(false))?,
+        routing: routing(
+            (cfg.num_experts_per_tok, "num_experts_per_tok"),
+            num_experts,
+            cfg.norm_topk_prob.unwrap_or(false),
+        )?,
         expert: MlpSpec {
             intermediate: moe_key(cfg.moe_intermediate_size, "moe_intermediate_size")?,
             bias: false,
@@ -77,7 +81,7 @@ fn mixtral_moe(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
     let num_experts = moe_key(cfg.num_local_experts, "num_local_experts")?;
     Ok(MoeSpec {
         num_experts,
-        routing: routing(cfg, num_experts, true)?,
+        routing: routing((cfg.num_experts_per_tok, "num_experts_per_tok"), num_experts, true)?,
         expert: MlpSpec {
             bias: false,
             names: MlpNames::MIXTRAL,
@@ -90,12 +94,16 @@ fn mixtral_moe(cfg: &HfConfig, mlp: &MlpSpec) -> Result<MoeSpec, LoadError> {
     })
 }
 
-/// The top-k routing of config.json's `num_experts_per_tok`.
-fn routing(cfg: &HfConfig, num_experts: usize, normalize: bool) -> Result<Routing, LoadError> {
-    let top_k = moe_key(cfg.num_experts_per_tok, "num_experts_per_tok")?;
+/// The top-k routing of config.json's experts-per-token `key` (its value given).
+pub(super) fn routing(
+    (top_k, key): (Option<usize>, &str),
+    num_experts: usize,
+    normalize: bool,
+) -> Result<Routing, LoadError> {
+    let top_k = moe_key(top_k, key)?;
     if top_k > num_experts {
         return Err(LoadError::Unsupported(format!(
-            "num_experts_per_tok {top_k} is more than the {num_experts} experts"
+            "{key} {top_k} is more than the {num_experts} experts"
         )));
     }
     Ok(Routing { top_k, normalize })
