@@ -50,6 +50,23 @@ pub enum RopeScaling {
         /// Frequency divisor.
         factor: f32,
     },
+    /// YaRN (gpt-oss, DeepSeek): each frequency blends its interpolated (`/ factor`) and
+    /// original value along a linear ramp between the dimensions that turn `beta_fast` and
+    /// `beta_slow` times over the original context; cos and sin scaled by `attention_factor`.
+    Yarn {
+        /// Context extension factor.
+        factor: f32,
+        /// Rotations over the original context above which a frequency is kept as is.
+        beta_fast: f32,
+        /// Rotations below which a frequency is fully interpolated.
+        beta_slow: f32,
+        /// Context length the model was pretrained at.
+        original_max_position_embeddings: f32,
+        /// Round the ramp's ends outwards to whole dimensions (transformers' default).
+        truncate: bool,
+        /// Multiplier of cos and sin.
+        attention_factor: f32,
+    },
     /// Phi-3 LongRoPE: per-frequency divisors, short below the original context and long
     /// beyond it, and cos/sin scaled by an attention factor.
     LongRope {
@@ -68,6 +85,9 @@ impl RopeConfig {
     /// `inv_freq[i] = 1 / (divisor_i · θ^(2i/d))` for `d = rotary_dim`, in f32 as transformers.
     fn inv_freq(&self, divisors: Option<&[f32]>) -> Vec<f32> {
         let d = self.rotary_dim;
+        if let RopeScaling::Yarn { .. } = self.scaling {
+            return self.yarn_inv_freq();
+        }
         (0..d / 2)
             .map(|i| {
                 let base = self.theta.powf((2 * i) as f32 / d as f32);
@@ -81,7 +101,7 @@ impl RopeConfig {
     /// Frequency `i` (of value `f` before scaling) as the scaling has it.
     fn scale_frequency(&self, i: usize, f: f32) -> f32 {
         match self.scaling {
-            RopeScaling::None | RopeScaling::LongRope { .. } | RopeScaling::Divisors(_) => f,
+            RopeScaling::None | RopeScaling::LongRope { .. } | RopeScaling::Divisors(_) | RopeScaling::Yarn { .. } => f,
             RopeScaling::Linear { factor } => f / factor,
             RopeScaling::Proportional { rotated, factor } => {
                 if i < rotated {
@@ -109,6 +129,43 @@ impl RopeConfig {
         }
     }
 
+    /// YaRN's frequencies, as transformers' `_compute_yarn_parameters`.
+    fn yarn_inv_freq(&self) -> Vec<f32> {
+        let RopeScaling::Yarn {
+            factor,
+            beta_fast,
+            beta_slow,
+            original_max_position_embeddings: original,
+            truncate,
+            ..
+        } = self.scaling
+        else {
+            unreachable!("yarn_inv_freq is called for YaRN only")
+        };
+        let d = self.rotary_dim;
+        let (dim, base) = (d as f64, f64::from(self.theta));
+        // The dimension that turns `rotations` times over the original context.
+        let correction = |rotations: f32| {
+            dim * (f64::from(original) / (f64::from(rotations) * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
+        if truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0) as f32, high.min(dim - 1.0) as f32);
+        if low == high {
+            high += 0.001;
+        }
+        (0..d / 2)
+            .map(|i| {
+                let base_freq = self.theta.powf((2 * i) as f32 / d as f32);
+                let (extrapolated, interpolated) = (1.0 / base_freq, 1.0 / (factor * base_freq));
+                let extrapolation = 1.0 - ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                interpolated * (1.0 - extrapolation) + extrapolated * extrapolation
+            })
+            .collect()
+    }
+
     /// The tables for positions `0..max_positions` (angles rounded once in f32).
     pub fn tables(&self, max_positions: usize) -> RopeTables {
         let (short, long, switch_at, factor) = match &self.scaling {
@@ -126,6 +183,10 @@ impl RopeConfig {
             RopeScaling::Divisors(divisors) => {
                 let f = self.inv_freq(Some(divisors));
                 (f.clone(), f, usize::MAX, 1.0)
+            }
+            RopeScaling::Yarn { attention_factor, .. } => {
+                let f = self.inv_freq(None);
+                (f.clone(), f, usize::MAX, *attention_factor)
             }
             _ => {
                 let f = self.inv_freq(None);
@@ -161,6 +222,11 @@ pub struct RawRope {
     long_factor: Option<Vec<f32>>,
     attention_factor: Option<f32>,
     partial_rotary_factor: Option<f32>,
+    beta_fast: Option<f32>,
+    beta_slow: Option<f32>,
+    truncate: Option<bool>,
+    mscale: Option<f32>,
+    mscale_all_dim: Option<f32>,
 }
 
 /// The fields of a decoder-only `config.json` (unknown keys ignored).
@@ -453,6 +519,32 @@ impl HfConfig {
                     .original_max_position_embeddings
                     .ok_or_else(|| bad("original_max_position_embeddings"))?,
             },
+            "yarn" => {
+                let original = r
+                    .original_max_position_embeddings
+                    .ok_or_else(|| bad("original_max_position_embeddings"))?;
+                let factor = r.factor.unwrap_or(self.max_position_embeddings as f32 / original);
+                // YaRN's `0.1 · mscale · ln(factor) + 1`.
+                let mscale = |m: f32| {
+                    if factor <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * factor.ln() + 1.0
+                    }
+                };
+                let attention_factor = r.attention_factor.unwrap_or(match (r.mscale, r.mscale_all_dim) {
+                    (Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(m) / mscale(all),
+                    _ => mscale(1.0),
+                });
+                RopeScaling::Yarn {
+                    factor,
+                    beta_fast: r.beta_fast.filter(|&b| b != 0.0).unwrap_or(32.0),
+                    beta_slow: r.beta_slow.filter(|&b| b != 0.0).unwrap_or(1.0),
+                    original_max_position_embeddings: original,
+                    truncate: r.truncate.unwrap_or(true),
+                    attention_factor,
+                }
+            }
             "longrope" | "su" => {
                 let original = self
                     .original_max_position_embeddings
@@ -473,9 +565,70 @@ impl HfConfig {
             }
             other => {
                 return Err(LoadError::Unsupported(format!(
-                    "rope scaling type `{other}` (supported: default, linear, llama3, longrope, proportional)"
+                    "rope scaling type `{other}` (supported: default, linear, llama3, longrope, proportional, yarn)"
                 )))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// gpt-oss's YaRN (θ 150000, factor 32, betas 32 and 1, 4096 original positions, head 64):
+    /// frequencies and cos/sin factor as transformers 5.25's `_compute_yarn_parameters` gives
+    /// them, with and without `truncate`.
+    #[test]
+    fn yarn_frequencies_match_transformers() -> Result<(), LoadError> {
+        let cases = [
+            (
+                false,
+                [
+                    1.0,
+                    0.155_323,
+                    0.019_335,
+                    0.001_052_602,
+                    1.818_834e-5,
+                    2.825_067e-6,
+                    3.023_511e-7,
+                ],
+            ),
+            (
+                true,
+                [
+                    1.0,
+                    0.155_323,
+                    0.019_450_966,
+                    0.001_206_131,
+                    1.818_834e-5,
+                    2.825_067e-6,
+                    3.023_511e-7,
+                ],
+            ),
+        ];
+        for (truncate, want) in cases {
+            let text = format!(
+                r#"{{"hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "head_dim": 64, "vocab_size": 8,
+                "rope_parameters": {{"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                "beta_slow": 1.0, "truncate": {truncate}, "original_max_position_embeddings": 4096,
+                "rope_theta": 150000.0}}}}"#
+            );
+            let rope = HfConfig::parse(&text, "config.json")?.rope(LayerType::Full)?;
+            let RopeScaling::Yarn { attention_factor, .. } = rope.scaling else {
+                panic!("not YaRN: {:?}", rope.scaling);
+            };
+            assert!((attention_factor - 1.346_573_6).abs() < 1e-6, "{attention_factor}");
+            let freqs = rope.inv_freq(None);
+            for (&i, want) in [0, 5, 10, 15, 20, 25, 31].iter().zip(want) {
+                assert!(
+                    (freqs[i] - want).abs() <= want * 1e-5,
+                    "truncate {truncate}, frequency {i}: {} vs {want}",
+                    freqs[i]
+                );
+            }
+        }
+        Ok(())
     }
 }
