@@ -83,10 +83,11 @@ fn run(seqs: &[(usize, usize)], kv_dtype: DType, (layers, tries): (usize, usize)
         scale: 0.125,
         window: None,
         softcap: None,
+        sinks: None,
     };
     let time = best(tries, || {
         for _ in 0..layers {
-            black_box(attend(&q, &kv, &meta, opts).expect("attends"));
+            black_box(attend(&q, &kv, &meta, &opts).expect("attends"));
         }
     });
     // Query i of a sequence sees kv_len - q_len + i + 1 keys; two products of head_dim each.

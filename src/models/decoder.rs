@@ -63,6 +63,8 @@ pub struct DecoderSpec {
     pub attn_scale: f64,
     /// Attention score soft-capping.
     pub attn_softcap: Option<f64>,
+    /// Each layer has a learned sink logit per query head (`self_attn.sinks`, gpt-oss).
+    pub attn_sinks: bool,
     /// Final logit soft-capping.
     pub final_softcap: Option<f64>,
     /// Attention type of every layer.
@@ -149,6 +151,7 @@ impl DecoderSpec {
             embed_scale: None,
             attn_scale: 1.0 / (dims.head_dim as f64).sqrt(),
             attn_softcap: cfg.attn_logit_softcapping,
+            attn_sinks: false,
             final_softcap: cfg.final_logit_softcapping,
             layer_types: vec![LayerType::Full; cfg.num_hidden_layers],
             rope_full: cfg.rope(LayerType::Full)?,
@@ -314,6 +317,10 @@ impl Attention {
                 scale: spec.attn_scale,
                 window: if sliding { spec.sliding_window } else { None },
                 softcap: spec.attn_softcap,
+                sinks: spec
+                    .attn_sinks
+                    .then(|| vb.get(d.num_heads, "sinks")?.to_dtype(DType::F32))
+                    .transpose()?,
             },
             sliding,
             dims: d,
@@ -367,7 +374,7 @@ impl Attention {
             }
             attention::store_kv(&projected, rope, kv, meta)?
         };
-        let o = attention::attend(&q, kv, meta, self.opts)?;
+        let o = attention::attend(&q, kv, meta, &self.opts)?;
         self.o_proj.forward(&o)
     }
 }

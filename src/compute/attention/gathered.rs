@@ -372,8 +372,14 @@ impl MaskShape {
     }
 }
 
-/// Soft-capping, masking and softmax of raw scores, in f32.
-fn softmax_scores(scores: Tensor, mask: Option<&Tensor>, softcap: Option<f64>) -> Result<Tensor> {
+/// Soft-capping, masking and softmax of raw scores, in f32. `sinks` (shaped to broadcast over
+/// the scores but one wide) join the softmax as extra keys whose probabilities are dropped.
+fn softmax_scores(
+    scores: Tensor,
+    mask: Option<&Tensor>,
+    softcap: Option<f64>,
+    sinks: Option<Tensor>,
+) -> Result<Tensor> {
     let mut scores = scores.to_dtype(DType::F32)?;
     if let Some(cap) = softcap {
         scores = ((scores / cap)?.tanh()? * cap)?;
@@ -381,7 +387,26 @@ fn softmax_scores(scores: Tensor, mask: Option<&Tensor>, softcap: Option<f64>) -
     if let Some(mask) = mask {
         scores = scores.broadcast_add(&mask.to_dtype(DType::F32)?)?;
     }
-    candle_nn::ops::softmax_last_dim(&scores)
+    let Some(sinks) = sinks else {
+        return candle_nn::ops::softmax_last_dim(&scores);
+    };
+    let mut column = scores.dims().to_vec();
+    let keys = column.pop().expect("scores have a key axis");
+    column.push(1);
+    let last = column.len() - 1;
+    let with_sinks = Tensor::cat(&[&scores, &sinks.to_dtype(DType::F32)?.broadcast_as(column)?], last)?;
+    candle_nn::ops::softmax_last_dim(&with_sinks.contiguous()?)?.narrow(last, 0, keys)
+}
+
+/// The sinks (`[heads]`, head = KV head · n_rep + rep) shaped as `shape`, whose axes of size
+/// `kv_heads` and `n_rep` are at `axes` and the rest 1.
+fn sinks_as(opts: &AttentionOpts, shape: &[usize], axes: (usize, usize)) -> Result<Option<Tensor>> {
+    let Some(sinks) = &opts.sinks else {
+        return Ok(None);
+    };
+    let mut dims = vec![1; shape.len()];
+    (dims[axes.0], dims[axes.1]) = (shape[axes.0], shape[axes.1]);
+    sinks.reshape(dims).map(Some)
 }
 
 /// Attention of every single-token sequence at once: `[B, heads * head_dim]` in batch order.
@@ -390,7 +415,7 @@ fn attend_decode_batch(
     num_kv_heads: usize,
     (k_ctx, v_ctx): (&Tensor, &Tensor),
     d: &DecodeBatch,
-    opts: AttentionOpts,
+    opts: &AttentionOpts,
 ) -> Result<Tensor> {
     let (_, num_heads, head_dim) = q.dims3()?;
     let n_rep = num_heads / num_kv_heads;
@@ -407,7 +432,8 @@ fn attend_decode_batch(
         .index_select(&d.q_rows, 0)?
         .reshape((b, num_kv_heads, n_rep, head_dim))?;
     let scores = (q.matmul(&k.transpose(2, 3)?)? * opts.scale)?;
-    let probs = softmax_scores(scores, Some(&d.mask), opts.softcap)?.to_dtype(q.dtype())?;
+    let sinks = sinks_as(opts, &[b, num_kv_heads, n_rep, 1], (1, 2))?;
+    let probs = softmax_scores(scores, Some(&d.mask), opts.softcap, sinks)?.to_dtype(q.dtype())?;
     probs.matmul(&v)?.reshape((b, num_heads * head_dim))
 }
 
@@ -418,7 +444,7 @@ fn attend_prefill_batch(
     num_kv_heads: usize,
     (k_ctx, v_ctx): (&Tensor, &Tensor),
     p: &PrefillBatch,
-    opts: AttentionOpts,
+    opts: &AttentionOpts,
 ) -> Result<Tensor> {
     let (_, num_heads, head_dim) = q.dims3()?;
     let n_rep = num_heads / num_kv_heads;
@@ -445,7 +471,8 @@ fn attend_prefill_batch(
         n_rep,
         p.max_visible,
     ))?;
-    let probs = softmax_scores(scores, Some(&p.mask), opts.softcap)?
+    let sinks = sinks_as(opts, &[b, num_kv_heads, p.max_q, n_rep, 1], (1, 3))?;
+    let probs = softmax_scores(scores, Some(&p.mask), opts.softcap, sinks)?
         .to_dtype(q.dtype())?
         .reshape((b, num_kv_heads, p.max_q * n_rep, p.max_visible))?;
     probs
@@ -459,7 +486,7 @@ fn attend_prefill_batch(
 
 /// Attends every sequence's queries (`[T, heads, head_dim]`, rotated) over its context.
 /// Returns `[T, heads * head_dim]`.
-pub fn attend(q: &Tensor, kv: &LayerKv, plan: &GatheredPlan, opts: AttentionOpts) -> Result<Tensor> {
+pub fn attend(q: &Tensor, kv: &LayerKv, plan: &GatheredPlan, opts: &AttentionOpts) -> Result<Tensor> {
     let HeadDims {
         num_heads,
         num_kv_heads,
@@ -507,7 +534,25 @@ pub fn attend(q: &Tensor, kv: &LayerKv, plan: &GatheredPlan, opts: AttentionOpts
             .contiguous()?
             .reshape((num_kv_heads, span.q_len * n_rep, head_dim))?;
         let scores = (q_i.matmul(&k_i.t()?)? * opts.scale)?;
-        let probs = softmax_scores(scores, view.mask.as_ref(), opts.softcap)?.to_dtype(q.dtype())?;
+        let probs = match sinks_as(opts, &[num_kv_heads, span.q_len, n_rep, 1], (0, 2))? {
+            // [kv_heads, q_len · n_rep, keys] → one axis per head index for the sinks.
+            Some(sinks) => {
+                let keys = scores.dim(2)?;
+                let scores = scores.reshape((num_kv_heads, span.q_len, n_rep, keys))?;
+                let mask = view
+                    .mask
+                    .as_ref()
+                    .map(|m| m.reshape((span.q_len, n_rep, keys)))
+                    .transpose()?;
+                softmax_scores(scores, mask.as_ref(), opts.softcap, Some(sinks))?.reshape((
+                    num_kv_heads,
+                    span.q_len * n_rep,
+                    keys,
+                ))?
+            }
+            None => softmax_scores(scores, view.mask.as_ref(), opts.softcap, None)?,
+        }
+        .to_dtype(q.dtype())?;
         let o = probs
             .matmul(&v_i)?
             .reshape((num_kv_heads, span.q_len, n_rep, head_dim))?

@@ -88,7 +88,7 @@ struct Item {
 
 /// Attends every sequence's queries (`[T, heads, head_dim]`, rotated) over its context.
 /// Returns `[T, heads * head_dim]`.
-pub fn attend(q: &Tensor, kv: &LayerKv, plan: &HostPlan, opts: AttentionOpts) -> Result<Tensor> {
+pub fn attend(q: &Tensor, kv: &LayerKv, plan: &HostPlan, opts: &AttentionOpts) -> Result<Tensor> {
     let HeadDims {
         num_heads,
         num_kv_heads,
@@ -111,9 +111,18 @@ pub fn attend(q: &Tensor, kv: &LayerKv, plan: &HostPlan, opts: AttentionOpts) ->
             })
         })
         .collect();
+    let sinks: Option<Vec<f32>> = opts
+        .sinks
+        .as_ref()
+        .map(|s| s.to_dtype(DType::F32)?.to_vec1())
+        .transpose()?;
+    if sinks.as_ref().is_some_and(|s| s.len() != num_heads) {
+        candle_core::bail!("attention sinks need one logit per query head ({num_heads})");
+    }
     let job = Job {
         plan,
         opts,
+        sinks: sinks.as_deref(),
         items: &items,
     };
     let outputs = with_slice(&q, |q: &[f32]| match kv.k.dtype() {
@@ -173,7 +182,8 @@ impl KvElement for bf16 {
 /// This layer's work items and how to attend.
 struct Job<'a> {
     plan: &'a HostPlan,
-    opts: AttentionOpts,
+    opts: &'a AttentionOpts,
+    sinks: Option<&'a [f32]>,
     items: &'a [Item],
 }
 
@@ -187,6 +197,7 @@ impl Job<'_> {
                     v,
                     plan: self.plan,
                     opts: self.opts,
+                    sinks: self.sinks,
                 };
                 Ok(self.items.par_iter().map(|item| cache.attend_item(q, *item)).collect())
             })
@@ -199,7 +210,8 @@ struct Cache<'a, T> {
     k: &'a [T],
     v: &'a [T],
     plan: &'a HostPlan,
-    opts: AttentionOpts,
+    opts: &'a AttentionOpts,
+    sinks: Option<&'a [f32]>,
 }
 
 impl<T: KvElement> Cache<'_, T> {
@@ -229,8 +241,14 @@ impl<T: KvElement> Cache<'_, T> {
             (lo, pos)
         };
         let (first_key, last_key) = (bounds(0).0, bounds(item.queries - 1).1);
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
+        // The softmax starts from the sinks (each a key with no value) or from nothing.
+        let (mut max, mut sum) = match self.sinks {
+            Some(sinks) => {
+                let heads = &sinks[item.kv_head * n_rep..(item.kv_head + 1) * n_rep];
+                (heads.repeat(item.queries), vec![1f32; rows])
+            }
+            None => (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]),
+        };
         let mut acc = vec![0f32; rows * hd];
         let mut scores = vec![0f32; rows * KEY_TILE];
         let mut keys = vec![0f32; KEY_TILE * hd];

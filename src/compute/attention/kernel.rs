@@ -56,12 +56,13 @@ mod imp {
         }
 
         /// Attention over the cache in place: `[T, heads * head_dim]`.
-        pub fn attend(&self, q: &Tensor, kv: &LayerKv, opts: AttentionOpts) -> Result<Tensor> {
+        pub fn attend(&self, q: &Tensor, kv: &LayerKv, opts: &AttentionOpts) -> Result<Tensor> {
             let layer = cuda::LayerAttention {
                 num_kv_heads: self.dims.num_kv_heads,
                 scale: opts.scale as f32,
                 softcap: opts.softcap.map(|c| c as f32),
                 window: opts.window,
+                sinks: opts.sinks.as_ref(),
             };
             cuda::paged_attention(q, kv, &self.plan, layer)
         }
@@ -93,7 +94,7 @@ mod imp {
         }
 
         /// Unreachable: no value of this type exists.
-        pub fn attend(&self, _: &Tensor, _: &LayerKv, _: AttentionOpts) -> Result<Tensor> {
+        pub fn attend(&self, _: &Tensor, _: &LayerKv, _: &AttentionOpts) -> Result<Tensor> {
             match *self {}
         }
     }

@@ -37,7 +37,7 @@ pub struct HeadDims {
 }
 
 /// How one layer attends.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct AttentionOpts {
     /// Multiplier of q·k (usually `head_dim^-0.5`).
     pub scale: f64,
@@ -45,6 +45,10 @@ pub struct AttentionOpts {
     pub window: Option<usize>,
     /// `cap · tanh(score / cap)` before masking.
     pub softcap: Option<f64>,
+    /// One learned logit per query head (`[heads]`, f32) that joins every softmax as a key
+    /// with no value: it takes its share of the probability and returns nothing (gpt-oss's
+    /// attention sinks).
+    pub sinks: Option<Tensor>,
 }
 
 /// This step's q, k and v projections before bias, norms and rope: `[T, heads * head_dim]`
@@ -195,7 +199,7 @@ fn prepared(p: &Projected, rope: &RotaryAtPositions, dims: HeadDims) -> Result<(
 
 /// Step 2: attends every sequence's rotated queries (`[T, heads, head_dim]`) over its context.
 /// Returns `[T, heads * head_dim]`.
-pub fn attend(q: &Tensor, kv: &LayerKv, meta: &AttentionMeta, opts: AttentionOpts) -> Result<Tensor> {
+pub fn attend(q: &Tensor, kv: &LayerKv, meta: &AttentionMeta, opts: &AttentionOpts) -> Result<Tensor> {
     match &meta.plan {
         Plan::Kernels(kernels) => kernels.attend(q, kv, opts),
         Plan::Host(plan) => host::attend(q, kv, plan, opts),
@@ -306,20 +310,32 @@ mod tests {
                         k: kv.k.to_dtype(DType::F32)?,
                         v: kv.v.to_dtype(DType::F32)?,
                     };
-                    for (window, softcap) in [(None, None), (Some(17), None), (None, Some(0.7)), (Some(5), Some(2.0))] {
+                    let sinks = noise(6, 9, (6, 1)).flatten_all()?;
+                    let settings = [
+                        (None, None, None),
+                        (Some(17), None, None),
+                        (None, Some(0.7), None),
+                        (Some(5), Some(2.0), None),
+                        (None, None, Some(sinks.clone())),
+                        (Some(17), None, Some((sinks.clone() * 4.0)?)),
+                    ];
+                    for (window, softcap, sinks) in settings {
+                        let with_sinks = sinks.is_some();
                         let opts = AttentionOpts {
                             scale: 0.3,
                             window,
                             softcap,
+                            sinks,
                         };
                         let host = HostPlan::new(&b, dims, DType::F32)?.expect("CPU f32");
                         let gathered = GatheredPlan::new(&b, dims, &[window], DType::F32)?;
-                        let want = gathered::attend(&q, &widened, &gathered, opts)?;
-                        let got = host::attend(&q, &kv, &host, opts)?;
+                        let want = gathered::attend(&q, &widened, &gathered, &opts)?;
+                        let got = host::attend(&q, &kv, &host, &opts)?;
                         let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
                         assert!(
                             diff < 2e-5,
-                            "hd {head_dim} {seqs:?} {kv_dtype:?} window {window:?} softcap {softcap:?}: {diff}"
+                            "hd {head_dim} {seqs:?} {kv_dtype:?} window {window:?} softcap {softcap:?} \
+                             sinks {with_sinks}: {diff}"
                         );
                     }
                 }

@@ -173,7 +173,8 @@ __device__ void paged_attention(const T *q, const T *k_cache, const T *v_cache,
                                 const uint32_t *ctx_slots, const uint32_t *tiles, T *out,
                                 float *partial, uint32_t num_tokens, uint32_t hq, uint32_t hkv,
                                 uint32_t d, uint32_t heads_per_block, uint32_t kt,
-                                uint32_t splits, float scale, float softcap, uint32_t window) {
+                                uint32_t splits, float scale, float softcap, uint32_t window,
+                                const float *sinks) {
   extern __shared__ float smem[];
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t n_rep = hq / hkv;
@@ -200,6 +201,12 @@ __device__ void paged_attention(const T *q, const T *k_cache, const T *v_cache,
   for (int rr = 0; rr < ROWS_PER_WARP; ++rr) {
     m[rr] = -INFINITY;
     l[rr] = 0.f;
+    // A sink (one logit per head, a key without a value) joins the first split's softmax.
+    const uint32_t r = warp + rr * ATT_WARPS;
+    if (sinks != nullptr && blockIdx.z == 0 && r < rows) {
+      m[rr] = sinks[head0 + r % heads_per_block];
+      l[rr] = 1.f;
+    }
 #pragma unroll
     for (int e = 0; e < PER_LANE; ++e) acc[rr][e] = 0.f;
   }
@@ -707,9 +714,9 @@ extern "C" __global__ void sample_rows(float *logits, uint32_t vocab, const floa
       const T *q, const T *k_cache, const T *v_cache, const uint32_t *ctx_slots,                \
       const uint32_t *tiles, T *out, float *partial, uint32_t num_tokens, uint32_t hq,          \
       uint32_t hkv, uint32_t d, uint32_t heads_per_block, uint32_t kt, uint32_t splits,         \
-      float scale, float softcap, uint32_t window) {                                            \
+      float scale, float softcap, uint32_t window, const float *sinks) {                        \
     paged_attention<T>(q, k_cache, v_cache, ctx_slots, tiles, out, partial, num_tokens, hq, hkv, \
-                       d, heads_per_block, kt, splits, scale, softcap, window);                 \
+                       d, heads_per_block, kt, splits, scale, softcap, window, sinks);          \
   }                                                                                             \
   extern "C" __global__ void attention_combine_##SUFFIX(const float *partial, T *out,           \
                                                         uint32_t rows, uint32_t d,              \

@@ -358,7 +358,7 @@ impl StepPlan {
 
 /// How one layer attends, as the attention kernel takes it.
 #[derive(Clone, Copy, Debug)]
-pub struct LayerAttention {
+pub struct LayerAttention<'a> {
     /// KV heads.
     pub num_kv_heads: usize,
     /// Multiplier of q·k.
@@ -367,6 +367,8 @@ pub struct LayerAttention {
     pub softcap: Option<f32>,
     /// Attend only to the last `window` positions.
     pub window: Option<usize>,
+    /// One f32 sink logit per query head (gpt-oss).
+    pub sinks: Option<&'a Tensor>,
 }
 
 /// Causal attention of every query row over its sequence's context, read from the cache in
@@ -377,6 +379,7 @@ pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAt
         scale,
         softcap,
         window,
+        sinks,
     } = layer;
     let (step, tiling) = (&plan.tiles, plan.tiling);
     let (t, hq, d) = q.dims3()?;
@@ -420,6 +423,7 @@ pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAt
         Arg::F32(scale),
         Arg::F32(softcap.unwrap_or(0.0)),
         Arg::U32(window.unwrap_or(0) as u32),
+        Arg::Ptr(address_or_null(sinks)?),
     ];
     let cfg = LaunchConfig {
         grid_dim: (blocks.0 as u32, blocks.1 as u32, splits as u32),
