@@ -8,7 +8,8 @@
 //! 26B-A4B's experts beside the dense MLP. Reference: transformers 5.25's `modeling_gemma4.py`.
 
 use super::config::{HfConfig, LayerType, RopeConfig, RopeScaling};
-use super::decoder::{DecoderSpec, MlpSpec, MoeLayout, MoeSpec, NormPlacement, PerLayerInputSpec};
+use super::decoder::{DecoderSpec, NormPlacement, PerLayerInputSpec};
+use super::feed_forward::{MlpSpec, MoeLayout, MoeSpec};
 use super::gemma3::language_model_prefix;
 use super::llama::{moe_key, routing};
 use crate::compute::attention::HeadDims;

@@ -3,7 +3,8 @@
 //! Qwen3-MoE (Qwen3 with sparse layers) and Mixtral (Mistral with sparse layers).
 
 use super::config::HfConfig;
-use super::decoder::{DecoderSpec, MlpNames, MlpSpec, MoeLayout, MoeSpec};
+use super::decoder::DecoderSpec;
+use super::feed_forward::{MlpNames, MlpSpec, MoeLayout, MoeSpec};
 use crate::compute::experts::Routing;
 use crate::formats::LoadError;
 

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod feed_forward;
 pub mod gemma3;
 pub mod gemma4;
 pub mod llama;

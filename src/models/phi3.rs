@@ -8,7 +8,7 @@ use crate::formats::LoadError;
 /// The decoder spec of a Phi-3 config.
 pub fn spec(cfg: &HfConfig) -> Result<DecoderSpec, LoadError> {
     let base = DecoderSpec::base(cfg, false)?.with_uniform_sliding_window(cfg);
-    let mlp = super::decoder::MlpSpec {
+    let mlp = super::feed_forward::MlpSpec {
         fused_gate_up: true,
         ..base.mlp
     };
