@@ -9,7 +9,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use common::{assert_matches_reference, ids, max_abs_diff, read_json, ModelRunner};
+use common::{assert_follows_llama_cpp, assert_matches_reference, ids, max_abs_diff, read_json, ModelRunner};
 
 /// Two float32 implementations agree to ~1e-5; the fixtures' greedy margins are ≥ 2e-3.
 const F32_TOL: f32 = 2e-4;
@@ -212,22 +212,12 @@ fn f32_gguf_files_match_transformers() {
 fn quantized_gguf_files_follow_llama_cpp() {
     for (variant, tie) in [("dense", 0.4), ("moe", 1.0)] {
         for kind in ["q8_0", "q4_0"] {
-            let json = read_json(&fixture(variant).join(format!("refs/llamacpp-{kind}.json")));
-            let seqs = json["sequences"].as_array().expect("sequences");
-            let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
-            let path = fixture(variant).join(format!("gguf/{variant}-{kind}.gguf"));
-            let got = ModelRunner::load(&path, DType::F32, prompts.len(), 128).greedy(&prompts, 16);
-            for (i, seq) in seqs.iter().enumerate() {
-                let want = ids(&seq["greedy_ids"]);
-                if let Some(step) = got.tokens[i].iter().zip(&want).position(|(a, b)| a != b) {
-                    let margin = seq["llamacpp_top2_logit_margins"][step].as_f64();
-                    assert!(
-                        margin.is_some_and(|m| m < tie),
-                        "{variant}-{kind} sequence {i} parts from llama.cpp at step {step} (its margin {margin:?})\n got {:?}\nwant {want:?}",
-                        got.tokens[i]
-                    );
-                }
-            }
+            assert_follows_llama_cpp(
+                &fixture(variant).join(format!("refs/llamacpp-{kind}.json")),
+                &fixture(variant).join(format!("gguf/{variant}-{kind}.gguf")),
+                tie,
+                &format!("{variant}-{kind}"),
+            );
         }
     }
 }

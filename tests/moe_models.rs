@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use common::{ids, max_abs_diff, read_json, ModelRunner};
+use common::{assert_follows_llama_cpp, ids, max_abs_diff, read_json, ModelRunner};
 
 /// Two float32 implementations agree to ~1e-5; the fixtures' greedy margins are ≥ 2e-3.
 const F32_TOL: f32 = 2e-4;
@@ -205,30 +205,6 @@ fn a_gguf_or_folder_with_an_expert_tensor_missing_is_a_load_error_naming_it() {
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
-/// llama.cpp's run of `<arch>-<kind>.gguf` (float32 attention): per prompt its greedy ids
-/// and its top-2 log-probability margin at each step (None where it reported none).
-struct LlamaCppRun {
-    prompts: Vec<Vec<u32>>,
-    greedy: Vec<Vec<u32>>,
-    margins: Vec<Vec<Option<f64>>>,
-}
-
-fn llama_cpp_run(arch: &str, kind: &str) -> LlamaCppRun {
-    let json = read_json(&fixture(arch).join(format!("refs/llamacpp-{kind}.json")));
-    let seqs = json["sequences"].as_array().expect("sequences");
-    LlamaCppRun {
-        prompts: seqs.iter().map(|s| ids(&s["prompt_ids"])).collect(),
-        greedy: seqs.iter().map(|s| ids(&s["greedy_ids"])).collect(),
-        margins: seqs
-            .iter()
-            .map(|s| {
-                let m = s["llamacpp_top2_logit_margins"].as_array().expect("margins");
-                m.iter().map(|v| v.as_f64()).collect()
-            })
-            .collect(),
-    }
-}
-
 /// Quantized GGUF files (experts Q8_0 / Q4_0 in the CPU kernels' packed layout) follow
 /// llama.cpp's own run of the same file: greedy ids equal up to a step where llama.cpp's top-2
 /// margin is below 0.15 (both quantize activations to 8-bit blocks with different rounding
@@ -237,19 +213,12 @@ fn llama_cpp_run(arch: &str, kind: &str) -> LlamaCppRun {
 fn gguf_files_follow_llama_cpp() {
     for arch in ["qwen3_moe", "mixtral"] {
         for (kind, tie) in [("f32", 0.0), ("q8_0", 0.15), ("q4_0", 0.15)] {
-            let want = llama_cpp_run(arch, kind);
-            let path = fixture(arch).join(format!("gguf/{arch}-{kind}.gguf"));
-            let steps = want.greedy[0].len();
-            let got = ModelRunner::load(&path, DType::F32, want.prompts.len(), 128).greedy(&want.prompts, steps);
-            for (i, (g, w)) in got.tokens.iter().zip(&want.greedy).enumerate() {
-                if let Some(step) = g.iter().zip(w).position(|(a, b)| a != b) {
-                    let margin = want.margins[i].get(step).copied().flatten();
-                    assert!(
-                        margin.is_some_and(|m| m < tie),
-                        "{arch}-{kind} sequence {i} parts from llama.cpp at step {step} (its margin {margin:?})\n got {g:?}\nwant {w:?}"
-                    );
-                }
-            }
+            assert_follows_llama_cpp(
+                &fixture(arch).join(format!("refs/llamacpp-{kind}.json")),
+                &fixture(arch).join(format!("gguf/{arch}-{kind}.gguf")),
+                tie,
+                &format!("{arch}-{kind}"),
+            );
         }
     }
 }

@@ -356,3 +356,25 @@ impl TestServer {
         (free, total)
     }
 }
+
+/// The model file or folder `model` follows llama.cpp's run in `refs` (a `llamacpp-<type>.json`
+/// of tests/data/moe/make_gguf.py), every prompt batched together: greedy ids equal up to a
+/// step where llama.cpp's own top-1/top-2 log-probability margin is below `tie` (0: exactly).
+pub fn assert_follows_llama_cpp(refs: &std::path::Path, model: &std::path::Path, tie: f64, label: &str) {
+    let json = read_json(refs);
+    let seqs = json["sequences"].as_array().expect("sequences");
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
+    let steps = seqs[0]["greedy_ids"].as_array().expect("greedy ids").len();
+    let got = ModelRunner::load(model, DType::F32, prompts.len(), 128).greedy(&prompts, steps);
+    for (i, seq) in seqs.iter().enumerate() {
+        let want = ids(&seq["greedy_ids"]);
+        if let Some(step) = got.tokens[i].iter().zip(&want).position(|(a, b)| a != b) {
+            let margin = seq["llamacpp_top2_logit_margins"][step].as_f64();
+            assert!(
+                margin.is_some_and(|m| m < tie),
+                "{label} sequence {i} parts from llama.cpp at step {step} (its margin {margin:?})\n got {:?}\nwant {want:?}",
+                got.tokens[i]
+            );
+        }
+    }
+}
