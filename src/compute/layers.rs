@@ -427,12 +427,20 @@ impl RotaryAtPositions {
 }
 
 /// The MLP's gate activation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     /// x · sigmoid(x).
     Silu,
     /// GELU, tanh approximation (`gelu_pytorch_tanh`).
     GeluTanh,
+    /// gpt-oss's experts: `(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)` with
+    /// `g = min(gate, limit)`.
+    ClampedSwiglu {
+        /// Sigmoid gain.
+        alpha: f32,
+        /// Clamp of the gate (above) and the up projection (both sides).
+        limit: f32,
+    },
 }
 
 impl Activation {
@@ -447,6 +455,12 @@ impl Activation {
 
     /// `act(gate) * up`; one kernel on CUDA, one pass on the CPU for SiLU.
     pub fn gated(self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if let Self::ClampedSwiglu { alpha, limit } = self {
+            let limit = f64::from(limit);
+            let gate = gate.minimum(limit)?;
+            let glu = (&gate * candle_nn::ops::sigmoid(&(&gate * f64::from(alpha))?)?)?;
+            return (up.clamp(-limit, limit)? + 1.0)? * glu;
+        }
         if let Some(fused) = fused::gated_act(gate, up, self == Self::GeluTanh)? {
             return Ok(fused);
         }
@@ -456,8 +470,8 @@ impl Activation {
             }
         }
         let activated = match self {
-            Self::Silu => candle_nn::ops::silu(gate)?,
             Self::GeluTanh => gate.gelu()?,
+            _ => candle_nn::ops::silu(gate)?,
         };
         activated * up
     }

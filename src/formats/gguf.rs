@@ -126,31 +126,28 @@ impl GgufStore {
         }
     }
 
-    /// Expert `expert`'s `[out, in]` rows of the 3-D tensor `name`: its blocks are one
-    /// contiguous run of the file, read alone.
+    /// Expert `expert`'s slice of the tensor `name` (`[experts, out, in]` weights, `[experts,
+    /// out]` biases): its blocks are one contiguous run of the file, read alone.
     fn read_expert(&self, file: &mut File, name: &str, expert: usize) -> Result<QTensor> {
         let info = self
             .content
             .tensor_infos
             .get(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("GGUF tensor `{name}` is missing")))?;
-        let &[experts, out, cols] = info.shape.dims() else {
-            candle_core::bail!(
-                "GGUF tensor `{name}` has shape {:?}, expected [experts, out, in]",
-                info.shape
-            );
+        let Some((&experts, per_expert)) = info.shape.dims().split_first().filter(|(_, rest)| !rest.is_empty()) else {
+            candle_core::bail!("GGUF tensor `{name}` has shape {:?}, expected [experts, …]", info.shape);
         };
         if expert >= experts {
             candle_core::bail!("GGUF tensor `{name}` holds {experts} experts, not expert {expert}");
         }
         let dtype = info.ggml_dtype;
-        let bytes = out * cols / dtype.block_size() * dtype.type_size();
+        let bytes = per_expert.iter().product::<usize>() / dtype.block_size() * dtype.type_size();
         let start = self.content.tensor_data_offset + info.offset + (expert * bytes) as u64;
         let mut data = vec![0u8; bytes];
         file.seek(SeekFrom::Start(start))?;
         file.read_exact(&mut data)?;
         let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &self.device, dtype)?;
-        QTensor::new(storage, (out, cols))
+        QTensor::new(storage, per_expert)
     }
 
     /// A float tensor (or any tensor, dequantized) in the compute dtype.
@@ -194,6 +191,7 @@ impl GgufStore {
                 "layer_scalar" => Some("layer_output_scale.weight"),
                 "router.scale" => Some("ffn_gate_inp.scale"),
                 "router.per_expert_scale" => Some("ffn_down_exps.scale"),
+                "self_attn.sinks" => Some("attn_sinks.weight"),
                 _ => None,
             };
             if let Some(gguf) = gguf {
@@ -218,7 +216,8 @@ impl GgufStore {
     }
 
     fn block_module(&self, module: &str) -> Option<&'static str> {
-        let sandwich = self.arch.starts_with("gemma");
+        // Gemma's sandwich norms, and gpt-oss's pre-MLP norm, are `post_attention_norm`.
+        let sandwich = self.arch.starts_with("gemma") || self.arch == "gpt-oss";
         if let Some((_, projection)) = expert_parts(module) {
             return Some(match projection {
                 "gate_proj" | "w1" => "ffn_gate_exps",
@@ -243,7 +242,7 @@ impl GgufStore {
             "mlp.gate_proj" => "ffn_gate",
             "mlp.up_proj" | "mlp.gate_up_proj" => "ffn_up",
             "mlp.down_proj" => "ffn_down",
-            "mlp.gate" | "block_sparse_moe.gate" | "router.proj" => "ffn_gate_inp",
+            "mlp.gate" | "block_sparse_moe.gate" | "router.proj" | "mlp.router" => "ffn_gate_inp",
             "pre_feedforward_layernorm_2" => "pre_ffw_norm_2",
             "post_feedforward_layernorm_1" => "post_ffw_norm_1",
             "post_feedforward_layernorm_2" => "post_ffw_norm_2",
@@ -297,10 +296,11 @@ impl GgufStore {
             "gemma3" => ("Gemma3ForCausalLM", "gemma3_text"),
             "gemma4" => ("Gemma4ForCausalLM", "gemma4_text"),
             "phi3" => ("Phi3ForCausalLM", "phi3"),
+            "gpt-oss" => ("GptOssForCausalLM", "gpt_oss"),
             other => {
                 return Err(LoadError::Unsupported(format!(
                     "GGUF architecture `{other}` (supported: llama (and Mixtral), qwen2, qwen3, qwen3moe, gemma3, \
-                     gemma4, phi3)"
+                     gemma4, gpt-oss, phi3)"
                 )))
             }
         };
@@ -395,7 +395,46 @@ impl GgufStore {
         if a == "gemma4" {
             self.gemma4_config(&mut cfg)?;
         }
+        if a == "gpt-oss" {
+            self.gpt_oss_config(&mut cfg)?;
+        }
         Ok(cfg)
+    }
+
+    /// gpt-oss's keys in transformers' terms, as llama.cpp reads them: even layers slide (its
+    /// pattern of 2), YaRN with the correction range rounded outwards, and the SwiGLU clamp
+    /// llama.cpp hard-codes (transformers' defaults).
+    fn gpt_oss_config(&self, cfg: &mut serde_json::Value) -> std::result::Result<(), LoadError> {
+        let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0);
+        cfg["layer_types"] = json!((0..layers)
+            .map(|i| if i % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            })
+            .collect::<Vec<_>>());
+        cfg["attention_bias"] = json!(true);
+        let scaling = self
+            .content
+            .metadata
+            .get("gpt-oss.rope.scaling.type")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str);
+        if scaling == Some("yarn") {
+            let missing = |key: &str| LoadError::Malformed {
+                file: "GGUF metadata".into(),
+                reason: format!("missing `gpt-oss.rope.scaling.{key}`"),
+            };
+            cfg["rope_scaling"] = json!({
+                "rope_type": "yarn",
+                "factor": self.meta_f32("gpt-oss.rope.scaling.factor").ok_or_else(|| missing("factor"))?,
+                "original_max_position_embeddings": self
+                    .meta_u64("gpt-oss.rope.scaling.original_context_length")
+                    .ok_or_else(|| missing("original_context_length"))?,
+                "truncate": true,
+            });
+        }
+        Ok(())
     }
 
     /// Gemma 4's keys in transformers' terms: layer types from the sliding-window pattern,

@@ -114,20 +114,40 @@ impl WeightSource {
             .find(|block| self.contains_tensor(&format!("{block}.{projection_name}.weight")))
             .unwrap_or("switch_mlp");
         let stacked = self.pp(stacked_block).pp(projection_name);
-        if let Some(hf) = stacked.as_hf() {
-            if MlxWeights::present(hf) {
-                return MlxWeights::load_stacked(hf, experts, in_dim, out_dim)?
-                    .into_iter()
-                    .map(|w| self.mlx_linear(w, None))
-                    .collect();
-            }
-            if hf.contains_tensor("weight") {
-                let all = stacked.get((experts, out_dim, in_dim), "weight")?;
-                return (0..experts).map(|e| Linear::from_dense(all.get(e)?, None)).collect();
-            }
+        if stacked.as_hf().is_some_and(|hf| hf.contains_tensor("weight")) {
+            return stacked.stacked_linears(shape, false);
         }
         (0..experts)
             .map(|e| self.pp(format!("experts.{e}")).pp(name).linear(in_dim, out_dim, false))
+            .collect()
+    }
+
+    /// Every expert's layer of the stacked `<prefix>.weight` (`[experts, out, in]`, dense or
+    /// MLX-packed) and, if `bias`, `<prefix>.bias` (`[experts, out]`): mlx-lm's `SwitchLinear`.
+    pub fn stacked_linears(&self, shape: ExpertShape, bias: bool) -> Result<Vec<Linear>> {
+        let ExpertShape {
+            experts,
+            in_dim,
+            out_dim,
+        } = shape;
+        let biases = if bias {
+            let all = self.get((experts, out_dim), "bias")?;
+            (0..experts).map(|e| all.get(e).map(Some)).collect::<Result<Vec<_>>>()?
+        } else {
+            vec![None; experts]
+        };
+        if let Some(hf) = self.as_hf().filter(|hf| MlxWeights::present(hf)) {
+            return MlxWeights::load_stacked(hf, experts, in_dim, out_dim)?
+                .into_iter()
+                .zip(biases)
+                .map(|(w, b)| self.mlx_linear(w, b))
+                .collect();
+        }
+        let all = self.get((experts, out_dim, in_dim), "weight")?;
+        biases
+            .into_iter()
+            .enumerate()
+            .map(|(e, b)| Linear::from_dense(all.get(e)?, b))
             .collect()
     }
 

@@ -315,6 +315,10 @@ pub struct HfConfig {
     /// Layers that keep the dense MLP (Qwen-MoE).
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
+    /// Sigmoid gain of gpt-oss's clamped SwiGLU.
+    pub swiglu_alpha: Option<f32>,
+    /// Clamp of gpt-oss's SwiGLU inputs.
+    pub swiglu_limit: Option<f32>,
     /// Experts each token is routed to (Gemma 4's name).
     pub top_k_experts: Option<usize>,
     /// A routed mixture of experts beside every layer's dense MLP (Gemma 4).

@@ -8,7 +8,9 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::config::{HfConfig, LayerType, RopeConfig};
-use super::feed_forward::{load_mlp, load_moe, load_moe_beside_dense, MlpNames, MlpSpec, MoeLayout, MoeSpec};
+use super::feed_forward::{
+    load_interleaved_moe, load_mlp, load_moe, load_moe_beside_dense, MlpNames, MlpSpec, MoeLayout, MoeSpec,
+};
 use super::{Model, ModelConfig};
 use crate::compute::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
 use crate::compute::batch::BatchInput;
@@ -407,6 +409,7 @@ impl FeedForward {
         match &spec.moe {
             Some(moe) if moe.sparse_layers[layer] => match moe.layout {
                 MoeLayout::Replacing { block } => Ok(Self::Sparse(load_moe(&vb, moe, block)?)),
+                MoeLayout::Interleaved => Ok(Self::Sparse(load_interleaved_moe(&vb, moe)?)),
                 MoeLayout::BesideDense => Ok(Self::DenseAndSparse(Box::new(DenseAndSparse {
                     mlp: load_mlp(vb.pp("mlp"), mlp)?,
                     mlp_out_norm: norm("post_feedforward_layernorm_1")?,

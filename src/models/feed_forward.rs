@@ -84,6 +84,12 @@ pub enum MoeLayout {
     /// expert by `router.per_expert_scale`; the experts are stacked `experts.gate_up_proj` and
     /// `experts.down_proj`.
     BesideDense,
+    /// gpt-oss: the block `mlp` with a biased `router`; every expert projection has a bias.
+    /// transformers stacks the experts as `experts.gate_up_proj` `[experts, hidden, 2·inner]`
+    /// (gate and up in alternate columns) and `experts.down_proj` `[experts, inner, hidden]`,
+    /// biases beside (`…_bias`); GGUF has them per expert as `experts.<e>.<gate|up|down>_proj`
+    /// and mlx-lm stacked as `experts.<gate|up|down>_proj` (`[experts, out, in]`).
+    Interleaved,
 }
 
 /// Loads `gate_proj` + `up_proj` (or `gate_up_proj`) and `down_proj` under `vb`, the gate and
@@ -184,4 +190,65 @@ pub(super) fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: 
             .with_router_norm(RmsNorm::new(scale.to_dtype(vb.dtype())?, rms_eps, false)?)
             .with_expert_scales(expert_scales),
     )
+}
+
+/// Loads gpt-oss's router and experts under `vb` (the layer), as `MoeLayout::Interleaved`
+/// describes them.
+pub(super) fn load_interleaved_moe(vb: &WeightSource, spec: &MoeSpec) -> Result<SparseMoe> {
+    let (h, i, e) = (spec.expert.hidden, spec.expert.intermediate, spec.num_experts);
+    let block = vb.pp("mlp");
+    let experts = block.pp("experts");
+    let device = vb.device();
+    let mlps = if experts.contains_tensor("gate_up_proj") {
+        let gate_up = experts.get((e, h, 2 * i), "gate_up_proj")?;
+        let gate_up_bias = experts.get((e, 2 * i), "gate_up_proj_bias")?;
+        let down = experts.get((e, i, h), "down_proj")?;
+        let down_bias = experts.get((e, h), "down_proj_bias")?;
+        (0..e)
+            .map(|x| {
+                // Output j of the gate is column 2j, of up column 2j + 1.
+                let weights = gate_up.get(x)?.t()?.contiguous()?.reshape((i, 2, h))?;
+                let biases = gate_up_bias.get(x)?.reshape((i, 2))?;
+                let half = |k: usize| {
+                    Linear::from_dense(
+                        weights.narrow(1, k, 1)?.squeeze(1)?.contiguous()?,
+                        Some(biases.narrow(1, k, 1)?.squeeze(1)?.contiguous()?),
+                    )
+                };
+                let down = Linear::from_dense(down.get(x)?.t()?.contiguous()?, Some(down_bias.get(x)?))?;
+                gated_mlp([half(0)?, half(1)?, down], spec.expert, device)
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        let shape = |in_dim, out_dim| ExpertShape {
+            experts: e,
+            in_dim,
+            out_dim,
+        };
+        let projections = |name: &str, in_dim, out_dim| -> Result<Vec<Linear>> {
+            if experts.contains_tensor(&format!("{name}.weight")) {
+                // mlx-lm's `SwitchGLU`.
+                experts.pp(name).stacked_linears(shape(in_dim, out_dim), true)
+            } else {
+                // GGUF's `ffn_<gate|up|down>_exps`, one expert at a time.
+                (0..e)
+                    .map(|x| experts.pp(x).pp(name).linear(in_dim, out_dim, true))
+                    .collect()
+            }
+        };
+        let gates = projections("gate_proj", h, i)?;
+        let ups = projections("up_proj", h, i)?;
+        let downs = projections("down_proj", i, h)?;
+        gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((gate, up), down)| gated_mlp([gate, up, down], spec.expert, device))
+            .collect::<Result<Vec<_>>>()?
+    };
+    Ok(SparseMoe::new(
+        block.pp("router").linear(h, e, true)?,
+        mlps,
+        spec.routing,
+    ))
 }

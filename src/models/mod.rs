@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod feed_forward;
 pub mod gemma3;
 pub mod gemma4;
+pub mod gpt_oss;
 pub mod llama;
 pub mod phi3;
 
@@ -79,7 +80,7 @@ pub trait Model: Send {
 }
 
 /// `architectures[0]` values mlxd can load.
-pub const SUPPORTED_ARCHITECTURES: [&str; 11] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 12] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "MixtralForCausalLM",
@@ -90,6 +91,7 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 11] = [
     "Gemma3ForConditionalGeneration",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
+    "GptOssForCausalLM",
     "Phi3ForCausalLM",
 ];
 
@@ -270,6 +272,7 @@ fn family_spec(
         "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => gemma3::spec(cfg, src),
         "Gemma4ForCausalLM" | "Gemma4ForConditionalGeneration" => gemma4::spec(cfg, src),
         "Phi3ForCausalLM" => phi3::spec(cfg),
+        "GptOssForCausalLM" => gpt_oss::spec(cfg),
         other => Err(LoadError::Unsupported(format!(
             "architecture `{other}` (supported: {})",
             SUPPORTED_ARCHITECTURES.join(", ")

@@ -54,8 +54,9 @@ def decisive_model(name, make, vocab):
     raise SystemExit(f"{name}: no seed with margin {MIN_MARGIN}")
 
 
-def write_references(refs, seed, runs):
-    """The reference set of `runs` in the folder `refs`."""
+def write_references(refs, seed, runs, name="transformers-f32"):
+    """The reference set of `runs` in the folder `refs`, as `<name>.json` and
+    `<name>.safetensors`."""
     refs.mkdir(parents=True, exist_ok=True)
     meta = {
         "versions": {"transformers": transformers.__version__, "torch": torch.__version__},
@@ -64,5 +65,5 @@ def write_references(refs, seed, runs):
         "min_margin": min(r[4] for r in runs),
         "sequences": [{"name": n, "prompt_ids": ids, "greedy_ids": toks} for n, ids, toks, _, _ in runs],
     }
-    (refs / "transformers-f32.json").write_text(json.dumps(meta) + "\n")
-    save_file({f"{n}.step_logits": lg.contiguous() for n, _, _, lg, _ in runs}, refs / "transformers-f32.safetensors")
+    (refs / f"{name}.json").write_text(json.dumps(meta) + "\n")
+    save_file({f"{n}.step_logits": lg.contiguous() for n, _, _, lg, _ in runs}, refs / f"{name}.safetensors")

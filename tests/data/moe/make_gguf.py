@@ -6,6 +6,7 @@ greedy references for them, for tests/moe_models.rs and tests/gemma4_models.rs.
     # with llama-server and llama-quantize built; a Python with torch and transformers.
     python tests/data/moe/make_gguf.py --llama-cpp /work/bench/llama.cpp --out tests/data/moe
     python tests/data/moe/make_gguf.py --llama-cpp /work/bench/llama.cpp --out tests/data/gemma4 dense moe
+    python tests/data/moe/make_gguf.py --llama-cpp /work/bench/llama.cpp --out tests/data gpt_oss
 
 Per architecture: <arch>/gguf/<arch>-{f32,q8_0,q4_0}.gguf (convert_hf_to_gguf.py to F32 and
 Q8_0, llama-quantize F32 -> Q4_0) and <arch>/refs/llamacpp-<type>.json: for every prompt of
@@ -16,7 +17,7 @@ test can tell a real divergence from a near-tie; for the quantized files also
 (`llama-quantize --allow-requantize … F32`), which computes in float32 as a GPU's exact
 dequantizing matmuls do. The converter's pre-tokenizer lookup does not
 know the fixtures' tiny tokenizers: the family's name is pinned instead (`PIN_PRE`; Gemma 4's
-converter names its own tokenizer).
+converter names its own tokenizer; the gpt-oss fixture's is Qwen's BPE with harmony's tokens).
 """
 import argparse
 import json
@@ -28,7 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-PIN_PRE = {"qwen3_moe": "qwen2", "mixtral": "llama-bpe"}
+PIN_PRE = {"qwen3_moe": "qwen2", "mixtral": "llama-bpe", "gpt_oss": "qwen2"}
+DEFAULT_ARCHS = ["qwen3_moe", "mixtral"]
 TYPES = ["f32", "q8_0", "q4_0"]
 
 
@@ -111,7 +113,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--llama-cpp", type=Path, required=True, help="the pinned llama.cpp tree, built")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("archs", nargs="*", default=list(PIN_PRE))
+    p.add_argument("archs", nargs="*", default=DEFAULT_ARCHS)
     a = p.parse_args()
     bins = a.llama_cpp / "build" / "bin"
     for arch in a.archs:

@@ -1,0 +1,62 @@
+//! gpt-oss against transformers 5.25's references (`tests/data/gpt_oss/make_fixtures.py`):
+//! attention sinks, alternating sliding-window and full layers, YaRN, and experts with biases,
+//! interleaved gate/up and the clamped SwiGLU; from the float32 folder and from the MXFP4 one
+//! (transformers' dequantized run), every greedy step's logits and ids, batched.
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use common::{assert_follows_llama_cpp, assert_matches_reference, ids, read_json, ModelRunner};
+
+/// Two float32 implementations agree to ~1e-5; the fixtures' greedy margins are ≥ 2e-3.
+const F32_TOL: f32 = 2e-4;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gpt_oss")
+}
+
+/// Every prompt of the reference set `refs/<reference>.*` through the folder `model`, together
+/// in one batch per step: the greedy ids and every step's logits.
+fn check_against(reference: &str, model: &str, tolerance: f32) {
+    let refs = fixture().join("refs");
+    let json = read_json(&refs.join(format!("{reference}.json")));
+    let tensors = candle_core::safetensors::load(refs.join(format!("{reference}.safetensors")), &Device::Cpu)
+        .expect("reference tensors");
+    let seqs = json["sequences"].as_array().expect("sequences");
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
+    let steps = json["greedy_steps"].as_u64().expect("steps") as usize;
+    let run = ModelRunner::load(&fixture().join(model), DType::F32, prompts.len(), 128).greedy(&prompts, steps);
+    let names: Vec<&str> = seqs.iter().map(|s| s["name"].as_str().expect("name")).collect();
+    let greedy: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["greedy_ids"])).collect();
+    assert_matches_reference(&run, &names, &greedy, &tensors, tolerance, model);
+}
+
+#[test]
+fn gpt_oss_matches_transformers_f32_batched() {
+    check_against("transformers-f32", "f32", F32_TOL);
+}
+
+/// The F32 GGUF llama.cpp's converter writes (experts de-interleaved into 3-D
+/// `ffn_{gate,up,down}_exps` with their biases, read one expert at a time; sinks as
+/// `attn_sinks`) gives transformers' logits.
+#[test]
+fn f32_gguf_matches_transformers() {
+    check_against("transformers-f32", "gguf/gpt_oss-f32.gguf", F32_TOL);
+}
+
+/// Every GGUF file follows llama.cpp's own run of it: F32 exactly, Q8_0 / Q4_0 (in the CPU
+/// kernels' packed layout) up to a step where llama.cpp's top-2 margin is below 0.15, as for
+/// the other MoE families.
+#[test]
+fn gguf_files_follow_llama_cpp() {
+    for (kind, tie) in [("f32", 0.0), ("q8_0", 0.15), ("q4_0", 0.15)] {
+        assert_follows_llama_cpp(
+            &fixture().join(format!("refs/llamacpp-{kind}.json")),
+            &fixture().join(format!("gguf/gpt_oss-{kind}.gguf")),
+            tie,
+            &format!("gpt_oss-{kind}"),
+        );
+    }
+}
