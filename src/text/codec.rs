@@ -235,8 +235,9 @@ impl TextCodec {
             .map(|tags| (tags.clone(), tags.prompt_opens_thought(rendered)));
         let syntax = self.tool_syntax();
         let tools = chat.tools.active().then_some((syntax, !chat.tools.parallel));
+        let harmony = syntax == ToolSyntax::Harmony;
         let mut markers: Vec<&str> = thoughts.iter().flat_map(|(t, _)| t.tokens).collect();
-        if tools.is_some() {
+        if tools.is_some() || harmony {
             markers.extend(syntax.special_markers());
         }
         let shown_specials = markers
@@ -250,6 +251,7 @@ impl TextCodec {
             thoughts,
             reasoning: chat.reasoning,
             tools,
+            harmony,
             shown_specials,
         }
     }

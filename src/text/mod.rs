@@ -6,6 +6,7 @@ pub mod codec;
 pub mod detokenizer;
 pub mod gguf_tokenizer;
 pub mod grammar;
+pub mod harmony;
 pub mod reasoning;
 pub mod reply;
 pub mod stop;

@@ -3,6 +3,7 @@
 //! template, the rendered prompt and the request's tools); `ReplyParser` applies it to the
 //! streamed text, so streamed and whole replies come out identical.
 
+use super::harmony::HarmonyParser;
 use super::reasoning::{ThinkTags, ThoughtSplitter};
 use super::tools::{ToolCall, ToolCallParser, ToolSyntax};
 
@@ -28,6 +29,9 @@ pub struct ReplyPlan {
     pub reasoning: ReasoningMode,
     /// The syntax tool calls are read in, and whether a reply holds at most one.
     pub tools: Option<(ToolSyntax, bool)>,
+    /// The reply is in OpenAI's harmony format (gpt-oss): thoughts, answer and calls are its
+    /// channels (`text::harmony`), not tags.
+    pub harmony: bool,
     /// Special tokens the parser must see, with their text (the detokenizer hides specials).
     pub shown_specials: Vec<(u32, String)>,
 }
@@ -53,11 +57,22 @@ pub struct ReplyParser {
     /// Inline thoughts opened by the prompt: the open tag, shown before the first content.
     inline_open: Option<String>,
     tools: Option<ToolCallParser>,
+    harmony: Option<HarmonyParser>,
 }
 
 impl ReplyParser {
     /// A parser for `plan`.
     pub fn new(plan: &ReplyPlan) -> Self {
+        if plan.harmony {
+            let (calls, single) = plan.tools.map_or((false, false), |(_, single)| (true, single));
+            return Self {
+                thoughts: None,
+                drop_thoughts: false,
+                inline_open: None,
+                tools: None,
+                harmony: Some(HarmonyParser::new(plan.reasoning, calls, single)),
+            };
+        }
         let (thoughts, inline_open) = match (&plan.thoughts, plan.reasoning) {
             (Some((tags, in_thought)), ReasoningMode::Inline) => (None, in_thought.then(|| tags.open.clone())),
             (Some((tags, in_thought)), _) => (Some(ThoughtSplitter::new(tags.clone(), *in_thought)), None),
@@ -68,11 +83,15 @@ impl ReplyParser {
             drop_thoughts: plan.reasoning == ReasoningMode::Drop,
             inline_open,
             tools: plan.tools.map(|(syntax, single)| ToolCallParser::new(syntax, single)),
+            harmony: None,
         }
     }
 
     /// Feeds newly generated text.
     pub fn push(&mut self, text: &str) -> ReplyDelta {
+        if let Some(harmony) = &mut self.harmony {
+            return harmony.push(text);
+        }
         let (reasoning, content) = match &mut self.thoughts {
             Some(splitter) => {
                 let split = splitter.push(text);
@@ -87,6 +106,9 @@ impl ReplyParser {
 
     /// The end of generation: whatever was held back.
     pub fn finish(&mut self) -> ReplyDelta {
+        if let Some(harmony) = &mut self.harmony {
+            return harmony.finish();
+        }
         let (reasoning, content) = match &mut self.thoughts {
             Some(splitter) => {
                 let split = splitter.finish();
@@ -136,6 +158,7 @@ mod tests {
             thoughts: ThinkTags::detect("<think></think>").map(|t| (t, in_thought)),
             reasoning,
             tools: Some((ToolSyntax::Hermes, false)),
+            harmony: false,
             shown_specials: Vec::new(),
         }
     }

@@ -2,7 +2,8 @@
 random-weight fixtures of each family served with that family's real chat template
 (`../shared/tokenizers`): Qwen2.5 and Qwen3 (`<tool_call>`), Llama 3.2 (JSON with
 `parameters`, `<|python_tag|>` a special token), Mistral Nemo (`[TOOL_CALLS]`, a special
-token), Gemma 4 (`<|tool_call>call:name{…}<tool_call|>` in its own value syntax), and Gemma 3
+token), Gemma 4 (`<|tool_call>call:name{…}<tool_call|>` in its own value syntax), gpt-oss
+(harmony: a commentary message `to=functions.NAME`, its tokens special), and Gemma 3
 and Phi-3.5, whose templates know no tools (mlxd describes them itself).
 
 A random model never calls a tool of its own accord, so calls are forced with `tool_choice`
@@ -33,9 +34,10 @@ FAMILIES = {
     "gemma3": ("tokenizers/gemma3/tokenizer_config.json", None),
     "phi3": (None, "tokenizers/chat_templates/microsoft-Phi-3.5-mini-instruct.jinja"),
     "gemma4": (None, ROOT / "tests/data/gemma4/chat_template.jinja"),
+    "gpt_oss": (None, "tokenizers/chat_templates/openai-gpt-oss-120b.jinja"),
 }
 #: fixtures that are not in ../shared/fixtures
-FIXTURES = {"gemma4": ROOT / "tests/data/gemma4/dense/f32"}
+FIXTURES = {"gemma4": ROOT / "tests/data/gemma4/dense/f32", "gpt_oss": ROOT / "tests/data/gpt_oss/f32"}
 
 WEATHER = {
     "type": "object",

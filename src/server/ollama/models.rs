@@ -28,6 +28,7 @@ pub fn ollama_architecture(model_type: &str) -> &str {
         "gemma3_text" => "gemma3",
         "gemma4_text" => "gemma4",
         "qwen3_moe" => "qwen3moe",
+        "gpt_oss" => "gptoss",
         other => other,
     }
 }

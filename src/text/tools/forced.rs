@@ -25,10 +25,8 @@ pub fn forced_call_grammar(syntax: ToolSyntax, tools: &ToolSet, token_id: impl F
             })
         })
         .collect();
-    let schema = json!({
-        "anyOf": alternatives,
-        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
-    });
+    let compact = json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+    let schema = json!({"anyOf": alternatives, "x-guidance": compact});
     let marker = |text: &str| match token_id(text) {
         Some(id) => format!("<[{id}]>"),
         None => Value::from(text).to_string(),
@@ -59,6 +57,37 @@ pub fn forced_call_grammar(syntax: ToolSyntax, tools: &ToolSet, token_id: impl F
                 &marker("<tool_call|>"),
                 &marker(gemma::QUOTE),
             );
+        }
+        ToolSyntax::Harmony => {
+            // One alternative per function: its header, then its arguments (the call's end,
+            // `<|call|>`, is an end-of-generation token the constraint allows once complete).
+            let rules: Vec<(String, String)> = tools
+                .functions()
+                .filter(|(name, _)| match &tools.choice {
+                    ToolChoice::Function(wanted) => name == wanted,
+                    _ => true,
+                })
+                .enumerate()
+                .map(|(i, (name, params))| {
+                    let header = format!(
+                        "{} \"commentary to=functions.{name} \" {} \"json\" {}",
+                        marker("<|channel|>"),
+                        marker("<|constrain|>"),
+                        marker("<|message|>")
+                    );
+                    let mut schema = params.clone();
+                    if let Value::Object(fields) = &mut schema {
+                        fields.insert("x-guidance".into(), compact.clone());
+                    }
+                    (format!("f{i}: {header} a{i}"), format!("a{i}: %json {schema}"))
+                })
+                .collect();
+            let names: Vec<String> = (0..rules.len()).map(|i| format!("f{i}")).collect();
+            let mut grammar = format!("start: {}\n", names.join(" | "));
+            for (call, args) in rules {
+                grammar.push_str(&format!("{call}\n{args}\n"));
+            }
+            return grammar;
         }
         ToolSyntax::Llama3 | ToolSyntax::Generic => "call".to_string(),
     };

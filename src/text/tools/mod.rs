@@ -30,6 +30,10 @@ pub enum ToolSyntax {
     Mistral,
     /// Phi-4-mini: `<|tool_call|>[{"name": …, "arguments": {…}}]<|/tool_call|>`.
     Phi4,
+    /// gpt-oss's harmony format: a message to `functions.NAME` on the commentary channel,
+    /// `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}<|call|>`; read
+    /// with the rest of the reply by `text::harmony`.
+    Harmony,
     /// Gemma 4: `<|tool_call>call:name{key:value,…}<tool_call|>` in its own value syntax
     /// (strings between `<|"|>` delimiters, bare keys), one block per call.
     Gemma4,
@@ -42,7 +46,9 @@ impl ToolSyntax {
     /// The syntax a chat template's tool instructions and history rendering use.
     pub fn detect(template_source: &str) -> Self {
         let has = |s: &str| template_source.contains(s);
-        if has("<|tool_call>") {
+        if has(crate::text::harmony::CHANNEL) && has(crate::text::harmony::MESSAGE) {
+            Self::Harmony
+        } else if has("<|tool_call>") {
             Self::Gemma4
         } else if has("<tool_call>") {
             Self::Hermes
@@ -65,6 +71,7 @@ impl ToolSyntax {
             Self::Mistral => ("[TOOL_CALLS]", None),
             Self::Phi4 => ("<|tool_call|>", Some("<|/tool_call|>")),
             Self::Gemma4 => ("<|tool_call>", Some("<tool_call|>")),
+            Self::Harmony => (" to=functions.", Some("<|call|>")),
             Self::Llama3 | Self::Generic => ("{", None),
         }
     }
@@ -84,6 +91,7 @@ impl ToolSyntax {
             Self::Mistral => &["[TOOL_CALLS]", "[ARGS]"],
             Self::Phi4 => &["<|tool_call|>", "<|/tool_call|>"],
             Self::Gemma4 => &["<|tool_call>", "<tool_call|>", gemma::QUOTE],
+            Self::Harmony => &crate::text::harmony::TOKENS,
             Self::Llama3 => &["<|python_tag|>"],
             Self::Generic => &[],
         }
