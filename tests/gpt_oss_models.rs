@@ -60,3 +60,21 @@ fn gguf_files_follow_llama_cpp() {
         );
     }
 }
+
+/// A request alone and among 7 others (whose tokens reach other experts, and the same experts
+/// in other row counts; sliding and full layers over contexts of other lengths) gets the same
+/// greedy tokens.
+#[test]
+fn routed_experts_and_sinks_are_batch_invariant() {
+    let refs = read_json(&fixture().join("refs/transformers-f32.json"));
+    let probe = ids(&refs["sequences"][2]["prompt_ids"]);
+    let others: Vec<Vec<u32>> = (0..7u32)
+        .map(|k| (0..5 + 3 * k).map(|j| 3 + (k * 97 + j * 31) % 500).collect())
+        .collect();
+    let model = fixture().join("f32");
+    let alone = ModelRunner::load(&model, DType::F32, 1, 128).greedy(std::slice::from_ref(&probe), 16);
+    let mut batch = vec![probe];
+    batch.extend(others);
+    let together = ModelRunner::load(&model, DType::F32, 8, 128).greedy(&batch, 16);
+    assert_eq!(alone.tokens[0], together.tokens[0], "alone vs among 7 others");
+}

@@ -6,7 +6,6 @@ pub mod codec;
 pub mod detokenizer;
 pub mod gguf_tokenizer;
 pub mod grammar;
-pub mod harmony;
 pub mod reasoning;
 pub mod reply;
 pub mod stop;

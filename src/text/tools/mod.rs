@@ -32,7 +32,7 @@ pub enum ToolSyntax {
     Phi4,
     /// gpt-oss's harmony format: a message to `functions.NAME` on the commentary channel,
     /// `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}<|call|>`; read
-    /// with the rest of the reply by `text::harmony`.
+    /// with the rest of the reply by `text::reply`'s harmony parser.
     Harmony,
     /// Gemma 4: `<|tool_call>call:name{key:value,…}<tool_call|>` in its own value syntax
     /// (strings between `<|"|>` delimiters, bare keys), one block per call.
@@ -46,7 +46,7 @@ impl ToolSyntax {
     /// The syntax a chat template's tool instructions and history rendering use.
     pub fn detect(template_source: &str) -> Self {
         let has = |s: &str| template_source.contains(s);
-        if has(crate::text::harmony::CHANNEL) && has(crate::text::harmony::MESSAGE) {
+        if has("<|channel|>") && has("<|message|>") {
             Self::Harmony
         } else if has("<|tool_call>") {
             Self::Gemma4
@@ -91,7 +91,15 @@ impl ToolSyntax {
             Self::Mistral => &["[TOOL_CALLS]", "[ARGS]"],
             Self::Phi4 => &["<|tool_call|>", "<|/tool_call|>"],
             Self::Gemma4 => &["<|tool_call>", "<tool_call|>", gemma::QUOTE],
-            Self::Harmony => &crate::text::harmony::TOKENS,
+            Self::Harmony => &[
+                "<|start|>",
+                "<|channel|>",
+                "<|message|>",
+                "<|constrain|>",
+                "<|end|>",
+                "<|call|>",
+                "<|return|>",
+            ],
             Self::Llama3 => &["<|python_tag|>"],
             Self::Generic => &[],
         }

@@ -5,24 +5,14 @@
 //! to `functions.NAME` is a call of NAME with its body as the JSON arguments; commentary to no
 //! one (a preamble) is answer text. Read as llama.cpp's gpt-oss parser reads it.
 
-use super::reasoning::partial_suffix;
-use super::reply::{ReasoningMode, ReplyDelta};
-use super::tools::{ToolCall, ToolSyntax};
+use super::{ReasoningMode, ReplyDelta};
+use crate::text::reasoning::partial_suffix;
+use crate::text::tools::{ToolCall, ToolSyntax};
 
 /// Opens a message's body.
-pub const MESSAGE: &str = "<|message|>";
+const MESSAGE: &str = "<|message|>";
 /// Names a message's channel.
-pub const CHANNEL: &str = "<|channel|>";
-/// The special tokens of a harmony reply, which the detokenizer must show.
-pub const TOKENS: [&str; 7] = [
-    "<|start|>",
-    CHANNEL,
-    MESSAGE,
-    "<|constrain|>",
-    "<|end|>",
-    "<|call|>",
-    "<|return|>",
-];
+const CHANNEL: &str = "<|channel|>";
 /// What ends a message's body (`<|start|>`: a model that skipped `<|end|>`).
 const BODY_ENDS: [&str; 4] = ["<|end|>", "<|call|>", "<|return|>", "<|start|>"];
 

@@ -3,9 +3,11 @@
 //! template, the rendered prompt and the request's tools); `ReplyParser` applies it to the
 //! streamed text, so streamed and whole replies come out identical.
 
-use super::harmony::HarmonyParser;
+mod harmony;
+
 use super::reasoning::{ThinkTags, ThoughtSplitter};
 use super::tools::{ToolCall, ToolCallParser, ToolSyntax};
+use harmony::HarmonyParser;
 
 /// What happens to a thinking model's thoughts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
