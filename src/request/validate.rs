@@ -210,12 +210,12 @@ fn check_tools(
     has_format: bool,
 ) -> Result<Option<OutputConstraint>, RequestError> {
     chat.tools.check().map_err(|(at, message)| {
-        let field = if at == "tool_choice" {
-            Field::ToolChoice
+        // The field leads the message already; a path inside `tools` is named after it.
+        if at == "tool_choice" {
+            RequestError::invalid(Field::ToolChoice, message)
         } else {
-            Field::Tools
-        };
-        RequestError::invalid(field, format!("{at}: {message}"))
+            RequestError::invalid(Field::Tools, format!("{at}: {message}"))
+        }
     })?;
     let forced = codec.forced_call(&chat.tools);
     if forced.is_some() && has_format {
