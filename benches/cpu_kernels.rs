@@ -65,19 +65,33 @@ fn matrix(rows: usize, cols: usize, spec: PackSpec, seed: usize) -> PackedMatrix
     .expect("packs")
 }
 
+/// MXFP4's layout: E2M1 codes, levels = doubled values + 12 (`formats::mxfp4`).
+const MXFP4: PackSpec = PackSpec {
+    four_bit: true,
+    group: 32,
+    zero_point: Some(12),
+    codebook: Some([12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0]),
+};
+
+/// The layout of a format without a codebook.
+fn spec(four_bit: bool, group: usize, zero_point: Option<u8>) -> PackSpec {
+    PackSpec {
+        four_bit,
+        group,
+        zero_point,
+        codebook: None,
+    }
+}
+
 /// One small product per layout on the detected kernel, compared with the portable one.
 fn smoke() {
-    for (four_bit, group, zero_point) in [(false, 32, Some(128)), (true, 32, Some(8)), (true, 64, None)] {
-        let m = matrix(
-            70,
-            128,
-            PackSpec {
-                four_bit,
-                group,
-                zero_point,
-            },
-            1,
-        );
+    for spec in [
+        spec(false, 32, Some(128)),
+        spec(true, 32, Some(8)),
+        spec(true, 64, None),
+        MXFP4,
+    ] {
+        let m = matrix(70, 128, spec, 1);
         let x: Vec<f32> = (0..3 * 128).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
         let (got, want) = (
             product_with(Kernel::detect(), &m, &x, 3),
@@ -107,11 +121,6 @@ fn main() {
         rayon::current_num_threads(),
         Kernel::detect()
     );
-    let spec = |four_bit, group, zero_point| PackSpec {
-        four_bit,
-        group,
-        zero_point,
-    };
     let formats = [
         ("Q8_0", spec(false, 32, Some(128))),
         ("Q4_0", spec(true, 32, Some(8))),
@@ -119,6 +128,7 @@ fn main() {
         ("Q6_K", spec(false, 16, Some(32))),
         ("MLX 4-bit g64", spec(true, 64, None)),
         ("MLX 8-bit g64", spec(false, 64, None)),
+        ("MXFP4", MXFP4),
     ];
     println!("format          rows  ms/pass   weight GB/s  of roofline  GMAC/s");
     for (name, spec) in formats.into_iter().filter(|(name, _)| wanted(name)) {

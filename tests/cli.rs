@@ -135,10 +135,10 @@ fn fixture_copy(rel: &str, name: &str) -> std::path::PathBuf {
 
 #[test]
 fn unsupported_quantization_is_named_with_the_supported_list() {
-    let dir = fixture_copy("fixtures/llama/mlx-q4", "mxfp4");
+    let dir = fixture_copy("fixtures/llama/mlx-q4", "nvfp4");
     let cfg = std::fs::read_to_string(dir.join("config.json")).expect("read");
-    std::fs::write(dir.join("config.json"), cfg.replace("\"affine\"", "\"mxfp4\"")).expect("write");
-    run_fails_with(&dir, &["mxfp4", "MLX affine-quantized"]);
+    std::fs::write(dir.join("config.json"), cfg.replace("\"affine\"", "\"nvfp4\"")).expect("write");
+    run_fails_with(&dir, &["nvfp4", "MLX affine-quantized"]);
     let gptq = model_copy("gptq");
     let cfg = std::fs::read_to_string(gptq.join("config.json")).expect("read");
     let cfg = cfg.replacen(

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
-use common::{assert_follows_llama_cpp, assert_matches_reference, ids, read_json, ModelRunner};
+use common::{assert_follows_llama_cpp, assert_matches_reference, ids, max_abs_diff, read_json, ModelRunner};
 
 /// Two float32 implementations agree to ~1e-5; the fixtures' greedy margins are ≥ 2e-3.
 const F32_TOL: f32 = 2e-4;
@@ -38,6 +38,37 @@ fn gpt_oss_matches_transformers_f32_batched() {
     check_against("transformers-f32", "f32", F32_TOL);
 }
 
+/// The MXFP4 folder as openai/gpt-oss-* ship theirs (`experts.*_blocks` / `_scales`), its
+/// experts kept as 4-bit codes on the CPU, against transformers' exact dequantization of the
+/// same bytes, every step teacher-forced along transformers' greedy ids. The weights are the
+/// same values, so the difference is only the kernels' int8 activations: bounded as the MLX
+/// 4-bit folders are (mean 0.3, worst 1.5 where a near-tied expert choice flips); a wrong
+/// nibble order, scale or gate/up row gives whole units everywhere.
+#[test]
+fn mxfp4_folder_follows_transformers_dequantization() {
+    let refs = fixture().join("refs");
+    let json = read_json(&refs.join("transformers-mxfp4.json"));
+    let tensors = candle_core::safetensors::load(refs.join("transformers-mxfp4.safetensors"), &Device::Cpu)
+        .expect("reference tensors");
+    let seqs = json["sequences"].as_array().expect("sequences");
+    let prompts: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["prompt_ids"])).collect();
+    let greedy: Vec<Vec<u32>> = seqs.iter().map(|s| ids(&s["greedy_ids"])).collect();
+    let got = ModelRunner::load(&fixture().join("mxfp4"), DType::F32, prompts.len(), 128).forced(&prompts, &greedy);
+    let mut diffs = Vec::new();
+    for (seq, rows) in seqs.iter().zip(&got) {
+        let name = seq["name"].as_str().expect("name");
+        let want = tensors[&format!("{name}.step_logits")]
+            .to_vec2::<f32>()
+            .expect("step logits");
+        assert_eq!(rows.len(), want.len(), "{name}: steps");
+        diffs.extend(rows.iter().zip(&want).map(|(g, w)| max_abs_diff(g, w)));
+    }
+    let worst = diffs.iter().copied().fold(0f32, f32::max);
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    eprintln!("gpt_oss/mxfp4: logit difference from transformers: mean {mean:.3}, largest {worst:.3}");
+    assert!(mean < 0.3 && worst < 1.5, "gpt_oss/mxfp4: mean {mean}, largest {worst}");
+}
+
 /// The F32 GGUF llama.cpp's converter writes (experts de-interleaved into 3-D
 /// `ffn_{gate,up,down}_exps` with their biases, read one expert at a time; sinks as
 /// `attn_sinks`) gives transformers' logits.
@@ -46,12 +77,19 @@ fn f32_gguf_matches_transformers() {
     check_against("transformers-f32", "gguf/gpt_oss-f32.gguf", F32_TOL);
 }
 
-/// Every GGUF file follows llama.cpp's own run of it: F32 exactly, Q8_0 / Q4_0 (in the CPU
-/// kernels' packed layout) up to a step where llama.cpp's top-2 margin is below 0.15, as for
-/// the other MoE families.
+/// Every GGUF file follows llama.cpp's own run of it: F32 exactly, Q8_0 / Q4_0 and the MXFP4
+/// experts (in the CPU kernels' packed layout, MXFP4 as 4-bit codes with a codebook: the
+/// converter's copy of the MXFP4 folder, and llama-quantize's MXFP4_MOE with Q8_0 elsewhere)
+/// up to a step where llama.cpp's top-2 margin is below 0.15, as for the other MoE families.
 #[test]
 fn gguf_files_follow_llama_cpp() {
-    for (kind, tie) in [("f32", 0.0), ("q8_0", 0.15), ("q4_0", 0.15)] {
+    for (kind, tie) in [
+        ("f32", 0.0),
+        ("q8_0", 0.15),
+        ("q4_0", 0.15),
+        ("mxfp4", 0.15),
+        ("mxfp4_moe", 0.15),
+    ] {
         assert_follows_llama_cpp(
             &fixture().join(format!("refs/llamacpp-{kind}.json")),
             &fixture().join(format!("gguf/gpt_oss-{kind}.gguf")),

@@ -36,7 +36,7 @@ pub fn declared_pooling(path: &Path) -> Option<Pooling> {
 /// llama.cpp's `<arch>.pooling_type`: 1 mean, 2 cls, 3 last.
 fn gguf_pooling(path: &Path) -> Option<Pooling> {
     let mut file = std::fs::File::open(path).ok()?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
+    let content = crate::formats::gguf_header::GgufHeader::read(&mut file).ok()?;
     let arch = content.metadata.get("general.architecture")?.to_string().ok()?.clone();
     match content.metadata.get(&format!("{arch}.pooling_type"))?.to_u32().ok()? {
         1 => Some(Pooling::Mean),

@@ -28,6 +28,7 @@ fn format(dtype: GgmlDType) -> Option<BlockFormat> {
             four_bit,
             group,
             zero_point,
+            codebook: None,
         },
     };
     Some(match dtype {

@@ -16,16 +16,38 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 use serde_json::json;
 
+use super::gguf_header::{GgufHeader, TensorInfo, TensorType};
+use super::mxfp4::Mxfp4Matrix;
 use super::LoadError;
+
+/// A tensor's bytes as the file stores them.
+struct Stored {
+    kind: TensorType,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl Stored {
+    /// As candle's quantized tensor on `device` (any type but MXFP4); `name` is for errors.
+    fn qtensor(self, name: &str, device: &Device) -> Result<QTensor> {
+        let TensorType::Ggml(dtype) = self.kind else {
+            candle_core::bail!("`{name}` is {}, which only linear and expert weights may be", self.kind);
+        };
+        QTensor::new(
+            QStorage::from_data(std::borrow::Cow::Owned(self.data), device, dtype)?,
+            self.shape,
+        )
+    }
+}
 
 /// An open GGUF file.
 pub struct GgufStore {
-    content: Content,
+    header: GgufHeader,
     file: Mutex<File>,
     arch: String,
     dtype: DType,
@@ -43,24 +65,23 @@ impl GgufStore {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = Content::read(&mut file).map_err(|e| malformed(format!("not a valid GGUF file ({e})")))?;
+        let header = GgufHeader::read(&mut file).map_err(|e| malformed(format!("not a valid GGUF file ({e})")))?;
         let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        for (name, info) in &content.tensor_infos {
-            let bytes = info.shape.elem_count() / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
-            if content.tensor_data_offset + info.offset + bytes as u64 > len {
+        for (name, info) in &header.tensors {
+            if header.data_offset + info.offset + info.bytes() as u64 > len {
                 return Err(malformed(format!(
                     "truncated: tensor `{name}` extends past the end of the file"
                 )));
             }
         }
-        let arch = content
+        let arch = header
             .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
             .cloned()
             .ok_or_else(|| malformed("no general.architecture".into()))?;
         Ok(Self {
-            content,
+            header,
             file: Mutex::new(file),
             arch,
             dtype,
@@ -75,19 +96,19 @@ impl GgufStore {
 
     /// All metadata.
     pub fn metadata(&self) -> &HashMap<String, Value> {
-        &self.content.metadata
+        &self.header.metadata
     }
 
     /// Parameters over all tensors.
     pub fn num_params(&self) -> usize {
-        self.content.tensor_infos.values().map(|t| t.shape.elem_count()).sum()
+        self.header.tensors.values().map(|t| t.shape.elem_count()).sum()
     }
 
-    /// The ggml type holding most parameters (`Q4_0`, `F16`, …).
+    /// The ggml type holding most parameters (`Q4_0`, `F16`, `MXFP4`, …).
     pub fn dominant_type(&self) -> String {
         let mut by_type: HashMap<String, usize> = HashMap::new();
-        for t in self.content.tensor_infos.values() {
-            *by_type.entry(format!("{:?}", t.ggml_dtype)).or_default() += t.shape.elem_count();
+        for t in self.header.tensors.values() {
+            *by_type.entry(t.kind.to_string()).or_default() += t.shape.elem_count();
         }
         by_type
             .into_iter()
@@ -106,80 +127,112 @@ impl GgufStore {
 
     /// True when the Hugging Face-named tensor exists in the file.
     pub fn contains(&self, hf_name: &str) -> bool {
-        let Some(info) = self.gguf_name(hf_name).and_then(|n| self.content.tensor_infos.get(&n)) else {
+        let Some(info) = self.gguf_name(hf_name).and_then(|n| self.header.tensors.get(&n)) else {
             return false;
         };
         expert_of(hf_name).is_none_or(|e| info.shape.dims().first().is_some_and(|&n| e < n))
     }
 
-    fn read(&self, hf_name: &str) -> Result<QTensor> {
+    /// The stored bytes of a Hugging Face-named tensor.
+    fn read_stored(&self, hf_name: &str) -> Result<Stored> {
         let name = self
             .gguf_name(hf_name)
             .ok_or_else(|| candle_core::Error::Msg(format!("no GGUF name for `{hf_name}`")))?;
+        self.stored(&name, expert_of(hf_name))
+    }
+
+    /// The stored bytes of the GGUF tensor `name`: the whole tensor, or an expert's slice of a
+    /// `[experts, …]` one (`[experts, out, in]` weights, `[experts, out]` biases), which is one
+    /// contiguous run of the file, read alone.
+    fn stored(&self, name: &str, expert: Option<usize>) -> Result<Stored> {
+        let info = self
+            .header
+            .tensors
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("GGUF tensor `{name}` is missing")))?;
+        let (shape, skip) = match expert {
+            None => (info.shape.dims().to_vec(), 0),
+            Some(expert) => {
+                let Some((&experts, per_expert)) = info.shape.dims().split_first().filter(|(_, rest)| !rest.is_empty())
+                else {
+                    candle_core::bail!("GGUF tensor `{name}` has shape {:?}, expected [experts, …]", info.shape);
+                };
+                if expert >= experts {
+                    candle_core::bail!("GGUF tensor `{name}` holds {experts} experts, not expert {expert}");
+                }
+                let bytes = info.kind.bytes(per_expert.iter().product());
+                (per_expert.to_vec(), expert * bytes)
+            }
+        };
+        let mut data = vec![0u8; info.kind.bytes(shape.iter().product())];
         let mut file = self
             .file
             .lock()
             .map_err(|_| candle_core::Error::Msg("GGUF file lock poisoned".into()))?;
-        match expert_of(hf_name) {
-            Some(expert) => self.read_expert(&mut file, &name, expert),
-            None => self.content.tensor(&mut *file, &name, &self.device),
-        }
+        file.seek(SeekFrom::Start(self.header.data_offset + info.offset + skip as u64))?;
+        file.read_exact(&mut data)?;
+        Ok(Stored {
+            kind: info.kind,
+            shape,
+            data,
+        })
     }
 
-    /// Expert `expert`'s slice of the tensor `name` (`[experts, out, in]` weights, `[experts,
-    /// out]` biases): its blocks are one contiguous run of the file, read alone.
-    fn read_expert(&self, file: &mut File, name: &str, expert: usize) -> Result<QTensor> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("GGUF tensor `{name}` is missing")))?;
-        let Some((&experts, per_expert)) = info.shape.dims().split_first().filter(|(_, rest)| !rest.is_empty()) else {
-            candle_core::bail!("GGUF tensor `{name}` has shape {:?}, expected [experts, …]", info.shape);
-        };
-        if expert >= experts {
-            candle_core::bail!("GGUF tensor `{name}` holds {experts} experts, not expert {expert}");
-        }
-        let dtype = info.ggml_dtype;
-        let bytes = per_expert.iter().product::<usize>() / dtype.block_size() * dtype.type_size();
-        let start = self.content.tensor_data_offset + info.offset + (expert * bytes) as u64;
-        let mut data = vec![0u8; bytes];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut data)?;
-        let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &self.device, dtype)?;
-        QTensor::new(storage, per_expert)
+    /// The tensor as candle's quantized tensor on `device` (any type but MXFP4).
+    fn read(&self, hf_name: &str, device: &Device) -> Result<QTensor> {
+        self.read_stored(hf_name)?.qtensor(hf_name, device)
     }
 
     /// A float tensor (or any tensor, dequantized) in the compute dtype.
     pub fn dense(&self, hf_name: &str) -> Result<Tensor> {
-        self.read(hf_name)?.dequantize(&self.device)?.to_dtype(self.dtype)
+        if let Some(m) = self.mxfp4(hf_name) {
+            return m?.dequantized(&self.device, self.dtype);
+        }
+        self.read(hf_name, &self.device)?
+            .dequantize(&self.device)?
+            .to_dtype(self.dtype)
     }
 
-    /// The tensor, when it is block-quantized, or F16 on the CPU, where it stays f16 (other
-    /// float tensors are read with `dense`).
+    /// The tensor's info, when the file holds it (for experts: the tensor holds that expert).
+    fn info(&self, hf_name: &str) -> Option<&TensorInfo> {
+        let info = self.header.tensors.get(&self.gguf_name(hf_name)?)?;
+        let holds = expert_of(hf_name).is_none_or(|e| info.shape.dims().first().is_some_and(|&n| e < n));
+        holds.then_some(info)
+    }
+
+    /// The tensor, when it is block-quantized in a type candle holds, or F16 on the CPU, where
+    /// it stays f16 (other float tensors are read with `dense`, MXFP4 with `mxfp4`).
     pub fn quantized(&self, hf_name: &str) -> Option<Result<QTensor>> {
-        let info = self.content.tensor_infos.get(&self.gguf_name(hf_name)?)?;
-        if expert_of(hf_name).is_some_and(|e| info.shape.dims().first().is_none_or(|&n| e >= n)) {
+        let dense = match self.info(hf_name)?.kind {
+            TensorType::Ggml(GgmlDType::F32 | GgmlDType::BF16) | TensorType::Mxfp4 => true,
+            TensorType::Ggml(GgmlDType::F16) => !self.device.is_cpu(),
+            TensorType::Ggml(_) => false,
+        };
+        (!dense).then(|| self.read(hf_name, &self.device))
+    }
+
+    /// The matrix, when it is MXFP4 (gpt-oss's experts).
+    pub fn mxfp4(&self, hf_name: &str) -> Option<Result<Mxfp4Matrix>> {
+        if self.info(hf_name)?.kind != TensorType::Mxfp4 {
             return None;
         }
-        let dense = match info.ggml_dtype {
-            GgmlDType::F32 | GgmlDType::BF16 => true,
-            GgmlDType::F16 => !self.device.is_cpu(),
-            _ => false,
-        };
-        (!dense).then(|| self.read(hf_name))
+        Some(
+            self.read_stored(hf_name)
+                .and_then(|Stored { shape, data, .. }| match shape[..] {
+                    [rows, cols] => Mxfp4Matrix::from_gguf(data, rows, cols),
+                    _ => candle_core::bail!("MXFP4 tensor for `{hf_name}` has shape {shape:?}, expected a matrix"),
+                }),
+        )
     }
 
     /// The per-frequency rope divisors of Llama 3 scaling, when present.
     pub fn rope_freqs(&self) -> Result<Option<Vec<f32>>> {
-        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+        if !self.header.tensors.contains_key("rope_freqs.weight") {
             return Ok(None);
         }
-        let mut file = self
-            .file
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("GGUF file lock poisoned".into()))?;
-        let t = self.content.tensor(&mut *file, "rope_freqs.weight", &Device::Cpu)?;
+        let t = self
+            .stored("rope_freqs.weight", None)?
+            .qtensor("rope_freqs.weight", &Device::Cpu)?;
         Ok(Some(t.dequantize(&Device::Cpu)?.to_vec1()?))
     }
 
@@ -254,7 +307,7 @@ impl GgufStore {
     }
 
     fn meta_u64(&self, key: &str) -> Option<u64> {
-        let v = self.content.metadata.get(key)?;
+        let v = self.header.metadata.get(key)?;
         v.to_u64()
             .ok()
             .or_else(|| v.to_u32().ok().map(u64::from))
@@ -266,7 +319,7 @@ impl GgufStore {
         if let Some(v) = self.meta_u64(key) {
             return Some(vec![v]);
         }
-        let values = self.content.metadata.get(key)?.to_vec().ok()?;
+        let values = self.header.metadata.get(key)?.to_vec().ok()?;
         values
             .iter()
             .map(|v| {
@@ -279,7 +332,7 @@ impl GgufStore {
     }
 
     fn meta_f32(&self, key: &str) -> Option<f32> {
-        self.content.metadata.get(key)?.to_f32().ok()
+        self.header.metadata.get(key)?.to_f32().ok()
     }
 
     /// The Hugging Face `config.json` equivalent of the metadata, so the family spec
@@ -318,12 +371,12 @@ impl GgufStore {
             .unwrap_or(hidden / heads);
         // The embedding's rows: real vocabularies are often padded beyond the token list.
         let vocab = self
-            .content
-            .tensor_infos
+            .header
+            .tensors
             .get("token_embd.weight")
             .and_then(|t| t.shape.dims().first().map(|&n| n as u64))
             .or_else(|| {
-                self.content
+                self.header
                     .metadata
                     .get("tokenizer.ggml.tokens")
                     .and_then(|t| t.to_vec().ok())
@@ -354,7 +407,7 @@ impl GgufStore {
             "max_position_embeddings": need("context_length")?,
             "rms_norm_eps": self.meta_f32(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
             "rope_theta": self.meta_f32(&format!("{a}.rope.freq_base")).unwrap_or(10_000.0),
-            "tie_word_embeddings": !self.content.tensor_infos.contains_key("output.weight"),
+            "tie_word_embeddings": !self.header.tensors.contains_key("output.weight"),
             "eos_token_id": self.meta_u64("tokenizer.ggml.eos_token_id"),
         });
         if let Some(experts) = experts {
@@ -371,7 +424,7 @@ impl GgufStore {
             cfg["partial_rotary_factor"] = json!(dims as f64 / head_dim as f64);
         }
         if let (Some("linear"), Some(factor)) = (
-            self.content
+            self.header
                 .metadata
                 .get(&format!("{a}.rope.scaling.type"))
                 .and_then(|v| v.to_string().ok())
@@ -415,7 +468,7 @@ impl GgufStore {
             .collect::<Vec<_>>());
         cfg["attention_bias"] = json!(true);
         let scaling = self
-            .content
+            .header
             .metadata
             .get("gpt-oss.rope.scaling.type")
             .and_then(|v| v.to_string().ok())
@@ -449,7 +502,7 @@ impl GgufStore {
             reason: format!("missing or malformed `gemma4.{key}`"),
         };
         let layers = cfg["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
-        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+        if !self.header.tensors.contains_key("rope_freqs.weight") {
             // The global layers' proportional rope lives only there (llama.cpp requires it too).
             return Err(LoadError::Malformed {
                 file: "GGUF tensors".into(),
@@ -457,7 +510,7 @@ impl GgufStore {
             });
         }
         let sliding: Vec<bool> = self
-            .content
+            .header
             .metadata
             .get("gemma4.attention.sliding_window_pattern")
             .and_then(|v| v.to_vec().ok())
@@ -499,7 +552,7 @@ impl GgufStore {
         cfg["num_key_value_heads"] = json!(sliding.iter().position(|&s| s).map_or(kv_heads[0], |i| kv_heads[i]));
         cfg["per_layer_config"] = json!(per_layer);
         cfg["attention_k_eq_v"] = json!(first_full.is_some_and(|i| {
-            let has = |t: &str| self.content.tensor_infos.contains_key(&format!("blk.{i}.{t}.weight"));
+            let has = |t: &str| self.header.tensors.contains_key(&format!("blk.{i}.{t}.weight"));
             has("attn_k") && !has("attn_v")
         }));
         cfg["rope_parameters"] = json!({
@@ -520,8 +573,8 @@ impl GgufStore {
         {
             cfg["hidden_size_per_layer_input"] = json!(width);
             let rows = self
-                .content
-                .tensor_infos
+                .header
+                .tensors
                 .get("per_layer_token_embd.weight")
                 .and_then(|t| t.shape.dims().first().copied())
                 .ok_or_else(|| malformed("per_layer_token_embd (tensor)"))?;

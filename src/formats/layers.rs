@@ -11,7 +11,8 @@ use candle_core::quantized::QMatMul;
 use candle_core::Result;
 
 use super::ggml;
-use super::mlx::MlxWeights;
+use super::mlx::MlxMatrix;
+use super::mxfp4::Mxfp4Matrix;
 use super::source::WeightSource;
 use crate::compute::cpu::HostMatrix;
 use crate::compute::layers::{Embed, Linear, RmsNorm};
@@ -44,8 +45,11 @@ impl WeightSource {
     /// GGUF blocks) and, if `bias`, `<prefix>.bias`.
     pub fn linear(&self, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
         let bias = if bias { Some(self.get(out_dim, "bias")?) } else { None };
-        if let Some(hf) = self.as_hf().filter(|hf| MlxWeights::present(hf)) {
-            return self.mlx_linear(MlxWeights::load(hf, in_dim, out_dim)?, bias);
+        if let Some(hf) = self.as_hf().filter(|hf| MlxMatrix::present(hf)) {
+            return self.mlx_linear(MlxMatrix::load(hf, in_dim, out_dim)?, bias);
+        }
+        if let Some(m) = self.mxfp4("weight") {
+            return self.mxfp4_linear(m?, in_dim, out_dim, bias);
         }
         if let Some(q) = self.quantized("weight") {
             let q = q?;
@@ -69,8 +73,8 @@ impl WeightSource {
     /// or GGUF blocks).
     pub fn embed(&self, vocab: usize, hidden: usize) -> Result<Embed> {
         let dtype = self.dtype();
-        if let Some(hf) = self.as_hf().filter(|hf| MlxWeights::present(hf)) {
-            let packed = MlxWeights::load(hf, hidden, vocab)?;
+        if let Some(hf) = self.as_hf().filter(|hf| MlxMatrix::present(hf)) {
+            let packed = MlxMatrix::load(hf, hidden, vocab)?;
             if !self.device().is_cpu() {
                 return Embed::from_dense(packed.dequantized(self.device(), dtype)?, dtype);
             }
@@ -136,8 +140,8 @@ impl WeightSource {
         } else {
             vec![None; experts]
         };
-        if let Some(hf) = self.as_hf().filter(|hf| MlxWeights::present(hf)) {
-            return MlxWeights::load_stacked(hf, experts, in_dim, out_dim)?
+        if let Some(hf) = self.as_hf().filter(|hf| MlxMatrix::present(hf)) {
+            return MlxMatrix::load_stacked(hf, experts, in_dim, out_dim)?
                 .into_iter()
                 .zip(biases)
                 .map(|(w, b)| self.mlx_linear(w, b))
@@ -161,9 +165,57 @@ impl WeightSource {
             .collect()
     }
 
+    /// Every expert's MXFP4 matrix `[rows, cols]` of Hugging Face's stacked `<name>_blocks`
+    /// (`[experts, rows, cols/32, 16]` u8) and `<name>_scales` (`[experts, rows, cols/32]` u8),
+    /// as openai/gpt-oss-* store their experts.
+    pub fn mxfp4_stacked(&self, name: &str, experts: usize, rows: usize, cols: usize) -> Result<Vec<Mxfp4Matrix>> {
+        let Some(hf) = self.as_hf() else {
+            candle_core::bail!("`{name}_blocks`: MXFP4 pairs are read from safetensors");
+        };
+        let blocks = hf.get_unchecked_dtype(&format!("{name}_blocks"), candle_core::DType::U8)?;
+        let scales = hf.get_unchecked_dtype(&format!("{name}_scales"), candle_core::DType::U8)?;
+        let groups = cols / 32;
+        if blocks.dims() != [experts, rows, groups, 16] || scales.dims() != [experts, rows, groups] {
+            candle_core::bail!(
+                "{}.{name}: MXFP4 blocks {:?} and scales {:?} do not fit {experts} [{rows}, {cols}] matrices",
+                hf.prefix(),
+                blocks.shape(),
+                scales.shape()
+            );
+        }
+        (0..experts)
+            .map(|e| {
+                let codes = blocks.get(e)?.flatten_all()?.to_vec1::<u8>()?;
+                Mxfp4Matrix::from_pairs(codes, scales.get(e)?.flatten_all()?.to_vec1()?, rows, cols)
+            })
+            .collect()
+    }
+
+    /// An MXFP4 matrix as this source's device computes it: CPU panels with its codes kept, or
+    /// dequantized once for a GPU.
+    pub fn mxfp4_linear(
+        &self,
+        m: Mxfp4Matrix,
+        in_dim: usize,
+        out_dim: usize,
+        bias: Option<candle_core::Tensor>,
+    ) -> Result<Linear> {
+        if (m.rows(), m.cols()) != (out_dim, in_dim) {
+            candle_core::bail!(
+                "MXFP4 weight is [{}, {}], expected [{out_dim}, {in_dim}]",
+                m.rows(),
+                m.cols()
+            );
+        }
+        if !self.device().is_cpu() {
+            return Linear::from_dense(m.dequantized(self.device(), self.dtype())?, bias);
+        }
+        Ok(Linear::Packed(Arc::new(HostMatrix::Blocks(m.packed()?)), bias))
+    }
+
     /// MLX-packed weights as this source's device computes them: CPU panels, or dequantized once
     /// for a GPU.
-    fn mlx_linear(&self, packed: MlxWeights, bias: Option<candle_core::Tensor>) -> Result<Linear> {
+    fn mlx_linear(&self, packed: MlxMatrix, bias: Option<candle_core::Tensor>) -> Result<Linear> {
         if !self.device().is_cpu() {
             return Linear::from_dense(packed.dequantized(self.device(), self.dtype())?, bias);
         }

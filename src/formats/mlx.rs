@@ -1,5 +1,7 @@
-//! MLX affine quantization (`mlx_lm.convert -q`): per row, groups of `group_size` values
-//! `w = scale · q + bias` with `q` packed `bits` at a time into little-endian u32 words.
+//! MLX quantization (`mlx_lm.convert -q`). Affine (the default mode): per row, groups of
+//! `group_size` values `w = scale · q + bias` with `q` packed `bits` at a time into
+//! little-endian u32 words. `--q-mode mxfp4`: the same words hold 4-bit E2M1 codes, with one
+//! E8M0 scale byte per 32 values and no biases (`formats::mxfp4`).
 //!
 //! This is the file form: loaded as stored, dequantized whole for a GPU, or repacked into the
 //! CPU kernels' layout (`packed`), where levels of up to 4 bits stay two per byte and wider
@@ -9,7 +11,91 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::mxfp4::Mxfp4Matrix;
 use crate::compute::cpu::packed::{PackSpec, PackedMatrix};
+
+/// One MLX-quantized matrix `[out_dim, in_dim]` as stored: affine or MXFP4.
+#[derive(Debug, Clone)]
+pub enum MlxMatrix {
+    /// `weight` with `scales` and `biases`.
+    Affine(MlxWeights),
+    /// `weight` with E8M0 `scales` (`mode: mxfp4`).
+    Mxfp4(Mxfp4Matrix),
+}
+
+impl MlxMatrix {
+    /// True when `vb` holds an MLX-quantized module (`weight` and `scales`).
+    pub fn present(vb: &VarBuilder) -> bool {
+        vb.contains_tensor("weight") && vb.contains_tensor("scales")
+    }
+
+    /// Loads the module under `vb`.
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let mut one = Self::read(vb, None, in_dim, out_dim)?;
+        Ok(one.remove(0))
+    }
+
+    /// The `experts` matrices `[out_dim, in_dim]` that mlx-lm stacks into one `[experts, out,
+    /// in]` module (`switch_mlp.gate_proj`), read once and split.
+    pub fn load_stacked(vb: &VarBuilder, experts: usize, in_dim: usize, out_dim: usize) -> Result<Vec<Self>> {
+        Self::read(vb, Some(experts), in_dim, out_dim)
+    }
+
+    fn read(vb: &VarBuilder, stacked: Option<usize>, in_dim: usize, out_dim: usize) -> Result<Vec<Self>> {
+        if vb.contains_tensor("biases") {
+            return Ok(MlxWeights::read(vb, stacked, in_dim, out_dim)?
+                .into_iter()
+                .map(Self::Affine)
+                .collect());
+        }
+        let count = stacked.unwrap_or(1);
+        let words = vb.get_unchecked_dtype("weight", DType::U32)?;
+        let scales = vb.get_unchecked_dtype("scales", DType::U8)?;
+        let lead: &[usize] = if stacked.is_some() { &[count] } else { &[] };
+        let shape_of = |last: usize| [lead, &[out_dim, last]].concat();
+        if !in_dim.is_multiple_of(32) || words.dims() != shape_of(in_dim / 8) || scales.dims() != shape_of(in_dim / 32)
+        {
+            candle_core::bail!(
+                "{}: a quantized module without biases must be MXFP4 (4-bit codes, a scale byte per 32): \
+                 shapes {:?}/{:?} do not fit {count} [{out_dim}, {in_dim}] matrices",
+                vb.prefix(),
+                words.shape(),
+                scales.shape()
+            );
+        }
+        let words: Vec<u32> = words.flatten_all()?.to_vec1()?;
+        let scales: Vec<u8> = scales.flatten_all()?.to_vec1()?;
+        let (code_bytes, scale_bytes) = (out_dim * in_dim / 2, out_dim * in_dim / 32);
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        (0..count)
+            .map(|e| {
+                Mxfp4Matrix::from_pairs(
+                    bytes[e * code_bytes..(e + 1) * code_bytes].to_vec(),
+                    scales[e * scale_bytes..(e + 1) * scale_bytes].to_vec(),
+                    out_dim,
+                    in_dim,
+                )
+                .map(Self::Mxfp4)
+            })
+            .collect()
+    }
+
+    /// The matrix in the CPU kernels' layout.
+    pub fn packed(&self) -> Result<PackedMatrix> {
+        match self {
+            Self::Affine(m) => m.packed(),
+            Self::Mxfp4(m) => m.packed(),
+        }
+    }
+
+    /// The whole `[out, in]` matrix, on `device` in `dtype`.
+    pub fn dequantized(&self, device: &Device, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Affine(m) => m.dequantized(device, dtype),
+            Self::Mxfp4(m) => m.dequantized(device, dtype),
+        }
+    }
+}
 
 /// One quantized matrix `[out_dim, in_dim]`.
 #[derive(Debug, Clone)]
@@ -24,25 +110,9 @@ pub struct MlxWeights {
 }
 
 impl MlxWeights {
-    /// True when `vb` holds an MLX-quantized module (`weight` packed plus `scales`).
-    pub fn present(vb: &VarBuilder) -> bool {
-        vb.contains_tensor("scales") && vb.contains_tensor("biases")
-    }
-
-    /// Loads `weight` (u32), `scales` and `biases` under `vb`; bits and group size follow from
-    /// the shapes, as mlx-lm infers them.
-    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let mut one = Self::read(vb, None, in_dim, out_dim)?;
-        Ok(one.remove(0))
-    }
-
-    /// The `experts` matrices `[out_dim, in_dim]` that mlx-lm stacks into one `[experts, out,
-    /// in]` module (`switch_mlp.gate_proj`), read once and split.
-    pub fn load_stacked(vb: &VarBuilder, experts: usize, in_dim: usize, out_dim: usize) -> Result<Vec<Self>> {
-        Self::read(vb, Some(experts), in_dim, out_dim)
-    }
-
-    /// One matrix (`stacked` None, 2-D tensors) or `stacked` of them (3-D tensors).
+    /// `weight` (u32), `scales` and `biases` under `vb`: one matrix (`stacked` None, 2-D
+    /// tensors) or `stacked` of them (3-D tensors); bits and group size follow from the shapes,
+    /// as mlx-lm infers them.
     fn read(vb: &VarBuilder, stacked: Option<usize>, in_dim: usize, out_dim: usize) -> Result<Vec<Self>> {
         let packed = vb.get_unchecked_dtype("weight", DType::U32)?;
         let scales = vb.get_unchecked_dtype("scales", DType::F32)?;
@@ -168,6 +238,7 @@ impl MlxWeights {
             four_bit: self.bits <= 4,
             group: self.group_size,
             zero_point: None,
+            codebook: None,
         };
         let g = self.groups_per_row();
         PackedMatrix::from_rows(self.out_dim, self.in_dim, spec, |o, levels| {

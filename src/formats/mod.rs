@@ -9,8 +9,10 @@
 
 pub mod ggml;
 pub mod gguf;
+pub mod gguf_header;
 pub mod layers;
 pub mod mlx;
+pub mod mxfp4;
 pub mod source;
 pub mod weights;
 

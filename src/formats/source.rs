@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use super::gguf::GgufStore;
+use super::mxfp4::Mxfp4Matrix;
 
 /// A tensor namespace (`model.layers.3.self_attn`) in one of the supported containers.
 #[derive(Clone)]
@@ -83,6 +84,15 @@ impl WeightSource {
         match self {
             Self::Hf(vb) => Some(vb),
             Self::Gguf { .. } => None,
+        }
+    }
+
+    /// `name` as an MXFP4 matrix, when a GGUF file stores it so (Hugging Face folders keep
+    /// MXFP4 as `_blocks`/`_scales` pairs: `mxfp4_stacked`).
+    pub fn mxfp4(&self, name: &str) -> Option<Result<Mxfp4Matrix>> {
+        match self {
+            Self::Hf(_) => None,
+            Self::Gguf { store, path } => store.mxfp4(&join(path, name)),
         }
     }
 

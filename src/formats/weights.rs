@@ -71,12 +71,12 @@ impl WeightFiles {
                 let Some((n, dtype)) = count_params(name, view, quantization, &shape_of) else {
                     continue;
                 };
-                if !["F32", "F16", "BF16", "F64", "MLX"].contains(&dtype.as_str()) {
+                if !["F32", "F16", "BF16", "F64", "MLX", "MXFP4"].contains(&dtype.as_str()) {
                     return Err(LoadError::Malformed {
                         file: path.display().to_string(),
                         reason: format!(
                             "tensor `{name}` is {dtype}; weights must be F32, F16 or BF16 (or MLX-packed U32 \
-                             with scales and biases)"
+                             with scales and biases, or MXFP4 U8 `_blocks` with `_scales`)"
                         ),
                     });
                 }
@@ -178,6 +178,24 @@ fn count_params(
     shape_of: &dyn Fn(&str) -> Option<Vec<usize>>,
 ) -> Option<(usize, String)> {
     let elements = view.shape().iter().product::<usize>();
+    // Hugging Face's MXFP4 pairs (gpt-oss experts): two values per `_blocks` byte; the
+    // `_scales` beside them are not parameters.
+    if name
+        .strip_suffix("_blocks")
+        .is_some_and(|b| shape_of(&format!("{b}_scales")).is_some())
+    {
+        let kind = match view.dtype() {
+            safetensors::Dtype::U8 => "MXFP4".to_string(),
+            other => format!("{other:?}"),
+        };
+        return Some((2 * elements, kind));
+    }
+    if name
+        .strip_suffix("_scales")
+        .is_some_and(|b| shape_of(&format!("{b}_blocks")).is_some())
+    {
+        return None;
+    }
     let base = name.strip_suffix(".weight");
     let packed_scales = base.and_then(|b| shape_of(&format!("{b}.scales")));
     if let (Some(base), Some(scales), safetensors::Dtype::U32) = (base, &packed_scales, view.dtype()) {
@@ -202,8 +220,11 @@ fn count_params(
     Some((elements, format!("{:?}", view.dtype())))
 }
 
-/// `MLX-4bit-g64`, or `MLX-mixed-3/6bit-g64` when modules use several widths.
+/// `MLX-4bit-g64`, or `MLX-mixed-3/6bit-g64` when modules use several widths, or `MLX-mxfp4`.
 fn mlx_label(q: &serde_json::Value) -> String {
+    if q["mode"] == "mxfp4" {
+        return "MLX-mxfp4".into();
+    }
     let group = q["group_size"].as_u64().unwrap_or(64);
     let mut bits: Vec<u64> = q["bits"].as_u64().into_iter().collect();
     if let Some(obj) = q.as_object() {

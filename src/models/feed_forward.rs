@@ -219,6 +219,26 @@ pub(super) fn load_interleaved_moe(vb: &WeightSource, spec: &MoeSpec) -> Result<
                 gated_mlp([half(0)?, half(1)?, down], spec.expert, device)
             })
             .collect::<Result<Vec<_>>>()?
+    } else if experts.contains_tensor("gate_up_proj_blocks") {
+        // openai/gpt-oss-*: MXFP4 experts, rows = outputs, gate and up rows alternating.
+        let gate_up = experts.mxfp4_stacked("gate_up_proj", e, 2 * i, h)?;
+        let gate_up_bias = experts.get((e, 2 * i), "gate_up_proj_bias")?;
+        let down = experts.mxfp4_stacked("down_proj", e, h, i)?;
+        let down_bias = experts.get((e, h), "down_proj_bias")?;
+        gate_up
+            .into_iter()
+            .zip(down)
+            .enumerate()
+            .map(|(x, (gate_up, down))| {
+                let biases = gate_up_bias.get(x)?.reshape((i, 2))?;
+                let half = |k: usize| {
+                    let bias = biases.narrow(1, k, 1)?.squeeze(1)?.contiguous()?;
+                    experts.mxfp4_linear(gate_up.every_nth_row(k, 2)?, h, i, Some(bias))
+                };
+                let down = experts.mxfp4_linear(down, i, h, Some(down_bias.get(x)?))?;
+                gated_mlp([half(0)?, half(1)?, down], spec.expert, device)
+            })
+            .collect::<Result<Vec<_>>>()?
     } else {
         let shape = |in_dim, out_dim| ExpertShape {
             experts: e,

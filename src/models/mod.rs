@@ -281,17 +281,23 @@ fn family_spec(
 }
 
 /// Weight formats mlxd reads, for error messages.
-const SUPPORTED_WEIGHTS: &str = "f32/f16/bf16 safetensors, MLX affine-quantized safetensors (2/3/4/5/6/8-bit)";
+const SUPPORTED_WEIGHTS: &str = "f32/f16/bf16 safetensors, MLX affine-quantized safetensors (2/3/4/5/6/8-bit) \
+     and MLX mxfp4, gpt-oss's MXFP4 experts (`quant_method` mxfp4)";
 
 /// Rejects quantization schemes mlxd cannot compute, naming the scheme and what is supported.
 fn check_quantization_supported(config: &serde_json::Value) -> Result<(), LoadError> {
-    if let Some(mode) = config["quantization"]["mode"].as_str().filter(|m| *m != "affine") {
+    if let Some(mode) = config["quantization"]["mode"]
+        .as_str()
+        .filter(|m| !["affine", "mxfp4"].contains(m))
+    {
         return Err(LoadError::Unsupported(format!(
             "MLX quantization mode `{mode}` (supported: {SUPPORTED_WEIGHTS})"
         )));
     }
     let hf_method = config["quantization_config"]["quant_method"].as_str();
-    if let Some(method) = hf_method.filter(|_| config.get("quantization").is_none()) {
+    // transformers writes MXFP4 for gpt-oss only (its experts' `_blocks`/`_scales`).
+    let gpt_oss_mxfp4 = hf_method == Some("mxfp4") && config["model_type"] == "gpt_oss";
+    if let Some(method) = hf_method.filter(|_| config.get("quantization").is_none() && !gpt_oss_mxfp4) {
         return Err(LoadError::Unsupported(format!(
             "quantization method `{method}` (supported: {SUPPORTED_WEIGHTS})"
         )));

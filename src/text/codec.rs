@@ -97,7 +97,7 @@ impl TextCodec {
             path: path.to_path_buf(),
             source,
         })?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        let content = crate::formats::gguf_header::GgufHeader::read(&mut file)
             .map_err(|e| malformed(format!("not a valid GGUF file ({e})")))?;
         let meta = &content.metadata;
         let doc = tokenizer_json(meta).map_err(|e| malformed(format!("tokenizer: {e}")))?;

@@ -39,8 +39,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma3", "mistral", "phi3", "phi3-longrope"]
 #: tests/data files whose quantized matrices have rows of an odd number of 32-value blocks
-#: (Qwen3-MoE's 32-wide expert down projections, Gemma 4 dense's 96-wide MLP down projections).
-ODD_BLOCK_ROWS = {("qwen3_moe", "q8_0"), ("qwen3_moe", "q4_0"), ("dense", "q8_0"), ("dense", "q4_0")}
+#: (Qwen3-MoE's and gpt-oss's 32-wide expert down projections, Gemma 4 dense's 96-wide MLP down
+#: projections).
+ODD_BLOCK_ROWS = {("qwen3_moe", "q8_0"), ("qwen3_moe", "q4_0"), ("dense", "q8_0"), ("dense", "q4_0"),
+                  ("gpt_oss", "q8_0"), ("gpt_oss", "q4_0")}
 ODD_BLOCK_ROWS_WHY = ("measured on an H100, candle's exact dequantizing kernels part from llama.cpp's run of the "
                       "dequantized weights on these files within 0-5 steps (at margins up to 0.98) while mlxd's CPU "
                       "computes that run exactly, and the files with even block counts do not part: a suspected "
@@ -504,15 +506,23 @@ def main():
     # (either llama.cpp's own run or its run of the exactly dequantized weights, up to the
     # larger of the near-ties the CPU tests allow and those of the shared fixtures; with exact
     # dequantization, the dequantized run exactly).
-    for family, variant, tie in [("gemma4", "dense", 0.4), ("gemma4", "moe", 1.0),
-                                 ("moe", "qwen3_moe", 0.15), ("moe", "mixtral", 0.15)]:
-        root = f"{here}/../data/{family}/{variant}"
-        run(f"{variant} ({family}) safetensors f32", f"{root}/f32", ["--dtype", "f32"],
+    # gpt-oss: attention sinks in the paged kernel; MXFP4 experts (the folder's `_blocks` and
+    # the GGUF's type 39) dequantized once on a GPU, so the same arithmetic as transformers'
+    # dequantized run and llama.cpp's run of the dequantized file.
+    for variant, root, tie in [("dense", "gemma4/dense", 0.4), ("moe", "gemma4/moe", 1.0),
+                               ("qwen3_moe", "moe/qwen3_moe", 0.15), ("mixtral", "moe/mixtral", 0.15),
+                               ("gpt_oss", "gpt_oss", 0.15)]:
+        label, root = f"{variant} ({root})", f"{here}/../data/{root}"
+        run(f"{label} safetensors f32", f"{root}/f32", ["--dtype", "f32"],
             data_refs(f"{root}/refs", "transformers-f32"), F32_TOL)
-        if os.path.exists(f"{root}/refs/mlx-q4-exact.json"):
-            run(f"{variant} ({family}) mlx-q4 (dequantized) f32", f"{root}/mlx-q4", ["--dtype", "f32"],
-                data_refs(f"{root}/refs", "mlx-q4-exact"), F32_TOL)
-        for kind in ["f32", "q8_0", "q4_0"]:
+        if os.path.exists(f"{root}/refs/transformers-mxfp4.json"):
+            run(f"{label} mxfp4 safetensors (dequantized) f32", f"{root}/mxfp4", ["--dtype", "f32"],
+                data_refs(f"{root}/refs", "transformers-mxfp4"), F32_TOL)
+        for folder in ["mlx-q4", "mlx-mxfp4"]:
+            if os.path.exists(f"{root}/refs/{folder}-exact.json"):
+                run(f"{label} {folder} (dequantized) f32", f"{root}/{folder}", ["--dtype", "f32"],
+                    data_refs(f"{root}/refs", f"{folder}-exact"), F32_TOL)
+        for kind in ["f32", "q8_0", "q4_0", "mxfp4", "mxfp4_moe"]:
             path = f"{root}/refs/llamacpp-{kind}.json"
             if not os.path.exists(path):
                 continue
@@ -520,7 +530,7 @@ def main():
             if kind == "f32":
                 seqs, tol = refs["sequences"], 1e-9
             elif exact and (variant, kind) in ODD_BLOCK_ROWS:
-                lines.append(f"SKIP {variant} ({family}) gguf {kind} exact dequantization (DMMV): {ODD_BLOCK_ROWS_WHY}")
+                lines.append(f"SKIP {label} gguf {kind} exact dequantization (DMMV): {ODD_BLOCK_ROWS_WHY}")
                 continue
             elif exact:
                 seqs, tol = refs["other_runs"]["dequantized_f32"]["sequences"], 1e-9
@@ -528,7 +538,7 @@ def main():
                 seqs, tol = refs["sequences"], max(tie, tolerances.get(kind, tie))
                 alternatives = refs["other_runs"]["dequantized_f32"]["sequences"]
             mode = " exact dequantization (DMMV)" if exact and kind != "f32" else ""
-            run(f"{variant} ({family}) gguf {kind}{mode}", f"{root}/gguf/{variant}-{kind}.gguf", [], seqs, tol,
+            run(f"{label} gguf {kind}{mode}", f"{root}/gguf/{variant}-{kind}.gguf", [], seqs, tol,
                 margins_key="llamacpp_top2_logit_margins", alternatives=alternatives)
     summary = f"{len(lines) - failed} passed, {failed} failed"
     print(summary)

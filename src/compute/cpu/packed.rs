@@ -1,7 +1,9 @@
 //! One CPU layout for every quantized weight format: unsigned levels (4 bits, two per byte, or
 //! 8 bits) with an f32 scale per group and either an f32 min per group or a zero point,
-//! `w = scale · q + min`. GGUF blocks (Q4_0 … Q6_K) and MLX affine weights are repacked into it
-//! once at load, so one kernel family (`kernels`) multiplies them all.
+//! `w = scale · q + min`. GGUF blocks (Q4_0 … Q6_K, MXFP4) and MLX affine weights are repacked
+//! into it once at load, so one kernel family (`kernels`) multiplies them all. A 4-bit format
+//! whose codes are not evenly spaced (MXFP4's E2M1 values) keeps its codes and a 16-entry
+//! codebook of levels, looked up as the kernels unpack the nibbles.
 //!
 //! Rows are kept in panels of 16, interleaved four values at a time: for each run of 4 columns
 //! a panel holds 64 bytes, row r's 4 levels at bytes 4r..4r+4, so one 512-bit load gives 16
@@ -25,7 +27,7 @@ const SLICE: usize = 64;
 /// store one.
 #[derive(Debug, Default)]
 pub struct Levels {
-    /// Unsigned levels, one per value.
+    /// Unsigned levels, one per value (4-bit codes where the spec has a codebook).
     pub q: Vec<u8>,
     /// One scale per group.
     pub scales: Vec<f32>,
@@ -42,14 +44,24 @@ impl Levels {
 }
 
 /// How a matrix's groups turn levels into weights.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PackSpec {
-    /// Levels fit in 4 bits.
+    /// Levels fit in 4 bits (or 4-bit codes index `codebook`).
     pub four_bit: bool,
     /// Values per scale (16, 32, or a multiple of 64).
     pub group: usize,
     /// `min = -zero_point · scale` when set; otherwise mins are stored.
     pub zero_point: Option<u8>,
+    /// For 4-bit formats whose codes are not levels: the level of each code (at most 127, so
+    /// the AVX2 kernel's pair sums cannot saturate).
+    pub codebook: Option<[u8; 16]>,
+}
+
+impl PackSpec {
+    /// The level a stored code stands for.
+    pub fn level(&self, code: u8) -> u8 {
+        self.codebook.map_or(code, |book| book[usize::from(code)])
+    }
 }
 
 /// A quantized `[rows, cols]` matrix in the kernels' layout.
@@ -106,6 +118,12 @@ impl PackedMatrix {
         let g = spec.group;
         if !(g == 16 || g == 32 || g.is_multiple_of(PAD)) || !cols.is_multiple_of(g) {
             candle_core::bail!("cannot pack groups of {g} over rows of {cols} values");
+        }
+        if spec
+            .codebook
+            .is_some_and(|book| !spec.four_bit || book.iter().any(|&l| l > 127))
+        {
+            candle_core::bail!("a codebook holds 4-bit codes' levels of at most 127");
         }
         let padded_cols = cols.next_multiple_of(PAD.max(g));
         let panels = rows.next_multiple_of(PAD) / PANEL;
@@ -214,12 +232,7 @@ impl PackedMatrix {
     /// parts share their width and format.
     pub fn stack(parts: &[&Self]) -> Result<Option<Self>> {
         let first = parts.first().expect("at least one part");
-        let same = |m: &&Self| {
-            m.cols == first.cols
-                && m.spec.four_bit == first.spec.four_bit
-                && m.spec.group == first.spec.group
-                && m.spec.zero_point == first.spec.zero_point
-        };
+        let same = |m: &&Self| m.cols == first.cols && m.spec == first.spec;
         if !parts.iter().all(same) {
             return Ok(None);
         }
@@ -239,7 +252,7 @@ impl PackedMatrix {
     fn decode_row(&self, o: usize, levels: &mut Levels) {
         let groups = self.cols / self.spec.group;
         let mut q = vec![0u8; self.padded_cols];
-        self.levels_of_row(o, &mut q);
+        self.codes_of_row(o, &mut q);
         levels.q.extend_from_slice(&q[..self.cols]);
         levels.scales.extend((0..groups).map(|g| self.scale(o, g)));
         if self.mins.is_some() {
@@ -247,8 +260,19 @@ impl PackedMatrix {
         }
     }
 
-    /// The levels of row `o`, `padded_cols` of them, in order.
+    /// The levels of row `o`, `padded_cols` of them, in order (codes looked up in the
+    /// codebook).
     pub(super) fn levels_of_row(&self, o: usize, out: &mut [u8]) {
+        self.codes_of_row(o, out);
+        if self.spec.codebook.is_some() {
+            for level in out.iter_mut() {
+                *level = self.spec.level(*level);
+            }
+        }
+    }
+
+    /// The codes of row `o` as stored, `padded_cols` of them, in order.
+    fn codes_of_row(&self, o: usize, out: &mut [u8]) {
         let (p, r) = (o / PANEL, o % PANEL);
         let panel = &self.values[p * self.panel_bytes()..(p + 1) * self.panel_bytes()];
         let mask = if self.spec.four_bit { 0x0F } else { 0xFF };

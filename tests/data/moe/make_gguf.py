@@ -9,7 +9,10 @@ greedy references for them, for tests/moe_models.rs and tests/gemma4_models.rs.
     python tests/data/moe/make_gguf.py --llama-cpp /work/bench/llama.cpp --out tests/data gpt_oss
 
 Per architecture: <arch>/gguf/<arch>-{f32,q8_0,q4_0}.gguf (convert_hf_to_gguf.py to F32 and
-Q8_0, llama-quantize F32 -> Q4_0) and <arch>/refs/llamacpp-<type>.json: for every prompt of
+Q8_0, llama-quantize F32 -> Q4_0; gpt_oss also -mxfp4, the converter's copy of the MXFP4 folder
+with the experts' blocks kept and every other tensor F32, as ggml-org's gpt-oss GGUFs are made,
+and -mxfp4_moe, llama-quantize's MXFP4_MOE: experts MXFP4, the rest Q8_0) and
+<arch>/refs/llamacpp-<type>.json: for every prompt of
 transformers-f32.json, llama-server's greedy ids (temperature 0, top-k 1, no prompt cache,
 float32 KV and attention) and llama.cpp's own top-1/top-2 log-probability gap at each step, so a
 test can tell a real divergence from a near-tie; for the quantized files also
@@ -32,6 +35,7 @@ from pathlib import Path
 PIN_PRE = {"qwen3_moe": "qwen2", "mixtral": "llama-bpe", "gpt_oss": "qwen2"}
 DEFAULT_ARCHS = ["qwen3_moe", "mixtral"]
 TYPES = ["f32", "q8_0", "q4_0"]
+EXTRA_TYPES = {"gpt_oss": ["mxfp4", "mxfp4_moe"]}
 
 
 def convert(llama_cpp, folder, outtype, outfile, pin):
@@ -113,19 +117,29 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--llama-cpp", type=Path, required=True, help="the pinned llama.cpp tree, built")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--only", nargs="*", help="make only these types (default: all of the arch's)")
     p.add_argument("archs", nargs="*", default=DEFAULT_ARCHS)
     a = p.parse_args()
     bins = a.llama_cpp / "build" / "bin"
     for arch in a.archs:
         folder, gdir, refs = a.out / arch / "f32", a.out / arch / "gguf", a.out / arch / "refs"
         gdir.mkdir(parents=True, exist_ok=True)
-        files = {t: gdir / f"{arch}-{t}.gguf" for t in TYPES}
-        convert(a.llama_cpp, folder, "f32", files["f32"], PIN_PRE.get(arch))
-        convert(a.llama_cpp, folder, "q8_0", files["q8_0"], PIN_PRE.get(arch))
-        subprocess.run([str(bins / "llama-quantize"), str(files["f32"]), str(files["q4_0"]), "Q4_0"],
-                       check=True, capture_output=True)
+        types = [t for t in TYPES + EXTRA_TYPES.get(arch, []) if not a.only or t in a.only]
+        files = {t: gdir / f"{arch}-{t}.gguf" for t in TYPES + EXTRA_TYPES.get(arch, [])}
+        if not (files["f32"].exists() and a.only and "f32" not in a.only):
+            convert(a.llama_cpp, folder, "f32", files["f32"], PIN_PRE.get(arch))
+        if "q8_0" in types:
+            convert(a.llama_cpp, folder, "q8_0", files["q8_0"], PIN_PRE.get(arch))
+        if "q4_0" in types:
+            subprocess.run([str(bins / "llama-quantize"), str(files["f32"]), str(files["q4_0"]), "Q4_0"],
+                           check=True, capture_output=True)
+        if "mxfp4" in types:
+            convert(a.llama_cpp, a.out / arch / "mxfp4", "f32", files["mxfp4"], PIN_PRE.get(arch))
+        if "mxfp4_moe" in types:
+            subprocess.run([str(bins / "llama-quantize"), str(files["f32"]), str(files["mxfp4_moe"]), "MXFP4_MOE"],
+                           check=True, capture_output=True)
         tf = json.loads((refs / "transformers-f32.json").read_text())
-        for t in TYPES:
+        for t in types:
             seqs = references(bins / "llama-server", files[t], tf["sequences"], tf["greedy_steps"])
             meta = {"llama_cpp": "llama-cpp-python 0.3.36 sdist (benches/vs_llama_cpp.sh)",
                     "run": "-fa off -ctk f32 -ctv f32", "greedy_steps": tf["greedy_steps"], "sequences": seqs}

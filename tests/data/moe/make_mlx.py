@@ -5,6 +5,7 @@ tests/moe_models.rs and tests/gemma4_models.rs. Pinned: mlx 0.32.4 (CPU), mlx-lm
     /tmp/refs/bin/pip install "mlx[cpu]==0.32.4" mlx-lm==0.32.2
     /tmp/refs/bin/python tests/data/moe/make_mlx.py --out tests/data/moe
     /tmp/refs/bin/python tests/data/moe/make_mlx.py --out tests/data/gemma4 dense moe
+    /tmp/refs/bin/python tests/data/moe/make_mlx.py --out tests/data/moe --mode mxfp4 qwen3_moe
 
 Per architecture (or Gemma 4 variant): <arch>/mlx-q4/ as `mlx_lm.convert -q --q-bits 4 --q-group-size 64` writes it
 from f32/ (experts stacked as `switch_mlp`, the router at 8 bits), and in <arch>/refs/
@@ -12,6 +13,8 @@ mlx-q4-exact.{json,safetensors}: the same 4-bit weights dequantized exactly (`ml
 and computed in float32 by mlx-lm: greedy ids and every step's logits. mlx-lm's own quantized
 compute of these experts runs only in float32 on a CPU (its gather_mm takes no bfloat16 there),
 where it equals the exact logits; the script checks that and keeps only the exact set.
+`--mode mxfp4` makes <arch>/mlx-mxfp4/ instead (`--q-mode mxfp4`: every layer's codes E2M1 with
+an E8M0 scale per 32, the router affine 8-bit) and refs/mlx-mxfp4-exact.*.
 """
 import argparse
 import json
@@ -55,13 +58,19 @@ def greedy(model, prompt, steps):
     return ids, np.stack(rows)
 
 
-def build(arch, out):
-    src, q4, refs = out / arch / "f32", out / arch / "mlx-q4", out / arch / "refs"
-    scratch = out / arch / "mlx-q4-exact.tmp"
+MODES = {
+    "affine": ("mlx-q4", ["--q-bits", "4", "--q-group-size", "64"]),
+    "mxfp4": ("mlx-mxfp4", ["--q-mode", "mxfp4", "--q-bits", "4", "--q-group-size", "32"]),
+}
+
+
+def build(arch, out, mode):
+    name, q_args = MODES[mode]
+    src, q4, refs = out / arch / "f32", out / arch / name, out / arch / "refs"
+    scratch = out / arch / f"{name}-exact.tmp"
     for d in (q4, scratch):
         shutil.rmtree(d, ignore_errors=True)
-    convert(["--hf-path", str(src), "--mlx-path", str(q4), "-q", "--q-bits", "4", "--q-group-size", "64",
-             "--dtype", "float32"])
+    convert(["--hf-path", str(src), "--mlx-path", str(q4), "-q", *q_args, "--dtype", "float32"])
     (q4 / "README.md").unlink(missing_ok=True)
     convert(["--hf-path", str(q4), "--mlx-path", str(scratch), "-d", "--dtype", "float32"])
     tf = json.loads((refs / "transformers-f32.json").read_text())
@@ -77,8 +86,8 @@ def build(arch, out):
     import mlx_lm
     meta = {"versions": {"mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}, "greedy_steps": steps,
             "sequences": seqs}
-    (refs / "mlx-q4-exact.json").write_text(json.dumps(meta) + "\n")
-    save_file(exact_t, str(refs / "mlx-q4-exact.safetensors"))
+    (refs / f"{name}-exact.json").write_text(json.dumps(meta) + "\n")
+    save_file(exact_t, str(refs / f"{name}-exact.safetensors"))
     shutil.rmtree(scratch)
     worst = max(float(np.abs(native_t[k] - exact_t[k]).max()) for k in exact_t)
     assert worst < 1e-3, f"{arch}: mlx-lm's quantized compute is {worst} from its exact dequantization"
@@ -88,10 +97,11 @@ def build(arch, out):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--mode", choices=sorted(MODES), default="affine")
     p.add_argument("archs", nargs="*", default=ARCHS)
     a = p.parse_args()
     for arch in a.archs:
-        build(arch, a.out)
+        build(arch, a.out, a.mode)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 //! kernel's panels read as two halves of 8 weight rows, one 256-bit register each, so lanes are
 //! still output rows and integer sums need no horizontal reduction. The integer dot of 4 levels
 //! is `vpdpbusd` where the CPU has AVX-VNNI; with plain AVX2 it is `vpmaddubsw` + `vpmaddwd`,
-//! which cannot saturate for 4-bit levels (2 · 15 · 127 < 2¹⁵); 8-bit levels are split into
-//! nibbles first. The f16 kernel widens 16 rows per column with F16C into two registers.
+//! which cannot saturate for levels below 128 (4-bit levels, codebooks' levels: 2 · 127 · 127
+//! < 2¹⁵); 8-bit levels are split into nibbles first. The f16 kernel widens 16 rows per column
+//! with F16C into two registers.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -68,16 +69,18 @@ unsafe fn without_vnni(w: &PackedMatrix, a: &Activations, panels: Range<usize>, 
 
 #[inline(always)]
 unsafe fn by_format<const VNNI: bool>(w: &PackedMatrix, a: &Activations, panels: Range<usize>, out: &Output) {
-    match (w.spec.four_bit, w.mins.is_some()) {
-        (true, true) => chunks::<VNNI, true, true>(w, a, panels, out),
-        (true, false) => chunks::<VNNI, true, false>(w, a, panels, out),
-        (false, true) => chunks::<VNNI, false, true>(w, a, panels, out),
-        (false, false) => chunks::<VNNI, false, false>(w, a, panels, out),
+    match (w.spec.four_bit, w.mins.is_some(), w.spec.codebook.is_some()) {
+        (true, true, false) => chunks::<VNNI, true, true, false>(w, a, panels, out),
+        (true, false, false) => chunks::<VNNI, true, false, false>(w, a, panels, out),
+        (true, false, true) => chunks::<VNNI, true, false, true>(w, a, panels, out),
+        (false, true, _) => chunks::<VNNI, false, true, false>(w, a, panels, out),
+        (false, false, _) => chunks::<VNNI, false, false, false>(w, a, panels, out),
+        (true, true, true) => unreachable!("codebook formats have a zero point"),
     }
 }
 
 #[inline(always)]
-unsafe fn chunks<const VNNI: bool, const FOUR: bool, const MINS: bool>(
+unsafe fn chunks<const VNNI: bool, const FOUR: bool, const MINS: bool, const BOOK: bool>(
     w: &PackedMatrix,
     a: &Activations,
     panels: Range<usize>,
@@ -88,21 +91,21 @@ unsafe fn chunks<const VNNI: bool, const FOUR: bool, const MINS: bool>(
         for p in panels.clone() {
             let mut m = m0;
             while m + TILE_ACTS <= m_end {
-                tile::<VNNI, FOUR, MINS, TILE_ACTS>(w, a, p, m, out);
+                tile::<VNNI, FOUR, MINS, BOOK, TILE_ACTS>(w, a, p, m, out);
                 m += TILE_ACTS;
             }
             match m_end - m {
-                1 => tile::<VNNI, FOUR, MINS, 1>(w, a, p, m, out),
-                2 => tile::<VNNI, FOUR, MINS, 2>(w, a, p, m, out),
-                3 => tile::<VNNI, FOUR, MINS, 3>(w, a, p, m, out),
+                1 => tile::<VNNI, FOUR, MINS, BOOK, 1>(w, a, p, m, out),
+                2 => tile::<VNNI, FOUR, MINS, BOOK, 2>(w, a, p, m, out),
+                3 => tile::<VNNI, FOUR, MINS, BOOK, 3>(w, a, p, m, out),
                 _ => {}
             }
         }
     }
 }
 
-/// `acc` plus, per lane, the dot of the lane's 4 levels `w` (each below 16 unless `WIDE`) with
-/// the 4 activation levels broadcast in `x`.
+/// `acc` plus, per lane, the dot of the lane's 4 levels `w` (each below 128 unless `WIDE`:
+/// 4-bit levels, or a codebook's) with the 4 activation levels broadcast in `x`.
 #[inline(always)]
 unsafe fn dot<const VNNI: bool, const WIDE: bool>(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
     if VNNI {
@@ -144,9 +147,10 @@ unsafe fn eight(params: &Params, at: usize) -> __m256 {
 }
 
 /// Outputs of panel `p` for activation rows `m0..m0 + RN`. Zero-point formats start each
-/// span's integer dot at `-zero_point · Σ levels`; formats with mins add `min · Σ x` per span.
+/// span's integer dot at `-zero_point · Σ levels`; formats with mins add `min · Σ x` per span;
+/// 4-bit codes of a codebook (`BOOK`) become levels by one byte shuffle.
 #[inline(always)]
-unsafe fn tile<const VNNI: bool, const FOUR: bool, const MINS: bool, const RN: usize>(
+unsafe fn tile<const VNNI: bool, const FOUR: bool, const MINS: bool, const BOOK: bool, const RN: usize>(
     w: &PackedMatrix,
     a: &Activations,
     p: usize,
@@ -158,6 +162,8 @@ unsafe fn tile<const VNNI: bool, const FOUR: bool, const MINS: bool, const RN: u
     assert!((p + 1) * panel_bytes <= w.values.len() && (m0 + RN) * a.padded_cols <= a.q.len());
     let panel = w.values.as_ptr().add(p * panel_bytes);
     let low = _mm256_set1_epi8(0x0F);
+    // The codebook in both 128-bit lanes (`vpshufb` looks up within lanes).
+    let book = _mm256_broadcastsi128_si256(_mm_loadu_si128(w.spec.codebook.unwrap_or_default().as_ptr().cast()));
     let mut acc = [[_mm256_setzero_ps(); 2]; RN];
     for s in 0..spans {
         let mut ints = [[_mm256_setzero_si256(); 2]; RN];
@@ -174,8 +180,12 @@ unsafe fn tile<const VNNI: bool, const FOUR: bool, const MINS: bool, const RN: u
                 let at = c / 8 * 64;
                 _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add(at + PREFETCH).cast());
                 let halves = [0, 1].map(|h| _mm256_loadu_si256(panel.add(at + 32 * h).cast()));
-                let lo = halves.map(|x| _mm256_and_si256(x, low));
-                let hi = halves.map(|x| _mm256_and_si256(_mm256_srli_epi16(x, 4), low));
+                let mut lo = halves.map(|x| _mm256_and_si256(x, low));
+                let mut hi = halves.map(|x| _mm256_and_si256(_mm256_srli_epi16(x, 4), low));
+                if BOOK {
+                    lo = lo.map(|x| _mm256_shuffle_epi8(book, x));
+                    hi = hi.map(|x| _mm256_shuffle_epi8(book, x));
+                }
                 for (n, row) in ints.iter_mut().enumerate() {
                     let q = (m0 + n) * a.padded_cols + c;
                     let (x_lo, x_hi) = (broadcast4(&a.q, q), broadcast4(&a.q, q + 4));

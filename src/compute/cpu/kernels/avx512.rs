@@ -35,17 +35,19 @@ pub(super) fn product(w: &PackedMatrix, a: &Activations, panels: Range<usize>, o
     // SAFETY: the instructions are present (asserted above); every load stays inside the
     // matrix's panels and the activation buffers, every store inside the output (see `tile`).
     unsafe {
-        match (w.spec.four_bit, w.mins.is_some()) {
-            (true, true) => chunks::<true, true>(w, a, panels, out),
-            (true, false) => chunks::<true, false>(w, a, panels, out),
-            (false, true) => chunks::<false, true>(w, a, panels, out),
-            (false, false) => chunks::<false, false>(w, a, panels, out),
+        match (w.spec.four_bit, w.mins.is_some(), w.spec.codebook.is_some()) {
+            (true, true, false) => chunks::<true, true, false>(w, a, panels, out),
+            (true, false, false) => chunks::<true, false, false>(w, a, panels, out),
+            (true, false, true) => chunks::<true, false, true>(w, a, panels, out),
+            (false, true, _) => chunks::<false, true, false>(w, a, panels, out),
+            (false, false, _) => chunks::<false, false, false>(w, a, panels, out),
+            (true, true, true) => unreachable!("codebook formats have a zero point"),
         }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn chunks<const FOUR: bool, const MINS: bool>(
+unsafe fn chunks<const FOUR: bool, const MINS: bool, const BOOK: bool>(
     w: &PackedMatrix,
     a: &Activations,
     panels: Range<usize>,
@@ -57,24 +59,24 @@ unsafe fn chunks<const FOUR: bool, const MINS: bool>(
             let mut m = m0;
             while m + TILE_ACTS <= m_end {
                 for q in (0..PANELS_PER_UNIT).step_by(2) {
-                    tile::<FOUR, MINS, 2, TILE_ACTS>(w, a, p + q, m, out);
+                    tile::<FOUR, MINS, BOOK, 2, TILE_ACTS>(w, a, p + q, m, out);
                 }
                 m += TILE_ACTS;
             }
             if m + 4 <= m_end {
-                tile::<FOUR, MINS, 2, 4>(w, a, p, m, out);
-                tile::<FOUR, MINS, 2, 4>(w, a, p + 2, m, out);
+                tile::<FOUR, MINS, BOOK, 2, 4>(w, a, p, m, out);
+                tile::<FOUR, MINS, BOOK, 2, 4>(w, a, p + 2, m, out);
                 m += 4;
             }
             match m_end - m {
-                1 => tile::<FOUR, MINS, 4, 1>(w, a, p, m, out),
+                1 => tile::<FOUR, MINS, BOOK, 4, 1>(w, a, p, m, out),
                 2 => {
-                    tile::<FOUR, MINS, 2, 2>(w, a, p, m, out);
-                    tile::<FOUR, MINS, 2, 2>(w, a, p + 2, m, out);
+                    tile::<FOUR, MINS, BOOK, 2, 2>(w, a, p, m, out);
+                    tile::<FOUR, MINS, BOOK, 2, 2>(w, a, p + 2, m, out);
                 }
                 3 => {
-                    tile::<FOUR, MINS, 2, 3>(w, a, p, m, out);
-                    tile::<FOUR, MINS, 2, 3>(w, a, p + 2, m, out);
+                    tile::<FOUR, MINS, BOOK, 2, 3>(w, a, p, m, out);
+                    tile::<FOUR, MINS, BOOK, 2, 3>(w, a, p + 2, m, out);
                 }
                 _ => {}
             }
@@ -106,9 +108,9 @@ unsafe fn broadcast4(q: &[i8], at: usize) -> __m512i {
 
 /// Outputs of panels `p0..p0 + P` for activation rows `m0..m0 + RN`. Zero-point formats start
 /// each span's integer dot at `-zero_point · Σ levels`; formats with mins add `min · Σ x` per
-/// span in f32.
+/// span in f32; 4-bit codes of a codebook (`BOOK`) become levels by one byte shuffle.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usize>(
+unsafe fn tile<const FOUR: bool, const MINS: bool, const BOOK: bool, const P: usize, const RN: usize>(
     w: &PackedMatrix,
     a: &Activations,
     p0: usize,
@@ -118,6 +120,8 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
     let (span, spans, blocks) = (a.span, a.spans(), a.blocks());
     let (panel_bytes, groups) = (w.panel_bytes(), w.groups_per_row());
     let low = _mm512_set1_epi8(0x0F);
+    // The codebook in every 128-bit lane (`vpshufb` looks up within lanes).
+    let book = _mm512_broadcast_i32x4(_mm_loadu_si128(w.spec.codebook.unwrap_or_default().as_ptr().cast()));
     let mut acc = [[_mm512_setzero_ps(); P]; RN];
     for s in 0..spans {
         let mut ints = [[_mm512_setzero_si512(); P]; RN];
@@ -135,8 +139,12 @@ unsafe fn tile<const FOUR: bool, const MINS: bool, const P: usize, const RN: usi
                     let at = (p0 + p) * panel_bytes + c / 8 * 64;
                     _mm_prefetch::<_MM_HINT_T0>(w.values.as_ptr().wrapping_add(at + PREFETCH).cast());
                     let x = _mm512_loadu_si512(w.values.as_ptr().add(at).cast());
-                    let lo = _mm512_and_si512(x, low);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+                    let mut lo = _mm512_and_si512(x, low);
+                    let mut hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
+                    if BOOK {
+                        lo = _mm512_shuffle_epi8(book, lo);
+                        hi = _mm512_shuffle_epi8(book, hi);
+                    }
                     for (n, row) in ints.iter_mut().enumerate() {
                         let q = (m0 + n) * a.padded_cols + c;
                         row[p] = _mm512_dpbusd_epi32(row[p], lo, broadcast4(&a.q, q));

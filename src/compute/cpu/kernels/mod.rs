@@ -339,9 +339,9 @@ mod tests {
         PackedMatrix::from_rows(rows, cols, spec, |o, l: &mut Levels| {
             l.q.extend((0..cols).map(|k| ((o * 31 + k * 17 + k * k) % levels) as u8));
             let groups = cols / spec.group;
-            // f16-exact parameters (kept as f16) for Q4_0/Q8_0-like and group-64 matrices, as
+            // f16-exact parameters (kept as f16) for Q4_0/Q8_0/MXFP4-like and group-64 matrices, as
             // GGUF's f16 scales and most MLX parameters are; f32 for the others.
-            let half = matches!(spec.zero_point, Some(8 | 128)) || spec.group == 64;
+            let half = matches!(spec.zero_point, Some(8 | 12 | 128)) || spec.group == 64;
             let param = |v: f32| if half { ::half::f16::from_f32(v).to_f32() } else { v };
             l.scales
                 .extend((0..groups).map(|g| param(0.01 + 0.02 * noise(o * 7 + g))));
@@ -387,6 +387,12 @@ mod tests {
             four_bit,
             group,
             zero_point,
+            codebook: None,
+        };
+        // MXFP4: E2M1 codes, levels = doubled values + 12.
+        let mxfp4 = PackSpec {
+            codebook: Some([12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0]),
+            ..spec(true, 32, Some(12))
         };
         vec![
             (spec(true, 32, Some(8)), 96),    // Q4_0, a row not a multiple of 64
@@ -395,6 +401,7 @@ mod tests {
             (spec(false, 16, Some(32)), 256), // Q6_K
             (spec(true, 64, None), 192),      // MLX 4-bit, group 64
             (spec(false, 128, None), 256),    // MLX 8-bit, group 128
+            (mxfp4, 160),                     // MXFP4 (GGUF, HF, MLX)
         ]
     }
 
@@ -453,7 +460,7 @@ mod tests {
             .into_iter()
             .map(|(spec, cols)| matches!(matrix(4, cols, spec).scales, Params::F16(_)))
             .collect();
-        assert_eq!(kinds, [true, false, true, false, true, false]);
+        assert_eq!(kinds, [true, false, true, false, true, false, true]);
     }
 
     #[test]
