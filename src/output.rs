@@ -63,6 +63,8 @@ pub enum StreamItem {
         reason: FinishReason,
         /// Token accounting.
         usage: Usage,
+        /// The stop string that ended it, if one did.
+        stop_sequence: Option<String>,
     },
     /// The generation failed after it started.
     Error(EngineError),
@@ -86,6 +88,10 @@ pub struct TextStream {
     scheduled: bool,
     /// A stop string matched; tokens that still arrive are past it and dropped.
     stopped: bool,
+    /// The stop string that matched.
+    stop_sequence: Option<String>,
+    /// Prompt tokens read from the prefix cache, once scheduled.
+    cached_tokens: u32,
     done: bool,
     /// What the request holds until it is dropped (its admission permit, its model lease).
     _held: Option<Box<dyn std::any::Any + Send>>,
@@ -107,6 +113,8 @@ impl TextStream {
             num_tokens: 0,
             scheduled: false,
             stopped: false,
+            stop_sequence: None,
+            cached_tokens: 0,
             done: false,
             _held: None,
         }
@@ -145,6 +153,12 @@ impl TextStream {
         Ok(())
     }
 
+    /// Prompt tokens read from the prefix cache (known once `wait_scheduled` returned), for
+    /// APIs that report usage before the first token (Anthropic's `message_start`).
+    pub fn cached_tokens(&self) -> u32 {
+        self.cached_tokens
+    }
+
     /// Waits until the first token arrived (the prompt is prefilled and its full blocks are in
     /// the prefix cache) or the generation ended; the items stay queued for `next`.
     pub async fn wait_first_token(&mut self) {
@@ -169,7 +183,10 @@ impl TextStream {
     /// Receives and processes one engine event.
     async fn receive(&mut self) {
         match self.generation.recv().await {
-            Some(TokenEvent::Scheduled { .. }) => self.scheduled = true,
+            Some(TokenEvent::Scheduled { cached_tokens }) => {
+                self.scheduled = true;
+                self.cached_tokens = cached_tokens;
+            }
             Some(TokenEvent::Token { .. }) if self.stopped => {}
             Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
             Some(TokenEvent::Finished { reason, usage }) => self.finish(reason, usage),
@@ -205,8 +222,9 @@ impl TextStream {
                     self.push_delta(text);
                 }
             }
-            StopOutcome::Stop(text) => {
-                self.push_delta(text);
+            StopOutcome::Stop { before, matched } => {
+                self.push_delta(before);
+                self.stop_sequence = Some(matched);
                 self.stop_here();
             }
         }
@@ -225,9 +243,10 @@ impl TextStream {
             let mut text = self.detokenizer.flush(self.codec.tokenizer());
             text = match self.stop.push(&text) {
                 StopOutcome::Emit(t) => t + &self.stop.flush(),
-                StopOutcome::Stop(t) => {
+                StopOutcome::Stop { before, matched } => {
                     reason = FinishReason::Stop;
-                    t
+                    self.stop_sequence = Some(matched);
+                    before
                 }
             };
             if !text.is_empty() || !self.pending_tokens.is_empty() {
@@ -254,7 +273,11 @@ impl TextStream {
         if self.made_calls && reason == FinishReason::Stop {
             reason = FinishReason::ToolCalls;
         }
-        self.queue.push_back(StreamItem::Done { reason, usage });
+        self.queue.push_back(StreamItem::Done {
+            reason,
+            usage,
+            stop_sequence: self.stop_sequence.take(),
+        });
         self.done = true;
     }
 
@@ -308,6 +331,8 @@ pub struct Collected {
     pub tokens: Vec<GeneratedToken>,
     /// Why it ended.
     pub reason: Option<FinishReason>,
+    /// The stop string that ended it, if one did.
+    pub stop_sequence: Option<String>,
     /// Accounting.
     pub usage: Usage,
 }
@@ -328,9 +353,14 @@ pub async fn collect(mut stream: TextStream) -> Result<Collected, EngineError> {
                 out.tool_calls.extend(tool_calls);
                 out.tokens.extend(tokens);
             }
-            StreamItem::Done { reason, usage } => {
+            StreamItem::Done {
+                reason,
+                usage,
+                stop_sequence,
+            } => {
                 out.reason = Some(reason);
                 out.usage = usage;
+                out.stop_sequence = stop_sequence;
             }
             StreamItem::Error(e) => return Err(e),
         }

@@ -7,8 +7,10 @@ use common::{engine_config, repo_model, TestServer};
 use serde_json::Value;
 
 /// Every route the README promises, as (method, path).
-const ROUTES: [(&str, &str); 26] = [
+const ROUTES: [(&str, &str); 28] = [
     ("post", "/v1/chat/completions"),
+    ("post", "/v1/messages"),
+    ("post", "/v1/messages/count_tokens"),
     ("post", "/v1/completions"),
     ("post", "/v1/embeddings"),
     ("post", "/v1/kv/pin"),

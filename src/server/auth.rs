@@ -1,5 +1,6 @@
 //! Access control, off by default as in llama-server, vLLM and Ollama: API keys sent as
-//! `Authorization: Bearer KEY`, and the browser origins allowed by CORS.
+//! `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`), and the browser origins
+//! allowed by CORS.
 //!
 //! Keys are kept as SHA-256 digests and a presented key is compared with every digest in
 //! constant time, so neither the comparison nor the number of keys checked leaks how much of a
@@ -15,6 +16,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowHeaders, AllowMethods, AllowOrigin, Any, CorsLayer};
 
+use super::anthropic::AnthropicError;
 use super::error::ApiError;
 use super::ollama::OllamaError;
 
@@ -72,19 +74,24 @@ pub async fn require_api_key(State(policy): State<Arc<KeyPolicy>>, req: Request,
     if req.method() == Method::OPTIONS || policy.is_open(req.uri().path()) {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
+    let headers = req.headers();
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, key)| key.trim());
-    if presented.is_some_and(|k| policy.accepts(k)) {
+    // Anthropic's SDKs and Claude Code send the key as `x-api-key`.
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim);
+    if [bearer, x_api_key].into_iter().flatten().any(|k| policy.accepts(k)) {
         return next.run(req).await;
     }
     let err = ApiError::Unauthorized;
-    let mut response = if req.uri().path().starts_with("/api/") {
+    let path = req.uri().path();
+    let mut response = if path.starts_with("/api/") {
         OllamaError(err).into_response()
+    } else if path.starts_with("/v1/messages") {
+        AnthropicError(err).into_response()
     } else {
         err.into_response()
     };

@@ -1,7 +1,8 @@
-//! HTTP edge: axum routes for the OpenAI API plus health. Handlers parse and validate, render
+//! HTTP edge: axum routes for the OpenAI, Ollama and Anthropic APIs plus health. Handlers parse and validate, render
 //! the chat template, tokenize, submit to the engine and encode its events; nothing here
 //! touches a tensor.
 
+pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod kv_pin;
@@ -190,6 +191,8 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(openai::models::list_models))
         .routes(routes!(openai::tokenize::tokenize))
         .routes(routes!(openai::tokenize::detokenize))
+        .routes(routes!(anthropic::messages::messages))
+        .routes(routes!(anthropic::messages::count_tokens))
         .routes(routes!(ollama::generate::generate))
         .routes(routes!(ollama::chat::chat))
         .routes(routes!(ollama::embed::embed))

@@ -13,6 +13,7 @@ use utoipa::openapi::path::Operation;
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, ResponseBuilder};
 use utoipa::OpenApi as _;
 
+use super::anthropic::types::AnthropicErrorBody;
 use super::error::OpenAiErrorBody;
 use super::ollama::error::OllamaErrorBody;
 
@@ -21,12 +22,13 @@ use super::ollama::error::OllamaErrorBody;
 #[openapi(
     info(
         title = "mlxd",
-        description = "A local LLM server speaking the OpenAI and the Ollama HTTP APIs."
+        description = "A local LLM server speaking the OpenAI, Ollama and Anthropic HTTP APIs."
     ),
-    components(schemas(OpenAiErrorBody, OllamaErrorBody)),
+    components(schemas(OpenAiErrorBody, OllamaErrorBody, AnthropicErrorBody)),
     tags(
         (name = "openai", description = "OpenAI-compatible routes (SSE streaming)"),
         (name = "ollama", description = "Ollama-compatible routes (NDJSON streaming)"),
+        (name = "anthropic", description = "Anthropic Messages API (SSE events named by their type)"),
         (name = "vllm", description = "vLLM extensions"),
         (name = "operations", description = "Health, metrics and this document")
     )
@@ -35,8 +37,9 @@ pub struct ApiDoc;
 
 /// Routes that run on the engine (generation, embeddings): they can also be refused for
 /// capacity (429) or shutdown (503).
-const ENGINE_ROUTES: [&str; 9] = [
+const ENGINE_ROUTES: [&str; 10] = [
     "/v1/chat/completions",
+    "/v1/messages",
     "/v1/completions",
     "/v1/embeddings",
     "/api/generate",
@@ -58,6 +61,8 @@ fn with_error_responses(mut doc: OpenApi) -> OpenApi {
         let generates = ENGINE_ROUTES.contains(&path.as_str());
         let schema = if path.starts_with("/api/") {
             "OllamaErrorBody"
+        } else if path.starts_with("/v1/messages") {
+            "AnthropicErrorBody"
         } else {
             "OpenAiErrorBody"
         };
@@ -118,35 +123,41 @@ pub fn finish(doc: OpenApi) -> Value {
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return doc;
     };
-    for op in paths
-        .values_mut()
-        .filter_map(Value::as_object_mut)
-        .flat_map(|item| item.values_mut())
-    {
+    for (path, item) in paths.iter_mut() {
+        // Anthropic's stream ends with its `message_stop` event, not `[DONE]`.
+        let ends_with_done = !path.starts_with("/v1/messages");
+        finish_streams(item, ends_with_done);
+    }
+    doc
+}
+
+/// Describes each `text/event-stream` answer of the path item `item`.
+fn finish_streams(item: &mut Value, ends_with_done: bool) {
+    for op in item.as_object_mut().into_iter().flat_map(|item| item.values_mut()) {
         let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
             continue;
         };
         for response in responses.values_mut() {
             if let Some(sse) = response.pointer_mut("/content/text~1event-stream") {
                 let item = sse.get("schema").cloned().unwrap_or(Value::Null);
+                let json_data =
+                    json!({"type": "string", "contentMediaType": "application/json", "contentSchema": item});
+                let data = if ends_with_done {
+                    json!({
+                        "description": "One JSON object of the documented type, or `[DONE]` to end the stream",
+                        "anyOf": [{"type": "string", "const": "[DONE]"}, json_data],
+                    })
+                } else {
+                    json!({"description": "One JSON object of the documented type", "anyOf": [json_data]})
+                };
                 sse["schema"] = json!({
                     "type": "object",
                     "required": ["data"],
-                    "properties": {
-                        "data": {
-                            "description": "One JSON object of the documented type, or `[DONE]` to end the stream",
-                            "anyOf": [
-                                {"type": "string", "const": "[DONE]"},
-                                {"type": "string", "contentMediaType": "application/json", "contentSchema": item},
-                            ],
-                        },
-                        "event": {"type": "string"},
-                    },
+                    "properties": {"data": data, "event": {"type": "string"}},
                 });
             }
         }
     }
-    doc
 }
 
 /// This document as JSON.

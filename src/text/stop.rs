@@ -5,8 +5,13 @@
 pub enum StopOutcome {
     /// Text that is safe to emit now (may be empty while a partial match is held).
     Emit(String),
-    /// A stop string matched: emit this final text (everything before the match) and stop.
-    Stop(String),
+    /// A stop string matched: emit `before` (everything before the match) and stop.
+    Stop {
+        /// The final text.
+        before: String,
+        /// The stop string that matched (Anthropic's `stop_sequence`).
+        matched: String,
+    },
 }
 
 /// Watches generated text for any of a set of stop strings.
@@ -31,10 +36,18 @@ impl StopMatcher {
             return StopOutcome::Emit(text.to_string());
         }
         self.held.push_str(text);
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
-            let out = self.held[..pos].to_string();
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| Some((self.held.find(s.as_str())?, s)))
+            .min_by_key(|(pos, _)| *pos);
+        if let Some((pos, stop)) = first {
+            let outcome = StopOutcome::Stop {
+                before: self.held[..pos].to_string(),
+                matched: stop.clone(),
+            };
             self.held.clear();
-            return StopOutcome::Stop(out);
+            return outcome;
         }
         let keep = self.longest_partial_suffix();
         let emit_len = self.held.len() - keep;
@@ -66,12 +79,19 @@ impl StopMatcher {
 mod tests {
     use super::*;
 
+    fn stop(before: &str, matched: &str) -> StopOutcome {
+        StopOutcome::Stop {
+            before: before.into(),
+            matched: matched.into(),
+        }
+    }
+
     #[test]
     fn holds_back_a_partial_stop_and_trims_the_match() {
         let mut m = StopMatcher::new(vec!["\nUser:".into()]);
         assert_eq!(m.push("Hello"), StopOutcome::Emit("Hello".into()));
         assert_eq!(m.push(" world\nUs"), StopOutcome::Emit(" world".into()));
-        assert_eq!(m.push("er: hi"), StopOutcome::Stop("".into()));
+        assert_eq!(m.push("er: hi"), stop("", "\nUser:"));
     }
 
     #[test]
@@ -86,7 +106,7 @@ mod tests {
     #[test]
     fn earliest_of_several_stops_wins() {
         let mut m = StopMatcher::new(vec!["b".into(), "cd".into()]);
-        assert_eq!(m.push("a cd b"), StopOutcome::Stop("a ".into()));
+        assert_eq!(m.push("a cd b"), stop("a ", "cd"));
     }
 
     #[test]
@@ -94,6 +114,6 @@ mod tests {
         let mut m = StopMatcher::new(vec!["é!".into()]);
         assert_eq!(m.push("caf"), StopOutcome::Emit("caf".into()));
         assert_eq!(m.push("é"), StopOutcome::Emit("".into()));
-        assert_eq!(m.push("!"), StopOutcome::Stop(String::new()));
+        assert_eq!(m.push("!"), stop("", "é!"));
     }
 }

@@ -32,3 +32,20 @@ def test_ollama_client_without_a_key_gets_401(keyed_server_url):
     with pytest.raises(ollama.ResponseError) as err:
         client.list()
     assert err.value.status_code == 401
+
+
+def test_anthropic_client_sends_its_key_as_x_api_key(keyed_server_url):
+    import anthropic
+    client = anthropic.Anthropic(base_url=keyed_server_url, api_key=API_KEY)
+    reply = client.messages.create(model="stories260k", max_tokens=4,
+                                   messages=[{"role": "user", "content": "Once upon a time"}])
+    assert reply.usage.output_tokens == 4
+
+
+def test_anthropic_client_with_a_wrong_key_gets_its_own_401(keyed_server_url):
+    import anthropic
+    client = anthropic.Anthropic(base_url=keyed_server_url, api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        client.messages.create(model="stories260k", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert err.value.status_code == 401
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "authentication_error"

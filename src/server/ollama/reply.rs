@@ -232,7 +232,7 @@ impl Reply {
                         let line = ndjson_line(&reply.object(&piece, None, None));
                         return Some((Ok(line), Some((text, reply, ids, calls))));
                     }
-                    Some(StreamItem::Done { reason, usage }) => {
+                    Some(StreamItem::Done { reason, usage, .. }) => {
                         let line = ndjson_line(&reply.last(&Piece::default(), reason, &usage, &ids));
                         return Some((Ok(line), None));
                     }

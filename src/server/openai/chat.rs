@@ -336,7 +336,7 @@ fn stream_chat(streams: Vec<TextStream>, meta: ChatMeta, include_usage: bool, by
                     calls_made[i] += 1;
                 }
             }
-            StreamItem::Done { reason, usage } => {
+            StreamItem::Done { reason, usage, .. } => {
                 usages[i] = usage;
                 remaining -= 1;
                 events.push(meta.delta(i, ChatDelta::default(), None, Some(reason)));

@@ -219,7 +219,7 @@ fn stream_completion(streams: Vec<crate::output::TextStream>, meta: Arc<Completi
                 p.text_offset = offset + text.len();
                 events.push(meta.chunk(meta.choice(i, echo + &text, &tokens, offset, None, first)));
             }
-            StreamItem::Done { reason, usage } => {
+            StreamItem::Done { reason, usage, .. } => {
                 usages[i] = usage;
                 remaining -= 1;
                 let mut last = meta.choice(i, String::new(), &[], 0, Some(reason), false);
