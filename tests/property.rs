@@ -18,16 +18,18 @@ use mlxd::engine::EngineHandle;
 use mlxd::server::{router, AppState, ServerOptions};
 use mlxd::text::{ChatMessage, ChatTemplate, TextCodec};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
 /// Random bodies sent by the router property (also printed, for the record).
 const BODY_CASES: u32 = 256;
 
-const ROUTES: [&str; 8] = [
+const ROUTES: [&str; 10] = [
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
     "/api/generate",
     "/api/chat",
     "/tokenize",
@@ -36,8 +38,8 @@ const ROUTES: [&str; 8] = [
     "/v1/chat/completions",
 ];
 
-/// Field names of both APIs, plus a few no API has.
-const KEYS: [&str; 40] = [
+/// Field names of the three APIs, plus a few no API has.
+const KEYS: [&str; 45] = [
     "model",
     "messages",
     "prompt",
@@ -77,6 +79,11 @@ const KEYS: [&str; 40] = [
     "best_of",
     "user",
     "frobnicate",
+    "stop_sequences",
+    "thinking",
+    "tool_choice",
+    "output_config",
+    "context_management",
     "",
 ];
 
@@ -162,11 +169,16 @@ fn random_request_bodies_never_cause_a_server_error_or_leak_blocks() {
     let codec = TextCodec::open(&repo_model(), &engine.info().model.eos_token_ids).expect("codec");
     let state = AppState::new(engine.clone(), Arc::new(codec), "stories260k".into(), 1024);
     let app = router(state, &ServerOptions::default());
-    let mut runner = TestRunner::new(Config {
-        cases: BODY_CASES,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // A fixed seed: the share of valid bodies asserted below does not vary from run to run
+    // (with a fresh seed it did, 8 to 17 of 256).
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: BODY_CASES,
+            failure_persistence: None,
+            ..Config::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
     let strategy = (prop::sample::select(ROUTES.to_vec()), body());
     let statuses = std::sync::Mutex::new(BTreeMap::<u16, usize>::new());
     runner

@@ -188,6 +188,12 @@ mod tests {
         assert_eq!(half_scale(255), 2f32.powi(127));
     }
 
+    /// The dequantized weights, row after row.
+    fn values(m: &Mxfp4Matrix) -> Vec<f32> {
+        let t = m.dequantized(&Device::Cpu, DType::F32).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     /// The same values in both layouts give the same weights, through the packed layout too.
     #[test]
     fn both_layouts_and_the_packed_form_agree() {
@@ -214,14 +220,7 @@ mod tests {
             })
             .collect();
         for m in [&a, &b] {
-            let got: Vec<f32> = m
-                .dequantized(&Device::Cpu, DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            assert_eq!(got, want, "{:?}", m.layout);
+            assert_eq!(values(m), want, "{:?}", m.layout);
             let packed = m.packed().unwrap();
             let mut row = vec![0f32; cols];
             for o in 0..rows {
@@ -229,15 +228,7 @@ mod tests {
                 assert_eq!(row, want[o * cols..(o + 1) * cols], "{:?} packed row {o}", m.layout);
             }
         }
-        let odd = b.every_nth_row(1, 2).unwrap();
-        let got: Vec<f32> = odd
-            .dequantized(&Device::Cpu, DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(got, want[cols..2 * cols]);
+        assert_eq!(values(&b.every_nth_row(1, 2).unwrap()), want[cols..2 * cols]);
     }
 
     #[test]

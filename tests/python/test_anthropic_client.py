@@ -15,23 +15,8 @@ import jsonschema
 import pytest
 
 from conftest import _start
-from test_tools_reasoning import SHARED, model_with_template
+from test_tools_reasoning import SHARED, TIME, WEATHER, model_with_template
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 12},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-    "additionalProperties": False,
-}
-TIME = {
-    "type": "object",
-    "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}},
-    "required": ["zone"],
-    "additionalProperties": False,
-}
 TOOLS = [
     {"name": "get_weather", "description": "Weather in a city", "input_schema": WEATHER,
      "input_examples": [{"city": "Oslo", "unit": "celsius"}], "strict": True, "cache_control": {"type": "ephemeral"}},
@@ -173,7 +158,7 @@ def test_tool_choice_none_gives_text_and_bad_tools_are_refused(client):
         ({"tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
         ({"tool_choice": {"type": "any"}}, "tool_choice"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0.type"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"thinking": {"type": "enabled", "budget_tokens": 10}}, "budget_tokens"),
         ({"extra_body": {"top_k": -3}}, "top_k"),
         ({"thinking": {"type": "sometimes"}}, "thinking.type"),

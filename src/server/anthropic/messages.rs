@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 
 use axum::extract::State;
-use axum::response::sse::Event;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use super::types::{MessagesContent, MessagesReply, MessagesRequest, MessagesTurn
 use super::{AnthropicError, AnthropicJson};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, SamplingParams, Usage};
-use crate::server::openai::{new_id, sse_response};
+use crate::server::openai::new_id;
 use crate::server::AppState;
 use crate::text::grammar::OutputConstraint;
 use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
@@ -148,6 +148,9 @@ fn to_spec(
     }
     for (i, m) in req.messages.iter().enumerate() {
         append_turn(&mut messages, m, &format!("messages.{i}"))?;
+    }
+    if let Some(keep) = thinking_turns_kept(req.context_management.as_ref())? {
+        clear_old_thoughts(&mut messages, keep);
     }
     let mut chat = ChatPrompt::new(messages);
     chat.tools = tool_set(req)?;
@@ -310,7 +313,7 @@ fn read_output_config(config: Option<&Value>) -> Result<(Option<String>, Option<
 
 /// Appends one wire turn to the template's messages: a user turn's tool results become `tool`
 /// messages (in block order, its text between them as user messages); an assistant turn's
-/// blocks become one message with its text, thought and calls.
+/// blocks become one message with its text, thought and calls; a system turn stays one.
 fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result<(), AnthropicError> {
     if let Some(name) = m.unknown.keys().next() {
         return Err(AnthropicError::invalid(
@@ -362,10 +365,16 @@ fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result
             message.tool_calls = (!calls.is_empty()).then_some(calls);
             out.push(message);
         }
+        // Claude Code sends context (the agent types it offers) as a system turn among the
+        // messages; it renders where it stands, as templates render a later system turn.
+        "system" => {
+            let text = plain_text(&m.content, &format!("{at}.content"))?;
+            out.push(ChatMessage::new("system", text));
+        }
         other => {
             return Err(AnthropicError::invalid(
                 &format!("{at}.role"),
-                format!("{at}.role: Input should be 'user' or 'assistant', got '{other}'"),
+                format!("{at}.role: Input should be 'user', 'assistant' or 'system', got '{other}'"),
             ))
         }
     }
@@ -489,7 +498,10 @@ fn read_block(block: &Value, at: &str, allowed: &[&str]) -> Result<Block, Anthro
     })
 }
 
-/// `system` (or any content that may hold only text) as one text.
+/// `system` as one text. A block that is Claude Code's billing header
+/// (`x-anthropic-billing-header: cc_version=…`, which changes between requests) is left out:
+/// it is metadata for Anthropic's accounting, and at the head of the prompt it would make
+/// every request miss the prefix cache.
 fn plain_text(content: &MessagesContent, at: &str) -> Result<String, AnthropicError> {
     match content {
         MessagesContent::Text(text) => Ok(text.clone()),
@@ -497,11 +509,81 @@ fn plain_text(content: &MessagesContent, at: &str) -> Result<String, AnthropicEr
             let mut text = String::new();
             for (j, block) in blocks.iter().enumerate() {
                 match read_block(block, &format!("{at}.{j}"), &["text"])? {
+                    Block::Text(t) if t.starts_with(BILLING_HEADER) => {}
                     Block::Text(t) => join(&mut text, &t),
                     _ => unreachable!("only text is asked for"),
                 }
             }
             Ok(text)
+        }
+    }
+}
+
+/// How Claude Code's billing header block starts.
+const BILLING_HEADER: &str = "x-anthropic-billing-header:";
+
+/// `context_management`: its one edit mlxd applies, `clear_thinking_20251015` (`keep`: `all`,
+/// or `{"type": "thinking_turns", "value": N}`: the thoughts of the last N assistant turns),
+/// as the number of turns whose thoughts stay (None: all). Other edits are refused by name.
+fn thinking_turns_kept(config: Option<&Value>) -> Result<Option<usize>, AnthropicError> {
+    let Some(config) = config.filter(|c| !c.is_null()) else {
+        return Ok(None);
+    };
+    let edits = match config.as_object() {
+        Some(obj) if obj.keys().all(|k| k == "edits") => obj.get("edits").and_then(Value::as_array),
+        _ => None,
+    };
+    let Some(edits) = edits else {
+        return Err(AnthropicError::invalid(
+            "context_management",
+            "context_management must be {\"edits\": [...]}",
+        ));
+    };
+    let mut kept = None;
+    for (i, edit) in edits.iter().enumerate() {
+        let at = format!("context_management.edits.{i}");
+        match edit.get("type").and_then(Value::as_str) {
+            Some("clear_thinking_20251015") => {}
+            other => {
+                return Err(AnthropicError::invalid(
+                    &format!("{at}.type"),
+                    format!(
+                        "{at}.type: '{}' is not supported (only clear_thinking_20251015)",
+                        other.unwrap_or("")
+                    ),
+                ))
+            }
+        }
+        kept = match edit.get("keep") {
+            None | Some(Value::Null) => Some(1),
+            Some(v) if v == "all" => None,
+            Some(v) if v.get("type").and_then(Value::as_str) == Some("thinking_turns") => {
+                let n = v.get("value").and_then(Value::as_u64).filter(|&n| n >= 1);
+                Some(n.ok_or_else(|| {
+                    AnthropicError::invalid(
+                        &format!("{at}.keep.value"),
+                        format!("{at}.keep.value must be at least 1"),
+                    )
+                })? as usize)
+            }
+            Some(other) => {
+                return Err(AnthropicError::invalid(
+                    &format!("{at}.keep"),
+                    format!("{at}.keep must be \"all\" or {{\"type\": \"thinking_turns\", \"value\": N}}, got {other}"),
+                ))
+            }
+        };
+    }
+    Ok(kept)
+}
+
+/// Drops the thoughts of all assistant turns but the last `keep`.
+fn clear_old_thoughts(messages: &mut [ChatMessage], keep: usize) {
+    let mut seen = 0;
+    for m in messages.iter_mut().rev().filter(|m| m.role == "assistant") {
+        seen += 1;
+        if seen > keep {
+            m.reasoning_content = None;
         }
     }
 }
@@ -622,6 +704,9 @@ fn tool_set(req: &MessagesRequest) -> Result<ToolSet, AnthropicError> {
         parallel,
     })
 }
+
+/// How long a stream stays silent before a `ping` event.
+const PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What every event of one reply names.
 struct Reply {
@@ -759,7 +844,13 @@ impl Reply {
         let events = futures::stream::iter([start, ping])
             .chain(body.flat_map(futures::stream::iter))
             .map(Ok::<_, Infallible>);
-        sse_response(events)
+        // While a long prompt is prefilled no event is due: `ping` events, as Anthropic sends
+        // them, keep agents' stall watchdogs (Claude Code's cancels and retries a silent stream)
+        // from giving up on it.
+        let keep_alive = KeepAlive::new()
+            .interval(PING_INTERVAL)
+            .event(event(json!({"type": "ping"})));
+        Sse::new(events).keep_alive(keep_alive).into_response()
     }
 }
 

@@ -50,6 +50,9 @@ pub struct MessagesRequest {
     /// "schema": …}`: structured output through constrained decoding).
     #[serde(default)]
     pub output_config: Option<Value>,
+    /// Context editing: `{"edits": [{"type": "clear_thinking_20251015", "keep": …}]}`.
+    #[serde(default)]
+    pub context_management: Option<Value>,
     /// The caller's tags (`user_id`); kept out of the model's prompt.
     #[serde(default)]
     pub metadata: Option<Value>,
