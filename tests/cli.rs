@@ -183,3 +183,27 @@ fn truncated_and_foreign_gguf_files_are_named() {
     std::fs::write(&garbage, b"definitely not gguf").expect("write");
     run_fails_with(&garbage, &["garbage.gguf"]);
 }
+
+/// A context longer than the model was trained for is refused at start, naming the trained
+/// length and how to extend it, never capped silently.
+#[test]
+fn a_max_model_len_beyond_the_trained_context_is_refused() {
+    let out = mlxd()
+        .args(["run", "--model"])
+        .arg(repo_model())
+        .args(["--max-model-len", "32768", "hi"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success(), "must exit non-zero");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in ["--max-model-len 32768", "trained context of 512 tokens", "rope_scaling"] {
+        assert!(stderr.contains(needle), "stderr should mention {needle:?}:\n{stderr}");
+    }
+    let ok = mlxd()
+        .args(["run", "--model"])
+        .arg(repo_model())
+        .args(["--max-model-len", "512", "--max-tokens", "2", "Once"])
+        .output()
+        .expect("runs");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}

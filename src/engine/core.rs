@@ -174,9 +174,18 @@ impl EngineCore {
         };
         let max_num_seqs = cfg.max_num_seqs.unwrap_or(default_seqs);
         let max_num_batched_tokens = cfg.max_num_batched_tokens.unwrap_or(default_tokens);
-        let max_model_len = cfg
-            .max_model_len
-            .map_or(mc.max_position_embeddings, |m| m.min(mc.max_position_embeddings));
+        let trained = mc.max_position_embeddings;
+        if let Some(asked) = cfg.max_model_len.filter(|&m| m > trained) {
+            // Never capped silently: positions past the trained length need rope scaling the
+            // model's config does not declare.
+            return Err(EngineError::Load(format!(
+                "--max-model-len {asked} is longer than the model's trained context of {trained} tokens \
+                 (max_position_embeddings in its config); ask for at most {trained}, or extend the \
+                 context deliberately by giving config.json a rope_scaling (e.g. yarn) and a larger \
+                 max_position_embeddings"
+            )));
+        }
+        let max_model_len = cfg.max_model_len.unwrap_or(trained);
         let kv_dtype = kv_dtype(cfg.kv_dtype, &device, &mc)?;
         let layout = KvLayout {
             widths: mc.kv_widths.clone(),
