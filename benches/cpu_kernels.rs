@@ -65,13 +65,8 @@ fn matrix(rows: usize, cols: usize, spec: PackSpec, seed: usize) -> PackedMatrix
     .expect("packs")
 }
 
-/// MXFP4's layout: E2M1 codes, levels = doubled values + 12 (`formats::mxfp4`).
-const MXFP4: PackSpec = PackSpec {
-    four_bit: true,
-    group: 32,
-    zero_point: Some(12),
-    codebook: Some([12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0]),
-};
+/// MXFP4's layout: E2M1 codes, levels = doubled values + 12.
+const MXFP4: PackSpec = mlxd::formats::mxfp4::SPEC;
 
 /// The layout of a format without a codebook.
 fn spec(four_bit: bool, group: usize, zero_point: Option<u8>) -> PackSpec {

@@ -20,7 +20,7 @@ const BLOCK: usize = 32;
 /// Twice each E2M1 code's value (llama.cpp's `kvalues_mxfp4`).
 const DOUBLED: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 /// The CPU kernels' form: 4-bit codes, levels `DOUBLED + 12`, a scale per block of 32.
-const SPEC: PackSpec = PackSpec {
+pub const SPEC: PackSpec = PackSpec {
     four_bit: true,
     group: BLOCK,
     zero_point: Some(12),

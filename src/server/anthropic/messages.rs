@@ -13,7 +13,7 @@ use super::types::{MessagesContent, MessagesReply, MessagesRequest, MessagesTurn
 use super::{AnthropicError, AnthropicJson};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, SamplingParams, Usage};
-use crate::server::openai::new_id;
+use crate::server::openai::{choices, new_id};
 use crate::server::AppState;
 use crate::text::grammar::OutputConstraint;
 use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
@@ -36,8 +36,7 @@ pub async fn messages(
     let model = state.model(req.model.as_deref()).await?;
     let request = state.validate(&model, spec).await?;
     let prompt_tokens = request.prompt().len() as u32;
-    let mut stream = state.generate(&model, request)?;
-    stream.wait_scheduled().await?;
+    let stream = choices::start(&state, &model, vec![request], 1).await?.remove(0);
     let reply = Reply {
         id: new_id("msg_"),
         model: model.name().to_string(),
@@ -788,7 +787,7 @@ impl Reply {
             open: Open::None,
         };
         let mut ended = false;
-        let body = stream_items(stream).map(move |item| {
+        let body = choices::merged(vec![stream]).map(move |(_, item)| {
             let mut events = Vec::new();
             if ended {
                 return events;
@@ -852,9 +851,4 @@ impl Reply {
             .event(event(json!({"type": "ping"})));
         Sse::new(events).keep_alive(keep_alive).into_response()
     }
-}
-
-/// A text stream's items as a stream.
-fn stream_items(stream: TextStream) -> futures::stream::BoxStream<'static, StreamItem> {
-    futures::stream::unfold(stream, |mut s| async move { s.next().await.map(|item| (item, s)) }).boxed()
 }
