@@ -104,6 +104,8 @@ pub struct EngineSection {
     pub prefix_cache: bool,
     /// Cap on prompt + output tokens (0 = the model's context length).
     pub max_model_len: usize,
+    /// Most tokens a reply generates when its request sets no limit (0: the context's end).
+    pub default_max_tokens: usize,
     /// On a CUDA GPU, replay decode steps from captured CUDA graphs.
     pub cuda_graphs: bool,
     /// A directory the prefix cache's full KV blocks are written through to, and read back
@@ -124,6 +126,7 @@ impl Default for EngineSection {
             kv_memory: "auto".into(),
             prefix_cache: true,
             max_model_len: 0,
+            default_max_tokens: 0,
             cuda_graphs: true,
             kv_disk: None,
             kv_disk_size: "10GiB".into(),

@@ -135,6 +135,10 @@ struct ModelArgs {
     /// Cap on prompt + output tokens per request [default: the model's context length].
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// Most tokens a reply generates when its request sets no limit, as llama-server's
+    /// --n-predict (0: up to the context's end) [default: 0].
+    #[arg(long)]
+    default_max_tokens: Option<usize>,
     /// Do not reuse the KV of identical prompt prefixes.
     #[arg(long)]
     no_prefix_cache: bool,
@@ -306,6 +310,9 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if let Some(n) = args.max_model_len {
         e.max_model_len = n;
     }
+    if let Some(n) = args.default_max_tokens {
+        e.default_max_tokens = n;
+    }
     if args.no_prefix_cache {
         e.prefix_cache = false;
     }
@@ -357,6 +364,7 @@ fn start_engine(
         max_num_seqs: (cfg.scheduler.max_seqs > 0).then_some(cfg.scheduler.max_seqs),
         max_num_batched_tokens: (cfg.scheduler.max_batch_tokens > 0).then_some(cfg.scheduler.max_batch_tokens),
         max_model_len: (cfg.engine.max_model_len > 0).then_some(cfg.engine.max_model_len),
+        default_max_tokens: (cfg.engine.default_max_tokens > 0).then_some(cfg.engine.default_max_tokens),
         enable_prefix_cache: cfg.engine.prefix_cache,
         cuda_graphs: cfg.engine.cuda_graphs,
         kv_disk: cfg.kv_disk()?,

@@ -61,6 +61,9 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: Option<usize>,
     /// Cap on the context length (None = the model's own).
     pub max_model_len: Option<usize>,
+    /// Most tokens a reply generates when its request sets no limit (None: up to the
+    /// context's end), as llama-server's `--n-predict`.
+    pub default_max_tokens: Option<usize>,
     /// Reuse KV blocks of identical prompt prefixes.
     pub enable_prefix_cache: bool,
     /// Draw a progress bar while loading (only on a terminal).
@@ -85,6 +88,7 @@ impl ModelInfo {
             block_size: self.block_size,
             vocab_size: self.model.vocab_size,
             eos_token_ids: eos_token_ids.to_vec(),
+            default_max_tokens: self.default_max_tokens,
         }
     }
 }
@@ -110,6 +114,8 @@ pub struct ModelInfo {
     pub max_num_batched_tokens: usize,
     /// Most sequences decoded together.
     pub max_num_seqs: usize,
+    /// Most tokens a reply generates when its request sets no limit (None: the context's end).
+    pub default_max_tokens: Option<usize>,
 }
 
 /// Live counters the engine publishes after every step (metrics, health, tests).

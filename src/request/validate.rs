@@ -29,6 +29,8 @@ pub struct RequestLimits {
     pub vocab_size: usize,
     /// Ids that end generation unless `ignore_eos`.
     pub eos_token_ids: Vec<u32>,
+    /// The budget of a request that sets none (`MaxTokens::Rest`); None: the room left.
+    pub default_max_tokens: Option<usize>,
 }
 
 /// Why a request was refused; every variant is the client's to fix (HTTP 400).
@@ -411,7 +413,7 @@ fn resolve_max_tokens(
             n
         }
         MaxTokens::AtMost(n) => (n as usize).min(room),
-        MaxTokens::Rest => room,
+        MaxTokens::Rest => limits.default_max_tokens.map_or(room, |n| n.min(room)),
     };
     if max == 0 {
         return Err(context_error(1));
@@ -428,6 +430,7 @@ mod tests {
             max_model_len: 100,
             kv_pool_tokens: 64,
             block_size: 16,
+            default_max_tokens: None,
             vocab_size: 50,
             eos_token_ids: vec![2],
         }
@@ -470,6 +473,23 @@ mod tests {
     fn a_full_context_leaves_no_budget() {
         let e = resolve_max_tokens(30, MaxTokens::Rest, Some(30), Field::Prompt, &limits());
         assert!(matches!(e, Err(RequestError::ContextLength { ctx: 30, .. })), "{e:?}");
+    }
+
+    #[test]
+    fn the_server_default_caps_only_requests_that_set_no_budget() {
+        let capped = RequestLimits {
+            default_max_tokens: Some(8),
+            ..limits()
+        };
+        let resolve = |max| resolve_max_tokens(10, max, None, Field::Prompt, &capped);
+        assert_eq!(resolve(MaxTokens::Rest), Ok(8));
+        assert_eq!(resolve(MaxTokens::AtMost(20)), Ok(20));
+        assert_eq!(resolve(MaxTokens::Exactly(20)), Ok(20));
+        // Near the context's end the room left is the smaller bound.
+        assert_eq!(
+            resolve_max_tokens(60, MaxTokens::Rest, None, Field::Prompt, &capped),
+            Ok(4)
+        );
     }
 
     #[test]

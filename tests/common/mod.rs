@@ -244,6 +244,7 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
         max_num_seqs: Some(16),
         max_num_batched_tokens: Some(2048),
         max_model_len: None,
+        default_max_tokens: None,
         enable_prefix_cache: true,
         cuda_graphs: true,
         show_progress: false,
