@@ -57,6 +57,12 @@ pub struct ServerConfig {
     /// The Hugging Face hub cache to serve from (default: `HF_HUB_CACHE`, `HF_HOME/hub` or
     /// `~/.cache/huggingface/hub`).
     pub hf_cache: Option<PathBuf>,
+    /// Most Responses API responses kept for `previous_response_id` (0: none are stored).
+    pub responses_max_count: usize,
+    /// Most memory they may hold (JSON bytes), e.g. "256MiB".
+    pub responses_max_size: String,
+    /// Seconds a stored response is kept.
+    pub responses_ttl: f64,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +85,9 @@ impl Default for ServerConfig {
             models_dir: None,
             ollama_models: None,
             hf_cache: None,
+            responses_max_count: 1000,
+            responses_max_size: "256MiB".into(),
+            responses_ttl: 86400.0,
         }
     }
 }
@@ -206,6 +215,11 @@ impl Config {
             ));
         }
         self.max_body_bytes()?;
+        self.responses_max_bytes()?;
+        let ttl = self.server.responses_ttl;
+        if !(ttl > 0.0 && ttl.is_finite()) {
+            return Err(ConfigError("responses_ttl must be a positive number of seconds".into()));
+        }
         let r = self.server.read_timeout;
         if !(r > 0.0 && r.is_finite()) {
             return Err(ConfigError("read_timeout must be a positive number of seconds".into()));
@@ -251,6 +265,14 @@ impl Config {
         parse_size(spec)
             .and_then(|n| usize::try_from(n).ok())
             .ok_or_else(|| ConfigError(format!("max_body `{spec}` (use a size like 32MiB)")))
+    }
+
+    /// `[server] responses_max_size` in bytes (the Responses API's store budget).
+    pub fn responses_max_bytes(&self) -> Result<usize, ConfigError> {
+        let spec = &self.server.responses_max_size;
+        parse_size(spec)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| ConfigError(format!("responses_max_size `{spec}` (use a size like 256MiB)")))
     }
 
     /// The disk tier of the prefix cache, when `kv_disk` names a directory.

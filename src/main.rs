@@ -15,6 +15,7 @@ use mlxd::output::StreamItem;
 use mlxd::request::KeepAlive;
 use mlxd::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use mlxd::server::auth::AccessOptions;
+use mlxd::server::openai::responses::store::{ResponseStore, StoreLimits};
 use mlxd::server::registry::{Loader, ModelRegistry, RegistryOptions, Served};
 use mlxd::server::{router, AppState, ConnectionTimeouts, ServerOptions};
 use mlxd::text::TextCodec;
@@ -522,6 +523,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let admission_limit = info.max_num_seqs + cfg.scheduler.max_queue;
     let mut state = AppState::with_models(models.clone(), admission_limit);
     state.reasoning = cfg.server.reasoning_format;
+    state.responses = Arc::new(ResponseStore::new(StoreLimits {
+        max_count: cfg.server.responses_max_count,
+        max_bytes: cfg.responses_max_bytes()?,
+        ttl: std::time::Duration::from_secs_f64(cfg.server.responses_ttl),
+    }));
     let reaper = models.clone();
     tokio::spawn(async move {
         loop {

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use candle_core::Tensor;
-use common::{codec, engine_config, repo_model, token_request, TestServer};
+use common::{codec, engine_config, repo_model, shared, token_request, TestServer};
 use mlxd::compute::batch::BatchInput;
 use mlxd::compute::paged_kv::PagedKvCache;
 use mlxd::engine::{EngineHandle, ModelLoader, TokenEvent};
@@ -142,5 +142,51 @@ async fn over_http_a_failed_step_is_a_500_in_each_api_shape_and_the_server_stays
     assert_eq!(status, 200, "{body}");
     let health = reqwest::get(s.url("/health")).await.expect("health");
     assert_eq!(health.status(), 200);
+    assert_eq!(s.wait_pool_all_free().await.0, s.wait_pool_all_free().await.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_a_failed_step_ends_a_responses_stream_with_response_failed() {
+    // The Qwen3 fixture's tokenizer reads "ny" as token 400: the user turn poisons the prefill.
+    let s = TestServer::start_with_loader(engine_config(&shared("fixtures/qwen3/f32")), faulty_loader()).await;
+    let body = json!({"input": "ny", "max_output_tokens": 4, "stream": true});
+    let resp = s.send_json("/v1/responses", body.clone()).await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.expect("body");
+    let events: Vec<serde_json::Value> = text
+        .split("\n\n")
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str(d).expect("json"))
+        .collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["response.created", "response.in_progress", "response.failed"],
+        "{text}"
+    );
+    let failed = &events[2]["response"];
+    assert_eq!(failed["status"], "failed");
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("injected fault"),
+        "{failed}"
+    );
+    // Whole, it is a 500 in OpenAI's shape; the server serves on.
+    let mut whole = body;
+    whole["stream"] = json!(false);
+    let (status, body) = s.post_json("/v1/responses", whole).await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["type"], "server_error");
+    let (status, body) = s
+        .post_json("/v1/responses", json!({"input": "hello", "max_output_tokens": 2}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "incomplete");
+    // A failed response is not stored: nothing to continue.
+    let id = failed["id"].as_str().expect("id");
+    let stored = reqwest::get(s.url(&format!("/v1/responses/{id}"))).await.expect("get");
+    assert_eq!(stored.status(), 404);
     assert_eq!(s.wait_pool_all_free().await.0, s.wait_pool_all_free().await.1);
 }

@@ -25,9 +25,10 @@ use tower::ServiceExt;
 /// Random bodies sent by the router property (also printed, for the record).
 const BODY_CASES: u32 = 256;
 
-const ROUTES: [&str; 10] = [
+const ROUTES: [&str; 11] = [
     "/v1/chat/completions",
     "/v1/completions",
+    "/v1/responses",
     "/v1/messages",
     "/v1/messages/count_tokens",
     "/api/generate",
@@ -39,7 +40,7 @@ const ROUTES: [&str; 10] = [
 ];
 
 /// Field names of the three APIs, plus a few no API has.
-const KEYS: [&str; 45] = [
+const KEYS: [&str; 52] = [
     "model",
     "messages",
     "prompt",
@@ -84,6 +85,13 @@ const KEYS: [&str; 45] = [
     "tool_choice",
     "output_config",
     "context_management",
+    "input",
+    "instructions",
+    "previous_response_id",
+    "max_output_tokens",
+    "text",
+    "reasoning",
+    "include",
     "",
 ];
 

@@ -52,6 +52,15 @@ pub enum ApiError {
         /// Path.
         path: String,
     },
+    /// No stored response has this id (never stored, expired, evicted or deleted); `param`
+    /// names the request field that named it.
+    #[error("{message}")]
+    ResponseNotFound {
+        /// Which id, and why it is missing.
+        message: String,
+        /// `previous_response_id`, or None for a path's id.
+        param: Option<String>,
+    },
     /// The request body is larger than the server accepts.
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -118,7 +127,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::InvalidRequest { .. } | Self::Request(_) => StatusCode::BAD_REQUEST,
-            Self::ModelNotFound { .. } | Self::NotFound { .. } => StatusCode::NOT_FOUND,
+            Self::ModelNotFound { .. } | Self::NotFound { .. } | Self::ResponseNotFound { .. } => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -168,6 +177,12 @@ impl ApiError {
                 Some("model".to_string()),
             ),
             Self::NotFound { .. } => ("invalid_request_error", Some("unknown_url"), None),
+            Self::ResponseNotFound { param: Some(p), .. } => (
+                "invalid_request_error",
+                Some("previous_response_not_found"),
+                Some(p.clone()),
+            ),
+            Self::ResponseNotFound { param: None, .. } => ("invalid_request_error", Some("response_not_found"), None),
             Self::MethodNotAllowed { .. } => ("invalid_request_error", Some("method_not_allowed"), None),
             Self::Unauthorized => ("invalid_request_error", Some("invalid_api_key"), None),
             Self::PayloadTooLarge(_) => ("invalid_request_error", Some("payload_too_large"), None),

@@ -48,6 +48,8 @@ pub struct AppState {
     pub created: i64,
     /// What happens to a thinking model's thoughts unless a request says otherwise.
     pub reasoning: ReasoningMode,
+    /// Responses kept for the Responses API's `previous_response_id` and `GET`.
+    pub responses: Arc<openai::responses::store::ResponseStore>,
     /// One permit per request running or queued; none left means 429.
     admission: Arc<Semaphore>,
     /// Set once shutdown began: new generations get 503.
@@ -95,6 +97,7 @@ impl AppState {
             models,
             created: openai::unix_now(),
             reasoning: ReasoningMode::default(),
+            responses: Arc::new(openai::responses::store::ResponseStore::new(Default::default())),
             admission: Arc::new(Semaphore::new(admission_limit)),
             draining: Arc::new(AtomicBool::new(false)),
         }
@@ -187,6 +190,11 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(openapi::base())
         .routes(routes!(openai::chat::chat_completions))
         .routes(routes!(openai::completions::completions))
+        .routes(routes!(openai::responses::create_response))
+        .routes(routes!(
+            openai::responses::get_response,
+            openai::responses::delete_response
+        ))
         .routes(routes!(openai::embeddings::embeddings))
         .routes(routes!(openai::models::list_models))
         .routes(routes!(openai::tokenize::tokenize))

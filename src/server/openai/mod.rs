@@ -1,11 +1,12 @@
-//! OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
-//! `/v1/models`.
+//! OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/responses`,
+//! `/v1/embeddings`, `/v1/models`.
 
 pub mod chat;
 pub mod choices;
 pub mod completions;
 pub mod embeddings;
 pub mod models;
+pub mod responses;
 pub mod tokenize;
 pub mod types;
 
