@@ -92,6 +92,10 @@ pub struct TextStream {
     stop_sequence: Option<String>,
     /// Prompt tokens read from the prefix cache, once scheduled.
     cached_tokens: u32,
+    /// The prompt's ids, and the logprob of each prompt token received so far (by position;
+    /// only for requests with prompt logprobs).
+    prompt: Vec<u32>,
+    prompt_logprobs: Vec<Option<Logprobs>>,
     done: bool,
     /// What the request holds until it is dropped (its admission permit, its model lease).
     _held: Option<Box<dyn std::any::Any + Send>>,
@@ -115,6 +119,8 @@ impl TextStream {
             stopped: false,
             stop_sequence: None,
             cached_tokens: 0,
+            prompt: prompt.to_vec(),
+            prompt_logprobs: Vec::new(),
             done: false,
             _held: None,
         }
@@ -167,6 +173,35 @@ impl TextStream {
         }
     }
 
+    /// The prompt's tokens with their logprobs, for a request with prompt logprobs (empty for
+    /// others): each token's text as it reads in the prompt; the first token has no logprob
+    /// (nothing comes before it). Complete once the first token arrived.
+    pub fn prompt_tokens(&self) -> Vec<GeneratedToken> {
+        if self.prompt_logprobs.is_empty() {
+            return Vec::new();
+        }
+        let tokenizer = self.codec.tokenizer();
+        let mut detokenizer = IncrementalDetokenizer::new(&[]);
+        self.prompt
+            .iter()
+            .zip(&self.prompt_logprobs)
+            .map(|(&id, logprobs)| {
+                let top_texts = logprobs.as_ref().map_or_else(Vec::new, |lp| {
+                    lp.top
+                        .iter()
+                        .map(|alt| detokenizer.clone().push(tokenizer, alt.id))
+                        .collect()
+                });
+                GeneratedToken {
+                    id,
+                    text: detokenizer.push(tokenizer, id),
+                    logprobs: logprobs.clone(),
+                    top_texts,
+                }
+            })
+            .collect()
+    }
+
     /// The next item; None after `Done` or `Error`.
     pub async fn next(&mut self) -> Option<StreamItem> {
         loop {
@@ -186,6 +221,14 @@ impl TextStream {
             Some(TokenEvent::Scheduled { cached_tokens }) => {
                 self.scheduled = true;
                 self.cached_tokens = cached_tokens;
+            }
+            Some(TokenEvent::PromptLogprobs { first, logprobs }) => {
+                self.prompt_logprobs.resize(self.prompt.len(), None);
+                for (i, lp) in logprobs.into_iter().enumerate() {
+                    if let Some(slot) = self.prompt_logprobs.get_mut(first + i) {
+                        *slot = Some(lp);
+                    }
+                }
             }
             Some(TokenEvent::Token { .. }) if self.stopped => {}
             Some(TokenEvent::Token { id, logprobs }) => self.on_token(id, logprobs),
@@ -335,6 +378,9 @@ pub struct Collected {
     pub stop_sequence: Option<String>,
     /// Accounting.
     pub usage: Usage,
+    /// The prompt's tokens with their logprobs (requests with prompt logprobs; see
+    /// `TextStream::prompt_tokens`).
+    pub prompt_tokens: Vec<GeneratedToken>,
 }
 
 /// Drains a `TextStream`; the first error aborts.
@@ -365,6 +411,7 @@ pub async fn collect(mut stream: TextStream) -> Result<Collected, EngineError> {
             StreamItem::Error(e) => return Err(e),
         }
     }
+    out.prompt_tokens = stream.prompt_tokens();
     Ok(out)
 }
 
@@ -394,7 +441,7 @@ pub async fn embed(
                 return Ok(Embedding { vector, usage });
             }
             Some(TokenEvent::Error(e)) => return Err(e),
-            Some(TokenEvent::Scheduled { .. } | TokenEvent::Token { .. }) => {}
+            Some(TokenEvent::Scheduled { .. } | TokenEvent::Token { .. } | TokenEvent::PromptLogprobs { .. }) => {}
             None => return Err(EngineError::Unavailable),
         }
     }

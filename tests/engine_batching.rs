@@ -12,7 +12,7 @@ async fn tokens_of(mut stream: GenerationStream) -> Vec<u32> {
     while let Some(ev) = stream.recv().await {
         match ev {
             TokenEvent::Token { id, .. } => out.push(id),
-            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) => {}
+            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) | TokenEvent::PromptLogprobs { .. } => {}
             TokenEvent::Finished { .. } => break,
             TokenEvent::Error(e) => panic!("engine error: {e}"),
         }

@@ -20,7 +20,7 @@ async fn greedy_tokens(engine: &EngineHandle, codec: &TextCodec, prompt: Vec<u32
             TokenEvent::Token { id, .. } => out.push(id),
             TokenEvent::Finished { .. } => break,
             TokenEvent::Error(e) => panic!("engine error: {e}"),
-            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) => {}
+            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) | TokenEvent::PromptLogprobs { .. } => {}
         }
     }
     out

@@ -63,7 +63,7 @@ async fn outcome(engine: &EngineHandle, prompt: Vec<u32>) -> Result<usize, Strin
             TokenEvent::Token { .. } => n += 1,
             TokenEvent::Finished { .. } => return Ok(n),
             TokenEvent::Error(e) => return Err(e.to_string()),
-            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) => {}
+            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) | TokenEvent::PromptLogprobs { .. } => {}
         }
     }
     Err("stream closed".into())

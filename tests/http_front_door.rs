@@ -272,6 +272,84 @@ async fn echo_returns_the_prompt_before_the_completion() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_with_logprobs_gives_each_prompt_token_its_logprob_given_the_tokens_before() {
+    let s = server().await;
+    let body = completion(json!({"echo": true, "logprobs": 2, "max_tokens": 4, "return_token_ids": true}));
+    let (status, whole) = s.post_json("/v1/completions", body.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let choice = &whole["choices"][0];
+    let prompt: Vec<u64> = choice["prompt_token_ids"]
+        .as_array()
+        .expect("prompt ids")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let lp = &choice["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(tokens.len(), prompt.len() + 4, "{lp}");
+    assert_eq!(Some(tokens.concat().as_str()), choice["text"].as_str());
+    let logprobs = lp["token_logprobs"].as_array().expect("token_logprobs");
+    assert!(logprobs[0].is_null() && lp["top_logprobs"][0].is_null(), "{lp}");
+    assert!(
+        logprobs[1..].iter().all(|l| l.as_f64().is_some_and(|l| l <= 0.0)),
+        "{lp}"
+    );
+    assert!(lp["top_logprobs"][1].as_object().is_some_and(|t| t.len() == 2), "{lp}");
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    // Each prompt token's logprob is the one the model gives it after the tokens before it:
+    // forced as the next token of the shorter prompt, it reports the same logprob.
+    for i in 1..prompt.len() {
+        let forced = json!({
+            "model": "stories260k", "prompt": prompt[..i], "max_tokens": 1, "temperature": 0, "logprobs": 0,
+            "logit_bias": {prompt[i].to_string(): 100},
+        });
+        let (status, next) = s.post_json("/v1/completions", forced).await;
+        assert_eq!(status, 200, "{next}");
+        let want = next["choices"][0]["logprobs"]["token_logprobs"][0]
+            .as_f64()
+            .expect("logprob");
+        let got = logprobs[i].as_f64().expect("logprob");
+        assert!((got - want).abs() < 1e-3, "prompt token {i}: {got} vs {want}");
+    }
+    // The prompt is computed again (never read from the prefix cache), with the same result;
+    // streamed, the first chunk leads with the prompt's tokens.
+    let (_, again) = s.post_json("/v1/completions", body.clone()).await;
+    assert_eq!(again["choices"][0]["logprobs"], *lp);
+    assert_eq!(
+        again["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+        0,
+        "{again}"
+    );
+    let mut streamed_body = body;
+    streamed_body["stream"] = json!(true);
+    let events = post_sse(&s, "/v1/completions", streamed_body).await;
+    let (mut streamed_tokens, mut streamed_logprobs) = (Vec::new(), Vec::new());
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("json");
+        if let Some(l) = v["choices"][0]["logprobs"].as_object() {
+            streamed_tokens.extend(l["tokens"].as_array().expect("tokens").iter().cloned());
+            streamed_logprobs.extend(l["token_logprobs"].as_array().expect("logprobs").iter().cloned());
+        }
+    }
+    assert_eq!(Value::from(streamed_tokens), lp["tokens"]);
+    assert_eq!(Value::from(streamed_logprobs), lp["token_logprobs"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logprob_token_texts_concatenate_to_the_text() {
     let s = server().await;
     let (status, body) = s

@@ -73,7 +73,7 @@ async fn run_with(cfg: EngineConfig, prompt: &[u32]) -> (Vec<u32>, Usage, f64) {
                 break;
             }
             TokenEvent::Error(e) => panic!("engine error: {e}"),
-            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) => {}
+            TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) | TokenEvent::PromptLogprobs { .. } => {}
         }
     }
     let metrics = engine.metrics().render(engine.stats());

@@ -22,6 +22,7 @@ use super::kv_disk::{DiskCache, KvDiskConfig, StoreIdentity};
 use super::metrics::EngineMetrics;
 use super::output::TokenEvent;
 use super::pooling::{PoolPlan, Pooled};
+use super::prompt_logprobs::PromptRows;
 use super::sampler::SamplerState;
 use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, ModelLoader};
 use crate::compute::paged_kv::{KvLayout, PagedKvCache};
@@ -44,6 +45,8 @@ struct RequestState {
     constraint: Option<Constraint>,
     /// An embedding request's pool (prefill only, no token sampled).
     embedding: Option<Pooled>,
+    /// Alternatives reported with each prompt token's logprob (None: no prompt logprobs).
+    prompt_logprobs: Option<u8>,
     /// Prompt tokens whose KV was read back from the disk cache for this request.
     disk_hit_tokens: u32,
     usage: Usage,
@@ -372,13 +375,16 @@ impl EngineCore {
             max_tokens: req.max_tokens as usize,
             stop_tokens: req.stop_tokens,
             cache_salt: self.cache_salt,
-            reuse_cached_prefix: req.embed.is_none_or(|p| p.reuses_cached_prefix()),
+            // Prompt logprobs need every prompt position's logits: nothing may come from the cache.
+            reuse_cached_prefix: req.embed.is_none_or(|p| p.reuses_cached_prefix())
+                && req.params.prompt_logprobs.is_none(),
         };
         let seq = Sequence::new(id, spec, block_size);
         tracing::debug!(request_id = %id, prompt_tokens = usage.prompt_tokens, "admitted to queue");
         let on_disk = self.prefix_on_disk(&seq);
         let state = RequestState {
             reply,
+            prompt_logprobs: req.params.prompt_logprobs,
             sampler: SamplerState::new(req.params),
             constraint: req.constraint,
             embedding: req.embed.map(Pooled::new),
@@ -558,10 +564,23 @@ impl EngineCore {
                 .entry(id)
                 .and_then(|(_, r)| r.embedding.as_ref().map(Pooled::pooling))
         });
+        let prompt_rows = PromptRows::new(&out, |id| {
+            let (seq, req) = self.scheduler.entry(id)?;
+            req.prompt_logprobs.map(|_| seq.num_prompt_tokens)
+        });
         clock.lap("schedule");
-        let batch = HostBatch::build(&out, &self.scheduler);
+        let mut batch = HostBatch::build(&out, &self.scheduler);
+        let num_sampling = batch.logits_rows.len();
+        batch.logits_rows.extend_from_slice(&prompt_rows.batch_rows);
         clock.lap("prepare");
-        let (logits, hidden) = self.forward(batch, &pools.hidden_rows)?;
+        let (mut logits, hidden) = self.forward(batch, &pools.hidden_rows)?;
+        if !prompt_rows.is_empty() {
+            self.send_prompt_logprobs(
+                &prompt_rows,
+                &logits.narrow(0, num_sampling, prompt_rows.batch_rows.len())?,
+            )?;
+            logits = logits.narrow(0, 0, num_sampling)?;
+        }
         clock.lap("forward");
         let ids: Vec<RequestId> = out.seqs.iter().filter(|s| s.sample).map(|s| s.id).collect();
         let (masks, broken) = self.constraint_masks(&ids);
@@ -598,6 +617,27 @@ impl EngineCore {
             }
         }
         Ok((self.model.forward(&batch.upload(&self.device)?, &mut self.kv)?, None))
+    }
+
+    /// Sends each sequence its prompt tokens' logprobs from `logits` (the step's prompt rows).
+    fn send_prompt_logprobs(&mut self, plan: &PromptRows, logits: &candle_core::Tensor) -> Result<(), EngineError> {
+        let rows = logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        for part in &plan.parts {
+            let Some((seq, req)) = self.scheduler.entry(part.id) else {
+                continue;
+            };
+            let n = req.prompt_logprobs.unwrap_or(0) as usize;
+            let logprobs = rows[part.rows.clone()]
+                .iter()
+                .enumerate()
+                .map(|(i, row)| super::sampler::logprobs_of(row, seq.tokens[part.first + i], n))
+                .collect();
+            let _ = req.reply.send(TokenEvent::PromptLogprobs {
+                first: part.first,
+                logprobs,
+            });
+        }
+        Ok(())
     }
 
     /// Adds each embedding sequence's rows of `hidden` to its pool; a sequence whose prompt is

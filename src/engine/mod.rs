@@ -14,6 +14,7 @@ pub mod kv_disk;
 pub mod metrics;
 pub mod output;
 mod pooling;
+mod prompt_logprobs;
 pub mod sampler;
 
 use std::path::PathBuf;

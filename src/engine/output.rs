@@ -36,6 +36,16 @@ pub enum TokenEvent {
         /// Present when the request asked for logprobs.
         logprobs: Option<Logprobs>,
     },
+    /// Logprobs of prompt tokens (for requests with `prompt_logprobs`): entry `i` describes
+    /// the prompt token at position `first + i` given the tokens before it. Sent as the
+    /// prompt is computed, before the first `Token`; a recomputed prompt (after preemption)
+    /// sends its positions again, with the same values.
+    PromptLogprobs {
+        /// Position of the token the first entry describes (at least 1).
+        first: usize,
+        /// One entry per position.
+        logprobs: Vec<Logprobs>,
+    },
     /// An embedding request's vector (L2-normalised), sent just before `Finished`.
     Embedding(Vec<f32>),
     /// The sequence ended normally; no further events follow.

@@ -234,6 +234,16 @@ fn adjustments(p: &SamplingParams, tokens: &[u32], num_prompt: usize, vocab: usi
         .collect()
 }
 
+/// The logprob of `token` under raw `logits`, with the `n` likeliest alternatives (a prompt
+/// token's report: no penalties, no temperature).
+pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> Logprobs {
+    let lp = log_softmax(logits);
+    Logprobs {
+        logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+        top: top_n(&lp, n),
+    }
+}
+
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f32 = logits.iter().map(|l| (l - max).exp()).sum();

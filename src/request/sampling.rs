@@ -24,6 +24,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Number of top alternatives to report with each token; None = no logprobs at all.
     pub logprobs: Option<u8>,
+    /// Number of top alternatives to report with each prompt token after the first (its
+    /// logprob given the tokens before it); None = no prompt logprobs. The prompt is then
+    /// computed whole, never read from the prefix cache.
+    pub prompt_logprobs: Option<u8>,
     /// Added to a token's logit before sampling (-100 bans it, +100 forces it).
     pub logit_bias: Vec<(u32, f32)>,
 }
@@ -41,6 +45,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             seed: None,
             logprobs: None,
+            prompt_logprobs: None,
             logit_bias: Vec::new(),
         }
     }

@@ -267,7 +267,11 @@ fn check_sampling(p: &SamplingParams, limits: &RequestLimits) -> Result<(), Requ
         "between -2 and 2",
         fp,
     )?;
-    if let Some(n) = p.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+    if let Some(n) = [p.logprobs, p.prompt_logprobs]
+        .into_iter()
+        .flatten()
+        .find(|&n| n > MAX_TOP_LOGPROBS)
+    {
         return Err(RequestError::invalid(
             Field::Logprobs,
             format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
@@ -470,12 +474,6 @@ mod tests {
     }
 
     #[test]
-    fn a_full_context_leaves_no_budget() {
-        let e = resolve_max_tokens(30, MaxTokens::Rest, Some(30), Field::Prompt, &limits());
-        assert!(matches!(e, Err(RequestError::ContextLength { ctx: 30, .. })), "{e:?}");
-    }
-
-    #[test]
     fn the_server_default_caps_only_requests_that_set_no_budget() {
         let capped = RequestLimits {
             default_max_tokens: Some(8),
@@ -490,6 +488,12 @@ mod tests {
             resolve_max_tokens(60, MaxTokens::Rest, None, Field::Prompt, &capped),
             Ok(4)
         );
+    }
+
+    #[test]
+    fn a_full_context_leaves_no_budget() {
+        let e = resolve_max_tokens(30, MaxTokens::Rest, Some(30), Field::Prompt, &limits());
+        assert!(matches!(e, Err(RequestError::ContextLength { ctx: 30, .. })), "{e:?}");
     }
 
     #[test]

@@ -61,9 +61,15 @@ pub async fn completions(
         prompts: prompt_echoes(&model, &requests, req.echo),
         n,
     };
-    let streams = choices::start(&state, &model, requests, n).await?;
+    let mut streams = choices::start(&state, &model, requests, n).await?;
     if req.stream {
-        return Ok(stream_completion(streams, Arc::new(meta)));
+        // The prompt's logprobs are all in once its first token is: the first chunk carries them.
+        let mut prompt_tokens = Vec::with_capacity(streams.len());
+        for stream in &mut streams {
+            stream.wait_first_token().await;
+            prompt_tokens.push(stream.prompt_tokens());
+        }
+        return Ok(stream_completion(streams, Arc::new(meta), prompt_tokens));
     }
     let results = choices::collect_all(streams).await?;
     let usages: Vec<Usage> = results.iter().map(|c| c.usage).collect();
@@ -71,8 +77,12 @@ pub async fn completions(
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            let (echo, offset) = meta.echo(i);
-            meta.choice(i, echo + &c.text, &c.tokens, offset, c.reason, true)
+            let (echo, echo_len) = meta.echo(i);
+            if c.prompt_tokens.is_empty() {
+                return meta.choice(i, echo + &c.text, &c.tokens, echo_len, c.reason, true);
+            }
+            let tokens = [c.prompt_tokens, c.tokens].concat();
+            meta.choice(i, echo + &c.text, &tokens, 0, c.reason, true)
         })
         .collect();
     Ok(Json(meta.object(choices, Some(total_usage(&usages, n)))).into_response())
@@ -86,17 +96,13 @@ fn to_specs(req: &CompletionRequest) -> Result<Vec<GenerationSpec>, ApiError> {
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid("suffix", "suffix is not supported by this model"));
     }
-    if req.echo && req.logprobs.is_some() {
-        return Err(ApiError::invalid(
-            "echo",
-            "echo together with logprobs is not supported (no prompt logprobs)",
-        ));
-    }
     let prompts = req.prompt.clone().into_prompts();
     if prompts.is_empty() {
         return Err(ApiError::invalid("prompt", "prompt must not be an empty list"));
     }
-    let sampling = sampling_params(&req.sampling, req.logprobs)?;
+    let mut sampling = sampling_params(&req.sampling, req.logprobs)?;
+    // `echo` with `logprobs`: the echoed prompt's tokens come with theirs.
+    sampling.prompt_logprobs = req.logprobs.filter(|_| req.echo);
     let stop = req.sampling.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
     Ok(prompts
         .into_iter()
@@ -198,7 +204,13 @@ struct ChoiceProgress {
     text_offset: usize,
 }
 
-fn stream_completion(streams: Vec<crate::output::TextStream>, meta: Arc<CompletionMeta>) -> Response {
+/// The choices as SSE chunks; `prompt_tokens` (per choice; empty without prompt logprobs)
+/// lead the first chunk's logprobs.
+fn stream_completion(
+    streams: Vec<crate::output::TextStream>,
+    meta: Arc<CompletionMeta>,
+    mut prompt_tokens: Vec<Vec<GeneratedToken>>,
+) -> Response {
     let num_choices = streams.len();
     let mut progress = vec![ChoiceProgress::default(); num_choices];
     let mut usages = vec![Usage::default(); num_choices];
@@ -213,10 +225,17 @@ fn stream_completion(streams: Vec<crate::output::TextStream>, meta: Arc<Completi
             StreamItem::Delta { text, tokens, .. } => {
                 let p = &mut progress[i];
                 let (echo, echo_len) = if p.started { (String::new(), 0) } else { meta.echo(i) };
-                let offset = p.text_offset + echo_len;
+                let mut offset = p.text_offset + echo_len;
                 let first = !p.started;
                 p.started = true;
                 p.text_offset = offset + text.len();
+                let prompt = std::mem::take(&mut prompt_tokens[i]);
+                let tokens = if prompt.is_empty() {
+                    tokens
+                } else {
+                    offset = 0;
+                    [prompt, tokens].concat()
+                };
                 events.push(meta.chunk(meta.choice(i, echo + &text, &tokens, offset, None, first)));
             }
             StreamItem::Done { reason, usage, .. } => {
@@ -250,11 +269,16 @@ fn logprobs_json(tokens: &[GeneratedToken], start_offset: usize) -> Value {
     let mut offset = start_offset;
     let (mut toks, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
     for t in tokens {
-        let Some(lp) = &t.logprobs else { continue };
         offsets.push(offset);
         offset += t.text.len();
         toks.push(t.text.clone());
-        lps.push(lp.logprob);
+        // An echoed prompt's first token has no logprob: nothing comes before it.
+        let Some(lp) = &t.logprobs else {
+            lps.push(Value::Null);
+            tops.push(Value::Null);
+            continue;
+        };
+        lps.push(json!(lp.logprob));
         let top: Map<String, Value> = lp
             .top
             .iter()
