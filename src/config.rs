@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// The Hugging Face hub cache to serve from (default: `HF_HUB_CACHE`, `HF_HOME/hub` or
     /// `~/.cache/huggingface/hub`).
     pub hf_cache: Option<PathBuf>,
+    /// Keep OpenAI's rule for `max_tokens`: a prompt plus budget beyond the context is a 400
+    /// (by default such a reply ends at the context's end with `length`).
+    pub strict_max_tokens: bool,
     /// Most Responses API responses kept for `previous_response_id` (0: none are stored).
     pub responses_max_count: usize,
     /// Most memory they may hold (JSON bytes), e.g. "256MiB".
@@ -85,6 +88,7 @@ impl Default for ServerConfig {
             models_dir: None,
             ollama_models: None,
             hf_cache: None,
+            strict_max_tokens: false,
             responses_max_count: 1000,
             responses_max_size: "256MiB".into(),
             responses_ttl: 86400.0,

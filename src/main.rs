@@ -207,6 +207,10 @@ struct ServeArgs {
     /// (0: no limit) [default: 3].
     #[arg(long)]
     max_loaded_models: Option<usize>,
+    /// Refuse (400) a `max_tokens` that does not fit after the prompt, as OpenAI does, instead
+    /// of ending that reply at the context's end with finish reason `length`.
+    #[arg(long)]
+    strict_max_tokens: bool,
     /// What happens to a thinking model's thoughts: separate (`reasoning_content` / Ollama's
     /// `thinking`), inline (left in the content) or drop [default: separate].
     #[arg(long, value_enum)]
@@ -480,6 +484,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     cfg.server.metrics_public |= args.metrics_public;
     cfg.server.cors_origins.extend(args.cors_origins);
+    if args.strict_max_tokens {
+        cfg.server.strict_max_tokens = true;
+    }
     if let Some(mode) = args.reasoning_format {
         cfg.server.reasoning_format = mode;
     }
@@ -523,6 +530,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let admission_limit = info.max_num_seqs + cfg.scheduler.max_queue;
     let mut state = AppState::with_models(models.clone(), admission_limit);
     state.reasoning = cfg.server.reasoning_format;
+    state.strict_max_tokens = cfg.server.strict_max_tokens;
     state.responses = Arc::new(ResponseStore::new(StoreLimits {
         max_count: cfg.server.responses_max_count,
         max_bytes: cfg.responses_max_bytes()?,

@@ -139,12 +139,35 @@ async fn fields_that_do_not_work_are_named_not_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_length_errors_name_the_field_of_the_endpoint() {
     let s = server().await;
+    let long = "Once upon a time ".repeat(150);
     let (status, body) = s
-        .post_json("/v1/completions", completion(json!({"max_tokens": 100000})))
+        .post_json("/v1/completions", completion(json!({"prompt": long})))
         .await;
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "context_length_exceeded");
     assert_eq!(body["error"]["param"], "prompt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_max_tokens_past_the_context_ends_the_reply_at_the_context() {
+    let s = server().await;
+    for (path, body) in [
+        (
+            "/v1/completions",
+            completion(json!({"max_tokens": 100000, "ignore_eos": true})),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "stories260k", "messages": [{"role": "user", "content": "Hi"}],
+                   "max_completion_tokens": 100000, "ignore_eos": true, "temperature": 0}),
+        ),
+    ] {
+        let (status, body) = s.post_json(path, body).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body["choices"][0]["finish_reason"], "length", "{path}");
+        let usage = &body["usage"];
+        assert_eq!(usage["total_tokens"], 512, "{path}: the whole context is used: {usage}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -309,7 +309,7 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_overflow_names_the_token_counts() {
-    let s = server().await;
+    let s = TestServer::start_strict(engine_config(&repo_model())).await;
     let (status, err) = s
         .post_json(
             "/v1/completions",
@@ -323,6 +323,14 @@ async fn context_overflow_names_the_token_counts() {
         msg.contains("512") && msg.contains("605") && msg.contains("600"),
         "{msg}"
     );
+    // A prompt beyond the context is refused whatever the rule for budgets.
+    let s = server().await;
+    let long = "Once upon a time ".repeat(150);
+    let (status, err) = s
+        .post_json("/v1/completions", json!({"prompt": long, "max_tokens": 4}))
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["code"], "context_length_exceeded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,10 +362,16 @@ async fn disconnecting_mid_stream_frees_every_kv_block() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_larger_than_the_kv_pool_are_rejected_up_front() {
+async fn requests_larger_than_the_kv_pool_end_at_it_or_with_strict_budgets_are_rejected_up_front() {
     let mut cfg = engine_config(&repo_model());
     cfg.kv_memory_bytes = Some(5 * 16 * 1280); // 4 usable blocks of 16 tokens
-    let s = TestServer::start(cfg).await;
+    let s = TestServer::start(cfg.clone()).await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": true});
+    let (status, reply) = s.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["finish_reason"], "length");
+    assert_eq!(reply["usage"]["total_tokens"], 64, "the whole pool: {reply}");
+    let s = TestServer::start_strict(cfg).await;
     let (status, err) = s
         .post_json(
             "/v1/completions",

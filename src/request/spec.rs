@@ -33,6 +33,16 @@ pub enum MaxTokens {
     Rest,
 }
 
+impl MaxTokens {
+    /// The same budget as a cap: an exact one becomes `AtMost`, the others stay.
+    pub fn as_cap(self) -> Self {
+        match self {
+            Self::Exactly(n) => Self::AtMost(n),
+            other => other,
+        }
+    }
+}
+
 /// An API-neutral generation request, not yet checked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerationSpec {

@@ -48,6 +48,9 @@ pub struct AppState {
     pub created: i64,
     /// What happens to a thinking model's thoughts unless a request says otherwise.
     pub reasoning: ReasoningMode,
+    /// Keep OpenAI's rule for `max_tokens` (a prompt plus budget beyond the context is a 400)
+    /// instead of ending such a reply at the context's end.
+    pub strict_max_tokens: bool,
     /// Responses kept for the Responses API's `previous_response_id` and `GET`.
     pub responses: Arc<openai::responses::store::ResponseStore>,
     /// One permit per request running or queued; none left means 429.
@@ -97,6 +100,7 @@ impl AppState {
             models,
             created: openai::unix_now(),
             reasoning: ReasoningMode::default(),
+            strict_max_tokens: false,
             responses: Arc::new(openai::responses::store::ResponseStore::new(Default::default())),
             admission: Arc::new(Semaphore::new(admission_limit)),
             draining: Arc::new(AtomicBool::new(false)),
@@ -129,8 +133,17 @@ impl AppState {
     }
 
     /// The one validation step, against `model`, on a blocking thread (templating and
-    /// tokenizing a long conversation takes milliseconds).
-    pub async fn validate(&self, model: &ModelLease, spec: GenerationSpec) -> Result<ValidatedRequest, RequestError> {
+    /// tokenizing a long conversation takes milliseconds). Unless `strict_max_tokens`, an
+    /// exact budget (OpenAI's `max_tokens`) is a cap: a reply that would run past the context
+    /// ends there with `length`, as Ollama and llama-server end theirs.
+    pub async fn validate(
+        &self,
+        model: &ModelLease,
+        mut spec: GenerationSpec,
+    ) -> Result<ValidatedRequest, RequestError> {
+        if !self.strict_max_tokens {
+            spec.max_tokens = spec.max_tokens.as_cap();
+        }
         let codec = model.codec.clone();
         let limits = model.limits.clone();
         match tokio::task::spawn_blocking(move || crate::request::validate(spec, &codec, &limits)).await {

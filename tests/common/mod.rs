@@ -273,19 +273,28 @@ impl TestServer {
     /// Like `start`, admitting at most `admission_limit` concurrent requests.
     pub async fn start_with_admission(cfg: mlxd::engine::EngineConfig, admission_limit: usize) -> Self {
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg.clone()).expect("engine starts");
-        Self::serve(engine, &cfg.model_path, admission_limit, Default::default()).await
+        Self::serve(engine, &cfg.model_path, admission_limit, Default::default(), |_| {}).await
     }
 
     /// Like `start`, with the model built by `loader` (fault injection).
     pub async fn start_with_loader(cfg: mlxd::engine::EngineConfig, loader: mlxd::engine::ModelLoader) -> Self {
         let (engine, _join) = mlxd::engine::EngineHandle::spawn_with(cfg.clone(), loader).expect("engine starts");
-        Self::serve(engine, &cfg.model_path, 1024, Default::default()).await
+        Self::serve(engine, &cfg.model_path, 1024, Default::default(), |_| {}).await
     }
 
     /// Like `start`, with the router's HTTP options (keys, CORS, limits).
     pub async fn start_with_options(cfg: mlxd::engine::EngineConfig, options: mlxd::server::ServerOptions) -> Self {
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg.clone()).expect("engine starts");
-        Self::serve(engine, &cfg.model_path, 1024, options).await
+        Self::serve(engine, &cfg.model_path, 1024, options, |_| {}).await
+    }
+
+    /// Like `start`, with OpenAI's rule for `max_tokens` (`--strict-max-tokens`).
+    pub async fn start_strict(cfg: mlxd::engine::EngineConfig) -> Self {
+        let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg.clone()).expect("engine starts");
+        Self::serve(engine, &cfg.model_path, 1024, Default::default(), |s| {
+            s.strict_max_tokens = true
+        })
+        .await
     }
 
     async fn serve(
@@ -293,14 +302,16 @@ impl TestServer {
         model: &std::path::Path,
         admission_limit: usize,
         options: mlxd::server::ServerOptions,
+        adjust: impl FnOnce(&mut mlxd::server::AppState),
     ) -> Self {
         let codec = mlxd::text::TextCodec::open(model, &engine.info().model.eos_token_ids).expect("codec");
-        let state = mlxd::server::AppState::new(
+        let mut state = mlxd::server::AppState::new(
             engine.clone(),
             std::sync::Arc::new(codec),
             "stories260k".into(),
             admission_limit,
         );
+        adjust(&mut state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {

@@ -3,6 +3,8 @@
 import openai
 import pytest
 
+from conftest import _start
+
 MESSAGES = [
     {"role": "system", "content": "You tell short stories."},
     {"role": "user", "content": "Tell me about a cat."},
@@ -74,10 +76,15 @@ def test_bad_request_raises_with_openai_error_shape(client):
     assert e.value.body["param"] == "messages"
 
 
-def test_context_overflow_is_reported(client):
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=1000)
-    assert e.value.code == "context_length_exceeded"
+def test_a_budget_past_the_context_ends_there_or_is_refused_when_strict(client):
+    r = client.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=1000,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == 512
+    for url in _start(["--strict-max-tokens"]):
+        strict = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as e:
+            strict.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=1000)
+        assert e.value.code == "context_length_exceeded"
 
 
 def test_unknown_model_is_not_found(client):
