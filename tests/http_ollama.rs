@@ -374,3 +374,93 @@ async fn registry_and_model_management_routes_say_what_to_do_instead_of_404() {
         );
     }
 }
+
+/// A conversation of `turns` user/assistant exchanges of about 40 tokens each after a system
+/// message: on the 512-token model, too long from about ten turns on.
+fn long_conversation(turns: usize) -> Vec<Value> {
+    let mut messages = vec![json!({"role": "system", "content": "You tell short stories about a cat."})];
+    for i in 0..turns {
+        messages.push(json!({"role": "user", "content": format!("Turn {i}: tell me what the cat did next in the big green park.")}));
+        messages.push(json!({"role": "assistant", "content": format!("In turn {i} the cat ran to the tree, climbed it and sat on a branch.")}));
+    }
+    messages.push(json!({"role": "user", "content": "And then?"}));
+    messages
+}
+
+/// The final object of a non-streamed chat over `messages` (status and body).
+async fn chat_once(s: &TestServer, messages: &[Value], extra: Value) -> (u16, Value) {
+    let mut body = json!({"model": "stories260k", "messages": messages, "stream": false, "options": greedy(4)});
+    if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+        b.extend(e);
+    }
+    s.post_json("/api/chat", body).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_too_long_for_the_context_drops_its_oldest_turns_as_ollama_does() {
+    let s = server().await;
+    let messages = long_conversation(16);
+    let (status, body) = chat_once(&s, &messages, json!({"truncate": false})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("512"), "{body}");
+    let (status, fitted) = chat_once(&s, &messages, json!({})).await;
+    assert_eq!(status, 200, "{fitted}");
+    let evaluated = fitted["prompt_eval_count"].as_u64().expect("prompt_eval_count");
+    assert!(evaluated > 0 && evaluated + 4 <= 512, "{fitted}");
+    // The fitted prompt is the same each time: asked again, it is read from the prefix cache.
+    let hits = || async {
+        let text = reqwest::get(s.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("mlxd_prefix_cache_hits_total"))
+            .expect("hits");
+        line.rsplit(' ')
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+            .expect("value")
+    };
+    let before = hits().await;
+    let (_, again) = chat_once(&s, &messages, json!({})).await;
+    assert_eq!(again["prompt_eval_count"], fitted["prompt_eval_count"]);
+    assert!(
+        hits().await - before >= (evaluated - 16) as f64,
+        "the fitted prompt was cached"
+    );
+    // Exactly the fewest oldest turns went: the system message and the last k exchanges fit
+    // as they are, with the same prompt; one exchange more does not.
+    let keep = |k: usize| -> Vec<Value> {
+        let tail = &messages[messages.len() - (2 * k + 1)..];
+        std::iter::once(messages[0].clone())
+            .chain(tail.iter().cloned())
+            .collect()
+    };
+    let mut fitting = None;
+    for k in (0..16).rev() {
+        let (status, body) = chat_once(&s, &keep(k), json!({"truncate": false})).await;
+        if status == 200 {
+            fitting = Some((k, body));
+            break;
+        }
+    }
+    let (k, direct) = fitting.expect("some tail fits");
+    assert!(k > 0 && k < 16, "kept {k} exchanges");
+    assert_eq!(
+        direct["prompt_eval_count"], fitted["prompt_eval_count"],
+        "the same prompt"
+    );
+    assert_eq!(direct["message"], fitted["message"], "the same greedy reply");
+    // The system message alone plus the latest turn longer than the context: a clear 400.
+    let huge = vec![
+        json!({"role": "system", "content": "Cats. ".repeat(400)}),
+        json!({"role": "user", "content": "Hi"}),
+        json!({"role": "assistant", "content": "Hello"}),
+        json!({"role": "user", "content": "And then?"}),
+    ];
+    let (status, body) = chat_once(&s, &huge, json!({})).await;
+    assert_eq!(status, 400, "{body}");
+}

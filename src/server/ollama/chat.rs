@@ -5,6 +5,7 @@ use axum::response::Response;
 
 use serde_json::{json, Value};
 
+use super::fit;
 use super::options::{chat_prompt, to_spec};
 use super::reply::{Reply, ReplyKind};
 use super::types::{ChatRequest, ChatResponse};
@@ -32,12 +33,17 @@ pub async fn chat(
     let mut chat = chat_prompt(messages, req.tools.clone().unwrap_or_default(), &req.common, &model)?;
     chat.reasoning = state.reasoning;
     let spec = to_spec(Prompt::Chat(chat), &req.common, &model)?;
-    let reply = Reply::new(ReplyKind::Chat, &req.common.model, model);
     if req.messages.is_empty() {
         // Ollama's way to load (or, with keep_alive 0, unload) a model: nothing to generate.
+        let reply = Reply::new(ReplyKind::Chat, &req.common.model, model);
         return Ok(reply.loaded(&state, req.common.keep_alive.as_ref()));
     }
-    reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
+    let reply = Reply::new(ReplyKind::Chat, &req.common.model, model.clone());
+    let request = fit::validate_fitted(&state, &model, spec, req.truncate.unwrap_or(true)).await?;
+    drop(model);
+    reply
+        .run_validated(&state, request, req.common.stream.unwrap_or(true))
+        .await
 }
 
 /// The conversation as the template sees it. Ollama's calls carry no ids, so each gets one

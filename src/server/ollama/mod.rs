@@ -7,6 +7,7 @@
 pub mod chat;
 pub mod embed;
 pub mod error;
+pub mod fit;
 pub mod generate;
 pub mod models;
 pub mod options;

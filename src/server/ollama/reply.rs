@@ -14,7 +14,7 @@ use super::error::OllamaErrorBody;
 use super::types::{ChatResponse, FinalStats, FunctionCall, GenerateResponse, MessageOut, ToolCall};
 use super::{now_rfc3339, OllamaError};
 use crate::output::{collect, StreamItem, TextStream};
-use crate::request::{FinishReason, GenerationSpec, Usage};
+use crate::request::{FinishReason, GenerationSpec, Usage, ValidatedRequest};
 use crate::server::registry::ModelLease;
 use crate::server::AppState;
 use crate::text::tools;
@@ -182,8 +182,18 @@ impl Reply {
     }
 
     /// Validates `spec`, submits it, and answers with NDJSON lines (`stream`) or one object.
-    pub async fn run(mut self, state: &AppState, spec: GenerationSpec, stream: bool) -> Result<Response, OllamaError> {
+    pub async fn run(self, state: &AppState, spec: GenerationSpec, stream: bool) -> Result<Response, OllamaError> {
         let request = state.validate(&self.model, spec).await?;
+        self.run_validated(state, request, stream).await
+    }
+
+    /// Submits a validated request and answers with NDJSON lines (`stream`) or one object.
+    pub async fn run_validated(
+        mut self,
+        state: &AppState,
+        request: ValidatedRequest,
+        stream: bool,
+    ) -> Result<Response, OllamaError> {
         self.load = self.started.elapsed();
         if self.kind == ReplyKind::Generate {
             self.prompt = request.prompt().to_vec();

@@ -144,6 +144,11 @@ pub struct ChatRequest {
     /// Functions the model may call (OpenAI's tool objects).
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
+    /// When the conversation does not fit the context, drop its oldest turns (keeping the
+    /// system messages, the tools and the latest user turn) until it does (default true);
+    /// false answers 400 instead.
+    #[serde(default)]
+    pub truncate: Option<bool>,
 }
 
 /// `POST /api/show` body (`model`, or the older `name`).
