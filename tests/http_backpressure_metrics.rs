@@ -189,3 +189,80 @@ async fn metrics_count_a_known_workload() {
     assert_eq!(sample(&text, "mlxd_kv_cache_usage_ratio"), 0.0);
     assert_eq!(sample(&text, "mlxd_num_preemptions_total"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_gauges_move_under_load_and_return_to_idle() {
+    let mut cfg = engine_config(&repo_model());
+    cfg.max_num_seqs = Some(2);
+    let s = TestServer::start(cfg).await;
+    let scrape = || async {
+        let text = reqwest::get(s.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let get = |name: &str| sample(&text, name);
+        (
+            get("mlxd_num_requests_running"),
+            get("mlxd_num_requests_waiting"),
+            get("mlxd_kv_cache_usage_ratio"),
+            text.clone(),
+        )
+    };
+    // The KV cache's layout, as an endpoint picker reads it (vLLM's cache_config_info labels).
+    let (_, _, _, text) = scrape().await;
+    let layout = format!(
+        "mlxd_cache_config_info{{model=\"stories260k\",block_size=\"16\",num_gpu_blocks=\"{}\",cache_dtype=\"f32\",enable_prefix_caching=\"true\"}} 1",
+        s.engine.info().num_kv_blocks
+    );
+    assert!(text.lines().any(|l| l == layout), "{layout} in:\n{text}");
+    // Four long streams on two running slots: two run, two wait, blocks fill.
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let url = s.url("/v1/completions");
+            tokio::spawn(async move {
+                let resp = reqwest::Client::new()
+                    .post(url)
+                    .json(&long_stream())
+                    .send()
+                    .await
+                    .expect("request");
+                resp.text().await.ok()
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut busiest = (0.0, 0.0, 0.0);
+    while std::time::Instant::now() < deadline {
+        let (running, waiting, usage, _) = scrape().await;
+        assert!((0.0..=1.0).contains(&usage), "usage is a fraction: {usage}");
+        busiest = (
+            f64::max(busiest.0, running),
+            f64::max(busiest.1, waiting),
+            f64::max(busiest.2, usage),
+        );
+        if running == 2.0 && waiting == 2.0 && usage > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((busiest.0, busiest.1), (2.0, 2.0), "gauges under load: {busiest:?}");
+    assert!(busiest.2 > 0.0, "KV in use under load: {busiest:?}");
+    // The clients leave: every gauge returns to idle.
+    for stream in &streams {
+        stream.abort();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (running, waiting, usage, _) = scrape().await;
+        if (running, waiting, usage) == (0.0, 0.0, 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still busy: {running} {waiting} {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -22,6 +22,20 @@ pub struct FinishedLabel {
     pub finished_reason: &'static str,
 }
 
+/// Labels of `cache_config_info`, named as vLLM's `cache_config_info` so that an inference
+/// gateway's endpoint picker (which reads `block_size` and `num_gpu_blocks`) understands them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheConfigLabels {
+    /// Tokens per KV block.
+    pub block_size: String,
+    /// Usable KV blocks (on the CPU too: the name is the protocol's).
+    pub num_gpu_blocks: String,
+    /// Element type of the KV cache (`f16`, `bf16`, `f32`).
+    pub cache_dtype: String,
+    /// Whether identical prompt prefixes reuse cached KV.
+    pub enable_prefix_caching: String,
+}
+
 /// Label of `step_phase_seconds`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
@@ -50,6 +64,7 @@ pub struct EngineMetrics {
     kv_blocks_used: Gauge,
     kv_blocks_total: Gauge,
     kv_usage: Gauge<f64, AtomicU64>,
+    cache_config: Family<CacheConfigLabels, Gauge>,
     num_preemptions: Counter,
     /// Prompt tokens looked up in the prefix cache.
     pub prefix_cache_queries: Counter,
@@ -101,6 +116,7 @@ impl EngineMetrics {
             kv_blocks_used: Gauge::default(),
             kv_blocks_total: Gauge::default(),
             kv_usage: Gauge::default(),
+            cache_config: Family::default(),
             num_preemptions: Counter::default(),
             prefix_cache_queries: Counter::default(),
             prefix_cache_hits: Counter::default(),
@@ -138,6 +154,11 @@ impl EngineMetrics {
             "kv_cache_usage_ratio",
             "Fraction of KV blocks in use (0-1)",
             m.kv_usage.clone(),
+        );
+        r.register(
+            "cache_config_info",
+            "The KV cache's layout as labels (value 1), as vLLM's cache_config_info",
+            m.cache_config.clone(),
         );
         r.register(
             "num_preemptions",
@@ -206,6 +227,17 @@ impl EngineMetrics {
             m.requests_finished.clone(),
         );
         Self { registry, ..m }
+    }
+
+    /// Describes the KV cache once the engine sized it (`cache_config_info`).
+    pub fn describe_cache(&self, block_size: usize, num_blocks: usize, dtype: &str, prefix_caching: bool) {
+        let labels = CacheConfigLabels {
+            block_size: block_size.to_string(),
+            num_gpu_blocks: num_blocks.to_string(),
+            cache_dtype: dtype.to_string(),
+            enable_prefix_caching: prefix_caching.to_string(),
+        };
+        self.cache_config.get_or_create(&labels).set(1);
     }
 
     /// Counts one ended request.

@@ -205,6 +205,7 @@ impl EngineHandle {
         let thread_stats = stats.clone();
         let metrics = Arc::new(metrics::EngineMetrics::new());
         let thread_metrics = metrics.clone();
+        let prefix_caching = cfg.enable_prefix_cache;
         let disk_tx = tx.clone();
         let join = std::thread::Builder::new()
             .name("mlxd-engine".into())
@@ -224,6 +225,12 @@ impl EngineHandle {
             )
             .map_err(|e| EngineError::Load(format!("cannot start engine thread: {e}")))?;
         let info = ready_rx.recv().map_err(|_| EngineError::Unavailable)??;
+        metrics.describe_cache(
+            info.block_size,
+            info.num_kv_blocks,
+            info.kv_dtype.as_str(),
+            prefix_caching,
+        );
         stats.healthy.store(true, Ordering::Relaxed);
         Ok((
             Self {
