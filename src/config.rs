@@ -57,6 +57,8 @@ pub struct ServerConfig {
     /// The Hugging Face hub cache to serve from (default: `HF_HUB_CACHE`, `HF_HOME/hub` or
     /// `~/.cache/huggingface/hub`).
     pub hf_cache: Option<PathBuf>,
+    /// Serve the chat page at `/` to browsers.
+    pub ui: bool,
     /// Keep OpenAI's rule for `max_tokens`: a prompt plus budget beyond the context is a 400
     /// (by default such a reply ends at the context's end with `length`).
     pub strict_max_tokens: bool,
@@ -88,6 +90,7 @@ impl Default for ServerConfig {
             models_dir: None,
             ollama_models: None,
             hf_cache: None,
+            ui: true,
             strict_max_tokens: false,
             responses_max_count: 1000,
             responses_max_size: "256MiB".into(),

@@ -207,6 +207,9 @@ struct ServeArgs {
     /// (0: no limit) [default: 3].
     #[arg(long)]
     max_loaded_models: Option<usize>,
+    /// Do not serve the chat page: `GET /` answers `Ollama is running` to browsers too.
+    #[arg(long)]
+    no_ui: bool,
     /// Refuse (400) a `max_tokens` that does not fit after the prompt, as OpenAI does, instead
     /// of ending that reply at the context's end with finish reason `length`.
     #[arg(long)]
@@ -484,6 +487,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     cfg.server.metrics_public |= args.metrics_public;
     cfg.server.cors_origins.extend(args.cors_origins);
+    if args.no_ui {
+        cfg.server.ui = false;
+    }
     if args.strict_max_tokens {
         cfg.server.strict_max_tokens = true;
     }
@@ -531,6 +537,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut state = AppState::with_models(models.clone(), admission_limit);
     state.reasoning = cfg.server.reasoning_format;
     state.strict_max_tokens = cfg.server.strict_max_tokens;
+    state.ui = cfg.server.ui;
     state.responses = Arc::new(ResponseStore::new(StoreLimits {
         max_count: cfg.server.responses_max_count,
         max_bytes: cfg.responses_max_bytes()?,

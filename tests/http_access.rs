@@ -61,7 +61,8 @@ async fn every_api_route_requires_a_key_and_answers_401_in_its_shape() {
         .await
         .expect("request");
     assert_eq!(ok.status(), 200);
-    for open in ["/health", "/"] {
+    // The chat page and its assets load without a key (the page asks for one).
+    for open in ["/health", "/", "/ui/app.js", "/ui/app.css"] {
         assert_eq!(
             client.get(s.url(open)).send().await.expect("request").status(),
             200,

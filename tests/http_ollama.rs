@@ -464,3 +464,61 @@ async fn a_chat_too_long_for_the_context_drops_its_oldest_turns_as_ollama_does()
     let (status, body) = chat_once(&s, &huge, json!({})).await;
     assert_eq!(status, 400, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_gets_the_chat_page_and_ollama_probes_get_ollama_s_text() {
+    let s = server().await;
+    let client = reqwest::Client::new();
+    let get = |path: &str, accept: Option<&str>| {
+        let mut req = client.get(s.url(path));
+        if let Some(accept) = accept {
+            req = req.header("accept", accept);
+        }
+        req.send()
+    };
+    for accept in [None, Some("*/*"), Some("application/json")] {
+        let probe = get("/", accept).await.expect("probe");
+        assert_eq!(probe.text().await.expect("text"), "Ollama is running", "{accept:?}");
+    }
+    let browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+    let page = get("/", Some(browser)).await.expect("page");
+    assert_eq!(page.status(), 200);
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .expect("ct")
+        .starts_with("text/html"));
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("csp")
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"), "{csp}");
+    let html = page.text().await.expect("html");
+    // Every script is a file of this origin: nothing inline for the policy to allow.
+    let scripts: Vec<&str> = html.match_indices("<script").map(|(i, _)| &html[i..]).collect();
+    assert!(
+        !scripts.is_empty() && scripts.iter().all(|s| s.starts_with("<script src=\"/ui/")),
+        "{html}"
+    );
+    for (asset, kind) in [("app.js", "text/javascript"), ("app.css", "text/css")] {
+        let resp = get(&format!("/ui/{asset}"), None).await.expect("asset");
+        assert_eq!(resp.status(), 200, "{asset}");
+        assert!(resp.headers()["content-type"].to_str().expect("ct").starts_with(kind));
+        assert!(resp.headers().contains_key("content-security-policy"));
+    }
+    assert_eq!(get("/ui/secret.txt", None).await.expect("404").status(), 404);
+    // --no-ui: browsers get Ollama's text too, and the assets are gone.
+    let s = TestServer::start_adjusted(engine_config(&repo_model()), |s| s.ui = false).await;
+    let page = client
+        .get(s.url("/"))
+        .header("accept", browser)
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(page.text().await.expect("text"), "Ollama is running");
+    let js = client.get(s.url("/ui/app.js")).send().await.expect("js");
+    assert_eq!(js.status(), 404);
+}

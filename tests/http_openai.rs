@@ -309,7 +309,7 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_overflow_names_the_token_counts() {
-    let s = TestServer::start_strict(engine_config(&repo_model())).await;
+    let s = TestServer::start_adjusted(engine_config(&repo_model()), |s| s.strict_max_tokens = true).await;
     let (status, err) = s
         .post_json(
             "/v1/completions",
@@ -371,7 +371,7 @@ async fn requests_larger_than_the_kv_pool_end_at_it_or_with_strict_budgets_are_r
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["choices"][0]["finish_reason"], "length");
     assert_eq!(reply["usage"]["total_tokens"], 64, "the whole pool: {reply}");
-    let s = TestServer::start_strict(cfg).await;
+    let s = TestServer::start_adjusted(cfg, |s| s.strict_max_tokens = true).await;
     let (status, err) = s
         .post_json(
             "/v1/completions",

@@ -7,7 +7,7 @@ use common::{engine_config, repo_model, TestServer};
 use serde_json::Value;
 
 /// Every route the README promises, as (method, path).
-const ROUTES: [(&str, &str); 31] = [
+const ROUTES: [(&str, &str); 32] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/responses"),
     ("get", "/v1/responses/{id}"),
@@ -35,6 +35,7 @@ const ROUTES: [(&str, &str); 31] = [
     ("post", "/api/copy"),
     ("delete", "/api/delete"),
     ("get", "/"),
+    ("get", "/ui/{asset}"),
     ("head", "/"),
     ("get", "/health"),
     ("get", "/metrics"),
@@ -72,7 +73,11 @@ async fn the_document_covers_every_route_and_every_documented_route_answers() {
     let client = reqwest::Client::new();
     for (method, path) in ROUTES {
         let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
-        let resp = client.request(m, s.url(path)).send().await.expect("request");
+        let resp = client
+            .request(m, s.url(&path.replace("{asset}", "app.js")))
+            .send()
+            .await
+            .expect("request");
         let status = resp.status().as_u16();
         // A path with an id answers a 404 of its own for an unknown one, not the fallback's.
         let own_404 = path.contains('{')

@@ -52,7 +52,8 @@ impl KeyPolicy {
 
     /// Routes that stay open: health probes, and metrics when configured so.
     fn is_open(&self, path: &str) -> bool {
-        matches!(path, "/health" | "/") || (self.metrics_public && path == "/metrics")
+        // The chat page and its assets load without a key: the page asks for one.
+        matches!(path, "/health" | "/") || path.starts_with("/ui/") || (self.metrics_public && path == "/metrics")
     }
 
     /// True when `presented` is one of the keys (every digest is compared).

@@ -11,6 +11,7 @@ pub mod ollama;
 pub mod openai;
 pub mod openapi;
 pub mod registry;
+pub mod ui;
 
 pub use listen::{serve, ConnectionTimeouts};
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub created: i64,
     /// What happens to a thinking model's thoughts unless a request says otherwise.
     pub reasoning: ReasoningMode,
+    /// Serve the chat page at `/` to browsers (`--no-ui` turns it off).
+    pub ui: bool,
     /// Keep OpenAI's rule for `max_tokens` (a prompt plus budget beyond the context is a 400)
     /// instead of ending such a reply at the context's end.
     pub strict_max_tokens: bool,
@@ -100,6 +103,7 @@ impl AppState {
             models,
             created: openai::unix_now(),
             reasoning: ReasoningMode::default(),
+            ui: true,
             strict_max_tokens: false,
             responses: Arc::new(openai::responses::store::ResponseStore::new(Default::default())),
             admission: Arc::new(Semaphore::new(admission_limit)),
@@ -222,7 +226,8 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(ollama::models::show))
         .routes(routes!(ollama::models::ps))
         .routes(routes!(ollama::models::version))
-        .routes(routes!(ollama::models::root))
+        .routes(routes!(ui::root))
+        .routes(routes!(ui::asset))
         .routes(routes!(ollama::models::pull))
         .routes(routes!(ollama::models::push))
         .routes(routes!(ollama::models::create))

@@ -37,8 +37,9 @@ pub struct ApiDoc;
 
 /// Routes that run on the engine (generation, embeddings): they can also be refused for
 /// capacity (429) or shutdown (503).
-const ENGINE_ROUTES: [&str; 10] = [
+const ENGINE_ROUTES: [&str; 11] = [
     "/v1/chat/completions",
+    "/v1/responses",
     "/v1/messages",
     "/v1/completions",
     "/v1/embeddings",
@@ -90,7 +91,10 @@ fn with_error_responses(mut doc: OpenApi) -> OpenApi {
                 ),
             ]);
         }
-        for op in [&mut item.get, &mut item.post, &mut item.head].into_iter().flatten() {
+        for op in [&mut item.get, &mut item.post, &mut item.head, &mut item.delete]
+            .into_iter()
+            .flatten()
+        {
             add_errors(op, &errors, schema);
         }
     }
@@ -124,8 +128,9 @@ pub fn finish(doc: OpenApi) -> Value {
         return doc;
     };
     for (path, item) in paths.iter_mut() {
-        // Anthropic's stream ends with its `message_stop` event, not `[DONE]`.
-        let ends_with_done = !path.starts_with("/v1/messages");
+        // Anthropic's stream ends with its `message_stop` event and the Responses API's with
+        // `response.completed` (or `.incomplete`, `.failed`), not `[DONE]`.
+        let ends_with_done = !path.starts_with("/v1/messages") && !path.starts_with("/v1/responses");
         finish_streams(item, ends_with_done);
     }
     doc

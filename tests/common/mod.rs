@@ -288,13 +288,14 @@ impl TestServer {
         Self::serve(engine, &cfg.model_path, 1024, options, |_| {}).await
     }
 
-    /// Like `start`, with OpenAI's rule for `max_tokens` (`--strict-max-tokens`).
-    pub async fn start_strict(cfg: mlxd::engine::EngineConfig) -> Self {
+    /// Like `start`, with the server's settings changed by `adjust` (`--strict-max-tokens`,
+    /// `--no-ui`, ...).
+    pub async fn start_adjusted(
+        cfg: mlxd::engine::EngineConfig,
+        adjust: impl FnOnce(&mut mlxd::server::AppState),
+    ) -> Self {
         let (engine, _join) = mlxd::engine::EngineHandle::spawn(cfg.clone()).expect("engine starts");
-        Self::serve(engine, &cfg.model_path, 1024, Default::default(), |s| {
-            s.strict_max_tokens = true
-        })
-        .await
+        Self::serve(engine, &cfg.model_path, 1024, Default::default(), adjust).await
     }
 
     async fn serve(

@@ -1,8 +1,6 @@
 //! Model listing and inspection: `/api/tags`, `/api/show`, `/api/ps`, `/api/version`, `/`.
 
 use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{json, Map};
 
@@ -218,16 +216,6 @@ pub async fn version() -> Json<VersionResponse> {
         version: OLLAMA_API_VERSION.into(),
         mlxd_version: env!("CARGO_PKG_VERSION").into(),
     })
-}
-
-/// `GET /` and `HEAD /`: the liveness text Ollama serves and probes look for.
-#[utoipa::path(method(get, head), path = "/", tag = "ollama",
-    responses((status = 200, description = "Liveness", body = String, content_type = "text/plain")))]
-pub async fn root() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        "Ollama is running",
-    )
 }
 
 /// `POST /api/pull`: there is no registry to pull from; the answer says how to serve a model.

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use super::{choices, new_id, unix_now};
 use crate::output::StreamItem;
 use crate::request::{Field, RequestError};
-use crate::server::error::{ApiError, AppJson};
+use crate::server::error::{ApiError, AppJson, OpenAiErrorBody};
 use crate::server::AppState;
 use output::ResponseBuilder;
 use store::{ResponseStore, StoredResponse};
@@ -35,7 +35,7 @@ use types::{DeletedResponse, ResponseObject, ResponsesRequest};
     responses((status = 200,
         description = "The response; with `stream`, SSE events from `response.created` to `response.completed` (or `response.incomplete`, `response.failed`)",
         content((ResponseObject = "application/json"), (Object = "text/event-stream"))),
-        (status = 404, description = "`previous_response_id` names no stored response")))]
+        (status = 404, description = "`previous_response_id` names no stored response", body = OpenAiErrorBody)))]
 #[tracing::instrument(skip_all)]
 pub async fn create_response(
     State(state): State<AppState>,
@@ -119,7 +119,7 @@ pub async fn create_response(
 #[utoipa::path(get, path = "/v1/responses/{id}", tag = "openai",
     params(("id" = String, Path, description = "The response's id")),
     responses((status = 200, description = "The stored response", body = ResponseObject),
-        (status = 404, description = "No stored response has this id")))]
+        (status = 404, description = "No stored response has this id", body = OpenAiErrorBody)))]
 pub async fn get_response(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     state
         .responses
@@ -132,7 +132,7 @@ pub async fn get_response(State(state): State<AppState>, Path(id): Path<String>)
 #[utoipa::path(delete, path = "/v1/responses/{id}", tag = "openai",
     params(("id" = String, Path, description = "The response's id")),
     responses((status = 200, description = "It was deleted", body = DeletedResponse),
-        (status = 404, description = "No stored response has this id")))]
+        (status = 404, description = "No stored response has this id", body = OpenAiErrorBody)))]
 pub async fn delete_response(
     State(state): State<AppState>,
     Path(id): Path<String>,
