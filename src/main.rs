@@ -136,10 +136,6 @@ struct ModelArgs {
     /// Cap on prompt + output tokens per request [default: the model's context length].
     #[arg(long)]
     max_model_len: Option<usize>,
-    /// Most tokens a reply generates when its request sets no limit, as llama-server's
-    /// --n-predict (0: up to the context's end) [default: 0].
-    #[arg(long)]
-    default_max_tokens: Option<usize>,
     /// Do not reuse the KV of identical prompt prefixes.
     #[arg(long)]
     no_prefix_cache: bool,
@@ -154,12 +150,6 @@ struct ModelArgs {
     /// Most bytes --kv-disk may hold, oldest blocks first out [default: 10GiB].
     #[arg(long)]
     kv_disk_size: Option<String>,
-    /// Most requests waiting beyond the running ones; more get HTTP 429 [default: 256].
-    #[arg(long)]
-    max_queue: Option<usize>,
-    /// Seconds a request may wait before being scheduled; 0 = forever [default: 300].
-    #[arg(long)]
-    queue_timeout: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -207,6 +197,16 @@ struct ServeArgs {
     /// (0: no limit) [default: 3].
     #[arg(long)]
     max_loaded_models: Option<usize>,
+    /// Most requests waiting beyond the running ones; more get HTTP 429 [default: 256].
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Seconds a request may wait before being scheduled; 0 = forever [default: 300].
+    #[arg(long)]
+    queue_timeout: Option<f64>,
+    /// Most tokens a reply generates when its request sets no limit, as llama-server's
+    /// --n-predict (0: up to the context's end) [default: 0].
+    #[arg(long)]
+    default_max_tokens: Option<usize>,
     /// Do not serve the chat page: `GET /` answers `Ollama is running` to browsers too.
     #[arg(long)]
     no_ui: bool,
@@ -318,9 +318,6 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if let Some(n) = args.max_model_len {
         e.max_model_len = n;
     }
-    if let Some(n) = args.default_max_tokens {
-        e.default_max_tokens = n;
-    }
     if args.no_prefix_cache {
         e.prefix_cache = false;
     }
@@ -339,12 +336,6 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     }
     if let Some(n) = args.max_batch_tokens {
         s.max_batch_tokens = n;
-    }
-    if let Some(n) = args.max_queue {
-        s.max_queue = n;
-    }
-    if let Some(t) = args.queue_timeout {
-        s.queue_timeout = t;
     }
     cfg.validate()?;
     Ok(cfg)
@@ -451,8 +442,19 @@ fn model_loader(cfg: Config) -> Loader {
 
 fn list(args: ListArgs) -> Result<()> {
     let cfg = load_config(&args.model)?;
-    let catalog =
-        Catalog::discover(&catalog_sources(&cfg, &args.model.model, &args.catalog)).map_err(anyhow::Error::msg)?;
+    let sources = catalog_sources(&cfg, &args.model.model, &args.catalog);
+    let catalog = Catalog::discover(&sources).map_err(anyhow::Error::msg)?;
+    if catalog.entries().is_empty() {
+        let place = |p: &Option<PathBuf>| p.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+        println!(
+            "No models found. Looked in: --models-dir ({}), the Ollama store ({}), the Hugging Face cache ({}); \
+             no --model given. Serve one with `mlxd serve --model PATH` (a model folder or a .gguf file).",
+            place(&sources.models_dir),
+            place(&sources.ollama_store),
+            place(&sources.hf_cache),
+        );
+        return Ok(());
+    }
     let width = catalog.entries().iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
     println!("{:width$}  {:12}  PATH", "NAME", "FROM");
     for e in catalog.entries() {
@@ -487,6 +489,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     cfg.server.metrics_public |= args.metrics_public;
     cfg.server.cors_origins.extend(args.cors_origins);
+    if let Some(n) = args.max_queue {
+        cfg.scheduler.max_queue = n;
+    }
+    if let Some(t) = args.queue_timeout {
+        cfg.scheduler.queue_timeout = t;
+    }
+    if let Some(n) = args.default_max_tokens {
+        cfg.engine.default_max_tokens = n;
+    }
     if args.no_ui {
         cfg.server.ui = false;
     }

@@ -75,10 +75,80 @@ fn serve_help_explains_every_flag() {
         "--shutdown-timeout",
         "--max-body",
         "--read-timeout",
+        "--max-queue",
+        "--queue-timeout",
+        "--default-max-tokens",
+        "--no-ui",
     ] {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
     assert!(help.contains(".gguf"), "--model says a GGUF file works too:\n{help}");
+}
+
+#[test]
+fn run_help_lists_no_serve_only_flags() {
+    let out = mlxd().args(["run", "--help"]).output().expect("runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--model") && help.contains("--max-tokens"), "{help}");
+    for flag in [
+        "--max-queue",
+        "--queue-timeout",
+        "--default-max-tokens",
+        "--port",
+        "--api-key",
+        "--no-ui",
+    ] {
+        assert!(!help.contains(flag), "{flag} is a serve flag:\n{help}");
+    }
+}
+
+#[test]
+fn list_with_nothing_to_serve_says_where_it_looked() {
+    let empty = std::env::temp_dir().join(format!("mlxd-cli-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("dir");
+    let out = mlxd()
+        .args(["list", "--models-dir"])
+        .arg(&empty)
+        .arg("--ollama-models")
+        .arg(empty.join("ollama"))
+        .arg("--hf-cache")
+        .arg(empty.join("hf"))
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("No models found."), "{text}");
+    for place in [empty.display().to_string(), empty.join("ollama").display().to_string()] {
+        assert!(text.contains(&place), "{place} in:\n{text}");
+    }
+}
+
+#[test]
+fn a_symlinked_model_in_models_dir_is_served_under_the_link_s_name() {
+    let dir = std::env::temp_dir().join(format!("mlxd-cli-links-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let target = std::fs::canonicalize(repo_model()).expect("model");
+    std::os::unix::fs::symlink(&target, dir.join("tiny")).expect("link");
+    std::os::unix::fs::symlink(&target, dir.join("tiny-again")).expect("link");
+    let out = mlxd()
+        .args(["list", "--model"])
+        .arg(repo_model())
+        .arg("--models-dir")
+        .arg(&dir)
+        .arg("--ollama-models")
+        .arg(dir.join("no-store"))
+        .arg("--hf-cache")
+        .arg(dir.join("no-cache"))
+        .output()
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names, ["stories260k", "tiny", "tiny-again"], "{text}");
 }
 
 #[test]

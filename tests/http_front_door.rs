@@ -514,3 +514,18 @@ async fn an_unknown_model_is_a_404_that_names_the_close_match() {
     let message = body["error"]["message"].as_str().expect("message");
     assert!(message.contains("did you mean stories260k?"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinning_without_a_disk_cache_is_a_configuration_error_that_says_how_to_fix_it() {
+    let s = server().await;
+    let (status, body) = s
+        .post_json(
+            "/v1/kv/pin",
+            json!({"model": "stories260k", "prompt": "Once upon a time"}),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["param"].is_null(), "not the model's fault: {body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--kv-disk"), "{message}");
+}

@@ -109,8 +109,22 @@ impl Catalog {
         if let Some(hf) = hf {
             entries.extend(hf_cache::list(hf));
         }
-        let mut seen = std::collections::HashSet::new();
-        entries.retain(|e| seen.insert(e.name.clone()));
+        // The first of two entries with one name wins (`--model`s first); the other is named in
+        // the log, not dropped without a word.
+        let mut seen: std::collections::HashMap<String, PathBuf> = std::collections::HashMap::new();
+        entries.retain(|e| match seen.get(&e.name) {
+            Some(first) => {
+                if first != &e.path {
+                    tracing::warn!(name = %e.name, kept = %first.display(), hidden = %e.path.display(),
+                        "two models have one name: the second is not served under it");
+                }
+                false
+            }
+            None => {
+                seen.insert(e.name.clone(), e.path.clone());
+                true
+            }
+        });
         Ok(Self { entries })
     }
 
@@ -195,11 +209,18 @@ pub fn is_model(path: &Path) -> bool {
 /// Every model folder and GGUF file directly in `dir`, named after it.
 fn models_in_dir(dir: &Path) -> Result<Vec<CatalogEntry>, String> {
     let read = std::fs::read_dir(dir).map_err(|e| format!("--models-dir {}: {e}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = read.flatten().map(|item| item.path()).filter(|p| is_model(p)).collect();
+    paths.sort();
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for item in read.flatten() {
-        let path = item.path();
-        if is_model(&path) {
-            found.insert(model_name(&path), path);
+    for path in paths {
+        match found.entry(model_name(&path)) {
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                slot.insert(path);
+            }
+            std::collections::btree_map::Entry::Occupied(kept) => {
+                tracing::warn!(name = %kept.key(), kept = %kept.get().display(), hidden = %path.display(),
+                    "two models in --models-dir have one name (a folder and a .gguf file): the second is not served");
+            }
         }
     }
     Ok(found
@@ -213,9 +234,14 @@ fn models_in_dir(dir: &Path) -> Result<Vec<CatalogEntry>, String> {
         .collect())
 }
 
-/// The name of a model path: the folder's name, or a GGUF file's without `.gguf`.
+/// The name of a model path: the folder's name, or a GGUF file's without `.gguf`. A symlink
+/// keeps its own name (not its target's); a path that names no folder itself (`.`, `..`) is
+/// named after the folder it resolves to.
 pub fn model_name(path: &Path) -> String {
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = match path.file_name() {
+        Some(_) => path.to_path_buf(),
+        None => std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+    };
     let name = if crate::formats::is_gguf(&path) {
         path.file_stem()
     } else {

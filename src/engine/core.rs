@@ -228,6 +228,7 @@ impl EngineCore {
             max_num_batched_tokens,
             max_num_seqs,
             default_max_tokens: cfg.default_max_tokens,
+            kv_disk: cfg.kv_disk.is_some(),
         };
         // Prefix-cache entries (in memory and on disk) are only valid for the same weights
         // computed the same way, by the same version, in the same block layout.

@@ -117,6 +117,8 @@ pub struct ModelInfo {
     pub max_num_seqs: usize,
     /// Most tokens a reply generates when its request sets no limit (None: the context's end).
     pub default_max_tokens: Option<usize>,
+    /// The prefix cache has a disk tier (`--kv-disk`): prompts can be pinned.
+    pub kv_disk: bool,
 }
 
 /// Live counters the engine publishes after every step (metrics, health, tests).

@@ -75,6 +75,14 @@ async fn run(state: AppState, req: PinRequest, pin: bool) -> Result<Json<PinResp
         }
     };
     let model = state.model(req.model.as_deref()).await?;
+    if !model.engine.info().kv_disk {
+        return Err(ApiError::InvalidRequest {
+            message: "pinning needs the prefix cache's disk tier, which this server was started without: \
+                      start it with --kv-disk DIR (config: [engine] kv_disk)"
+                .into(),
+            param: None,
+        });
+    }
     let mut spec = GenerationSpec::new(prompt);
     spec.sampling = SamplingParams::greedy();
     spec.max_tokens = MaxTokens::Exactly(1);
