@@ -17,7 +17,7 @@ use super::types::{
 };
 use super::{
     check_stream_options, json_event, new_id, reject_unknown, response_constraint, sampling_params, sse_response,
-    unix_now,
+    tool_choice_word, unix_now,
 };
 use crate::output::{GeneratedToken, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage};
@@ -151,17 +151,7 @@ fn tool_set(req: &ChatCompletionRequest) -> Result<ToolSet, ApiError> {
         match &req.tool_choice {
             None if tools.is_empty() => ToolChoice::None,
             None => ToolChoice::Auto,
-            Some(Value::String(s)) => match s.as_str() {
-                "auto" => ToolChoice::Auto,
-                "none" => ToolChoice::None,
-                "required" => ToolChoice::Required,
-                other => {
-                    return Err(ApiError::invalid(
-                        "tool_choice",
-                        format!("tool_choice must be auto, none, required or a function, got '{other}'"),
-                    ))
-                }
-            },
+            Some(Value::String(s)) => tool_choice_word(s)?,
             Some(choice) => match choice.pointer("/function/name").and_then(Value::as_str) {
                 Some(name) if choice.get("type").and_then(Value::as_str) == Some("function") => {
                     ToolChoice::Function(name.to_string())

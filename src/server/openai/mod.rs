@@ -129,7 +129,7 @@ pub fn response_constraint(format: Option<&serde_json::Value>) -> Result<Option<
 }
 
 /// A 400 naming the first key of the object `value` that is not in `known` (`at` is its path).
-fn reject_unknown_keys(value: &serde_json::Value, at: &str, known: &[&str]) -> Result<(), ApiError> {
+pub fn reject_unknown_keys(value: &serde_json::Value, at: &str, known: &[&str]) -> Result<(), ApiError> {
     match value
         .as_object()
         .and_then(|o| o.keys().find(|k| !known.contains(&k.as_str())))
@@ -139,6 +139,21 @@ fn reject_unknown_keys(value: &serde_json::Value, at: &str, known: &[&str]) -> R
             format!("unknown field {at}.{key} (expected one of {})", known.join(", ")),
         )),
         None => Ok(()),
+    }
+}
+
+/// A `tool_choice` given as a word: `auto`, `none` or `required` (chat completions and the
+/// Responses API spell them alike).
+pub fn tool_choice_word(word: &str) -> Result<crate::text::tools::ToolChoice, ApiError> {
+    use crate::text::tools::ToolChoice;
+    match word {
+        "auto" => Ok(ToolChoice::Auto),
+        "none" => Ok(ToolChoice::None),
+        "required" => Ok(ToolChoice::Required),
+        other => Err(ApiError::invalid(
+            "tool_choice",
+            format!("tool_choice must be auto, none, required or a function, got '{other}'"),
+        )),
     }
 }
 

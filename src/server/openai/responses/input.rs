@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::types::ResponsesRequest;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use crate::server::error::ApiError;
-use crate::server::openai::response_constraint;
+use crate::server::openai::{reject_unknown_keys, response_constraint, tool_choice_word};
 use crate::text::tools::{ToolChoice, ToolSet};
 use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
 
@@ -439,7 +439,7 @@ fn tools(wire: &[Value]) -> Result<(Vec<Value>, HashMap<String, String>), ApiErr
                 let Some(name) = tool.get("name").and_then(Value::as_str) else {
                     return Err(ApiError::invalid(&format!("{at}.name"), "a namespace needs a name"));
                 };
-                reject_keys(tool, &at, &["type", "name", "description", "tools"])?;
+                reject_unknown_keys(tool, &at, &["type", "name", "description", "tools"])?;
                 let inner = tool.get("tools").and_then(Value::as_array).ok_or_else(|| {
                     ApiError::invalid(&format!("{at}.tools"), "a namespace needs a list of tools")
                 })?;
@@ -485,7 +485,7 @@ fn tools(wire: &[Value]) -> Result<(Vec<Value>, HashMap<String, String>), ApiErr
 /// A function tool (`name`, `description`, `parameters`, `strict`) in the template's shape.
 fn function_tool(tool: &Value, at: &str) -> Result<Value, ApiError> {
     // `strict` is accepted: a forced call follows the schema, a free one is parsed.
-    reject_keys(
+    reject_unknown_keys(
         tool,
         at,
         &["type", "name", "description", "parameters", "strict", "defer_loading"],
@@ -511,35 +511,12 @@ fn function_tool(tool: &Value, at: &str) -> Result<Value, ApiError> {
     Ok(json!({"type": "function", "function": function}))
 }
 
-fn reject_keys(value: &Value, at: &str, known: &[&str]) -> Result<(), ApiError> {
-    match value
-        .as_object()
-        .and_then(|o| o.keys().find(|k| !known.contains(&k.as_str())))
-    {
-        Some(key) => Err(ApiError::invalid(
-            &format!("{at}.{key}"),
-            format!("unknown field {at}.{key} (expected one of {})", known.join(", ")),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// `tool_choice`: `auto`, `none`, `required`, or `{"type": "function", "name": …}`.
 fn tool_choice(choice: Option<&Value>, tools: &[Value]) -> Result<ToolChoice, ApiError> {
     let choice = match choice {
         None | Some(Value::Null) if tools.is_empty() => ToolChoice::None,
         None | Some(Value::Null) => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => ToolChoice::Auto,
-            "none" => ToolChoice::None,
-            "required" => ToolChoice::Required,
-            other => {
-                return Err(ApiError::invalid(
-                    "tool_choice",
-                    format!("tool_choice must be auto, none, required or a function, got '{other}'"),
-                ))
-            }
-        },
+        Some(Value::String(s)) => tool_choice_word(s)?,
         Some(obj) => match (
             obj.get("type").and_then(Value::as_str),
             obj.get("name").and_then(Value::as_str),
@@ -574,7 +551,7 @@ fn read_reasoning(reasoning: Option<&Value>, chat: &mut ChatPrompt) -> Result<bo
     let Some(reasoning) = reasoning.filter(|r| !r.is_null()) else {
         return Ok(false);
     };
-    reject_keys(reasoning, "reasoning", &["effort", "summary", "generate_summary"])?;
+    reject_unknown_keys(reasoning, "reasoning", &["effort", "summary", "generate_summary"])?;
     match reasoning.get("effort") {
         None | Some(Value::Null) => {}
         Some(Value::String(e)) if e == "none" => {
@@ -640,7 +617,7 @@ fn text_constraint(text: Option<&Value>) -> Result<Option<crate::text::OutputCon
     let Some(text) = text.filter(|t| !t.is_null()) else {
         return Ok(None);
     };
-    reject_keys(text, "text", &["format", "verbosity"])?;
+    reject_unknown_keys(text, "text", &["format", "verbosity"])?;
     match text.get("verbosity") {
         None | Some(Value::Null) => {}
         Some(v) if v == "medium" => {}
@@ -654,7 +631,7 @@ fn text_constraint(text: Option<&Value>) -> Result<Option<crate::text::OutputCon
     let Some(format) = text.get("format").filter(|f| !f.is_null()) else {
         return Ok(None);
     };
-    reject_keys(
+    reject_unknown_keys(
         format,
         "text.format",
         &["type", "name", "description", "schema", "strict"],
