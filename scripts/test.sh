@@ -8,6 +8,10 @@ if [ ! -d ../shared/fixtures ]; then
   echo "scripts/test.sh: ../shared (the reference models, fixtures and tokenizers the tests read) is missing next to this checkout; see the README" >&2
   exit 1
 fi
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  echo "scripts/test.sh: the chat page's test drives Debian's chromium, which is missing: apt-get install chromium" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
