@@ -78,6 +78,7 @@ fn hundred_thousand_random_operations_keep_every_invariant() {
                     stop_tokens: Vec::new(),
                     cache_salt: 0,
                     reuse_cached_prefix: true,
+                    max_chunk: None,
                 };
                 s.add(Sequence::new(id, spec, BLOCK), ());
                 live.push(id);

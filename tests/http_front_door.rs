@@ -529,3 +529,34 @@ async fn pinning_without_a_disk_cache_is_a_configuration_error_that_says_how_to_
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("--kv-disk"), "{message}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_one_logprobs_chunk_gets_every_prompt_logprob() {
+    let s = server().await;
+    // Token ids, so the length is exact: 300 prompt tokens cross the 256-token chunk that a
+    // request with prompt logprobs is prefilled in.
+    let prompt: Vec<u64> = (0..300).map(|i| 3 + (i * 7919) % 500).collect();
+    let body = json!({"model": "stories260k", "prompt": prompt, "echo": true, "logprobs": 0, "max_tokens": 1,
+                      "temperature": 0});
+    let (status, whole) = s.post_json("/v1/completions", body).await;
+    assert_eq!(status, 200, "{whole}");
+    let logprobs = whole["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .expect("logprobs")
+        .clone();
+    assert_eq!(logprobs.len(), 301);
+    assert!(logprobs[0].is_null());
+    assert!(logprobs[1..].iter().all(Value::is_number), "no gap at the chunk's edge");
+    for i in [255usize, 256, 257, 299] {
+        let forced = json!({
+            "model": "stories260k", "prompt": prompt[..i], "max_tokens": 1, "temperature": 0, "logprobs": 0,
+            "logit_bias": {prompt[i].to_string(): 100},
+        });
+        let (_, next) = s.post_json("/v1/completions", forced).await;
+        let want = next["choices"][0]["logprobs"]["token_logprobs"][0]
+            .as_f64()
+            .expect("logprob");
+        let got = logprobs[i].as_f64().expect("logprob");
+        assert!((got - want).abs() < 1e-3, "prompt token {i}: {got} vs {want}");
+    }
+}

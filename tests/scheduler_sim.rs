@@ -24,6 +24,7 @@ fn seq(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Sequence {
         stop_tokens: vec![2],
         cache_salt: 0,
         reuse_cached_prefix: true,
+        max_chunk: None,
     };
     Sequence::new(RequestId(id), spec, BLOCK)
 }
@@ -65,6 +66,24 @@ fn chunked_prefill_respects_the_token_budget() {
             vec![(1, 32, 32, false)],
             vec![(1, 64, 32, false)],
             vec![(1, 96, 4, true)],
+        ]
+    );
+}
+
+#[test]
+fn a_sequence_s_own_chunk_cap_splits_its_prompt_below_the_budget() {
+    let mut s = scheduler(64, 32);
+    let mut capped = seq(1, (0..20).map(|i| 3 + i % 50).collect(), 2);
+    capped.max_chunk = 8;
+    s.add(capped, ());
+    s.add(seq(2, (0..12).map(|i| 3 + i % 40).collect(), 2), ());
+    let plans: Vec<_> = (0..3).map(|_| planned(&step(&mut s, 7).0)).collect();
+    assert_eq!(
+        plans,
+        [
+            vec![(1, 0, 8, false), (2, 0, 12, true)],
+            vec![(1, 8, 8, false), (2, 12, 1, true)],
+            vec![(1, 16, 4, true)],
         ]
     );
 }

@@ -56,6 +56,10 @@ struct RequestState {
     last_token_at: Option<Instant>,
 }
 
+/// Most prompt tokens of a request with prompt logprobs fed in one step: its logits rows (one
+/// vocabulary of floats each, 600 KB for a 150K vocabulary) stay bounded per step.
+const PROMPT_LOGPROBS_CHUNK: usize = 256;
+
 /// Everything the engine thread owns.
 pub(crate) struct EngineCore {
     model: Box<dyn Model>,
@@ -379,6 +383,9 @@ impl EngineCore {
             // Prompt logprobs need every prompt position's logits: nothing may come from the cache.
             reuse_cached_prefix: req.embed.is_none_or(|p| p.reuses_cached_prefix())
                 && req.params.prompt_logprobs.is_none(),
+            // Each prompt position's logits row is a vocabulary of floats: chunked, a step holds
+            // at most PROMPT_LOGPROBS_CHUNK of them per such request, whatever the budget.
+            max_chunk: req.params.prompt_logprobs.map(|_| PROMPT_LOGPROBS_CHUNK),
         };
         let seq = Sequence::new(id, spec, block_size);
         tracing::debug!(request_id = %id, prompt_tokens = usage.prompt_tokens, "admitted to queue");

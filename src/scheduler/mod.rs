@@ -195,7 +195,7 @@ impl<T> Scheduler<T> {
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             let seq = &self.seqs[&id].seq;
-            let num_new = (seq.tokens.len() - seq.num_computed).min(*budget);
+            let num_new = (seq.tokens.len() - seq.num_computed).min(*budget).min(seq.max_chunk);
             let num_total = seq.num_computed + num_new;
             let mut self_preempted = false;
             while self
@@ -237,7 +237,7 @@ impl<T> Scheduler<T> {
                 false => PrefixHit::default(),
             };
             let num_computed = hit.num_tokens(self.blocks.block_size());
-            let num_new = (seq.tokens.len() - num_computed).min(*budget);
+            let num_new = (seq.tokens.len() - num_computed).min(*budget).min(seq.max_chunk);
             let num_total = num_computed + num_new;
             if self.blocks.allocate_slots(id, num_total, &hit).is_err() {
                 break;

@@ -33,6 +33,9 @@ pub struct Sequence {
     /// Whether KV found in the prefix cache may stand in for computing the prompt (not for
     /// embeddings that need every token's hidden state).
     pub reuse_cached_prefix: bool,
+    /// Most tokens fed in one step (a prompt is chunked to it even when the step's budget is
+    /// larger): bounds what a step computes per token for this sequence (prompt logprobs).
+    pub max_chunk: usize,
 }
 
 /// What a new sequence is made of.
@@ -48,6 +51,8 @@ pub struct SequenceSpec {
     pub cache_salt: u64,
     /// See `Sequence::reuse_cached_prefix`.
     pub reuse_cached_prefix: bool,
+    /// See `Sequence::max_chunk` (None: only the step's budget limits it).
+    pub max_chunk: Option<usize>,
 }
 
 impl Sequence {
@@ -66,6 +71,7 @@ impl Sequence {
             block_hashes,
             cache_salt: spec.cache_salt,
             reuse_cached_prefix: spec.reuse_cached_prefix,
+            max_chunk: spec.max_chunk.unwrap_or(usize::MAX).max(1),
         }
     }
 
