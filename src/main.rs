@@ -18,6 +18,7 @@ use mlxd::server::auth::AccessOptions;
 use mlxd::server::openai::responses::store::{ResponseStore, StoreLimits};
 use mlxd::server::registry::{Loader, ModelRegistry, RegistryOptions, Served};
 use mlxd::server::{router, AppState, ConnectionTimeouts, ServerOptions};
+use mlxd::text::rerank::Reranker;
 use mlxd::text::TextCodec;
 
 /// A local LLM server speaking the OpenAI HTTP API.
@@ -456,9 +457,17 @@ fn list(args: ListArgs) -> Result<()> {
         return Ok(());
     }
     let width = catalog.entries().iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
-    println!("{:width$}  {:12}  PATH", "NAME", "FROM");
+    println!("{:width$}  {:12}  {:8}  PATH", "NAME", "FROM", "USE");
     for e in catalog.entries() {
-        println!("{:width$}  {:12}  {}", e.name, e.origin.as_str(), e.path.display());
+        let reranks = Reranker::named(&e.name) || Reranker::named(&e.path.to_string_lossy());
+        let usage = if reranks { "rerank" } else { "generate" };
+        println!(
+            "{:width$}  {:12}  {:8}  {}",
+            e.name,
+            e.origin.as_str(),
+            usage,
+            e.path.display()
+        );
     }
     Ok(())
 }

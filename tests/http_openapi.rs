@@ -7,7 +7,7 @@ use common::{engine_config, repo_model, TestServer};
 use serde_json::Value;
 
 /// Every route the README promises, as (method, path).
-const ROUTES: [(&str, &str); 32] = [
+const ROUTES: [(&str, &str); 34] = [
     ("post", "/v1/chat/completions"),
     ("post", "/v1/responses"),
     ("get", "/v1/responses/{id}"),
@@ -16,6 +16,8 @@ const ROUTES: [(&str, &str); 32] = [
     ("post", "/v1/messages/count_tokens"),
     ("post", "/v1/completions"),
     ("post", "/v1/embeddings"),
+    ("post", "/v1/rerank"),
+    ("post", "/rerank"),
     ("post", "/v1/kv/pin"),
     ("post", "/v1/kv/unpin"),
     ("get", "/v1/models"),

@@ -695,7 +695,14 @@ impl EngineCore {
         if ids.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if crate::compute::fused::runs_kernels(logits.device()) {
+        // The device sampler reports no chosen tokens' logprobs: a step with such a row samples
+        // on the host (its plain-argmax rows still decide on the device).
+        let reports = ids.iter().any(|id| {
+            self.scheduler
+                .entry(*id)
+                .is_some_and(|(_, req)| !req.sampler.params().report_tokens.is_empty())
+        });
+        if crate::compute::fused::runs_kernels(logits.device()) && !reports {
             return self.sample_on_device(ids, masks, logits);
         }
         let host_rows: Vec<u32> = ids
@@ -769,6 +776,7 @@ impl EngineCore {
                         .iter()
                         .map(|&(id, logprob)| super::output::TokenLogprob { id, logprob })
                         .collect(),
+                    reported: Vec::new(),
                 });
                 (s.id, logprobs)
             })

@@ -19,6 +19,8 @@ pub struct Logprobs {
     pub logprob: f32,
     /// The most likely tokens at this step, most likely first.
     pub top: Vec<TokenLogprob>,
+    /// The raw logprobs of the request's `report_tokens`, in their order.
+    pub reported: Vec<TokenLogprob>,
 }
 
 /// One event on a request's reply channel.

@@ -62,6 +62,7 @@ impl SamplerState {
             && p.presence_penalty == 0.0
             && p.frequency_penalty == 0.0
             && p.logit_bias.is_empty()
+            && p.report_tokens.is_empty()
     }
 
     /// This step of the request for the device sampler: parameters, the step's uniform draw
@@ -98,7 +99,8 @@ impl SamplerState {
         num_prompt: usize,
         allowed: Option<&[u32]>,
     ) -> SampledToken {
-        let logprobs = self.params.logprobs.map(|n| (log_softmax(logits), n as usize));
+        let wants = self.params.logprobs.is_some() || !self.params.report_tokens.is_empty();
+        let logprobs = wants.then(|| (log_softmax(logits), self.params.logprobs.unwrap_or(0) as usize));
         apply_penalties(logits, &self.params, tokens, num_prompt);
         if let Some(words) = allowed {
             for (t, l) in logits.iter_mut().enumerate() {
@@ -115,6 +117,15 @@ impl SamplerState {
         let logprobs = logprobs.map(|(lp, n)| Logprobs {
             logprob: lp[id as usize],
             top: top_n(&lp, n),
+            reported: self
+                .params
+                .report_tokens
+                .iter()
+                .map(|&id| TokenLogprob {
+                    id,
+                    logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
+                })
+                .collect(),
         });
         SampledToken { id, logprobs }
     }
@@ -241,6 +252,7 @@ pub fn logprobs_of(logits: &[f32], token: u32, n: usize) -> Logprobs {
     Logprobs {
         logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
         top: top_n(&lp, n),
+        reported: Vec::new(),
     }
 }
 
@@ -404,5 +416,24 @@ mod tests {
         let z = (1.0f32 + 2f32.exp() + 1f32.exp()).ln();
         assert!((lp.logprob - (2.0 - z)).abs() < 1e-6);
         assert_eq!(lp.top.iter().map(|t| t.id).collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn reported_tokens_get_their_raw_logprobs_whatever_is_sampled() {
+        let p = SamplingParams {
+            report_tokens: vec![0, 2],
+            logit_bias: vec![(0, 100.0)],
+            ..SamplingParams::greedy()
+        };
+        let mut s = state(p);
+        assert!(!s.is_plain_argmax(), "reports are made on the host");
+        let out = s.sample(&mut [0.0, 2.0, 1.0], &[], 0, None);
+        assert_eq!(out.id, 0, "the bias decides the sample");
+        let lp = out.logprobs.expect("reported");
+        let z = (1.0f32 + 2f32.exp() + 1f32.exp()).ln();
+        let reported: Vec<(u32, f32)> = lp.reported.iter().map(|t| (t.id, t.logprob)).collect();
+        assert_eq!(reported.len(), 2);
+        assert!((reported[0].1 - (0.0 - z)).abs() < 1e-6 && (reported[1].1 - (1.0 - z)).abs() < 1e-6);
+        assert!(lp.top.is_empty(), "no alternatives were asked for");
     }
 }

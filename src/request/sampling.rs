@@ -30,6 +30,9 @@ pub struct SamplingParams {
     pub prompt_logprobs: Option<u8>,
     /// Added to a token's logit before sampling (-100 bans it, +100 forces it).
     pub logit_bias: Vec<(u32, f32)>,
+    /// Token ids whose raw logprob is reported with each sampled token, whatever was sampled
+    /// (a reranker's `yes` and `no`).
+    pub report_tokens: Vec<u32>,
 }
 
 impl Default for SamplingParams {
@@ -47,6 +50,7 @@ impl Default for SamplingParams {
             logprobs: None,
             prompt_logprobs: None,
             logit_bias: Vec::new(),
+            report_tokens: Vec::new(),
         }
     }
 }

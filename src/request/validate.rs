@@ -277,6 +277,15 @@ fn check_sampling(p: &SamplingParams, limits: &RequestLimits) -> Result<(), Requ
             format!("must be between 0 and {MAX_TOP_LOGPROBS}, got {n}"),
         ));
     }
+    if let Some(id) = p.report_tokens.iter().find(|&&id| id as usize >= limits.vocab_size) {
+        return Err(RequestError::invalid(
+            Field::Logprobs,
+            format!(
+                "names token id {id}, outside the vocabulary (size {})",
+                limits.vocab_size
+            ),
+        ));
+    }
     for &(id, bias) in &p.logit_bias {
         if id as usize >= limits.vocab_size {
             return Err(RequestError::invalid(

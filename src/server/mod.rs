@@ -11,6 +11,7 @@ pub mod ollama;
 pub mod openai;
 pub mod openapi;
 pub mod registry;
+pub mod rerank;
 pub mod ui;
 
 pub use listen::{serve, ConnectionTimeouts};
@@ -213,6 +214,8 @@ pub fn api_routes() -> OpenApiRouter<AppState> {
             openai::responses::delete_response
         ))
         .routes(routes!(openai::embeddings::embeddings))
+        .routes(routes!(rerank::rerank))
+        .routes(routes!(rerank::rerank_alias))
         .routes(routes!(openai::models::list_models))
         .routes(routes!(openai::tokenize::tokenize))
         .routes(routes!(openai::tokenize::detokenize))

@@ -37,8 +37,10 @@ pub struct ApiDoc;
 
 /// Routes that run on the engine (generation, embeddings): they can also be refused for
 /// capacity (429) or shutdown (503).
-const ENGINE_ROUTES: [&str; 11] = [
+const ENGINE_ROUTES: [&str; 13] = [
     "/v1/chat/completions",
+    "/v1/rerank",
+    "/rerank",
     "/v1/responses",
     "/v1/messages",
     "/v1/completions",

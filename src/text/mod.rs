@@ -8,6 +8,7 @@ pub mod gguf_tokenizer;
 pub mod grammar;
 pub mod reasoning;
 pub mod reply;
+pub mod rerank;
 pub mod stop;
 pub mod tools;
 

@@ -226,6 +226,7 @@ fn sampling(opts: &Options) -> SamplingParams {
         frequency_penalty: opts.frequency_penalty.unwrap_or(0.0),
         seed: opts.seed.and_then(|s| u64::try_from(s).ok()),
         logprobs: None,
+        report_tokens: Vec::new(),
         prompt_logprobs: None,
         logit_bias: Vec::new(),
     }

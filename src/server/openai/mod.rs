@@ -56,6 +56,7 @@ pub fn sampling_params(f: &SamplingFields, logprobs: Option<u8>) -> Result<Sampl
         frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
         seed: f.seed.as_ref().map(signed_seed).transpose()?,
         logprobs,
+        report_tokens: Vec::new(),
         prompt_logprobs: None,
         logit_bias,
     })

@@ -7,6 +7,7 @@ use utoipa::ToSchema;
 
 use crate::models::parameter_size;
 use crate::server::AppState;
+use crate::text::rerank::Reranker;
 
 /// `GET /v1/models` response.
 #[derive(Clone, Debug, Serialize, ToSchema)]
@@ -49,6 +50,8 @@ pub struct ModelCardDetails {
     pub format: String,
     /// Weight dtype or quantization.
     pub quantization: String,
+    /// A causal reranker (known by its name, `Qwen3-Reranker-…`): `/v1/rerank` takes it.
+    pub rerank: bool,
 }
 
 /// Lists every model that can be served, loaded or not, with its family, size and weight
@@ -64,6 +67,7 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
         .into_iter()
         .map(|d| {
             let m = d.summary;
+            let rerank = Reranker::named(&d.entry.name) || Reranker::named(&d.entry.path.to_string_lossy());
             ModelCard {
                 id: d.entry.name,
                 object: "model",
@@ -77,6 +81,7 @@ pub async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
                     parameter_size: parameter_size(m.num_params),
                     format: m.weights.format.to_string(),
                     quantization: m.weights.dtype,
+                    rerank,
                 },
             }
         })
