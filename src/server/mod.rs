@@ -5,6 +5,7 @@
 pub mod anthropic;
 pub mod auth;
 pub mod error;
+pub mod fit;
 pub mod kv_pin;
 pub mod listen;
 pub mod ollama;

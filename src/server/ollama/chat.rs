@@ -5,13 +5,12 @@ use axum::response::Response;
 
 use serde_json::{json, Value};
 
-use super::fit;
 use super::options::{chat_prompt, to_spec};
 use super::reply::{Reply, ReplyKind};
 use super::types::{ChatRequest, ChatResponse};
 use super::{OllamaError, OllamaJson};
 use crate::request::Prompt;
-use crate::server::AppState;
+use crate::server::{fit, AppState};
 use crate::text::ChatMessage;
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];

@@ -7,7 +7,6 @@
 pub mod chat;
 pub mod embed;
 pub mod error;
-pub mod fit;
 pub mod generate;
 pub mod models;
 pub mod options;

@@ -3,7 +3,7 @@
 //! other turns, whole, until it fits (Ollama's `chatPrompt` does the same; `truncate: false`
 //! refuses instead). A turn starts at a user message, so a call and its results go together.
 
-use super::OllamaError;
+use super::ollama::OllamaError;
 use crate::request::{GenerationSpec, Prompt, RequestError, ValidatedRequest};
 use crate::server::registry::ModelLease;
 use crate::server::AppState;
