@@ -59,9 +59,10 @@ pub struct ServerConfig {
     pub hf_cache: Option<PathBuf>,
     /// Serve the chat page at `/` to browsers.
     pub ui: bool,
-    /// Keep OpenAI's rule for `max_tokens`: a prompt plus budget beyond the context is a 400
-    /// (by default such a reply ends at the context's end with `length`).
-    pub strict_max_tokens: bool,
+    /// Keep OpenAI's context rules: a prompt plus `max_tokens` beyond the context, and a chat
+    /// completion's conversation that does not fit, are 400s (by default the reply ends at the
+    /// context's end with `length`, and the conversation is fitted as Ollama fits it).
+    pub strict_context: bool,
     /// Most Responses API responses kept for `previous_response_id` (0: none are stored).
     pub responses_max_count: usize,
     /// Most memory they may hold (JSON bytes), e.g. "256MiB".
@@ -91,7 +92,7 @@ impl Default for ServerConfig {
             ollama_models: None,
             hf_cache: None,
             ui: true,
-            strict_max_tokens: false,
+            strict_context: false,
             responses_max_count: 1000,
             responses_max_size: "256MiB".into(),
             responses_ttl: 86400.0,

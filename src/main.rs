@@ -211,10 +211,11 @@ struct ServeArgs {
     /// Do not serve the chat page: `GET /` answers `Ollama is running` to browsers too.
     #[arg(long)]
     no_ui: bool,
-    /// Refuse (400) a `max_tokens` that does not fit after the prompt, as OpenAI does, instead
-    /// of ending that reply at the context's end with finish reason `length`.
+    /// OpenAI's context rules: refuse (400) a `max_tokens` that does not fit after the prompt
+    /// (instead of ending that reply at the context's end with finish reason `length`) and a
+    /// chat completion whose conversation does not fit (instead of dropping its oldest turns).
     #[arg(long)]
-    strict_max_tokens: bool,
+    strict_context: bool,
     /// What happens to a thinking model's thoughts: separate (`reasoning_content` / Ollama's
     /// `thinking`), inline (left in the content) or drop [default: separate].
     #[arg(long, value_enum)]
@@ -510,8 +511,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.no_ui {
         cfg.server.ui = false;
     }
-    if args.strict_max_tokens {
-        cfg.server.strict_max_tokens = true;
+    if args.strict_context {
+        cfg.server.strict_context = true;
     }
     if let Some(mode) = args.reasoning_format {
         cfg.server.reasoning_format = mode;
@@ -556,7 +557,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let admission_limit = info.max_num_seqs + cfg.scheduler.max_queue;
     let mut state = AppState::with_models(models.clone(), admission_limit);
     state.reasoning = cfg.server.reasoning_format;
-    state.strict_max_tokens = cfg.server.strict_max_tokens;
+    state.strict_context = cfg.server.strict_context;
     state.ui = cfg.server.ui;
     state.responses = Arc::new(ResponseStore::new(StoreLimits {
         max_count: cfg.server.responses_max_count,

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{engine_config, repo_model, TestServer};
+use common::{engine_config, long_conversation, repo_model, TestServer};
 use serde_json::{json, Value};
 
 async fn server() -> TestServer {
@@ -375,18 +375,6 @@ async fn registry_and_model_management_routes_say_what_to_do_instead_of_404() {
     }
 }
 
-/// A conversation of `turns` user/assistant exchanges of about 40 tokens each after a system
-/// message: on the 512-token model, too long from about ten turns on.
-fn long_conversation(turns: usize) -> Vec<Value> {
-    let mut messages = vec![json!({"role": "system", "content": "You tell short stories about a cat."})];
-    for i in 0..turns {
-        messages.push(json!({"role": "user", "content": format!("Turn {i}: tell me what the cat did next in the big green park.")}));
-        messages.push(json!({"role": "assistant", "content": format!("In turn {i} the cat ran to the tree, climbed it and sat on a branch.")}));
-    }
-    messages.push(json!({"role": "user", "content": "And then?"}));
-    messages
-}
-
 /// The final object of a non-streamed chat over `messages` (status and body).
 async fn chat_once(s: &TestServer, messages: &[Value], extra: Value) -> (u16, Value) {
     let mut body = json!({"model": "stories260k", "messages": messages, "stream": false, "options": greedy(4)});
@@ -454,7 +442,8 @@ async fn a_chat_too_long_for_the_context_drops_its_oldest_turns_as_ollama_does()
         "the same prompt"
     );
     assert_eq!(direct["message"], fitted["message"], "the same greedy reply");
-    // The system message alone plus the latest turn longer than the context: a clear 400.
+    // A system message alone longer than the context: the prompt's middle is cut after its
+    // first four tokens, leaving the reply its 4 tokens (Ollama's runner cuts the same way).
     let huge = vec![
         json!({"role": "system", "content": "Cats. ".repeat(400)}),
         json!({"role": "user", "content": "Hi"}),
@@ -462,6 +451,9 @@ async fn a_chat_too_long_for_the_context_drops_its_oldest_turns_as_ollama_does()
         json!({"role": "user", "content": "And then?"}),
     ];
     let (status, body) = chat_once(&s, &huge, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["prompt_eval_count"], 512 - 4, "{body}");
+    let (status, body) = chat_once(&s, &huge, json!({"truncate": false})).await;
     assert_eq!(status, 400, "{body}");
 }
 

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{engine_config, read_json, repo_model, shared, TestServer};
+use common::{engine_config, long_conversation, read_json, repo_model, shared, TestServer};
 use serde_json::{json, Value};
 
 async fn server() -> TestServer {
@@ -309,7 +309,7 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn context_overflow_names_the_token_counts() {
-    let s = TestServer::start_adjusted(engine_config(&repo_model()), |s| s.strict_max_tokens = true).await;
+    let s = TestServer::start_adjusted(engine_config(&repo_model()), |s| s.strict_context = true).await;
     let (status, err) = s
         .post_json(
             "/v1/completions",
@@ -331,6 +331,40 @@ async fn context_overflow_names_the_token_counts() {
         .await;
     assert_eq!(status, 400);
     assert_eq!(err["error"]["code"], "context_length_exceeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_completion_too_long_for_the_context_is_fitted_as_on_ollama_s_api_unless_strict() {
+    let s = server().await;
+    let messages = long_conversation(16);
+    let chat = json!({"messages": messages, "max_tokens": 4, "temperature": 0});
+    let (status, fitted) = s.post_json("/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, 200, "{fitted}");
+    // The same conversation fitted by Ollama's API: the same turns dropped, the same reply.
+    let ollama = json!({"model": "stories260k", "messages": messages, "stream": false,
+                        "options": {"num_predict": 4, "temperature": 0, "repeat_penalty": 1.0}});
+    let (status, on_ollama) = s.post_json("/api/chat", ollama).await;
+    assert_eq!(status, 200, "{on_ollama}");
+    assert_eq!(fitted["usage"]["prompt_tokens"], on_ollama["prompt_eval_count"]);
+    assert_eq!(
+        fitted["choices"][0]["message"]["content"],
+        on_ollama["message"]["content"]
+    );
+    let prompt = fitted["usage"]["prompt_tokens"].as_u64().expect("prompt_tokens");
+    assert!(prompt > 16 && prompt + 4 <= 512, "{fitted}");
+    // One user message longer than the context: its middle is cut, the reply keeps its budget.
+    let huge = json!({"messages": [{"role": "user", "content": "Cats. ".repeat(400)}], "max_tokens": 4});
+    let (status, cut) = s.post_json("/v1/chat/completions", huge.clone()).await;
+    assert_eq!(status, 200, "{cut}");
+    assert_eq!(cut["usage"]["prompt_tokens"], 512 - 4, "{cut}");
+    // --strict-context: OpenAI's 400 for both.
+    let strict = TestServer::start_adjusted(engine_config(&repo_model()), |s| s.strict_context = true).await;
+    for body in [chat, huge] {
+        let (status, err) = strict.post_json("/v1/chat/completions", body).await;
+        assert_eq!(status, 400, "{err}");
+        assert_eq!(err["error"]["code"], "context_length_exceeded");
+        assert_eq!(err["error"]["param"], "messages");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,7 +405,7 @@ async fn requests_larger_than_the_kv_pool_end_at_it_or_with_strict_budgets_are_r
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["choices"][0]["finish_reason"], "length");
     assert_eq!(reply["usage"]["total_tokens"], 64, "the whole pool: {reply}");
-    let s = TestServer::start_adjusted(cfg, |s| s.strict_max_tokens = true).await;
+    let s = TestServer::start_adjusted(cfg, |s| s.strict_context = true).await;
     let (status, err) = s
         .post_json(
             "/v1/completions",

@@ -18,7 +18,7 @@ use std::time::Duration;
 pub use embedding::{validate_embedding, EmbeddingSpec, Pooling};
 pub use keep_alive::KeepAlive;
 pub use sampling::SamplingParams;
-pub use spec::{Field, GenerationSpec, MaxTokens, Prompt};
+pub use spec::{Field, GenerationSpec, MaxTokens, Overflow, Prompt};
 pub use validate::{validate, RequestError, RequestLimits, RequestParts, ValidatedRequest};
 
 /// Engine-wide unique id of one generation request (one sequence).

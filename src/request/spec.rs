@@ -62,6 +62,19 @@ pub struct GenerationSpec {
     pub ignore_eos: bool,
     /// What the output must be (structured output), enforced while decoding.
     pub constraint: Option<OutputConstraint>,
+    /// What becomes of a prompt that leaves no room in the context for a reply.
+    pub overflow: Overflow,
+}
+
+/// What becomes of a prompt that leaves no room in the context for a reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// It is refused (`RequestError::ContextLength`), OpenAI's rule.
+    #[default]
+    Refuse,
+    /// Tokens are cut out of its middle, after its first few, until a reply fits (Ollama's
+    /// runner truncates a prompt the same way, logging it).
+    CutMiddle,
 }
 
 impl GenerationSpec {
@@ -77,6 +90,7 @@ impl GenerationSpec {
             stop: Vec::new(),
             ignore_eos: false,
             constraint: None,
+            overflow: Overflow::Refuse,
         }
     }
 }

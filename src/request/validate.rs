@@ -5,7 +5,7 @@
 //! Runs on the caller's thread; rendering and tokenizing a long conversation takes
 //! milliseconds, so async callers run it on a blocking thread.
 
-use super::spec::{Field, GenerationSpec, MaxTokens, Prompt};
+use super::spec::{Field, GenerationSpec, MaxTokens, Overflow, Prompt};
 use super::SamplingParams;
 use crate::text::{ChatPrompt, Constraint, OutputConstraint, ReplyPlan, TextCodec};
 
@@ -15,6 +15,9 @@ pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_TOP_LOGPROBS: u8 = 20;
 /// Largest absolute logit bias (OpenAI's range).
 pub const MAX_LOGIT_BIAS: f32 = 100.0;
+/// Tokens kept from a prompt's start when its middle is cut (`Overflow::CutMiddle`): Ollama's
+/// default `num_keep`, enough for the template's opening (BOS, the first role marker).
+pub const KEPT_HEAD_TOKENS: usize = 4;
 
 /// What a request is checked against: facts of the served model and its KV pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,7 +178,10 @@ pub fn validate(
         let forced = check_tools(chat, codec, constraint.is_some())?;
         constraint = constraint.or(forced);
     }
-    let (prompt, reply) = tokenize(&spec.context, spec.prompt, codec, limits)?;
+    let (mut prompt, reply) = tokenize(&spec.context, spec.prompt, codec, limits)?;
+    if spec.overflow == Overflow::CutMiddle {
+        prompt = cut_to_fit(prompt, spec.max_tokens, spec.context_window, limits);
+    }
     let max_tokens = resolve_max_tokens(prompt.len(), spec.max_tokens, spec.context_window, prompt_field, limits)?;
     let stop_tokens = if spec.ignore_eos {
         Vec::new()
@@ -386,6 +392,49 @@ fn check_ids(ids: &[u32], field: Field, vocab: usize) -> Result<(), RequestError
     }
 }
 
+/// Tokens the context holds for one request: the model's (or the request's smaller) window,
+/// in whole KV blocks of the pool.
+fn usable_context(context_window: Option<usize>, limits: &RequestLimits) -> usize {
+    let ctx = context_window.map_or(limits.max_model_len, |w| w.min(limits.max_model_len));
+    let pool_tokens = limits.kv_pool_tokens - limits.kv_pool_tokens % limits.block_size.max(1);
+    ctx.min(pool_tokens)
+}
+
+/// `prompt`, when it leaves no room for a reply, with tokens cut out after its first
+/// KEPT_HEAD_TOKENS so that the reply gets its budget or a quarter of the context, whichever
+/// is less; its end (the latest turn and the generation prompt) stays whole. Logged, as Ollama
+/// logs its runner's cut.
+fn cut_to_fit(
+    prompt: Vec<u32>,
+    max_tokens: MaxTokens,
+    context_window: Option<usize>,
+    limits: &RequestLimits,
+) -> Vec<u32> {
+    let usable = usable_context(context_window, limits);
+    if prompt.len() < usable {
+        return prompt;
+    }
+    let wanted = match max_tokens {
+        MaxTokens::Exactly(n) | MaxTokens::AtMost(n) => n as usize,
+        MaxTokens::Rest => limits.default_max_tokens.unwrap_or(usize::MAX),
+    };
+    let kept = usable - wanted.clamp(1, (usable / 4).max(1));
+    if kept <= KEPT_HEAD_TOKENS {
+        // No room for a head and an end: the budget check refuses it by its real length.
+        return prompt;
+    }
+    let tail = prompt.len() - (kept - KEPT_HEAD_TOKENS);
+    tracing::warn!(
+        prompt_tokens = prompt.len(),
+        kept_tokens = kept,
+        context = usable,
+        "the prompt did not fit the context: tokens were cut out of its middle"
+    );
+    let mut cut = prompt[..KEPT_HEAD_TOKENS].to_vec();
+    cut.extend_from_slice(&prompt[tail..]);
+    cut
+}
+
 /// The generation budget for a prompt of `prompt_len` tokens, or why there is none.
 fn resolve_max_tokens(
     prompt_len: usize,
@@ -503,6 +552,36 @@ mod tests {
     fn a_full_context_leaves_no_budget() {
         let e = resolve_max_tokens(30, MaxTokens::Rest, Some(30), Field::Prompt, &limits());
         assert!(matches!(e, Err(RequestError::ContextLength { ctx: 30, .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_prompt_that_fits_is_not_cut() {
+        let prompt: Vec<u32> = (0..63).collect();
+        assert_eq!(cut_to_fit(prompt.clone(), MaxTokens::Rest, None, &limits()), prompt);
+    }
+
+    #[test]
+    fn an_overlong_prompt_keeps_its_head_and_end_and_leaves_the_reply_room() {
+        // The pool holds 64 tokens: the reply gets min(budget, 64 / 4).
+        let prompt: Vec<u32> = (0..100).collect();
+        let cut = cut_to_fit(prompt.clone(), MaxTokens::AtMost(1000), None, &limits());
+        let expected: Vec<u32> = (0..4).chain(56..100).collect();
+        assert_eq!(cut, expected);
+        assert_eq!(
+            resolve_max_tokens(cut.len(), MaxTokens::AtMost(1000), None, Field::Messages, &limits()),
+            Ok(16)
+        );
+        let small_budget = cut_to_fit(prompt.clone(), MaxTokens::AtMost(5), None, &limits());
+        assert_eq!(small_budget, (0..4).chain(45..100).collect::<Vec<u32>>());
+        // A request's own smaller window is what it must fit.
+        let window = cut_to_fit(prompt, MaxTokens::Rest, Some(20), &limits());
+        assert_eq!(window, (0..4).chain(89..100).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn a_window_too_small_for_head_and_end_is_left_to_the_budget_check() {
+        let prompt: Vec<u32> = (0..30).collect();
+        assert_eq!(cut_to_fit(prompt.clone(), MaxTokens::Rest, Some(5), &limits()), prompt);
     }
 
     #[test]

@@ -1,69 +1,85 @@
-//! Ollama's context fitting for `/api/chat`: a conversation whose prompt does not fit the
-//! context keeps its system messages, its tools and its latest user turn, and drops its oldest
-//! other turns, whole, until it fits (Ollama's `chatPrompt` does the same; `truncate: false`
-//! refuses instead). A turn starts at a user message, so a call and its results go together.
+//! Fitting a conversation to the context, as Ollama fits one: a chat whose prompt does not fit
+//! keeps its system messages, its tools and its latest user turn, and drops its oldest other
+//! turns, whole, until it fits (Ollama's `chatPrompt`); when even what it keeps leaves no room
+//! for a reply, tokens are cut out of the prompt's middle (as Ollama's runner cuts them). A turn
+//! starts at a user message, so a call and its results go together. Ollama's `/api/chat` fits
+//! unless `truncate: false`; OpenAI's chat completions unless the server is `--strict-context`.
 
-use super::ollama::OllamaError;
-use crate::request::{GenerationSpec, Prompt, RequestError, ValidatedRequest};
+use crate::request::{GenerationSpec, Overflow, Prompt, RequestError, ValidatedRequest};
 use crate::server::registry::ModelLease;
 use crate::server::AppState;
 use crate::text::ChatMessage;
 
-/// Validates `spec`; when its conversation is too long for the context and `truncate` allows,
-/// validates the longest tail of it that fits (the fewest oldest turns dropped), found by
-/// bisection over turn starts, each try one render and tokenization.
+/// Validates `spec`; when `fit` and its prompt is too long for the context, validates the
+/// longest tail of its conversation that fits (the fewest oldest turns dropped, found by
+/// bisection over turn starts, each try one render and tokenization), or, when not even its
+/// latest turn fits, that turn with the prompt's middle cut.
 pub async fn validate_fitted(
     state: &AppState,
     model: &ModelLease,
     spec: GenerationSpec,
-    truncate: bool,
-) -> Result<ValidatedRequest, OllamaError> {
-    let too_long = match state.validate(model, spec.clone()).await {
-        Ok(request) => return Ok(request),
-        Err(e @ RequestError::ContextLength { .. }) if truncate => e,
-        Err(e) => return Err(e.into()),
+    fit: bool,
+) -> Result<ValidatedRequest, RequestError> {
+    match state.validate(model, spec.clone()).await {
+        Err(RequestError::ContextLength { .. }) if fit => {}
+        done => return done,
+    }
+    let cut_middle = |mut spec: GenerationSpec| {
+        spec.overflow = Overflow::CutMiddle;
+        state.validate(model, spec)
     };
     let Prompt::Chat(chat) = &spec.prompt else {
-        return Err(too_long.into());
+        return cut_middle(spec).await;
     };
     let cuts = turn_starts(&chat.messages);
-    let attempt = |cut: usize| {
+    let fitted = |cut: usize| {
         let mut fitted = spec.clone();
         if let Prompt::Chat(c) = &mut fitted.prompt {
             c.messages = kept_from(&chat.messages, cut);
         }
-        state.validate(model, fitted)
+        fitted
     };
-    // The most that may go (everything before the latest user turn) must fit, else nothing does.
+    // The most that may go (everything before the latest user turn) must fit, else only a cut
+    // through the middle of what is left can.
     let Some(&last) = cuts.last() else {
-        return Err(too_long.into());
+        return cut_middle(spec).await;
     };
-    let mut best = match attempt(last).await {
+    let mut best = match state.validate(model, fitted(last)).await {
         Ok(request) => (last, request),
-        Err(e) => return Err(e.into()),
+        Err(RequestError::ContextLength { .. }) => {
+            let request = cut_middle(fitted(last)).await?;
+            log_dropped(&chat.messages, last, &request);
+            return Ok(request);
+        }
+        Err(e) => return Err(e),
     };
     // Bisect for the earliest cut that fits: fits(cuts[hi]) holds, fits(cut before lo) fails.
     let (mut lo, mut hi) = (0, cuts.len() - 1);
     while lo < hi {
         let mid = (lo + hi) / 2;
-        match attempt(cuts[mid]).await {
+        match state.validate(model, fitted(cuts[mid])).await {
             Ok(request) => {
                 best = (cuts[mid], request);
                 hi = mid;
             }
             Err(RequestError::ContextLength { .. }) => lo = mid + 1,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
     let (cut, request) = best;
-    let dropped = chat.messages[..cut].iter().filter(|m| m.role != "system").count();
+    log_dropped(&chat.messages, cut, &request);
+    Ok(request)
+}
+
+/// Logs what fitting dropped: the messages before `cut` that are not system ones.
+fn log_dropped(messages: &[ChatMessage], cut: usize, request: &ValidatedRequest) {
+    let dropped = messages[..cut].iter().filter(|m| m.role != "system").count();
     tracing::info!(
         dropped_messages = dropped,
-        kept_messages = chat.messages.len() - dropped,
+        kept_messages = messages.len() - dropped,
         prompt_tokens = request.prompt().len(),
         "the conversation did not fit the context: its oldest turns were dropped"
     );
-    Ok(request)
 }
 
 /// Where the conversation may be cut, earliest first: every user message after the first

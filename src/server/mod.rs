@@ -53,9 +53,10 @@ pub struct AppState {
     pub reasoning: ReasoningMode,
     /// Serve the chat page at `/` to browsers (`--no-ui` turns it off).
     pub ui: bool,
-    /// Keep OpenAI's rule for `max_tokens` (a prompt plus budget beyond the context is a 400)
-    /// instead of ending such a reply at the context's end.
-    pub strict_max_tokens: bool,
+    /// Keep OpenAI's context rules: a prompt plus `max_tokens` beyond the context is a 400
+    /// (instead of a reply that ends at the context's end), and so is a chat completion's
+    /// conversation that does not fit (instead of one fitted as Ollama fits it).
+    pub strict_context: bool,
     /// Responses kept for the Responses API's `previous_response_id` and `GET`.
     pub responses: Arc<openai::responses::store::ResponseStore>,
     /// One permit per request running or queued; none left means 429.
@@ -106,7 +107,7 @@ impl AppState {
             created: openai::unix_now(),
             reasoning: ReasoningMode::default(),
             ui: true,
-            strict_max_tokens: false,
+            strict_context: false,
             responses: Arc::new(openai::responses::store::ResponseStore::new(Default::default())),
             admission: Arc::new(Semaphore::new(admission_limit)),
             draining: Arc::new(AtomicBool::new(false)),
@@ -139,7 +140,7 @@ impl AppState {
     }
 
     /// The one validation step, against `model`, on a blocking thread (templating and
-    /// tokenizing a long conversation takes milliseconds). Unless `strict_max_tokens`, an
+    /// tokenizing a long conversation takes milliseconds). Unless `strict_context`, an
     /// exact budget (OpenAI's `max_tokens`) is a cap: a reply that would run past the context
     /// ends there with `length`, as Ollama and llama-server end theirs.
     pub async fn validate(
@@ -147,7 +148,7 @@ impl AppState {
         model: &ModelLease,
         mut spec: GenerationSpec,
     ) -> Result<ValidatedRequest, RequestError> {
-        if !self.strict_max_tokens {
+        if !self.strict_context {
             spec.max_tokens = spec.max_tokens.as_cap();
         }
         let codec = model.codec.clone();

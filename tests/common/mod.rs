@@ -253,6 +253,18 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
     }
 }
 
+/// A conversation of `turns` user/assistant exchanges of about 40 tokens each after a system
+/// message: on the 512-token model, too long from about ten turns on.
+pub fn long_conversation(turns: usize) -> Vec<serde_json::Value> {
+    let mut messages = vec![serde_json::json!({"role": "system", "content": "You tell short stories about a cat."})];
+    for i in 0..turns {
+        messages.push(serde_json::json!({"role": "user", "content": format!("Turn {i}: tell me what the cat did next in the big green park.")}));
+        messages.push(serde_json::json!({"role": "assistant", "content": format!("In turn {i} the cat ran to the tree, climbed it and sat on a branch.")}));
+    }
+    messages.push(serde_json::json!({"role": "user", "content": "And then?"}));
+    messages
+}
+
 /// The model folder shipped in the repository.
 pub fn repo_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/stories260k")
@@ -288,7 +300,7 @@ impl TestServer {
         Self::serve(engine, &cfg.model_path, 1024, options, |_| {}).await
     }
 
-    /// Like `start`, with the server's settings changed by `adjust` (`--strict-max-tokens`,
+    /// Like `start`, with the server's settings changed by `adjust` (`--strict-context`,
     /// `--no-ui`, ...).
     pub async fn start_adjusted(
         cfg: mlxd::engine::EngineConfig,

@@ -80,7 +80,7 @@ def test_a_budget_past_the_context_ends_there_or_is_refused_when_strict(client):
     r = client.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=1000,
                                   extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.total_tokens == 512
-    for url in _start(["--strict-max-tokens"]):
+    for url in _start(["--strict-context"]):
         strict = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError) as e:
             strict.completions.create(model="stories260k", prompt="Once upon a time", max_tokens=1000)

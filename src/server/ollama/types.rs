@@ -145,8 +145,8 @@ pub struct ChatRequest {
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
     /// When the conversation does not fit the context, drop its oldest turns (keeping the
-    /// system messages, the tools and the latest user turn) until it does (default true);
-    /// false answers 400 instead.
+    /// system messages, the tools and the latest user turn) until it does, and cut tokens out
+    /// of the prompt's middle when even those do not fit (default true); false answers 400.
     #[serde(default)]
     pub truncate: Option<bool>,
 }

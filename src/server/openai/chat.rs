@@ -22,7 +22,7 @@ use super::{
 use crate::output::{GeneratedToken, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage};
 use crate::server::error::{ApiError, AppJson};
-use crate::server::AppState;
+use crate::server::{fit, AppState};
 use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
 use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
 
@@ -42,7 +42,8 @@ pub async fn chat_completions(
     let spec = to_spec(&req, state.reasoning)?;
     let n = check_n(req.sampling.n, 1)?;
     let model = state.model(req.model.as_deref()).await?;
-    let request = state.validate(&model, spec).await?;
+    // A chat UI's conversation that outgrew a small context is fitted as Ollama fits it.
+    let request = fit::validate_fitted(&state, &model, spec, !state.strict_context).await?;
     let meta = ChatMeta {
         id: new_id("chatcmpl-"),
         created: unix_now(),
