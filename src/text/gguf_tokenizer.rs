@@ -23,6 +23,9 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// Qwen2/2.5/3's pre-tokenizer regex (`qwen2`): single digits.
 const QWEN2_REGEX: &str =
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// GPT-4o's (o200k: gpt-oss, `gpt-4o`), as its tokenizer.json writes it: words split at case
+/// changes with their contractions, digits in threes.
+const O200K_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// GPT-2's regex (`gpt2`, `default` byte-level).
 const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
@@ -253,6 +256,8 @@ fn bpe_json(meta: &HashMap<String, Value>, v: &Vocab, default_pre: &str) -> Resu
             false,
         ),
         "gpt2" | "default" => (Json::Null, byte_level(GPT2_REGEX), byte_level_decoder, false, false),
+        // llama.cpp applies the merges for it (no whole-word shortcut), so mlxd does.
+        "gpt-4o" => (Json::Null, byte_level(O200K_REGEX), byte_level_decoder, false, false),
         "gemma4" => (
             json!({"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE}),
             Json::Null,
@@ -264,7 +269,7 @@ fn bpe_json(meta: &HashMap<String, Value>, v: &Vocab, default_pre: &str) -> Resu
         ),
         other => {
             return Err(format!(
-                "pre-tokenizer `{other}` is not supported (supported: llama-bpe, qwen2, gpt2, gemma4)"
+                "pre-tokenizer `{other}` is not supported (supported: llama-bpe, qwen2, gpt2, gpt-4o, gemma4)"
             ))
         }
     };
