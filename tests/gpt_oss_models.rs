@@ -99,6 +99,32 @@ fn gguf_files_follow_llama_cpp() {
     }
 }
 
+/// The layout of the gpt-oss GGUFs in Ollama's library (architecture `gptoss`, its own tensor
+/// and key names; `make_ollama_gguf.py` writes it from the MXFP4 GGUF's bytes) reads as
+/// llama.cpp's and follows llama.cpp's run of the same weights; its tokenizer is GPT-4o's
+/// (`gpt-4o`), as Ollama's loader sets it.
+#[test]
+fn ollama_s_own_gpt_oss_layout_follows_llama_cpp() {
+    let file = fixture().join("gguf/gpt_oss-mxfp4-ollama.gguf");
+    assert_follows_llama_cpp(
+        &fixture().join("refs/llamacpp-mxfp4.json"),
+        &file,
+        0.15,
+        "gpt_oss-ollama",
+    );
+    let codec = mlxd::text::TextCodec::from_gguf(&file).expect("codec");
+    let mut text = tokenizers::PreTokenizedString::from("HelloWorld I'm 12345\n\nok");
+    let pre = codec.tokenizer().get_pre_tokenizer().expect("a pre-tokenizer");
+    tokenizers::PreTokenizer::pre_tokenize(pre, &mut text).expect("pre-tokenizes");
+    let pieces: Vec<&str> = text
+        .get_splits(tokenizers::OffsetReferential::Original, tokenizers::OffsetType::Char)
+        .into_iter()
+        .map(|(piece, _, _)| piece)
+        .collect();
+    // o200k's splits: at the case change, the contraction kept, digits in threes.
+    assert_eq!(pieces, ["Hello", "World", "ĠI'm", "Ġ", "123", "45", "ĊĊ", "ok"]);
+}
+
 /// A request alone and among 7 others (whose tokens reach other experts, and the same experts
 /// in other row counts; sliding and full layers over contexts of other lengths) gets the same
 /// greedy tokens.

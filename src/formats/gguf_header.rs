@@ -114,7 +114,8 @@ pub struct GgufHeader {
 }
 
 impl GgufHeader {
-    /// Reads the header of the file `reader` is at the start of; the error says what is wrong.
+    /// Reads the header of the file `reader` is at the start of (Ollama's own layouts come back
+    /// in llama.cpp's, see `ollama_layout`); the error says what is wrong.
     pub fn read<R: Read + Seek>(reader: &mut R) -> Result<Self, String> {
         let file_size = reader.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
         reader.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
@@ -181,11 +182,15 @@ impl GgufHeader {
             Some(Value::U64(v)) if *v > 0 => *v,
             _ => DEFAULT_ALIGNMENT,
         };
-        Ok(Self {
+        let mut header = Self {
             metadata,
             tensors,
             data_offset: r.pos.div_ceil(alignment) * alignment,
-        })
+        };
+        if super::ollama_layout::to_llama_cpp_layout(&mut header) {
+            tracing::debug!("an Ollama-layout gpt-oss GGUF (architecture `gptoss`): read in llama.cpp's layout");
+        }
+        Ok(header)
     }
 }
 

@@ -13,6 +13,7 @@ pub mod gguf_header;
 pub mod layers;
 pub mod mlx;
 pub mod mxfp4;
+pub mod ollama_layout;
 pub mod source;
 pub mod weights;
 
