@@ -233,7 +233,7 @@ def test_bad_requests_are_refused_by_name_and_the_server_serves_on(client):
         ({"tools": [{"type": "function"}]}, "tools[0].name"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"truncation": "auto"}, "truncation"),
+        ({"truncation": "sometimes"}, "truncation"),
         ({"reasoning": {"effort": "extreme"}}, "reasoning.effort"),
         ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
         ({"include": ["everything"]}, "include[0]"),
@@ -255,3 +255,34 @@ def test_bad_requests_are_refused_by_name_and_the_server_serves_on(client):
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="no-such-model", input=ASK)
     assert client.responses.create(model="m", input=ASK, max_output_tokens=2, store=False).usage.output_tokens == 2
+
+
+def test_truncation_auto_drops_the_oldest_turns_to_fit(tmp_path):
+    folder = model_with_template(tmp_path, "qwen3", qwen_template("qwen3"))
+    for url in _start(["--served-model-name", "m", "--max-model-len", "256"], model=folder):
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        turns = []
+        for i in range(12):
+            turns += [{"role": "user", "content": f"Turn {i}: tell me about the lighthouse keeper and the sea."},
+                      {"role": "assistant", "content": [{"type": "output_text",
+                                                         "text": f"In turn {i} the keeper lit the lamp."}]}]
+        ask = dict(model="m", instructions="Be brief.", max_output_tokens=4, temperature=0, store=False)
+        conversation = turns + [{"role": "user", "content": "And then?"}]
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(input=conversation, **ask)
+        assert e.value.body["code"] == "context_length_exceeded", e.value.body
+        fitted = c.responses.create(input=conversation, truncation="auto", **ask)
+        assert fitted.truncation == "auto"
+        assert 0 < fitted.usage.input_tokens and fitted.usage.input_tokens + 4 <= 256, fitted.usage
+        # Exactly the fewest oldest turns went: the instructions and the latest k exchanges as
+        # they are give the same prompt and reply.
+        for k in range(11, 0, -1):
+            try:
+                tail = c.responses.create(input=turns[-2 * k:] + conversation[-1:], **ask)
+            except openai.BadRequestError:
+                continue
+            assert tail.usage.input_tokens == fitted.usage.input_tokens, (k, tail.usage, fitted.usage)
+            assert tail.output_text == fitted.output_text
+            break
+        else:
+            pytest.fail("no tail fits")

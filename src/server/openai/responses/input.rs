@@ -23,6 +23,8 @@ pub struct Prepared {
     pub input: Vec<Value>,
     /// How the output items are written.
     pub shape: OutputShape,
+    /// `truncation: auto`: a conversation too long for the context drops its oldest turns.
+    pub truncate: bool,
 }
 
 /// How output items are written, from `reasoning`, `include` and the tools.
@@ -77,15 +79,16 @@ pub fn prepare(req: &ResponsesRequest, history: &[Value], reasoning: ReasoningMo
             "stream_options is only allowed when stream is true",
         ));
     }
-    match req.truncation.as_deref() {
-        None | Some("disabled") => {}
+    let truncate = match req.truncation.as_deref() {
+        None | Some("disabled") => false,
+        Some("auto") => true,
         Some(other) => {
             return Err(ApiError::invalid(
                 "truncation",
-                format!("truncation '{other}' is not supported (only disabled)"),
+                format!("truncation must be 'auto' or 'disabled', got '{other}'"),
             ))
         }
-    }
+    };
     let input = input_items(req.input.as_ref())?;
     let (tools, namespaces) = tools(req.tools.as_deref().unwrap_or_default())?;
     let choice = tool_choice(req.tool_choice.as_ref(), &tools)?;
@@ -126,6 +129,7 @@ pub fn prepare(req: &ResponsesRequest, history: &[Value], reasoning: ReasoningMo
     Ok(Prepared {
         spec,
         input,
+        truncate,
         shape: OutputShape {
             summary,
             encrypted,

@@ -24,7 +24,7 @@ use super::{choices, new_id, unix_now};
 use crate::output::StreamItem;
 use crate::request::{Field, RequestError};
 use crate::server::error::{ApiError, AppJson, OpenAiErrorBody};
-use crate::server::AppState;
+use crate::server::{fit, AppState};
 use output::ResponseBuilder;
 use store::{ResponseStore, StoredResponse};
 use types::{DeletedResponse, ResponseObject, ResponsesRequest};
@@ -57,8 +57,8 @@ pub async fn create_response(
     };
     let prepared = input::prepare(&req, &history, state.reasoning)?;
     let model = state.model(req.model.as_deref()).await?;
-    let request = state
-        .validate(&model, prepared.spec)
+    let truncate = prepared.truncate;
+    let request = fit::validate_fitted(&state, &model, prepared.spec, truncate)
         .await
         .map_err(named_for_responses)?;
     let stream = choices::start(&state, &model, vec![request], 1).await?.remove(0);
@@ -87,7 +87,7 @@ pub async fn create_response(
         tool_choice: req.tool_choice.clone().unwrap_or_else(|| json!("auto")),
         tools: req.tools.clone().unwrap_or_default(),
         top_p: req.top_p.unwrap_or(1.0),
-        truncation: "disabled",
+        truncation: if truncate { "auto" } else { "disabled" },
         usage: None,
         user: req.user.clone(),
         metadata: req.metadata.clone().unwrap_or_else(|| json!({})),

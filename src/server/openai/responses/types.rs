@@ -65,7 +65,8 @@ pub struct ResponsesRequest {
     /// `{"include_obfuscation": bool}`: accepted; this server pads no deltas.
     #[serde(default)]
     pub stream_options: Option<Value>,
-    /// `disabled` (the default); `auto` is refused.
+    /// `disabled` (the default: a conversation too long for the context is a 400) or `auto`
+    /// (its oldest turns are dropped until it fits, as Ollama fits a chat).
     #[serde(default)]
     pub truncation: Option<String>,
     /// The caller's tags, echoed in the response.
@@ -127,7 +128,7 @@ pub struct ResponseObject {
     pub tools: Vec<Value>,
     /// As requested.
     pub top_p: f32,
-    /// `disabled`.
+    /// As requested: `disabled` or `auto`.
     pub truncation: &'static str,
     /// Token accounting, once finished.
     pub usage: Option<ResponsesUsage>,
