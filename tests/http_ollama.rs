@@ -458,6 +458,29 @@ async fn a_chat_too_long_for_the_context_drops_its_oldest_turns_as_ollama_does()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generate_prompt_too_long_for_the_context_is_cut_in_its_middle_as_ollama_s_runner_cuts() {
+    let s = server().await;
+    let generate = |extra: Value| {
+        let mut body = json!({"model": "stories260k", "prompt": "Once upon a time ".repeat(150),
+                              "stream": false, "options": greedy(3)});
+        if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+            b.extend(e);
+        }
+        s.post_json("/api/generate", body)
+    };
+    let (status, body) = generate(json!({"shift": false})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["prompt_eval_count"], 512 - 3, "{body}");
+    assert_eq!(body["eval_count"], 3, "{body}");
+    let (status, body) = generate(json!({"truncate": false})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("512"), "{body}");
+    let (status, body) = generate(json!({"shift": true})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("shift"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_gets_the_chat_page_and_ollama_probes_get_ollama_s_text() {
     let s = server().await;
     let client = reqwest::Client::new();

@@ -2,8 +2,9 @@
 //! keeps its system messages, its tools and its latest user turn, and drops its oldest other
 //! turns, whole, until it fits (Ollama's `chatPrompt`); when even what it keeps leaves no room
 //! for a reply, tokens are cut out of the prompt's middle (as Ollama's runner cuts them). A turn
-//! starts at a user message, so a call and its results go together. Ollama's `/api/chat` fits
-//! unless `truncate: false`; OpenAI's chat completions unless the server is `--strict-context`.
+//! starts at a user message, so a call and its results go together. Ollama's `/api/chat` and
+//! `/api/generate` fit unless `truncate: false`; OpenAI's chat completions unless the server is
+//! `--strict-context`; the Responses API with `truncation: "auto"`.
 
 use crate::request::{GenerationSpec, Overflow, Prompt, RequestError, ValidatedRequest};
 use crate::server::registry::ModelLease;

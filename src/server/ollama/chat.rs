@@ -38,7 +38,7 @@ pub async fn chat(
         return Ok(reply.loaded(&state, req.common.keep_alive.as_ref()));
     }
     let reply = Reply::new(ReplyKind::Chat, &req.common.model, model.clone());
-    let request = fit::validate_fitted(&state, &model, spec, req.truncate.unwrap_or(true)).await?;
+    let request = fit::validate_fitted(&state, &model, spec, req.common.truncate.unwrap_or(true)).await?;
     drop(model);
     reply
         .run_validated(&state, request, req.common.stream.unwrap_or(true))

@@ -9,7 +9,7 @@ use super::types::{GenerateRequest, GenerateResponse};
 use super::{OllamaError, OllamaJson};
 use crate::request::Prompt;
 use crate::server::registry::ModelLease;
-use crate::server::AppState;
+use crate::server::{fit, AppState};
 use crate::text::ChatMessage;
 
 /// Completes a prompt (templated as one user turn unless `raw`), optionally continuing the
@@ -44,13 +44,17 @@ pub async fn generate(
     }
     let context = req.context.clone().unwrap_or_default();
     let mut spec = to_spec(prompt_of(&state, &model, &req)?, &req.common, &model)?;
-    let reply = Reply::new(ReplyKind::Generate, &req.common.model, model);
+    let reply = Reply::new(ReplyKind::Generate, &req.common.model, model.clone());
     if req.prompt.is_empty() && context.is_empty() {
         // Ollama's way to load (or, with keep_alive 0, unload) a model: nothing to generate.
         return Ok(reply.loaded(&state, req.common.keep_alive.as_ref()));
     }
     spec.context = context;
-    reply.run(&state, spec, req.common.stream.unwrap_or(true)).await
+    let request = fit::validate_fitted(&state, &model, spec, req.common.truncate.unwrap_or(true)).await?;
+    drop(model);
+    reply
+        .run_validated(&state, request, req.common.stream.unwrap_or(true))
+        .await
 }
 
 /// The new input: one templated user turn (after an optional system turn), read for thoughts

@@ -147,6 +147,11 @@ fn reject_unsupported(common: &CommonFields) -> Result<(), OllamaError> {
             "unsupported field '{name}': this server does not implement it"
         )));
     }
+    if common.shift == Some(true) {
+        return Err(OllamaError::bad_request(
+            "shift: true is not supported: this server does not shift the context while generating; a reply ends at the context's end (shift: false)",
+        ));
+    }
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use super::error::OllamaErrorBody;
 use super::types::{ChatResponse, FinalStats, FunctionCall, GenerateResponse, MessageOut, ToolCall};
 use super::{now_rfc3339, OllamaError};
 use crate::output::{collect, StreamItem, TextStream};
-use crate::request::{FinishReason, GenerationSpec, Usage, ValidatedRequest};
+use crate::request::{FinishReason, Usage, ValidatedRequest};
 use crate::server::registry::ModelLease;
 use crate::server::AppState;
 use crate::text::tools;
@@ -179,12 +179,6 @@ impl Reply {
             state.models.unload_when_idle(&name);
         }
         body.into_response()
-    }
-
-    /// Validates `spec`, submits it, and answers with NDJSON lines (`stream`) or one object.
-    pub async fn run(self, state: &AppState, spec: GenerationSpec, stream: bool) -> Result<Response, OllamaError> {
-        let request = state.validate(&self.model, spec).await?;
-        self.run_validated(state, request, stream).await
     }
 
     /// Submits a validated request and answers with NDJSON lines (`stream`) or one object.

@@ -60,6 +60,14 @@ pub struct CommonFields {
     /// `thinking`.
     #[schema(value_type = Option<Object>)]
     pub think: Option<Value>,
+    /// When the prompt does not fit the context (default true): a chat drops its oldest turns
+    /// (keeping the system messages, the tools and the latest user turn) until it does, and
+    /// tokens are cut out of the prompt's middle when even that is too long, as Ollama's
+    /// runner cuts them; false answers 400 instead.
+    pub truncate: Option<bool>,
+    /// Ollama's context shift while generating; only `false` is accepted: a reply ends at the
+    /// context's end (`done_reason: "length"`).
+    pub shift: Option<bool>,
     /// Fields no wire type names (refused by name).
     #[serde(flatten)]
     #[schema(ignore)]
@@ -144,11 +152,6 @@ pub struct ChatRequest {
     /// Functions the model may call (OpenAI's tool objects).
     #[schema(value_type = Option<Vec<Object>>)]
     pub tools: Option<Vec<Value>>,
-    /// When the conversation does not fit the context, drop its oldest turns (keeping the
-    /// system messages, the tools and the latest user turn) until it does, and cut tokens out
-    /// of the prompt's middle when even those do not fit (default true); false answers 400.
-    #[serde(default)]
-    pub truncate: Option<bool>,
 }
 
 /// `POST /api/show` body (`model`, or the older `name`).
