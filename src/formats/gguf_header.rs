@@ -182,15 +182,15 @@ impl GgufHeader {
             Some(Value::U64(v)) if *v > 0 => *v,
             _ => DEFAULT_ALIGNMENT,
         };
-        let mut header = Self {
-            metadata,
-            tensors,
-            data_offset: r.pos.div_ceil(alignment) * alignment,
-        };
-        if super::ollama_layout::to_llama_cpp_layout(&mut header) {
+        let data_offset = r.pos.div_ceil(alignment) * alignment;
+        if super::ollama_layout::to_llama_cpp_layout(&mut metadata, &mut tensors, |t| &t.shape) {
             tracing::debug!("an Ollama-layout gpt-oss GGUF (architecture `gptoss`): read in llama.cpp's layout");
         }
-        Ok(header)
+        Ok(Self {
+            metadata,
+            tensors,
+            data_offset,
+        })
     }
 }
 
