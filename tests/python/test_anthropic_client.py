@@ -8,6 +8,7 @@ The model is the tiny random-weight Qwen3 fixture with Qwen3's real chat templat
 thought, so that a random model's reply is a thought until the answer is asked for."""
 
 import json
+import re
 from pathlib import Path
 
 import anthropic
@@ -189,9 +190,15 @@ def test_errors_have_anthropic_s_shape(client):
     with pytest.raises(anthropic.BadRequestError) as e:
         client.messages.create(model="m", max_tokens=5, messages=ASK, container="cntr_1")
     assert "container" in e.value.body["error"]["message"]
+    too_long = [{"role": "user", "content": "x" * 200_000}]
     with pytest.raises(anthropic.BadRequestError) as e:
-        client.messages.create(model="m", max_tokens=5, messages=[{"role": "user", "content": "x" * 200_000}])
+        client.messages.create(model="m", max_tokens=5, messages=too_long)
     assert e.value.body["error"]["type"] == "invalid_request_error"
+    # Anthropic's words and counts, which Claude Code reads to compact the conversation.
+    said = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", e.value.body["error"]["message"])
+    assert said, e.value.body
+    assert int(said[1]) == client.messages.count_tokens(model="m", messages=too_long).input_tokens
+    assert int(said[2]) == 40960 - 1  # the fixture's context, less the one token a reply needs
     # The server still serves.
     assert client.messages.create(model="m", max_tokens=2, messages=ASK).usage.output_tokens == 2
 

@@ -12,7 +12,7 @@ use serde_json::{json, Map, Value};
 use super::types::{MessagesContent, MessagesReply, MessagesRequest, MessagesTurn, MessagesUsage, TokenCount};
 use super::{AnthropicError, AnthropicJson};
 use crate::output::{collect, StreamItem, TextStream};
-use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, SamplingParams, Usage};
+use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, RequestError, SamplingParams, Usage};
 use crate::server::openai::{choices, new_id};
 use crate::server::AppState;
 use crate::text::grammar::OutputConstraint;
@@ -76,10 +76,13 @@ pub async fn count_tokens(
 ) -> Result<Json<TokenCount>, AnthropicError> {
     let spec = to_spec(&req, None, state.reasoning)?;
     let model = state.model(req.model.as_deref()).await?;
-    let request = state.validate(&model, spec).await?;
-    Ok(Json(TokenCount {
-        input_tokens: request.prompt().len(),
-    }))
+    let input_tokens = match state.validate(&model, spec).await {
+        Ok(request) => request.prompt().len(),
+        // A conversation past the context is counted too: agents count to decide to compact.
+        Err(RequestError::ContextLength { prompt, .. }) => prompt,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Json(TokenCount { input_tokens }))
 }
 
 /// Anthropic's `stop_reason` for how a generation ended.

@@ -57,6 +57,9 @@ impl AnthropicError {
             _ => "invalid_request_error",
         };
         let message = match &self.0 {
+            ApiError::Request(e @ RequestError::ContextLength { prompt, max, ctx, .. }) => {
+                context_message(*prompt, *max, *ctx).unwrap_or_else(|| describe(e, anthropic_name))
+            }
             ApiError::Request(e) => describe(e, anthropic_name),
             ApiError::InvalidRequest {
                 message,
@@ -68,6 +71,21 @@ impl AnthropicError {
             kind: "error",
             error: AnthropicErrorDetail { kind, message },
         }
+    }
+}
+
+/// Anthropic's own words for a request the context cannot hold, which agents read to compact
+/// a conversation (Claude Code parses the counts) and LiteLLM to raise its context-window
+/// error; None when it is the KV pool, not the context, that is short.
+fn context_message(prompt: usize, max: usize, ctx: usize) -> Option<String> {
+    if prompt >= ctx {
+        Some(format!("prompt is too long: {prompt} tokens > {} maximum", ctx - 1))
+    } else if prompt + max > ctx {
+        Some(format!(
+            "input length and `max_tokens` exceed context limit: {prompt} + {max} > {ctx}, decrease input length or `max_tokens` and try again"
+        ))
+    } else {
+        None
     }
 }
 
