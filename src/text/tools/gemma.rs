@@ -63,9 +63,11 @@ impl Reader<'_> {
             "true" => Value::Bool(true),
             "false" => Value::Bool(false),
             "null" | "None" => Value::Null,
-            _ => match word.parse::<i64>() {
-                Ok(i) => Value::from(i),
-                Err(_) => Value::Number(Number::from_f64(word.parse::<f64>().ok()?)?),
+            // Integers keep every digit that fits 64 bits (the template writes them whole).
+            _ => match (word.parse::<i64>(), word.parse::<u64>()) {
+                (Ok(i), _) => Value::from(i),
+                (_, Ok(u)) => Value::from(u),
+                _ => Value::Number(Number::from_f64(word.parse::<f64>().ok()?)?),
             },
         })
     }
@@ -277,6 +279,10 @@ mod tests {
             ))
         );
         assert_eq!(parse_call(" call:f{} "), Some(("f".into(), json!({}))));
+        assert_eq!(
+            parse_call("call:f{id:18446744073709551615,n:-9223372036854775808}"),
+            Some(("f".into(), json!({"id": u64::MAX, "n": i64::MIN})))
+        );
         for bad in [
             "call:f",
             "call:{x:1}",
