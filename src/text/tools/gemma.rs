@@ -157,6 +157,32 @@ pub fn forced_call_rules(functions: &[(&str, Value)], open: &str, close: &str, q
     out
 }
 
+/// The text of a string `format` (JSON Schema's, as llguidance enforces them for the JSON
+/// families), as a regex over the delimited string; None for formats it does not know, which
+/// stay free text.
+fn format_regex(format: &str) -> Option<&'static str> {
+    Some(match format {
+        "date" => r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
+        "time" => {
+            r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+        }
+        "date-time" => {
+            r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])[tT](?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+        }
+        "uuid" => r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+        "ipv4" => {
+            r"(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+        }
+        "hostname" => {
+            r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+        }
+        "email" => {
+            r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+"
+        }
+        _ => return None,
+    })
+}
+
 /// Collects the rules a schema needs.
 struct GrammarBuilder {
     rules: Vec<String>,
@@ -232,6 +258,17 @@ impl GrammarBuilder {
                     if end.is_some() { "" } else { "[^<]*" },
                 );
                 let text = self.rule(format!("/{lead}(?:{core}){tail}/"));
+                format!("{q} {text} {q}")
+            }
+            Some("string")
+                if schema
+                    .get("format")
+                    .and_then(Value::as_str)
+                    .and_then(format_regex)
+                    .is_some() =>
+            {
+                let format = schema["format"].as_str().and_then(format_regex).unwrap_or_default();
+                let text = self.rule(format!("/{format}/"));
                 format!("{q} {text} {q}")
             }
             Some("string") => {
@@ -311,6 +348,14 @@ mod tests {
             g.contains("r1: %json {\"type\":\"integer\",\"minimum\":-12,\"maximum\":14}\n"),
             "{g}"
         );
+        let formats = json!({"type": "object", "properties": {
+            "day": {"type": "string", "format": "date"}, "odd": {"type": "string", "format": "color"}}});
+        let g = forced_call_rules(&[("f", formats)], "<[7]>", "<[8]>", "<[9]>");
+        assert!(
+            g.contains(&format!("r0: /{}/\n", format_regex("date").expect("date"))),
+            "{g}"
+        );
+        assert!(g.contains("r1: /[^<]{0,}/\n"), "an unknown format is free text: {g}");
         let odd = json!({"type": "object", "properties": {
             "a:b": {"type": "string", "pattern": "^[A-Z]{3}$"}, "c": {"type": "string", "pattern": "x+"}}});
         let g = forced_call_rules(&[("f", odd)], "<[7]>", "<[8]>", "<[9]>");
