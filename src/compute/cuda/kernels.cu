@@ -8,6 +8,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #define FULL_MASK 0xffffffffu
 
 __device__ __forceinline__ float to_f(float x) { return x; }
@@ -698,6 +700,221 @@ extern "C" __global__ void sample_rows(float *logits, uint32_t vocab, const floa
     if (adj_tokens[adj_first + j] == chosen) lp_out[0] = saved[adj_first + j] - log_z;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// prefill_attention: causal attention of prefill tiles on the tensor cores (mma.sync m16n8k16:
+// f16/bf16 operands, f32 accumulators) in FlashAttention-2's structure. One block of 4 warps per
+// (tile of up to PF_ROWS consecutive tokens of one sequence, query head); each warp owns 16
+// query rows, whose fragments it keeps in registers; K/V tiles of PF_KEYS keys are staged in
+// shared memory as stored and shared by the warps; the online softmax runs in registers. Tiles:
+// `tiles[4*i..]` as paged_attention's. For head dims that are multiples of 16 up to PF_MAX_D,
+// without soft-capping or sinks (paged_attention takes those): a prefill query reads its
+// context from shared memory at tensor-core speed instead of one dot product per lane.
+#define PF_ROWS 64
+#define PF_KEYS 64
+#define PF_MAX_D 128
+#define PF_PAD 8
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pair(T lo, T hi) {
+  const uint16_t l = *reinterpret_cast<const uint16_t *>(&lo);
+  const uint16_t h = *reinterpret_cast<const uint16_t *>(&hi);
+  return (uint32_t)l | ((uint32_t)h << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ void prefill_attention(const T *q, const T *k_cache, const T *v_cache,
+                                  const uint32_t *ctx_slots, const uint32_t *tiles, T *out,
+                                  uint32_t hq, uint32_t hkv, uint32_t d, float scale,
+                                  uint32_t window) {
+  extern __shared__ __align__(16) unsigned char pf_smem[];
+  const uint32_t ld = d + PF_PAD;
+  T *k_s = reinterpret_cast<T *>(pf_smem);
+  T *v_s = k_s + PF_KEYS * ld;
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t g = lane / 4, tig = lane % 4;
+  const uint32_t *tile = tiles + 4 * blockIdx.x;
+  const uint32_t t0 = tile[0], nq = tile[1], ctx = tile[2], p0 = tile[3];
+  const uint32_t head = blockIdx.y, kvh = head / (hq / hkv);
+  const size_t kv_width = (size_t)hkv * d;
+  const uint32_t ksteps = d / 16, nblocks = d / 8;
+
+  // This warp's 16 query rows as A fragments, one per 16 dims (zero beyond the tile).
+  uint32_t qa[PF_MAX_D / 16][4];
+  const uint32_t r_lo = warp * 16 + g, r_hi = r_lo + 8;
+#pragma unroll
+  for (uint32_t kk = 0; kk < PF_MAX_D / 16; ++kk) {
+    if (kk >= ksteps) break;
+#pragma unroll
+    for (int part = 0; part < 4; ++part) {
+      const uint32_t r = (part & 1) ? r_hi : r_lo;
+      const uint32_t dim = kk * 16 + tig * 2 + ((part & 2) ? 8 : 0);
+      qa[kk][part] = r < nq ? *reinterpret_cast<const uint32_t *>(q + ((size_t)(t0 + r) * hq + head) * d + dim)
+                            : 0u;
+    }
+  }
+  float o[PF_MAX_D / 8][4];
+#pragma unroll
+  for (uint32_t nb = 0; nb < PF_MAX_D / 8; ++nb)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nb][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const uint32_t pos[2] = {p0 + r_lo, p0 + r_hi};
+  uint32_t lo_key[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) lo_key[h] = (window != 0 && pos[h] + 1 > window) ? pos[h] + 1 - window : 0;
+
+  const uint32_t key_hi = p0 + nq - 1;
+  const uint32_t key_lo = (window != 0 && p0 + 1 > window) ? p0 + 1 - window : 0;
+  constexpr uint32_t VEC = 16 / sizeof(T);
+  const uint32_t chunks = d / VEC;
+  for (uint32_t k0 = key_lo; k0 <= key_hi; k0 += PF_KEYS) {
+    const uint32_t n = min((uint32_t)PF_KEYS, key_hi + 1 - k0);
+    __syncthreads();
+    for (uint32_t c = threadIdx.x; c < PF_KEYS * chunks; c += blockDim.x) {
+      const uint32_t j = c / chunks, i = (c % chunks) * VEC;
+      uint4 kb = make_uint4(0, 0, 0, 0), vb = make_uint4(0, 0, 0, 0);
+      if (j < n) {
+        const size_t at = (size_t)ctx_slots[ctx + k0 + j] * kv_width + (size_t)kvh * d + i;
+        kb = *reinterpret_cast<const uint4 *>(k_cache + at);
+        vb = *reinterpret_cast<const uint4 *>(v_cache + at);
+      }
+      *reinterpret_cast<uint4 *>(k_s + j * ld + i) = kb;
+      *reinterpret_cast<uint4 *>(v_s + j * ld + i) = vb;
+    }
+    __syncthreads();
+    if (warp * 16 >= nq) continue;  // this warp has no rows in the tile (it still loads)
+
+    // S = Q K^T for the tile's keys: s[j] covers keys j*8 .. j*8+7.
+    float s[PF_KEYS / 8][4];
+#pragma unroll
+    for (uint32_t j = 0; j < PF_KEYS / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+      const T *kr = k_s + (j * 8 + g) * ld + tig * 2;
+#pragma unroll
+      for (uint32_t kk = 0; kk < PF_MAX_D / 16; ++kk) {
+        if (kk >= ksteps) break;
+        const uint32_t b0 = *reinterpret_cast<const uint32_t *>(kr + kk * 16);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t *>(kr + kk * 16 + 8);
+        mma_16816<T>(s[j], qa[kk], b0, b1);
+      }
+    }
+    // Scale and mask (causal, window, the tile's end); each half-row's max over the tile.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (uint32_t j = 0; j < PF_KEYS / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2;
+        const uint32_t jj = j * 8 + tig * 2 + (e & 1), key = k0 + jj;
+        const bool ok = jj < n && key <= pos[h] && key >= lo_key[h];
+        s[j][e] = ok ? s[j][e] * scale : -INFINITY;
+        tile_max[h] = fmaxf(tile_max[h], s[j][e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(FULL_MASK, tile_max[h], 1));
+      tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(FULL_MASK, tile_max[h], 2));
+      const float m_new = fmaxf(m[h], tile_max[h]);
+      alpha[h] = m_new == -INFINITY ? 1.f : expf(m[h] - m_new);
+      m[h] = m_new;
+    }
+    float psum[2] = {0.f, 0.f};
+#pragma unroll
+    for (uint32_t j = 0; j < PF_KEYS / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e / 2;
+        s[j][e] = s[j][e] == -INFINITY ? 0.f : expf(s[j][e] - m[h]);
+        psum[h] += s[j][e];
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      psum[h] += __shfl_xor_sync(FULL_MASK, psum[h], 1);
+      psum[h] += __shfl_xor_sync(FULL_MASK, psum[h], 2);
+      l[h] = l[h] * alpha[h] + psum[h];
+    }
+#pragma unroll
+    for (uint32_t nb = 0; nb < PF_MAX_D / 8; ++nb) {
+      o[nb][0] *= alpha[0];
+      o[nb][1] *= alpha[0];
+      o[nb][2] *= alpha[1];
+      o[nb][3] *= alpha[1];
+    }
+    // O += P V: P's accumulators are the A fragments of 16 keys at a time.
+#pragma unroll
+    for (uint32_t ks = 0; ks < PF_KEYS / 16; ++ks) {
+      const uint32_t pa[4] = {pack2<T>(s[2 * ks][0], s[2 * ks][1]), pack2<T>(s[2 * ks][2], s[2 * ks][3]),
+                              pack2<T>(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                              pack2<T>(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+      const T *v0 = v_s + (ks * 16 + tig * 2) * ld + g;
+#pragma unroll
+      for (uint32_t nb = 0; nb < PF_MAX_D / 8; ++nb) {
+        if (nb >= nblocks) break;
+        const T *vr = v0 + nb * 8;
+        const uint32_t b0 = pair<T>(vr[0], vr[ld]);
+        const uint32_t b1 = pair<T>(vr[8 * ld], vr[9 * ld]);
+        mma_16816<T>(o[nb], pa, b0, b1);
+      }
+    }
+  }
+
+  // The normalized rows of this warp.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t r = h ? r_hi : r_lo;
+    if (r >= nq) continue;
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    T *row = out + ((size_t)(t0 + r) * hq + head) * d + tig * 2;
+#pragma unroll
+    for (uint32_t nb = 0; nb < PF_MAX_D / 8; ++nb) {
+      if (nb >= nblocks) break;
+      *reinterpret_cast<uint32_t *>(row + nb * 8) = pack2<T>(o[nb][2 * h] * inv, o[nb][2 * h + 1] * inv);
+    }
+  }
+}
+
+#define INSTANTIATE_PREFILL(T, SUFFIX)                                                          \
+  extern "C" __global__ void prefill_attention_##SUFFIX(                                        \
+      const T *q, const T *k_cache, const T *v_cache, const uint32_t *ctx_slots,                \
+      const uint32_t *tiles, T *out, uint32_t hq, uint32_t hkv, uint32_t d, float scale,         \
+      uint32_t window) {                                                                        \
+    prefill_attention<T>(q, k_cache, v_cache, ctx_slots, tiles, out, hq, hkv, d, scale, window); \
+  }
+
+INSTANTIATE_PREFILL(__half, f16)
+INSTANTIATE_PREFILL(__nv_bfloat16, bf16)
 
 #define INSTANTIATE(T, SUFFIX)                                                                  \
   extern "C" __global__ void qkv_store_##SUFFIX(                                                \

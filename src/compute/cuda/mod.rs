@@ -42,6 +42,13 @@ const MIN_KEYS_PER_SPLIT: usize = 16;
 /// Most blocks one context is split over (`MAX_SPLITS` in kernels.cu: one per lane when the
 /// parts are combined).
 const MAX_SPLITS: usize = 32;
+/// A sequence feeding at least this many tokens in a step attends through the tensor-core
+/// prefill kernel (where the layer allows it).
+const PREFILL_MIN_TOKENS: usize = 16;
+/// Tokens per tile of the prefill kernel (its 4 warps hold 16 query rows each).
+const PREFILL_TILE_TOKENS: usize = 64;
+/// Largest head dimension of the prefill kernel.
+const PREFILL_MAX_HEAD_DIM: usize = 128;
 
 /// The kernel name for `dtype` (`<name>_bf16` ...).
 fn kernel_name(name: &str, dtype: DType) -> Result<String> {
@@ -294,26 +301,56 @@ impl AttentionTiling {
         }
     }
 
-    /// Tiles of a step as the kernel reads them: `[n, 4]` u32 rows {first token row, tokens,
-    /// offset of the sequence's context in the slot list, position of the first token}.
+    /// Tiles of a step as the kernels read them: `[n, 4]` u32 rows {first token row, tokens,
+    /// offset of the sequence's context in the slot list, position of the first token}; every
+    /// sequence in `paged_attention`'s tiles, and, when some sequence feeds at least
+    /// PREFILL_MIN_TOKENS tokens, those in `prefill_attention`'s 64-token tiles beside the
+    /// others in `paged_attention`'s.
     fn tiles(&self, q_lens: &[usize], kv_lens: &[usize], device: &Device) -> Result<StepTiles> {
-        let mut rows = Vec::new();
+        let (mut all, mut short, mut long) = (Vec::new(), Vec::new(), Vec::new());
         let (mut q_start, mut ctx_start) = (0, 0);
         for (&q_len, &kv_len) in q_lens.iter().zip(kv_lens) {
             let first_pos = kv_len - q_len;
-            for t in (0..q_len).step_by(self.tokens_per_tile) {
-                let n = self.tokens_per_tile.min(q_len - t);
-                rows.extend([q_start + t, n, ctx_start, first_pos + t].map(|v| v as u32));
+            let push = |rows: &mut Vec<u32>, per_tile: usize| {
+                for t in (0..q_len).step_by(per_tile) {
+                    let n = per_tile.min(q_len - t);
+                    rows.extend([q_start + t, n, ctx_start, first_pos + t].map(|v| v as u32));
+                }
+            };
+            push(&mut all, self.tokens_per_tile);
+            if q_len >= PREFILL_MIN_TOKENS {
+                push(&mut long, PREFILL_TILE_TOKENS);
+            } else {
+                push(&mut short, self.tokens_per_tile);
             }
             q_start += q_len;
             ctx_start += kv_len;
         }
-        let n = rows.len() / 4;
+        let table = |rows: Vec<u32>| {
+            let n = rows.len() / 4;
+            Tensor::from_vec(rows, (n, 4), device)
+        };
+        let prefill = match long.is_empty() {
+            true => None,
+            false => Some(PrefillTiles {
+                long: table(long)?,
+                short: (!short.is_empty()).then(|| table(short)).transpose()?,
+            }),
+        };
         Ok(StepTiles {
-            tiles: Tensor::from_vec(rows, (n, 4), device)?,
+            tiles: table(all)?,
             max_keys: kv_lens.iter().copied().max().unwrap_or(0),
+            prefill,
         })
     }
+}
+
+/// A step's tiles split for the tensor-core prefill kernel: the long sequences' 64-token tiles,
+/// and `paged_attention`'s tiles of the others (None: there are none).
+#[derive(Debug)]
+struct PrefillTiles {
+    long: Tensor,
+    short: Option<Tensor>,
 }
 
 /// One step's attention tiles (see [`AttentionTiling::tiles`]).
@@ -323,6 +360,8 @@ pub struct StepTiles {
     /// The longest context of the step (or that its buffers can hold): what the split of the
     /// keys over blocks is sized for.
     max_keys: usize,
+    /// The same step split for `prefill_attention`, when a sequence feeds many tokens.
+    prefill: Option<PrefillTiles>,
 }
 
 /// What every layer's kernels need from one step's batch.
@@ -344,6 +383,7 @@ impl StepPlan {
             Some(fixed) => StepTiles {
                 tiles: fixed.seqs.clone(),
                 max_keys: fixed.max_context,
+                prefill: None,
             },
             None => tiling.tiles(&batch.q_lens, &batch.kv_lens, batch.slot_mapping.device())?,
         };
@@ -372,16 +412,10 @@ pub struct LayerAttention<'a> {
 }
 
 /// Causal attention of every query row over its sequence's context, read from the cache in
-/// place through the plan's context slots. `q`: `[T, hq, d]`; returns `[T, hq * d]`.
+/// place through the plan's context slots. `q`: `[T, hq, d]`; returns `[T, hq * d]`. Sequences
+/// that feed many tokens (prefill) attend on the tensor cores where the layer allows it (half
+/// dtypes, head dims that are multiples of 16 up to 128, no soft-capping or sinks).
 pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAttention) -> Result<Tensor> {
-    let LayerAttention {
-        num_kv_heads,
-        scale,
-        softcap,
-        window,
-        sinks,
-    } = layer;
-    let (step, tiling) = (&plan.tiles, plan.tiling);
     let (t, hq, d) = q.dims3()?;
     if d > MAX_HEAD_DIM {
         bail!("head dimension {d} exceeds the CUDA kernels' {MAX_HEAD_DIM}");
@@ -390,28 +424,117 @@ pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAt
     let dtype = q.dtype();
     let q = q.contiguous()?;
     let out = output(&device, (t, hq * d), dtype)?;
+    let tensor_cores = tensor_core_prefill()
+        && matches!(dtype, DType::F16 | DType::BF16)
+        && d % 16 == 0
+        && d <= PREFILL_MAX_HEAD_DIM
+        && layer.softcap.is_none()
+        && layer.sinks.is_none();
+    match plan.tiles.prefill.as_ref().filter(|_| tensor_cores) {
+        Some(prefill) => {
+            prefill_attention(&q, kv, plan, &layer, &prefill.long, &out)?;
+            if let Some(short) = &prefill.short {
+                // A subset of the rows: no key splits, whose combine pass rewrites every row.
+                tile_attention(&q, kv, plan, &layer, short, false, &out)?;
+            }
+        }
+        None => tile_attention(&q, kv, plan, &layer, &plan.tiles.tiles, true, &out)?,
+    }
+    Ok(out)
+}
+
+/// Whether prefill tiles attend on the tensor cores: opt-in (`MLXD_CUDA_PREFILL_KERNEL=1`)
+/// until the kernel has passed `scripts/test-gpu.sh check` on a GPU (it was written when no
+/// GPU could be had), then the default.
+fn tensor_core_prefill() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MLXD_CUDA_PREFILL_KERNEL").is_some_and(|v| v == "1"))
+}
+
+/// `prefill_attention` over `tiles` (64-token tiles, one block per tile and query head),
+/// writing their rows of `out`.
+fn prefill_attention(
+    q: &Tensor,
+    kv: &LayerKv,
+    plan: &StepPlan,
+    layer: &LayerAttention,
+    tiles: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    let (_, hq, d) = q.dims3()?;
+    let device = cuda_device(q)?;
+    let shared = 2 * PREFILL_TILE_TOKENS * (d + 8) * q.dtype().size_in_bytes();
+    let args = [
+        Arg::Ptr(address(q)?),
+        Arg::Ptr(address(&kv.k)?),
+        Arg::Ptr(address(&kv.v)?),
+        Arg::Ptr(address(&plan.context_slots)?),
+        Arg::Ptr(address(tiles)?),
+        Arg::Ptr(address(out)?),
+        Arg::U32(hq as u32),
+        Arg::U32(layer.num_kv_heads as u32),
+        Arg::U32(d as u32),
+        Arg::F32(layer.scale),
+        Arg::U32(layer.window.unwrap_or(0) as u32),
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (tiles.dim(0)? as u32, hq as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    launch(&device, "prefill_attention", q.dtype(), cfg, &args)
+}
+
+/// `paged_attention` (the kernel) over `tiles`, writing their rows of `out`: up to 16 rows of
+/// one KV head's query heads per block, K/V tiles in f32 shared memory, and (`may_split`, when
+/// `tiles` are every row of the step) the keys split over more blocks (flash-decoding) when
+/// the step has too few.
+#[allow(clippy::too_many_arguments)]
+fn tile_attention(
+    q: &Tensor,
+    kv: &LayerKv,
+    plan: &StepPlan,
+    layer: &LayerAttention,
+    tiles: &Tensor,
+    may_split: bool,
+    out: &Tensor,
+) -> Result<()> {
+    let LayerAttention {
+        num_kv_heads,
+        scale,
+        softcap,
+        window,
+        sinks,
+    } = *layer;
+    let (step, tiling) = (&plan.tiles, plan.tiling);
+    let (t, hq, d) = q.dims3()?;
+    let device = cuda_device(q)?;
+    let dtype = q.dtype();
     // K/V tile size: as many keys (at most 64) as fit beside the 16 query rows.
     let floats = ATTENTION_SHARED_BYTES / 4;
     let kt = ((floats - MAX_ROWS * d) / (2 * (d + 1))).min(64);
     let shared = 4 * (MAX_ROWS * d + 2 * kt * (d + 1));
-    let blocks = (step.tiles.dim(0)?, hq / tiling.heads_per_block);
+    let blocks = (tiles.dim(0)?, hq / tiling.heads_per_block);
     // Too few blocks to fill the GPU: split each context's key tiles over more blocks.
     let keys = window.map_or(step.max_keys, |w| step.max_keys.min(w + tiling.tokens_per_tile));
-    let splits = BUSY_BLOCKS
-        .div_ceil(blocks.0 * blocks.1)
-        .min(keys.div_ceil(MIN_KEYS_PER_SPLIT))
-        .clamp(1, MAX_SPLITS);
+    let splits = match may_split {
+        true => BUSY_BLOCKS
+            .div_ceil(blocks.0 * blocks.1)
+            .min(keys.div_ceil(MIN_KEYS_PER_SPLIT))
+            .clamp(1, MAX_SPLITS),
+        false => 1,
+    };
     let partial = match splits {
         1 => None,
         n => Some(output(&device, (n, t * hq, d + 2), DType::F32)?),
     };
     let args = [
-        Arg::Ptr(address(&q)?),
+        Arg::Ptr(address(q)?),
         Arg::Ptr(address(&kv.k)?),
         Arg::Ptr(address(&kv.v)?),
         Arg::Ptr(address(&plan.context_slots)?),
-        Arg::Ptr(address(&step.tiles)?),
-        Arg::Ptr(address(&out)?),
+        Arg::Ptr(address(tiles)?),
+        Arg::Ptr(address(out)?),
         Arg::Ptr(address_or_null(partial.as_ref())?),
         Arg::U32(t as u32),
         Arg::U32(hq as u32),
@@ -435,7 +558,7 @@ pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAt
         let rows = t * hq;
         let args = [
             Arg::Ptr(address(partial)?),
-            Arg::Ptr(address(&out)?),
+            Arg::Ptr(address(out)?),
             Arg::U32(rows as u32),
             Arg::U32(d as u32),
             Arg::U32(splits as u32),
@@ -448,7 +571,7 @@ pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAt
             &args,
         )?;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `sum = x + delta` (when `delta` is given) and `rms_norm(sum) * weight` in one pass over each
