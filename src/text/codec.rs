@@ -216,6 +216,13 @@ impl TextCodec {
                 let messages = tools_on_system_turn(&chat.messages, &chat.tools.tools);
                 template.render_with(&messages, true, &Json::Object(vars))
             }
+            ToolSyntax::Harmony => {
+                // gpt-oss's template writes every function's description unconditionally; a
+                // description is optional in every API (harmony's own renderer writes none).
+                let tools = chat.tools.tools.iter().cloned().map(with_description).collect();
+                vars.insert("tools".into(), Json::Array(tools));
+                template.render_with(&chat.messages, true, &Json::Object(vars))
+            }
             _ => {
                 vars.insert("tools".into(), Json::Array(chat.tools.tools.clone()));
                 template.render_with(&chat.messages, true, &Json::Object(vars))
@@ -272,6 +279,16 @@ impl TextCodec {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+}
+
+/// `tool` (`{"type": "function", "function": {…}}`) with an empty description where it has none.
+fn with_description(mut tool: Json) -> Json {
+    if let Some(Json::Object(function)) = tool.get_mut("function") {
+        function
+            .entry("description")
+            .or_insert_with(|| Json::String(String::new()));
+    }
+    tool
 }
 
 /// Whether a template takes the tool list from a message (`message['tools']`, Phi-4-mini)

@@ -172,6 +172,16 @@ def test_string_formats_hold_in_forced_calls(family):
         assert str(uuid.UUID(args["ref"])) == args["ref"].lower(), (arch, args)
 
 
+def test_a_tool_without_a_description_is_offered(family):
+    """`description` is optional in the API; gpt-oss's template writes it unconditionally."""
+    arch, url = family
+    bare = [{"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Time?"}], tools=bare,
+                                       tool_choice="required", max_tokens=80, temperature=0)
+    check_calls(r.choices[0].message.tool_calls, {"get_time": TIME})
+
+
 def test_a_named_function_is_the_one_called(family):
     arch, url = family
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
