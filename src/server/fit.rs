@@ -109,6 +109,18 @@ fn kept_from(messages: &[ChatMessage], cut: usize) -> Vec<ChatMessage> {
 mod tests {
     use super::*;
 
+    /// A conversation with system turns before and inside it, and a tool result.
+    const MIXED: [&str; 8] = [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "user",
+        "assistant",
+        "system",
+        "user",
+    ];
+
     fn conversation(roles: &[&str]) -> Vec<ChatMessage> {
         roles
             .iter()
@@ -119,16 +131,7 @@ mod tests {
 
     #[test]
     fn turns_start_at_user_messages_after_the_first_turn() {
-        let m = conversation(&[
-            "system",
-            "user",
-            "assistant",
-            "tool",
-            "user",
-            "assistant",
-            "system",
-            "user",
-        ]);
+        let m = conversation(&MIXED);
         assert_eq!(turn_starts(&m), [4, 7]);
         assert_eq!(turn_starts(&conversation(&["system", "user"])), Vec::<usize>::new());
         assert_eq!(turn_starts(&conversation(&["user", "assistant", "user"])), [2]);
@@ -136,16 +139,7 @@ mod tests {
 
     #[test]
     fn a_cut_keeps_the_system_messages_before_it() {
-        let m = conversation(&[
-            "system",
-            "user",
-            "assistant",
-            "tool",
-            "user",
-            "assistant",
-            "system",
-            "user",
-        ]);
+        let m = conversation(&MIXED);
         let kept: Vec<String> = kept_from(&m, 7).into_iter().map(|m| m.content).collect();
         assert_eq!(kept, ["0", "6", "7"]);
         let kept: Vec<String> = kept_from(&m, 4).into_iter().map(|m| m.content).collect();
