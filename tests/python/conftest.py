@@ -3,6 +3,7 @@
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -24,11 +25,14 @@ def _start(extra_args, model=None):
     binary = os.environ.get("MLXD_BIN", str(ROOT / "target" / "debug" / "mlxd"))
     port = _free_port()
     model = model or ROOT / "models" / "stories260k"
+    # The log goes to a file, not a pipe nobody reads: a server's log outgrowing the pipe's
+    # buffer would block it mid-request.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [binary, "serve", "--model", str(model), "--port", str(port),
          "--kv-memory", "64MiB", *extra_args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         # Hermetic: the machine's own Ollama store and Hugging Face cache are not offered.
         env={**os.environ, "OLLAMA_MODELS": "/nonexistent/mlxd-tests", "HF_HUB_CACHE": "/nonexistent/mlxd-tests"},
     )
@@ -36,7 +40,8 @@ def _start(extra_args, model=None):
     deadline = time.time() + 60
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlxd exited early: {proc.stderr.read().decode()}")
+            log.seek(0)
+            raise RuntimeError(f"mlxd exited early: {log.read().decode()}")
         try:
             with urllib.request.urlopen(base + "/health", timeout=1) as r:
                 if r.status == 200:
@@ -53,6 +58,7 @@ def _start(extra_args, model=None):
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+    log.close()
 
 
 #: The key the keyed server requires.
