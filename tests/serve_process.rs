@@ -7,15 +7,18 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::repo_model;
 use serde_json::json;
 
-/// A running `mlxd serve` on a free port; killed when dropped.
+/// A running `mlxd serve` on a free port (its default log filter); killed when dropped.
 struct Server {
     child: Child,
     port: u16,
+    /// Every line it logged after it was ready.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -25,6 +28,7 @@ impl Server {
             .args(["serve", "--kv-memory", "64MiB", "--port", &port.to_string(), "--model"])
             .arg(repo_model())
             .args(extra)
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -40,8 +44,20 @@ impl Server {
             assert!(Instant::now() < deadline, "not ready within 60 s");
         }
         // Keep draining stderr so the process never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        Self { child, port }
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            lines
+                .map_while(Result::ok)
+                .for_each(|l| kept.lock().expect("log").push(l))
+        });
+        Self { child, port, log }
+    }
+
+    /// The lines logged so far that contain `needle`.
+    fn logged(&self, needle: &str) -> Vec<String> {
+        let log = self.log.lock().expect("log");
+        log.iter().filter(|l| l.contains(needle)).cloned().collect()
     }
 
     fn url(&self, path: &str) -> String {
@@ -195,4 +211,43 @@ async fn a_second_signal_or_the_drain_timeout_exits_at_once() {
         assert!(took < Duration::from_secs(5), "exited after {took:?}");
         queued.into_iter().for_each(|t| t.abort());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_gets_a_log_line_and_probes_stay_quiet() {
+    let s = Server::start(&[]);
+    let client = reqwest::Client::new();
+    let ok = json!({"prompt": "Once upon a time", "max_tokens": 2});
+    let sent = client
+        .post(s.url("/v1/completions"))
+        .json(&ok)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(sent.status(), 200);
+    let bad = client
+        .post(s.url("/api/generate"))
+        .body("{")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(bad.status(), 400);
+    let health = reqwest::get(s.url("/health")).await.expect("health");
+    assert_eq!(health.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.logged("path=/api/generate").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let line = |path: &str| s.logged(&format!("path={path} ")).join("\n");
+    assert!(line("/v1/completions").contains("method=POST") && line("/v1/completions").contains("status=200"));
+    assert!(
+        line("/api/generate").contains("status=400"),
+        "{}",
+        line("/api/generate")
+    );
+    assert!(
+        line("/health").is_empty(),
+        "a probe is logged at debug only: {}",
+        line("/health")
+    );
 }

@@ -2,6 +2,7 @@
 //! the chat template, tokenize, submit to the engine and encode its events; nothing here
 //! touches a tensor.
 
+pub mod access_log;
 pub mod anthropic;
 pub mod auth;
 pub mod error;
@@ -264,8 +265,10 @@ pub fn router(state: AppState, options: &ServerOptions) -> Router {
     if let Some(policy) = auth::KeyPolicy::from_options(&options.access) {
         app = app.layer(axum::middleware::from_fn_with_state(policy, auth::require_api_key));
     }
-    // CORS outermost: preflight requests are answered before the key check.
-    app.layer(TraceLayer::new_for_http())
+    // CORS outermost: preflight requests are answered before the key check. Every answer,
+    // a refused key's too, gets its log line.
+    app.layer(axum::middleware::from_fn(access_log::log_request))
+        .layer(TraceLayer::new_for_http())
         .layer(auth::cors_layer(&options.access.cors_origins))
 }
 
