@@ -418,7 +418,7 @@ fn cut_to_fit(
         MaxTokens::Exactly(n) | MaxTokens::AtMost(n) => n as usize,
         MaxTokens::Rest => limits.default_max_tokens.unwrap_or(usize::MAX),
     };
-    let kept = usable - wanted.clamp(1, (usable / 4).max(1));
+    let kept = usable.saturating_sub(wanted.clamp(1, (usable / 4).max(1)));
     if kept <= KEPT_HEAD_TOKENS {
         // No room for a head and an end: the budget check refuses it by its real length.
         return prompt;
@@ -582,6 +582,7 @@ mod tests {
     fn a_window_too_small_for_head_and_end_is_left_to_the_budget_check() {
         let prompt: Vec<u32> = (0..30).collect();
         assert_eq!(cut_to_fit(prompt.clone(), MaxTokens::Rest, Some(5), &limits()), prompt);
+        assert_eq!(cut_to_fit(prompt.clone(), MaxTokens::Rest, Some(0), &limits()), prompt);
     }
 
     #[test]
