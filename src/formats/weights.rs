@@ -7,7 +7,8 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use super::{read_text, LoadError};
@@ -142,15 +143,75 @@ impl WeightFiles {
             .join(", ")
     }
 
-    /// A memory-mapped `VarBuilder` converting tensors to `dtype` on `device` as they are read.
+    /// A memory-mapped `VarBuilder` converting tensors to `dtype` on `device` as they are read,
+    /// each tensor's mapped pages given back once it is read (`ReleasingSafetensors`).
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, LoadError> {
         // SAFETY: as in `open`; the files are read-only for the process lifetime.
-        unsafe { VarBuilder::from_mmaped_safetensors(&self.paths, dtype, device) }.map_err(|e| LoadError::Malformed {
+        let files = unsafe { MmapedSafetensors::multi(&self.paths) }.map_err(|e| LoadError::Malformed {
             file: self.describe(),
             reason: e.to_string(),
-        })
+        })?;
+        Ok(VarBuilder::from_backend(
+            Box::new(ReleasingSafetensors(files)),
+            dtype,
+            device.clone(),
+        ))
     }
 }
+
+/// Memory-mapped safetensors files whose pages of a tensor leave the process's resident set
+/// once the tensor is read. Every tensor is copied as it loads (and repacked for the CPU
+/// kernels), so without this the mapped files stay resident beside their copies until the
+/// load ends: an MLX 4-bit folder peaked at 1.8× llama.cpp's RSS.
+struct ReleasingSafetensors(MmapedSafetensors);
+
+impl ReleasingSafetensors {
+    /// Gives back the mapped pages of `name` (read again from the file if touched again).
+    fn release(&self, name: &str) {
+        if let Ok(view) = self.0.get(name) {
+            release_pages(view.data());
+        }
+    }
+}
+
+impl SimpleBackend for ReleasingSafetensors {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = SimpleBackend::get(&self.0, s, name, h, dtype, dev);
+        self.release(name);
+        tensor
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = SimpleBackend::get_unchecked(&self.0, name, dtype, dev);
+        self.release(name);
+        tensor
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        SimpleBackend::contains_tensor(&self.0, name)
+    }
+}
+
+/// Drops the whole pages inside `bytes`, part of a read-only shared file mapping, from the
+/// resident set (`MADV_DONTNEED`); a later read faults them in from the file, unchanged.
+#[cfg(unix)]
+fn release_pages(bytes: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+        .unwrap_or(4096)
+        .max(1);
+    let (first, last) = (bytes.as_ptr() as usize, bytes.as_ptr() as usize + bytes.len());
+    let (start, end) = (first.next_multiple_of(page), last / page * page);
+    if end > start {
+        // SAFETY: [start, end) is whole pages inside a live read-only shared file mapping (the
+        // tensor's bytes, already copied out); dropping them loses nothing the file lacks.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+}
+
+/// Elsewhere the pages stay until the load ends.
+#[cfg(not(unix))]
+fn release_pages(_bytes: &[u8]) {}
 
 impl WeightsSummary {
     /// The summary of a GGUF file: its dominant ggml type, size and a digest of its header.
@@ -282,4 +343,39 @@ fn shard_paths(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, LoadError> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor read again after its pages were given back reads the same (they fault in
+    /// from the file): large enough to span whole pages.
+    #[test]
+    fn a_released_tensor_reads_the_same_again() -> candle_core::Result<()> {
+        let dir = std::env::temp_dir().join(format!("mlxd-release-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("model.safetensors");
+        let values: Vec<f32> = (0..40_000).map(|i| i as f32 * 0.5).collect();
+        let small = Tensor::new(&[1f32, 2., 3.], &Device::Cpu)?;
+        let big = Tensor::from_vec(values.clone(), (200, 200), &Device::Cpu)?;
+        candle_core::safetensors::save(&[("big", big), ("small", small)].into_iter().collect(), &path)?;
+        // SAFETY: the test's own file, not written while mapped.
+        let files = ReleasingSafetensors(unsafe { MmapedSafetensors::multi(&[&path]) }?);
+        for _ in 0..2 {
+            let read = SimpleBackend::get(
+                &files,
+                (200, 200).into(),
+                "big",
+                candle_nn::Init::Const(0.),
+                DType::F32,
+                &Device::Cpu,
+            )?;
+            assert_eq!(read.flatten_all()?.to_vec1::<f32>()?, values);
+            let small = SimpleBackend::get_unchecked(&files, "small", DType::F32, &Device::Cpu)?;
+            assert_eq!(small.to_vec1::<f32>()?, [1., 2., 3.]);
+        }
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
 }
