@@ -79,7 +79,10 @@ impl AnthropicError {
 /// error; None when it is the KV pool, not the context, that is short.
 fn context_message(prompt: usize, max: usize, ctx: usize) -> Option<String> {
     if prompt >= ctx {
-        Some(format!("prompt is too long: {prompt} tokens > {} maximum", ctx.saturating_sub(1)))
+        Some(format!(
+            "prompt is too long: {prompt} tokens > {} maximum",
+            ctx.saturating_sub(1)
+        ))
     } else if prompt + max > ctx {
         Some(format!(
             "input length and `max_tokens` exceed context limit: {prompt} + {max} > {ctx}, decrease input length or `max_tokens` and try again"
