@@ -342,7 +342,9 @@ pub struct HfConfig {
     pub hidden_size_per_layer_input: Option<usize>,
     /// Rows of the per-layer input embedding table (Gemma 4).
     pub vocab_size_per_layer_input: Option<usize>,
-    /// `all` makes Gemma 4 an encoder; `vision` concerns image tokens only.
+    /// `all` makes Gemma 4 an encoder; `vision` concerns image tokens only. Gemma 3 configs
+    /// write a boolean (transformers 5.25 saves `false`): `true` reads as `all`.
+    #[serde(default, deserialize_with = "bidirectional_attention")]
     pub use_bidirectional_attention: Option<String>,
     /// Per-layer overrides of `head_dim` / `num_key_value_heads`, keyed by layer index, as
     /// transformers 5.25 saves Gemma 4 configs.
@@ -574,6 +576,21 @@ impl HfConfig {
             }
         })
     }
+}
+
+/// `use_bidirectional_attention` as a string (Gemma 4), a boolean (Gemma 3: `true` is every
+/// layer, `all`) or absent.
+fn bidirectional_attention<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<Value>::deserialize(d)? {
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Bool(true)) => Some("all".into()),
+        Some(Value::Bool(false)) | Some(Value::Null) | None => None,
+        Some(other) => {
+            return Err(serde::de::Error::custom(format!(
+                "use_bidirectional_attention must be a string or a boolean, got {other}"
+            )))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -13,6 +13,12 @@ const PREFIXES: [&str; 3] = ["model", "model.language_model", "language_model.mo
 
 /// The decoder spec of a Gemma 3 config; `vb` tells which tensor prefix the file uses.
 pub fn spec(cfg: &HfConfig, vb: &WeightSource) -> Result<DecoderSpec, LoadError> {
+    if cfg.use_bidirectional_attention.as_deref() == Some("all") {
+        return Err(LoadError::Unsupported(
+            "Gemma 3 with `use_bidirectional_attention: true` (an encoder such as EmbeddingGemma, not a chat model)"
+                .into(),
+        ));
+    }
     let base = DecoderSpec::base(cfg, true)?;
     let prefix = language_model_prefix(vb, "Gemma 3")?;
     let query_scalar = cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim() as f64);
