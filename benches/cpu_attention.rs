@@ -47,6 +47,7 @@ fn step(seqs: &[(usize, usize)]) -> BatchInput {
         kv_lens: seqs.iter().map(|s| s.1).collect(),
         logits_rows: t(vec![0]),
         fixed: None,
+        images: None,
     }
 }
 

@@ -673,7 +673,7 @@ async fn run(args: RunArgs) -> Result<()> {
         ..SamplingParams::default()
     };
     spec.max_tokens = MaxTokens::AtMost(args.max_tokens);
-    let limits = engine.info().request_limits(codec.eos_ids());
+    let limits = engine.info().request_limits(&path.display().to_string(), &codec);
     let request = mlxd::request::validate(spec, &codec, &limits)
         .map_err(|e| anyhow::anyhow!(mlxd::server::error::describe(&e, |f| f.openai_name())))?;
     let mut stream = mlxd::output::generate(&engine, codec, request)?;

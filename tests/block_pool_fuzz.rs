@@ -79,6 +79,7 @@ fn hundred_thousand_random_operations_keep_every_invariant() {
                     cache_salt: 0,
                     reuse_cached_prefix: true,
                     max_chunk: None,
+                    images: Vec::new(),
                 };
                 s.add(Sequence::new(id, spec, BLOCK), ());
                 live.push(id);

@@ -1,6 +1,6 @@
 //! The scheduler without a model (vLLM `test_scheduler` style): fabricated sampled tokens.
 
-use mlxd::request::{FinishReason, RequestId};
+use mlxd::request::{FinishReason, ImageSpan, RequestId};
 use mlxd::scheduler::kv::BlockManager;
 use mlxd::scheduler::{ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec};
 
@@ -25,6 +25,23 @@ fn seq(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Sequence {
         cache_salt: 0,
         reuse_cached_prefix: true,
         max_chunk: None,
+        images: Vec::new(),
+    };
+    Sequence::new(RequestId(id), spec, BLOCK)
+}
+
+/// A sequence whose prompt holds an image's soft tokens (id 99) at `start..start + len`.
+fn seq_with_image(id: u64, prompt_len: usize, start: usize, len: usize, digest: u64) -> Sequence {
+    let mut prompt: Vec<u32> = (0..prompt_len as u32).map(|i| 3 + i % 50).collect();
+    prompt[start..start + len].fill(99);
+    let spec = SequenceSpec {
+        prompt,
+        max_tokens: 2,
+        stop_tokens: vec![2],
+        cache_salt: 0,
+        reuse_cached_prefix: true,
+        max_chunk: None,
+        images: vec![ImageSpan { start, len, digest }],
     };
     Sequence::new(RequestId(id), spec, BLOCK)
 }
@@ -181,4 +198,67 @@ fn eos_and_length_stop_sequences() {
     assert_eq!(r[1].finished, None);
     let (_, r) = step(&mut s, 9);
     assert_eq!(r[0].finished, Some(FinishReason::Length), "third token hits max_tokens");
+}
+
+#[test]
+fn a_chunk_never_ends_inside_an_image() {
+    // Budget 32, an image at 20..36: the first chunk stops before it, the second takes it
+    // whole, the third the rest.
+    let mut s = scheduler(64, 32);
+    s.add(seq_with_image(1, 50, 20, 16, 7), ());
+    let plans: Vec<_> = (0..3).map(|_| planned(&step(&mut s, 7).0)).collect();
+    assert_eq!(
+        plans,
+        [vec![(1, 0, 20, false)], vec![(1, 20, 30, true)], vec![(1, 50, 1, true)]]
+    );
+    // Where a decode already takes some of the budget, an image that no longer fits waits.
+    let mut s = scheduler(64, 20);
+    s.add(seq(1, vec![5; 4], 50), ());
+    step(&mut s, 7);
+    s.add(seq_with_image(2, 40, 0, 20, 7), ());
+    let (out, _) = step(&mut s, 7);
+    assert_eq!(
+        planned(&out),
+        vec![(1, 4, 1, true)],
+        "19 tokens of budget left: the image waits"
+    );
+}
+
+#[test]
+fn images_share_cached_kv_only_with_the_same_image() {
+    let mut s = scheduler(64, 256);
+    s.add(seq_with_image(1, 48, 8, 16, 7), ());
+    step(&mut s, 9);
+    step(&mut s, 9);
+    // The same image again: everything but the last token comes from the cache.
+    s.add(seq_with_image(2, 48, 8, 16, 7), ());
+    let (out, _) = step(&mut s, 9);
+    assert_eq!(planned(&out), vec![(2, 47, 1, true)]);
+    step(&mut s, 9);
+    // The same tokens with another image: only the text before the image (the first 8 slots
+    // of block 0, a tail) is shared.
+    s.add(seq_with_image(3, 48, 8, 16, 8), ());
+    let (out, _) = step(&mut s, 9);
+    assert_eq!(planned(&out), vec![(3, 8, 40, true)]);
+}
+
+#[test]
+fn a_cached_prefix_ending_inside_an_image_resumes_with_the_whole_rest_of_it() {
+    // Budget 40 so the first sequence's prompt goes in one step; its blocks 0 and 1 (tokens
+    // 0..32) get cached, the image spans 24..40.
+    let mut s = scheduler(64, 40);
+    s.add(seq_with_image(1, 40, 24, 16, 7), ());
+    step(&mut s, 9);
+    step(&mut s, 9);
+    // The same prompt longer: the hit ends at 32, inside the image; the chunk runs on to 40
+    // and past it within the budget.
+    let mut longer = seq_with_image(2, 60, 24, 16, 7);
+    longer.max_chunk = 4;
+    s.add(longer, ());
+    let (out, _) = step(&mut s, 9);
+    assert_eq!(
+        planned(&out),
+        vec![(2, 32, 8, false)],
+        "a chunk cap of 4 yields to the image"
+    );
 }

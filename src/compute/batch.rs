@@ -31,6 +31,22 @@ pub struct BatchInput {
     /// graph): the model must then derive nothing per step from host data, and `kv_lens` only
     /// bounds each context.
     pub fixed: Option<FixedDecode>,
+    /// Image soft tokens fed this step (None: text only).
+    pub images: Option<ImageRows>,
+}
+
+/// The image soft tokens of a step: their embeddings stand in for the token embeddings of
+/// their rows, and each attends to its whole image, later soft tokens included (a vision
+/// model's image block is bidirectional).
+#[derive(Debug, Clone)]
+pub struct ImageRows {
+    /// `[N]` u32: the batch rows that are soft tokens.
+    pub rows: Tensor,
+    /// `[N, hidden]`: their embeddings, from the vision encoder.
+    pub embeds: Tensor,
+    /// Per row of the whole batch, the last position it attends to: its own position for
+    /// text, the last soft token of its image for a soft token.
+    pub last_visible: Vec<u32>,
 }
 
 /// A decode batch's sequence table, already on the device (see `BatchInput::fixed`).

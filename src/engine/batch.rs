@@ -74,6 +74,7 @@ impl HostBatch {
             kv_lens: self.kv_lens,
             logits_rows: t(self.logits_rows)?,
             fixed: None,
+            images: None,
         })
     }
 }

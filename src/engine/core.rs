@@ -18,6 +18,7 @@ use tokio::sync::mpsc::{error::TryRecvError, UnboundedReceiver, UnboundedSender}
 
 use super::batch::HostBatch;
 use super::graphs::DecodeGraphs;
+use super::images::ImagePlan;
 use super::kv_disk::{DiskCache, KvDiskConfig, StoreIdentity};
 use super::metrics::EngineMetrics;
 use super::output::TokenEvent;
@@ -25,10 +26,11 @@ use super::pooling::{PoolPlan, Pooled};
 use super::prompt_logprobs::PromptRows;
 use super::sampler::SamplerState;
 use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, ModelLoader};
+use crate::compute::batch::ImageRows;
 use crate::compute::paged_kv::{KvLayout, PagedKvCache};
 use crate::formats::LoadProgress;
 use crate::models::{self, Model, ModelConfig};
-use crate::request::{FinishReason, RequestId, Usage, ValidatedRequest};
+use crate::request::{FinishReason, PromptImage, RequestId, Usage, ValidatedRequest};
 use crate::scheduler::kv::block_hash::extend_block_hashes;
 use crate::scheduler::kv::{BlockHash, BlockManager};
 use crate::scheduler::{Scheduler, SchedulerConfig, SchedulerOutput, Sequence, SequenceSpec, StepResult};
@@ -49,6 +51,8 @@ struct RequestState {
     prompt_logprobs: Option<u8>,
     /// Prompt tokens whose KV was read back from the disk cache for this request.
     disk_hit_tokens: u32,
+    /// The prompt's images (their soft tokens are encoded in the steps that feed them).
+    images: Vec<PromptImage>,
     usage: Usage,
     arrived_at: Instant,
     first_scheduled_at: Option<Instant>,
@@ -180,7 +184,18 @@ impl EngineCore {
             (DEFAULT_MAX_SEQS_GPU, DEFAULT_MAX_BATCH_TOKENS_GPU)
         };
         let max_num_seqs = cfg.max_num_seqs.unwrap_or(default_seqs);
-        let max_num_batched_tokens = cfg.max_num_batched_tokens.unwrap_or(default_tokens);
+        let mut max_num_batched_tokens = cfg.max_num_batched_tokens.unwrap_or(default_tokens);
+        if let Some(tokens) = mc.vision.as_ref().map(|v| v.tokens_per_image) {
+            // An image's soft tokens go through one step together (they attend to each other).
+            if max_num_batched_tokens < tokens {
+                tracing::warn!(
+                    asked = max_num_batched_tokens,
+                    tokens_per_image = tokens,
+                    "raising the tokens per step to one image's soft tokens"
+                );
+                max_num_batched_tokens = tokens;
+            }
+        }
         let trained = mc.max_position_embeddings;
         if let Some(asked) = cfg.max_model_len.filter(|&m| m > trained) {
             // Never capped silently: positions past the trained length need rope scaling the
@@ -386,6 +401,7 @@ impl EngineCore {
             // Each prompt position's logits row is a vocabulary of floats: chunked, a step holds
             // at most PROMPT_LOGPROBS_CHUNK of them per such request, whatever the budget.
             max_chunk: req.params.prompt_logprobs.map(|_| PROMPT_LOGPROBS_CHUNK),
+            images: req.images.iter().map(|i| i.span).collect(),
         };
         let seq = Sequence::new(id, spec, block_size);
         tracing::debug!(request_id = %id, prompt_tokens = usage.prompt_tokens, "admitted to queue");
@@ -397,6 +413,7 @@ impl EngineCore {
             constraint: req.constraint,
             embedding: req.embed.map(Pooled::new),
             disk_hit_tokens: 0,
+            images: req.images,
             usage,
             arrived_at: Instant::now(),
             first_scheduled_at: None,
@@ -580,8 +597,13 @@ impl EngineCore {
         let mut batch = HostBatch::build(&out, &self.scheduler);
         let num_sampling = batch.logits_rows.len();
         batch.logits_rows.extend_from_slice(&prompt_rows.batch_rows);
+        let images = ImagePlan::new(&out, &batch.positions, |id| {
+            self.scheduler.entry(id).map(|(_, r)| r.images.as_slice())
+        })
+        .map(|plan| plan.encode(self.model.as_ref(), &self.device))
+        .transpose()?;
         clock.lap("prepare");
-        let (mut logits, hidden) = self.forward(batch, &pools.hidden_rows)?;
+        let (mut logits, hidden) = self.forward(batch, &pools.hidden_rows, images)?;
         if !prompt_rows.is_empty() {
             self.send_prompt_logprobs(
                 &prompt_rows,
@@ -607,24 +629,29 @@ impl EngineCore {
     }
 
     /// The step's logits: replayed from a CUDA graph where one applies, else an eager forward;
-    /// with the final hidden states of `hidden_rows` when there are any (embeddings).
+    /// with the final hidden states of `hidden_rows` when there are any (embeddings), and the
+    /// step's image soft tokens when it feeds any.
     fn forward(
         &mut self,
         batch: HostBatch,
         hidden_rows: &[u32],
+        images: Option<ImageRows>,
     ) -> candle_core::Result<(candle_core::Tensor, Option<candle_core::Tensor>)> {
         if !hidden_rows.is_empty() {
             let rows = candle_core::Tensor::from_slice(hidden_rows, hidden_rows.len(), &self.device)?;
-            let batch = batch.upload(&self.device)?;
+            let mut batch = batch.upload(&self.device)?;
+            batch.images = images;
             let (logits, hidden) = self.model.forward_hidden(&batch, &rows, &mut self.kv)?;
             return Ok((logits, Some(hidden)));
         }
-        if let Some(graphs) = &mut self.graphs {
+        if let (Some(graphs), None) = (&mut self.graphs, &images) {
             if let Some(logits) = graphs.forward(self.model.as_ref(), &batch, &mut self.kv)? {
                 return Ok((logits, None));
             }
         }
-        Ok((self.model.forward(&batch.upload(&self.device)?, &mut self.kv)?, None))
+        let mut batch = batch.upload(&self.device)?;
+        batch.images = images;
+        Ok((self.model.forward(&batch, &mut self.kv)?, None))
     }
 
     /// Sends each sequence its prompt tokens' logprobs from `logits` (the step's prompt rows).

@@ -10,6 +10,7 @@ mod batch;
 mod core;
 pub mod error;
 mod graphs;
+mod images;
 pub mod kv_disk;
 pub mod metrics;
 pub mod output;
@@ -28,7 +29,12 @@ use crate::device::DeviceChoice;
 use tokio::sync::mpsc;
 
 use crate::models::Model;
-use crate::request::{RequestId, RequestLimits, ValidatedRequest};
+use crate::request::{ImageProcessor, RequestId, RequestLimits, ValidatedRequest};
+use crate::text::TextCodec;
+
+/// Most images one request may carry: each is decoded and kept as f32 pixels until its step
+/// (a 896² image is 9.6 MB), and llama-server and Ollama set no lower limit in practice.
+pub const MAX_IMAGES_PER_REQUEST: usize = 16;
 pub use error::EngineError;
 pub use output::{Logprobs, TokenEvent, TokenLogprob};
 
@@ -80,15 +86,38 @@ pub struct EngineConfig {
 }
 
 impl ModelInfo {
-    /// What every request is validated against; `eos_token_ids` are the ids that end
-    /// generation (the tokenizer side knows them best).
-    pub fn request_limits(&self, eos_token_ids: &[u32]) -> RequestLimits {
+    /// What every request is validated against, for the model served as `name`; `codec`
+    /// knows the ids that end generation and the text of the image tokens.
+    pub fn request_limits(&self, name: &str, codec: &TextCodec) -> RequestLimits {
+        let vision = self.model.vision.as_ref().map(|v| {
+            let text = |id: u32| codec.token_text(id).unwrap_or_default();
+            let marker = text(v.begin_token_id);
+            let expansion = format!(
+                "{pad}{marker}{}{}{pad}",
+                text(v.image_token_id).repeat(v.tokens_per_image),
+                text(v.end_token_id),
+                pad = v.padding,
+            );
+            Arc::new(ImageProcessor {
+                size: v.image_size,
+                mean: v.mean,
+                std: v.std,
+                rescale: v.rescale,
+                tokens_per_image: v.tokens_per_image,
+                image_token: v.image_token_id,
+                marker,
+                expansion,
+                max_images: MAX_IMAGES_PER_REQUEST,
+            })
+        });
         RequestLimits {
+            model: name.to_string(),
+            vision,
             max_model_len: self.max_model_len,
             kv_pool_tokens: self.num_kv_blocks * self.block_size,
             block_size: self.block_size,
             vocab_size: self.model.vocab_size,
-            eos_token_ids: eos_token_ids.to_vec(),
+            eos_token_ids: codec.eos_ids().to_vec(),
             default_max_tokens: self.default_max_tokens,
         }
     }

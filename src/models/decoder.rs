@@ -11,6 +11,7 @@ use super::config::{HfConfig, LayerType, RopeConfig};
 use super::feed_forward::{
     load_interleaved_moe, load_mlp, load_moe, load_moe_beside_dense, MlpNames, MlpSpec, MoeLayout, MoeSpec,
 };
+use super::vision::VisionEncoder;
 use super::{Model, ModelConfig};
 use crate::compute::attention::{self, AttentionMeta, AttentionOpts, HeadDims, HeadNorms, Projected};
 use crate::compute::batch::BatchInput;
@@ -600,6 +601,7 @@ pub struct Decoder {
     rope_sliding: Option<Rotary>,
     windows: Vec<Option<usize>>,
     per_layer_inputs: Option<PerLayerInputs>,
+    vision: Option<VisionEncoder>,
     config: ModelConfig,
 }
 
@@ -661,8 +663,15 @@ impl Decoder {
                 .per_layer_input
                 .map(|p| PerLayerInputs::load(&m, spec, p))
                 .transpose()?,
+            vision: None,
             config,
         })
+    }
+
+    /// The same model taking images through `vision` (a vision-language checkpoint).
+    pub fn with_vision(mut self, vision: Option<VisionEncoder>) -> Self {
+        self.vision = vision;
+        self
     }
 }
 
@@ -685,6 +694,13 @@ impl Model for Decoder {
         let residual = self.layers_forward(batch, kv)?;
         let hidden = residual.normed(&self.norm, hidden_rows)?.to_dtype(DType::F32)?;
         Ok((self.head(&residual, &batch.logits_rows)?, hidden))
+    }
+
+    fn encode_images(&self, pixels: &Tensor) -> Result<Tensor> {
+        match &self.vision {
+            Some(vision) => vision.encode(&pixels.to_dtype(self.config.dtype)?),
+            None => candle_core::bail!("this model has no vision input"),
+        }
     }
 }
 
@@ -726,6 +742,12 @@ impl Decoder {
         let mut x = self.embed_tokens.forward(&batch.token_ids)?;
         if let Some(scale) = self.embed_scale {
             x = (x * scale)?;
+        }
+        if let Some(images) = &batch.images {
+            // Soft tokens take their image's embeddings as they are (not scaled).
+            let embeds = images.embeds.to_dtype(x.dtype())?;
+            let delta = (embeds - x.index_select(&images.rows, 0)?)?;
+            x = x.index_add(&images.rows, &delta, 0)?;
         }
         let per_layer_inputs = self
             .per_layer_inputs

@@ -15,6 +15,7 @@ pub mod gemma4;
 pub mod gpt_oss;
 pub mod llama;
 pub mod phi3;
+pub mod vision;
 
 use std::path::Path;
 
@@ -56,6 +57,8 @@ pub struct ModelConfig {
     pub weights: crate::formats::weights::WeightsSummary,
     /// config.json as loaded, for APIs that report architecture details.
     pub hf_config: serde_json::Value,
+    /// How the model takes images (None: text only).
+    pub vision: Option<vision::VisionFacts>,
 }
 
 /// The forward contract: one packed pass over every scheduled token.
@@ -76,6 +79,13 @@ pub trait Model: Send {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let _ = (batch, hidden_rows, kv);
         Err(candle_core::Error::Msg("this model does not give hidden states".into()))
+    }
+
+    /// `[N, 3, size, size]` prepared images → `[N, tokens_per_image, hidden]` soft-token
+    /// embeddings for `BatchInput::images` (vision models; see `ModelConfig::vision`).
+    fn encode_images(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let _ = pixels;
+        Err(candle_core::Error::Msg("this model has no vision input".into()))
     }
 }
 
@@ -103,15 +113,22 @@ pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress)
     }
     let (cfg, raw_config, weights, summary) = open_hf(path)?;
     check_quantization_supported(&raw_config)?;
-    let model_config = model_config(&cfg, dtype, weights.num_params(), summary, raw_config);
+    let mut model_config = model_config(&cfg, dtype, weights.num_params(), summary, raw_config);
     let vb = crate::formats::source::WeightSource::Hf(weights.var_builder(dtype, device)?);
     let spec = family_spec(&cfg, &vb)?;
+    let vision = match model_config.architecture.as_str() {
+        "Gemma3ForConditionalGeneration" => {
+            vision::VisionEncoder::load_gemma3(&vb, &cfg, &model_config.hf_config, path)?
+        }
+        _ => None,
+    };
+    model_config.vision = vision.as_ref().map(|(_, facts)| facts.clone());
     let model = decoder::Decoder::load(vb, &spec, model_config, progress).map_err(|e| LoadError::Malformed {
         file: weights.describe(),
         reason: e.to_string(),
     })?;
     progress.finish();
-    Ok(Box::new(model))
+    Ok(Box::new(model.with_vision(vision.map(|(encoder, _)| encoder))))
 }
 
 /// What a model is, read from its files without loading its weights (for listings).
@@ -248,6 +265,7 @@ fn model_config(
         model_type: cfg.model_type.clone().unwrap_or_else(|| "llama".into()),
         weights,
         hf_config,
+        vision: None,
     }
 }
 

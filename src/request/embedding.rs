@@ -89,5 +89,6 @@ pub fn validate_embedding(
         constraint: None,
         reply: ReplyPlan::default(),
         embed: Some(spec.pooling),
+        images: Vec::new(),
     }))
 }

@@ -7,6 +7,7 @@
 //! Nothing here knows about HTTP or wire formats; each API maps `Field` to its own names.
 
 mod embedding;
+mod images;
 mod keep_alive;
 mod sampling;
 mod spec;
@@ -16,6 +17,7 @@ use std::fmt;
 use std::time::Duration;
 
 pub use embedding::{validate_embedding, EmbeddingSpec, Pooling};
+pub use images::{digest as image_digest, ImagePixels, ImageProcessor, ImageSpan, PromptImage, MAX_IMAGE_SIDE};
 pub use keep_alive::KeepAlive;
 pub use sampling::SamplingParams;
 pub use spec::{Field, GenerationSpec, MaxTokens, Overflow, Prompt};

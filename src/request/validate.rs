@@ -5,6 +5,9 @@
 //! Runs on the caller's thread; rendering and tokenizing a long conversation takes
 //! milliseconds, so async callers run it on a blocking thread.
 
+use std::sync::Arc;
+
+use super::images::{digest, ImageProcessor, ImageSpan, PromptImage};
 use super::spec::{Field, GenerationSpec, MaxTokens, Overflow, Prompt};
 use super::SamplingParams;
 use crate::text::{ChatPrompt, Constraint, OutputConstraint, ReplyPlan, TextCodec};
@@ -20,8 +23,12 @@ pub const MAX_LOGIT_BIAS: f32 = 100.0;
 pub const KEPT_HEAD_TOKENS: usize = 4;
 
 /// What a request is checked against: facts of the served model and its KV pool.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RequestLimits {
+    /// The served model's name, for errors that name it.
+    pub model: String,
+    /// How the model takes images (None: it has no vision input).
+    pub vision: Option<Arc<ImageProcessor>>,
     /// Longest prompt + output the engine accepts.
     pub max_model_len: usize,
     /// Tokens the whole KV pool holds.
@@ -116,6 +123,8 @@ pub struct RequestParts {
     pub reply: ReplyPlan,
     /// An embedding request: prefill only, the hidden states pooled this way.
     pub embed: Option<super::Pooling>,
+    /// The prompt's images, in prompt order, each on its soft tokens.
+    pub images: Vec<PromptImage>,
 }
 
 impl ValidatedRequest {
@@ -178,8 +187,9 @@ pub fn validate(
         let forced = check_tools(chat, codec, constraint.is_some())?;
         constraint = constraint.or(forced);
     }
-    let (mut prompt, reply) = tokenize(&spec.context, spec.prompt, codec, limits)?;
-    if spec.overflow == Overflow::CutMiddle {
+    let (mut prompt, reply, images) = tokenize(&spec.context, spec.prompt, codec, limits)?;
+    // A cut could split an image's soft tokens: a prompt with images is fitted whole or refused.
+    if spec.overflow == Overflow::CutMiddle && images.is_empty() {
         prompt = cut_to_fit(prompt, spec.max_tokens, spec.context_window, limits);
     }
     let max_tokens = resolve_max_tokens(prompt.len(), spec.max_tokens, spec.context_window, prompt_field, limits)?;
@@ -206,6 +216,7 @@ pub fn validate(
             constraint,
             reply,
             embed: None,
+            images,
         },
     })
 }
@@ -327,16 +338,17 @@ fn check_stops(stops: Vec<String>) -> Result<Vec<String>, RequestError> {
     Ok(stops)
 }
 
-/// `context` followed by the tokenized prompt (never empty, every id in the vocabulary), and
-/// how the reply is read (for a conversation, from its rendering).
+/// `context` followed by the tokenized prompt (never empty, every id in the vocabulary), how
+/// the reply is read (for a conversation, from its rendering) and the prompt's images.
 fn tokenize(
     context: &[u32],
     prompt: Prompt,
     codec: &TextCodec,
     limits: &RequestLimits,
-) -> Result<(Vec<u32>, ReplyPlan), RequestError> {
+) -> Result<(Vec<u32>, ReplyPlan, Vec<PromptImage>), RequestError> {
     check_ids(context, Field::Context, limits.vocab_size)?;
     let mut reply = ReplyPlan::default();
+    let mut images = Vec::new();
     let (field, mut ids) = match prompt {
         Prompt::Chat(chat) => {
             if chat.messages.is_empty() {
@@ -348,9 +360,17 @@ fn tokenize(
             let rendered = codec.render_chat(&chat).map_err(|e| {
                 RequestError::invalid(Field::Messages, format!("cannot be rendered by the chat template: {e}"))
             })?;
+            let prepared = prepare_images(&chat, limits)?;
+            let expanded = match (&limits.vision, prepared.is_empty()) {
+                (Some(vision), false) => expand_images(&rendered, vision, prepared.len())?,
+                _ => rendered.clone(),
+            };
             let ids = codec
-                .encode(&rendered, false)
+                .encode(&expanded, false)
                 .map_err(|e| RequestError::invalid(Field::Messages, format!("cannot be tokenized: {e}")))?;
+            if let Some(vision) = &limits.vision {
+                images = place_images(&ids, vision, prepared, context.len())?;
+            }
             reply = codec.reply_plan(&chat, &rendered);
             (Field::Messages, ids)
         }
@@ -370,6 +390,7 @@ fn tokenize(
     if !context.is_empty() && codec.bos_id().is_some() && ids.first().copied() == codec.bos_id() {
         // A continuation must not restart the sequence with another BOS.
         ids.remove(0);
+        images.iter_mut().for_each(|i| i.span.start -= 1);
     }
     if context.is_empty() && ids.is_empty() {
         return Err(RequestError::invalid(
@@ -379,7 +400,102 @@ fn tokenize(
     }
     let mut all = context.to_vec();
     all.extend(ids);
-    Ok((all, reply))
+    Ok((all, reply, images))
+}
+
+/// Every image of the conversation decoded and prepared, in order, with its digest; refused
+/// when the model has no vision input, when there are more than it takes, or when one cannot
+/// be decoded.
+fn prepare_images(chat: &ChatPrompt, limits: &RequestLimits) -> Result<Vec<(u64, super::ImagePixels)>, RequestError> {
+    let all: Vec<_> = chat.messages.iter().flat_map(|m| &m.images).collect();
+    if all.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(vision) = &limits.vision else {
+        return Err(RequestError::invalid(
+            Field::Messages,
+            format!("holds an image, but model `{}` has no vision input", limits.model),
+        ));
+    };
+    if all.len() > vision.max_images {
+        return Err(RequestError::invalid(
+            Field::Messages,
+            format!(
+                "holds {} images; model `{}` takes at most {} per request",
+                all.len(),
+                limits.model,
+                vision.max_images
+            ),
+        ));
+    }
+    all.iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let pixels = vision
+                .prepare(&image.bytes)
+                .map_err(|e| RequestError::invalid(Field::Messages, format!("image {} {e}", i + 1)))?;
+            Ok((digest(&image.bytes), pixels))
+        })
+        .collect()
+}
+
+/// The rendered conversation with each image's marker replaced by the processor's expansion
+/// (the marker wrapped around the image's soft tokens), as the model's processor does before
+/// tokenizing.
+fn expand_images(rendered: &str, vision: &ImageProcessor, count: usize) -> Result<String, RequestError> {
+    let placed = rendered.matches(vision.marker.as_str()).count();
+    if placed != count {
+        return Err(RequestError::invalid(
+            Field::Messages,
+            format!(
+                "holds {count} images, but the rendered conversation marks {placed} image places ({}): images go in user turns, and the text must not hold the marker",
+                vision.marker
+            ),
+        ));
+    }
+    Ok(rendered.replace(vision.marker.as_str(), &vision.expansion))
+}
+
+/// Each image on its run of soft tokens in `ids` (offset by the `context` before them); the
+/// runs must be exactly the images' (text holding a soft token's string would add one).
+fn place_images(
+    ids: &[u32],
+    vision: &ImageProcessor,
+    prepared: Vec<(u64, super::ImagePixels)>,
+    offset: usize,
+) -> Result<Vec<PromptImage>, RequestError> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        if ids[i] != vision.image_token {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < ids.len() && ids[i] == vision.image_token {
+            i += 1;
+        }
+        runs.push((start, i - start));
+    }
+    let well_formed = runs.len() == prepared.len() && runs.iter().all(|&(_, n)| n == vision.tokens_per_image);
+    if !well_formed {
+        return Err(RequestError::invalid(
+            Field::Messages,
+            "holds the model's image token as text; it stands only for images",
+        ));
+    }
+    Ok(runs
+        .into_iter()
+        .zip(prepared)
+        .map(|((start, len), (digest, pixels))| PromptImage {
+            span: ImageSpan {
+                start: offset + start,
+                len,
+                digest,
+            },
+            pixels: Arc::new(pixels),
+        })
+        .collect())
 }
 
 fn check_ids(ids: &[u32], field: Field, vocab: usize) -> Result<(), RequestError> {
@@ -489,6 +605,8 @@ mod tests {
 
     fn limits() -> RequestLimits {
         RequestLimits {
+            model: "test".into(),
+            vision: None,
             max_model_len: 100,
             kv_pool_tokens: 64,
             block_size: 16,

@@ -59,6 +59,15 @@ impl SchedulerOutput {
     }
 }
 
+/// Tokens `seq` feeds this step from `from` with `budget` left: the rest of it, cut to the
+/// budget and its chunk size, ending where `Sequence::chunk_end` allows; None when what must go
+/// together (the rest of an image) exceeds the budget.
+fn chunk(seq: &Sequence, from: usize, budget: usize) -> Option<usize> {
+    let want = (seq.tokens.len() - from).min(budget).min(seq.max_chunk);
+    let end = seq.chunk_end(from, from + want);
+    (end > from && end - from <= budget).then_some(end - from)
+}
+
 /// The result of one sampled token for one sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StepResult<T = ()> {
@@ -195,7 +204,11 @@ impl<T> Scheduler<T> {
         while i < self.running.len() && *budget > 0 {
             let id = self.running[i];
             let seq = &self.seqs[&id].seq;
-            let num_new = (seq.tokens.len() - seq.num_computed).min(*budget).min(seq.max_chunk);
+            let Some(num_new) = chunk(seq, seq.num_computed, *budget) else {
+                // The rest of an image does not fit this step's budget: next step.
+                i += 1;
+                continue;
+            };
             let num_total = seq.num_computed + num_new;
             let mut self_preempted = false;
             while self
@@ -237,7 +250,9 @@ impl<T> Scheduler<T> {
                 false => PrefixHit::default(),
             };
             let num_computed = hit.num_tokens(self.blocks.block_size());
-            let num_new = (seq.tokens.len() - num_computed).min(*budget).min(seq.max_chunk);
+            let Some(num_new) = chunk(seq, num_computed, *budget) else {
+                break;
+            };
             let num_total = num_computed + num_new;
             if self.blocks.allocate_slots(id, num_total, &hit).is_err() {
                 break;

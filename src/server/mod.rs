@@ -7,6 +7,7 @@ pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod fit;
+pub mod images;
 pub mod kv_pin;
 pub mod listen;
 pub mod ollama;

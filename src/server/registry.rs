@@ -50,7 +50,7 @@ impl Served {
         join: Option<std::thread::JoinHandle<()>>,
     ) -> Self {
         let fingerprint = format!("mlxd-{}-{:?}", env!("CARGO_PKG_VERSION"), engine.info().model.dtype).to_lowercase();
-        let limits = Arc::new(engine.info().request_limits(codec.eos_ids()));
+        let limits = Arc::new(engine.info().request_limits(&entry.name, &codec));
         Self {
             entry,
             engine,

@@ -34,6 +34,27 @@ pub struct ChatMessage {
     /// (Phi-4-mini's) instead of from the `tools` variable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tools: Option<String>,
+    /// Images of the turn, each where it stands in `content`. A turn with images reaches the
+    /// template as content parts (`{"type": "image"}` and `{"type": "text", "text": …}`), as
+    /// transformers passes them; the bytes stay out of the template.
+    #[serde(skip)]
+    pub images: Vec<ChatImage>,
+}
+
+/// An image of a chat turn: its encoded bytes (PNG, JPEG, WebP…), undecoded, and the byte
+/// offset in the turn's text where it stands.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChatImage {
+    /// The file's bytes as the client sent them.
+    pub bytes: std::sync::Arc<[u8]>,
+    /// Where in `ChatMessage::content` it stands (a char boundary; `content.len()` = at the end).
+    pub at: usize,
+}
+
+impl std::fmt::Debug for ChatImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChatImage({} bytes at {})", self.bytes.len(), self.at)
+    }
 }
 
 impl ChatMessage {
@@ -47,8 +68,42 @@ impl ChatMessage {
             tool_call_id: None,
             name: None,
             tools: None,
+            images: Vec::new(),
         }
     }
+
+    /// The turn as the template sees it: content parts when it carries images (text between
+    /// them, an `{"type": "image"}` part where each stands), its plain fields otherwise.
+    fn for_template(&self) -> TemplateTurn<'_> {
+        if self.images.is_empty() {
+            return TemplateTurn::Plain(self);
+        }
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        let mut parts = Vec::new();
+        let mut from = 0;
+        let text_part = |text: &str| serde_json::json!({"type": "text", "text": text});
+        for image in &self.images {
+            let at = image.at.min(self.content.len());
+            if at > from {
+                parts.push(text_part(&self.content[from..at]));
+            }
+            parts.push(serde_json::json!({"type": "image"}));
+            from = from.max(at);
+        }
+        if from < self.content.len() {
+            parts.push(text_part(&self.content[from..]));
+        }
+        value["content"] = serde_json::Value::Array(parts);
+        TemplateTurn::Parts(value)
+    }
+}
+
+/// A turn handed to the template: as it is, or rewritten with content parts.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum TemplateTurn<'a> {
+    Plain(&'a ChatMessage),
+    Parts(serde_json::Value),
 }
 
 /// A conversation to render, with what the template may be given besides the messages.
@@ -159,6 +214,7 @@ impl ChatTemplate {
         if let serde_json::Value::Object(extra) = extra {
             vars.extend(extra.clone());
         }
+        let messages: Vec<TemplateTurn> = messages.iter().map(ChatMessage::for_template).collect();
         let ctx = minijinja::context! {
             messages => Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,

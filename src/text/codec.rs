@@ -279,6 +279,12 @@ impl TextCodec {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+
+    /// The vocabulary entry of `id` as written in text (special tokens included), e.g.
+    /// `<start_of_image>`; None for an id outside the vocabulary.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
 }
 
 /// `tool` (`{"type": "function", "function": {…}}`) with an empty description where it has none.

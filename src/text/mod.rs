@@ -12,7 +12,7 @@ pub mod rerank;
 pub mod stop;
 pub mod tools;
 
-pub use chat_template::{ChatMessage, ChatPrompt, ChatTemplate, TemplateError};
+pub use chat_template::{ChatImage, ChatMessage, ChatPrompt, ChatTemplate, TemplateError};
 pub use codec::TextCodec;
 pub use detokenizer::IncrementalDetokenizer;
 pub use grammar::{Constraint, GrammarCompiler, OutputConstraint};

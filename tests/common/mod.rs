@@ -151,6 +151,7 @@ impl ModelRunner {
             kv_lens,
             logits_rows: t(rows),
             fixed: None,
+            images: None,
         };
         self.model
             .forward(&batch, &mut self.kv)
@@ -209,7 +210,9 @@ pub fn token_request(
     let mut spec = mlxd::request::GenerationSpec::new(mlxd::request::Prompt::Tokens(prompt));
     spec.sampling = params;
     spec.max_tokens = mlxd::request::MaxTokens::Exactly(max_tokens);
-    mlxd::request::validate(spec, codec, &engine.info().request_limits(eos))
+    let mut limits = engine.info().request_limits("test", codec);
+    limits.eos_token_ids = eos.to_vec();
+    mlxd::request::validate(spec, codec, &limits)
 }
 
 /// The tokenizer side of a model folder.

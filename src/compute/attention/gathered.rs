@@ -36,6 +36,16 @@ struct SeqSpan {
     kv_start: usize,
     kv_len: usize,
     views: Vec<WindowView>,
+    /// Per query, the last position it sees (None: causal; see `ImageRows::last_visible`).
+    last_visible: Option<Vec<usize>>,
+}
+
+impl SeqSpan {
+    /// The last key position query `t` of the span sees.
+    fn last_key(&self, t: usize) -> usize {
+        let p = self.kv_len - self.q_len + t;
+        self.last_visible.as_ref().map_or(p, |l| l[t].clamp(p, self.kv_len - 1))
+    }
 }
 
 /// Per-forward bookkeeping of the gathered path, shared by all layers.
@@ -121,10 +131,11 @@ impl PrefillBatch {
                     out_rows.push((slot * max_q + t) as u32);
                 }
                 let p = span.kv_len - span.q_len + t;
+                let last = if real { span.last_key(t) } else { p };
                 mask.extend((0..max_visible).map(|jj| {
                     let key = kv_lo + jj;
                     let seen = if real {
-                        jj < visible(i) && key <= p && window.is_none_or(|w| p - key < w)
+                        jj < visible(i) && key <= last && (key > p || window.is_none_or(|w| p - key < w))
                     } else {
                         jj == 0
                     };
@@ -276,12 +287,19 @@ impl GatheredPlan {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let last_visible = batch.images.as_ref().map(|i| {
+                i.last_visible[q_start..q_start + q_len]
+                    .iter()
+                    .map(|&p| p as usize)
+                    .collect()
+            });
             spans.push(SeqSpan {
                 q_start,
                 q_len,
                 kv_start,
                 kv_len,
                 views,
+                last_visible,
             });
             q_start += q_len;
             kv_start += kv_len;
@@ -305,7 +323,7 @@ impl GatheredPlan {
                     .iter()
                     .any(|p| p.window == view.window && p.span_ids.contains(&i));
                 if !batched {
-                    view.mask = Some(view.shape.build(dtype, device)?);
+                    view.mask = Some(view.shape.build(span.last_visible.as_deref(), dtype, device)?);
                 }
             }
         }
@@ -341,8 +359,9 @@ struct MaskShape {
 
 impl MaskShape {
     /// Mask over keys `kv_lo..kv_len`: row `t * n_rep + r` is query position
-    /// `p = kv_len - q_len + t`, which sees key `j` iff `j <= p` and (with a window) `p - j < w`.
-    fn build(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+    /// `p = kv_len - q_len + t`, which sees key `j` iff `j <= p` and (with a window) `p - j < w`;
+    /// with `last_visible`, query `t` also sees the keys after it up to `last_visible[t]`.
+    fn build(&self, last_visible: Option<&[usize]>, dtype: DType, device: &Device) -> Result<Tensor> {
         let Self {
             q_len,
             kv_len,
@@ -354,9 +373,10 @@ impl MaskShape {
         let mut data = Vec::with_capacity(q_len * n_rep * width);
         for t in 0..q_len {
             let p = kv_len - q_len + t;
+            let last = last_visible.map_or(p, |l| l[t].clamp(p, kv_len - 1));
             let row: Vec<f32> = (kv_lo..kv_len)
                 .map(|j| {
-                    let visible = j <= p && window.is_none_or(|w| p - j < w);
+                    let visible = j <= last && (j > p || window.is_none_or(|w| p - j < w));
                     if visible {
                         0.0
                     } else {

@@ -38,6 +38,8 @@ pub struct HostPlan {
     slots: SlotWriter,
     context_slots: Vec<u32>,
     seqs: Vec<HostSeq>,
+    /// Per token row, the last position it sees (None: every row is causal).
+    last_visible: Option<Vec<u32>>,
 }
 
 impl HostPlan {
@@ -63,6 +65,7 @@ impl HostPlan {
             slots: SlotWriter::new(batch, dims)?,
             context_slots: batch.context_slots.to_vec1()?,
             seqs,
+            last_visible: batch.images.as_ref().map(|i| i.last_visible.clone()),
         }))
     }
 
@@ -234,13 +237,18 @@ impl<T: KvElement> Cache<'_, T> {
             let at = ((s.q_start + item.first_query + i) * num_heads + item.kv_head * n_rep) * hd;
             q.extend(q_all[at..at + n_rep * hd].iter().map(|x| x * scale));
         }
-        // Visible keys of query i: [lo, hi] (causal, optionally windowed).
+        // Visible keys of query i: [lo, hi] (causal, optionally windowed; an image's soft
+        // tokens also see the rest of their image).
         let bounds = |i: usize| {
             let pos = s.kv_len - s.q_len + item.first_query + i;
             let lo = self.opts.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            (lo, pos)
+            let hi = self.plan.last_visible.as_ref().map_or(pos, |last| {
+                (last[s.q_start + item.first_query + i] as usize).clamp(pos, s.kv_len - 1)
+            });
+            (lo, hi)
         };
-        let (first_key, last_key) = (bounds(0).0, bounds(item.queries - 1).1);
+        let first_key = bounds(0).0;
+        let last_key = (0..item.queries).map(|i| bounds(i).1).max().unwrap_or(0);
         // The softmax starts from the sinks (each a key with no value) or from nothing.
         let (mut max, mut sum) = match self.sinks {
             Some(sinks) => {

@@ -26,7 +26,12 @@ mod imp {
         /// The kernels' plan for `batch`, or None where they do not run (not CUDA, or heads
         /// wider than the kernels hold).
         pub fn plan(batch: &BatchInput, dims: HeadDims) -> Result<Option<Self>> {
-            if !runs_kernels(batch.slot_mapping.device()) || dims.head_dim > cuda::MAX_HEAD_DIM {
+            // The kernels are causal: a step with image soft tokens (bidirectional within an
+            // image) takes the gathered path.
+            if !runs_kernels(batch.slot_mapping.device())
+                || dims.head_dim > cuda::MAX_HEAD_DIM
+                || batch.images.is_some()
+            {
                 return Ok(None);
             }
             let plan = cuda::StepPlan::new(batch, dims.num_heads, dims.num_kv_heads)?;

@@ -237,6 +237,7 @@ mod tests {
             kv_lens: seqs.iter().map(|s| s.1).collect(),
             logits_rows: t(vec![0]),
             fixed: None,
+            images: None,
         }
     }
 

@@ -180,6 +180,7 @@ impl DecodeGraphs {
                 seqs: inputs.narrow(0, 4 * bucket, 4 * bucket)?.reshape((bucket, 4))?,
                 max_context: self.max_context,
             }),
+            images: None,
         })
     }
 

@@ -14,10 +14,10 @@ use super::{AnthropicError, AnthropicJson};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, RequestError, SamplingParams, Usage};
 use crate::server::openai::{choices, new_id};
-use crate::server::AppState;
+use crate::server::{images, AppState};
 use crate::text::grammar::OutputConstraint;
 use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
-use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
+use crate::text::{ChatImage, ChatMessage, ChatPrompt, ReasoningMode};
 
 /// Generates the assistant's next message, as one JSON object or Anthropic's event stream.
 #[utoipa::path(post, path = "/v1/messages", tag = "anthropic", request_body = MessagesRequest,
@@ -329,14 +329,20 @@ fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result
     };
     match m.role.as_str() {
         "user" => {
-            let mut text = String::new();
+            let (mut text, mut pictures) = (String::new(), Vec::new());
+            let user = |text: &mut String, pictures: &mut Vec<ChatImage>| {
+                let mut message = ChatMessage::new("user", std::mem::take(text));
+                message.images = std::mem::take(pictures);
+                message
+            };
             for (j, block) in blocks.iter().enumerate() {
                 let at = format!("{at}.content.{j}");
-                match read_block(block, &at, &["text", "tool_result"])? {
+                match read_block(block, &at, &["text", "image", "tool_result"])? {
                     Block::Text(t) => join(&mut text, &t),
+                    Block::Image(bytes) => pictures.push(images::chat_image(bytes, text.len())),
                     Block::ToolResult { id, content } => {
-                        if !text.is_empty() {
-                            out.push(ChatMessage::new("user", std::mem::take(&mut text)));
+                        if !text.is_empty() || !pictures.is_empty() {
+                            out.push(user(&mut text, &mut pictures));
                         }
                         let mut result = ChatMessage::new("tool", content);
                         result.tool_call_id = Some(id);
@@ -345,8 +351,8 @@ fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result
                     _ => unreachable!("read_block returns only the kinds asked for"),
                 }
             }
-            if !text.is_empty() || blocks.is_empty() {
-                out.push(ChatMessage::new("user", text));
+            if !text.is_empty() || !pictures.is_empty() || blocks.is_empty() {
+                out.push(user(&mut text, &mut pictures));
             }
         }
         "assistant" => {
@@ -359,7 +365,9 @@ fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result
                     Block::ToolUse { id, name, input } => calls.push(json!({
                         "id": id, "type": "function", "function": {"name": name, "arguments": input},
                     })),
-                    Block::ToolResult { .. } => unreachable!("read_block returns only the kinds asked for"),
+                    Block::ToolResult { .. } | Block::Image(_) => {
+                        unreachable!("read_block returns only the kinds asked for")
+                    }
                 }
             }
             let mut message = ChatMessage::new("assistant", text);
@@ -383,6 +391,43 @@ fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result
     Ok(())
 }
 
+/// The bytes of an image block's `source`: `{"type": "base64", "media_type": …, "data": …}`.
+/// URL and file sources are refused: mlxd fetches nothing and keeps no files.
+fn image_source(source: Option<&Value>, at: &str) -> Result<Vec<u8>, AnthropicError> {
+    let invalid = |message: String| AnthropicError::invalid(at, format!("{at}: {message}"));
+    let Some(source) = source.and_then(Value::as_object) else {
+        return Err(invalid("Field required (an object)".into()));
+    };
+    match source.get("type").and_then(Value::as_str) {
+        Some("base64") => {}
+        Some(other) => {
+            return Err(invalid(format!(
+                "'{other}' sources are not supported (only base64: mlxd fetches no URLs)"
+            )))
+        }
+        None => return Err(invalid("type: Field required".into())),
+    }
+    if let Some(key) = source
+        .keys()
+        .find(|k| !["type", "media_type", "data"].contains(&k.as_str()))
+    {
+        return Err(invalid(format!("{key}: Extra inputs are not permitted")));
+    }
+    match source.get("media_type").and_then(Value::as_str) {
+        Some("image/png" | "image/jpeg" | "image/webp" | "image/gif") => {}
+        other => {
+            return Err(invalid(format!(
+                "media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp', got {other:?}"
+            )))
+        }
+    }
+    let data = source
+        .get("data")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("data: Field required (a string)".into()))?;
+    images::from_base64(data).map_err(|e| invalid(format!("data {e}")))
+}
+
 /// Appends a block's text to what came before, a blank line between them.
 fn join(text: &mut String, more: &str) {
     if !text.is_empty() && !more.is_empty() {
@@ -394,9 +439,18 @@ fn join(text: &mut String, more: &str) {
 /// One content block of the conversation, read.
 enum Block {
     Text(String),
+    /// An image's bytes (a base64 source).
+    Image(Vec<u8>),
     Thinking(String),
-    ToolUse { id: String, name: String, input: Value },
-    ToolResult { id: String, content: String },
+    ToolUse {
+        id: String,
+        name: String,
+        input: Value,
+    },
+    ToolResult {
+        id: String,
+        content: String,
+    },
 }
 
 /// Reads a content block of one of the `allowed` types; every key it carries is used or
@@ -413,7 +467,7 @@ fn read_block(block: &Value, at: &str, allowed: &[&str]) -> Result<Block, Anthro
         return Err(AnthropicError::invalid(
             &format!("{at}.type"),
             format!(
-                "{at}.type: '{kind}' blocks are not accepted here (expected one of {}; images and documents are not supported)",
+                "{at}.type: '{kind}' blocks are not accepted here (expected one of {}; documents are not supported)",
                 allowed.join(", ")
             ),
         ));
@@ -421,6 +475,7 @@ fn read_block(block: &Value, at: &str, allowed: &[&str]) -> Result<Block, Anthro
     let known: &[&str] = match kind {
         "text" => &["type", "text", "cache_control", "citations"],
         "thinking" => &["type", "thinking", "signature", "cache_control"],
+        "image" => &["type", "source", "cache_control"],
         // `caller` (who made the call) and `toolset_name` (an MCP toolset) only label it.
         "tool_use" => &["type", "id", "name", "input", "cache_control", "caller", "toolset_name"],
         _ => &[
@@ -445,6 +500,7 @@ fn read_block(block: &Value, at: &str, allowed: &[&str]) -> Result<Block, Anthro
     };
     Ok(match kind {
         "text" => Block::Text(string("text")?),
+        "image" => Block::Image(image_source(obj.get("source"), &format!("{at}.source"))?),
         "thinking" => Block::Thinking(string("thinking")?),
         "tool_use" => {
             let input = obj.get("input").cloned().unwrap_or(Value::Null);

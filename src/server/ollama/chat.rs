@@ -10,8 +10,8 @@ use super::reply::{Reply, ReplyKind};
 use super::types::{ChatRequest, ChatResponse};
 use super::{OllamaError, OllamaJson};
 use crate::request::Prompt;
-use crate::server::{fit, AppState};
-use crate::text::ChatMessage;
+use crate::server::{fit, images, AppState};
+use crate::text::{ChatImage, ChatMessage};
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
@@ -62,17 +62,13 @@ fn to_template_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, OllamaErr
                     ROLES.join(", ")
                 )));
             }
-            if m.images.as_ref().is_some_and(|i| !i.is_empty()) {
-                return Err(OllamaError::bad_request(
-                    "images are not supported: this model has no vision input",
-                ));
-            }
             if let Some(name) = m.unknown.keys().next() {
                 return Err(OllamaError::bad_request(format!(
                     "unsupported field 'messages[{i}].{name}': this server does not implement it"
                 )));
             }
             let mut message = ChatMessage::new(m.role.clone(), m.content.clone());
+            message.images = images_before_text(m.images.as_deref(), &format!("messages[{i}].images"))?;
             message.reasoning_content = m.thinking.clone();
             message.name = m.tool_name.clone();
             if let Some(calls) = &m.tool_calls {
@@ -97,6 +93,19 @@ fn to_template_messages(req: &ChatRequest) -> Result<Vec<ChatMessage>, OllamaErr
                 message.tool_call_id = unanswered.pop_front();
             }
             Ok(message)
+        })
+        .collect()
+}
+
+/// Ollama's `images` of a turn (bare base64), standing before its text as Ollama places them.
+pub(super) fn images_before_text(images: Option<&[String]>, at: &str) -> Result<Vec<ChatImage>, OllamaError> {
+    images
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .map(|(j, data)| {
+            let bytes = images::from_base64(data).map_err(|e| OllamaError::bad_request(format!("{at}[{j}] {e}")))?;
+            Ok(images::chat_image(bytes, 0))
         })
         .collect()
 }

@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::response::Response;
 
+use super::chat::images_before_text;
 use super::options::{chat_prompt, to_spec};
 use super::reply::{Reply, ReplyKind};
 use super::types::{GenerateRequest, GenerateResponse};
@@ -26,11 +27,6 @@ pub async fn generate(
     let model = state
         .ollama_model(&req.common.model, req.common.keep_alive.as_ref())
         .await?;
-    if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
-        return Err(OllamaError::bad_request(
-            "images are not supported: this model has no vision input",
-        ));
-    }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(OllamaError::bad_request(format!(
             "{} does not support insert (it has no fill-in-the-middle template)",
@@ -67,6 +63,11 @@ fn prompt_of(state: &AppState, model: &ModelLease, req: &GenerateRequest) -> Res
                 "think needs the chat template; it cannot be combined with raw",
             ));
         }
+        if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
+            return Err(OllamaError::bad_request(
+                "images need the chat template (they stand in a user turn); they cannot be combined with raw",
+            ));
+        }
         return Ok(Prompt::Text {
             text: req.prompt.clone(),
             add_special_tokens: true,
@@ -76,7 +77,9 @@ fn prompt_of(state: &AppState, model: &ModelLease, req: &GenerateRequest) -> Res
     if let Some(system) = req.system.as_ref().filter(|s| !s.is_empty()) {
         messages.push(ChatMessage::new("system", system.clone()));
     }
-    messages.push(ChatMessage::new("user", req.prompt.clone()));
+    let mut user = ChatMessage::new("user", req.prompt.clone());
+    user.images = images_before_text(req.images.as_deref(), "images")?;
+    messages.push(user);
     let mut chat = chat_prompt(messages, Vec::new(), &req.common, model)?;
     chat.reasoning = state.reasoning;
     Ok(Prompt::Chat(chat))

@@ -94,7 +94,8 @@ pub struct GenerateRequest {
     pub raw: bool,
     /// Token ids returned by a previous response; the new prompt continues them.
     pub context: Option<Vec<u32>>,
-    /// Base64 images (not supported).
+    /// Base64 images (PNG, JPEG, WebP, GIF) for a model with vision input; they stand before
+    /// the text.
     pub images: Option<Vec<String>>,
 }
 
@@ -106,7 +107,8 @@ pub struct Message {
     /// Text.
     #[serde(default)]
     pub content: String,
-    /// Base64 images (not supported).
+    /// Base64 images (PNG, JPEG, WebP, GIF) for a model with vision input; they stand before
+    /// the text.
     pub images: Option<Vec<String>>,
     /// An assistant turn's earlier thought.
     pub thinking: Option<String>,

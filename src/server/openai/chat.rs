@@ -22,11 +22,13 @@ use super::{
 use crate::output::{GeneratedToken, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage};
 use crate::server::error::{ApiError, AppJson};
-use crate::server::{fit, AppState};
+use crate::server::{fit, images, AppState};
 use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
 use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+/// The values of an image part's `detail`.
+const DETAILS: [&str; 3] = ["auto", "low", "high"];
 
 /// Generates the assistant's reply to a conversation (`n` of them), as one JSON object or an
 /// SSE stream.
@@ -183,18 +185,37 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
                     format!("unknown role '{}' (expected one of {})", m.role, ROLES.join(", ")),
                 ));
             }
+            let mut images = Vec::new();
             let content = match &m.content {
                 None => String::new(),
                 Some(MessageContent::Text(t)) => t.clone(),
                 Some(MessageContent::Parts(parts)) => {
                     let mut text = String::new();
-                    for p in parts {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => {
+                    for (j, p) in parts.iter().enumerate() {
+                        let at = format!("messages[{i}].content[{j}]");
+                        match (p.kind.as_str(), &p.text, &p.image_url) {
+                            ("text", Some(t), _) => text.push_str(t),
+                            ("image_url", _, Some(image)) => {
+                                if let Some(detail) = image.detail.as_deref().filter(|d| !DETAILS.contains(d)) {
+                                    return Err(ApiError::invalid(
+                                        &format!("{at}.image_url.detail"),
+                                        format!("unknown detail '{detail}' (expected one of {})", DETAILS.join(", ")),
+                                    ));
+                                }
+                                let bytes = images::from_data_url(&image.url)
+                                    .map_err(|e| ApiError::invalid(&format!("{at}.image_url.url"), e))?;
+                                images.push(images::chat_image(bytes, text.len()));
+                            }
+                            ("text" | "image_url", _, _) => {
+                                return Err(ApiError::invalid(
+                                    &at,
+                                    format!("a '{}' part needs its '{}' field", p.kind, p.kind),
+                                ))
+                            }
+                            (kind, _, _) => {
                                 return Err(ApiError::invalid(
                                     &format!("messages[{i}].content"),
-                                    format!("content part type '{kind}' is not supported (only text)"),
+                                    format!("content part type '{kind}' is not supported (expected text or image_url)"),
                                 ))
                             }
                         }
@@ -204,6 +225,7 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
             };
             let role = if m.role == "developer" { "system" } else { &m.role };
             let mut message = ChatMessage::new(role, content);
+            message.images = images;
             message.name = m.name.clone();
             message.tool_call_id = m.tool_call_id.clone();
             message.reasoning_content = m.reasoning_content.clone().or_else(|| m.reasoning.clone());

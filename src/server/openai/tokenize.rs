@@ -81,6 +81,13 @@ pub async fn tokenize(
             .map_err(|e| ApiError::invalid("prompt", e.0))?,
         (None, Some(messages)) => {
             let chat = crate::text::ChatPrompt::new(to_template_messages(&messages)?);
+            if chat.messages.iter().any(|m| !m.images.is_empty()) {
+                // The soft tokens are placed by validation, which /tokenize does not run.
+                return Err(ApiError::invalid(
+                    "messages",
+                    "image parts are not tokenized here; a chat request's usage counts them",
+                ));
+            }
             codec
                 .encode_chat(&chat)
                 .map_err(|e| ApiError::invalid("messages", e.0))?

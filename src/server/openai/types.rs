@@ -83,11 +83,24 @@ pub enum MessageContent {
 /// One part of a multi-part message.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ContentPart {
-    /// Part type (`text` is supported).
+    /// Part type: `text`, or `image_url` (models with vision input).
     #[serde(rename = "type")]
     pub kind: String,
     /// The text of a `text` part.
     pub text: Option<String>,
+    /// The image of an `image_url` part.
+    pub image_url: Option<ImageUrl>,
+}
+
+/// An `image_url` part's image.
+#[derive(Clone, Debug, Deserialize, ToSchema)]
+pub struct ImageUrl {
+    /// A base64 `data:` URL (`data:image/png;base64,…`; PNG, JPEG, WebP or GIF). Remote URLs
+    /// are refused.
+    pub url: String,
+    /// `auto`, `low` or `high`. Accepted for compatibility: every image is seen at the one
+    /// resolution the model's processor takes.
+    pub detail: Option<String>,
 }
 
 /// An input chat message.

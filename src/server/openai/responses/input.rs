@@ -10,9 +10,10 @@ use serde_json::{json, Value};
 use super::types::ResponsesRequest;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use crate::server::error::ApiError;
+use crate::server::images;
 use crate::server::openai::{reject_unknown_keys, response_constraint, tool_choice_word};
 use crate::text::tools::{ToolChoice, ToolSet};
-use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
+use crate::text::{ChatImage, ChatMessage, ChatPrompt, ReasoningMode};
 
 /// A request read: the spec to generate from, and what shapes the answer.
 pub struct Prepared {
@@ -248,7 +249,7 @@ impl ItemReader {
             "message" => {
                 let role = string("role")?;
                 let (role, parts): (&str, &[&str]) = match role.as_str() {
-                    "user" => ("user", &["input_text"]),
+                    "user" => ("user", &["input_text", "input_image"]),
                     "system" | "developer" => ("system", &["input_text"]),
                     "assistant" => ("assistant", &["output_text", "refusal", "input_text"]),
                     other => {
@@ -258,12 +259,14 @@ impl ItemReader {
                         ))
                     }
                 };
-                let text = content_text(obj.get("content"), parts)?;
+                let (text, images) = content_parts(obj.get("content"), parts)?;
                 if role == "assistant" {
                     let turn = self.assistant_turn(out, Part::Text);
                     join(&mut turn.content, &text);
                 } else {
-                    out.push(ChatMessage::new(role, text));
+                    let mut message = ChatMessage::new(role, text);
+                    message.images = images;
+                    out.push(message);
                 }
             }
             "reasoning" => {
@@ -358,23 +361,35 @@ pub fn seal_thought(thought: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("{THOUGHT_TAG}{thought}"))
 }
 
-/// Content as text: a string, or parts of the `allowed` types joined; images, files and audio
-/// are refused by name.
+/// Content as text: a string, or parts of the `allowed` types joined; files and audio are
+/// refused by name.
 fn content_text(content: Option<&Value>, allowed: &[&str]) -> Result<String, ApiError> {
+    Ok(content_parts(content, allowed)?.0)
+}
+
+/// Content as text and images: a string, or parts of the `allowed` types (`input_image`: a
+/// base64 `data:` URL, standing where it comes in the text); files and audio are refused by
+/// name.
+fn content_parts(content: Option<&Value>, allowed: &[&str]) -> Result<(String, Vec<ChatImage>), ApiError> {
     match content {
-        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::String(s)) => Ok((s.clone(), Vec::new())),
         Some(Value::Array(parts)) => {
             let mut text = String::new();
+            let mut pictures = Vec::new();
             for (j, part) in parts.iter().enumerate() {
                 let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
                 if !allowed.contains(&kind) {
                     return Err(ApiError::invalid(
                         &format!("content[{j}].type"),
                         format!(
-                            "content part type '{kind}' is not supported here (expected {}; images, files and audio are not supported)",
+                            "content part type '{kind}' is not supported here (expected {}; files and audio are not supported)",
                             allowed.join(" or ")
                         ),
                     ));
+                }
+                if kind == "input_image" {
+                    pictures.push(images::chat_image(input_image(part, j)?, text.len()));
+                    continue;
                 }
                 let known: &[&str] = match kind {
                     "output_text" => &["type", "text", "annotations", "logprobs"],
@@ -398,7 +413,7 @@ fn content_text(content: Option<&Value>, allowed: &[&str]) -> Result<String, Api
                 };
                 text.push_str(piece);
             }
-            Ok(text)
+            Ok((text, pictures))
         }
         None | Some(Value::Null) => Err(ApiError::invalid("content", "content is required")),
         Some(_) => Err(ApiError::invalid(
@@ -406,6 +421,41 @@ fn content_text(content: Option<&Value>, allowed: &[&str]) -> Result<String, Api
             "content must be a string or a list of parts",
         )),
     }
+}
+
+/// The bytes of an `input_image` part (the `j`th): its `image_url`, a base64 `data:` URL.
+fn input_image(part: &Value, j: usize) -> Result<Vec<u8>, ApiError> {
+    let at = |key: &str| format!("content[{j}].{key}");
+    if let Some(extra) = part.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| !["type", "image_url", "detail", "file_id"].contains(&k.as_str()))
+    }) {
+        return Err(ApiError::invalid(
+            &at(extra),
+            format!("unknown field '{extra}' of an input_image part"),
+        ));
+    }
+    if part.get("file_id").is_some_and(|f| !f.is_null()) {
+        return Err(ApiError::invalid(
+            &at("file_id"),
+            "file_id is not supported (this server keeps no files); send the image as a data: URL",
+        ));
+    }
+    match part.get("detail") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(d)) if ["auto", "low", "high"].contains(&d.as_str()) => {}
+        Some(other) => {
+            return Err(ApiError::invalid(
+                &at("detail"),
+                format!("detail must be auto, low or high, got {other}"),
+            ))
+        }
+    }
+    let url = part
+        .get("image_url")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::invalid(&at("image_url"), "an input_image part needs 'image_url' (a string)"))?;
+    images::from_data_url(url).map_err(|e| ApiError::invalid(&at("image_url"), e))
 }
 
 /// An error about a part renamed under the field it was found in.
@@ -720,8 +770,12 @@ mod tests {
     fn bad_items_are_refused_by_their_path() {
         let cases = [
             (
-                json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+                json!([{"role": "user", "content": [{"type": "input_file", "file_id": "x"}]}]),
                 "input[0].content[0].type",
+            ),
+            (
+                json!([{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]),
+                "input[0].content[0].image_url",
             ),
             (json!([{"role": "user", "content": "x", "extra": 1}]), "input[0].extra"),
             (

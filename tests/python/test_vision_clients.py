@@ -1,0 +1,107 @@
+"""Images through the official clients to the tiny Gemma 3 vision model of
+tests/data/gemma3_vision (make_fixtures.py): the OpenAI SDK's `image_url` data URL, the `ollama`
+package's `images` (it reads the file and base64-encodes it), the Anthropic SDK's base64 image
+block. Each answers transformers' greedy continuation of the same conversation (an image, then
+"Describe this picture."), and each SDK surfaces a bad image as its own 400 error."""
+
+import base64
+import json
+
+import anthropic
+import ollama
+import openai
+import pytest
+
+from conftest import ROOT, _start
+
+DATA = ROOT / "tests" / "data" / "gemma3_vision"
+REFS = json.loads((DATA / "refs" / "transformers-f32.json").read_text())
+IMAGE = DATA / "images" / "square64.png"
+TEXT = "Describe this picture."
+
+
+@pytest.fixture(scope="module")
+def vision_url():
+    yield from _start(["--served-model-name", "gemma3-vision"], model=DATA / "f32")
+
+
+@pytest.fixture(scope="module")
+def expected(vision_url):
+    """The first reference conversation's reply: transformers' greedy ids (checked through the
+    token ids chat completions report), as the server's text."""
+    one = REFS["sequences"][0]
+    assert one["name"] == "one_image" and one["messages"][0]["content"][1]["text"] == TEXT
+    client = openai.OpenAI(base_url=vision_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(
+        model="gemma3-vision", max_tokens=8, temperature=0, logprobs=True,
+        extra_body={"return_tokens_as_token_ids": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url()}},
+                                               {"type": "text", "text": TEXT}]}])
+    assert [int(t.token.split(":")[1]) for t in r.choices[0].logprobs.content] == one["greedy"]
+    return r.choices[0].message.content
+
+
+def data_url():
+    return "data:image/png;base64," + base64.b64encode(IMAGE.read_bytes()).decode()
+
+
+def test_openai_sdk_image_url(vision_url, expected):
+    """The plain SDK call (no logprobs) gives the same text."""
+    client = openai.OpenAI(base_url=vision_url + "/v1", api_key="unused")
+    r = client.chat.completions.create(
+        model="gemma3-vision",
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url()}},
+            {"type": "text", "text": TEXT},
+        ]}],
+        max_tokens=8,
+        temperature=0,
+    )
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(REFS["sequences"][0]["input_ids"])
+
+
+def test_ollama_package_images(vision_url, expected):
+    client = ollama.Client(host=vision_url)
+    r = client.chat(
+        model="gemma3-vision",
+        messages=[{"role": "user", "content": TEXT, "images": [str(IMAGE)]}],
+        options={"temperature": 0, "num_predict": 8},
+    )
+    assert r.message.content == expected
+    g = client.generate(model="gemma3-vision", prompt=TEXT, images=[IMAGE.read_bytes()],
+                        options={"temperature": 0, "num_predict": 8})
+    assert g.response == expected
+
+
+def test_anthropic_sdk_image_block(vision_url, expected):
+    client = anthropic.Anthropic(base_url=vision_url, api_key="unused")
+    r = client.messages.create(
+        model="gemma3-vision",
+        max_tokens=8,
+        extra_body={"temperature": 0},
+        messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(IMAGE.read_bytes()).decode()}},
+            {"type": "text", "text": TEXT},
+        ]}],
+    )
+    assert r.content[0].text == expected
+
+
+def test_each_sdk_sees_a_bad_image_as_a_400(vision_url):
+    garbage = base64.b64encode(b"these bytes are no picture").decode()
+    oa = openai.OpenAI(base_url=vision_url + "/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError, match="image 1 is not a PNG"):
+        oa.chat.completions.create(model="gemma3-vision", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + garbage}},
+            {"type": "text", "text": "hi"}]}])
+    with pytest.raises(ollama.ResponseError, match="image 1 is not a PNG") as e:
+        ollama.Client(host=vision_url).chat(model="gemma3-vision", messages=[
+            {"role": "user", "content": "hi", "images": [garbage]}])
+    assert e.value.status_code == 400
+    with pytest.raises(anthropic.BadRequestError, match="image 1 is not a PNG"):
+        anthropic.Anthropic(base_url=vision_url, api_key="unused").messages.create(
+            model="gemma3-vision", max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": garbage}},
+                {"type": "text", "text": "hi"}]}])

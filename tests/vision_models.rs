@@ -1,0 +1,397 @@
+//! Gemma 3 with images against transformers 5.25's float32 references
+//! (`tests/data/gemma3_vision/make_fixtures.py`): the processor's pixels, its prompt ids (the
+//! chat template's image places expanded to soft tokens), and every greedy step's full
+//! log-probabilities, for all prompts at once through the engine with chunked prefill (an
+//! image's soft tokens in one step) and again from the prefix cache; and the prefix cache
+//! keeping images apart by content.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use common::{engine_config, ids, max_abs_diff, read_json};
+use mlxd::engine::{EngineHandle, TokenEvent};
+use mlxd::request::{validate, GenerationSpec, MaxTokens, Prompt, RequestError, RequestLimits, SamplingParams};
+use mlxd::text::{ChatImage, ChatMessage, ChatPrompt, TextCodec};
+
+/// Two float32 implementations agree to ~1e-5; the fixture's greedy margins are ≥ 2e-3.
+const F32_TOL: f32 = 2e-4;
+/// The same with pixels resized by the `image` crate instead of PIL (measured: 6.5e-4 at most).
+const RESIZED_TOL: f32 = 1.5e-3;
+/// One 8-bit level after normalization (`2 / 255`), plus float slack.
+const ONE_LEVEL: f32 = 2.0 / 255.0 + 1e-6;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/gemma3_vision")
+}
+
+fn image_bytes(name: &str) -> Arc<[u8]> {
+    Arc::from(std::fs::read(fixture().join("images").join(format!("{name}.png"))).expect("image file"))
+}
+
+/// The reference's messages (content parts; images by file name) as template messages.
+fn messages(json: &serde_json::Value) -> Vec<ChatMessage> {
+    json.as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            let mut message = ChatMessage::new(m["role"].as_str().expect("role"), "");
+            for part in m["content"].as_array().expect("parts") {
+                match part["type"].as_str() {
+                    Some("text") => message.content.push_str(part["text"].as_str().expect("text")),
+                    _ => message.images.push(ChatImage {
+                        bytes: image_bytes(part["image"].as_str().expect("image name")),
+                        at: message.content.len(),
+                    }),
+                }
+            }
+            message
+        })
+        .collect()
+}
+
+/// A greedy request for `messages` reporting the whole vocabulary's log-probabilities at
+/// every step, `steps` long and never stopping early.
+fn greedy_spec(messages: Vec<ChatMessage>, steps: u32, vocab: usize) -> GenerationSpec {
+    let mut spec = GenerationSpec::new(Prompt::Chat(ChatPrompt::new(messages)));
+    spec.sampling = SamplingParams {
+        report_tokens: (0..vocab as u32).collect(),
+        ..SamplingParams::greedy()
+    };
+    spec.max_tokens = MaxTokens::Exactly(steps);
+    spec.ignore_eos = true;
+    spec
+}
+
+/// One request's tokens, each step's reported log-probabilities and its cached prompt tokens.
+struct Run {
+    tokens: Vec<u32>,
+    logprobs: Vec<Vec<f32>>,
+    cached: u32,
+}
+
+async fn run(engine: &EngineHandle, request: mlxd::request::ValidatedRequest) -> Run {
+    let mut stream = engine.submit(request).expect("submit");
+    let mut out = Run {
+        tokens: Vec::new(),
+        logprobs: Vec::new(),
+        cached: 0,
+    };
+    while let Some(ev) = stream.recv().await {
+        match ev {
+            TokenEvent::Scheduled { cached_tokens } => out.cached = cached_tokens,
+            TokenEvent::Token { id, logprobs } => {
+                out.tokens.push(id);
+                let reported = logprobs.expect("logprobs").reported;
+                out.logprobs.push(reported.iter().map(|t| t.logprob).collect());
+            }
+            TokenEvent::Finished { .. } => break,
+            TokenEvent::Error(e) => panic!("engine error: {e}"),
+            TokenEvent::Embedding(_) | TokenEvent::PromptLogprobs { .. } => {}
+        }
+    }
+    out
+}
+
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_sum = max + sum.ln() as f32;
+    logits.iter().map(|&x| x - log_sum).collect()
+}
+
+/// The engine over the fixture, with steps of at most 8 tokens in blocks of 4: prompts are
+/// prefilled in chunks, an image's 4 soft tokens straddle chunk and block boundaries.
+fn engine() -> (EngineHandle, TextCodec, RequestLimits) {
+    let mut cfg = engine_config(&fixture().join("f32"));
+    cfg.max_num_batched_tokens = Some(8);
+    cfg.block_size = 4;
+    cfg.max_model_len = Some(256);
+    let codec = common::codec(&cfg.model_path);
+    let (engine, _join) = EngineHandle::spawn(cfg).expect("engine");
+    let limits = engine.info().request_limits("gemma3-vision", &codec);
+    (engine, codec, limits)
+}
+
+#[tokio::test]
+async fn gemma3_with_images_matches_transformers_f32() {
+    let (engine, codec, limits) = engine();
+    assert!(limits.vision.is_some(), "the fixture loads as a vision model");
+    let refs = read_json(&fixture().join("refs/transformers-f32.json"));
+    let tensors = candle_core::safetensors::load(fixture().join("refs/transformers-f32.safetensors"), &Device::Cpu)
+        .expect("refs");
+    let steps = refs["greedy_steps"].as_u64().expect("steps") as u32;
+    let seqs = refs["sequences"].as_array().expect("sequences");
+    for round in 0..2 {
+        let mut runs = Vec::new();
+        for s in seqs {
+            let spec = greedy_spec(messages(&s["messages"]), steps, limits.vocab_size);
+            let request = validate(spec, &codec, &limits).expect("valid request");
+            assert_eq!(
+                request.prompt(),
+                ids(&s["input_ids"]).as_slice(),
+                "{}: prompt ids",
+                s["name"]
+            );
+            runs.push(run(&engine, request));
+        }
+        let runs = futures::future::join_all(runs).await;
+        for (s, got) in seqs.iter().zip(runs) {
+            let name = s["name"].as_str().expect("name");
+            assert_eq!(got.tokens, ids(&s["greedy"]), "{name} round {round}: greedy ids");
+            let want = tensors[&format!("{name}.step_logits")]
+                .to_vec2::<f32>()
+                .expect("logits");
+            // Pixels resized here differ from PIL's by a level or two (pixels_follow_the_
+            // processor); the logprobs follow by up to 7e-4. Images at the tower's size are
+            // the processor's exactly, and so are the logprobs.
+            let tol = if name == "one_image" { F32_TOL } else { RESIZED_TOL };
+            for (step, (got, want)) in got.logprobs.iter().zip(&want).enumerate() {
+                let diff = max_abs_diff(got, &log_softmax(want));
+                assert!(
+                    diff < tol,
+                    "{name} round {round} step {step}: logprobs differ by {diff}"
+                );
+            }
+            if round == 1 {
+                assert!(
+                    got.cached > 0,
+                    "{name}: the second round reads its prefix from the cache"
+                );
+            }
+        }
+    }
+}
+
+/// Pixels as the tower takes them: exactly the processor's when no resize is needed; through
+/// a resize within one level of PIL's bilinear (its integer passes round twice; measured: one
+/// level at most).
+#[test]
+fn pixels_follow_the_processor() {
+    let (_engine, _codec, limits) = engine();
+    let vision = limits.vision.expect("vision");
+    let tensors = candle_core::safetensors::load(fixture().join("refs/transformers-f32.safetensors"), &Device::Cpu)
+        .expect("refs");
+    for (name, tol) in [("square64", 1e-6), ("wide100x80", ONE_LEVEL), ("small40x30", ONE_LEVEL)] {
+        let got = vision.prepare(&image_bytes(name)).expect("decodes");
+        let want: &Tensor = &tensors[&format!("image.{name}.pixel_values")];
+        let want: Vec<f32> = want.flatten_all().and_then(|t| t.to_vec1()).expect("pixels");
+        let diff = max_abs_diff(&got.data, &want);
+        assert!(diff <= tol, "{name}: pixels differ by {diff}");
+    }
+}
+
+/// The prefix cache keys soft tokens by their image: the same conversation again reuses the
+/// image's KV; the same text with another image reuses nothing from the image on.
+#[tokio::test]
+async fn the_prefix_cache_tells_images_apart() {
+    let (engine, codec, limits) = engine();
+    let chat = |image: &str| {
+        let mut user = ChatMessage::new("user", "What is it?");
+        user.images.push(ChatImage {
+            bytes: image_bytes(image),
+            at: 0,
+        });
+        let spec = greedy_spec(vec![user], 2, 8);
+        validate(spec, &codec, &limits).expect("valid")
+    };
+    let first = chat("square64");
+    let image_start = first.into_parts().images[0].span.start as u32;
+    let prompt_len = chat("square64").prompt().len() as u32;
+    run(&engine, chat("square64")).await;
+    let again = run(&engine, chat("square64")).await;
+    assert!(
+        again.cached >= prompt_len - 4,
+        "same image: {} of {prompt_len} cached",
+        again.cached
+    );
+    let other = run(&engine, chat("small40x30")).await;
+    assert!(
+        other.cached <= image_start,
+        "another image: {} cached, its image starts at {image_start}",
+        other.cached
+    );
+}
+
+fn invalid_message(e: RequestError) -> String {
+    match e {
+        RequestError::Invalid { message, .. } => message,
+        other => panic!("expected an invalid field, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_images_are_refused_before_the_engine() {
+    let (_engine, codec, limits) = engine();
+    let with_images = |images: Vec<Arc<[u8]>>, text: &str| {
+        let mut user = ChatMessage::new("user", text);
+        user.images = images.into_iter().map(|bytes| ChatImage { bytes, at: 0 }).collect();
+        validate(greedy_spec(vec![user], 2, 8), &codec, &limits)
+    };
+    let err = invalid_message(with_images(vec![Arc::from(&b"not a picture"[..])], "hi").unwrap_err());
+    assert!(err.contains("image 1 is not a PNG"), "{err}");
+    let many = vec![image_bytes("square64"); mlxd::engine::MAX_IMAGES_PER_REQUEST + 1];
+    let err = invalid_message(with_images(many, "hi").unwrap_err());
+    assert!(err.contains("takes at most"), "{err}");
+    let err = invalid_message(with_images(vec![image_bytes("square64")], "see <image_soft_token>").unwrap_err());
+    assert!(err.contains("image token"), "{err}");
+    let err = invalid_message(with_images(vec![image_bytes("square64")], "see <start_of_image>").unwrap_err());
+    assert!(err.contains("marks 2 image places"), "{err}");
+
+    let text_only = common::repo_model();
+    let (plain, _join) = EngineHandle::spawn(engine_config(&text_only)).expect("engine");
+    let plain_codec = common::codec(&text_only);
+    let plain_limits = plain.info().request_limits("stories260k", &plain_codec);
+    let mut user = ChatMessage::new("user", "hi");
+    user.images.push(ChatImage {
+        bytes: image_bytes("square64"),
+        at: 0,
+    });
+    let err = invalid_message(validate(greedy_spec(vec![user], 2, 8), &plain_codec, &plain_limits).unwrap_err());
+    assert!(err.contains("model `stories260k` has no vision input"), "{err}");
+}
+
+/// The fixture's first reference conversation (an image, then text) sent through each API
+/// over HTTP: every one answers with transformers' greedy continuation; a text-only model
+/// answers each in its own error shape, naming itself.
+#[tokio::test]
+async fn every_api_takes_images() {
+    use base64::Engine as _;
+    let refs = read_json(&fixture().join("refs/transformers-f32.json"));
+    let one = &refs["sequences"][0];
+    assert_eq!(one["name"], "one_image");
+    let greedy = ids(&one["greedy"]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(image_bytes("square64"));
+    let text = "Describe this picture.";
+    let mut cfg = engine_config(&fixture().join("f32"));
+    cfg.max_model_len = Some(256);
+    let server = common::TestServer::start(cfg).await;
+    let openai = serde_json::json!({
+        "model": "stories260k", "temperature": 0, "max_tokens": 8,
+        "logprobs": true, "return_tokens_as_token_ids": true,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{b64}"), "detail": "auto"}},
+            {"type": "text", "text": text}]}],
+    });
+    let (status, body) = server.post_json("/v1/chat/completions", openai.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let tokens: Vec<u32> = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .map(|t| {
+            t["token"]
+                .as_str()
+                .and_then(|t| t.strip_prefix("token_id:"))
+                .expect("an id")
+                .parse()
+                .expect("id")
+        })
+        .collect();
+    assert_eq!(tokens, greedy, "OpenAI: transformers' greedy ids");
+    // The other APIs give the same text (the ids decoded as every API streams them).
+    let want = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    let ollama = serde_json::json!({
+        "model": "stories260k", "stream": false, "options": {"temperature": 0, "num_predict": 8},
+        "messages": [{"role": "user", "content": text, "images": [b64]}],
+    });
+    let (status, body) = server.post_json("/api/chat", ollama.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["message"]["content"], want.as_str(), "Ollama chat");
+    let generate = serde_json::json!({
+        "model": "stories260k", "stream": false, "prompt": text, "images": [b64],
+        "options": {"temperature": 0, "num_predict": 8},
+    });
+    let (status, body) = server.post_json("/api/generate", generate).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], want.as_str(), "Ollama generate");
+    let mut prompt_and_reply = ids(&one["input_ids"]);
+    prompt_and_reply.extend(&greedy);
+    assert_eq!(
+        ids(&body["context"]),
+        prompt_and_reply,
+        "Ollama generate: the prompt as transformers' processor makes it"
+    );
+    let anthropic = serde_json::json!({
+        "model": "stories260k", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},
+            {"type": "text", "text": text}]}],
+    });
+    let (status, body) = server.post_json("/v1/messages", anthropic.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["content"][0]["text"], want.as_str(), "Anthropic");
+
+    let responses = serde_json::json!({
+        "model": "stories260k", "temperature": 0, "max_output_tokens": 8,
+        "input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": format!("data:image/png;base64,{b64}")},
+            {"type": "input_text", "text": text}]}],
+    });
+    let (status, body) = server.post_json("/v1/responses", responses).await;
+    assert_eq!(status, 200, "{body}");
+    let message = body["output"]
+        .as_array()
+        .expect("output")
+        .iter()
+        .find(|item| item["type"] == "message")
+        .expect("a message item");
+    assert_eq!(message["content"][0]["text"], want.as_str(), "Responses");
+
+    // Wrappers each API refuses in its own shape.
+    let mut remote = openai.clone();
+    remote["messages"][0]["content"][0]["image_url"]["url"] = "https://example.com/cat.png".into();
+    let (status, body) = server.post_json("/v1/chat/completions", remote).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "messages[0].content[0].image_url.url", "{body}");
+    let mut garbled = ollama.clone();
+    garbled["messages"][0]["images"][0] = "%%%".into();
+    let (status, body) = server.post_json("/api/chat", garbled).await;
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().expect("error").contains("base64"), "{body}");
+    let mut not_png = openai.clone();
+    not_png["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,aGVsbG8=".into();
+    let (status, body) = server.post_json("/v1/chat/completions", not_png).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("image 1 is not a PNG"),
+        "{body}"
+    );
+    let (free, total) = server.wait_pool_all_free().await;
+    assert_eq!(free, total, "every block is free again");
+
+    let plain = common::TestServer::start(engine_config(&common::repo_model())).await;
+    let (status, body) = plain.post_json("/v1/chat/completions", openai).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("has no vision input"),
+        "{body}"
+    );
+    let (status, body) = plain.post_json("/api/chat", ollama).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"].as_str().expect("error").contains("has no vision input"),
+        "{body}"
+    );
+    let (status, body) = plain.post_json("/v1/messages", anthropic).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["type"], "error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("has no vision input"),
+        "{body}"
+    );
+}
