@@ -391,6 +391,48 @@ def data_refs(refs_dir, name):
     return seqs
 
 
+def vision(name, server, sequences, tol, images_dir):
+    """Gemma 3 with images (tests/data/gemma3_vision): every reference conversation at once
+    through chat completions, each image a data: URL; greedy ids against transformers' and the
+    first step's top-20 logprobs relative to the top token (bf16 checks only the ids up to a
+    near-tie)."""
+    import base64
+
+    def chat(s):
+        messages = []
+        for m in s["messages"]:
+            parts = []
+            for c in m["content"]:
+                if c["type"] == "text":
+                    parts.append(c)
+                else:
+                    with open(f"{images_dir}/{c['image']}.png", "rb") as f:
+                        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+                    parts.append({"type": "image_url", "image_url": {"url": url}})
+            messages.append({"role": m["role"], "content": parts})
+        body = {"messages": messages, "max_tokens": len(s["greedy_ids"]), "temperature": 0, "ignore_eos": True,
+                "logprobs": True, "top_logprobs": 20, "return_tokens_as_token_ids": True}
+        req = urllib.request.Request(server.base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            content = json.load(r)["choices"][0]["logprobs"]["content"]
+        ids = [int(t["token"].split(":")[1]) for t in content]
+        tops = [{int(a["token"].split(":")[1]): a["logprob"] for a in t["top_logprobs"]} for t in content]
+        return ids, tops
+
+    with ThreadPoolExecutor(len(sequences)) as pool:
+        results = list(pool.map(chat, sequences))
+    worst, bad = 0.0, []
+    for s, (ids, tops) in zip(sequences, results):
+        top20 = s["last_logits_top20"]
+        worst = max(worst, relative_diff(tops[0], top20["ids"], top20["values"]))
+        step = first_divergence(ids, s["greedy_ids"], s["greedy_top2_margins"], tol)
+        if step is not None:
+            bad.append(f"{s['name']} diverges at step {step}")
+    ok = worst <= tol and not bad
+    return ok, f"{'PASS' if ok else 'FAIL'} {name}: max relative logit diff {worst:.2e} (tol {tol:.1e}) {' '.join(bad)}"
+
+
 def quant_tolerance(fx, kind):
     """The largest top-2 margin (of either run) at the first step where llama.cpp's main run
     and its dequantized-f32 run of a `kind` file part ways, over every family."""
@@ -512,6 +554,13 @@ def main():
     # gpt-oss: attention sinks in the paged kernel; MXFP4 experts (the folder's `_blocks` and
     # the GGUF's type 39) dequantized once on a GPU, so the same arithmetic as transformers'
     # dequantized run and llama.cpp's run of the dequantized file.
+    # Images: the SigLIP tower and projector on the device, the soft tokens' bidirectional
+    # attention in the gathered path.
+    root = f"{here}/../data/gemma3_vision"
+    vision_refs = [dict(s, greedy_ids=s["greedy"]) for s in data_refs(f"{root}/refs", "transformers-f32")]
+    for dtype, tol in [("f32", F32_TOL), ("bf16", 0.3)]:
+        run(f"gemma3 vision safetensors {dtype}", f"{root}/f32", ["--dtype", dtype], vision_refs, tol,
+            check=lambda name, server, seqs, tol: vision(name, server, seqs, tol, f"{root}/images"))
     for variant, root, tie in [("dense", "gemma4/dense", 0.4), ("moe", "gemma4/moe", 1.0),
                                ("qwen3_moe", "moe/qwen3_moe", 0.15), ("mixtral", "moe/mixtral", 0.15),
                                ("gpt_oss", "gpt_oss", 0.15)]:
