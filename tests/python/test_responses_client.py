@@ -226,6 +226,8 @@ def test_logprobs_and_the_output_cap(client):
 def test_bad_requests_are_refused_by_name_and_the_server_serves_on(client):
     bad = [
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x"}]}]},
+         "input[0].content[0].image_url"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
          "input[0].content[0].type"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
         ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "nope"}]}, "input[0].arguments"),
