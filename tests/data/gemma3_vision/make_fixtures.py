@@ -10,7 +10,7 @@ transformers 5.25.0, torch 2.15.0 (CPU float32), pillow.
 The shape of Gemma 3 4B in small: a SigLIP tower (image 64, patch 16: 4×4 patches; hidden 32,
 2 heads, 2 layers, no head), the projector (2×2 average pool to 4 soft tokens per image, the
 soft-embedding RMSNorm, the input projection) and the Gemma 3 text fixture's decoder (hidden
-64, layers sliding/full, window 8). The tokenizer is the Gemma 3 fixture's (512 ids) with
+64, window 8) with Gemma 3's layer layout (five sliding layers, then a global one). The tokenizer is the Gemma 3 fixture's (512 ids) with
 `<start_of_image>` (512), `<end_of_image>` (513) and `<image_soft_token>` (514) added, and the
 real Gemma 3 chat template. Norms and the projector, which transformers initializes to
 constants, are randomized.
@@ -55,7 +55,12 @@ def text_config(shared):
             "query_pre_attn_scalar", "rms_norm_eps", "rope_theta", "rope_local_base_freq", "sliding_window",
             "layer_types", "hidden_activation", "max_position_embeddings"]
     args = {k: cfg[k] for k in keep}
-    return Gemma3TextConfig(vocab_size=515, num_hidden_layers=len(cfg["layer_types"]), **args)
+    # Gemma 3's own layout, five sliding layers to a global one: llama.cpp assumes it (its
+    # converter writes no layer types), so the GGUF copy is the same model.
+    args["layer_types"] = ["sliding_attention"] * 5 + ["full_attention"]
+    # Gemma 3 4B's query scale, the head width (the text fixture's 24 has no GGUF spelling).
+    args["query_pre_attn_scalar"] = args["head_dim"]
+    return Gemma3TextConfig(vocab_size=515, num_hidden_layers=6, **args)
 
 
 def tokenizer(shared, out):
