@@ -106,6 +106,8 @@ impl Default for ServerConfig {
 pub struct EngineSection {
     /// Model folder.
     pub model: Option<PathBuf>,
+    /// A GGUF model's vision tower: llama.cpp's mmproj file (for `model`, the first model).
+    pub mmproj: Option<PathBuf>,
     /// Compute device: auto, cpu, cuda, cuda:N, metal.
     pub device: String,
     /// Compute dtype: auto (f32 on CPU, bf16 on GPU), f32, f16 or bf16.
@@ -136,6 +138,7 @@ impl Default for EngineSection {
     fn default() -> Self {
         Self {
             model: None,
+            mmproj: None,
             device: "auto".into(),
             dtype: "auto".into(),
             kv_dtype: "auto".into(),

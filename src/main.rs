@@ -108,6 +108,10 @@ struct ModelArgs {
     /// the default model and is loaded at start.
     #[arg(long, short = 'm')]
     model: Vec<String>,
+    /// A GGUF model's vision tower, llama.cpp's mmproj file (Gemma 3's): the (first) model
+    /// then takes images. Ollama-store models bring theirs.
+    #[arg(long)]
+    mmproj: Option<PathBuf>,
     /// TOML configuration file (see config/mlxd.toml); flags override it.
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
@@ -302,6 +306,9 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if let Some(m) = args.model.first() {
         e.model = Some(PathBuf::from(m));
     }
+    if let Some(m) = &args.mmproj {
+        e.mmproj = Some(m.clone());
+    }
     if let Some(d) = &args.device {
         e.device = d.clone();
     }
@@ -343,10 +350,12 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     Ok(cfg)
 }
 
-/// Starts the engine thread (loading the model at `model_path`) and loads the tokenizer side.
+/// Starts the engine thread (loading the model at `model_path`, with its vision tower in
+/// `mmproj` if given) and loads the tokenizer side.
 fn start_engine(
     cfg: &Config,
     model_path: &Path,
+    mmproj: Option<&Path>,
 ) -> Result<(EngineHandle, std::thread::JoinHandle<()>, Arc<TextCodec>)> {
     if !model_path.is_dir() && !mlxd::formats::is_gguf(model_path) {
         bail!(
@@ -356,6 +365,7 @@ fn start_engine(
     }
     let engine_cfg = EngineConfig {
         model_path: model_path.to_path_buf(),
+        mmproj: mmproj.map(Path::to_path_buf),
         device: cfg.engine.device.parse()?,
         dtype: mlxd::device::parse_dtype(&cfg.engine.dtype),
         kv_dtype: mlxd::device::parse_dtype(&cfg.engine.kv_dtype),
@@ -387,6 +397,7 @@ fn catalog_sources(cfg: &Config, models: &[String], args: &CatalogArgs) -> Sourc
     };
     Sources {
         models,
+        mmproj: cfg.engine.mmproj.clone(),
         served_name: cfg.server.served_model_name.clone(),
         models_dir: args.models_dir.clone().or_else(|| cfg.server.models_dir.clone()),
         ollama_store: args
@@ -416,7 +427,8 @@ fn model_loader(cfg: Config) -> Loader {
                 }
             }
         }
-        let (engine, join, codec) = start_engine(&cfg, &entry.path).map_err(|e| format!("{e:#}"))?;
+        let (engine, join, codec) =
+            start_engine(&cfg, &entry.path, entry.mmproj.as_deref()).map_err(|e| format!("{e:#}"))?;
         let mut served = Served::new(entry.clone(), engine, codec, Some(join));
         served.pooling = cfg
             .server
@@ -662,7 +674,7 @@ async fn bench(args: BenchArgs) -> Result<()> {
 async fn run(args: RunArgs) -> Result<()> {
     let cfg = load_config(&args.model)?;
     let path = cfg.engine.model.clone().context("no model given (--model PATH)")?;
-    let (engine, join, codec) = start_engine(&cfg, &path)?;
+    let (engine, join, codec) = start_engine(&cfg, &path, cfg.engine.mmproj.as_deref())?;
     let mut spec = GenerationSpec::new(Prompt::Text {
         text: args.prompt.clone(),
         add_special_tokens: true,

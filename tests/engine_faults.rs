@@ -44,6 +44,7 @@ fn faulty_loader() -> ModelLoader {
     Box::new(|cfg, device| {
         let model = mlxd::models::load(
             &cfg.model_path,
+            None,
             device,
             cfg.dtype.unwrap_or(candle_core::DType::F32),
             &mlxd::formats::LoadProgress::hidden(),

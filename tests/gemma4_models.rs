@@ -249,10 +249,16 @@ fn a_gguf_s_gemma4_tokenizer_encodes_as_its_source_folder() {
 
 /// Loads `path` on the CPU in f32, for the error it gives.
 fn load_error(path: &std::path::Path) -> String {
-    mlxd::models::load(path, &Device::Cpu, DType::F32, &mlxd::formats::LoadProgress::hidden())
-        .err()
-        .expect("load error")
-        .to_string()
+    mlxd::models::load(
+        path,
+        None,
+        &Device::Cpu,
+        DType::F32,
+        &mlxd::formats::LoadProgress::hidden(),
+    )
+    .err()
+    .expect("load error")
+    .to_string()
 }
 
 /// A copy of the `variant`'s f32 folder in a fresh directory, its config edited by `edit`

@@ -353,6 +353,7 @@ fn quantized_folders_report_their_format_and_true_parameter_count() {
     let load = |folder: &str| {
         mlxd::models::load(
             &shared(&format!("fixtures/llama/{folder}")),
+            None,
             &Device::Cpu,
             DType::F32,
             &mlxd::formats::LoadProgress::hidden(),

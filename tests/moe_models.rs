@@ -161,10 +161,16 @@ fn mlx_4bit_folders_follow_mlx_lm_s_exact_dequantization() {
 
 /// Loads `path` on the CPU in f32, for the error it gives.
 fn load_error(path: &std::path::Path) -> String {
-    mlxd::models::load(path, &Device::Cpu, DType::F32, &mlxd::formats::LoadProgress::hidden())
-        .err()
-        .expect("load error")
-        .to_string()
+    mlxd::models::load(
+        path,
+        None,
+        &Device::Cpu,
+        DType::F32,
+        &mlxd::formats::LoadProgress::hidden(),
+    )
+    .err()
+    .expect("load error")
+    .to_string()
 }
 
 #[test]

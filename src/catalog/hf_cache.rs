@@ -48,5 +48,6 @@ pub fn resolve(hub: &Path, spec: &str) -> Option<CatalogEntry> {
         path: snapshot,
         origin: Origin::HuggingFace,
         ollama: None,
+        mmproj: None,
     })
 }

@@ -49,6 +49,8 @@ pub struct CatalogEntry {
     pub origin: Origin,
     /// What the Ollama manifest adds (parameters, system prompt, the blob's digest).
     pub ollama: Option<OllamaModel>,
+    /// A GGUF model's vision tower (`--mmproj`, or an Ollama manifest's projector layer).
+    pub mmproj: Option<PathBuf>,
 }
 
 /// Where to look.
@@ -56,6 +58,8 @@ pub struct CatalogEntry {
 pub struct Sources {
     /// `--model` values, in order (the first is the default model).
     pub models: Vec<String>,
+    /// `--mmproj`: the first `--model`'s vision tower.
+    pub mmproj: Option<PathBuf>,
     /// The name the first `--model` is served under (`--served-model-name`).
     pub served_name: Option<String>,
     /// `--models-dir`.
@@ -96,6 +100,9 @@ impl Catalog {
             if i == 0 {
                 if let Some(name) = &sources.served_name {
                     entry.name = name.clone();
+                }
+                if let Some(mmproj) = &sources.mmproj {
+                    entry.mmproj = Some(mmproj.clone());
                 }
             }
             entries.push(entry);
@@ -186,6 +193,7 @@ fn explicit(spec: &str, hf: Option<&Path>, store: Option<&Path>) -> Result<Catal
             path: path.to_path_buf(),
             origin: Origin::Path,
             ollama: None,
+            mmproj: None,
         });
     }
     if let Some(entry) = hf.and_then(|dir| hf_cache::resolve(dir, spec)) {
@@ -230,6 +238,7 @@ fn models_in_dir(dir: &Path) -> Result<Vec<CatalogEntry>, String> {
             path,
             origin: Origin::ModelsDir,
             ollama: None,
+            mmproj: None,
         })
         .collect())
 }
@@ -260,6 +269,7 @@ mod tests {
             path: PathBuf::from("/nowhere"),
             origin: Origin::Path,
             ollama: None,
+            mmproj: None,
         }
     }
 

@@ -13,6 +13,8 @@ const DEFAULT_NAMESPACE: &str = "library";
 const MODEL_LAYER: &str = "application/vnd.ollama.image.model";
 const PARAMS_LAYER: &str = "application/vnd.ollama.image.params";
 const SYSTEM_LAYER: &str = "application/vnd.ollama.image.system";
+/// A vision model's projector (llama.cpp's mmproj file), beside the model layer.
+const PROJECTOR_LAYER: &str = "application/vnd.ollama.image.projector";
 
 /// What a manifest adds to its GGUF blob.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -123,6 +125,7 @@ fn entry(root: &Path, manifest: &Path, name: String) -> Option<CatalogEntry> {
         path: weights,
         origin: Origin::Ollama,
         ollama: Some(OllamaModel { digest, params, system }),
+        mmproj: blob(PROJECTOR_LAYER).map(|(_, p)| p),
     })
 }
 

@@ -98,7 +98,8 @@ pub(crate) fn load_model(cfg: &EngineConfig, device: &Device) -> Result<Box<dyn 
         LoadProgress::hidden()
     };
     let dtype = cfg.dtype.unwrap_or_else(|| crate::device::default_dtype(device));
-    models::load(&cfg.model_path, device, dtype, &progress).map_err(|e| EngineError::Load(e.to_string()))
+    models::load(&cfg.model_path, cfg.mmproj.as_deref(), device, dtype, &progress)
+        .map_err(|e| EngineError::Load(e.to_string()))
 }
 
 /// Tokens per forward pass by default on the CPU. A step of N prompt tokens stalls every running

@@ -47,6 +47,8 @@ pub type ModelLoader = Box<dyn FnOnce(&EngineConfig, &Device) -> Result<Box<dyn 
 pub struct EngineConfig {
     /// Hugging Face model folder or GGUF file.
     pub model_path: PathBuf,
+    /// A GGUF model's vision tower (llama.cpp's mmproj file), if it takes images.
+    pub mmproj: Option<PathBuf>,
     /// The device the engine thread opens and owns.
     pub device: DeviceChoice,
     /// Compute dtype; None = the device's default (f32 on CPU, bf16 on GPU).

@@ -238,6 +238,9 @@ impl GgufStore {
 
     /// Maps a Hugging Face tensor name to the GGUF one.
     fn gguf_name(&self, hf: &str) -> Option<String> {
+        if self.arch == "clip" {
+            return clip_name(hf);
+        }
         // Gemma 4's layer tensors whose Hugging Face names have no `.weight`.
         if let Some((layer, leaf)) = hf.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) {
             let gguf = match leaf {
@@ -333,6 +336,48 @@ impl GgufStore {
 
     fn meta_f32(&self, key: &str) -> Option<f32> {
         self.header.metadata.get(key)?.to_f32().ok()
+    }
+
+    /// A `clip` (mmproj) file's vision tower as Hugging Face's `vision_config` names it, with
+    /// `mm_tokens_per_image` and the processor's `image_mean` / `image_std`, for the vision
+    /// loader; None unless the file is a Gemma 3 projector.
+    pub fn clip_config(&self) -> Option<serde_json::Value> {
+        let projector = self.header.metadata.get("clip.projector_type")?.to_string().ok()?;
+        if self.arch != "clip" || projector != "gemma3" {
+            return None;
+        }
+        let u = |key: &str| self.meta_u64(&format!("clip.vision.{key}"));
+        let (image_size, patch_size) = (u("image_size")?, u("patch_size")?);
+        // llama.cpp writes the pooling only where it is not Gemma 3's 4 (tiny test models).
+        let pool = u("projector.scale_factor").unwrap_or(4).max(1);
+        let per_side = image_size / patch_size.max(1) / pool;
+        let floats = |key: &str| -> Option<Vec<f32>> {
+            let values = self.header.metadata.get(&format!("clip.vision.{key}"))?.to_vec().ok()?;
+            values.iter().map(|v| v.to_f32().ok()).collect()
+        };
+        Some(serde_json::json!({
+            "vision_config": {
+                "hidden_size": u("embedding_length")?,
+                "intermediate_size": u("feed_forward_length")?,
+                "num_hidden_layers": u("block_count")?,
+                "num_attention_heads": u("attention.head_count")?,
+                "image_size": image_size,
+                "patch_size": patch_size,
+                "layer_norm_eps": self.meta_f32("clip.vision.attention.layer_norm_epsilon").unwrap_or(1e-6),
+            },
+            "mm_tokens_per_image": per_side * per_side,
+            "image_mean": floats("image_mean").unwrap_or_else(|| vec![0.5; 3]),
+            "image_std": floats("image_std").unwrap_or_else(|| vec![0.5; 3]),
+        }))
+    }
+
+    /// The id of the vocabulary entry `token` (`tokenizer.ggml.tokens`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        let tokens = self.header.metadata.get("tokenizer.ggml.tokens")?.to_vec().ok()?;
+        tokens
+            .iter()
+            .position(|t| t.to_string().is_ok_and(|s| s == token))
+            .map(|i| i as u32)
     }
 
     /// The Hugging Face `config.json` equivalent of the metadata, so the family spec
@@ -594,6 +639,41 @@ impl GgufStore {
 
 /// The expert and projection named by a layer module `mlp.experts.E.gate_proj` (Qwen-MoE),
 /// `block_sparse_moe.experts.E.w1` (Mixtral) or `experts.E.gate_up_proj` (Gemma 4).
+/// The mmproj name (llama.cpp's `clip` files) of a Gemma 3 vision tensor's Hugging Face name
+/// (`vision_tower.vision_model.*`, `multi_modal_projector.*`).
+fn clip_name(hf: &str) -> Option<String> {
+    if let Some(rest) = hf.strip_prefix("multi_modal_projector.") {
+        return match rest {
+            "mm_input_projection_weight" => Some("mm.input_projection.weight".into()),
+            "mm_soft_emb_norm.weight" => Some("mm.soft_emb_norm.weight".into()),
+            _ => None,
+        };
+    }
+    let rest = hf.strip_prefix("vision_tower.vision_model.")?;
+    let (stem, suffix) = rest.rsplit_once('.')?;
+    let mapped = match stem {
+        "embeddings.patch_embedding" => "v.patch_embd".to_string(),
+        "embeddings.position_embedding" => "v.position_embd".to_string(),
+        "post_layernorm" => "v.post_ln".to_string(),
+        _ => {
+            let (layer, module) = stem.strip_prefix("encoder.layers.")?.split_once('.')?;
+            let module = match module {
+                "layer_norm1" => "ln1",
+                "layer_norm2" => "ln2",
+                "self_attn.q_proj" => "attn_q",
+                "self_attn.k_proj" => "attn_k",
+                "self_attn.v_proj" => "attn_v",
+                "self_attn.out_proj" => "attn_out",
+                "mlp.fc1" => "ffn_up",
+                "mlp.fc2" => "ffn_down",
+                _ => return None,
+            };
+            format!("v.blk.{layer}.{module}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
 fn expert_parts(module: &str) -> Option<(usize, &str)> {
     let rest = module
         .strip_prefix("mlp.experts.")

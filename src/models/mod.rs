@@ -105,11 +105,24 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 12] = [
     "Phi3ForCausalLM",
 ];
 
-/// Loads a model: a Hugging Face folder, or a `.gguf` file, onto `device`, computing in
-/// `dtype` (GGUF models compute in f32).
-pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
+/// Loads a model: a Hugging Face folder, or a `.gguf` file with its vision tower in an
+/// `mmproj` file beside it (llama.cpp's `--mmproj`), onto `device`, computing in `dtype`
+/// (GGUF models compute in f32).
+pub fn load(
+    path: &Path,
+    mmproj: Option<&Path>,
+    device: &Device,
+    dtype: DType,
+    progress: &LoadProgress,
+) -> Result<Box<dyn Model>, LoadError> {
     if is_gguf(path) {
-        return load_gguf(path, device, progress);
+        return load_gguf(path, mmproj, device, progress);
+    }
+    if let Some(mmproj) = mmproj {
+        return Err(LoadError::Unsupported(format!(
+            "--mmproj {}: a projector file goes with a GGUF model; a Hugging Face folder brings its own tower",
+            mmproj.display()
+        )));
     }
     let (cfg, raw_config, weights, summary) = open_hf(path)?;
     check_quantization_supported(&raw_config)?;
@@ -118,7 +131,8 @@ pub fn load(path: &Path, device: &Device, dtype: DType, progress: &LoadProgress)
     let spec = family_spec(&cfg, &vb)?;
     let vision = match model_config.architecture.as_str() {
         "Gemma3ForConditionalGeneration" => {
-            vision::VisionEncoder::load_gemma3(&vb, &cfg, &model_config.hf_config, path)?
+            let source = vision::Gemma3Vision::from_folder(&vb, &model_config.hf_config, path)?;
+            vision::VisionEncoder::load_gemma3(&source, cfg.hidden_size)?
         }
         _ => None,
     };
@@ -213,14 +227,23 @@ fn open_gguf(
     Ok((store, cfg, raw, summary))
 }
 
-fn load_gguf(path: &Path, device: &Device, progress: &LoadProgress) -> Result<Box<dyn Model>, LoadError> {
+fn load_gguf(
+    path: &Path,
+    mmproj: Option<&Path>,
+    device: &Device,
+    progress: &LoadProgress,
+) -> Result<Box<dyn Model>, LoadError> {
     let dtype = DType::F32;
     let (store, cfg, raw_config, summary) = open_gguf(path, device)?;
     let malformed = |e: candle_core::Error| LoadError::Malformed {
         file: path.display().to_string(),
         reason: e.to_string(),
     };
-    let model_config = model_config(&cfg, dtype, store.num_params(), summary, raw_config);
+    let mut model_config = model_config(&cfg, dtype, store.num_params(), summary, raw_config);
+    let vision = mmproj
+        .map(|mmproj| load_mmproj(mmproj, &store, cfg.hidden_size, device))
+        .transpose()?;
+    model_config.vision = vision.as_ref().map(|(_, facts)| facts.clone());
     let src = crate::formats::source::WeightSource::Gguf {
         store: store.clone(),
         path: String::new(),
@@ -235,7 +258,57 @@ fn load_gguf(path: &Path, device: &Device, progress: &LoadProgress) -> Result<Bo
     }
     let model = decoder::Decoder::load(src, &spec, model_config, progress).map_err(malformed)?;
     progress.finish();
-    Ok(Box::new(model))
+    Ok(Box::new(model.with_vision(vision.map(|(encoder, _)| encoder))))
+}
+
+/// The vision tower of an mmproj file (llama.cpp's `clip` GGUF) for the text model `text`:
+/// Gemma 3's projector only; its soft tokens' ids come from the text model's vocabulary.
+fn load_mmproj(
+    path: &Path,
+    text: &crate::formats::gguf::GgufStore,
+    text_hidden: usize,
+    device: &Device,
+) -> Result<(vision::VisionEncoder, vision::VisionFacts), LoadError> {
+    let malformed = |reason: String| LoadError::Malformed {
+        file: path.display().to_string(),
+        reason,
+    };
+    let store = std::sync::Arc::new(crate::formats::gguf::GgufStore::open(path, DType::F32, device)?);
+    let Some(config) = store.clip_config() else {
+        return Err(LoadError::Unsupported(format!(
+            "{}: the projector is not Gemma 3's (architecture `{}`; supported: clip files of projector type gemma3)",
+            path.display(),
+            store.arch()
+        )));
+    };
+    if text.arch() != "gemma3" {
+        return Err(LoadError::Unsupported(format!(
+            "{}: a Gemma 3 projector needs a gemma3 model, not `{}`",
+            path.display(),
+            text.arch()
+        )));
+    }
+    let token = |t: &str| {
+        text.token_id(t)
+            .ok_or_else(|| malformed(format!("the model's vocabulary has no `{t}` for images")))
+    };
+    let weights = crate::formats::source::WeightSource::Gguf {
+        store: store.clone(),
+        path: String::new(),
+    };
+    let source = vision::Gemma3Vision {
+        weights: &weights,
+        config: &config,
+        normalization: vision::normalization(&config)?,
+        tokens: [
+            token("<image_soft_token>")?,
+            token("<start_of_image>")?,
+            token("<end_of_image>")?,
+        ],
+        norm_unit_offset: false,
+    };
+    vision::VisionEncoder::load_gemma3(&source, text_hidden)?
+        .ok_or_else(|| malformed("no vision tower (v.patch_embd.weight)".into()))
 }
 
 fn model_config(

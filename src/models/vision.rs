@@ -11,7 +11,6 @@ use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::LayerNorm;
 use serde_json::Value;
 
-use super::config::HfConfig;
 use crate::compute::layers::{Linear, RmsNorm};
 use crate::formats::source::WeightSource;
 use crate::formats::LoadError;
@@ -58,15 +57,49 @@ pub struct VisionEncoder {
     projector: Gemma3Projector,
 }
 
+/// Where a Gemma 3 tower comes from: its weights (under Hugging Face names), its
+/// `vision_config` and `mm_tokens_per_image` as config.json spells them, the processor's
+/// normalization, and the ids of its tokens.
+pub struct Gemma3Vision<'a> {
+    /// The weights: a folder's, or an mmproj file's through its names.
+    pub weights: &'a WeightSource,
+    /// `{"vision_config": {…}, "mm_tokens_per_image": …}`.
+    pub config: &'a Value,
+    /// Mean, deviation and rescale factor of the pixels.
+    pub normalization: ([f32; 3], [f32; 3], f32),
+    /// The soft token's id, and the ids that open and close an image.
+    pub tokens: [u32; 3],
+    /// The soft-embedding norm's weight is stored as `w` (transformers) rather than `1 + w`
+    /// (llama.cpp's mmproj files).
+    pub norm_unit_offset: bool,
+}
+
+impl<'a> Gemma3Vision<'a> {
+    /// The tower of a Hugging Face folder `dir` (its config.json `raw`, its processor's files).
+    pub fn from_folder(weights: &'a WeightSource, raw: &'a Value, dir: &Path) -> std::result::Result<Self, LoadError> {
+        let id = |key: &str, default: u64| raw[key].as_u64().unwrap_or(default) as u32;
+        Ok(Self {
+            weights,
+            config: raw,
+            normalization: processor_normalization(dir)?,
+            tokens: [
+                id("image_token_index", 262_144),
+                id("boi_token_index", 255_999),
+                id("eoi_token_index", 256_000),
+            ],
+            norm_unit_offset: true,
+        })
+    }
+}
+
 impl VisionEncoder {
-    /// The Gemma 3 tower and projector of the folder `dir`, and its processor's facts; None
-    /// when the checkpoint holds no tower (a text-only Gemma 3).
+    /// The Gemma 3 tower and projector of `source` for a decoder `text_hidden` wide, and its
+    /// processor's facts; None when the weights hold no tower (a text-only Gemma 3).
     pub fn load_gemma3(
-        vb: &WeightSource,
-        cfg: &HfConfig,
-        raw: &Value,
-        dir: &Path,
+        source: &Gemma3Vision,
+        text_hidden: usize,
     ) -> std::result::Result<Option<(Self, VisionFacts)>, LoadError> {
+        let vb = source.weights;
         let Some(tower_prefix) = TOWER_PREFIXES
             .iter()
             .find(|p| vb.contains_tensor(&format!("{p}.embeddings.patch_embedding.weight")))
@@ -77,6 +110,7 @@ impl VisionEncoder {
             .iter()
             .find(|p| vb.contains_tensor(&format!("{p}.mm_input_projection_weight")))
             .ok_or_else(|| malformed("a vision tower but no multi_modal_projector"))?;
+        let raw = source.config;
         let v = &raw["vision_config"];
         let dim = |key: &str, default: usize| v[key].as_u64().map_or(default, |n| n as usize);
         let shape = TowerShape {
@@ -115,31 +149,33 @@ impl VisionEncoder {
         }
         let load = || -> Result<Self> {
             let projector_vb = vb.pp(projector_prefix);
-            let projection = projector_vb.get((shape.hidden, cfg.hidden_size), "mm_input_projection_weight")?;
+            let projection = projector_vb.get((shape.hidden, text_hidden), "mm_input_projection_weight")?;
             Ok(Self {
                 tower: SiglipTower::load(&vb.pp(tower_prefix), shape)?,
                 projector: Gemma3Projector {
                     pool: side / per_side,
                     side,
-                    norm: projector_vb
-                        .pp("mm_soft_emb_norm")
-                        .rms_norm(shape.hidden, shape.eps, true)?,
+                    norm: projector_vb.pp("mm_soft_emb_norm").rms_norm(
+                        shape.hidden,
+                        shape.eps,
+                        source.norm_unit_offset,
+                    )?,
                     projection: Linear::from_dense(projection.t()?.contiguous()?, None)?,
                 },
             })
         };
         let encoder = load().map_err(|e| malformed(&e.to_string()))?;
-        let (mean, std, rescale) = processor_normalization(dir)?;
-        let id = |key: &str, default: u64| raw[key].as_u64().unwrap_or(default) as u32;
+        let (mean, std, rescale) = source.normalization;
+        let [image_token_id, begin_token_id, end_token_id] = source.tokens;
         let facts = VisionFacts {
             image_size: shape.image_size as u32,
             mean,
             std,
             rescale,
             tokens_per_image,
-            image_token_id: id("image_token_index", 262_144),
-            begin_token_id: id("boi_token_index", 255_999),
-            end_token_id: id("eoi_token_index", 256_000),
+            image_token_id,
+            begin_token_id,
+            end_token_id,
             padding: "\n\n",
         };
         Ok(Some((encoder, facts)))
@@ -170,6 +206,12 @@ fn processor_normalization(dir: &Path) -> std::result::Result<([f32; 3], [f32; 3
     let config = read("preprocessor_config.json")
         .or_else(|| read("processor_config.json").map(|p| p["image_processor"].clone()))
         .unwrap_or(Value::Null);
+    normalization(&config)
+}
+
+/// `image_mean`, `image_std` and `rescale_factor` of a processor configuration (SigLIP's 0.5,
+/// 0.5 and 1/255 where absent).
+pub fn normalization(config: &Value) -> std::result::Result<([f32; 3], [f32; 3], f32), LoadError> {
     let triple = |key: &str| -> std::result::Result<[f32; 3], LoadError> {
         match &config[key] {
             Value::Null => Ok([0.5; 3]),

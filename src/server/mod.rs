@@ -97,6 +97,7 @@ impl AppState {
             path: std::path::PathBuf::new(),
             origin: Origin::Path,
             ollama: None,
+            mmproj: None,
         };
         let served = Served::new(entry, engine, codec, None);
         Self::with_models(Arc::new(ModelRegistry::pinned(served)), admission_limit)

@@ -87,7 +87,7 @@ pub struct GreedyRun {
 impl ModelRunner {
     pub fn load(dir: &std::path::Path, dtype: DType, max_seqs: usize, max_len: usize) -> Self {
         let device = test_device();
-        let model = models::load(dir, &device, dtype, &LoadProgress::hidden()).expect("model loads");
+        let model = models::load(dir, None, &device, dtype, &LoadProgress::hidden()).expect("model loads");
         let c = model.config().clone();
         let block_size = 16;
         let blocks_per_seq = max_len.div_ceil(block_size);
@@ -238,6 +238,7 @@ pub fn test_device() -> Device {
 pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
     mlxd::engine::EngineConfig {
         model_path: model.to_path_buf(),
+        mmproj: None,
         device: test_device_choice(),
         dtype: Some(DType::F32),
         kv_dtype: None,

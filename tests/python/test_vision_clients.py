@@ -66,11 +66,11 @@ def test_ollama_package_images(vision_url, expected):
     r = client.chat(
         model="gemma3-vision",
         messages=[{"role": "user", "content": TEXT, "images": [str(IMAGE)]}],
-        options={"temperature": 0, "num_predict": 8},
+        options={"temperature": 0, "repeat_penalty": 1.0, "num_predict": 8},
     )
     assert r.message.content == expected
     g = client.generate(model="gemma3-vision", prompt=TEXT, images=[IMAGE.read_bytes()],
-                        options={"temperature": 0, "num_predict": 8})
+                        options={"temperature": 0, "repeat_penalty": 1.0, "num_predict": 8})
     assert g.response == expected
 
 
@@ -105,3 +105,36 @@ def test_each_sdk_sees_a_bad_image_as_a_400(vision_url):
             model="gemma3-vision", max_tokens=4, messages=[{"role": "user", "content": [
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": garbage}},
                 {"type": "text", "text": "hi"}]}])
+
+
+def test_an_ollama_store_model_with_a_projector_layer_takes_images(tmp_path):
+    """A manifest whose layers carry the mmproj file (`application/vnd.ollama.image.projector`)
+    beside the model, as `ollama pull gemma3` stores it: the model takes images. The same
+    model without the layer is text-only and says so."""
+    import hashlib
+
+    store = tmp_path / "ollama"
+
+    def blob(path):
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        (store / "blobs").mkdir(parents=True, exist_ok=True)
+        (store / "blobs" / f"sha256-{digest}").write_bytes(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    def manifest(tag, layers):
+        path = store / "manifests" / "registry.ollama.ai" / "library" / "gemma3" / tag
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"schemaVersion": 2, "layers": layers}))
+
+    model = {"mediaType": "application/vnd.ollama.image.model", **blob(DATA / "gguf" / "text-f32.gguf")}
+    projector = {"mediaType": "application/vnd.ollama.image.projector", **blob(DATA / "gguf" / "mmproj-f32.gguf")}
+    manifest("tiny", [model, projector])
+    manifest("tiny-text", [model])
+    for url in _start(["--ollama-models", str(store)], model="gemma3:tiny"):
+        client = ollama.Client(host=url)
+        ask = [{"role": "user", "content": TEXT, "images": [str(IMAGE)]}]
+        r = client.chat(model="gemma3:tiny", messages=ask, options={"temperature": 0, "num_predict": 4})
+        assert r.done and r.eval_count == 4 and r.prompt_eval_count > 4
+        with pytest.raises(ollama.ResponseError, match="model `gemma3:tiny-text` has no vision input"):
+            client.chat(model="gemma3:tiny-text", messages=ask)
