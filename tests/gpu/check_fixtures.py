@@ -49,6 +49,8 @@ ODD_BLOCK_ROWS_WHY = ("measured on an H100, candle's exact dequantizing kernels 
                       "edge of candle's kernels at these fixture-only widths, left to issue 23; the default pass "
                       "checks these files")
 F32_TOL = 2e-4
+#: The f32 tolerance of conversations whose images are resized (tests/vision_models.rs).
+RESIZED_TOL = 1.5e-3
 #: GGUF kinds whose dense matrices are of another kind (the experts are MXFP4 and are
 #: dequantized exactly on a GPU).
 QUANTIZED_AS = {"mxfp4_moe": "q8_0"}
@@ -425,11 +427,17 @@ def vision(name, server, sequences, tol, images_dir):
     worst, bad = 0.0, []
     for s, (ids, tops) in zip(sequences, results):
         top20 = s["last_logits_top20"]
-        worst = max(worst, relative_diff(tops[0], top20["ids"], top20["values"]))
+        diff = relative_diff(tops[0], top20["ids"], top20["values"])
+        # Images resized here differ from PIL's by a pixel level, which moves f32 logits by up
+        # to 8.2e-4 on the CPU too (tests/vision_models.rs): those are judged to RESIZED_TOL.
+        limit = max(tol, RESIZED_TOL) if s["name"] != "one_image" else tol
+        worst = max(worst, diff)
+        if diff > limit:
+            bad.append(f"{s['name']} differs by {diff:.2e} (tol {limit:.1e})")
         step = first_divergence(ids, s["greedy_ids"], s["greedy_top2_margins"], tol)
         if step is not None:
             bad.append(f"{s['name']} diverges at step {step}")
-    ok = worst <= tol and not bad
+    ok = not bad
     return ok, f"{'PASS' if ok else 'FAIL'} {name}: max relative logit diff {worst:.2e} (tol {tol:.1e}) {' '.join(bad)}"
 
 
