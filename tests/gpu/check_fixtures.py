@@ -156,10 +156,14 @@ def check(name, server, sequences, tol, margins_key="greedy_top2_margins", alter
 
 def batch_invariance(name, server, sequences):
     """The same request alone and among 7 others: identical tokens and logprobs (greedy), and
-    identical tokens for a seeded sampled request (temperature 1, seed 5)."""
+    identical tokens for a seeded sampled request (temperature 1, seed 5). Both from the
+    prefix cache (a first run warms it): a cold prefill computes the prompt's positions with
+    the tensor-core kernel, a cached prefix its last one with the decode kernel, which rounds
+    differently in half precision (issue 27's deterministic mode owns that difference)."""
     target = sequences[2]["prompt_ids"]
     others = [s["prompt_ids"] for s in sequences] + [s["prompt_ids"][:3] for s in sequences]
     others = others[:7]
+    server.complete(target)
     alone = server.complete(target)
     seeded_alone = server.sample(target)
     with ThreadPoolExecutor(16) as pool:

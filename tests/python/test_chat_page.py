@@ -99,6 +99,10 @@ def test_a_person_chats_stops_switches_models_and_comes_back(server, browser):
     model.select_option("qwen3")
     page.fill("#max_tokens", "")
     page.dispatch_event("#max_tokens", "change")
+    # Greedy, so the random model's reply is the one this test knows to run long (sampled, it
+    # sometimes ended before Stop could be seen).
+    page.fill("#temperature", "0")
+    page.dispatch_event("#temperature", "change")
     page.fill("#input", "Why is the sky blue?")
     page.press("#input", "Enter")
     thought = page.locator(".msg.assistant").last.locator(".thought")
