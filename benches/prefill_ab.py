@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """One greedy completion per prompt length against a server, printed as JSON (ids and the chosen
-tokens' logprobs), so two runs (e.g. MLXD_CUDA_PREFILL_KERNEL=0 and 1) can be compared.
+tokens' logprobs), so two runs (e.g. MLXD_CUDA_PREFILL_KERNEL=0 and the default) can be compared.
 
     python3 benches/prefill_ab.py --url http://127.0.0.1:8080 > a.json"""
 import argparse

@@ -35,12 +35,13 @@ status=0
 
 if [ "$MODE" = check ] || [ "$MODE" = all ]; then
   python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" --out "$OUT/check.txt" || status=1
+  # The bf16 fixtures again without the tensor-core prefill attention (every row on the
+  # scalar paged kernel, the fallback; benches/prefill_vs_f32.py compares the two against a
+  # float32 run on a bigger model).
+  MLXD_CUDA_PREFILL_KERNEL=0 python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" \
+    --only bf16 --out "$OUT/check-scalar-attention.txt" || status=1
   # The quantized GGUF files again with candle's exact dequantizing matmuls instead of its
   # q8_1-activation kernels, against llama.cpp's dequantized-f32 run: the same arithmetic.
-  # The bf16 fixtures again with the tensor-core prefill attention (opt-in until it passes
-  # here; benches/prefill_ab.py compares it with the default kernel on a bigger model).
-  MLXD_CUDA_PREFILL_KERNEL=1 python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" \
-    --only bf16 --out "$OUT/check-prefill-kernel.txt" || status=1
   MLXD_CUDA_FORCE_DMMV=1 python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" \
     --only gguf --out "$OUT/check-dmmv.txt" || status=1
 fi
