@@ -247,20 +247,6 @@ fn a_gguf_s_gemma4_tokenizer_encodes_as_its_source_folder() {
     );
 }
 
-/// Loads `path` on the CPU in f32, for the error it gives.
-fn load_error(path: &std::path::Path) -> String {
-    mlxd::models::load(
-        path,
-        None,
-        &Device::Cpu,
-        DType::F32,
-        &mlxd::formats::LoadProgress::hidden(),
-    )
-    .err()
-    .expect("load error")
-    .to_string()
-}
-
 /// A copy of the `variant`'s f32 folder in a fresh directory, its config edited by `edit`
 /// and its tensors filtered by `keep`.
 fn edited_copy(
@@ -293,7 +279,7 @@ fn uncovered_variants_and_missing_tensors_are_load_errors_naming_them() {
         |_| {},
         |name| !name.starts_with("model.language_model."),
     );
-    let err = load_error(&towers_only);
+    let err = common::load_error(&towers_only, None);
     assert!(
         err.contains("no Gemma 4 embedding") && err.contains("model.language_model"),
         "{err}"
@@ -310,7 +296,7 @@ fn uncovered_variants_and_missing_tensors_are_load_errors_naming_them() {
         },
         |_| true,
     );
-    assert!(load_error(&no_top_k).contains("top_k_experts"));
+    assert!(common::load_error(&no_top_k, None).contains("top_k_experts"));
     // An encoder variant, and a layer with no earlier layer of its type to read KV from.
     let encoder = edited_copy(
         "dense",
@@ -318,9 +304,9 @@ fn uncovered_variants_and_missing_tensors_are_load_errors_naming_them() {
         |c| c["use_bidirectional_attention"] = "all".into(),
         |_| true,
     );
-    assert!(load_error(&encoder).contains("use_bidirectional_attention"));
+    assert!(common::load_error(&encoder, None).contains("use_bidirectional_attention"));
     let all_shared = edited_copy("dense", "shared", |c| c["num_kv_shared_layers"] = 5.into(), |_| true);
-    assert!(load_error(&all_shared).contains("num_kv_shared_layers"));
+    assert!(common::load_error(&all_shared, None).contains("num_kv_shared_layers"));
     // A missing tensor: the per-layer input table, and one layer's stacked experts.
     let no_ple = edited_copy(
         "dense",
@@ -328,14 +314,14 @@ fn uncovered_variants_and_missing_tensors_are_load_errors_naming_them() {
         |_| {},
         |name| name != "model.embed_tokens_per_layer.weight",
     );
-    assert!(load_error(&no_ple).contains("model.embed_tokens_per_layer.weight"));
+    assert!(common::load_error(&no_ple, None).contains("model.embed_tokens_per_layer.weight"));
     let no_experts = edited_copy(
         "moe",
         "experts",
         |_| {},
         |name| name != "model.language_model.layers.2.experts.down_proj",
     );
-    let err = load_error(&no_experts);
+    let err = common::load_error(&no_experts, None);
     assert!(err.contains("experts.down_proj"), "{err}");
     for dir in [towers_only, no_top_k, encoder, all_shared, no_ple, no_experts] {
         std::fs::remove_dir_all(&dir).expect("cleanup");
@@ -384,7 +370,7 @@ fn gemma4_gguf_needs_its_rope_divisors_and_always_adds_bos() {
     let src = fixture("dense").join("gguf/dense-f32.gguf");
     let no_rope = dir.join("no-rope.gguf");
     rewritten_gguf(&src, &no_rope, "rope_freqs.weight", &[]);
-    assert!(load_error(&no_rope).contains("rope_freqs.weight"));
+    assert!(common::load_error(&no_rope, None).contains("rope_freqs.weight"));
     let no_bos = dir.join("no-bos.gguf");
     rewritten_gguf(
         &src,

@@ -110,7 +110,7 @@ fn a_moe_config_without_its_expert_count_is_a_load_error_naming_the_key() {
     config.as_object_mut().expect("object").remove("num_experts");
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
     std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).expect("weights");
-    let err = load_error(&dir);
+    let err = common::load_error(&dir, None);
     assert!(err.contains("num_experts"), "{err}");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
@@ -159,20 +159,6 @@ fn mlx_4bit_folders_follow_mlx_lm_s_exact_dequantization() {
     }
 }
 
-/// Loads `path` on the CPU in f32, for the error it gives.
-fn load_error(path: &std::path::Path) -> String {
-    mlxd::models::load(
-        path,
-        None,
-        &Device::Cpu,
-        DType::F32,
-        &mlxd::formats::LoadProgress::hidden(),
-    )
-    .err()
-    .expect("load error")
-    .to_string()
-}
-
 #[test]
 fn a_gguf_or_folder_with_an_expert_tensor_missing_is_a_load_error_naming_it() {
     use candle_core::quantized::gguf_file;
@@ -203,7 +189,7 @@ fn a_gguf_or_folder_with_an_expert_tensor_missing_is_a_load_error_naming_it() {
         &tensor_refs,
     )
     .expect("write");
-    let err = load_error(&gguf);
+    let err = common::load_error(&gguf, None);
     assert!(err.contains("blk.2.ffn_up_exps.weight"), "{err}");
     // A Hugging Face folder without one expert's tensor.
     let folder = dir.join("qwen3_moe");
@@ -216,7 +202,7 @@ fn a_gguf_or_folder_with_an_expert_tensor_missing_is_a_load_error_naming_it() {
         .filter(|(name, _)| name != "model.layers.1.mlp.experts.5.down_proj.weight")
         .collect();
     candle_core::safetensors::save(&kept, folder.join("model.safetensors")).expect("save");
-    let err = load_error(&folder);
+    let err = common::load_error(&folder, None);
     assert!(err.contains("model.layers.1.mlp.experts.5.down_proj.weight"), "{err}");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -290,6 +290,11 @@ fn bad_images_are_refused_before_the_engine() {
     assert!(err.contains("model `stories260k` has no vision input"), "{err}");
 }
 
+/// The message of an OpenAI-shaped error body.
+fn openai_message(body: &serde_json::Value) -> &str {
+    body["error"]["message"].as_str().expect("an error message")
+}
+
 /// The fixture's first reference conversation (an image, then text) sent through each API
 /// over HTTP: every one answers with transformers' greedy continuation; a text-only model
 /// answers each in its own error shape, naming itself.
@@ -395,26 +400,14 @@ async fn every_api_takes_images() {
     not_png["messages"][0]["content"][0]["image_url"]["url"] = "data:image/png;base64,aGVsbG8=".into();
     let (status, body) = server.post_json("/v1/chat/completions", not_png).await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .expect("message")
-            .contains("image 1 is not a PNG"),
-        "{body}"
-    );
+    assert!(openai_message(&body).contains("image 1 is not a PNG"), "{body}");
     let (free, total) = server.wait_pool_all_free().await;
     assert_eq!(free, total, "every block is free again");
 
     let plain = common::TestServer::start(engine_config(&common::repo_model())).await;
     let (status, body) = plain.post_json("/v1/chat/completions", openai).await;
     assert_eq!(status, 400);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .expect("message")
-            .contains("has no vision input"),
-        "{body}"
-    );
+    assert!(openai_message(&body).contains("has no vision input"), "{body}");
     let (status, body) = plain.post_json("/api/chat", ollama).await;
     assert_eq!(status, 400);
     assert!(
@@ -424,13 +417,7 @@ async fn every_api_takes_images() {
     let (status, body) = plain.post_json("/v1/messages", anthropic).await;
     assert_eq!(status, 400);
     assert_eq!(body["type"], "error");
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .expect("message")
-            .contains("has no vision input"),
-        "{body}"
-    );
+    assert!(openai_message(&body).contains("has no vision input"), "{body}");
 }
 
 /// `--mmproj` goes with a GGUF model, and only a Gemma 3 projector is read: anything else
@@ -438,18 +425,7 @@ async fn every_api_takes_images() {
 #[test]
 fn a_wrong_projector_fails_the_load_by_name() {
     let dir = fixture().join("gguf");
-    let load = |model: PathBuf, mmproj: PathBuf| {
-        mlxd::models::load(
-            &model,
-            Some(&mmproj),
-            &Device::Cpu,
-            candle_core::DType::F32,
-            &mlxd::formats::LoadProgress::hidden(),
-        )
-        .err()
-        .expect("refused")
-        .to_string()
-    };
+    let load = |model: PathBuf, mmproj: PathBuf| common::load_error(&model, Some(&mmproj));
     let err = load(fixture().join("f32"), dir.join("mmproj-f32.gguf"));
     assert!(err.contains("goes with a GGUF model"), "{err}");
     let err = load(dir.join("text-f32.gguf"), dir.join("text-f32.gguf"));

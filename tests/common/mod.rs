@@ -407,3 +407,11 @@ pub fn assert_follows_llama_cpp(refs: &std::path::Path, model: &std::path::Path,
         }
     }
 }
+
+/// Loads `path` (with `mmproj` beside it) on the CPU in f32, for the error it gives.
+pub fn load_error(path: &std::path::Path, mmproj: Option<&std::path::Path>) -> String {
+    models::load(path, mmproj, &Device::Cpu, DType::F32, &LoadProgress::hidden())
+        .err()
+        .expect("load error")
+        .to_string()
+}
