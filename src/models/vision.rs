@@ -182,10 +182,23 @@ impl VisionEncoder {
     }
 
     /// `[N, 3, size, size]` normalized pixels → `[N, tokens_per_image, hidden]` soft-token
-    /// embeddings, in the pixels' dtype.
+    /// embeddings, in the pixels' dtype. The images go through the tower in passes whose
+    /// attention scores stay within SCORES_BYTES (one 896² image of Gemma 3 a pass).
     pub fn encode(&self, pixels: &Tensor) -> Result<Tensor> {
-        let features = self.tower.forward(pixels)?;
-        self.projector.forward(&features)
+        self.encode_in_passes(pixels, self.tower.images_per_pass())
+    }
+
+    /// `encode`, `per_pass` images at a time.
+    fn encode_in_passes(&self, pixels: &Tensor, per_pass: usize) -> Result<Tensor> {
+        let n = pixels.dim(0)?;
+        let parts = (0..n)
+            .step_by(per_pass)
+            .map(|i| {
+                let features = self.tower.forward(&pixels.narrow(0, i, per_pass.min(n - i))?)?;
+                self.projector.forward(&features)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)
     }
 }
 
@@ -269,7 +282,17 @@ fn layer_norm(vb: &WeightSource, dim: usize, eps: f64) -> Result<LayerNorm> {
     Ok(LayerNorm::new(vb.get(dim, "weight")?, vb.get(dim, "bias")?, eps))
 }
 
+/// Most bytes of f32 attention scores one tower pass may hold (`[images · heads, patches,
+/// patches]`): bounds the memory a step with many images takes.
+const SCORES_BYTES: usize = 1 << 30;
+
 impl SiglipTower {
+    /// Images one pass takes within SCORES_BYTES (at least one).
+    fn images_per_pass(&self) -> usize {
+        let patches = (self.shape.image_size / self.shape.patch_size).pow(2);
+        (SCORES_BYTES / (self.shape.heads * patches * patches * 4)).max(1)
+    }
+
     fn load(vb: &WeightSource, shape: TowerShape) -> Result<Self> {
         let TowerShape {
             hidden,
@@ -388,5 +411,37 @@ impl Gemma3Projector {
         let normed = self.norm.forward(&pooled.reshape((n * tokens, width))?)?;
         let projected = self.projection.forward(&normed)?;
         projected.reshape((n, tokens, projected.dim(D::Minus1)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The Gemma 3 vision fixture's encoder (tests/data/gemma3_vision).
+    fn fixture_encoder() -> VisionEncoder {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/gemma3_vision/f32");
+        let raw: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("json");
+        let files = crate::formats::weights::WeightFiles::open(&dir, None).expect("weights");
+        let vb = WeightSource::Hf(files.var_builder(DType::F32, &Device::Cpu).expect("mmap"));
+        let source = Gemma3Vision::from_folder(&vb, &raw, &dir).expect("source");
+        VisionEncoder::load_gemma3(&source, 64)
+            .expect("loads")
+            .expect("a tower")
+            .0
+    }
+
+    #[test]
+    fn images_encoded_in_passes_equal_one_pass() -> Result<()> {
+        let encoder = fixture_encoder();
+        let pixels = Tensor::randn(0f32, 1.0, (3, 3, 64, 64), &Device::Cpu)?;
+        let whole = encoder.encode_in_passes(&pixels, 3)?;
+        let passes = encoder.encode_in_passes(&pixels, 2)?;
+        assert_eq!(whole.dims(), &[3, 4, 64]);
+        let diff = (whole - passes)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
     }
 }
