@@ -512,7 +512,13 @@ def main():
             run(f"{arch} mlx-q4 (dequantized) f32", f"{fx}/{arch}/mlx-q4", ["--dtype", "f32"],
                 mlx["sequences"] + mlx["batch"]["members"], F32_TOL)
     f32 = load(f"{fx}/qwen2/refs/transformers-f32.json")
-    for dtype in ["f32", "bf16"]:
+    # In bf16 a request alone and among others is the same only where every row takes the same
+    # kernel: with the tensor-core prefill on (the default), a step that prefills a long prompt
+    # computes its other rows without key splits, and the rounding differs (issue 27's
+    # deterministic mode is where bf16 batch invariance belongs). So bf16 is checked on the
+    # scalar kernel alone (test-gpu.sh's MLXD_CUDA_PREFILL_KERNEL=0 pass), f32 always.
+    scalar = os.environ.get("MLXD_CUDA_PREFILL_KERNEL") == "0"
+    for dtype in ["f32", "bf16"] if scalar else ["f32"]:
         run(f"qwen2 safetensors {dtype} batch invariance", f"{fx}/qwen2/f32", ["--dtype", dtype],
             f32["sequences"] + f32["batch"]["members"], 0.0,
             check=lambda name, server, seqs, _tol: batch_invariance(name, server, seqs))
