@@ -1,5 +1,5 @@
 //! Images inside the engine's steps: which rows of a step are image soft tokens (`ImagePlan`),
-//! and their embeddings from one pass of the vision encoder over every image the step needs
+//! and their embeddings from one call of the vision encoder over every image the step needs
 //! (each distinct image once, however many sequences carry it).
 
 use std::collections::HashMap;
@@ -63,7 +63,8 @@ impl ImagePlan {
         (!plan.rows.is_empty()).then_some(plan)
     }
 
-    /// Encodes the step's images in one pass and picks each soft-token row's embedding.
+    /// Encodes the step's images in one call (the tower takes them in as few passes as its
+    /// memory bound allows) and picks each soft-token row's embedding.
     pub fn encode(self, model: &dyn Model, device: &Device) -> Result<ImageRows> {
         let size = self.images[0].size as usize;
         let mut pixels = Vec::with_capacity(self.images.len() * 3 * size * size);
