@@ -431,3 +431,67 @@ fn a_wrong_projector_fails_the_load_by_name() {
     let err = load(dir.join("text-f32.gguf"), dir.join("text-f32.gguf"));
     assert!(err.contains("the projector is not Gemma 3's"), "{err}");
 }
+
+/// One greedy run of `messages` on a fresh engine whose prefix cache writes through to `dir`,
+/// shut down afterwards (flushing the disk tier): its tokens, the prompt tokens the disk tier
+/// gave back, the prompt's length and where its image starts.
+async fn run_on_disk_tier(dir: &std::path::Path, messages: Vec<ChatMessage>) -> (Vec<u32>, f64, usize, usize) {
+    let mut cfg = engine_config(&fixture().join("f32"));
+    cfg.block_size = 4;
+    cfg.max_model_len = Some(256);
+    cfg.kv_disk = Some(mlxd::engine::kv_disk::KvDiskConfig {
+        dir: dir.to_path_buf(),
+        max_bytes: 1 << 30,
+    });
+    let codec = common::codec(&cfg.model_path);
+    let (engine, join) = EngineHandle::spawn(cfg).expect("engine");
+    let limits = engine.info().request_limits("gemma3-vision", &codec);
+    let request = validate(greedy_spec(messages, 4, 8), &codec, &limits).expect("valid");
+    let (len, image_start) = (
+        request.prompt().len(),
+        request.clone().into_parts().images[0].span.start,
+    );
+    let tokens = run(&engine, request).await.tokens;
+    let metrics = engine.metrics().render(engine.stats());
+    let hits = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("mlxd_kv_disk_hits_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("disk hits metric");
+    engine.shutdown();
+    drop(engine);
+    join.join().expect("engine thread");
+    (tokens, hits, len, image_start)
+}
+
+/// The disk tier keys image blocks as memory does: after a restart the same image's KV comes
+/// back from disk and answers the same; another image with the same text gets no image block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_tier_keeps_images_apart_across_restarts() {
+    let dir = std::env::temp_dir().join(format!("mlxd-vision-disk-{}", std::process::id()));
+    let chat = |image: &str| {
+        let mut user = ChatMessage::new("user", "What is it?");
+        user.images.push(ChatImage {
+            bytes: image_bytes(image),
+            at: 0,
+        });
+        vec![user]
+    };
+    let (scratch, hits, len, _) = run_on_disk_tier(&dir, chat("square64")).await;
+    assert_eq!(hits, 0.0, "a fresh directory has nothing");
+    let (again, hits, ..) = run_on_disk_tier(&dir, chat("square64")).await;
+    assert_eq!(again, scratch, "the same answer from blocks read back");
+    // Every full block before the last prompt token (blocks of 4), the image's included.
+    assert_eq!(
+        hits as usize,
+        (len - 1) / 4 * 4,
+        "the image's blocks came back from disk"
+    );
+    let (_, hits, _, image_start) = run_on_disk_tier(&dir, chat("small40x30")).await;
+    assert_eq!(
+        hits as usize,
+        image_start / 4 * 4,
+        "another image: only the blocks before it"
+    );
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
