@@ -193,9 +193,15 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
                     let mut text = String::new();
                     for (j, p) in parts.iter().enumerate() {
                         let at = format!("messages[{i}].content[{j}]");
+                        // `cache_control` (Anthropic's caching hint, which proxies pass on)
+                        // asks nothing of a server whose prefix cache needs no hints.
+                        let mut unknown = p.unknown.clone();
+                        unknown.remove("cache_control");
+                        reject_unknown(&unknown, &format!("{at}."))?;
                         match (p.kind.as_str(), &p.text, &p.image_url) {
                             ("text", Some(t), _) => text.push_str(t),
                             ("image_url", _, Some(image)) => {
+                                reject_unknown(&image.unknown, &format!("{at}.image_url."))?;
                                 if let Some(detail) = image.detail.as_deref().filter(|d| !DETAILS.contains(d)) {
                                     return Err(ApiError::invalid(
                                         &format!("{at}.image_url.detail"),

@@ -90,6 +90,10 @@ pub struct ContentPart {
     pub text: Option<String>,
     /// The image of an `image_url` part.
     pub image_url: Option<ImageUrl>,
+    /// Any other field: refused by name.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: UnknownFields,
 }
 
 /// An `image_url` part's image.
@@ -101,6 +105,10 @@ pub struct ImageUrl {
     /// `auto`, `low` or `high`. Accepted for compatibility: every image is seen at the one
     /// resolution the model's processor takes.
     pub detail: Option<String>,
+    /// Any other field: refused by name.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: UnknownFields,
 }
 
 /// An input chat message.
