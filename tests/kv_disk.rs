@@ -76,12 +76,7 @@ async fn run_with(cfg: EngineConfig, prompt: &[u32]) -> (Vec<u32>, Usage, f64) {
             TokenEvent::Scheduled { .. } | TokenEvent::Embedding(_) | TokenEvent::PromptLogprobs { .. } => {}
         }
     }
-    let metrics = engine.metrics().render(engine.stats());
-    let hits = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("mlxd_kv_disk_hits_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("disk hits metric");
+    let hits = common::disk_hits(&engine);
     engine.shutdown();
     drop(engine);
     join.join().expect("engine thread");

@@ -466,12 +466,7 @@ async fn run_on_disk_tier(dir: &std::path::Path, messages: Vec<ChatMessage>) -> 
         request.clone().into_parts().images[0].span.start,
     );
     let tokens = run(&engine, request).await.tokens;
-    let metrics = engine.metrics().render(engine.stats());
-    let hits = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("mlxd_kv_disk_hits_total "))
-        .and_then(|v| v.parse().ok())
-        .expect("disk hits metric");
+    let hits = common::disk_hits(&engine);
     engine.shutdown();
     drop(engine);
     join.join().expect("engine thread");

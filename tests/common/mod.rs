@@ -415,3 +415,14 @@ pub fn load_error(path: &std::path::Path, mmproj: Option<&std::path::Path>) -> S
         .expect("load error")
         .to_string()
 }
+
+/// Prompt tokens `engine`'s disk tier has given back (`mlxd_kv_disk_hits_total`).
+pub fn disk_hits(engine: &mlxd::engine::EngineHandle) -> f64 {
+    engine
+        .metrics()
+        .render(engine.stats())
+        .lines()
+        .find_map(|l| l.strip_prefix("mlxd_kv_disk_hits_total "))
+        .and_then(|v| v.parse().ok())
+        .expect("disk hits metric")
+}
