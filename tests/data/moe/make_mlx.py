@@ -13,6 +13,10 @@ mlx-q4-exact.{json,safetensors}: the same 4-bit weights dequantized exactly (`ml
 and computed in float32 by mlx-lm: greedy ids and every step's logits. mlx-lm's own quantized
 compute of these experts runs only in float32 on a CPU (its gather_mm takes no bfloat16 there),
 where it equals the exact logits; the script checks that and keeps only the exact set.
+gpt-oss (`--out tests/data gpt_oss`): mlx-lm 0.32.2 reads transformers' stacked experts only
+in OpenAI's MXFP4 layout (rows = outputs), so the f32 folder is first rewritten in the layout
+its `sanitize` produces (`experts.<gate|up|down>_proj.weight` `[experts, out, in]`, gate and up
+split from their alternate columns, biases beside) and converted from there.
 `--mode mxfp4` makes <arch>/mlx-mxfp4/ instead (`--q-mode mxfp4`: every layer's codes E2M1 with
 an E8M0 scale per 32, the router affine 8-bit) and refs/mlx-mxfp4-exact.*.
 """
@@ -64,12 +68,41 @@ MODES = {
 }
 
 
+def sanitized_gpt_oss(src, dst):
+    """A copy of the gpt-oss folder `src` with its experts as mlx-lm's `sanitize` leaves them."""
+    from safetensors.numpy import load_file
+
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    weights = load_file(str(src / "model.safetensors"))
+    out = {}
+    for k, v in weights.items():
+        if k.endswith("experts.gate_up_proj"):  # [experts, hidden, 2·inner], gate/up alternating
+            base = k[: -len("gate_up_proj")]
+            out[base + "gate_proj.weight"] = np.ascontiguousarray(v[..., ::2].transpose(0, 2, 1))
+            out[base + "up_proj.weight"] = np.ascontiguousarray(v[..., 1::2].transpose(0, 2, 1))
+        elif k.endswith("experts.gate_up_proj_bias"):
+            base = k[: -len("gate_up_proj_bias")]
+            out[base + "gate_proj.bias"] = np.ascontiguousarray(v[..., ::2])
+            out[base + "up_proj.bias"] = np.ascontiguousarray(v[..., 1::2])
+        elif k.endswith("experts.down_proj"):  # [experts, inner, hidden]
+            out[k + ".weight"] = np.ascontiguousarray(v.transpose(0, 2, 1))
+        elif k.endswith("experts.down_proj_bias"):
+            out[k[: -len("_bias")] + ".bias"] = v
+        else:
+            out[k] = v
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+
+
 def build(arch, out, mode):
     name, q_args = MODES[mode]
     src, q4, refs = out / arch / "f32", out / arch / name, out / arch / "refs"
     scratch = out / arch / f"{name}-exact.tmp"
     for d in (q4, scratch):
         shutil.rmtree(d, ignore_errors=True)
+    if arch == "gpt_oss":
+        sanitized_gpt_oss(src, out / arch / "f32-mlx-layout.tmp")
+        src = out / arch / "f32-mlx-layout.tmp"
     convert(["--hf-path", str(src), "--mlx-path", str(q4), "-q", *q_args, "--dtype", "float32"])
     (q4 / "README.md").unlink(missing_ok=True)
     convert(["--hf-path", str(q4), "--mlx-path", str(scratch), "-d", "--dtype", "float32"])
@@ -89,6 +122,7 @@ def build(arch, out, mode):
     (refs / f"{name}-exact.json").write_text(json.dumps(meta) + "\n")
     save_file(exact_t, str(refs / f"{name}-exact.safetensors"))
     shutil.rmtree(scratch)
+    shutil.rmtree(out / arch / "f32-mlx-layout.tmp", ignore_errors=True)
     worst = max(float(np.abs(native_t[k] - exact_t[k]).max()) for k in exact_t)
     assert worst < 1e-3, f"{arch}: mlx-lm's quantized compute is {worst} from its exact dequantization"
     print(f"{arch}: mlx-lm quantized vs exact, largest logit difference {worst:.5f}")
