@@ -42,13 +42,18 @@ impl Linear {
         Self::Dense(candle_nn::Linear::new(weight, None))
     }
 
+    /// The layer's own bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(l) => l.bias(),
+            Self::Packed(_, b) | Self::Gguf(_, b) => b.as_ref(),
+        }
+    }
+
     /// Splits a fused projection by output rows (`qkv_proj`, `gate_up_proj`) into one layer
     /// per part, in order.
     pub fn split_rows(&self, sizes: &[usize]) -> Result<Vec<Linear>> {
-        let bias = match self {
-            Self::Dense(l) => l.bias(),
-            Self::Packed(_, b) | Self::Gguf(_, b) => b.as_ref(),
-        };
+        let bias = self.bias();
         let mut start = 0;
         sizes
             .iter()
@@ -93,13 +98,7 @@ impl Linear {
     /// are all dense, all packed alike or all GGUF blocks of one type. Biases are concatenated
     /// when every part has one.
     fn concat(parts: &[&Linear]) -> Result<Option<Linear>> {
-        let biases: Option<Vec<&Tensor>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::Dense(l) => l.bias(),
-                Self::Packed(_, b) | Self::Gguf(_, b) => b.as_ref(),
-            })
-            .collect();
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
         let dense: Option<Vec<&Tensor>> = parts
             .iter()
@@ -510,6 +509,24 @@ impl GatedMlp {
             down,
             activation,
         }
+    }
+
+    /// The layers whose output rows are `[gate | up]`: the fused one, or gate and up.
+    pub fn gate_up_parts(&self) -> Vec<&Linear> {
+        match &self.gate_up {
+            GateUp::Separate { gate, up } => vec![gate, up],
+            GateUp::Fused { gate_up, .. } => vec![gate_up],
+        }
+    }
+
+    /// The down projection.
+    pub fn down(&self) -> &Linear {
+        &self.down
+    }
+
+    /// The gate's activation.
+    pub fn activation(&self) -> Activation {
+        self.activation
     }
 
     /// Applies the MLP to `[T, hidden]`.
