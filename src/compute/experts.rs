@@ -9,7 +9,11 @@
 //! Outputs are added back in ascending expert order, as transformers does.
 //!
 //! The routing (softmax and top-k over a few experts per token) is decided on the host; on a
-//! GPU that is one small copy per layer, which keeps such steps out of CUDA graphs.
+//! GPU that is one small copy per layer, which keeps such steps out of CUDA graphs. With
+//! `MLXD_CUDA_GROUPED_EXPERTS=1` (`cuda::moe::grouped_experts`) a GPU's experts are instead
+//! stacked once at load (`cuda::moe::DeviceExperts`) and routing, grouping and the products all
+//! run on the device, inside graphs; layouts its kernels do not take (f32 or other quantized
+//! weights) keep the host routing.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -30,8 +34,12 @@ pub struct SparseMoe {
     router: Linear,
     router_norm: Option<RmsNorm>,
     expert_scales: Option<Vec<f32>>,
+    /// One MLP per expert; empty where `grouped` holds them.
     experts: Vec<GatedMlp>,
     routing: Routing,
+    /// The experts stacked on the GPU, where its kernels take them.
+    #[cfg(feature = "cuda")]
+    grouped: Option<crate::compute::cuda::moe::DeviceExperts>,
 }
 
 /// The rows routed to one expert and their weights.
@@ -42,15 +50,35 @@ struct ExpertRows {
 }
 
 impl SparseMoe {
-    /// A block over `experts` (one gated MLP each) chosen by `router` (`[num_experts, hidden]`).
-    pub fn new(router: Linear, experts: Vec<GatedMlp>, routing: Routing) -> Self {
-        Self {
+    /// A block over `experts` (one gated MLP each) chosen by `router` (`[num_experts, hidden]`);
+    /// where experts run grouped on a GPU whose kernels take them, they are stacked there and
+    /// the per-expert layers dropped.
+    pub fn new(router: Linear, experts: Vec<GatedMlp>, routing: Routing) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            use crate::compute::cuda::moe::{grouped_experts, DeviceExperts};
+            let grouped = match grouped_experts() {
+                true => DeviceExperts::stack(&experts, routing)?,
+                false => None,
+            };
+            let experts = if grouped.is_some() { Vec::new() } else { experts };
+            Ok(Self {
+                router,
+                router_norm: None,
+                expert_scales: None,
+                experts,
+                routing,
+                grouped,
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Ok(Self {
             router,
             router_norm: None,
             expert_scales: None,
             experts,
             routing,
-        }
+        })
     }
 
     /// The router reads its input through `norm` (Gemma 4: an RMSNorm whose scale folds in
@@ -62,9 +90,13 @@ impl SparseMoe {
 
     /// Each kept expert's weight is multiplied by its scale, after any renormalization
     /// (Gemma 4's `per_expert_scale`).
-    pub fn with_expert_scales(mut self, scales: Vec<f32>) -> Self {
+    pub fn with_expert_scales(mut self, scales: Vec<f32>) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Some(grouped) = &mut self.grouped {
+            grouped.set_scales(&scales)?;
+        }
         self.expert_scales = Some(scales);
-        self
+        Ok(self)
     }
 
     /// Applies the block to `x` (`[T, hidden]`), routed by the router's scores of
@@ -78,6 +110,10 @@ impl SparseMoe {
             Some(norm) => norm.forward(router_input)?,
             None => router_input.clone(),
         };
+        #[cfg(feature = "cuda")]
+        if let Some(grouped) = &self.grouped {
+            return grouped.forward(&self.router.forward(&router_input)?, x, self.routing);
+        }
         let scores: Vec<Vec<f32>> = self.router.forward(&router_input)?.to_dtype(DType::F32)?.to_vec2()?;
         let mut groups = route(&scores, self.experts.len(), self.routing)?;
         if let Some(scales) = &self.expert_scales {

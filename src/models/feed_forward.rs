@@ -125,7 +125,7 @@ fn gated_mlp([gate, up, down]: [Linear; 3], spec: MlpSpec, device: &Device) -> R
 pub(super) fn load_moe(vb: &WeightSource, spec: &MoeSpec, block: &str) -> Result<SparseMoe> {
     let block = vb.pp(block);
     let router = block.pp("gate").linear(spec.expert.hidden, spec.num_experts, false)?;
-    Ok(SparseMoe::new(router, expert_mlps(&block, spec)?, spec.routing))
+    SparseMoe::new(router, expert_mlps(&block, spec)?, spec.routing)
 }
 
 /// The experts under `block`, each a gated MLP of separate gate, up and down projections named
@@ -185,11 +185,9 @@ pub(super) fn load_moe_beside_dense(vb: &WeightSource, spec: &MoeSpec, rms_eps: 
         // mlx-lm's `experts.switch_glu.{gate,up,down}_proj`.
         expert_mlps(&experts, spec)?
     };
-    Ok(
-        SparseMoe::new(router.pp("proj").linear(h, e, false)?, mlps, spec.routing)
-            .with_router_norm(RmsNorm::new(scale.to_dtype(vb.dtype())?, rms_eps, false)?)
-            .with_expert_scales(expert_scales),
-    )
+    SparseMoe::new(router.pp("proj").linear(h, e, false)?, mlps, spec.routing)?
+        .with_router_norm(RmsNorm::new(scale.to_dtype(vb.dtype())?, rms_eps, false)?)
+        .with_expert_scales(expert_scales)
 }
 
 /// Loads gpt-oss's router and experts under `vb` (the layer), as `MoeLayout::Interleaved`
@@ -266,9 +264,5 @@ pub(super) fn load_interleaved_moe(vb: &WeightSource, spec: &MoeSpec) -> Result<
             .map(|((gate, up), down)| gated_mlp([gate, up, down], spec.expert, device))
             .collect::<Result<Vec<_>>>()?
     };
-    Ok(SparseMoe::new(
-        block.pp("router").linear(h, e, true)?,
-        mlps,
-        spec.routing,
-    ))
+    SparseMoe::new(block.pp("router").linear(h, e, true)?, mlps, spec.routing)
 }

@@ -954,3 +954,5 @@ INSTANTIATE_PREFILL(__nv_bfloat16, bf16)
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+#include "moe.cuh"

@@ -24,6 +24,8 @@ use super::batch::BatchInput;
 use super::paged_kv::LayerKv;
 use super::sampling::{DeviceSample, DeviceSampleRow};
 
+pub mod moe;
+
 mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
@@ -80,6 +82,7 @@ fn address(t: &Tensor) -> Result<u64> {
         CudaStorageSlice::F16(s) => (s.device_ptr(&stream).0, 2),
         CudaStorageSlice::BF16(s) => (s.device_ptr(&stream).0, 2),
         CudaStorageSlice::U32(s) => (s.device_ptr(&stream).0, 4),
+        CudaStorageSlice::U8(s) => (s.device_ptr(&stream).0, 1),
         _ => bail!("mlxd's CUDA kernels do not take {:?} tensors", t.dtype()),
     };
     Ok(base + (layout.start_offset() * size) as u64)
