@@ -40,6 +40,14 @@ if [ "$MODE" = check ] || [ "$MODE" = all ]; then
   # float32 run on a bigger model).
   MLXD_CUDA_PREFILL_KERNEL=0 python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" \
     --only bf16 --out "$OUT/check-scalar-attention.txt" || status=1
+  # The tests/data families (their labels carry the folder in parentheses) again with the
+  # experts grouped on the device (compute/cuda/moe.cuh, opt-in until this pass has run on a
+  # GPU): bf16 folders and Q8_0 GGUF experts against the same references, and a request alone
+  # and among 7 others in bf16 (on the scalar attention kernel, as qwen2's).
+  MLXD_CUDA_GROUPED_EXPERTS=1 python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" \
+    --only "(" --out "$OUT/check-grouped-experts.txt" || status=1
+  MLXD_CUDA_GROUPED_EXPERTS=1 MLXD_CUDA_PREFILL_KERNEL=0 python3 tests/gpu/check_fixtures.py --bin "$BIN" \
+    --fixtures "$SHARED/fixtures" --only "bf16 batch invariance" --out "$OUT/check-grouped-invariance.txt" || status=1
   # The quantized GGUF files again with candle's exact dequantizing matmuls instead of its
   # q8_1-activation kernels, against llama.cpp's dequantized-f32 run: the same arithmetic.
   MLXD_CUDA_FORCE_DMMV=1 python3 tests/gpu/check_fixtures.py --bin "$BIN" --fixtures "$SHARED/fixtures" \
