@@ -11,16 +11,27 @@ fn mlxd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mlxd"))
 }
 
-/// A copy of the repository model in a temp folder, for corrupting.
-fn model_copy(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mlxd-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    for entry in std::fs::read_dir(repo_model()).expect("model dir") {
+/// A fresh temp folder (removed when dropped) named for the test.
+fn temp_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("mlxd-cli-{name}-"))
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// A copy of the folder `src` in a temp folder (removed when dropped), for corrupting.
+fn folder_copy(src: &Path, name: &str) -> tempfile::TempDir {
+    let dir = temp_dir(name);
+    for entry in std::fs::read_dir(src).expect("source dir") {
         let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
     }
     dir
+}
+
+/// A copy of the repository model in a temp folder, for corrupting.
+fn model_copy(name: &str) -> tempfile::TempDir {
+    folder_copy(&repo_model(), name)
 }
 
 fn run_fails_with(model: &Path, needles: &[&str]) {
@@ -104,11 +115,11 @@ fn run_help_lists_no_serve_only_flags() {
 
 #[test]
 fn list_with_nothing_to_serve_says_where_it_looked() {
-    let empty = std::env::temp_dir().join(format!("mlxd-cli-empty-{}", std::process::id()));
-    std::fs::create_dir_all(&empty).expect("dir");
+    let empty_tmp = temp_dir("empty");
+    let empty = empty_tmp.path();
     let out = mlxd()
         .args(["list", "--models-dir"])
-        .arg(&empty)
+        .arg(empty)
         .arg("--ollama-models")
         .arg(empty.join("ollama"))
         .arg("--hf-cache")
@@ -125,9 +136,8 @@ fn list_with_nothing_to_serve_says_where_it_looked() {
 
 #[test]
 fn a_symlinked_model_in_models_dir_is_served_under_the_link_s_name() {
-    let dir = std::env::temp_dir().join(format!("mlxd-cli-links-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir_tmp = temp_dir("links");
+    let dir = dir_tmp.path();
     let target = std::fs::canonicalize(repo_model()).expect("model");
     std::os::unix::fs::symlink(&target, dir.join("tiny")).expect("link");
     std::os::unix::fs::symlink(&target, dir.join("tiny-again")).expect("link");
@@ -135,7 +145,7 @@ fn a_symlinked_model_in_models_dir_is_served_under_the_link_s_name() {
         .args(["list", "--model"])
         .arg(repo_model())
         .arg("--models-dir")
-        .arg(&dir)
+        .arg(dir)
         .arg("--ollama-models")
         .arg(dir.join("no-store"))
         .arg("--hf-cache")
@@ -158,58 +168,57 @@ fn missing_model_folder_is_a_clear_error() {
 
 #[test]
 fn missing_tokenizer_is_named() {
-    let dir = model_copy("notok");
+    let dir_tmp = model_copy("notok");
+    let dir = dir_tmp.path();
     std::fs::remove_file(dir.join("tokenizer.json")).expect("rm");
-    run_fails_with(&dir, &["tokenizer.json", "not found"]);
+    run_fails_with(dir, &["tokenizer.json", "not found"]);
 }
 
 #[test]
 fn malformed_config_is_named() {
-    let dir = model_copy("badcfg");
+    let dir_tmp = model_copy("badcfg");
+    let dir = dir_tmp.path();
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,").expect("write");
-    run_fails_with(&dir, &["config.json"]);
+    run_fails_with(dir, &["config.json"]);
 }
 
 #[test]
 fn truncated_weights_are_named() {
-    let dir = model_copy("trunc");
+    let dir_tmp = model_copy("trunc");
+    let dir = dir_tmp.path();
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).expect("read");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("write");
-    run_fails_with(&dir, &["model.safetensors"]);
+    run_fails_with(dir, &["model.safetensors"]);
 }
 
 #[test]
 fn unsupported_architecture_lists_the_supported_ones() {
-    let dir = model_copy("arch");
+    let dir_tmp = model_copy("arch");
+    let dir = dir_tmp.path();
     let cfg = std::fs::read_to_string(dir.join("config.json")).expect("read");
     std::fs::write(
         dir.join("config.json"),
         cfg.replace("LlamaForCausalLM", "MambaForCausalLM"),
     )
     .expect("write");
-    run_fails_with(&dir, &["MambaForCausalLM", "LlamaForCausalLM"]);
+    run_fails_with(dir, &["MambaForCausalLM", "LlamaForCausalLM"]);
 }
 
 /// A copy of a shared fixture folder in a temp folder, for corrupting.
-fn fixture_copy(rel: &str, name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mlxd-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    for entry in std::fs::read_dir(shared(rel)).expect("fixture dir") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
-    }
-    dir
+fn fixture_copy(rel: &str, name: &str) -> tempfile::TempDir {
+    folder_copy(&shared(rel), name)
 }
 
 #[test]
 fn unsupported_quantization_is_named_with_the_supported_list() {
-    let dir = fixture_copy("fixtures/llama/mlx-q4", "nvfp4");
+    let dir_tmp = fixture_copy("fixtures/llama/mlx-q4", "nvfp4");
+    let dir = dir_tmp.path();
     let cfg = std::fs::read_to_string(dir.join("config.json")).expect("read");
     std::fs::write(dir.join("config.json"), cfg.replace("\"affine\"", "\"nvfp4\"")).expect("write");
-    run_fails_with(&dir, &["nvfp4", "MLX affine-quantized"]);
-    let gptq = model_copy("gptq");
+    run_fails_with(dir, &["nvfp4", "MLX affine-quantized"]);
+    let gptq_tmp = model_copy("gptq");
+    let gptq = gptq_tmp.path();
     let cfg = std::fs::read_to_string(gptq.join("config.json")).expect("read");
     let cfg = cfg.replacen(
         '{',
@@ -217,34 +226,36 @@ fn unsupported_quantization_is_named_with_the_supported_list() {
         1,
     );
     std::fs::write(gptq.join("config.json"), cfg).expect("write");
-    run_fails_with(&gptq, &["gptq", "supported"]);
+    run_fails_with(gptq, &["gptq", "supported"]);
 }
 
 #[test]
 fn truncated_quantized_weights_are_named() {
-    let dir = fixture_copy("fixtures/qwen3/mlx-q4", "mlxtrunc");
+    let dir_tmp = fixture_copy("fixtures/qwen3/mlx-q4", "mlxtrunc");
+    let dir = dir_tmp.path();
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).expect("read");
     std::fs::write(&path, &bytes[..bytes.len() - 100]).expect("write");
-    run_fails_with(&dir, &["model.safetensors"]);
+    run_fails_with(dir, &["model.safetensors"]);
 }
 
 #[test]
 fn a_tensor_of_the_wrong_dtype_is_a_clear_error() {
-    let dir = model_copy("dtype");
+    let dir_tmp = model_copy("dtype");
+    let dir = dir_tmp.path();
     let path = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).expect("load");
     let name = "model.layers.0.self_attn.q_proj.weight";
     let as_u8 = tensors[name].to_dtype(candle_core::DType::U8).expect("cast");
     tensors.insert(name.to_string(), as_u8);
     candle_core::safetensors::save(&tensors, &path).expect("save");
-    run_fails_with(&dir, &["model.safetensors"]);
+    run_fails_with(dir, &["model.safetensors"]);
 }
 
 #[test]
 fn truncated_and_foreign_gguf_files_are_named() {
-    let dir = std::env::temp_dir().join(format!("mlxd-cli-gguf-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir_tmp = temp_dir("gguf");
+    let dir = dir_tmp.path();
     let bytes = std::fs::read(shared("fixtures/gguf/qwen3-q4_0.gguf")).expect("read");
     let truncated = dir.join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).expect("write");

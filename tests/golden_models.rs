@@ -144,9 +144,11 @@ fn f16_compute_stays_close_to_the_f32_reference() {
 #[test]
 fn sharded_safetensors_load_like_a_single_file() {
     let src = shared("models/stories260k");
-    let dir = std::env::temp_dir().join(format!("mlxd-sharded-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir_tmp = tempfile::Builder::new()
+        .prefix("mlxd-sharded-")
+        .tempdir()
+        .expect("temp dir");
+    let dir = dir_tmp.path();
     for f in [
         "config.json",
         "generation_config.json",
@@ -175,7 +177,7 @@ fn sharded_safetensors_load_like_a_single_file() {
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("index");
     let reference = read_json(&src.join("reference.json"));
     let g = &reference["generations"][2];
-    let mut runner = ModelRunner::load(&dir, DType::F32, 1, 128);
+    let mut runner = ModelRunner::load(dir, DType::F32, 1, 128);
     let run = runner.greedy(&[ids(&g["prompt_ids"])], 64);
     assert_eq!(run.tokens[0], ids(&g["generated_ids"]));
 }
@@ -210,9 +212,11 @@ fn phi3_longrope_fixture_matches_transformers_f32_batched() {
 #[test]
 fn gemma3_inside_a_multimodal_checkpoint_loads_its_language_model() {
     let src = shared("fixtures/gemma3/f32");
-    let dir = std::env::temp_dir().join(format!("mlxd-gemma3-mm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir_tmp = tempfile::Builder::new()
+        .prefix("mlxd-gemma3-mm-")
+        .tempdir()
+        .expect("temp dir");
+    let dir = dir_tmp.path();
     let text_config = read_json(&src.join("config.json"));
     let config = serde_json::json!({
         "architectures": ["Gemma3ForConditionalGeneration"],
@@ -229,7 +233,7 @@ fn gemma3_inside_a_multimodal_checkpoint_loads_its_language_model() {
     candle_core::safetensors::save(&renamed, dir.join("model.safetensors")).expect("save");
     let refs = read_json(&shared("fixtures/gemma3/refs/transformers-f32.json"));
     let p33 = &refs["sequences"][2];
-    let mut runner = ModelRunner::load(&dir, DType::F32, 1, 128);
+    let mut runner = ModelRunner::load(dir, DType::F32, 1, 128);
     let run = runner.greedy(&[ids(&p33["prompt_ids"])], 32);
     assert_eq!(run.tokens[0], ids(&p33["greedy_ids"]));
 }
