@@ -384,6 +384,16 @@ async fn every_api_takes_images() {
         .find(|item| item["type"] == "message")
         .expect("a message item");
     assert_eq!(message["content"][0]["text"], want.as_str(), "Responses");
+    // vLLM's /tokenize counts the image as the soft tokens it becomes: the processor's ids.
+    let tokenize = serde_json::json!({"model": "stories260k", "messages": openai["messages"]});
+    let (status, body) = server.post_json("/tokenize", tokenize.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        ids(&body["tokens"]),
+        ids(&one["input_ids"]),
+        "/tokenize: the processor's ids"
+    );
+    assert_eq!(body["count"], one["input_ids"].as_array().expect("ids").len());
 
     // Wrappers each API refuses in its own shape.
     let mut remote = openai.clone();
@@ -431,6 +441,9 @@ async fn every_api_takes_images() {
     let (status, body) = plain.post_json("/v1/messages", anthropic).await;
     assert_eq!(status, 400);
     assert_eq!(body["type"], "error");
+    assert!(openai_message(&body).contains("has no vision input"), "{body}");
+    let (status, body) = plain.post_json("/tokenize", tokenize).await;
+    assert_eq!(status, 400);
     assert!(openai_message(&body).contains("has no vision input"), "{body}");
 }
 

@@ -21,7 +21,7 @@ pub use images::{digest as image_digest, ImagePixels, ImageProcessor, ImageSpan,
 pub use keep_alive::KeepAlive;
 pub use sampling::SamplingParams;
 pub use spec::{Field, GenerationSpec, MaxTokens, Overflow, Prompt};
-pub use validate::{validate, RequestError, RequestLimits, RequestParts, ValidatedRequest};
+pub use validate::{tokenize_prompt, validate, RequestError, RequestLimits, RequestParts, ValidatedRequest};
 
 /// Engine-wide unique id of one generation request (one sequence).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -338,6 +338,13 @@ fn check_stops(stops: Vec<String>) -> Result<Vec<String>, RequestError> {
     Ok(stops)
 }
 
+/// The ids of `prompt` alone as `validate` makes them (a conversation templated, its images
+/// decoded and expanded into their soft tokens, every id checked) and nothing else of a
+/// request checked: what `/tokenize` answers, so its count is the one a request's usage reports.
+pub fn tokenize_prompt(prompt: Prompt, codec: &TextCodec, limits: &RequestLimits) -> Result<Vec<u32>, RequestError> {
+    tokenize(&[], prompt, codec, limits).map(|(ids, _, _)| ids)
+}
+
 /// `context` followed by the tokenized prompt (never empty, every id in the vocabulary), how
 /// the reply is read (for a conversation, from its rendering) and the prompt's images.
 fn tokenize(

@@ -10,10 +10,13 @@ use utoipa::ToSchema;
 use super::chat::to_template_messages;
 use super::reject_unknown;
 use super::types::{ChatMessageIn, UnknownFields};
+use crate::request::{tokenize_prompt, Prompt};
 use crate::server::error::{ApiError, AppJson};
 use crate::server::AppState;
+use crate::text::ChatPrompt;
 
-/// `/tokenize` body: a text `prompt`, or chat `messages` rendered with the template.
+/// `/tokenize` body: a text `prompt`, or chat `messages` rendered with the template (their
+/// images as the image tokens they become).
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TokenizeRequest {
     /// Model name.
@@ -80,17 +83,13 @@ pub async fn tokenize(
             .encode(&prompt, req.add_special_tokens.unwrap_or(true))
             .map_err(|e| ApiError::invalid("prompt", e.0))?,
         (None, Some(messages)) => {
-            let chat = crate::text::ChatPrompt::new(to_template_messages(&messages)?);
-            if chat.messages.iter().any(|m| !m.images.is_empty()) {
-                // The soft tokens are placed by validation, which /tokenize does not run.
-                return Err(ApiError::invalid(
-                    "messages",
-                    "image parts are not tokenized here; a chat request's usage counts them",
-                ));
-            }
-            codec
-                .encode_chat(&chat)
-                .map_err(|e| ApiError::invalid("messages", e.0))?
+            // Validation's own tokenization, so images count as the soft tokens they become
+            // (decoding them is CPU work: off the async threads, as a request's validation).
+            let prompt = Prompt::Chat(ChatPrompt::new(to_template_messages(&messages)?));
+            let (codec, limits) = (codec.clone(), model.limits.clone());
+            tokio::task::spawn_blocking(move || tokenize_prompt(prompt, &codec, &limits))
+                .await
+                .map_err(|e| ApiError::invalid("messages", format!("could not be tokenized: {e}")))??
         }
         _ => {
             return Err(ApiError::invalid(
