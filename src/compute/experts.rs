@@ -55,29 +55,20 @@ impl SparseMoe {
     /// the per-expert layers dropped.
     pub fn new(router: Linear, experts: Vec<GatedMlp>, routing: Routing) -> Result<Self> {
         #[cfg(feature = "cuda")]
-        {
-            use crate::compute::cuda::moe::{grouped_experts, DeviceExperts};
-            let grouped = match grouped_experts() {
-                true => DeviceExperts::stack(&experts, routing)?,
-                false => None,
-            };
-            let experts = if grouped.is_some() { Vec::new() } else { experts };
-            Ok(Self {
-                router,
-                router_norm: None,
-                expert_scales: None,
-                experts,
-                routing,
-                grouped,
-            })
-        }
-        #[cfg(not(feature = "cuda"))]
+        let grouped = match crate::compute::cuda::moe::grouped_experts() {
+            true => on_device::stack(&experts, routing)?,
+            false => None,
+        };
+        #[cfg(feature = "cuda")]
+        let experts = if grouped.is_some() { Vec::new() } else { experts };
         Ok(Self {
             router,
             router_norm: None,
             expert_scales: None,
             experts,
             routing,
+            #[cfg(feature = "cuda")]
+            grouped,
         })
     }
 
@@ -112,7 +103,8 @@ impl SparseMoe {
         };
         #[cfg(feature = "cuda")]
         if let Some(grouped) = &self.grouped {
-            return grouped.forward(&self.router.forward(&router_input)?, x, self.routing);
+            let scores = self.router.forward(&router_input)?;
+            return grouped.forward(&scores, x, self.routing.top_k, self.routing.normalize);
         }
         let scores: Vec<Vec<f32>> = self.router.forward(&router_input)?.to_dtype(DType::F32)?.to_vec2()?;
         let mut groups = route(&scores, self.experts.len(), self.routing)?;
@@ -170,6 +162,149 @@ fn route(scores: &[Vec<f32>], num_experts: usize, routing: Routing) -> Result<Ve
         }
     }
     Ok(groups)
+}
+
+/// A layer's experts stacked for the GPU's grouped kernels (`cuda::moe`), from the layers
+/// they were loaded as.
+#[cfg(feature = "cuda")]
+mod on_device {
+    use candle_core::quantized::{GgmlDType, QMatMul};
+    use candle_core::{DType, Device, Result, Tensor};
+
+    use super::Routing;
+    use crate::compute::cuda::moe::{
+        exact_quantized, DeviceExperts, ExpertMatrix, ExpertWeights, GatedActivation, MAX_EXPERTS, MAX_TOP_K,
+    };
+    use crate::compute::layers::{Activation, GatedMlp, Linear};
+
+    /// `mlps` (one gated MLP per expert) stacked on their GPU, or None where the kernels do not
+    /// take them: not on a GPU, f32 or other quantized weights (or Q8_0 in the exact mode),
+    /// biases on some layers only, more than 256 experts or 16 per token. Those keep running
+    /// one expert at a time.
+    pub(super) fn stack(mlps: &[GatedMlp], routing: Routing) -> Result<Option<DeviceExperts>> {
+        if mlps.is_empty() || mlps.len() > MAX_EXPERTS || routing.top_k > MAX_TOP_K {
+            return Ok(None);
+        }
+        let Some(device) = device_of(mlps[0].down()).filter(Device::is_cuda) else {
+            return Ok(None);
+        };
+        let activation = mlps[0].activation();
+        if mlps.iter().any(|m| m.activation() != activation) {
+            return Ok(None);
+        }
+        let activation = match activation {
+            Activation::Silu => GatedActivation::Silu,
+            Activation::GeluTanh => GatedActivation::GeluTanh,
+            Activation::ClampedSwiglu { alpha, limit } => GatedActivation::ClampedSwiglu { alpha, limit },
+        };
+        let gate_up_parts: Vec<Vec<&Linear>> = mlps.iter().map(GatedMlp::gate_up_parts).collect();
+        let down_parts: Vec<Vec<&Linear>> = mlps.iter().map(|m| vec![m.down()]).collect();
+        let (Some(gate_up_bias), Some(down_bias)) = (stacked_bias(&gate_up_parts)?, stacked_bias(&down_parts)?) else {
+            return Ok(None);
+        };
+        let Some((hidden, inter)) = dims_of(mlps[0].down()) else {
+            return Ok(None);
+        };
+        let (Some(gate_up), Some(down)) = (
+            matrix(&gate_up_parts, hidden, &device)?,
+            matrix(&down_parts, inter, &device)?,
+        ) else {
+            return Ok(None);
+        };
+        DeviceExperts::new(gate_up, down, (gate_up_bias, down_bias), activation, mlps.len()).map(Some)
+    }
+
+    /// The experts' `parts` (each expert's layers, stacked by rows: `[gate, up]` or one) as one
+    /// matrix over `cols` inputs, or None unless every layer is dense bf16/f16 or Q8_0 blocks
+    /// alike, with rows whose width the kernel takes.
+    fn matrix(parts: &[Vec<&Linear>], cols: usize, device: &Device) -> Result<Option<ExpertMatrix>> {
+        let dense_weight = |l: &&Linear| match l {
+            Linear::Dense(d) if matches!(d.weight().dtype(), DType::BF16 | DType::F16) => Some(d.weight().clone()),
+            _ => None,
+        };
+        let dense: Option<Vec<Vec<Tensor>>> = parts.iter().map(|p| p.iter().map(dense_weight).collect()).collect();
+        if let Some(dense) = dense {
+            if !cols.is_multiple_of(8) || dense.iter().flatten().any(|w| w.dim(1).ok() != Some(cols)) {
+                return Ok(None);
+            }
+            let per_expert = dense.iter().map(|w| Tensor::cat(w, 0)).collect::<Result<Vec<_>>>()?;
+            let stacked = Tensor::stack(&per_expert, 0)?.contiguous()?;
+            let rows = stacked.dim(1)?;
+            return Ok(Some(ExpertMatrix {
+                weights: ExpertWeights::Dense(stacked),
+                rows,
+                cols,
+            }));
+        }
+        let q8_0 = |l: &&Linear| match l {
+            Linear::Gguf(q, _) => match q.as_ref() {
+                QMatMul::QTensor(t) if t.dtype() == GgmlDType::Q8_0 => Some(t.clone()),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some(blocks) = parts.iter().flatten().map(q8_0).collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
+        if exact_quantized() || !cols.is_multiple_of(32) || blocks.iter().any(|b| b.shape().dims()[1] != cols) {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        let mut rows = 0;
+        for b in &blocks {
+            bytes.extend_from_slice(&b.data()?);
+            rows += b.shape().dims()[0];
+        }
+        let n = bytes.len();
+        Ok(Some(ExpertMatrix {
+            weights: ExpertWeights::Q8_0(Tensor::from_vec(bytes, n, device)?),
+            rows: rows / parts.len(),
+            cols,
+        }))
+    }
+
+    /// The device a layer's weights live on (dense or GGUF blocks).
+    fn device_of(layer: &Linear) -> Option<Device> {
+        match layer {
+            Linear::Dense(l) => Some(l.weight().device().clone()),
+            Linear::Gguf(q, _) => match q.as_ref() {
+                QMatMul::QTensor(t) => Some(t.device()),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Some(t.device().clone()),
+            },
+            Linear::Packed(..) => None,
+        }
+    }
+
+    /// `[out, in]` of a dense or GGUF layer.
+    fn dims_of(layer: &Linear) -> Option<(usize, usize)> {
+        match layer {
+            Linear::Dense(l) => l.weight().dims2().ok(),
+            Linear::Gguf(q, _) => match q.as_ref() {
+                QMatMul::QTensor(t) => t.shape().dims2().ok(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2().ok(),
+            },
+            Linear::Packed(..) => None,
+        }
+    }
+
+    /// The experts' biases (each expert's parts concatenated) as f32 `[experts, rows]`:
+    /// Some(None) when no layer has one, None when only some do.
+    fn stacked_bias(parts: &[Vec<&Linear>]) -> Result<Option<Option<Tensor>>> {
+        if parts.iter().flatten().all(|l| l.bias().is_none()) {
+            return Ok(Some(None));
+        }
+        let Some(biases) = parts
+            .iter()
+            .map(|p| p.iter().map(|l| l.bias().cloned()).collect::<Option<Vec<_>>>())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let per_expert = biases.iter().map(|b| Tensor::cat(b, 0)).collect::<Result<Vec<_>>>()?;
+        Ok(Some(Some(
+            Tensor::stack(&per_expert, 0)?.to_dtype(DType::F32)?.contiguous()?,
+        )))
+    }
 }
 
 #[cfg(test)]

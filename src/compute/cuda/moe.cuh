@@ -137,6 +137,17 @@ extern "C" __global__ void moe_align(const uint32_t *ids, uint32_t pairs, uint32
   }
 }
 
+// Zeroes a warp's accumulators: MT row tiles of 16 by two column tiles of 8 (4 per thread each).
+template <uint32_t MT>
+__device__ __forceinline__ void zero_tiles(float (&t)[MT][2][4]) {
+#pragma unroll
+  for (uint32_t mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (uint32_t nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) t[mt][nt][i] = 0.f;
+}
+
 // moe_gemm: c[p, n] = sum_k a[p / a_row_div, k] * W_e[n, k] for every pair p of every tile
 // (a_row_div = top_k reads the token's row for the first projection, 1 the pair's own row).
 // One block of 4 warps per (MOE_BN output columns, tile of BM rows); each warp owns 16 columns
@@ -164,12 +175,7 @@ __device__ void moe_gemm(const TA *a, uint32_t a_stride, uint32_t a_row_div, con
   __syncthreads();
   constexpr uint32_t MT = BM / 16;
   float acc[MT][2][4];
-#pragma unroll
-  for (uint32_t mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (uint32_t nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (uint32_t i = 0; i < 4; ++i) acc[mt][nt][i] = 0.f;
+  zero_tiles<MT>(acc);
   const size_t q8_row_bytes = (size_t)(k_in / 32) * 34;
   // Two int8 weights of Q8_0 row `row` (of the block's tile) at even k (< MOE_BK) as a TM pair.
   const auto q8_pair = [&](uint32_t row, uint32_t k) {
@@ -213,12 +219,7 @@ __device__ void moe_gemm(const TA *a, uint32_t a_stride, uint32_t a_row_div, con
 #pragma unroll
     for (uint32_t kb = 0; kb < MOE_BK / 32; ++kb) {
       float part[MT][2][4];
-#pragma unroll
-      for (uint32_t mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (uint32_t nt = 0; nt < 2; ++nt)
-#pragma unroll
-          for (uint32_t i = 0; i < 4; ++i) part[mt][nt][i] = 0.f;
+      zero_tiles<MT>(part);
 #pragma unroll
       for (uint32_t ks = 0; ks < 2; ++ks) {
         const uint32_t kk = kb * 32 + ks * 16 + tig * 2;

@@ -5,19 +5,15 @@
 //! per step for all the rows routed to it (a batch of 64 streams reads each active expert once,
 //! not once per row). Q8_0 experts stay in their blocks.
 
-use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{bail, DType, Device, Result, Tensor};
 
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-
 use super::{address, address_or_null, cuda_device, grid, launch, launch_untyped, output, row_stride, Arg};
-use crate::compute::experts::Routing;
-use crate::compute::layers::{Activation, GatedMlp, Linear};
 
 /// Most experts a layer may have (`MOE_MAX_EXPERTS` in moe.cuh: the router keeps 8 per lane).
-const MAX_EXPERTS: usize = 256;
+pub const MAX_EXPERTS: usize = 256;
 /// Most experts per token (`MOE_MAX_TOP_K`).
-const MAX_TOP_K: usize = 16;
+pub const MAX_TOP_K: usize = 16;
 /// Output columns per block of `moe_gemm` (`MOE_BN`).
 const TILE_COLS: usize = 64;
 /// Threads of a `moe_gemm` block (4 warps).
@@ -35,81 +31,49 @@ pub fn grouped_experts() -> bool {
 /// Whether candle's quantized matmuls run exactly (`MLXD_CUDA_FORCE_DMMV=1`, the mode in which
 /// GGUF runs are checked against llama.cpp's dequantized-f32 run): Q8_0 experts then keep the
 /// per-expert products too, since the grouped kernel rounds activations to bf16.
-fn exact_quantized() -> bool {
+pub fn exact_quantized() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("MLXD_CUDA_FORCE_DMMV").is_some_and(|v| v != "0"))
 }
 
 /// How one projection of every expert is held.
 #[derive(Debug)]
-enum ExpertWeights {
-    /// `[experts, rows, cols]` in the compute dtype (bf16 or f16).
+pub enum ExpertWeights {
+    /// `[experts, rows, cols]` in the compute dtype (bf16 or f16); `cols` a multiple of 8.
     Dense(Tensor),
-    /// Every expert's rows of Q8_0 blocks one after the other, as GGUF stores them (u8).
+    /// Every expert's rows of Q8_0 blocks one after the other, as GGUF stores them (u8);
+    /// `cols` a multiple of 32.
     Q8_0(Tensor),
 }
 
 /// One projection of every expert, each `[rows, cols]`.
 #[derive(Debug)]
-struct ExpertMatrix {
-    weights: ExpertWeights,
-    rows: usize,
-    cols: usize,
+pub struct ExpertMatrix {
+    /// The weights.
+    pub weights: ExpertWeights,
+    /// Output rows per expert.
+    pub rows: usize,
+    /// Input width.
+    pub cols: usize,
+}
+
+/// The gate activation `moe_act` applies.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum GatedActivation {
+    /// x · sigmoid(x).
+    Silu,
+    /// GELU, tanh approximation.
+    GeluTanh,
+    /// gpt-oss: `(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)`, `g = min(gate, limit)`.
+    ClampedSwiglu {
+        /// Sigmoid gain.
+        alpha: f32,
+        /// Clamp.
+        limit: f32,
+    },
 }
 
 impl ExpertMatrix {
-    /// The experts' `parts` (each expert's layers, stacked by rows: `[gate, up]` or one) as
-    /// one matrix, or None unless every layer is dense bf16/f16 or Q8_0 blocks alike, with
-    /// rows whose width the kernel takes.
-    fn stack(parts: &[Vec<&Linear>], cols: usize, device: &Device) -> Result<Option<Self>> {
-        let dense_weight = |l: &&Linear| match l {
-            Linear::Dense(d) if matches!(d.weight().dtype(), DType::BF16 | DType::F16) => Some(d.weight().clone()),
-            _ => None,
-        };
-        let dense: Option<Vec<Vec<Tensor>>> = parts.iter().map(|p| p.iter().map(dense_weight).collect()).collect();
-        if let Some(dense) = dense {
-            if !cols.is_multiple_of(8) || dense.iter().flatten().any(|w| w.dim(1).ok() != Some(cols)) {
-                return Ok(None);
-            }
-            let per_expert = dense.iter().map(|w| Tensor::cat(w, 0)).collect::<Result<Vec<_>>>()?;
-            let stacked = Tensor::stack(&per_expert, 0)?.contiguous()?;
-            let rows = stacked.dim(1)?;
-            return Ok(Some(Self {
-                weights: ExpertWeights::Dense(stacked),
-                rows,
-                cols,
-            }));
-        }
-        let q8_0 = |l: &&Linear| match l {
-            Linear::Gguf(q, _) => match q.as_ref() {
-                QMatMul::QTensor(t) if t.dtype() == GgmlDType::Q8_0 => Some(t.clone()),
-                _ => None,
-            },
-            _ => None,
-        };
-        let Some(blocks) = parts.iter().flatten().map(q8_0).collect::<Option<Vec<_>>>() else {
-            return Ok(None);
-        };
-        if exact_quantized() {
-            return Ok(None);
-        }
-        if !cols.is_multiple_of(32) || blocks.iter().any(|b| b.shape().dims()[1] != cols) {
-            return Ok(None);
-        }
-        let mut bytes = Vec::new();
-        let mut rows = 0;
-        for b in &blocks {
-            bytes.extend_from_slice(&b.data()?);
-            rows += b.shape().dims()[0];
-        }
-        let n = bytes.len();
-        Ok(Some(Self {
-            weights: ExpertWeights::Q8_0(Tensor::from_vec(bytes, n, device)?),
-            rows: rows / parts.len(),
-            cols,
-        }))
-    }
-
     /// The kernel for activations of `dtype` in tiles of `bm` rows.
     fn kernel(&self, dtype: DType, bm: usize) -> Result<&'static str> {
         Ok(match (&self.weights, dtype, bm) {
@@ -125,6 +89,7 @@ impl ExpertMatrix {
         })
     }
 
+    /// The stacked weights.
     fn data(&self) -> &Tensor {
         match &self.weights {
             ExpertWeights::Dense(t) | ExpertWeights::Q8_0(t) => t,
@@ -141,58 +106,48 @@ pub struct DeviceExperts {
     gate_up_bias: Option<Tensor>,
     down_bias: Option<Tensor>,
     scales: Option<Tensor>,
-    activation: Activation,
+    activation: GatedActivation,
     experts: usize,
 }
 
 impl DeviceExperts {
-    /// `mlps` (one gated MLP per expert) stacked on their GPU, or None where the kernels do not
-    /// take them: not on a GPU, f32 or other quantized weights, biases on some layers only,
-    /// more than 256 experts or 16 per token. Those keep running one expert at a time.
-    pub fn stack(mlps: &[GatedMlp], routing: Routing) -> Result<Option<Self>> {
-        if mlps.is_empty() || mlps.len() > MAX_EXPERTS || routing.top_k > MAX_TOP_K {
-            return Ok(None);
+    /// `experts` experts: `gate_up` (`[gate | up]` rows, `2 · inter` of them, over `hidden`) and
+    /// `down` (`hidden` rows over `inter`) held alike, with their biases (f32 `[experts, rows]`)
+    /// if any.
+    pub fn new(
+        gate_up: ExpertMatrix,
+        down: ExpertMatrix,
+        biases: (Option<Tensor>, Option<Tensor>),
+        activation: GatedActivation,
+        experts: usize,
+    ) -> Result<Self> {
+        if gate_up.rows != 2 * down.cols || down.rows != gate_up.cols {
+            bail!(
+                "grouped experts: gate/up [{}, {}] and down [{}, {}] do not fit together",
+                gate_up.rows,
+                gate_up.cols,
+                down.rows,
+                down.cols
+            );
         }
-        let Some(device) = device_of(mlps[0].down()).filter(Device::is_cuda) else {
-            return Ok(None);
-        };
-        let activation = mlps[0].activation();
-        if mlps.iter().any(|m| m.activation() != activation) {
-            return Ok(None);
-        }
-        let gate_up_parts: Vec<Vec<&Linear>> = mlps.iter().map(GatedMlp::gate_up_parts).collect();
-        let down_parts: Vec<Vec<&Linear>> = mlps.iter().map(|m| vec![m.down()]).collect();
-        let (Some(gate_up_bias), Some(down_bias)) = (stacked_bias(&gate_up_parts)?, stacked_bias(&down_parts)?) else {
-            return Ok(None);
-        };
-        let Some((hidden, inter)) = dims_of(mlps[0].down()) else {
-            return Ok(None);
-        };
-        let Some(down) = ExpertMatrix::stack(&down_parts, inter, &device)? else {
-            return Ok(None);
-        };
-        let Some(gate_up) = ExpertMatrix::stack(&gate_up_parts, hidden, &device)? else {
-            return Ok(None);
-        };
-        if gate_up.rows != 2 * down.cols || down.rows != hidden {
-            return Ok(None);
-        }
-        let same_kind = matches!(
+        if !matches!(
             (&gate_up.weights, &down.weights),
             (ExpertWeights::Dense(_), ExpertWeights::Dense(_)) | (ExpertWeights::Q8_0(_), ExpertWeights::Q8_0(_))
-        );
-        if !same_kind {
-            return Ok(None);
+        ) {
+            bail!("grouped experts: gate/up and down are held differently");
         }
-        Ok(Some(Self {
+        if experts == 0 || experts > MAX_EXPERTS {
+            bail!("grouped experts: {experts} experts (at most {MAX_EXPERTS})");
+        }
+        Ok(Self {
             gate_up,
             down,
-            gate_up_bias,
-            down_bias,
+            gate_up_bias: biases.0,
+            down_bias: biases.1,
             scales: None,
             activation,
-            experts: mlps.len(),
-        }))
+            experts,
+        })
     }
 
     /// Each kept expert's weight is multiplied by its scale (Gemma 4's `per_expert_scale`).
@@ -203,13 +158,17 @@ impl DeviceExperts {
     }
 
     /// The block's output `[T, hidden]` for `x` (`[T, hidden]`) routed by the router's
-    /// `scores` (`[T, experts]`).
-    pub fn forward(&self, scores: &Tensor, x: &Tensor, routing: Routing) -> Result<Tensor> {
+    /// `scores` (`[T, experts]`): each token's `top_k` softmax probabilities, renormalized when
+    /// `normalize`.
+    pub fn forward(&self, scores: &Tensor, x: &Tensor, top_k: usize, normalize: bool) -> Result<Tensor> {
         let device = cuda_device(x)?;
         let dtype = x.dtype();
         let x = x.contiguous()?;
         let (tokens, hidden) = x.dims2()?;
-        let k = routing.top_k;
+        if top_k == 0 || top_k > MAX_TOP_K {
+            bail!("grouped experts: top-{top_k} routing (at most {MAX_TOP_K})");
+        }
+        let k = top_k;
         let pairs = tokens * k;
         let scores = scores.to_dtype(DType::F32)?.contiguous()?;
         let ids = output(&device, pairs, DType::U32)?;
@@ -219,7 +178,7 @@ impl DeviceExperts {
             Arg::U32(tokens as u32),
             Arg::U32(self.experts as u32),
             Arg::U32(k as u32),
-            Arg::U32(routing.normalize as u32),
+            Arg::U32(normalize as u32),
             Arg::Ptr(address_or_null(self.scales.as_ref())?),
             Arg::Ptr(address(&ids)?),
             Arg::Ptr(address(&weights)?),
@@ -251,9 +210,9 @@ impl DeviceExperts {
         let inter = self.down.cols;
         let activated = output(&device, (pairs, inter), dtype)?;
         let (act, alpha, limit) = match self.activation {
-            Activation::Silu => (0, 0.0, 0.0),
-            Activation::GeluTanh => (1, 0.0, 0.0),
-            Activation::ClampedSwiglu { alpha, limit } => (2, alpha, limit),
+            GatedActivation::Silu => (0, 0.0, 0.0),
+            GatedActivation::GeluTanh => (1, 0.0, 0.0),
+            GatedActivation::ClampedSwiglu { alpha, limit } => (2, alpha, limit),
         };
         let act_args = [
             Arg::Ptr(address(&gate_up)?),
@@ -327,48 +286,4 @@ impl Groups {
 /// A grid of 256-thread blocks over `n` elements (the kernels stride past 65,535 blocks).
 fn elementwise(n: usize) -> LaunchConfig {
     grid(n.div_ceil(256).clamp(1, 65_535), 256, 0)
-}
-
-/// The device a layer's weights live on (dense or GGUF blocks).
-fn device_of(layer: &Linear) -> Option<Device> {
-    match layer {
-        Linear::Dense(l) => Some(l.weight().device().clone()),
-        Linear::Gguf(q, _) => match q.as_ref() {
-            QMatMul::QTensor(t) => Some(t.device()),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Some(t.device().clone()),
-        },
-        Linear::Packed(..) => None,
-    }
-}
-
-/// `[out, in]` of a dense or GGUF layer.
-fn dims_of(layer: &Linear) -> Option<(usize, usize)> {
-    match layer {
-        Linear::Dense(l) => l.weight().dims2().ok(),
-        Linear::Gguf(q, _) => match q.as_ref() {
-            QMatMul::QTensor(t) => t.shape().dims2().ok(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2().ok(),
-        },
-        Linear::Packed(..) => None,
-    }
-}
-
-/// The experts' biases (each expert's parts concatenated) as f32 `[experts, rows]`:
-/// Some(None) when no layer has one, None when only some do.
-fn stacked_bias(parts: &[Vec<&Linear>]) -> Result<Option<Option<Tensor>>> {
-    let layers = || parts.iter().flatten();
-    if layers().all(|l| l.bias().is_none()) {
-        return Ok(Some(None));
-    }
-    let Some(biases) = parts
-        .iter()
-        .map(|p| p.iter().map(|l| l.bias().cloned()).collect::<Option<Vec<_>>>())
-        .collect::<Option<Vec<_>>>()
-    else {
-        return Ok(None);
-    };
-    let per_expert = biases.iter().map(|b| Tensor::cat(b, 0)).collect::<Result<Vec<_>>>()?;
-    Ok(Some(Some(
-        Tensor::stack(&per_expert, 0)?.to_dtype(DType::F32)?.contiguous()?,
-    )))
 }
