@@ -1,9 +1,9 @@
 """Starts one `mlxd serve` process on a free loopback port for the Python client tests."""
 
 import os
+import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -11,6 +11,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Every test server's log of the latest run, one file per server (`mlxd-<port>.log`), kept so
+#: that a failure can be read afterwards (a test's own output does not show the server's side).
+LOGS = ROOT / "target" / "test-server-logs"
+
+
+def pytest_sessionstart(session):
+    shutil.rmtree(LOGS, ignore_errors=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
 
 
 def _free_port() -> int:
@@ -27,7 +35,8 @@ def _start(extra_args, model=None):
     model = model or ROOT / "models" / "stories260k"
     # The log goes to a file, not a pipe nobody reads: a server's log outgrowing the pipe's
     # buffer would block it mid-request.
-    log = tempfile.TemporaryFile()
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = open(LOGS / f"mlxd-{port}.log", "w+b")
     proc = subprocess.Popen(
         [binary, "serve", "--model", str(model), "--port", str(port),
          "--kv-memory", "64MiB", *extra_args],
