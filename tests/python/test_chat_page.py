@@ -42,6 +42,22 @@ def browser():
         browser.close()
 
 
+@pytest.fixture
+def pages(browser):
+    """Opens a test's pages and closes them when it ends, failed or not: a failed test's page
+    that still streams a reply must not slow the next test's."""
+    opened = []
+
+    def open_page(**options):
+        page = browser.new_page(**options)
+        opened.append(page)
+        return page
+
+    yield open_page
+    for page in opened:
+        page.close()
+
+
 def shot(page, name):
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
@@ -52,8 +68,8 @@ def running(url, model):
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_person_chats_stops_switches_models_and_comes_back(server, browser):
-    page = browser.new_page(viewport={"width": 1200, "height": 800})
+def test_a_person_chats_stops_switches_models_and_comes_back(server, pages):
+    page = pages(viewport={"width": 1200, "height": 800})
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server)
@@ -139,11 +155,10 @@ def test_a_person_chats_stops_switches_models_and_comes_back(server, browser):
     expect(model).to_have_value("stories260k")
     shot(page, "5-reloaded")
     assert not errors, errors
-    page.close()
 
 
-def test_hostile_markup_in_a_reply_shows_as_text(server, browser, tmp_path):
-    page = browser.new_page()
+def test_hostile_markup_in_a_reply_shows_as_text(server, pages, tmp_path):
+    page = pages()
     page.goto(server)
     hostile = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> **bold** `code`'
     chat = {"id": "imported-1", "title": "Imported", "model": "stories260k", "system": "", "temperature": 0.7,
@@ -165,12 +180,11 @@ def test_hostile_markup_in_a_reply_shows_as_text(server, browser, tmp_path):
     page.wait_for_timeout(200)
     assert page.evaluate("window.__xss") is None
     shot(page, "6-hostile-markup-as-text")
-    page.close()
 
 
-def test_the_page_asks_for_a_key_and_fits_a_phone(browser):
+def test_the_page_asks_for_a_key_and_fits_a_phone(pages):
     for url in _start(["--api-key", "page-key"]):
-        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page = pages(viewport={"width": 390, "height": 844})
         page.goto(url)
         dialog = page.locator("#key-dialog")
         expect(dialog).to_be_visible()
@@ -187,4 +201,3 @@ def test_the_page_asks_for_a_key_and_fits_a_phone(browser):
         expect(page.locator("#new-chat")).to_be_in_viewport(ratio=1)
         page.wait_for_timeout(300)  # the drawer's slide
         shot(page, "8-phone-conversations")
-        page.close()

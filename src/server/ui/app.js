@@ -128,6 +128,13 @@ async function send(text) {
   showRunning(true);
   const started = performance.now();
   let firstAt = null;
+  // The reply is drawn at most once a frame: a fast model's deltas come faster than the page can
+  // lay out a growing reply, and drawing each one starved the page (and its Stop button).
+  let frame = null;
+  const draw = () => {
+    frame = null;
+    renderMessage(reply, chat.messages.length - 1, true);
+  };
   const loading = setInterval(() => {
     if (firstAt === null) setStatus(`Waiting for ${chat.model} (loading on demand, prefilling)… ${((performance.now() - started) / 1000).toFixed(0)} s`);
   }, 500);
@@ -156,7 +163,7 @@ async function send(text) {
           slot.name += (call.function && call.function.name) || '';
           slot.arguments += (call.function && call.function.arguments) || '';
         }
-        renderMessage(reply, chat.messages.length - 1, true);
+        if (frame === null) frame = requestAnimationFrame(draw);
       }
       if (event.usage) {
         const seconds = (performance.now() - (firstAt || started)) / 1000;
@@ -175,6 +182,7 @@ async function send(text) {
       setStatus(e.message);
     }
   } finally {
+    if (frame !== null) cancelAnimationFrame(frame);
     clearInterval(loading);
     running = null;
     showRunning(false);
