@@ -120,8 +120,7 @@ pub struct ResponseObject {
     /// `{"format": …}` as requested.
     #[schema(value_type = Object)]
     pub text: Value,
-    /// As requested.
-    #[schema(value_type = Object)]
+    /// As requested: `auto`, `none`, `required` or `{"type": "function", "name": …}`.
     pub tool_choice: Value,
     /// As requested.
     #[schema(value_type = Vec<Object>)]
