@@ -63,6 +63,10 @@ pub struct ServerConfig {
     /// completion's conversation that does not fit, are 400s (by default the reply ends at the
     /// context's end with `length`, and the conversation is fitted as Ollama fits it).
     pub strict_context: bool,
+    /// Fetch requests' `http(s)` image URLs: None never (only base64 `data:` URLs), an empty
+    /// list from any public address, or these hosts only (which may be private: an image store
+    /// on the operator's network).
+    pub allow_image_urls: Option<Vec<String>>,
     /// Most Responses API responses kept for `previous_response_id` (0: none are stored).
     pub responses_max_count: usize,
     /// Most memory they may hold (JSON bytes), e.g. "256MiB".
@@ -93,6 +97,7 @@ impl Default for ServerConfig {
             hf_cache: None,
             ui: true,
             strict_context: false,
+            allow_image_urls: None,
             responses_max_count: 1000,
             responses_max_size: "256MiB".into(),
             responses_ttl: 86400.0,

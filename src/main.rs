@@ -220,6 +220,11 @@ struct ServeArgs {
     /// chat completion whose conversation does not fit (instead of dropping its oldest turns).
     #[arg(long)]
     strict_context: bool,
+    /// Fetch `http(s)` image URLs of requests (by default only base64 `data:` URLs are taken):
+    /// from any public address, or with hosts given (comma-separated) from those hosts only,
+    /// private ones included. Each fetch is limited to 20 MiB and 10 s.
+    #[arg(long, value_name = "HOSTS", num_args = 0..=1, default_missing_value = "", value_delimiter = ',')]
+    allow_image_urls: Option<Vec<String>>,
     /// What happens to a thinking model's thoughts: separate (`reasoning_content` / Ollama's
     /// `thinking`), inline (left in the content) or drop [default: separate].
     #[arg(long, value_enum)]
@@ -526,6 +531,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.strict_context {
         cfg.server.strict_context = true;
     }
+    if let Some(hosts) = args.allow_image_urls {
+        cfg.server.allow_image_urls = Some(hosts.into_iter().filter(|h| !h.is_empty()).collect());
+    }
     if let Some(mode) = args.reasoning_format {
         cfg.server.reasoning_format = mode;
     }
@@ -570,6 +578,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut state = AppState::with_models(models.clone(), admission_limit);
     state.reasoning = cfg.server.reasoning_format;
     state.strict_context = cfg.server.strict_context;
+    if let Some(hosts) = &cfg.server.allow_image_urls {
+        let policy = mlxd::server::image_urls::ImageUrlPolicy::from_hosts(hosts);
+        state.image_urls = mlxd::server::image_urls::ImageFetcher::new(policy, Default::default())?;
+    }
     state.ui = cfg.server.ui;
     state.responses = Arc::new(ResponseStore::new(StoreLimits {
         max_count: cfg.server.responses_max_count,

@@ -517,3 +517,139 @@ async fn the_disk_tier_keeps_images_apart_across_restarts() {
     );
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// A loopback image host for the URL tests: `/cat.png` the fixture's image, `/big.png` one
+/// byte over `limit`, `/gone.png` a 404, `/moved.png` a redirect to `moved_to`, `/slow.png`
+/// an answer that never comes. Returns its base URL.
+async fn image_host(limit: usize, moved_to: String) -> String {
+    use axum::response::{IntoResponse, Redirect};
+    use axum::routing::get;
+    let png = image_bytes("square64");
+    let app = axum::Router::new()
+        .route("/cat.png", get(move || async move { png.to_vec() }))
+        .route("/big.png", get(move || async move { vec![0u8; limit + 1] }))
+        .route("/gone.png", get(|| async { axum::http::StatusCode::NOT_FOUND }))
+        .route(
+            "/moved.png",
+            get(move || async move { Redirect::temporary(&moved_to).into_response() }),
+        )
+        .route(
+            "/slow.png",
+            get(|| async {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                Vec::<u8>::new()
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    base
+}
+
+/// `--allow-image-urls`: a remote image is fetched and read as its data: URL would be, on the
+/// OpenAI chat, Responses and /tokenize paths; the host list, the public-address rule (also
+/// through DNS), the size and time limits and redirects are enforced, each failure a 400 naming
+/// the part; without the flag nothing is fetched.
+#[tokio::test]
+async fn image_urls_are_fetched_only_as_allowed() {
+    use base64::Engine as _;
+    use mlxd::server::image_urls::{FetchLimits, ImageFetcher, ImageUrlPolicy};
+    let limit = image_bytes("square64").len() + 100;
+    let port_holder = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let elsewhere = format!(
+        "http://localhost:{}/cat.png",
+        port_holder.local_addr().expect("address").port()
+    );
+    let host = image_host(limit, elsewhere).await;
+    let limits = FetchLimits {
+        max_bytes: limit,
+        timeout: std::time::Duration::from_millis(500),
+        ..FetchLimits::default()
+    };
+    let fetcher = |policy| ImageFetcher::new(policy, limits).expect("fetcher");
+    let mut cfg = engine_config(&fixture().join("f32"));
+    cfg.max_model_len = Some(256);
+    let allowed = fetcher(ImageUrlPolicy::from_hosts(&["127.0.0.1".into()]));
+    let server = common::TestServer::start_adjusted(cfg.clone(), |state| state.image_urls = allowed).await;
+    let chat = |url: &str| {
+        serde_json::json!({
+            "model": "stories260k", "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "Describe this picture."}]}],
+        })
+    };
+    let data_url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(image_bytes("square64"))
+    );
+    let (status, by_data) = server.post_json("/v1/chat/completions", chat(&data_url)).await;
+    assert_eq!(status, 200, "{by_data}");
+    let reply = |body: &serde_json::Value| {
+        body["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("text")
+            .to_string()
+    };
+    let want = reply(&by_data);
+    let cat = format!("{host}/cat.png");
+    let (status, body) = server.post_json("/v1/chat/completions", chat(&cat)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(reply(&body), want, "the fetched image reads as its data: URL");
+    let responses = serde_json::json!({
+        "model": "stories260k", "temperature": 0, "max_output_tokens": 8,
+        "input": [{"role": "user", "content": [
+            {"type": "input_image", "image_url": cat},
+            {"type": "input_text", "text": "Describe this picture."}]}],
+    });
+    let (status, body) = server.post_json("/v1/responses", responses).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["output"][0]["content"][0]["text"], want.as_str(), "{body}");
+    let tokenize = |url: &str| serde_json::json!({"model": "stories260k", "messages": chat(url)["messages"]});
+    let (_, by_data) = server.post_json("/tokenize", tokenize(&data_url)).await;
+    let (status, body) = server.post_json("/tokenize", tokenize(&cat)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], by_data["count"], "{body}");
+
+    let field = "messages[0].content[0].image_url.url";
+    let refused = |body: &serde_json::Value, why: &str| {
+        assert_eq!(body["error"]["param"], field, "{body}");
+        assert!(openai_message(body).contains(why), "{why}: {body}");
+    };
+    for (path, why) in [
+        ("big.png", "larger than"),
+        ("gone.png", "HTTP 404"),
+        ("moved.png", "not among the hosts"),
+        ("slow.png", "timed out"),
+    ] {
+        let (status, body) = server
+            .post_json("/v1/chat/completions", chat(&format!("{host}/{path}")))
+            .await;
+        assert_eq!(status, 400, "{path}: {body}");
+        refused(&body, why);
+    }
+    let (status, body) = server
+        .post_json("/v1/chat/completions", chat("ftp://127.0.0.1/cat.png"))
+        .await;
+    assert_eq!(status, 400);
+    refused(&body, "http(s)");
+
+    // Any public host: loopback is refused by address, and by what a name resolves to.
+    let public =
+        common::TestServer::start_adjusted(cfg.clone(), |state| state.image_urls = fetcher(ImageUrlPolicy::Public))
+            .await;
+    let (status, body) = public.post_json("/v1/chat/completions", chat(&cat)).await;
+    assert_eq!(status, 400);
+    refused(&body, "not a public address");
+    let by_name = cat.replace("127.0.0.1", "localhost");
+    let (status, body) = public.post_json("/v1/chat/completions", chat(&by_name)).await;
+    assert_eq!(status, 400);
+    refused(&body, "no public address");
+
+    // By default nothing is fetched.
+    let default = common::TestServer::start(cfg).await;
+    let (status, body) = default.post_json("/v1/chat/completions", chat(&cat)).await;
+    assert_eq!(status, 400);
+    refused(&body, "--allow-image-urls");
+    drop(port_holder);
+}

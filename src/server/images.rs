@@ -1,4 +1,5 @@
-//! Images as the APIs send them, to bytes: OpenAI's `image_url` (a base64 `data:` URL),
+//! Images as the APIs send them, to bytes: OpenAI's `image_url` (a base64 `data:` URL; remote
+//! ones are fetched by `image_urls`),
 //! Ollama's `images` (bare base64) and Anthropic's `image` blocks (a base64 source). Decoding
 //! the pictures themselves is validation's job (`request::ImageProcessor`); this only unwraps
 //! the transport, so every API refuses a bad wrapper in its own words.
@@ -10,14 +11,12 @@ use base64::Engine as _;
 
 use crate::text::ChatImage;
 
-/// The bytes of a `data:[<media type>][;base64],<data>` URL. Remote URLs are refused: mlxd
-/// fetches nothing on a client's behalf.
+/// The bytes of a `data:[<media type>][;base64],<data>` URL (remote URLs are `image_urls`'
+/// business).
 pub fn from_data_url(url: &str) -> Result<Vec<u8>, String> {
     let Some(rest) = url.strip_prefix("data:") else {
         let shown: String = url.chars().take(40).collect();
-        return Err(format!(
-            "only base64 `data:` URLs are accepted (got `{shown}`); mlxd does not fetch image URLs"
-        ));
+        return Err(format!("`{shown}` is not a data: URL"));
     };
     let Some((header, data)) = rest.split_once(',') else {
         return Err("a data: URL needs a comma before its data".into());
@@ -54,7 +53,7 @@ mod tests {
         assert_eq!(from_data_url("data:;base64,aG\nk=").unwrap(), b"hi");
         assert!(from_data_url("https://example.com/cat.png")
             .unwrap_err()
-            .contains("does not fetch"));
+            .contains("not a data: URL"));
         assert!(from_data_url("data:image/png,hi").unwrap_err().contains("base64"));
         assert!(from_data_url("data:image/png;base64").unwrap_err().contains("comma"));
         assert!(from_data_url("data:image/png;base64,@@@")

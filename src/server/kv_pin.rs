@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, AppJson};
-use super::openai::chat::to_template_messages;
+use super::openai::chat::{remote_images, to_template_messages};
 use super::openai::types::{ChatMessageIn, PromptInput};
 use super::AppState;
 use crate::output::collect;
@@ -66,7 +66,10 @@ async fn run(state: AppState, req: PinRequest, pin: bool) -> Result<Json<PinResp
     let prompts = req.prompt.map(PromptInput::into_prompts);
     let prompt = match (prompts.as_deref(), &req.messages) {
         (Some([one]), None) => one.clone(),
-        (None, Some(messages)) => Prompt::Chat(ChatPrompt::new(to_template_messages(messages)?)),
+        (None, Some(messages)) => {
+            let remote = remote_images(&state, messages).await?;
+            Prompt::Chat(ChatPrompt::new(to_template_messages(messages, &remote)?))
+        }
         _ => {
             return Err(ApiError::invalid(
                 "prompt",

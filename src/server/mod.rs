@@ -7,6 +7,7 @@ pub mod anthropic;
 pub mod auth;
 pub mod error;
 pub mod fit;
+pub mod image_urls;
 pub mod images;
 pub mod kv_pin;
 pub mod listen;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub strict_context: bool,
     /// Responses kept for the Responses API's `previous_response_id` and `GET`.
     pub responses: Arc<openai::responses::store::ResponseStore>,
+    /// Fetches requests' `http(s)` image URLs (`--allow-image-urls`; by default it refuses them).
+    pub image_urls: image_urls::ImageFetcher,
     /// One permit per request running or queued; none left means 429.
     admission: Arc<Semaphore>,
     /// Set once shutdown began: new generations get 503.
@@ -112,6 +115,7 @@ impl AppState {
             ui: true,
             strict_context: false,
             responses: Arc::new(openai::responses::store::ResponseStore::new(Default::default())),
+            image_urls: image_urls::ImageFetcher::default(),
             admission: Arc::new(Semaphore::new(admission_limit)),
             draining: Arc::new(AtomicBool::new(false)),
         }

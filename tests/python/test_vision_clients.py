@@ -138,3 +138,45 @@ def test_an_ollama_store_model_with_a_projector_layer_takes_images(tmp_path):
         assert r.done and r.eval_count == 4 and r.prompt_eval_count > 4
         with pytest.raises(ollama.ResponseError, match="model `gemma3:tiny-text` has no vision input"):
             client.chat(model="gemma3:tiny-text", messages=ask)
+
+
+def test_an_image_url_is_fetched_only_with_allow_image_urls(vision_url, expected):
+    """The OpenAI SDK's `image_url` with an http URL (a loopback image server): refused unless
+    the server runs with `--allow-image-urls`; with it and the host named, the fetched image
+    gives the data URL's answer; with it and no host named, loopback is refused as not public."""
+    import http.server
+    import threading
+
+    class Image(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = IMAGE.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Image)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{host.server_address[1]}/cat.png"
+
+    def ask(base):
+        return openai.OpenAI(base_url=base + "/v1", api_key="unused").chat.completions.create(
+            model="gemma3-vision", max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                   {"type": "text", "text": TEXT}]}])
+
+    try:
+        with pytest.raises(openai.BadRequestError, match="--allow-image-urls"):
+            ask(vision_url)
+        served = ["--served-model-name", "gemma3-vision"]
+        for base in _start([*served, "--allow-image-urls", "127.0.0.1"], model=DATA / "f32"):
+            assert ask(base).choices[0].message.content == expected
+        for base in _start([*served, "--allow-image-urls"], model=DATA / "f32"):
+            with pytest.raises(openai.BadRequestError, match="not a public address"):
+                ask(base)
+    finally:
+        host.shutdown()

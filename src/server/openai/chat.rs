@@ -22,6 +22,7 @@ use super::{
 use crate::output::{GeneratedToken, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage};
 use crate::server::error::{ApiError, AppJson};
+use crate::server::image_urls::RemoteImages;
 use crate::server::{fit, images, AppState};
 use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
 use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
@@ -41,7 +42,8 @@ pub async fn chat_completions(
     State(state): State<AppState>,
     AppJson(req): AppJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let spec = to_spec(&req, state.reasoning)?;
+    let remote = remote_images(&state, &req.messages).await?;
+    let spec = to_spec(&req, state.reasoning, &remote)?;
     let n = check_n(req.sampling.n, 1)?;
     let model = state.model(req.model.as_deref()).await?;
     // A chat UI's conversation that outgrew a small context is fitted as Ollama fits it.
@@ -112,7 +114,11 @@ fn message_out(content: String, reasoning: String, calls: &[ToolCall]) -> ChatMe
 
 /// The wire request as an API-neutral spec (OpenAI's defaults; ranges are checked later);
 /// `reasoning` is the server's default for thoughts.
-fn to_spec(req: &ChatCompletionRequest, reasoning: ReasoningMode) -> Result<GenerationSpec, ApiError> {
+fn to_spec(
+    req: &ChatCompletionRequest,
+    reasoning: ReasoningMode,
+    remote: &RemoteImages,
+) -> Result<GenerationSpec, ApiError> {
     reject_unknown(&req.unknown, "")?;
     check_stream_options(req.stream, req.stream_options.as_ref())?;
     let constraint = response_constraint(req.response_format.as_ref())?;
@@ -123,7 +129,7 @@ fn to_spec(req: &ChatCompletionRequest, reasoning: ReasoningMode) -> Result<Gene
         ));
     }
     let logprobs = req.logprobs.then(|| req.top_logprobs.unwrap_or(0));
-    let mut chat = ChatPrompt::new(to_template_messages(&req.messages)?);
+    let mut chat = ChatPrompt::new(to_template_messages(&req.messages, remote)?);
     chat.tools = tool_set(req)?;
     chat.template_kwargs = req.chat_template_kwargs.clone().unwrap_or_default();
     if let Some(effort) = &req.reasoning_effort {
@@ -172,8 +178,29 @@ fn tool_set(req: &ChatCompletionRequest) -> Result<ToolSet, ApiError> {
     })
 }
 
-/// Validates roles and flattens content parts into the template's messages.
-pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+/// The `http(s)` images of a conversation's `image_url` parts, fetched as the server's
+/// `--allow-image-urls` allows (a refused or failed one is a 400 naming its part).
+pub async fn remote_images(state: &AppState, messages: &[ChatMessageIn]) -> Result<RemoteImages, ApiError> {
+    let mut urls = Vec::new();
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(MessageContent::Parts(parts)) = &m.content {
+            for (j, p) in parts.iter().enumerate() {
+                if let Some(image) = &p.image_url {
+                    urls.push((format!("messages[{i}].content[{j}].image_url.url"), image.url.clone()));
+                }
+            }
+        }
+    }
+    state
+        .image_urls
+        .fetch_all(urls)
+        .await
+        .map_err(|(field, e)| ApiError::invalid(&field, e))
+}
+
+/// Validates roles and flattens content parts into the template's messages; image URLs are
+/// `data:` URLs or among the `remote` images fetched for the request.
+pub fn to_template_messages(messages: &[ChatMessageIn], remote: &RemoteImages) -> Result<Vec<ChatMessage>, ApiError> {
     messages
         .iter()
         .enumerate()
@@ -208,7 +235,8 @@ pub fn to_template_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessag
                                         format!("unknown detail '{detail}' (expected one of {})", DETAILS.join(", ")),
                                     ));
                                 }
-                                let bytes = images::from_data_url(&image.url)
+                                let bytes = remote
+                                    .bytes(&image.url)
                                     .map_err(|e| ApiError::invalid(&format!("{at}.image_url.url"), e))?;
                                 images.push(images::chat_image(bytes, text.len()));
                             }

@@ -7,7 +7,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::chat::to_template_messages;
+use super::chat::{remote_images, to_template_messages};
 use super::reject_unknown;
 use super::types::{ChatMessageIn, UnknownFields};
 use crate::request::{tokenize_prompt, Prompt};
@@ -85,7 +85,8 @@ pub async fn tokenize(
         (None, Some(messages)) => {
             // Validation's own tokenization, so images count as the soft tokens they become
             // (decoding them is CPU work: off the async threads, as a request's validation).
-            let prompt = Prompt::Chat(ChatPrompt::new(to_template_messages(&messages)?));
+            let remote = remote_images(&state, &messages).await?;
+            let prompt = Prompt::Chat(ChatPrompt::new(to_template_messages(&messages, &remote)?));
             let (codec, limits) = (codec.clone(), model.limits.clone());
             tokio::task::spawn_blocking(move || tokenize_prompt(prompt, &codec, &limits))
                 .await

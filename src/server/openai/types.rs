@@ -99,8 +99,8 @@ pub struct ContentPart {
 /// An `image_url` part's image.
 #[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct ImageUrl {
-    /// A base64 `data:` URL (`data:image/png;base64,…`; PNG, JPEG, WebP or GIF). Remote URLs
-    /// are refused.
+    /// A base64 `data:` URL (`data:image/png;base64,…`; PNG, JPEG, WebP or GIF), or an
+    /// `http(s)` URL where the server was started with `--allow-image-urls`.
     pub url: String,
     /// `auto`, `low` or `high`. Accepted for compatibility: every image is seen at the one
     /// resolution the model's processor takes.

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use super::types::ResponsesRequest;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use crate::server::error::ApiError;
+use crate::server::image_urls::RemoteImages;
 use crate::server::images;
 use crate::server::openai::{reject_unknown_keys, response_constraint, tool_choice_word};
 use crate::text::tools::{ToolChoice, ToolSet};
@@ -63,7 +64,41 @@ const THOUGHT_TAG: &str = "mlxd-thought:";
 
 /// Reads a request whose earlier conversation (the stored chain of `previous_response_id`, as
 /// items) is `history`; `reasoning` is the server's default for thoughts.
-pub fn prepare(req: &ResponsesRequest, history: &[Value], reasoning: ReasoningMode) -> Result<Prepared, ApiError> {
+/// The image URLs of the stored `history` and the request's input (`(field, url)`), fetched
+/// before `prepare` where they are remote.
+pub fn image_urls(req: &ResponsesRequest, history: &[Value]) -> Vec<(String, String)> {
+    let items = input_items(req.input.as_ref()).unwrap_or_default();
+    let stored = history.iter().map(|item| (None, item));
+    let given = items.iter().enumerate().map(|(i, item)| (Some(i), item));
+    let mut urls = Vec::new();
+    for (i, item) in stored.chain(given) {
+        let Some(parts) = item.get("content").and_then(Value::as_array) else {
+            continue;
+        };
+        for (j, part) in parts.iter().enumerate() {
+            if part.get("type").and_then(Value::as_str) != Some("input_image") {
+                continue;
+            }
+            if let Some(url) = part.get("image_url").and_then(Value::as_str) {
+                let field = match i {
+                    Some(i) => format!("input[{i}].content[{j}].image_url"),
+                    None => "previous_response_id".to_string(),
+                };
+                urls.push((field, url.to_string()));
+            }
+        }
+    }
+    urls
+}
+
+/// The request (after the `history` it continues) as a generation, with the `remote` images
+/// fetched for it.
+pub fn prepare(
+    req: &ResponsesRequest,
+    history: &[Value],
+    reasoning: ReasoningMode,
+    remote: RemoteImages,
+) -> Result<Prepared, ApiError> {
     if let Some(name) = req.unknown.keys().find(|k| !ADVISORY.contains(&k.as_str())) {
         let why = match name.as_str() {
             "background" => "background responses are not supported",
@@ -97,7 +132,10 @@ pub fn prepare(req: &ResponsesRequest, history: &[Value], reasoning: ReasoningMo
     if let Some(instructions) = req.instructions.as_deref().filter(|i| !i.is_empty()) {
         messages.push(ChatMessage::new("system", instructions));
     }
-    let mut reader = ItemReader::default();
+    let mut reader = ItemReader {
+        remote,
+        ..ItemReader::default()
+    };
     for (i, item) in history.iter().enumerate() {
         reader
             .read(item, &mut messages)
@@ -196,6 +234,8 @@ fn merge_leading_system(messages: Vec<ChatMessage>) -> Vec<ChatMessage> {
 struct ItemReader {
     /// The name of each call seen, by call id (a tool message names its function).
     call_names: HashMap<String, String>,
+    /// The request's remote images, fetched.
+    remote: RemoteImages,
 }
 
 /// Which part of an assistant turn an item is; a turn's parts come in this order.
@@ -259,7 +299,7 @@ impl ItemReader {
                         ))
                     }
                 };
-                let (text, images) = content_parts(obj.get("content"), parts)?;
+                let (text, images) = content_parts(obj.get("content"), parts, &self.remote)?;
                 if role == "assistant" {
                     let turn = self.assistant_turn(out, Part::Text);
                     join(&mut turn.content, &text);
@@ -364,13 +404,18 @@ pub fn seal_thought(thought: &str) -> String {
 /// Content as text: a string, or parts of the `allowed` types joined; files and audio are
 /// refused by name.
 fn content_text(content: Option<&Value>, allowed: &[&str]) -> Result<String, ApiError> {
-    Ok(content_parts(content, allowed)?.0)
+    // No image part is allowed where only text is read.
+    Ok(content_parts(content, allowed, &RemoteImages::default())?.0)
 }
 
 /// Content as text and images: a string, or parts of the `allowed` types (`input_image`: a
 /// base64 `data:` URL, standing where it comes in the text); files and audio are refused by
 /// name.
-fn content_parts(content: Option<&Value>, allowed: &[&str]) -> Result<(String, Vec<ChatImage>), ApiError> {
+fn content_parts(
+    content: Option<&Value>,
+    allowed: &[&str],
+    remote: &RemoteImages,
+) -> Result<(String, Vec<ChatImage>), ApiError> {
     match content {
         Some(Value::String(s)) => Ok((s.clone(), Vec::new())),
         Some(Value::Array(parts)) => {
@@ -388,7 +433,7 @@ fn content_parts(content: Option<&Value>, allowed: &[&str]) -> Result<(String, V
                     ));
                 }
                 if kind == "input_image" {
-                    pictures.push(images::chat_image(input_image(part, j)?, text.len()));
+                    pictures.push(images::chat_image(input_image(part, j, remote)?, text.len()));
                     continue;
                 }
                 let known: &[&str] = match kind {
@@ -423,8 +468,9 @@ fn content_parts(content: Option<&Value>, allowed: &[&str]) -> Result<(String, V
     }
 }
 
-/// The bytes of an `input_image` part (the `j`th): its `image_url`, a base64 `data:` URL.
-fn input_image(part: &Value, j: usize) -> Result<Vec<u8>, ApiError> {
+/// The bytes of an `input_image` part (the `j`th): its `image_url`, a base64 `data:` URL or
+/// one of the `remote` images fetched.
+fn input_image(part: &Value, j: usize, remote: &RemoteImages) -> Result<Vec<u8>, ApiError> {
     let at = |key: &str| format!("content[{j}].{key}");
     if let Some(extra) = part.as_object().and_then(|o| {
         o.keys()
@@ -455,7 +501,7 @@ fn input_image(part: &Value, j: usize) -> Result<Vec<u8>, ApiError> {
         .get("image_url")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::invalid(&at("image_url"), "an input_image part needs 'image_url' (a string)"))?;
-    images::from_data_url(url).map_err(|e| ApiError::invalid(&at("image_url"), e))
+    remote.bytes(url).map_err(|e| ApiError::invalid(&at("image_url"), e))
 }
 
 /// An error about a part renamed under the field it was found in.

@@ -55,7 +55,12 @@ pub async fn create_response(
             }
         })?,
     };
-    let prepared = input::prepare(&req, &history, state.reasoning)?;
+    let remote = state
+        .image_urls
+        .fetch_all(input::image_urls(&req, &history))
+        .await
+        .map_err(|(field, e)| ApiError::invalid(&field, e))?;
+    let prepared = input::prepare(&req, &history, state.reasoning, remote)?;
     let model = state.model(req.model.as_deref()).await?;
     let truncate = prepared.truncate;
     let request = fit::validate_fitted(&state, &model, prepared.spec, truncate)
