@@ -547,7 +547,7 @@ async fn image_host(limit: usize, moved_to: String) -> String {
 }
 
 /// `--allow-image-urls`: a remote image is fetched and read as its data: URL would be, on the
-/// OpenAI chat, Responses and /tokenize paths; the host list, the public-address rule (also
+/// OpenAI chat, Responses, Anthropic (`url` sources) and /tokenize paths; the host list, the public-address rule (also
 /// through DNS), the size and time limits and redirects are enforced, each failure a 400 naming
 /// the part; without the flag nothing is fetched.
 #[tokio::test]
@@ -605,6 +605,26 @@ async fn image_urls_are_fetched_only_as_allowed() {
     let (status, body) = server.post_json("/v1/responses", responses).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["output"][0]["content"][0]["text"], want.as_str(), "{body}");
+    let anthropic = |url: &str| {
+        serde_json::json!({
+            "model": "stories260k", "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": [
+                {"type": "image", "source": {"type": "url", "url": url}},
+                {"type": "text", "text": "Describe this picture."}]}],
+        })
+    };
+    let (status, body) = server.post_json("/v1/messages", anthropic(&cat)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["content"][0]["text"], want.as_str(), "{body}");
+    let (status, body) = server
+        .post_json("/v1/messages", anthropic(&format!("{host}/gone.png")))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert!(
+        openai_message(&body).contains("messages.0.content.0.source.url: fetching"),
+        "{body}"
+    );
     let tokenize = |url: &str| serde_json::json!({"model": "stories260k", "messages": chat(url)["messages"]});
     let (_, by_data) = server.post_json("/tokenize", tokenize(&data_url)).await;
     let (status, body) = server.post_json("/tokenize", tokenize(&cat)).await;

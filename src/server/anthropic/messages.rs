@@ -13,6 +13,7 @@ use super::types::{MessagesContent, MessagesReply, MessagesRequest, MessagesTurn
 use super::{AnthropicError, AnthropicJson};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, RequestError, SamplingParams, Usage};
+use crate::server::image_urls::RemoteImages;
 use crate::server::openai::{choices, new_id};
 use crate::server::{images, AppState};
 use crate::text::grammar::OutputConstraint;
@@ -32,7 +33,8 @@ pub async fn messages(
     let max_tokens = req
         .max_tokens
         .ok_or_else(|| AnthropicError::invalid("max_tokens", "max_tokens: Field required"))?;
-    let spec = to_spec(&req, Some(max_tokens), state.reasoning)?;
+    let remote = remote_images(&state, &req).await?;
+    let spec = to_spec(&req, Some(max_tokens), state.reasoning, &remote)?;
     let model = state.model(req.model.as_deref()).await?;
     let request = state.validate(&model, spec).await?;
     let prompt_tokens = request.prompt().len() as u32;
@@ -74,7 +76,8 @@ pub async fn count_tokens(
     State(state): State<AppState>,
     AnthropicJson(req): AnthropicJson<MessagesRequest>,
 ) -> Result<Json<TokenCount>, AnthropicError> {
-    let spec = to_spec(&req, None, state.reasoning)?;
+    let remote = remote_images(&state, &req).await?;
+    let spec = to_spec(&req, None, state.reasoning, &remote)?;
     let model = state.model(req.model.as_deref()).await?;
     let input_tokens = match state.validate(&model, spec).await {
         Ok(request) => request.prompt().len(),
@@ -123,11 +126,41 @@ fn tool_use_block(call: &ToolCall, with_input: bool) -> Value {
     json!({"type": "tool_use", "id": call.id, "name": call.name, "input": input})
 }
 
-/// The wire request as an API-neutral spec; `max_tokens` None for counting tokens.
+/// The `url` image sources of a request's turns, fetched as the server's `--allow-image-urls`
+/// allows (a refused or failed one is a 400 naming its source).
+async fn remote_images(state: &AppState, req: &MessagesRequest) -> Result<RemoteImages, AnthropicError> {
+    let mut urls = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        let MessagesContent::Blocks(blocks) = &m.content else {
+            continue;
+        };
+        for (j, block) in blocks.iter().enumerate() {
+            let source = block
+                .get("source")
+                .filter(|_| block.get("type") == Some(&json!("image")));
+            if let Some(url) = source
+                .filter(|s| s.get("type") == Some(&json!("url")))
+                .and_then(|s| s.get("url"))
+                .and_then(Value::as_str)
+            {
+                urls.push((format!("messages.{i}.content.{j}.source.url"), url.to_string()));
+            }
+        }
+    }
+    state
+        .image_urls
+        .fetch_all(urls)
+        .await
+        .map_err(|(field, e)| AnthropicError::invalid(&field, format!("{field}: {e}")))
+}
+
+/// The wire request as an API-neutral spec; `max_tokens` None for counting tokens; `url`
+/// image sources are among the `remote` images fetched for it.
 fn to_spec(
     req: &MessagesRequest,
     max_tokens: Option<u32>,
     reasoning: ReasoningMode,
+    remote: &RemoteImages,
 ) -> Result<GenerationSpec, AnthropicError> {
     if let Some(name) = req.unknown.keys().find(|k| !ADVISORY.contains(&k.as_str())) {
         return Err(AnthropicError::invalid(
@@ -149,7 +182,7 @@ fn to_spec(
         }
     }
     for (i, m) in req.messages.iter().enumerate() {
-        append_turn(&mut messages, m, &format!("messages.{i}"))?;
+        append_turn(&mut messages, m, &format!("messages.{i}"), remote)?;
     }
     if let Some(keep) = thinking_turns_kept(req.context_management.as_ref())? {
         clear_old_thoughts(&mut messages, keep);
@@ -316,7 +349,12 @@ fn read_output_config(config: Option<&Value>) -> Result<(Option<String>, Option<
 /// Appends one wire turn to the template's messages: a user turn's tool results become `tool`
 /// messages (in block order, its text between them as user messages); an assistant turn's
 /// blocks become one message with its text, thought and calls; a system turn stays one.
-fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result<(), AnthropicError> {
+fn append_turn(
+    out: &mut Vec<ChatMessage>,
+    m: &MessagesTurn,
+    at: &str,
+    remote: &RemoteImages,
+) -> Result<(), AnthropicError> {
     if let Some(name) = m.unknown.keys().next() {
         return Err(AnthropicError::invalid(
             &format!("{at}.{name}"),
@@ -339,7 +377,14 @@ fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result
                 let at = format!("{at}.content.{j}");
                 match read_block(block, &at, &["text", "image", "tool_result"])? {
                     Block::Text(t) => join(&mut text, &t),
-                    Block::Image(bytes) => pictures.push(images::chat_image(bytes, text.len())),
+                    Block::Image(ImageSource::Bytes(bytes)) => pictures.push(images::chat_image(bytes, text.len())),
+                    Block::Image(ImageSource::Url(url)) => {
+                        let field = format!("{at}.source.url");
+                        let bytes = remote
+                            .bytes(&url)
+                            .map_err(|e| AnthropicError::invalid(&field, format!("{field}: {e}")))?;
+                        pictures.push(images::chat_image(bytes, text.len()));
+                    }
                     Block::ToolResult { id, content } => {
                         if !text.is_empty() || !pictures.is_empty() {
                             out.push(user(&mut text, &mut pictures));
@@ -392,17 +437,32 @@ fn append_turn(out: &mut Vec<ChatMessage>, m: &MessagesTurn, at: &str) -> Result
 }
 
 /// The bytes of an image block's `source`: `{"type": "base64", "media_type": …, "data": …}`.
-/// URL and file sources are refused: mlxd fetches nothing and keeps no files.
-fn image_source(source: Option<&Value>, at: &str) -> Result<Vec<u8>, AnthropicError> {
+/// An image block's source: its bytes (base64), or a URL fetched before conversion.
+enum ImageSource {
+    Bytes(Vec<u8>),
+    Url(String),
+}
+
+/// A base64 or URL source (the URL is fetched only under `--allow-image-urls`); file sources
+/// are refused: mlxd keeps no files.
+fn image_source(source: Option<&Value>, at: &str) -> Result<ImageSource, AnthropicError> {
     let invalid = |message: String| AnthropicError::invalid(at, format!("{at}: {message}"));
     let Some(source) = source.and_then(Value::as_object) else {
         return Err(invalid("Field required (an object)".into()));
     };
     match source.get("type").and_then(Value::as_str) {
         Some("base64") => {}
+        Some("url") => {
+            if let Some(key) = source.keys().find(|k| !["type", "url"].contains(&k.as_str())) {
+                return Err(invalid(format!("{key}: Extra inputs are not permitted")));
+            }
+            let url = source.get("url").and_then(Value::as_str);
+            let url = url.ok_or_else(|| invalid("url: Field required (a string)".into()))?;
+            return Ok(ImageSource::Url(url.to_string()));
+        }
         Some(other) => {
             return Err(invalid(format!(
-                "'{other}' sources are not supported (only base64: mlxd fetches no URLs)"
+                "'{other}' sources are not supported (base64, or url under --allow-image-urls)"
             )))
         }
         None => return Err(invalid("type: Field required".into())),
@@ -425,7 +485,8 @@ fn image_source(source: Option<&Value>, at: &str) -> Result<Vec<u8>, AnthropicEr
         .get("data")
         .and_then(Value::as_str)
         .ok_or_else(|| invalid("data: Field required (a string)".into()))?;
-    images::from_base64(data).map_err(|e| invalid(format!("data {e}")))
+    let bytes = images::from_base64(data).map_err(|e| invalid(format!("data {e}")))?;
+    Ok(ImageSource::Bytes(bytes))
 }
 
 /// Appends a block's text to what came before, a blank line between them.
@@ -439,18 +500,10 @@ fn join(text: &mut String, more: &str) {
 /// One content block of the conversation, read.
 enum Block {
     Text(String),
-    /// An image's bytes (a base64 source).
-    Image(Vec<u8>),
+    Image(ImageSource),
     Thinking(String),
-    ToolUse {
-        id: String,
-        name: String,
-        input: Value,
-    },
-    ToolResult {
-        id: String,
-        content: String,
-    },
+    ToolUse { id: String, name: String, input: Value },
+    ToolResult { id: String, content: String },
 }
 
 /// Reads a content block of one of the `allowed` types; every key it carries is used or
