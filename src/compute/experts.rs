@@ -6,7 +6,10 @@
 //! Experts run grouped: the rows routed to an expert are gathered and multiplied by that
 //! expert's weights in one product, so each expert's weights are read once per step for all
 //! its rows (weight-stationary, whatever the batch) and no expert without rows is touched.
-//! Outputs are added back in ascending expert order, as transformers does.
+//! Outputs are added back in ascending expert order, as transformers does. On the CPU, experts
+//! in the kernels' packed formats (GGUF and MLX quantized) go one step further: all of a
+//! layer's routed experts are multiplied in one parallel pass per projection
+//! (`forward_on_host`), so a step pays one dispatch per projection, not one per expert.
 //!
 //! The routing (softmax and top-k over a few experts per token) is decided on the host; on a
 //! GPU that is one small copy per layer, which keeps such steps out of CUDA graphs. With
@@ -17,6 +20,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use super::cpu::kernels::grouped_product;
+use super::cpu::packed::PackedMatrix;
 use super::layers::{GatedMlp, Linear, RmsNorm};
 
 /// How the router's scores become per-token expert weights.
@@ -37,6 +42,9 @@ pub struct SparseMoe {
     /// One MLP per expert; empty where `grouped` holds them.
     experts: Vec<GatedMlp>,
     routing: Routing,
+    /// Whether the experts are the CPU kernels' packed matrices, all multiplied in one pass
+    /// per projection (`forward_on_host`).
+    on_host: bool,
     /// The experts stacked on the GPU, where its kernels take them.
     #[cfg(feature = "cuda")]
     grouped: Option<crate::compute::cuda::moe::DeviceExperts>,
@@ -61,12 +69,19 @@ impl SparseMoe {
         };
         #[cfg(feature = "cuda")]
         let experts = if grouped.is_some() { Vec::new() } else { experts };
+        let on_host = !experts.is_empty()
+            && experts.iter().all(|e| {
+                e.activation() == experts[0].activation()
+                    && e.down().packed_blocks().is_some()
+                    && e.gate_up_parts().iter().all(|p| p.packed_blocks().is_some())
+            });
         Ok(Self {
             router,
             router_norm: None,
             expert_scales: None,
             experts,
             routing,
+            on_host,
             #[cfg(feature = "cuda")]
             grouped,
         })
@@ -113,6 +128,9 @@ impl SparseMoe {
                 group.weights.iter_mut().for_each(|w| *w *= scale);
             }
         }
+        if self.on_host && x.dtype() == DType::F32 && x.device().is_cpu() {
+            return self.forward_on_host(&groups, x);
+        }
         let mut outputs = Vec::new();
         let mut rows: Vec<u32> = Vec::new();
         for (expert, group) in self.experts.iter().zip(&groups) {
@@ -132,6 +150,77 @@ impl SparseMoe {
         }
         let n = rows.len();
         out.index_add(&Tensor::from_vec(rows, n, x.device())?, &Tensor::cat(&outputs, 0)?, 0)
+    }
+}
+
+impl SparseMoe {
+    /// `forward`'s experts on the CPU kernels' packed matrices: every routed expert's gate and
+    /// up products in one parallel pass (`kernels::grouped_product`), their activations, every
+    /// down product in a second pass, then each row's weighted outputs added in ascending
+    /// expert order. The same numbers as one product per expert, without a dispatch (and a
+    /// round of tensor ops) per expert: a decode step routes each token to several experts,
+    /// and a batch's rows to dozens.
+    fn forward_on_host(&self, groups: &[ExpertRows], x: &Tensor) -> Result<Tensor> {
+        let (tokens, hidden) = x.dims2()?;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        fn blocks(layer: &Linear) -> &PackedMatrix {
+            layer.packed_blocks().expect("on_host experts are packed")
+        }
+        let active: Vec<(&GatedMlp, &ExpertRows)> = self
+            .experts
+            .iter()
+            .zip(groups)
+            .filter(|(_, g)| !g.rows.is_empty())
+            .collect();
+        let inputs: Vec<Vec<f32>> = active
+            .iter()
+            .map(|(_, g)| {
+                g.rows
+                    .iter()
+                    .flat_map(|&r| &xs[r as usize * hidden..(r as usize + 1) * hidden])
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let mut jobs = Vec::new();
+        for ((mlp, g), input) in active.iter().zip(&inputs) {
+            for part in mlp.gate_up_parts() {
+                jobs.push((blocks(part), &input[..], g.rows.len()));
+            }
+        }
+        let mut gate_ups = grouped_product(&jobs).into_iter();
+        let mut activated = Vec::with_capacity(active.len());
+        for (mlp, g) in &active {
+            let n = g.rows.len();
+            let mut next = |cols: usize| -> Result<Tensor> {
+                let values = gate_ups.next().expect("one product per part");
+                Tensor::from_vec(values, (n, cols), x.device())
+            };
+            let (gate, up) = match mlp.gate_up_parts()[..] {
+                [both] => {
+                    let both = next(blocks(both).out_dim())?;
+                    let width = both.dim(1)? / 2;
+                    (both.narrow(1, 0, width)?, both.narrow(1, width, width)?)
+                }
+                [gate, up] => (next(blocks(gate).out_dim())?, next(blocks(up).out_dim())?),
+                _ => candle_core::bail!("an expert's gate and up come as one layer or two"),
+            };
+            activated.push(mlp.activation().gated(&gate, &up)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let jobs: Vec<_> = active
+            .iter()
+            .zip(&activated)
+            .map(|((mlp, g), a)| (blocks(mlp.down()), &a[..], g.rows.len()))
+            .collect();
+        let outputs = grouped_product(&jobs);
+        let mut out = vec![0f32; tokens * hidden];
+        for ((_, g), y) in active.iter().zip(&outputs) {
+            for ((&row, &weight), y) in g.rows.iter().zip(&g.weights).zip(y.chunks_exact(hidden)) {
+                let dst = &mut out[row as usize * hidden..(row as usize + 1) * hidden];
+                dst.iter_mut().zip(y).for_each(|(d, &v)| *d += v * weight);
+            }
+        }
+        Tensor::from_vec(out, (tokens, hidden), x.device())
     }
 }
 

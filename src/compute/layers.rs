@@ -9,6 +9,7 @@ use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::cpu::host_ops;
+use super::cpu::packed::PackedMatrix;
 use super::cpu::HostMatrix;
 use super::fused::{self, runs_kernels};
 
@@ -40,6 +41,15 @@ impl Linear {
     /// A dense layer over an existing weight (tied embeddings).
     pub fn from_weight(weight: Tensor) -> Self {
         Self::Dense(candle_nn::Linear::new(weight, None))
+    }
+
+    /// The CPU kernels' block-quantized matrix of a layer without bias, if it is one (the
+    /// experts of a mixture are multiplied together through it).
+    pub fn packed_blocks(&self) -> Option<&PackedMatrix> {
+        match self {
+            Self::Packed(w, None) => w.as_blocks(),
+            _ => None,
+        }
     }
 
     /// The layer's own bias, if any.

@@ -86,7 +86,8 @@ impl HostMatrix {
         Ok(halves.and_then(|h| HalfMatrix::stack(&h)).map(Self::Half))
     }
 
-    fn as_blocks(&self) -> Option<&PackedMatrix> {
+    /// The block-quantized matrix, unless this is an f16 one.
+    pub fn as_blocks(&self) -> Option<&PackedMatrix> {
         match self {
             Self::Blocks(m) => Some(m),
             Self::Half(_) => None,

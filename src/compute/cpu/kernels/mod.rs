@@ -245,20 +245,73 @@ pub fn product(w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
 /// `product` on a chosen kernel (tests and benchmarks compare them).
 pub fn product_with(kernel: Kernel, w: &PackedMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     let acts = Activations::quantize(x, rows, w);
-    over_panels(w.panels, rows, w.rows, |panels, output| match kernel {
+    over_panels(w.panels, rows, w.rows, |panels, output| {
+        product_of_panels(kernel, w, &acts, panels, output)
+    })
+}
+
+/// The products `x · Wᵀ` of several matrices (`jobs`: a matrix, its `[rows, w.cols]` inputs,
+/// their row count), `[rows, w.rows]` each, in one parallel pass over every job's panels: many
+/// small products (a step's experts) cost one dispatch and share the threads evenly. Each is
+/// the same as its own `product`.
+pub fn grouped_product(jobs: &[(&PackedMatrix, &[f32], usize)]) -> Vec<Vec<f32>> {
+    let kernel = Kernel::detect();
+    let acts: Vec<Activations> = jobs
+        .par_iter()
+        .map(|&(w, x, rows)| Activations::quantize(x, rows, w))
+        .collect();
+    // Every element is written below (the tasks cover every panel of every job), so the
+    // buffers are not zeroed first.
+    let mut outs: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|&(w, _, rows)| Vec::with_capacity(rows * w.rows))
+        .collect();
+    let outputs: Vec<Output> = outs
+        .iter_mut()
+        .zip(jobs)
+        .map(|(out, &(w, _, rows))| Output {
+            ptr: out.as_mut_ptr(),
+            rows,
+            cols: w.rows,
+        })
+        .collect();
+    let units: usize = jobs.iter().map(|(w, _, _)| w.panels / PANELS_PER_UNIT).sum();
+    let per_task = units.div_ceil(rayon::current_num_threads() * 8).max(1);
+    let tasks: Vec<(usize, Range<usize>)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(j, (w, _, _))| {
+            let units = w.panels / PANELS_PER_UNIT;
+            (0..units.div_ceil(per_task)).map(move |t| (j, t * per_task..((t + 1) * per_task).min(units)))
+        })
+        .collect();
+    tasks.par_iter().for_each(|(j, units)| {
+        let panels = units.start * PANELS_PER_UNIT..units.end * PANELS_PER_UNIT;
+        product_of_panels(kernel, jobs[*j].0, &acts[*j], panels, &outputs[*j]);
+    });
+    for (out, &(w, _, rows)) in outs.iter_mut().zip(jobs) {
+        // SAFETY: the capacity is `rows * w.rows` and every element was written (see above).
+        unsafe { out.set_len(rows * w.rows) };
+    }
+    outs
+}
+
+/// Columns `panels` of `x · Wᵀ` for every activation row, on `kernel`.
+fn product_of_panels(kernel: Kernel, w: &PackedMatrix, acts: &Activations, panels: Range<usize>, output: &Output) {
+    match kernel {
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx512Vnni => avx512::product(w, &acts, panels, output),
+        Kernel::Avx512Vnni => avx512::product(w, acts, panels, output),
         #[cfg(target_arch = "x86_64")]
-        Kernel::AvxVnni => avx2::product::<true>(w, &acts, panels, output),
+        Kernel::AvxVnni => avx2::product::<true>(w, acts, panels, output),
         #[cfg(target_arch = "x86_64")]
-        Kernel::Avx2 => avx2::product::<false>(w, &acts, panels, output),
+        Kernel::Avx2 => avx2::product::<false>(w, acts, panels, output),
         _ => portable::product(
             w,
-            &acts,
+            acts,
             (panels.start * PANEL).min(w.rows)..(panels.end * PANEL).min(w.rows),
             output,
         ),
-    })
+    }
 }
 
 /// `x · Wᵀ` for f16 weights, `rows` rows of `x` (`[rows, w.cols]`), `[rows, w.rows]` out.
@@ -425,6 +478,27 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn grouped_products_are_each_matrix_s_own_product() {
+        for (spec, cols) in specs() {
+            let matrices: Vec<PackedMatrix> = [1, 17, 70].iter().map(|&out| matrix(out, cols, spec)).collect();
+            let inputs: Vec<(Vec<f32>, usize)> = [3, 1, 9].iter().map(|&rows| (inputs(rows, cols), rows)).collect();
+            let jobs: Vec<(&PackedMatrix, &[f32], usize)> = matrices
+                .iter()
+                .zip(&inputs)
+                .map(|(w, (x, rows))| (w, &x[..], *rows))
+                .collect();
+            let grouped = grouped_product(&jobs);
+            for (got, &(w, x, rows)) in grouped.iter().zip(&jobs) {
+                assert_eq!(
+                    got,
+                    &product(w, x, rows),
+                    "{spec:?}: bit for bit the matrix's own product"
+                );
             }
         }
     }
