@@ -504,6 +504,30 @@ mod tests {
     }
 
     #[test]
+    fn a_row_s_product_is_the_same_alone_or_among_others() {
+        use ::half::f16;
+        for &kernel in &Kernel::available() {
+            for (spec, cols) in specs() {
+                let w = matrix(70, cols, spec);
+                let x = inputs(131, cols);
+                let all = product_with(kernel, &w, &x, 131);
+                for m in [0, 1, 5, 64, 130] {
+                    let alone = product_with(kernel, &w, &x[m * cols..(m + 1) * cols], 1);
+                    assert_eq!(alone, all[m * 70..(m + 1) * 70], "{kernel:?} {spec:?} row {m}");
+                }
+            }
+            let values: Vec<f16> = (0..70 * 96).map(|i| f16::from_f32(noise(i) - 0.5)).collect();
+            let w = HalfMatrix::from_row_major(&values, 70, 96).expect("packs");
+            let x = inputs(131, 96);
+            let all = half_product_with(kernel, &w, &x, 131);
+            for m in [0, 1, 5, 64, 130] {
+                let alone = half_product_with(kernel, &w, &x[m * 96..(m + 1) * 96], 1);
+                assert_eq!(alone, all[m * 70..(m + 1) * 70], "{kernel:?} f16 row {m}");
+            }
+        }
+    }
+
+    #[test]
     fn int8_activations_stay_close_to_the_float_product() {
         for (spec, cols) in specs() {
             let w = matrix(8, cols, spec);
