@@ -230,8 +230,12 @@ impl ImageFetcher {
     pub async fn fetch_all(&self, urls: Vec<(String, String)>) -> Result<RemoteImages, (String, String)> {
         let mut distinct: Vec<(String, String)> = Vec::new();
         for (field, url) in urls {
-            if !url.starts_with("data:") && !distinct.iter().any(|(_, u)| *u == url) {
+            if is_remote(&url) && !distinct.iter().any(|(_, u)| *u == url) {
                 distinct.push((field, url));
+            }
+            // One past the limit is refused below; the rest need not be compared.
+            if distinct.len() > self.limits.max_urls {
+                break;
             }
         }
         if distinct.len() > self.limits.max_urls {
@@ -294,6 +298,12 @@ fn fetch_error(shown: &str, e: &reqwest::Error) -> String {
     format!("fetching {shown} failed: {cause}")
 }
 
+/// Whether an image URL names something to fetch (not a `data:` URL, which carries its bytes).
+/// Callers collect only these, so a request's inline images are not copied to be skipped.
+pub fn is_remote(url: &str) -> bool {
+    !url.starts_with("data:")
+}
+
 /// The images fetched for one request, by URL.
 #[derive(Debug, Default)]
 pub struct RemoteImages(HashMap<String, Arc<[u8]>>);
@@ -301,7 +311,7 @@ pub struct RemoteImages(HashMap<String, Arc<[u8]>>);
 impl RemoteImages {
     /// The bytes of an image URL: a `data:` URL's own, or those fetched for a remote one.
     pub fn bytes(&self, url: &str) -> Result<Vec<u8>, String> {
-        if url.starts_with("data:") {
+        if !is_remote(url) {
             return super::images::from_data_url(url);
         }
         match self.0.get(url) {

@@ -13,7 +13,7 @@ use super::types::{MessagesContent, MessagesReply, MessagesRequest, MessagesTurn
 use super::{AnthropicError, AnthropicJson};
 use crate::output::{collect, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, RequestError, SamplingParams, Usage};
-use crate::server::image_urls::RemoteImages;
+use crate::server::image_urls::{is_remote, RemoteImages};
 use crate::server::openai::{choices, new_id};
 use crate::server::{images, AppState};
 use crate::text::grammar::OutputConstraint;
@@ -142,6 +142,7 @@ async fn remote_images(state: &AppState, req: &MessagesRequest) -> Result<Remote
                 .filter(|s| s.get("type") == Some(&json!("url")))
                 .and_then(|s| s.get("url"))
                 .and_then(Value::as_str)
+                .filter(|u| is_remote(u))
             {
                 urls.push((format!("messages.{i}.content.{j}.source.url"), url.to_string()));
             }

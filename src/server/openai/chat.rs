@@ -22,7 +22,7 @@ use super::{
 use crate::output::{GeneratedToken, StreamItem, TextStream};
 use crate::request::{FinishReason, GenerationSpec, MaxTokens, Prompt, Usage};
 use crate::server::error::{ApiError, AppJson};
-use crate::server::image_urls::RemoteImages;
+use crate::server::image_urls::{is_remote, RemoteImages};
 use crate::server::{fit, images, AppState};
 use crate::text::tools::{ToolCall, ToolChoice, ToolSet};
 use crate::text::{ChatMessage, ChatPrompt, ReasoningMode};
@@ -185,7 +185,7 @@ pub async fn remote_images(state: &AppState, messages: &[ChatMessageIn]) -> Resu
     for (i, m) in messages.iter().enumerate() {
         if let Some(MessageContent::Parts(parts)) = &m.content {
             for (j, p) in parts.iter().enumerate() {
-                if let Some(image) = &p.image_url {
+                if let Some(image) = p.image_url.as_ref().filter(|i| is_remote(&i.url)) {
                     urls.push((format!("messages[{i}].content[{j}].image_url.url"), image.url.clone()));
                 }
             }

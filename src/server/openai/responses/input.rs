@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::types::ResponsesRequest;
 use crate::request::{GenerationSpec, MaxTokens, Prompt, SamplingParams};
 use crate::server::error::ApiError;
-use crate::server::image_urls::RemoteImages;
+use crate::server::image_urls::{is_remote, RemoteImages};
 use crate::server::images;
 use crate::server::openai::{reject_unknown_keys, response_constraint, tool_choice_word};
 use crate::text::tools::{ToolChoice, ToolSet};
@@ -79,7 +79,7 @@ pub fn image_urls(req: &ResponsesRequest, history: &[Value]) -> Vec<(String, Str
             if part.get("type").and_then(Value::as_str) != Some("input_image") {
                 continue;
             }
-            if let Some(url) = part.get("image_url").and_then(Value::as_str) {
+            if let Some(url) = part.get("image_url").and_then(Value::as_str).filter(|u| is_remote(u)) {
                 let field = match i {
                     Some(i) => format!("input[{i}].content[{j}].image_url"),
                     None => "previous_response_id".to_string(),
