@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use mlxd::compute::attention::{attend, AttentionMeta, AttentionOpts, HeadDims};
 use mlxd::compute::batch::BatchInput;
 use mlxd::compute::paged_kv::LayerKv;
+use mlxd::compute::Numerics;
 
 use common::best;
 
@@ -79,7 +80,7 @@ fn run(seqs: &[(usize, usize)], kv_dtype: DType, (layers, tries): (usize, usize)
         &Device::Cpu,
     )
     .expect("q");
-    let meta = AttentionMeta::new(&batch, DIMS, &[None], DType::F32).expect("plan");
+    let meta = AttentionMeta::new(&batch, DIMS, &[None], DType::F32, Numerics::Fastest).expect("plan");
     let opts = AttentionOpts {
         scale: 0.125,
         window: None,

@@ -132,6 +132,9 @@ pub struct EngineSection {
     pub default_max_tokens: usize,
     /// On a CUDA GPU, replay decode steps from captured CUDA graphs.
     pub cuda_graphs: bool,
+    /// Every request's tokens and logprobs independent of what else the server runs
+    /// (batch-invariant kernels; the CPU in f32 for now).
+    pub deterministic: bool,
     /// A directory the prefix cache's full KV blocks are written through to, and read back
     /// from after eviction or a restart (None: memory only).
     pub kv_disk: Option<PathBuf>,
@@ -153,6 +156,7 @@ impl Default for EngineSection {
             max_model_len: 0,
             default_max_tokens: 0,
             cuda_graphs: true,
+            deterministic: false,
             kv_disk: None,
             kv_disk_size: "10GiB".into(),
         }

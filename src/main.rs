@@ -148,6 +148,10 @@ struct ModelArgs {
     /// --enforce-eager).
     #[arg(long)]
     no_cuda_graphs: bool,
+    /// Make every request's tokens and logprobs independent of what else the server runs
+    /// (batch size, preemption, prefix-cache hits), at some speed; on the CPU in f32 for now.
+    #[arg(long)]
+    deterministic: bool,
     /// Write the prefix cache's full KV blocks through to this directory and read them back
     /// after they were evicted from memory or the server restarted (off by default).
     #[arg(long)]
@@ -338,6 +342,9 @@ fn load_config(args: &ModelArgs) -> Result<Config> {
     if args.no_cuda_graphs {
         e.cuda_graphs = false;
     }
+    if args.deterministic {
+        e.deterministic = true;
+    }
     if let Some(dir) = &args.kv_disk {
         e.kv_disk = Some(dir.clone());
     }
@@ -383,6 +390,7 @@ fn start_engine(
         default_max_tokens: (cfg.engine.default_max_tokens > 0).then_some(cfg.engine.default_max_tokens),
         enable_prefix_cache: cfg.engine.prefix_cache,
         cuda_graphs: cfg.engine.cuda_graphs,
+        deterministic: cfg.engine.deterministic,
         kv_disk: cfg.kv_disk()?,
         show_progress: true,
         queue_timeout: (cfg.scheduler.queue_timeout > 0.0)

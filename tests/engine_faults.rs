@@ -47,6 +47,7 @@ fn faulty_loader() -> ModelLoader {
             None,
             device,
             cfg.dtype.unwrap_or(candle_core::DType::F32),
+            mlxd::compute::Numerics::Fastest,
             &mlxd::formats::LoadProgress::hidden(),
         )
         .map_err(|e| mlxd::engine::EngineError::Load(e.to_string()))?;

@@ -360,6 +360,7 @@ fn quantized_folders_report_their_format_and_true_parameter_count() {
             None,
             &Device::Cpu,
             DType::F32,
+            mlxd::compute::Numerics::Fastest,
             &mlxd::formats::LoadProgress::hidden(),
         )
         .expect("loads")

@@ -19,3 +19,17 @@ pub mod fused;
 pub mod layers;
 pub mod paged_kv;
 pub mod sampling;
+
+/// How a model's products and attention reduce. The default picks the fastest kernels, whose
+/// reduction order may depend on how many rows share a step (candle's gemm blocks by batch
+/// size; the CPU attention tiles keys from each work item's first key); `BatchInvariant`
+/// (`--deterministic`) fixes each output's reduction order per row, so a request's numbers do
+/// not depend on what else the step holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Numerics {
+    /// The fastest kernels; results may differ in the last bits with the batch.
+    #[default]
+    Fastest,
+    /// Every row's reductions in an order fixed per row: bit for bit the same in any batch.
+    BatchInvariant,
+}

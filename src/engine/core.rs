@@ -28,6 +28,7 @@ use super::sampler::SamplerState;
 use super::{EngineCommand, EngineConfig, EngineError, EngineStats, ModelInfo, ModelLoader};
 use crate::compute::batch::ImageRows;
 use crate::compute::paged_kv::{KvLayout, PagedKvCache};
+use crate::compute::Numerics;
 use crate::formats::LoadProgress;
 use crate::models::{self, Model, ModelConfig};
 use crate::request::{FinishReason, PromptImage, RequestId, Usage, ValidatedRequest};
@@ -98,8 +99,35 @@ pub(crate) fn load_model(cfg: &EngineConfig, device: &Device) -> Result<Box<dyn 
         LoadProgress::hidden()
     };
     let dtype = cfg.dtype.unwrap_or_else(|| crate::device::default_dtype(device));
-    models::load(&cfg.model_path, cfg.mmproj.as_deref(), device, dtype, &progress)
-        .map_err(|e| EngineError::Load(e.to_string()))
+    let numerics = numerics(cfg, device, dtype)?;
+    models::load(
+        &cfg.model_path,
+        cfg.mmproj.as_deref(),
+        device,
+        dtype,
+        numerics,
+        &progress,
+    )
+    .map_err(|e| EngineError::Load(e.to_string()))
+}
+
+/// The numerics `--deterministic` asks for, where they are built: the CPU computing in f32
+/// (its f32 panel kernel and per-row attention). A GPU's batch-invariant kernels are not
+/// written yet, so asking there is a load error rather than a mode that is not what it says.
+fn numerics(cfg: &EngineConfig, device: &Device, dtype: DType) -> Result<Numerics, EngineError> {
+    if !cfg.deterministic {
+        return Ok(Numerics::Fastest);
+    }
+    let refuse = |why: String| Err(EngineError::Load(format!("--deterministic: {why}")));
+    if !device.is_cpu() {
+        return refuse("it runs on the CPU only for now; use --device cpu, or leave it off".into());
+    }
+    if dtype != DType::F32 {
+        return refuse(format!(
+            "on the CPU it computes in f32, not {dtype:?} (leave --dtype at auto or set f32)"
+        ));
+    }
+    Ok(Numerics::BatchInvariant)
 }
 
 /// Tokens per forward pass by default on the CPU. A step of N prompt tokens stalls every running
@@ -251,14 +279,16 @@ impl EngineCore {
             kv_disk: cfg.kv_disk.is_some(),
         };
         // Prefix-cache entries (in memory and on disk) are only valid for the same weights
-        // computed the same way, by the same version, in the same block layout.
+        // computed the same way (dtypes, numerics), by the same version, in the same block
+        // layout.
         let salt_source = format!(
-            "{}|{:?}|{:?}|{}|{}",
+            "{}|{:?}|{:?}|{}|{}|deterministic={}",
             info.model.weights.digest,
             info.model.dtype,
             kv_dtype,
             cfg.block_size,
-            env!("CARGO_PKG_VERSION")
+            env!("CARGO_PKG_VERSION"),
+            cfg.deterministic
         );
         let mut graphs = cfg
             .cuda_graphs

@@ -75,6 +75,10 @@ pub struct EngineConfig {
     pub default_max_tokens: Option<usize>,
     /// Reuse KV blocks of identical prompt prefixes.
     pub enable_prefix_cache: bool,
+    /// Every request's numbers independent of the batch it runs in (`Numerics::BatchInvariant`;
+    /// `--deterministic`): the same prompt, seed and settings give the same tokens and
+    /// logprobs alone or among others, after preemption, with or without a prefix hit.
+    pub deterministic: bool,
     /// Draw a progress bar while loading (only on a terminal).
     pub show_progress: bool,
     /// Fail requests that wait longer than this before being scheduled (None = never).

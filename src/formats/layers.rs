@@ -66,7 +66,13 @@ impl WeightSource {
             }
             return Ok(Linear::Gguf(Arc::new(QMatMul::from_qtensor(q)?), bias));
         }
-        Linear::from_dense(self.get((out_dim, in_dim), "weight")?, bias)
+        self.dense_linear(self.get((out_dim, in_dim), "weight")?, bias)
+    }
+
+    /// A layer over a dense `[out, in]` weight read (or derived) from this source, laid out for
+    /// its device and numerics (`Linear::from_dense`).
+    pub fn dense_linear(&self, weight: candle_core::Tensor, bias: Option<candle_core::Tensor>) -> Result<Linear> {
+        Linear::from_dense(weight, bias, self.numerics())
     }
 
     /// The token embeddings `<prefix>.weight` of a `[vocab, hidden]` table (dense, MLX-packed
@@ -76,7 +82,7 @@ impl WeightSource {
         if let Some(hf) = self.as_hf().filter(|hf| MlxMatrix::present(hf)) {
             let packed = MlxMatrix::load(hf, hidden, vocab)?;
             if !self.device().is_cpu() {
-                return Embed::from_dense(packed.dequantized(self.device(), dtype)?, dtype);
+                return Embed::from_dense(packed.dequantized(self.device(), dtype)?, dtype, self.numerics());
             }
             return Ok(Embed::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), dtype));
         }
@@ -95,7 +101,7 @@ impl WeightSource {
                 None => Embed::Gguf(Arc::new(QMatMul::from_qtensor(qtensor)?), dtype),
             });
         }
-        Embed::from_dense(self.get((vocab, hidden), "weight")?, dtype)
+        Embed::from_dense(self.get((vocab, hidden), "weight")?, dtype, self.numerics())
     }
 
     /// One projection of every expert of a mixture under this block: `experts.<e>.<name>`, one
@@ -151,7 +157,7 @@ impl WeightSource {
         biases
             .into_iter()
             .enumerate()
-            .map(|(e, b)| Linear::from_dense(all.get(e)?, b))
+            .map(|(e, b)| self.dense_linear(all.get(e)?, b))
             .collect()
     }
 
@@ -161,7 +167,7 @@ impl WeightSource {
     pub fn stacked_expert_linears(&self, name: &str, shape: ExpertShape) -> Result<Vec<Linear>> {
         let all = self.get((shape.experts, shape.out_dim, shape.in_dim), name)?;
         (0..shape.experts)
-            .map(|e| Linear::from_dense(all.get(e)?, None))
+            .map(|e| self.dense_linear(all.get(e)?, None))
             .collect()
     }
 
@@ -208,7 +214,7 @@ impl WeightSource {
             );
         }
         if !self.device().is_cpu() {
-            return Linear::from_dense(m.dequantized(self.device(), self.dtype())?, bias);
+            return self.dense_linear(m.dequantized(self.device(), self.dtype())?, bias);
         }
         Ok(Linear::Packed(Arc::new(HostMatrix::Blocks(m.packed()?)), bias))
     }
@@ -217,7 +223,7 @@ impl WeightSource {
     /// for a GPU.
     fn mlx_linear(&self, packed: MlxMatrix, bias: Option<candle_core::Tensor>) -> Result<Linear> {
         if !self.device().is_cpu() {
-            return Linear::from_dense(packed.dequantized(self.device(), self.dtype())?, bias);
+            return self.dense_linear(packed.dequantized(self.device(), self.dtype())?, bias);
         }
         Ok(Linear::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), bias))
     }

@@ -9,10 +9,19 @@ use candle_nn::VarBuilder;
 
 use super::gguf::GgufStore;
 use super::mxfp4::Mxfp4Matrix;
+use crate::compute::Numerics;
 
-/// A tensor namespace (`model.layers.3.self_attn`) in one of the supported containers.
+/// A tensor namespace (`model.layers.3.self_attn`) in one of the supported containers, and
+/// the numerics the layers built from it compute with (which decides some CPU layouts).
 #[derive(Clone)]
-pub enum WeightSource {
+pub struct WeightSource {
+    tensors: Tensors,
+    numerics: Numerics,
+}
+
+/// The container of a `WeightSource`.
+#[derive(Clone)]
+enum Tensors {
     /// Memory-mapped safetensors (dense or MLX-quantized).
     Hf(VarBuilder<'static>),
     /// A GGUF file; `path` is the Hugging Face-style prefix mapped to GGUF names on access.
@@ -25,22 +34,50 @@ pub enum WeightSource {
 }
 
 impl WeightSource {
+    /// The root namespace of a safetensors folder.
+    pub fn hf(vb: VarBuilder<'static>, numerics: Numerics) -> Self {
+        Self {
+            tensors: Tensors::Hf(vb),
+            numerics,
+        }
+    }
+
+    /// The root namespace of a GGUF file.
+    pub fn gguf(store: Arc<GgufStore>, numerics: Numerics) -> Self {
+        Self {
+            tensors: Tensors::Gguf {
+                store,
+                path: String::new(),
+            },
+            numerics,
+        }
+    }
+
+    /// How the layers built from these weights reduce.
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+
     /// The namespace `name` inside this one.
     pub fn pp(&self, name: impl ToString) -> Self {
-        match self {
-            Self::Hf(vb) => Self::Hf(vb.pp(name)),
-            Self::Gguf { store, path } => Self::Gguf {
+        let tensors = match &self.tensors {
+            Tensors::Hf(vb) => Tensors::Hf(vb.pp(name)),
+            Tensors::Gguf { store, path } => Tensors::Gguf {
                 store: store.clone(),
                 path: join(path, &name.to_string()),
             },
+        };
+        Self {
+            tensors,
+            numerics: self.numerics,
         }
     }
 
     /// A dense tensor in the compute dtype, checked against `shape`.
     pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
-        match self {
-            Self::Hf(vb) => vb.get(shape, name),
-            Self::Gguf { store, path } => {
+        match &self.tensors {
+            Tensors::Hf(vb) => vb.get(shape, name),
+            Tensors::Gguf { store, path } => {
                 let t = store.dense(&join(path, name))?;
                 let shape = shape.into();
                 if t.shape() != &shape {
@@ -57,51 +94,51 @@ impl WeightSource {
 
     /// True when the namespace holds `name`.
     pub fn contains_tensor(&self, name: &str) -> bool {
-        match self {
-            Self::Hf(vb) => vb.contains_tensor(name),
-            Self::Gguf { store, path } => store.contains(&join(path, name)),
+        match &self.tensors {
+            Tensors::Hf(vb) => vb.contains_tensor(name),
+            Tensors::Gguf { store, path } => store.contains(&join(path, name)),
         }
     }
 
     /// The compute dtype.
     pub fn dtype(&self) -> DType {
-        match self {
-            Self::Hf(vb) => vb.dtype(),
-            Self::Gguf { store, .. } => store.dtype(),
+        match &self.tensors {
+            Tensors::Hf(vb) => vb.dtype(),
+            Tensors::Gguf { store, .. } => store.dtype(),
         }
     }
 
     /// The device tensors are loaded to.
     pub fn device(&self) -> &Device {
-        match self {
-            Self::Hf(vb) => vb.device(),
-            Self::Gguf { store, .. } => store.device(),
+        match &self.tensors {
+            Tensors::Hf(vb) => vb.device(),
+            Tensors::Gguf { store, .. } => store.device(),
         }
     }
 
     /// The safetensors view, for formats stored there (MLX packing).
     pub fn as_hf(&self) -> Option<&VarBuilder<'static>> {
-        match self {
-            Self::Hf(vb) => Some(vb),
-            Self::Gguf { .. } => None,
+        match &self.tensors {
+            Tensors::Hf(vb) => Some(vb),
+            Tensors::Gguf { .. } => None,
         }
     }
 
     /// `name` as an MXFP4 matrix, when a GGUF file stores it so (Hugging Face folders keep
     /// MXFP4 as `_blocks`/`_scales` pairs: `mxfp4_stacked`).
     pub fn mxfp4(&self, name: &str) -> Option<Result<Mxfp4Matrix>> {
-        match self {
-            Self::Hf(_) => None,
-            Self::Gguf { store, path } => store.mxfp4(&join(path, name)),
+        match &self.tensors {
+            Tensors::Hf(_) => None,
+            Tensors::Gguf { store, path } => store.mxfp4(&join(path, name)),
         }
     }
 
     /// `name` as a GGUF quantized tensor, when it is one (block-quantized, or F16 on the CPU;
     /// other float tensors load dense).
     pub fn quantized(&self, name: &str) -> Option<Result<QTensor>> {
-        match self {
-            Self::Hf(_) => None,
-            Self::Gguf { store, path } => store.quantized(&join(path, name)),
+        match &self.tensors {
+            Tensors::Hf(_) => None,
+            Tensors::Gguf { store, path } => store.quantized(&join(path, name)),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::compute::batch::BatchInput;
 use crate::compute::experts::SparseMoe;
 use crate::compute::layers::{Activation, Embed, GatedMlp, Linear, RmsNorm, Rotary, RotaryAtPositions};
 use crate::compute::paged_kv::{LayerKv, PagedKvCache};
+use crate::compute::Numerics;
 use crate::formats::source::WeightSource;
 use crate::formats::{LoadError, LoadProgress};
 
@@ -602,6 +603,8 @@ pub struct Decoder {
     windows: Vec<Option<usize>>,
     per_layer_inputs: Option<PerLayerInputs>,
     vision: Option<VisionEncoder>,
+    /// How attention reduces (the layers' own layouts were chosen at load).
+    numerics: Numerics,
     config: ModelConfig,
 }
 
@@ -616,6 +619,7 @@ impl Decoder {
     ) -> Result<Self> {
         let device = vb.device().clone();
         let dtype = vb.dtype();
+        let numerics = vb.numerics();
         let m = vb.pp(&spec.prefix);
         let embed_tokens = m.pp("embed_tokens").embed(spec.vocab, spec.hidden)?;
         let (cache_layers, kv_widths) = spec.kv_plan()?;
@@ -664,6 +668,7 @@ impl Decoder {
                 .map(|p| PerLayerInputs::load(&m, spec, p))
                 .transpose()?,
             vision: None,
+            numerics,
             config,
         })
     }
@@ -760,7 +765,7 @@ impl Decoder {
         let mut metas: Vec<(HeadDims, AttentionMeta)> = Vec::new();
         for layer in &self.layers {
             if !metas.iter().any(|(d, _)| *d == layer.attn.dims) {
-                let meta = AttentionMeta::new(batch, layer.attn.dims, &self.windows, dtype)?;
+                let meta = AttentionMeta::new(batch, layer.attn.dims, &self.windows, dtype, self.numerics)?;
                 metas.push((layer.attn.dims, meta));
             }
         }

@@ -208,12 +208,12 @@ pub(super) fn load_interleaved_moe(vb: &WeightSource, spec: &MoeSpec) -> Result<
                 let weights = gate_up.get(x)?.t()?.contiguous()?.reshape((i, 2, h))?;
                 let biases = gate_up_bias.get(x)?.reshape((i, 2))?;
                 let half = |k: usize| {
-                    Linear::from_dense(
+                    vb.dense_linear(
                         weights.narrow(1, k, 1)?.squeeze(1)?.contiguous()?,
                         Some(biases.narrow(1, k, 1)?.squeeze(1)?.contiguous()?),
                     )
                 };
-                let down = Linear::from_dense(down.get(x)?.t()?.contiguous()?, Some(down_bias.get(x)?))?;
+                let down = vb.dense_linear(down.get(x)?.t()?.contiguous()?, Some(down_bias.get(x)?))?;
                 gated_mlp([half(0)?, half(1)?, down], spec.expert, device)
             })
             .collect::<Result<Vec<_>>>()?

@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::compute::batch::BatchInput;
 use crate::compute::paged_kv::PagedKvCache;
+use crate::compute::Numerics;
 use crate::formats::{is_gguf, read_text, LoadError, LoadProgress};
 
 /// Architecture facts the engine and server need, independent of the family.
@@ -107,16 +108,17 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 12] = [
 
 /// Loads a model: a Hugging Face folder, or a `.gguf` file with its vision tower in an
 /// `mmproj` file beside it (llama.cpp's `--mmproj`), onto `device`, computing in `dtype`
-/// (GGUF models compute in f32).
+/// (GGUF models compute in f32) with `numerics`.
 pub fn load(
     path: &Path,
     mmproj: Option<&Path>,
     device: &Device,
     dtype: DType,
+    numerics: Numerics,
     progress: &LoadProgress,
 ) -> Result<Box<dyn Model>, LoadError> {
     if is_gguf(path) {
-        return load_gguf(path, mmproj, device, progress);
+        return load_gguf(path, mmproj, device, numerics, progress);
     }
     if let Some(mmproj) = mmproj {
         return Err(LoadError::Unsupported(format!(
@@ -127,7 +129,7 @@ pub fn load(
     let (cfg, raw_config, weights, summary) = open_hf(path)?;
     check_quantization_supported(&raw_config)?;
     let mut model_config = model_config(&cfg, dtype, weights.num_params(), summary, raw_config);
-    let vb = crate::formats::source::WeightSource::Hf(weights.var_builder(dtype, device)?);
+    let vb = crate::formats::source::WeightSource::hf(weights.var_builder(dtype, device)?, numerics);
     let spec = family_spec(&cfg, &vb)?;
     let vision = match model_config.architecture.as_str() {
         "Gemma3ForConditionalGeneration" => {
@@ -231,6 +233,7 @@ fn load_gguf(
     path: &Path,
     mmproj: Option<&Path>,
     device: &Device,
+    numerics: Numerics,
     progress: &LoadProgress,
 ) -> Result<Box<dyn Model>, LoadError> {
     let dtype = DType::F32;
@@ -241,13 +244,10 @@ fn load_gguf(
     };
     let mut model_config = model_config(&cfg, dtype, store.num_params(), summary, raw_config);
     let vision = mmproj
-        .map(|mmproj| load_mmproj(mmproj, &store, cfg.hidden_size, device))
+        .map(|mmproj| load_mmproj(mmproj, &store, cfg.hidden_size, device, numerics))
         .transpose()?;
     model_config.vision = vision.as_ref().map(|(_, facts)| facts.clone());
-    let src = crate::formats::source::WeightSource::Gguf {
-        store: store.clone(),
-        path: String::new(),
-    };
+    let src = crate::formats::source::WeightSource::gguf(store.clone(), numerics);
     let mut spec = family_spec(&cfg, &src)?;
     // llama.cpp's conventions (see gguf.rs): permuted q/k for `llama`, Gemma norms with +1
     // baked in, Llama 3 scaling as divisors.
@@ -268,6 +268,7 @@ fn load_mmproj(
     text: &crate::formats::gguf::GgufStore,
     text_hidden: usize,
     device: &Device,
+    numerics: Numerics,
 ) -> Result<(vision::VisionEncoder, vision::VisionFacts), LoadError> {
     let malformed = |reason: String| LoadError::Malformed {
         file: path.display().to_string(),
@@ -292,10 +293,7 @@ fn load_mmproj(
         text.token_id(t)
             .ok_or_else(|| malformed(format!("the model's vocabulary has no `{t}` for images")))
     };
-    let weights = crate::formats::source::WeightSource::Gguf {
-        store: store.clone(),
-        path: String::new(),
-    };
+    let weights = crate::formats::source::WeightSource::gguf(store.clone(), numerics);
     let source = vision::Gemma3Vision {
         weights: &weights,
         config: &config,

@@ -160,7 +160,7 @@ impl VisionEncoder {
                         shape.eps,
                         source.norm_unit_offset,
                     )?,
-                    projection: Linear::from_dense(projection.t()?.contiguous()?, None)?,
+                    projection: vb.dense_linear(projection.t()?.contiguous()?, None)?,
                 },
             })
         };
@@ -303,7 +303,7 @@ impl SiglipTower {
         } = shape;
         let embeddings = vb.pp("embeddings");
         let conv = embeddings.get((hidden, 3, p, p), "patch_embedding.weight")?;
-        let patch = Linear::from_dense(
+        let patch = vb.dense_linear(
             conv.reshape((hidden, 3 * p * p))?,
             Some(embeddings.get(hidden, "patch_embedding.bias")?),
         )?;
@@ -417,6 +417,7 @@ impl Gemma3Projector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute::Numerics;
     use candle_core::{DType, Device};
 
     /// The Gemma 3 vision fixture's encoder (tests/data/gemma3_vision).
@@ -425,7 +426,10 @@ mod tests {
         let raw: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config")).expect("json");
         let files = crate::formats::weights::WeightFiles::open(&dir, None).expect("weights");
-        let vb = WeightSource::Hf(files.var_builder(DType::F32, &Device::Cpu).expect("mmap"));
+        let vb = WeightSource::hf(
+            files.var_builder(DType::F32, &Device::Cpu).expect("mmap"),
+            Numerics::Fastest,
+        );
         let source = Gemma3Vision::from_folder(&vb, &raw, &dir).expect("source");
         VisionEncoder::load_gemma3(&source, 64)
             .expect("loads")

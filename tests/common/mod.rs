@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use mlxd::compute::batch::BatchInput;
 use mlxd::compute::paged_kv::{KvLayout, PagedKvCache};
+use mlxd::compute::Numerics;
 use mlxd::formats::LoadProgress;
 use mlxd::models::{self, Model};
 
@@ -87,7 +88,8 @@ pub struct GreedyRun {
 impl ModelRunner {
     pub fn load(dir: &std::path::Path, dtype: DType, max_seqs: usize, max_len: usize) -> Self {
         let device = test_device();
-        let model = models::load(dir, None, &device, dtype, &LoadProgress::hidden()).expect("model loads");
+        let model =
+            models::load(dir, None, &device, dtype, Numerics::Fastest, &LoadProgress::hidden()).expect("model loads");
         let c = model.config().clone();
         let block_size = 16;
         let blocks_per_seq = max_len.div_ceil(block_size);
@@ -250,6 +252,7 @@ pub fn engine_config(model: &std::path::Path) -> mlxd::engine::EngineConfig {
         max_model_len: None,
         default_max_tokens: None,
         enable_prefix_cache: true,
+        deterministic: false,
         cuda_graphs: true,
         show_progress: false,
         queue_timeout: None,
@@ -410,10 +413,17 @@ pub fn assert_follows_llama_cpp(refs: &std::path::Path, model: &std::path::Path,
 
 /// Loads `path` (with `mmproj` beside it) on the CPU in f32, for the error it gives.
 pub fn load_error(path: &std::path::Path, mmproj: Option<&std::path::Path>) -> String {
-    models::load(path, mmproj, &Device::Cpu, DType::F32, &LoadProgress::hidden())
-        .err()
-        .expect("load error")
-        .to_string()
+    models::load(
+        path,
+        mmproj,
+        &Device::Cpu,
+        DType::F32,
+        Numerics::Fastest,
+        &LoadProgress::hidden(),
+    )
+    .err()
+    .expect("load error")
+    .to_string()
 }
 
 /// Prompt tokens `engine`'s disk tier has given back (`mlxd_kv_disk_hits_total`).

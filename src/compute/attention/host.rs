@@ -9,12 +9,14 @@
 
 use candle_core::{DType, Result, Storage, Tensor, WithDType};
 use half::{bf16, f16, slice::HalfFloatSliceExt};
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::{AttentionOpts, HeadDims, SlotWriter};
 use crate::compute::batch::BatchInput;
 use crate::compute::cpu::host_ops::{exp, exp_shifted_sum};
 use crate::compute::paged_kv::LayerKv;
+use crate::compute::Numerics;
 
 /// Queries per work item (times the query heads of one KV head).
 const QUERY_BLOCK: usize = 16;
@@ -40,11 +42,13 @@ pub struct HostPlan {
     seqs: Vec<HostSeq>,
     /// Per token row, the last position it sees (None: every row is causal).
     last_visible: Option<Vec<u32>>,
+    /// `BatchInvariant`: key tiles at absolute positions and each row's sums in a fixed order.
+    numerics: Numerics,
 }
 
 impl HostPlan {
     /// The plan for `batch`, or None unless it runs on the CPU with f32 compute (`dtype`).
-    pub fn new(batch: &BatchInput, dims: HeadDims, dtype: DType) -> Result<Option<Self>> {
+    pub fn new(batch: &BatchInput, dims: HeadDims, dtype: DType, numerics: Numerics) -> Result<Option<Self>> {
         if !batch.slot_mapping.device().is_cpu() || dtype != DType::F32 {
             return Ok(None);
         }
@@ -66,6 +70,7 @@ impl HostPlan {
             context_slots: batch.context_slots.to_vec1()?,
             seqs,
             last_visible: batch.images.as_ref().map(|i| i.last_visible.clone()),
+            numerics,
         }))
     }
 
@@ -217,59 +222,107 @@ struct Cache<'a, T> {
     sinks: Option<&'a [f32]>,
 }
 
+/// One item's query rows, ready to attend: the queries pre-scaled (`[rows, hd]`, row =
+/// query · n_rep + rep), each query's visible keys `[lo, hi]`, and where each row's softmax
+/// starts (the sinks, each a key with no value, or nothing).
+struct ItemRows {
+    q: Vec<f32>,
+    bounds: Vec<(usize, usize)>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
 impl<T: KvElement> Cache<'_, T> {
     /// `[queries, n_rep, head_dim]` outputs of one item.
     fn attend_item(&self, q_all: &[f32], item: Item) -> Vec<f32> {
+        let rows = self.item_rows(q_all, item);
+        let (mut out, sums) = match self.plan.numerics {
+            Numerics::Fastest => self.tiles_by_gemm(item, rows),
+            Numerics::BatchInvariant => self.tiles_per_row(item, rows),
+        };
+        for (row, sum) in out.chunks_exact_mut(self.plan.dims.head_dim).zip(&sums) {
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        out
+    }
+
+    /// The item's queries, their visible keys and the softmax's start.
+    fn item_rows(&self, q_all: &[f32], item: Item) -> ItemRows {
         let HeadDims {
             num_heads,
             num_kv_heads,
             head_dim: hd,
         } = self.plan.dims;
         let n_rep = num_heads / num_kv_heads;
-        let kv_width = num_kv_heads * hd;
         let s = self.plan.seqs[item.seq];
-        let slots = &self.plan.context_slots[s.ctx_start..s.ctx_start + s.kv_len];
-        let rows = item.queries * n_rep;
-        // Queries pre-scaled, [rows, hd] with row = query · n_rep + rep.
         let scale = self.opts.scale as f32;
-        let mut q = Vec::with_capacity(rows * hd);
+        let mut q = Vec::with_capacity(item.queries * n_rep * hd);
         for i in 0..item.queries {
             let at = ((s.q_start + item.first_query + i) * num_heads + item.kv_head * n_rep) * hd;
             q.extend(q_all[at..at + n_rep * hd].iter().map(|x| x * scale));
         }
-        // Visible keys of query i: [lo, hi] (causal, optionally windowed; an image's soft
-        // tokens also see the rest of their image).
-        let bounds = |i: usize| {
-            let pos = s.kv_len - s.q_len + item.first_query + i;
-            let lo = self.opts.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let hi = self.plan.last_visible.as_ref().map_or(pos, |last| {
-                (last[s.q_start + item.first_query + i] as usize).clamp(pos, s.kv_len - 1)
-            });
-            (lo, hi)
-        };
-        let first_key = bounds(0).0;
-        let last_key = (0..item.queries).map(|i| bounds(i).1).max().unwrap_or(0);
-        // The softmax starts from the sinks (each a key with no value) or from nothing.
-        let (mut max, mut sum) = match self.sinks {
+        // Causal, optionally windowed; an image's soft tokens also see the rest of their image.
+        let bounds = (0..item.queries)
+            .map(|i| {
+                let pos = s.kv_len - s.q_len + item.first_query + i;
+                let lo = self.opts.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let hi = self.plan.last_visible.as_ref().map_or(pos, |last| {
+                    (last[s.q_start + item.first_query + i] as usize).clamp(pos, s.kv_len - 1)
+                });
+                (lo, hi)
+            })
+            .collect();
+        let (max, sum) = match self.sinks {
             Some(sinks) => {
                 let heads = &sinks[item.kv_head * n_rep..(item.kv_head + 1) * n_rep];
-                (heads.repeat(item.queries), vec![1f32; rows])
+                (heads.repeat(item.queries), vec![1f32; item.queries * n_rep])
             }
-            None => (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]),
+            None => (
+                vec![f32::NEG_INFINITY; item.queries * n_rep],
+                vec![0f32; item.queries * n_rep],
+            ),
         };
+        ItemRows { q, bounds, max, sum }
+    }
+
+    /// Widens keys and values `tile..tile + n` of the item's sequence into `keys` and `values`
+    /// (`[n, hd]` each).
+    fn widen_tile(&self, item: Item, tile: usize, n: usize, keys: &mut [f32], values: &mut [f32]) {
+        let hd = self.plan.dims.head_dim;
+        let kv_width = self.plan.dims.num_kv_heads * hd;
+        let s = self.plan.seqs[item.seq];
+        let slots = &self.plan.context_slots[s.ctx_start..s.ctx_start + s.kv_len];
+        let head_offset = item.kv_head * hd;
+        for (j, &slot) in slots[tile..tile + n].iter().enumerate() {
+            let at = slot as usize * kv_width + head_offset;
+            T::widen(&self.k[at..at + hd], &mut keys[j * hd..(j + 1) * hd]);
+            T::widen(&self.v[at..at + hd], &mut values[j * hd..(j + 1) * hd]);
+        }
+    }
+
+    /// The default order: tiles from the item's first visible key, scores and value sums as
+    /// two GEMMs over all the item's rows. Returns the unnormalized outputs and each row's sum.
+    fn tiles_by_gemm(&self, item: Item, rows: ItemRows) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.plan.dims.head_dim;
+        let n_rep = self.plan.dims.num_heads / self.plan.dims.num_kv_heads;
+        let ItemRows {
+            q,
+            bounds,
+            mut max,
+            mut sum,
+        } = rows;
+        let rows = item.queries * n_rep;
+        let first_key = bounds[0].0;
+        let last_key = bounds.iter().map(|b| b.1).max().unwrap_or(0);
         let mut acc = vec![0f32; rows * hd];
         let mut scores = vec![0f32; rows * KEY_TILE];
         let mut keys = vec![0f32; KEY_TILE * hd];
         let mut values = vec![0f32; KEY_TILE * hd];
-        let head_offset = item.kv_head * hd;
         for tile in (first_key..=last_key).step_by(KEY_TILE) {
             let n = (tile + KEY_TILE).min(last_key + 1) - tile;
             // The tile's K and V rows side by side, so both products below are plain GEMMs.
-            for (j, &slot) in slots[tile..tile + n].iter().enumerate() {
-                let at = slot as usize * kv_width + head_offset;
-                T::widen(&self.k[at..at + hd], &mut keys[j * hd..(j + 1) * hd]);
-                T::widen(&self.v[at..at + hd], &mut values[j * hd..(j + 1) * hd]);
-            }
+            self.widen_tile(item, tile, n, &mut keys, &mut values);
             // scores[rows, n] = q · keysᵀ
             gemm_into(
                 MatMut::rows(&mut scores, (rows, n), KEY_TILE),
@@ -280,8 +333,7 @@ impl<T: KvElement> Cache<'_, T> {
             // Per row: the online softmax update over its visible keys of the tile; the scores
             // become probabilities (0 for keys it must not see) and its output so far is
             // rescaled to the new running max.
-            for i in 0..item.queries {
-                let (lo, hi) = bounds(i);
+            for (i, &(lo, hi)) in bounds.iter().enumerate() {
                 let (a, b) = (lo.max(tile), hi.min(tile + n - 1));
                 for r in 0..n_rep {
                     let row = i * n_rep + r;
@@ -290,21 +342,10 @@ impl<T: KvElement> Cache<'_, T> {
                         probs.fill(0.0);
                         continue;
                     }
-                    let visible = &mut probs[a - tile..=b - tile];
-                    if let Some(cap) = self.opts.softcap {
-                        let cap = cap as f32;
-                        visible.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
-                    }
-                    let tile_max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    let new_max = max[row].max(tile_max);
-                    let keep = exp(max[row] - new_max);
-                    sum[row] = sum[row] * keep + exp_shifted_sum(visible, new_max);
-                    max[row] = new_max;
+                    let acc_row = &mut acc[row * hd..(row + 1) * hd];
+                    self.softmax_step(&mut probs[a - tile..=b - tile], &mut max[row], &mut sum[row], acc_row);
                     probs[..a - tile].fill(0.0);
                     probs[b - tile + 1..].fill(0.0);
-                    if keep != 1.0 {
-                        acc[row * hd..(row + 1) * hd].iter_mut().for_each(|x| *x *= keep);
-                    }
                 }
             }
             // acc[rows, hd] += probabilities · values
@@ -315,11 +356,96 @@ impl<T: KvElement> Cache<'_, T> {
                 true,
             );
         }
-        for (row, out) in acc.chunks_exact_mut(hd).enumerate() {
-            let inv = 1.0 / sum[row];
-            out.iter_mut().for_each(|x| *x *= inv);
+        (acc, sum)
+    }
+
+    /// The batch-invariant order: key tiles at multiples of `KEY_TILE` positions, and per row
+    /// only its visible keys of each tile, scored and summed in order. A row's numbers depend
+    /// on its query and keys only, not on which item (which other queries, which chunk) it
+    /// came in. Returns the unnormalized outputs and each row's sum.
+    fn tiles_per_row(&self, item: Item, rows: ItemRows) -> (Vec<f32>, Vec<f32>) {
+        let hd = self.plan.dims.head_dim;
+        let n_rep = self.plan.dims.num_heads / self.plan.dims.num_kv_heads;
+        let ItemRows {
+            q,
+            bounds,
+            mut max,
+            mut sum,
+        } = rows;
+        let first_key = bounds.iter().map(|b| b.0).min().unwrap_or(0);
+        let last_key = bounds.iter().map(|b| b.1).max().unwrap_or(0);
+        let mut acc = vec![0f32; item.queries * n_rep * hd];
+        let mut scores = vec![0f32; KEY_TILE];
+        let mut keys = vec![0f32; KEY_TILE * hd];
+        let mut values = vec![0f32; KEY_TILE * hd];
+        for tile in (first_key - first_key % KEY_TILE..=last_key).step_by(KEY_TILE) {
+            let n = (tile + KEY_TILE).min(last_key + 1) - tile;
+            self.widen_tile(item, tile, n, &mut keys, &mut values);
+            for (i, &(lo, hi)) in bounds.iter().enumerate() {
+                let (a, b) = (lo.max(tile), hi.min(tile + KEY_TILE - 1));
+                if a > b {
+                    continue;
+                }
+                let visible = (a - tile) * hd..(b - tile + 1) * hd;
+                let (keys, values) = (&keys[visible.clone()], &values[visible]);
+                for r in 0..n_rep {
+                    let row = i * n_rep + r;
+                    let probs = &mut scores[..=b - a];
+                    dots_in_order(&q[row * hd..(row + 1) * hd], keys, probs);
+                    let acc_row = &mut acc[row * hd..(row + 1) * hd];
+                    self.softmax_step(probs, &mut max[row], &mut sum[row], acc_row);
+                    add_weighted_in_order(acc_row, probs, values);
+                }
+            }
         }
-        acc
+        (acc, sum)
+    }
+
+    /// The online softmax's update of one row over its visible scores of a tile: they become
+    /// the numerators at the new running max, whose change rescales the row's sum and output.
+    fn softmax_step(&self, visible: &mut [f32], max: &mut f32, sum: &mut f32, acc: &mut [f32]) {
+        if let Some(cap) = self.opts.softcap {
+            let cap = cap as f32;
+            visible.iter_mut().for_each(|x| *x = cap * (*x / cap).tanh());
+        }
+        let tile_max = visible.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let new_max = max.max(tile_max);
+        let keep = exp(*max - new_max);
+        *sum = *sum * keep + exp_shifted_sum(visible, new_max);
+        *max = new_max;
+        if keep != 1.0 {
+            acc.iter_mut().for_each(|x| *x *= keep);
+        }
+    }
+}
+
+/// `scores[j] = q · keys[j]` (`keys` `[n, hd]`), each a sum in one fixed order: sixteen lanes
+/// over the dimensions, then the lanes in order.
+#[multiversion(targets = "simd")]
+fn dots_in_order(q: &[f32], keys: &[f32], scores: &mut [f32]) {
+    for (score, key) in scores.iter_mut().zip(keys.chunks_exact(q.len())) {
+        let mut lanes = [0f32; 16];
+        let (q_body, q_tail) = q.split_at(q.len() - q.len() % 16);
+        let (k_body, k_tail) = key.split_at(q_body.len());
+        for (x, y) in q_body.chunks_exact(16).zip(k_body.chunks_exact(16)) {
+            for ((lane, &a), &b) in lanes.iter_mut().zip(x).zip(y) {
+                *lane += a * b;
+            }
+        }
+        for ((lane, &a), &b) in lanes.iter_mut().zip(q_tail).zip(k_tail) {
+            *lane += a * b;
+        }
+        *score = lanes.iter().sum();
+    }
+}
+
+/// `acc += Σ_j probs[j] · values[j]` (`values` `[n, hd]`), keys in order.
+#[multiversion(targets = "simd")]
+fn add_weighted_in_order(acc: &mut [f32], probs: &[f32], values: &[f32]) {
+    for (&p, v) in probs.iter().zip(values.chunks_exact(acc.len())) {
+        for (a, &x) in acc.iter_mut().zip(v) {
+            *a += p * x;
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use candle_core::{DType, Result, Tensor};
 use super::batch::BatchInput;
 use super::layers::{RmsNorm, RotaryAtPositions};
 use super::paged_kv::LayerKv;
+use super::Numerics;
 use gathered::GatheredPlan;
 use host::HostPlan;
 use kernel::KernelAttention;
@@ -95,7 +96,13 @@ impl AttentionMeta {
     /// Builds what every layer of this forward needs: the kernels' plan on CUDA, the host plan
     /// on the CPU with f32 compute (`dtype`), otherwise the scatter indices and masks of every window setting
     /// the model uses.
-    pub fn new(batch: &BatchInput, dims: HeadDims, windows: &[Option<usize>], dtype: DType) -> Result<Self> {
+    pub fn new(
+        batch: &BatchInput,
+        dims: HeadDims,
+        windows: &[Option<usize>],
+        dtype: DType,
+        numerics: Numerics,
+    ) -> Result<Self> {
         if let Some(kernels) = KernelAttention::plan(batch, dims)? {
             return Ok(Self {
                 plan: Plan::Kernels(kernels),
@@ -104,7 +111,7 @@ impl AttentionMeta {
         if batch.fixed.is_some() {
             candle_core::bail!("a batch in fixed device buffers needs mlxd's CUDA attention kernels");
         }
-        if let Some(host) = HostPlan::new(batch, dims, dtype)? {
+        if let Some(host) = HostPlan::new(batch, dims, dtype, numerics)? {
             return Ok(Self { plan: Plan::Host(host) });
         }
         Ok(Self {
@@ -328,16 +335,18 @@ mod tests {
                             softcap,
                             sinks,
                         };
-                        let host = HostPlan::new(&b, dims, DType::F32)?.expect("CPU f32");
                         let gathered = GatheredPlan::new(&b, dims, &[window], DType::F32)?;
                         let want = gathered::attend(&q, &widened, &gathered, &opts)?;
-                        let got = host::attend(&q, &kv, &host, &opts)?;
-                        let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                        assert!(
-                            diff < 2e-5,
-                            "hd {head_dim} {seqs:?} {kv_dtype:?} window {window:?} softcap {softcap:?} \
-                             sinks {with_sinks}: {diff}"
-                        );
+                        for numerics in [Numerics::Fastest, Numerics::BatchInvariant] {
+                            let host = HostPlan::new(&b, dims, DType::F32, numerics)?.expect("CPU f32");
+                            let got = host::attend(&q, &kv, &host, &opts)?;
+                            let diff = (&want - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                            assert!(
+                                diff < 2e-5,
+                                "hd {head_dim} {seqs:?} {kv_dtype:?} window {window:?} softcap {softcap:?} \
+                                 sinks {with_sinks} {numerics:?}: {diff}"
+                            );
+                        }
                     }
                 }
             }

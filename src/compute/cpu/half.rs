@@ -30,19 +30,7 @@ impl HalfMatrix {
         if values.len() != rows * cols {
             candle_core::bail!("{} f16 values for a [{rows}, {cols}] matrix", values.len());
         }
-        let panels = rows.next_multiple_of(PAD) / PANEL;
-        let mut packed = vec![f16::ZERO; panels * cols * PANEL];
-        packed
-            .par_chunks_mut((cols * PANEL).max(1))
-            .enumerate()
-            .for_each(|(p, panel)| {
-                for r in 0..PANEL.min(rows.saturating_sub(p * PANEL)) {
-                    let row = &values[(p * PANEL + r) * cols..][..cols];
-                    for (k, &v) in row.iter().enumerate() {
-                        panel[k * PANEL + r] = v;
-                    }
-                }
-            });
+        let (panels, packed) = to_panels(values, rows, cols, f16::ZERO);
         Ok(Self {
             rows,
             cols,
@@ -114,6 +102,26 @@ impl HalfMatrix {
             rounds_inputs: first.rounds_inputs,
         })
     }
+}
+
+/// A row-major `[rows, cols]` matrix in panels of 16 rows (for each column, the panel's 16
+/// values side by side), rows padded with `zero` to a multiple of 64: the layout of the f16
+/// and f32 panel kernels. Returns the panel count and the values.
+pub(super) fn to_panels<T: Copy + Send + Sync>(values: &[T], rows: usize, cols: usize, zero: T) -> (usize, Vec<T>) {
+    let panels = rows.next_multiple_of(PAD) / PANEL;
+    let mut packed = vec![zero; panels * cols * PANEL];
+    packed
+        .par_chunks_mut((cols * PANEL).max(1))
+        .enumerate()
+        .for_each(|(p, panel)| {
+            for r in 0..PANEL.min(rows.saturating_sub(p * PANEL)) {
+                let row = &values[(p * PANEL + r) * cols..][..cols];
+                for (k, &v) in row.iter().enumerate() {
+                    panel[k * PANEL + r] = v;
+                }
+            }
+        });
+    (panels, packed)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_half;
 mod portable;
+mod single;
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -27,6 +28,7 @@ use rayon::prelude::*;
 
 use super::half::HalfMatrix;
 use super::packed::{PackedMatrix, PANEL};
+use super::single::SingleMatrix;
 
 /// Fewest values per activation block (one int8 scale each).
 const MIN_BLOCK: usize = 32;
@@ -344,6 +346,16 @@ pub fn half_product_with(kernel: Kernel, w: &HalfMatrix, x: &[f32], rows: usize)
     })
 }
 
+/// `x · Wᵀ` for f32 panel weights, `rows` rows of `x` (`[rows, w.cols]`), `[rows, w.rows]`
+/// out: each output one fused multiply-add chain over the columns in order, the same bits on
+/// every kernel and in any batch (the batch-invariant mode).
+pub fn single_product(w: &SingleMatrix, x: &[f32], rows: usize) -> Vec<f32> {
+    over_panels(w.panels, rows, w.rows, |panels, output| {
+        check_units(&panels, w.panels);
+        single::product(w, x, rows, panels, output)
+    })
+}
+
 /// Checks that `panels` is a range of whole task units inside a matrix of `total` panels, as
 /// `over_panels` hands them out: the kernels' loads rely on it.
 fn check_units(panels: &Range<usize>, total: usize) {
@@ -523,6 +535,27 @@ mod tests {
             for m in [0, 1, 5, 64, 130] {
                 let alone = half_product_with(kernel, &w, &x[m * 96..(m + 1) * 96], 1);
                 assert_eq!(alone, all[m * 70..(m + 1) * 70], "{kernel:?} f16 row {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_panels_are_one_fused_chain_per_output_alone_or_among_others() {
+        // 70 rows (a padded last panel) by 45 columns (no multiple of the lanes).
+        let (rows, cols) = (70, 45);
+        let values: Vec<f32> = (0..rows * cols).map(|i| noise(i) - 0.5).collect();
+        let w = SingleMatrix::from_row_major(&values, rows, cols).expect("packs");
+        let x = inputs(131, cols);
+        let all = single_product(&w, &x, 131);
+        for m in [0, 1, 3, 4, 5, 64, 130] {
+            let xs = &x[m * cols..(m + 1) * cols];
+            assert_eq!(single_product(&w, xs, 1), all[m * rows..(m + 1) * rows], "row {m}");
+            for o in 0..rows {
+                let chain = values[o * cols..(o + 1) * cols]
+                    .iter()
+                    .zip(xs)
+                    .fold(0f32, |acc, (&w, &x)| w.mul_add(x, acc));
+                assert_eq!(all[m * rows + o].to_bits(), chain.to_bits(), "({m}, {o})");
             }
         }
     }
