@@ -14,8 +14,9 @@ use std::hint::black_box;
 
 use common::best;
 use mlxd::compute::cpu::half::HalfMatrix;
-use mlxd::compute::cpu::kernels::{half_product_with, product_with, Kernel};
+use mlxd::compute::cpu::kernels::{half_product_with, product_with, single_product, Kernel};
 use mlxd::compute::cpu::packed::{PackSpec, PackedMatrix};
+use mlxd::compute::cpu::single::SingleMatrix;
 use rayon::prelude::*;
 
 const HIDDEN: usize = 896;
@@ -168,6 +169,9 @@ fn main() {
     if wanted("F16") {
         half_rows(bandwidth);
     }
+    if wanted("F32") {
+        single_rows(bandwidth);
+    }
 }
 
 /// The f16 kernel on the same shapes (2 bytes per weight).
@@ -204,5 +208,59 @@ fn half_rows(bandwidth: f64) {
             gbs / bandwidth,
             macs as f64 / secs / 1e9
         );
+    }
+}
+
+/// The batch-invariant mode's f32 panels on the same shapes (4 bytes per weight), beside
+/// candle's gemm (what f32 weights use by default) on the same products.
+fn single_rows(bandwidth: f64) {
+    let values = |rows: usize, cols: usize, seed: usize| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| ((i * 31 + seed) % 97) as f32 / 970.0 - 0.05)
+            .collect()
+    };
+    let layers: Vec<(SingleMatrix, candle_core::Tensor, usize)> = (0..LAYERS)
+        .flat_map(|l| LAYER_SHAPES.iter().map(move |&(r, c)| (r, c, l)))
+        .map(|(r, c, l)| {
+            let v = values(r, c, l);
+            let dense = candle_core::Tensor::from_vec(v.clone(), (r, c), &candle_core::Device::Cpu).expect("tensor");
+            (
+                SingleMatrix::from_row_major(&v, r, c).expect("packs"),
+                dense.t().expect("t"),
+                c,
+            )
+        })
+        .collect();
+    let params: usize = layers.iter().map(|(m, _, c)| m.out_dim() * c).sum();
+    for rows in [1, 8, 512] {
+        let inputs: Vec<Vec<f32>> = layers.iter().map(|(_, _, c)| vec![0.01; rows * c]).collect();
+        let tensors: Vec<candle_core::Tensor> = inputs
+            .iter()
+            .zip(&layers)
+            .map(|(x, (_, _, c))| {
+                candle_core::Tensor::from_vec(x.clone(), (rows, *c), &candle_core::Device::Cpu).expect("tensor")
+            })
+            .collect();
+        let tries = if rows > 8 { 2 } else { 5 };
+        let panels = best(tries, || {
+            for ((m, _, _), x) in layers.iter().zip(&inputs) {
+                black_box(single_product(m, x, rows));
+            }
+        });
+        let gemm = best(tries, || {
+            for ((_, wt, _), x) in layers.iter().zip(&tensors) {
+                black_box(x.matmul(wt).expect("matmul"));
+            }
+        });
+        for (name, time) in [("F32 panels", panels), ("F32 gemm", gemm)] {
+            let secs = time.as_secs_f64();
+            let gbs = (params * 4) as f64 / secs / 1e9;
+            println!(
+                "{name:<15} {rows:>4}  {:>7.2}  {gbs:>11.1}  {:>11.2}  {:>6.1}",
+                secs * 1e3,
+                gbs / bandwidth,
+                (params * rows) as f64 / secs / 1e9
+            );
+        }
     }
 }

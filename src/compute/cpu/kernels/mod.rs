@@ -350,9 +350,13 @@ pub fn half_product_with(kernel: Kernel, w: &HalfMatrix, x: &[f32], rows: usize)
 /// out: each output one fused multiply-add chain over the columns in order, the same bits on
 /// every kernel and in any batch (the batch-invariant mode).
 pub fn single_product(w: &SingleMatrix, x: &[f32], rows: usize) -> Vec<f32> {
+    single_product_with(Kernel::detect(), w, x, rows)
+}
+
+/// `single_product` on a chosen kernel (every kernel gives the same bits).
+pub fn single_product_with(kernel: Kernel, w: &SingleMatrix, x: &[f32], rows: usize) -> Vec<f32> {
     over_panels(w.panels, rows, w.rows, |panels, output| {
-        check_units(&panels, w.panels);
-        single::product(w, x, rows, panels, output)
+        single::product(kernel, w, x, rows, panels, output)
     })
 }
 
@@ -546,16 +550,19 @@ mod tests {
         let values: Vec<f32> = (0..rows * cols).map(|i| noise(i) - 0.5).collect();
         let w = SingleMatrix::from_row_major(&values, rows, cols).expect("packs");
         let x = inputs(131, cols);
-        let all = single_product(&w, &x, 131);
-        for m in [0, 1, 3, 4, 5, 64, 130] {
-            let xs = &x[m * cols..(m + 1) * cols];
-            assert_eq!(single_product(&w, xs, 1), all[m * rows..(m + 1) * rows], "row {m}");
-            for o in 0..rows {
-                let chain = values[o * cols..(o + 1) * cols]
-                    .iter()
-                    .zip(xs)
-                    .fold(0f32, |acc, (&w, &x)| w.mul_add(x, acc));
-                assert_eq!(all[m * rows + o].to_bits(), chain.to_bits(), "({m}, {o})");
+        for &kernel in &Kernel::available() {
+            let all = single_product_with(kernel, &w, &x, 131);
+            for m in [0, 1, 3, 4, 5, 6, 7, 8, 64, 130] {
+                let xs = &x[m * cols..(m + 1) * cols];
+                let alone = single_product_with(kernel, &w, xs, 1);
+                assert_eq!(alone, all[m * rows..(m + 1) * rows], "{kernel:?} row {m}");
+                for o in 0..rows {
+                    let chain = values[o * cols..(o + 1) * cols]
+                        .iter()
+                        .zip(xs)
+                        .fold(0f32, |acc, (&w, &x)| w.mul_add(x, acc));
+                    assert_eq!(all[m * rows + o].to_bits(), chain.to_bits(), "{kernel:?} ({m}, {o})");
+                }
             }
         }
     }
