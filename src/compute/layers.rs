@@ -12,7 +12,6 @@ use super::cpu::host_ops;
 use super::cpu::packed::PackedMatrix;
 use super::cpu::HostMatrix;
 use super::fused::{self, runs_kernels};
-use super::Numerics;
 
 /// A linear layer `y = x Wᵀ + b`. An enum so quantized weight formats slot in beside the dense
 /// one without changing model code.
@@ -31,10 +30,9 @@ pub enum Linear {
 impl Linear {
     /// A dense layer from a `[out, in]` weight in the compute dtype; on the CPU a bf16/f16
     /// checkpoint's weight becomes f16 panels, which read half the bytes of f32 and run the f16
-    /// kernel instead of candle's f32 gemm, and in the batch-invariant mode an f32 one becomes
-    /// f32 panels (`HostMatrix::from_dense`).
-    pub fn from_dense(weight: Tensor, bias: Option<Tensor>, numerics: Numerics) -> Result<Self> {
-        Ok(match HostMatrix::from_dense(&weight, numerics)? {
+    /// kernel, and an f32 one f32 panels, instead of candle's f32 gemm (`HostMatrix::from_dense`).
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(match HostMatrix::from_dense(&weight)? {
             Some(half) => Self::Packed(Arc::new(half), bias),
             None => Self::Dense(candle_nn::Linear::new(weight, bias)),
         })
@@ -214,12 +212,11 @@ pub enum Embed {
 }
 
 impl Embed {
-    /// A dense `[vocab, hidden]` table in the compute dtype; on the CPU a bf16/f16 checkpoint's
-    /// table is held once in f16, also as the tied head (in the batch-invariant mode an f32
-    /// one in f32 panels).
-    pub fn from_dense(table: Tensor, dtype: DType, numerics: Numerics) -> Result<Self> {
+    /// A dense `[vocab, hidden]` table in the compute dtype; on the CPU it is held once in the
+    /// kernels' panels (f16 for a bf16/f16 checkpoint, else f32), also as the tied head.
+    pub fn from_dense(table: Tensor, dtype: DType) -> Result<Self> {
         let hidden = table.dim(1)?;
-        Ok(match HostMatrix::from_dense(&table, numerics)? {
+        Ok(match HostMatrix::from_dense(&table)? {
             Some(half) => Self::Packed(Arc::new(half), dtype),
             None => Self::Dense(candle_nn::Embedding::new(table, hidden)),
         })

@@ -70,9 +70,9 @@ impl WeightSource {
     }
 
     /// A layer over a dense `[out, in]` weight read (or derived) from this source, laid out for
-    /// its device and numerics (`Linear::from_dense`).
+    /// its device (`Linear::from_dense`).
     pub fn dense_linear(&self, weight: candle_core::Tensor, bias: Option<candle_core::Tensor>) -> Result<Linear> {
-        Linear::from_dense(weight, bias, self.numerics())
+        Linear::from_dense(weight, bias)
     }
 
     /// The token embeddings `<prefix>.weight` of a `[vocab, hidden]` table (dense, MLX-packed
@@ -82,7 +82,7 @@ impl WeightSource {
         if let Some(hf) = self.as_hf().filter(|hf| MlxMatrix::present(hf)) {
             let packed = MlxMatrix::load(hf, hidden, vocab)?;
             if !self.device().is_cpu() {
-                return Embed::from_dense(packed.dequantized(self.device(), dtype)?, dtype, self.numerics());
+                return Embed::from_dense(packed.dequantized(self.device(), dtype)?, dtype);
             }
             return Ok(Embed::Packed(Arc::new(HostMatrix::Blocks(packed.packed()?)), dtype));
         }
@@ -101,7 +101,7 @@ impl WeightSource {
                 None => Embed::Gguf(Arc::new(QMatMul::from_qtensor(qtensor)?), dtype),
             });
         }
-        Embed::from_dense(self.get((vocab, hidden), "weight")?, dtype, self.numerics())
+        Embed::from_dense(self.get((vocab, hidden), "weight")?, dtype)
     }
 
     /// One projection of every expert of a mixture under this block: `experts.<e>.<name>`, one
