@@ -232,6 +232,15 @@ struct ItemRows {
     sum: Vec<f32>,
 }
 
+impl ItemRows {
+    /// The first and last key any of the rows sees.
+    fn keys(&self) -> (usize, usize) {
+        let first = self.bounds.iter().map(|b| b.0).min().unwrap_or(0);
+        let last = self.bounds.iter().map(|b| b.1).max().unwrap_or(0);
+        (first, last)
+    }
+}
+
 impl<T: KvElement> Cache<'_, T> {
     /// `[queries, n_rep, head_dim]` outputs of one item.
     fn attend_item(&self, q_all: &[f32], item: Item) -> Vec<f32> {
@@ -303,18 +312,12 @@ impl<T: KvElement> Cache<'_, T> {
 
     /// The default order: tiles from the item's first visible key, scores and value sums as
     /// two GEMMs over all the item's rows. Returns the unnormalized outputs and each row's sum.
-    fn tiles_by_gemm(&self, item: Item, rows: ItemRows) -> (Vec<f32>, Vec<f32>) {
+    fn tiles_by_gemm(&self, item: Item, mut item_rows: ItemRows) -> (Vec<f32>, Vec<f32>) {
         let hd = self.plan.dims.head_dim;
         let n_rep = self.plan.dims.num_heads / self.plan.dims.num_kv_heads;
-        let ItemRows {
-            q,
-            bounds,
-            mut max,
-            mut sum,
-        } = rows;
         let rows = item.queries * n_rep;
-        let first_key = bounds[0].0;
-        let last_key = bounds.iter().map(|b| b.1).max().unwrap_or(0);
+        let (first_key, last_key) = item_rows.keys();
+        let ItemRows { q, bounds, max, sum } = &mut item_rows;
         let mut acc = vec![0f32; rows * hd];
         let mut scores = vec![0f32; rows * KEY_TILE];
         let mut keys = vec![0f32; KEY_TILE * hd];
@@ -326,7 +329,7 @@ impl<T: KvElement> Cache<'_, T> {
             // scores[rows, n] = q · keysᵀ
             gemm_into(
                 MatMut::rows(&mut scores, (rows, n), KEY_TILE),
-                Mat::rows(&q, (rows, hd), hd),
+                Mat::rows(q, (rows, hd), hd),
                 Mat::columns(&keys, (hd, n), hd),
                 false,
             );
@@ -356,24 +359,18 @@ impl<T: KvElement> Cache<'_, T> {
                 true,
             );
         }
-        (acc, sum)
+        (acc, std::mem::take(sum))
     }
 
     /// The batch-invariant order: key tiles at multiples of `KEY_TILE` positions, and per row
     /// only its visible keys of each tile, scored and summed in order. A row's numbers depend
     /// on its query and keys only, not on which item (which other queries, which chunk) it
     /// came in. Returns the unnormalized outputs and each row's sum.
-    fn tiles_per_row(&self, item: Item, rows: ItemRows) -> (Vec<f32>, Vec<f32>) {
+    fn tiles_per_row(&self, item: Item, mut item_rows: ItemRows) -> (Vec<f32>, Vec<f32>) {
         let hd = self.plan.dims.head_dim;
         let n_rep = self.plan.dims.num_heads / self.plan.dims.num_kv_heads;
-        let ItemRows {
-            q,
-            bounds,
-            mut max,
-            mut sum,
-        } = rows;
-        let first_key = bounds.iter().map(|b| b.0).min().unwrap_or(0);
-        let last_key = bounds.iter().map(|b| b.1).max().unwrap_or(0);
+        let (first_key, last_key) = item_rows.keys();
+        let ItemRows { q, bounds, max, sum } = &mut item_rows;
         let mut acc = vec![0f32; item.queries * n_rep * hd];
         let mut scores = vec![0f32; KEY_TILE];
         let mut keys = vec![0f32; KEY_TILE * hd];
@@ -398,7 +395,7 @@ impl<T: KvElement> Cache<'_, T> {
                 }
             }
         }
-        (acc, sum)
+        (acc, std::mem::take(sum))
     }
 
     /// The online softmax's update of one row over its visible scores of a tile: they become
