@@ -11,7 +11,12 @@
 #      use-after-free of stream-ordered memory, through steps that capture decode graphs and
 #      then grow every batch size: a graph must never touch memory freed after its capture.
 #      Needs compute-sanitizer on PATH or in $SANITIZER.
-#   bash scripts/test-gpu.sh [check|bench|gguf|sanitize|all]   (bench: bf16; gguf: Q8_0)
+#   4. (`deterministic`, not part of `all`) --deterministic (issue 27): the bundled trained
+#      model's tokens and logprobs bit for bit alone, among 7 and 63 others, from the prefix
+#      cache and after preemption (tests/gpu/check_deterministic.py); then the mode's cost,
+#      total tok/s at 1, 8 and 64 streams with and without it on the Qwen2.5 0.5B and 7B
+#      shapes (bf16, random weights).
+#   bash scripts/test-gpu.sh [check|bench|gguf|sanitize|deterministic|all]   (bench: bf16; gguf: Q8_0)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-all}"
@@ -116,6 +121,30 @@ sanitize() {  # model
   grep -E " (WARN|ERROR) " "$log" | cut -c1-300 | head -10
   [ "$rc" = 0 ] || status=1
 }
+
+deterministic_cost() {  # shape
+  local model=/tmp/qwen25-det-$1 port=18082 url="http://127.0.0.1:18082"
+  [ -d "$model" ] || python3 "$SHARED/tools/bench/make_random_qwen25.py" --shape "$1" --fast \
+    --tokenizer-dir "$SHARED/tokenizers/qwen2.5" --out "$model" --seed 0 > "$OUT/make-model-$1.log" 2>&1
+  for flag in "" --deterministic; do
+    "$BIN" serve --model "$model" --device cuda --port $port --max-seqs 64 --max-model-len 4096 \
+      --dtype bf16 $flag 2> "$OUT/serve-deterministic-$1$flag.log" &
+    local pid=$!
+    for _ in $(seq 1500); do curl -sf localhost:$port/health > /dev/null && break; sleep 0.2; done
+    echo "## Qwen2.5 $1 shape, bf16 ${flag:-(default mode)}"
+    "$BIN" bench --url "$url" --concurrency 1,8,64 --requests-per-client 2 --prompt-tokens 200 \
+      --output-tokens 128
+    kill "$pid"; wait "$pid" 2>/dev/null
+  done 2>&1 | tee -a "$OUT/deterministic-cost.txt"
+}
+
+if [ "$MODE" = deterministic ]; then
+  # Opt-in on a GPU until this pass has run on one (engine::core::gpu_deterministic_verified).
+  export MLXD_CUDA_DETERMINISTIC=1
+  python3 tests/gpu/check_deterministic.py --bin "$BIN" --out "$OUT/check-deterministic.txt" || status=1
+  deterministic_cost 0.5b
+  deterministic_cost 7b
+fi
 
 M=/tmp/qwen25-0.5b
 if [ "$MODE" != check ] && [ ! -d "$M" ]; then

@@ -307,9 +307,10 @@ mod on_device {
     /// matrix over `cols` inputs, or None unless every layer is dense bf16/f16 or Q8_0 blocks
     /// alike, with rows whose width the kernel takes.
     fn matrix(parts: &[Vec<&Linear>], cols: usize, device: &Device) -> Result<Option<ExpertMatrix>> {
-        let dense_weight = |l: &&Linear| match l {
-            Linear::Dense(d) if matches!(d.weight().dtype(), DType::BF16 | DType::F16) => Some(d.weight().clone()),
-            _ => None,
+        let dense_weight = |l: &&Linear| {
+            l.dense()
+                .filter(|d| matches!(d.weight().dtype(), DType::BF16 | DType::F16))
+                .map(|d| d.weight().clone())
         };
         let dense: Option<Vec<Vec<Tensor>>> = parts.iter().map(|p| p.iter().map(dense_weight).collect()).collect();
         if let Some(dense) = dense {
@@ -355,7 +356,7 @@ mod on_device {
     /// The device a layer's weights live on (dense or GGUF blocks).
     fn device_of(layer: &Linear) -> Option<Device> {
         match layer {
-            Linear::Dense(l) => Some(l.weight().device().clone()),
+            Linear::Dense(l) | Linear::RowInvariant(l) => Some(l.weight().device().clone()),
             Linear::Gguf(q, _) => match q.as_ref() {
                 QMatMul::QTensor(t) => Some(t.device()),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Some(t.device().clone()),
@@ -367,7 +368,7 @@ mod on_device {
     /// `[out, in]` of a dense or GGUF layer.
     fn dims_of(layer: &Linear) -> Option<(usize, usize)> {
         match layer {
-            Linear::Dense(l) => l.weight().dims2().ok(),
+            Linear::Dense(l) | Linear::RowInvariant(l) => l.weight().dims2().ok(),
             Linear::Gguf(q, _) => match q.as_ref() {
                 QMatMul::QTensor(t) => t.shape().dims2().ok(),
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2().ok(),

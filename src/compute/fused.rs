@@ -51,6 +51,15 @@ mod imp {
         }
         cuda::sample_rows(logits, rows).map(Some)
     }
+
+    /// `x · Wᵀ` with each row's sums in an order that does not depend on the number of rows
+    /// (`--deterministic`), or None.
+    pub fn row_invariant_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+        if !runs_kernels(x.device()) {
+            return Ok(None);
+        }
+        cuda::row_invariant_matmul(x, w).map(Some)
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -71,6 +80,11 @@ mod imp {
 
     /// No kernels in this build: always None.
     pub fn sample_rows(_: &Tensor, _: &[DeviceSampleRow]) -> Result<Option<Vec<DeviceSample>>> {
+        Ok(None)
+    }
+
+    /// No kernels in this build: always None.
+    pub fn row_invariant_matmul(_: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
         Ok(None)
     }
 }

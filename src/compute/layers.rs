@@ -12,6 +12,7 @@ use super::cpu::host_ops;
 use super::cpu::packed::PackedMatrix;
 use super::cpu::HostMatrix;
 use super::fused::{self, runs_kernels};
+use super::Numerics;
 
 /// A linear layer `y = x Wᵀ + b`. An enum so quantized weight formats slot in beside the dense
 /// one without changing model code.
@@ -25,22 +26,42 @@ pub enum Linear {
     /// GGUF weights through candle's quantized matmul (a GPU, or a type the packed kernels do
     /// not take); dense bias.
     Gguf(Arc<QMatMul>, Option<Tensor>),
+    /// Dense bf16/f16 weights on a GPU under `--deterministic`: multiplied by a kernel whose
+    /// per-row sums do not depend on the batch's size (`fused::row_invariant_matmul`), where
+    /// cuBLAS picks its algorithm by it.
+    RowInvariant(candle_nn::Linear),
 }
 
 impl Linear {
     /// A dense layer from a `[out, in]` weight in the compute dtype; on the CPU a bf16/f16
     /// checkpoint's weight becomes f16 panels, which read half the bytes of f32 and run the f16
     /// kernel, and an f32 one f32 panels, instead of candle's f32 gemm (`HostMatrix::from_dense`).
-    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// On a GPU in the batch-invariant mode it multiplies through the row-invariant kernel.
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>, numerics: Numerics) -> Result<Self> {
+        if numerics == Numerics::BatchInvariant && runs_kernels(weight.device()) {
+            return Ok(Self::RowInvariant(candle_nn::Linear::new(weight, bias)));
+        }
         Ok(match HostMatrix::from_dense(&weight)? {
             Some(half) => Self::Packed(Arc::new(half), bias),
             None => Self::Dense(candle_nn::Linear::new(weight, bias)),
         })
     }
 
-    /// A dense layer over an existing weight (tied embeddings).
-    pub fn from_weight(weight: Tensor) -> Self {
-        Self::Dense(candle_nn::Linear::new(weight, None))
+    /// A dense layer over an existing weight (tied embeddings), multiplied as `numerics` asks.
+    pub fn from_weight(weight: Tensor, numerics: Numerics) -> Self {
+        let layer = candle_nn::Linear::new(weight, None);
+        match numerics == Numerics::BatchInvariant && runs_kernels(layer.weight().device()) {
+            true => Self::RowInvariant(layer),
+            false => Self::Dense(layer),
+        }
+    }
+
+    /// The dense weights and bias of a dense layer (by default or row-invariant).
+    pub fn dense(&self) -> Option<&candle_nn::Linear> {
+        match self {
+            Self::Dense(l) | Self::RowInvariant(l) => Some(l),
+            _ => None,
+        }
     }
 
     /// The CPU kernels' block-quantized matrix of a layer without bias, if it is one (the
@@ -55,7 +76,7 @@ impl Linear {
     /// The layer's own bias, if any.
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
-            Self::Dense(l) => l.bias(),
+            Self::Dense(l) | Self::RowInvariant(l) => l.bias(),
             Self::Packed(_, b) | Self::Gguf(_, b) => b.as_ref(),
         }
     }
@@ -72,6 +93,9 @@ impl Linear {
                 let part = match self {
                     Self::Dense(l) => {
                         Self::Dense(candle_nn::Linear::new(l.weight().narrow(0, start, n)?.contiguous()?, b))
+                    }
+                    Self::RowInvariant(l) => {
+                        Self::RowInvariant(candle_nn::Linear::new(l.weight().narrow(0, start, n)?.contiguous()?, b))
                     }
                     Self::Packed(w, _) => Self::Packed(Arc::new(w.rows(start, n)?), b),
                     // candle cannot slice a block-quantized tensor: fused GGUF projections
@@ -110,18 +134,22 @@ impl Linear {
     fn concat(parts: &[&Linear]) -> Result<Option<Linear>> {
         let biases: Option<Vec<&Tensor>> = parts.iter().map(|p| p.bias()).collect();
         let bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
-        let dense: Option<Vec<&Tensor>> = parts
-            .iter()
-            .map(|p| match p {
-                Self::Dense(l) => Some(l.weight()),
-                _ => None,
-            })
-            .collect();
-        if let Some(weights) = dense {
-            return Ok(Some(Self::Dense(candle_nn::Linear::new(
-                Tensor::cat(&weights, 0)?,
-                bias,
-            ))));
+        for invariant in [false, true] {
+            let dense: Option<Vec<&Tensor>> = parts
+                .iter()
+                .map(|p| match p {
+                    Self::Dense(l) if !invariant => Some(l.weight()),
+                    Self::RowInvariant(l) if invariant => Some(l.weight()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(weights) = dense {
+                let layer = candle_nn::Linear::new(Tensor::cat(&weights, 0)?, bias);
+                return Ok(Some(match invariant {
+                    true => Self::RowInvariant(layer),
+                    false => Self::Dense(layer),
+                }));
+            }
         }
         let packed: Option<Vec<&HostMatrix>> = parts
             .iter()
@@ -169,6 +197,7 @@ impl Linear {
     pub fn forward_unbiased(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         match self {
             Self::Dense(l) => Ok((x.matmul(&l.weight().t()?)?, l.bias().cloned())),
+            Self::RowInvariant(l) => Ok((row_invariant_product(x, l.weight())?, l.bias().cloned())),
             _ => Ok((self.forward(x)?, None)),
         }
     }
@@ -177,12 +206,22 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => l.forward(x),
+            Self::RowInvariant(l) => with_bias(row_invariant_product(x, l.weight())?, &l.bias().cloned()),
             Self::Packed(w, bias) => with_bias(w.matmul(x)?, bias),
             Self::Gguf(w, bias) => {
                 let dtype = x.dtype();
                 with_bias(w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?, bias)
             }
         }
+    }
+}
+
+/// `x · Wᵀ` through the row-invariant kernel, which only a `cuda` build on a CUDA device has
+/// (the only place `Linear::RowInvariant` is built).
+fn row_invariant_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    match fused::row_invariant_matmul(x, w)? {
+        Some(y) => Ok(y),
+        None => candle_core::bail!("a row-invariant layer runs only on a CUDA device"),
     }
 }
 
@@ -236,10 +275,11 @@ impl Embed {
         }
     }
 
-    /// The same matrix as an output projection (tied embeddings).
-    pub fn as_linear(&self) -> Linear {
+    /// The same matrix as an output projection (tied embeddings), multiplied as `numerics`
+    /// asks.
+    pub fn as_linear(&self, numerics: Numerics) -> Linear {
         match self {
-            Self::Dense(e) => Linear::from_weight(e.embeddings().clone()),
+            Self::Dense(e) => Linear::from_weight(e.embeddings().clone(), numerics),
             Self::Packed(w, _) => Linear::Packed(w.clone(), None),
             Self::Gguf(q, _) | Self::GgufOnDevice(_, q) => Linear::Gguf(q.clone(), None),
         }

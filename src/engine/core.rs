@@ -112,22 +112,46 @@ pub(crate) fn load_model(cfg: &EngineConfig, device: &Device) -> Result<Box<dyn 
 }
 
 /// The numerics `--deterministic` asks for, where they are built: the CPU computing in f32
-/// (its f32 panel kernel and per-row attention). A GPU's batch-invariant kernels are not
-/// written yet, so asking there is a load error rather than a mode that is not what it says.
+/// (its f32 panel kernel and per-row attention), and a GPU computing dense weights in bf16 or
+/// f16 (the row-invariant matmul and the unsplit paged attention kernel). GGUF files on a GPU
+/// go through candle's quantized kernels, which pick their method by the batch's size, so
+/// asking there is a load error rather than a mode that is not what it says.
 fn numerics(cfg: &EngineConfig, device: &Device, dtype: DType) -> Result<Numerics, EngineError> {
     if !cfg.deterministic {
         return Ok(Numerics::Fastest);
     }
     let refuse = |why: String| Err(EngineError::Load(format!("--deterministic: {why}")));
-    if !device.is_cpu() {
-        return refuse("it runs on the CPU only for now; use --device cpu, or leave it off".into());
-    }
-    if dtype != DType::F32 {
-        return refuse(format!(
-            "on the CPU it computes in f32, not {dtype:?} (leave --dtype at auto or set f32)"
-        ));
+    if device.is_cpu() {
+        if dtype != DType::F32 {
+            return refuse(format!(
+                "on the CPU it computes in f32, not {dtype:?} (leave --dtype at auto or set f32)"
+            ));
+        }
+    } else if !crate::compute::fused::runs_kernels(device) {
+        return refuse("it runs on the CPU or a CUDA GPU".into());
+    } else if !gpu_deterministic_verified() {
+        return refuse(
+            "on a GPU it is opt-in (MLXD_CUDA_DETERMINISTIC=1) until scripts/test-gpu.sh deterministic has held \
+             its kernels to the comparison on a GPU; use --device cpu"
+                .into(),
+        );
+    } else if crate::formats::is_gguf(&cfg.model_path) {
+        return refuse(
+            "GGUF files on a GPU multiply through candle's quantized kernels, which are not batch invariant; \
+             serve a Hugging Face or MLX folder, or use --device cpu"
+                .into(),
+        );
+    } else if !matches!(dtype, DType::BF16 | DType::F16) {
+        return refuse(format!("on a GPU it computes in bf16 or f16, not {dtype:?}"));
     }
     Ok(Numerics::BatchInvariant)
+}
+
+/// Whether a GPU takes `--deterministic`: only with `MLXD_CUDA_DETERMINISTIC=1` until
+/// `scripts/test-gpu.sh deterministic` has run on a GPU (its kernels compile and follow the
+/// CPU's design, but no device was lent in the session that wrote them).
+fn gpu_deterministic_verified() -> bool {
+    std::env::var_os("MLXD_CUDA_DETERMINISTIC").is_some_and(|v| v == "1")
 }
 
 /// Tokens per forward pass by default on the CPU. A step of N prompt tokens stalls every running

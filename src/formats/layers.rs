@@ -70,9 +70,9 @@ impl WeightSource {
     }
 
     /// A layer over a dense `[out, in]` weight read (or derived) from this source, laid out for
-    /// its device (`Linear::from_dense`).
+    /// its device and numerics (`Linear::from_dense`).
     pub fn dense_linear(&self, weight: candle_core::Tensor, bias: Option<candle_core::Tensor>) -> Result<Linear> {
-        Linear::from_dense(weight, bias)
+        Linear::from_dense(weight, bias, self.numerics())
     }
 
     /// The token embeddings `<prefix>.weight` of a `[vocab, hidden]` table (dense, MLX-packed

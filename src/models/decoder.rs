@@ -636,7 +636,7 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if spec.tie_embeddings || !vb.contains_tensor("lm_head.weight") {
-            embed_tokens.as_linear()
+            embed_tokens.as_linear(numerics)
         } else {
             vb.pp("lm_head").linear(spec.hidden, spec.vocab, false)?
         };

@@ -66,12 +66,12 @@ def free_port():
 
 
 class Server:
-    def __init__(self, binary, model, args):
+    def __init__(self, binary, model, args, kv_memory="256MiB"):
         self.binary, self.model = binary, model
         self.port = free_port()
         self.log = open(f"/tmp/mlxd-{self.port}.log", "w")
         self.proc = subprocess.Popen(
-            [binary, "serve", "--model", model, "--port", str(self.port), "--kv-memory", "256MiB", *args],
+            [binary, "serve", "--model", model, "--port", str(self.port), "--kv-memory", kv_memory, *args],
             stdout=subprocess.DEVNULL, stderr=self.log)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 120

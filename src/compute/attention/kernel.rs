@@ -14,6 +14,7 @@ mod imp {
     use crate::compute::fused::runs_kernels;
     use crate::compute::layers::RotaryAtPositions;
     use crate::compute::paged_kv::LayerKv;
+    use crate::compute::Numerics;
 
     /// One forward's attention through the kernels: K/V written and read in place.
     #[derive(Debug)]
@@ -24,8 +25,9 @@ mod imp {
 
     impl KernelAttention {
         /// The kernels' plan for `batch`, or None where they do not run (not CUDA, or heads
-        /// wider than the kernels hold).
-        pub fn plan(batch: &BatchInput, dims: HeadDims) -> Result<Option<Self>> {
+        /// wider than the kernels hold). `BatchInvariant` keeps every row on the one paged
+        /// kernel, unsplit.
+        pub fn plan(batch: &BatchInput, dims: HeadDims, numerics: Numerics) -> Result<Option<Self>> {
             // The kernels are causal: a step with image soft tokens (bidirectional within an
             // image) takes the gathered path.
             if !runs_kernels(batch.slot_mapping.device())
@@ -34,7 +36,7 @@ mod imp {
             {
                 return Ok(None);
             }
-            let plan = cuda::StepPlan::new(batch, dims.num_heads, dims.num_kv_heads)?;
+            let plan = cuda::StepPlan::new(batch, dims.num_heads, dims.num_kv_heads, numerics)?;
             Ok(Some(Self { plan, dims }))
         }
 
@@ -82,6 +84,7 @@ mod imp {
     use crate::compute::batch::BatchInput;
     use crate::compute::layers::RotaryAtPositions;
     use crate::compute::paged_kv::LayerKv;
+    use crate::compute::Numerics;
 
     /// Cannot exist without the `cuda` feature.
     #[derive(Debug)]
@@ -89,7 +92,7 @@ mod imp {
 
     impl KernelAttention {
         /// No kernels in this build: always None.
-        pub fn plan(_: &BatchInput, _: HeadDims) -> Result<Option<Self>> {
+        pub fn plan(_: &BatchInput, _: HeadDims, _: Numerics) -> Result<Option<Self>> {
             Ok(None)
         }
 

@@ -103,13 +103,20 @@ impl AttentionMeta {
         dtype: DType,
         numerics: Numerics,
     ) -> Result<Self> {
-        if let Some(kernels) = KernelAttention::plan(batch, dims)? {
+        if let Some(kernels) = KernelAttention::plan(batch, dims, numerics)? {
             return Ok(Self {
                 plan: Plan::Kernels(kernels),
             });
         }
         if batch.fixed.is_some() {
             candle_core::bail!("a batch in fixed device buffers needs mlxd's CUDA attention kernels");
+        }
+        if numerics == Numerics::BatchInvariant && !batch.slot_mapping.device().is_cpu() {
+            candle_core::bail!(
+                "--deterministic on a GPU attends through mlxd's paged kernel, which does not take this step \
+                 (head dim {} above the kernel's limit, or image tokens)",
+                dims.head_dim
+            );
         }
         if let Some(host) = HostPlan::new(batch, dims, dtype, numerics)? {
             return Ok(Self { plan: Plan::Host(host) });

@@ -214,7 +214,11 @@ __device__ void paged_attention(const T *q, const T *k_cache, const T *v_cache,
   }
 
   const uint32_t key_hi = p0 + nq - 1;
-  const uint32_t key_lo = (window != 0 && p0 + 1 > window) ? p0 + 1 - window : 0;
+  // Key tiles start at a multiple of kt (a window's first tile then holds some keys every row
+  // masks), so without splits a row's tiles, and its sums, are the same whichever rows share
+  // its block: the batch-invariant mode relies on it.
+  const uint32_t window_lo = (window != 0 && p0 + 1 > window) ? p0 + 1 - window : 0;
+  const uint32_t key_lo = window_lo - window_lo % kt;
   const uint32_t chunk = (key_hi + 1 - key_lo + splits - 1) / splits;
   const uint32_t chunk_lo = key_lo + blockIdx.z * chunk;
   const uint32_t chunk_end = min(key_hi + 1, chunk_lo + chunk);

@@ -23,6 +23,7 @@ use candle_core::{bail, DType, Device, Result, Shape, Storage, Tensor};
 use super::batch::BatchInput;
 use super::paged_kv::LayerKv;
 use super::sampling::{DeviceSample, DeviceSampleRow};
+use super::Numerics;
 
 pub mod moe;
 
@@ -374,13 +375,16 @@ pub struct StepPlan {
     context_slots: Tensor,
     tiles: StepTiles,
     tiling: AttentionTiling,
+    /// `BatchInvariant`: every row on `paged_attention`, its keys never split (the tensor-core
+    /// prefill kernel and the split count depend on the step's shape).
+    numerics: Numerics,
 }
 
 impl StepPlan {
     /// The plan for `batch` on a model with `num_heads` query and `num_kv_heads` KV heads: tiles
     /// built from the batch's lengths, or a fixed batch's sequence table as it is (each of its
     /// sequences has one token).
-    pub fn new(batch: &BatchInput, num_heads: usize, num_kv_heads: usize) -> Result<Self> {
+    pub fn new(batch: &BatchInput, num_heads: usize, num_kv_heads: usize, numerics: Numerics) -> Result<Self> {
         let tiling = AttentionTiling::new(num_heads, num_kv_heads);
         let tiles = match &batch.fixed {
             Some(fixed) => StepTiles {
@@ -395,6 +399,7 @@ impl StepPlan {
             context_slots: batch.context_slots.clone(),
             tiles,
             tiling,
+            numerics,
         })
     }
 }
@@ -427,7 +432,9 @@ pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAt
     let dtype = q.dtype();
     let q = q.contiguous()?;
     let out = output(&device, (t, hq * d), dtype)?;
-    let tensor_cores = tensor_core_prefill()
+    let fastest = plan.numerics == Numerics::Fastest;
+    let tensor_cores = fastest
+        && tensor_core_prefill()
         && matches!(dtype, DType::F16 | DType::BF16)
         && d % 16 == 0
         && d <= PREFILL_MAX_HEAD_DIM
@@ -441,7 +448,7 @@ pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAt
                 tile_attention(&q, kv, plan, &layer, short, false, &out)?;
             }
         }
-        None => tile_attention(&q, kv, plan, &layer, &plan.tiles.tiles, true, &out)?,
+        None => tile_attention(&q, kv, plan, &layer, &plan.tiles.tiles, fastest, &out)?,
     }
     Ok(out)
 }
@@ -603,6 +610,52 @@ pub fn add_rms_norm(x: &Tensor, delta: Option<&Tensor>, weight: &Tensor, eps: f3
     let threads = cols.div_ceil(32).clamp(1, 32) as u32 * 32;
     launch(&device, "add_rms_norm", dtype, grid(rows, threads, 0), &args)?;
     Ok((sum, normed))
+}
+
+/// `x · Wᵀ` for `x` `[m, k]` and a dense `w` `[n, k]` (bf16 or f16), each row's sums in one
+/// order whatever `m` is: moe.cuh's tensor-core product with row tiles of 16 (at most 16 rows)
+/// or 64, whose per-row arithmetic is the same in either. cuBLAS picks its algorithm, tiles and
+/// split-K by the batch's size, so under `--deterministic` dense layers multiply here.
+pub fn row_invariant_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let device = cuda_device(x)?;
+    let dtype = x.dtype();
+    let (m, k) = x.dims2()?;
+    let (n, wk) = w.dims2()?;
+    if wk != k || w.dtype() != dtype || !matches!(dtype, DType::BF16 | DType::F16) {
+        bail!(
+            "row-invariant matmul of {:?} {:?} by {:?} {:?}: needs bf16 or f16 alike and matching widths",
+            x.dims(),
+            dtype,
+            w.dims(),
+            w.dtype()
+        );
+    }
+    let x = x.contiguous()?;
+    let w = w.contiguous()?;
+    let c = output(&device, (m, n), dtype)?;
+    if m == 0 {
+        return Ok(c);
+    }
+    let (name, bm) = if m <= 16 {
+        ("row_gemm_m16", 16)
+    } else {
+        ("row_gemm_m64", 64)
+    };
+    let args = [
+        Arg::Ptr(address(&x)?),
+        Arg::Ptr(address(&w)?),
+        Arg::Ptr(address(&c)?),
+        Arg::U32(m as u32),
+        Arg::U32(n as u32),
+        Arg::U32(k as u32),
+    ];
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(moe::TILE_COLS) as u32, m.div_ceil(bm) as u32, 1),
+        block_dim: (moe::GEMM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(&device, name, dtype, cfg, &args)?;
+    Ok(c)
 }
 
 /// `act(gate) * up` of a gated MLP (2-D views with contiguous rows); `gelu` picks the tanh

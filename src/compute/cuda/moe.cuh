@@ -158,20 +158,27 @@ __device__ __forceinline__ void zero_tiles(float (&t)[MT][2][4]) {
 // the one warp that reads them: exact integers, each 32-wide block's partial product scaled
 // by its scale in f32, so the dequantized values are never rounded. W is [E, N, K] (dense) or
 // E*N rows of K/32 Q8_0 blocks.
+// Without `sorted` and `tile_expert` (null), it is a dense product of one matrix: tile i holds
+// rows i*BM .. i*BM + BM of the `m_rows` rows. Every row's sums are the same mma steps over k
+// in order whichever tile (and tile height) it lands in, so the product is batch invariant:
+// `row_gemm` below, the dense layers' product under --deterministic.
 template <typename TA, typename TM, int WF, int BM>
 __device__ void moe_gemm(const TA *a, uint32_t a_stride, uint32_t a_row_div, const uint8_t *w,
                          const uint32_t *sorted, const uint32_t *tile_expert, TA *c,
-                         uint32_t n_out, uint32_t k_in) {
+                         uint32_t n_out, uint32_t k_in, uint32_t m_rows) {
   constexpr uint32_t RAW_LD = 36;  // halfwords per Q8_0 row of a step: 2 blocks of 17, padded
   constexpr uint32_t W_HALVES = WF == MOE_DENSE ? MOE_BN * MOE_LD : MOE_BN * RAW_LD;
   __shared__ __align__(16) TM a_s[BM * MOE_LD];
   __shared__ __align__(16) uint16_t w_s[W_HALVES];
   __shared__ uint32_t rows_s[BM];
-  const uint32_t tile = blockIdx.y, e = tile_expert[tile];
+  const uint32_t tile = blockIdx.y, e = tile_expert != nullptr ? tile_expert[tile] : 0;
   if (e == MOE_NONE) return;
   const uint32_t n0 = blockIdx.x * MOE_BN;
   const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tig = lane % 4;
-  for (uint32_t r = threadIdx.x; r < BM; r += blockDim.x) rows_s[r] = sorted[(size_t)tile * BM + r];
+  for (uint32_t r = threadIdx.x; r < BM; r += blockDim.x) {
+    const uint32_t row = tile * BM + r;
+    rows_s[r] = sorted != nullptr ? sorted[row] : (row < m_rows ? row : MOE_NONE);
+  }
   __syncthreads();
   constexpr uint32_t MT = BM / 16;
   float acc[MT][2][4];
@@ -198,12 +205,23 @@ __device__ void moe_gemm(const TA *a, uint32_t a_stride, uint32_t a_row_div, con
       const TM *we = reinterpret_cast<const TM *>(w) + (size_t)e * n_out * k_in;
       TM *b_s = reinterpret_cast<TM *>(w_s);
       constexpr uint32_t VEC = 8, CHUNKS = MOE_BK / VEC;
-      for (uint32_t i = threadIdx.x; i < MOE_BN * CHUNKS; i += blockDim.x) {
-        const uint32_t j = i / CHUNKS, kk = (i % CHUNKS) * VEC;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (n0 + j < n_out && k0 + kk < k_in)
-          v = *reinterpret_cast<const uint4 *>(we + (size_t)(n0 + j) * k_in + k0 + kk);
-        *reinterpret_cast<uint4 *>(b_s + j * MOE_LD + kk) = v;
+      if (k_in % VEC == 0) {
+        for (uint32_t i = threadIdx.x; i < MOE_BN * CHUNKS; i += blockDim.x) {
+          const uint32_t j = i / CHUNKS, kk = (i % CHUNKS) * VEC;
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (n0 + j < n_out && k0 + kk < k_in)
+            v = *reinterpret_cast<const uint4 *>(we + (size_t)(n0 + j) * k_in + k0 + kk);
+          *reinterpret_cast<uint4 *>(b_s + j * MOE_LD + kk) = v;
+        }
+      } else {
+        // Rows not 16-byte aligned (row_gemm of a width that is no multiple of 8): one value
+        // at a time.
+        for (uint32_t i = threadIdx.x; i < MOE_BN * MOE_BK; i += blockDim.x) {
+          const uint32_t j = i / MOE_BK, kk = i % MOE_BK;
+          TM v = from_f<TM>(0.f);
+          if (n0 + j < n_out && k0 + kk < k_in) v = we[(size_t)(n0 + j) * k_in + k0 + kk];
+          b_s[j * MOE_LD + kk] = v;
+        }
       }
     } else {
       const uint8_t *we = w + (size_t)e * n_out * q8_row_bytes + (size_t)(k0 / 32) * 34;
@@ -343,7 +361,15 @@ __device__ void moe_combine(const T *y, const float *bias, const uint32_t *ids, 
                                   const uint8_t *w, const uint32_t *sorted,                    \
                                   const uint32_t *tile_expert, TA *c, uint32_t n_out,          \
                                   uint32_t k_in) {                                             \
-    moe_gemm<TA, TM, WF, BM>(a, a_stride, a_row_div, w, sorted, tile_expert, c, n_out, k_in);  \
+    moe_gemm<TA, TM, WF, BM>(a, a_stride, a_row_div, w, sorted, tile_expert, c, n_out, k_in, 0); \
+  }
+
+// row_gemm: c[m, n] = sum_k a[m, k] * W[n, k] for the m_rows rows of `a`, batch invariant (see
+// moe_gemm); one block per (MOE_BN output columns, BM rows).
+#define INSTANTIATE_ROW_GEMM(T, BM, NAME)                                                       \
+  extern "C" __global__ void NAME(const T *a, const uint8_t *w, T *c, uint32_t m_rows,          \
+                                  uint32_t n_out, uint32_t k_in) {                              \
+    moe_gemm<T, T, MOE_DENSE, BM>(a, k_in, 1, w, nullptr, nullptr, c, n_out, k_in, m_rows);     \
   }
 
 // Dense experts compute in their own type; Q8_0 experts take the activations as bf16.
@@ -355,6 +381,10 @@ INSTANTIATE_MOE_GEMM(float, __nv_bfloat16, MOE_Q8_0, 16, moe_gemm_q8_0_m16_f32)
 INSTANTIATE_MOE_GEMM(float, __nv_bfloat16, MOE_Q8_0, 64, moe_gemm_q8_0_m64_f32)
 INSTANTIATE_MOE_GEMM(__nv_bfloat16, __nv_bfloat16, MOE_Q8_0, 16, moe_gemm_q8_0_m16_bf16)
 INSTANTIATE_MOE_GEMM(__nv_bfloat16, __nv_bfloat16, MOE_Q8_0, 64, moe_gemm_q8_0_m64_bf16)
+INSTANTIATE_ROW_GEMM(__nv_bfloat16, 16, row_gemm_m16_bf16)
+INSTANTIATE_ROW_GEMM(__nv_bfloat16, 64, row_gemm_m64_bf16)
+INSTANTIATE_ROW_GEMM(__half, 16, row_gemm_m16_f16)
+INSTANTIATE_ROW_GEMM(__half, 64, row_gemm_m64_f16)
 
 #define INSTANTIATE_MOE(T, SUFFIX)                                                              \
   extern "C" __global__ void moe_act_##SUFFIX(const T *gu, const float *bias, const uint32_t *ids, \

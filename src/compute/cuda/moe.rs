@@ -15,9 +15,9 @@ pub const MAX_EXPERTS: usize = 256;
 /// Most experts per token (`MOE_MAX_TOP_K`).
 pub const MAX_TOP_K: usize = 16;
 /// Output columns per block of `moe_gemm` (`MOE_BN`).
-const TILE_COLS: usize = 64;
+pub(super) const TILE_COLS: usize = 64;
 /// Threads of a `moe_gemm` block (4 warps).
-const GEMM_THREADS: u32 = 128;
+pub(super) const GEMM_THREADS: u32 = 128;
 
 /// Whether experts run grouped on the device: opt-in (`MLXD_CUDA_GROUPED_EXPERTS=1`) until
 /// `scripts/test-gpu.sh check` has held them to the fixtures' references on a GPU (their speed
