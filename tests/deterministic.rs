@@ -1,7 +1,8 @@
 //! `--deterministic` on the CPU: a request's tokens and logprobs are bit for bit the same
 //! alone, among 7 or 63 other requests, after preemption, with a prefix-cache hit and on a
 //! fresh engine, with the repository's real trained model (its greedy choices are not coin
-//! flips, so a last-bit difference shows as a logprob, and sometimes a token).
+//! flips, so a last-bit difference shows as a logprob, and sometimes a token); and what the
+//! mode does not take is refused by name.
 
 mod common;
 
@@ -46,10 +47,11 @@ async fn output_of(mut stream: GenerationStream) -> Output {
     out
 }
 
-/// The engine settings of these tests: the repository's model in deterministic mode, room for
-/// 64 sequences.
+/// The engine settings of these tests: the repository's model in deterministic mode on the
+/// CPU (a GPU's run is tests/gpu/check_deterministic.py), room for 64 sequences.
 fn deterministic_config() -> EngineConfig {
     let mut cfg = engine_config(&repo_model());
+    cfg.device = mlxd::device::DeviceChoice::Cpu;
     cfg.deterministic = true;
     cfg.max_num_seqs = Some(64);
     cfg
@@ -196,4 +198,15 @@ async fn outputs_are_bit_identical_after_preemption() {
         "the pool was too small for all"
     );
     assert_same(&got, &want, "after preemption");
+}
+
+#[test]
+fn half_compute_on_the_cpu_is_refused_by_name() {
+    let mut cfg = deterministic_config();
+    cfg.dtype = Some(candle_core::DType::BF16);
+    let Err(err) = EngineHandle::spawn(cfg) else {
+        panic!("bf16 compute loaded in deterministic mode");
+    };
+    let err = err.to_string();
+    assert!(err.contains("--deterministic") && err.contains("f32"), "{err}");
 }
