@@ -360,4 +360,78 @@ mod tests {
         }
         Ok(())
     }
+
+    #[test]
+    fn batch_invariant_rows_are_the_same_bits_in_any_batch() -> Result<()> {
+        let dims = HeadDims {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 20,
+        };
+        let (kv_w, q_w, n) = (40, 120, 150);
+        // Per position: its key, value and query rows, wherever the batch puts them.
+        let keys = noise(n * kv_w, 1, (n, kv_w)).to_vec2::<f32>()?;
+        let values = noise(n * kv_w, 2, (n, kv_w)).to_vec2::<f32>()?;
+        let queries = noise(n * q_w, 3, (n, q_w)).to_vec2::<f32>()?;
+        // The rows of sequence `at` of a batch of `(q_len, kv_len)` sequences.
+        let run = |seqs: &[(usize, usize)], at: usize, opts: &AttentionOpts| -> Result<Vec<Vec<u32>>> {
+            let b = batch(seqs);
+            let longest = seqs.iter().map(|s| s.1).max().unwrap_or(0);
+            let slots = 8 + 3 * seqs.len() * longest;
+            let (mut k, mut v, mut q) = (vec![0f32; slots * kv_w], vec![0f32; slots * kv_w], Vec::new());
+            for (i, &(q_len, kv_len)) in seqs.iter().enumerate() {
+                for p in 0..kv_len {
+                    let slot = 7 + 3 * (p * seqs.len() + i);
+                    k[slot * kv_w..(slot + 1) * kv_w].copy_from_slice(&keys[p]);
+                    v[slot * kv_w..(slot + 1) * kv_w].copy_from_slice(&values[p]);
+                }
+                for query in &queries[kv_len - q_len..kv_len] {
+                    q.extend_from_slice(query);
+                }
+            }
+            let t = b.num_tokens();
+            let kv = LayerKv {
+                k: Tensor::from_vec(k, (slots, kv_w), &Device::Cpu)?,
+                v: Tensor::from_vec(v, (slots, kv_w), &Device::Cpu)?,
+            };
+            let q = Tensor::from_vec(q, (t, 6, 20), &Device::Cpu)?;
+            let plan = HostPlan::new(&b, dims, DType::F32, Numerics::BatchInvariant)?.expect("CPU f32");
+            let out = host::attend(&q, &kv, &plan, opts)?.to_vec2::<f32>()?;
+            let first: usize = seqs[..at].iter().map(|s| s.0).sum();
+            Ok(out[first..first + seqs[at].0]
+                .iter()
+                .map(|row| row.iter().map(|x| x.to_bits()).collect())
+                .collect())
+        };
+        let sinks = noise(6, 9, (6, 1)).flatten_all()?;
+        for (window, softcap, sinks) in [
+            (None, None, None),
+            (Some(17), None, None),
+            (Some(70), Some(2.0), None),
+            (Some(17), None, Some(sinks)),
+        ] {
+            let opts = AttentionOpts {
+                scale: 0.3,
+                window,
+                softcap,
+                sinks,
+            };
+            // One prefill chunk of every position.
+            let whole = run(&[(n, n)], 0, &opts)?;
+            for p in [0, 15, 16, 17, 63, 64, 65, 100, 149] {
+                // A decode step alone and among a prefill and another decode.
+                assert_eq!(
+                    run(&[(1, p + 1)], 0, &opts)?[0],
+                    whole[p],
+                    "{window:?} position {p} alone"
+                );
+                let among = run(&[(5, 30), (1, p + 1), (40, 120)], 1, &opts)?;
+                assert_eq!(among[0], whole[p], "{window:?} position {p} among others");
+            }
+            // A chunk continuing a cached prefix, beside a short sequence.
+            let chunk = run(&[(1, 9), (50, n)], 1, &opts)?;
+            assert_eq!(chunk[..], whole[n - 50..], "{window:?} a later chunk");
+        }
+        Ok(())
+    }
 }
