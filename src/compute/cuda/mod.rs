@@ -422,7 +422,8 @@ pub struct LayerAttention<'a> {
 /// Causal attention of every query row over its sequence's context, read from the cache in
 /// place through the plan's context slots. `q`: `[T, hq, d]`; returns `[T, hq * d]`. Sequences
 /// that feed many tokens (prefill) attend on the tensor cores where the layer allows it (half
-/// dtypes, head dims that are multiples of 16 up to 128, no soft-capping or sinks).
+/// dtypes, head dims that are multiples of 16 up to 128, no soft-capping or sinks) and the
+/// plan is not batch invariant.
 pub fn paged_attention(q: &Tensor, kv: &LayerKv, plan: &StepPlan, layer: LayerAttention) -> Result<Tensor> {
     let (t, hq, d) = q.dims3()?;
     if d > MAX_HEAD_DIM {
@@ -498,8 +499,8 @@ fn prefill_attention(
 
 /// `paged_attention` (the kernel) over `tiles`, writing their rows of `out`: up to 16 rows of
 /// one KV head's query heads per block, K/V tiles in f32 shared memory, and (`may_split`, when
-/// `tiles` are every row of the step) the keys split over more blocks (flash-decoding) when
-/// the step has too few.
+/// `tiles` are every row of the step and the plan is not batch invariant) the keys split over
+/// more blocks (flash-decoding) when the step has too few.
 #[allow(clippy::too_many_arguments)]
 fn tile_attention(
     q: &Tensor,
