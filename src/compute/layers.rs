@@ -20,8 +20,8 @@ use super::Numerics;
 pub enum Linear {
     /// Dense weights in the compute dtype.
     Dense(candle_nn::Linear),
-    /// Quantized or f16 weights on the CPU (MLX affine, GGUF blocks or F16, bf16/f16
-    /// checkpoints) in the CPU kernels' layouts; the layer's own bias (if any) is dense.
+    /// Weights on the CPU in the kernels' layouts (MLX affine, GGUF blocks or F16, bf16/f16 and
+    /// f32 checkpoints); the layer's own bias (if any) is dense.
     Packed(Arc<HostMatrix>, Option<Tensor>),
     /// GGUF weights through candle's quantized matmul (a GPU, or a type the packed kernels do
     /// not take); dense bias.
@@ -115,10 +115,8 @@ impl Linear {
     }
 
     /// The fused projection of `parts` (they read the same input) where fusing pays: on CUDA
-    /// any concatenation (one launch instead of several); on the CPU only packed parts
-    /// (quantized or f16: one activation pass and one parallel product instead of several;
-    /// f32 weights gain nothing from candle's gemm and stay apart). None where the parts stay
-    /// separate.
+    /// any concatenation (one launch instead of several); on the CPU packed parts (one
+    /// parallel product instead of several). None where the parts stay separate.
     pub fn fuse(parts: &[&Linear], device: &Device) -> Result<Option<Linear>> {
         let packed = parts.iter().all(|p| matches!(p, Self::Packed(..)));
         if runs_kernels(device) || packed {
@@ -206,11 +204,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(l) => l.forward(x),
-            Self::RowInvariant(l) => with_bias(row_invariant_product(x, l.weight())?, &l.bias().cloned()),
-            Self::Packed(w, bias) => with_bias(w.matmul(x)?, bias),
+            Self::RowInvariant(l) => with_bias(row_invariant_product(x, l.weight())?, l.bias()),
+            Self::Packed(w, bias) => with_bias(w.matmul(x)?, bias.as_ref()),
             Self::Gguf(w, bias) => {
                 let dtype = x.dtype();
-                with_bias(w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?, bias)
+                with_bias(w.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?, bias.as_ref())
             }
         }
     }
@@ -225,7 +223,7 @@ fn row_invariant_product(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-fn with_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
@@ -237,9 +235,9 @@ fn with_bias(y: Tensor, bias: &Option<Tensor>) -> Result<Tensor> {
 pub enum Embed {
     /// Dense `[vocab, hidden]`.
     Dense(candle_nn::Embedding),
-    /// Quantized or f16 `[vocab, hidden]` on the CPU (MLX or GGUF), held once as the matrix of
-    /// the tied output projection; lookups dequantize only the requested rows. And the dtype
-    /// rows are produced in.
+    /// `[vocab, hidden]` on the CPU in the kernels' layouts (MLX, GGUF, dense), held once as
+    /// the matrix of the tied output projection; lookups dequantize only the requested rows.
+    /// And the dtype rows are produced in.
     Packed(Arc<HostMatrix>, DType),
     /// A GGUF table of a type the packed kernels do not take, held once the same way through
     /// candle's quantized embedding; and the compute dtype.

@@ -1,8 +1,8 @@
-//! f32 weights on the CPU in the f16 layout's panels of 16 rows, for the batch-invariant mode
-//! (`Numerics::BatchInvariant`): each output is one chain of fused multiply-adds over the
-//! columns in order (`kernels::single_product`), so its value is the same whichever other rows
-//! share the product and whichever kernel the CPU runs. candle's gemm, which f32 checkpoints
-//! use otherwise, blocks its reduction by the batch's size.
+//! f32 weights on the CPU (f32 checkpoints) in the f16 layout's panels of 16 rows: each output
+//! is one chain of fused multiply-adds over the columns in order (`kernels::single_product`),
+//! so its value is the same whichever other rows share the product and whichever kernel the
+//! CPU runs (what the batch-invariant mode needs), and it beats candle's gemm 1.7-3.1× on the
+//! 0.5B shapes (`cargo bench --bench cpu_kernels -- F32`).
 
 use candle_core::Result;
 
